@@ -1,0 +1,45 @@
+# curate: `make test` and `make demo` each set themselves up on a fresh machine (.venv + the package).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check curate tests bench
+
+test: setup
+	$(BIN)/pytest -x --durations=10
+
+test-slow: setup
+	$(BIN)/pytest -x -m slow --durations=10; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+demo: setup
+	$(BIN)/curate run pipelines/demo.yaml
+
+bench: setup
+	$(BIN)/python bench/download.py
+	$(BIN)/python bench/score.py
+	$(BIN)/python bench/dedup.py
+	$(BIN)/python bench/train_probe.py
+
+bench-download: setup
+	$(BIN)/python bench/download.py
+bench-score: setup
+	$(BIN)/python bench/score.py
+bench-dedup: setup
+	$(BIN)/python bench/dedup.py
+bench-train: setup
+	$(BIN)/python bench/train_probe.py
+
+clean:
+	rm -rf demo-out bench-out artifacts .pytest_cache

@@ -1,0 +1,67 @@
+"""The `curate` command line. Each stage's command lives in `curate/commands/<name>.py`.
+
+`main(argv)` is callable from tests; errors the user can act on exit with their own code
+(2 for bad arguments or unreadable inputs) and a one-line message naming the file/column/flag.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from curate import __version__
+from curate.errors import CurateError
+
+# (command module) -- a command is listed here only once it works
+COMMANDS: list[str] = [
+]
+
+
+class CurateGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CurateError as e:
+            click.echo(f"curate: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=CurateGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="curate")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def cli(verbose: int) -> None:
+    """curate: URL lists -> curated, deduplicated webdataset shards, with evidence."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("curate").setLevel(max(level, logging.DEBUG))
+    if verbose == 0:
+        logging.getLogger("curate").setLevel(logging.INFO)
+
+
+for _mod in COMMANDS:
+    _m = importlib.import_module(_mod)
+    cli.add_command(_m.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code instead of exiting (for tests)."""
+    try:
+        cli.main(args=argv, prog_name="curate", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    except click.ClickException as e:
+        e.show()
+        return 2 if e.exit_code in (1, 2) else e.exit_code
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

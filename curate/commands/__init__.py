@@ -1,0 +1,1 @@
+"""Click commands, one module per stage; shared option groups live in `common`."""

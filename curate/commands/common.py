@@ -1,0 +1,54 @@
+"""Options every stage command shares (engine, workers, redo) and the summary printer."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from curate.engines import EngineSpec
+from curate.errors import CurateError
+
+
+def engine_options(fn: Callable) -> Callable:
+    @click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
+                  help="Where shard tasks run.")
+    @click.option("--workers", type=int, default=1, show_default=True,
+                  help="Local worker processes (1 runs in-process).")
+    @click.option("--spark-master", default="local[*]", show_default=True,
+                  help="Spark master URL for --engine spark (an active SparkSession is reused).")
+    @click.option("--redo", is_flag=True, help="Discard this stage's earlier output and recompute.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, engine: str, workers: int, spark_master: str, **kw: Any) -> Any:
+        if workers < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--workers")
+        return fn(*args, engine_spec=EngineSpec(engine, workers, spark_master), **kw)
+
+    return wrapper
+
+
+def finish(summary: Any, extra_lines: list[str] | None = None) -> None:
+    """Print a stage summary; a failed shard makes the command exit non-zero."""
+    click.echo(
+        f"{summary.stage}: {summary.shards_done} shard(s) done, {summary.shards_skipped} already done, "
+        f"{len(summary.failed)} failed, {summary.seconds:.1f}s -> {summary.root}",
+        err=True,
+    )
+    for line in extra_lines or []:
+        click.echo(line, err=True)
+    if summary.failed:
+        for shard, err in sorted(summary.failed.items()):
+            click.echo(f"  shard {shard} FAILED: {(err or '').splitlines()[0]}", err=True)
+        raise ShardsFailed(f"{len(summary.failed)} shard(s) of stage '{summary.stage}' failed")
+
+
+class ShardsFailed(CurateError):
+    exit_code = 3
+
+
+def echo_err(msg: str) -> None:
+    click.echo(msg, err=True)
+    sys.stderr.flush()

@@ -1,0 +1,26 @@
+"""Engines schedule shard tasks; they contain no stage logic.
+
+`local`: a process pool (`workers=1` runs in-process, for debugging).
+`spark`: pyspark, one Spark task per shard; reuses an active SparkSession (spark-submit).
+"""
+
+from __future__ import annotations
+
+from curate.engines.base import Engine, EngineSpec
+
+
+def make_engine(spec: EngineSpec) -> Engine:
+    if spec.name == "local":
+        from curate.engines.local import LocalEngine
+
+        return LocalEngine(spec.workers)
+    if spec.name == "spark":
+        from curate.engines.spark import SparkEngine
+
+        return SparkEngine(spec.spark_master, spec.workers)
+    from curate.errors import InputError
+
+    raise InputError(f"--engine: unknown engine '{spec.name}' (choose local or spark)")
+
+
+__all__ = ["Engine", "EngineSpec", "make_engine"]

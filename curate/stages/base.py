@@ -1,0 +1,67 @@
+"""The Stage contract shared by every stage, and the task function every engine calls.
+
+A stage plans a list of JSON-able shard tasks and processes one task at a time. Engines ship only
+(stage name, config dict, dataset dir, task) to workers and re-enter through `execute_task`, so no
+pickled state crosses process or machine boundaries.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from curate.config import from_dict
+from curate.io.atomic import write_json
+from curate.io.layout import DatasetDir
+
+
+class Stage(Protocol):
+    name: str
+    config_cls: type
+
+    def plan(self, cfg: Any, ds: DatasetDir) -> list[dict[str, Any]]:
+        """The shard tasks of this run; each task is JSON-able and has a unique "shard"."""
+        ...
+
+    def run_shard(self, cfg: Any, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+        """Process one shard: write its outputs atomically and return its stats (JSON-able)."""
+        ...
+
+
+@dataclass
+class TaskResult:
+    shard: str
+    ok: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    attempts: int = 1
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[str, Any]) -> dict[str, Any]:
+    """Run one shard task in whatever process the engine chose; the marker is written last.
+
+    Returns a TaskResult as a dict; exceptions are caught and reported, never raised, so one bad
+    shard cannot take the others down with it.
+    """
+    from curate.stages import get_stage
+
+    t0 = time.time()
+    stage = get_stage(stage_name)
+    ds = DatasetDir.at(root)
+    try:
+        cfg = from_dict(stage.config_cls, config)
+        stats = stage.run_shard(cfg, ds, task)
+        stats = dict(stats or {})
+        write_json(ds.stats(stage_name, task["shard"]), stats)
+        write_json(ds.marker(stage_name, task["shard"]), {"shard": task["shard"], "stats": stats})
+        return TaskResult(task["shard"], True, stats, seconds=time.time() - t0).to_dict()
+    except Exception as e:  # reported in the summary and the exit code
+        msg = f"{type(e).__name__}: {e}"
+        tb = traceback.format_exc(limit=6)
+        return TaskResult(task["shard"], False, error=msg + "\n" + tb, seconds=time.time() - t0).to_dict()
