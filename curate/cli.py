@@ -17,6 +17,10 @@ from curate.errors import CurateError
 
 # (command module) -- a command is listed here only once it works
 COMMANDS: list[str] = [
+    "curate.commands.export",
+    "curate.commands.inspect",
+    "curate.commands.report",
+    "curate.commands.run",
 ]
 
 
@@ -49,7 +53,10 @@ for _mod in COMMANDS:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting (for tests)."""
     try:
-        cli.main(args=argv, prog_name="curate", standalone_mode=False)
+        # without standalone mode click *returns* the code of a ctx.exit(code) (CurateGroup's errors)
+        rv = cli.main(args=argv, prog_name="curate", standalone_mode=False)
+        if isinstance(rv, int):
+            return rv
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:

@@ -85,7 +85,7 @@ def run_stage(
             attempts[t["shard"]] += 1
         results = eng.run(payloads, lambda r: bar.update(1) if r["ok"] else None)
         retry = []
-        for t, r in zip(todo, results):
+        for t, r in zip(todo, results, strict=True):
             if r["ok"]:
                 summary.shards_done += 1
                 summary.failed.pop(t["shard"], None)

@@ -48,14 +48,22 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(fh)
 
 
-def clean_tmp(folder: str | os.PathLike) -> int:
-    """Remove temporary files left by a killed writer; returns how many were removed."""
+def clean_tmp(folder: str | os.PathLike, older_than_s: float = 1800.0) -> int:
+    """Remove temporary files left by a killed writer; returns how many were removed.
+
+    Only files untouched for `older_than_s` go: another process (a concurrent Slurm array task)
+    may be writing its own temporary file in the same folder right now.
+    """
+    import time
+
     n = 0
     folder = Path(folder)
     if not folder.exists():
         return 0
+    cutoff = time.time() - older_than_s
     for p in folder.rglob(f"{TMP_PREFIX}*"):
         with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            n += 1
+            if p.stat().st_mtime <= cutoff:
+                p.unlink()
+                n += 1
     return n

@@ -44,6 +44,13 @@ class ShardWriter:
         self._add(f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode("utf-8"))
         self.count += 1
 
+    def write_raw(self, key: str, members: dict[str, bytes]) -> None:
+        """Copy one sample's members byte for byte (export: never re-encoded), in img2dataset order."""
+        order = {ext: i for i, ext in enumerate((*IMAGE_EXTS, "txt", "json"))}
+        for ext in sorted(members, key=lambda e: (order.get(e, len(order)), e)):
+            self._add(f"{key}.{ext}", members[ext])
+        self.count += 1
+
     def close(self) -> None:
         self._tar.close()
         self._ctx.__exit__(None, None, None)
@@ -72,13 +79,14 @@ def _check_member(path: Path, m: tarfile.TarInfo) -> None:
         raise ShardError(f"{path}: member '{m.name}' has an unsafe name")
 
 
-def iter_samples(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Stream samples from a tar: yields {"key", "image", "ext", "caption", "meta"} in tar order.
+def iter_raw(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream (key, {ext: bytes}) from a tar in tar order, member bytes untouched.
 
     A truncated or corrupt tar raises ShardError naming the file; nothing is extracted to disk.
     """
     path = Path(path)
-    current: dict[str, Any] | None = None
+    key_now: str | None = None
+    members: dict[str, bytes] = {}
     try:
         with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
             for m in tar:
@@ -91,26 +99,39 @@ def iter_samples(path: str | Path) -> Iterator[dict[str, Any]]:
                 data = member.read() if member is not None else b""
                 if len(data) != m.size:
                     raise ShardError(f"{path}: truncated tar (member '{m.name}' is cut short)")
-                if current is not None and current["key"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"key": key, "image": None, "ext": None, "caption": None, "meta": {}}
-                ext = ext.lower()
-                if ext in IMAGE_EXTS:
-                    current["image"], current["ext"] = data, ext
-                elif ext == "txt":
-                    current["caption"] = data.decode("utf-8", errors="replace")
-                elif ext == "json":
-                    current["meta"] = json.loads(data)
+                if key_now is not None and key_now != key:
+                    yield key_now, members
+                    members = {}
+                key_now = key
+                members[ext.lower()] = data
             # tarfile stops silently at a cut header; a complete tar ends with two zero blocks
             fh.seek(tar.offset)
             if fh.read(1024) != b"\0" * 1024:
                 raise ShardError(f"{path}: truncated tar (no end-of-archive marker after {tar.offset} bytes)")
-    except (tarfile.ReadError, EOFError, OSError, json.JSONDecodeError) as e:
+    except (tarfile.ReadError, EOFError, OSError) as e:
         raise ShardError(f"{path}: truncated or unreadable tar ({e})") from e
-    if current is not None:
-        yield current
+    if key_now is not None:
+        yield key_now, members
+
+
+def iter_samples(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Stream samples from a tar: yields {"key", "image", "ext", "caption", "meta"} in tar order.
+
+    A truncated or corrupt tar raises ShardError naming the file; nothing is extracted to disk.
+    """
+    for key, members in iter_raw(path):
+        sample: dict[str, Any] = {"key": key, "image": None, "ext": None, "caption": None, "meta": {}}
+        for ext, data in members.items():
+            if ext in IMAGE_EXTS:
+                sample["image"], sample["ext"] = data, ext
+            elif ext == "txt":
+                sample["caption"] = data.decode("utf-8", errors="replace")
+            elif ext == "json":
+                try:
+                    sample["meta"] = json.loads(data)
+                except json.JSONDecodeError as e:
+                    raise ShardError(f"{path}: member '{key}.json' is not valid JSON ({e})") from e
+        yield sample
 
 
 def count_samples(path: str | Path) -> int:

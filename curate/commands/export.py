@@ -1,0 +1,48 @@
+"""`curate export DIR --out OUT`: select samples by SQL clauses and policies, reshard them with their original bytes."""
+
+from __future__ import annotations
+
+import click
+
+from curate.commands.common import engine_options, finish
+
+
+@click.command("export")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The new dataset directory.")
+@click.option("--where", "where", multiple=True, metavar="SQL",
+              help="A SQL predicate over the samples view (ledger + score + dedup columns); repeatable.")
+@click.option("--policy", "policy", multiple=True, metavar="NAME|FILE",
+              help="A built-in policy (laion, datacomp-basic, clip-top30, dedup, demo) or a policy YAML file; "
+                   "repeatable, applied in order.")
+@click.option("--top-fraction", type=float, default=None, help="Keep this fraction of the rows left, ranked by --by.")
+@click.option("--by", default=None, metavar="COLUMN", help="The column (SQL expression) --top-fraction ranks by.")
+@click.option("--samples-per-shard", type=int, default=10000, show_default=True, help="Samples per output tar.")
+@click.option("--write-dropped", is_flag=True, help="Write OUT/dropped.parquet: every dropped key and its clause.")
+@click.option("--dry-run", is_flag=True, help="Print how many rows each clause removes, then exit without writing.")
+@click.option("--shard-index", type=int, default=0, show_default=True,
+              help="With --num-shards: write only output shards i with i %% num_shards == shard-index (Slurm arrays).")
+@click.option("--num-shards", type=int, default=1, show_default=True, help="Number of slices (see --shard-index).")
+@engine_options
+def command(directory: str, out: str, where: tuple[str, ...], policy: tuple[str, ...], top_fraction: float | None,
+            by: str | None, samples_per_shard: int, write_dropped: bool, dry_run: bool, shard_index: int,
+            num_shards: int, engine_spec, redo: bool) -> None:
+    """Clauses apply in order: downloaded (status = 'success'), each --policy, each --where, then
+    --top-fraction. Predicates run in DuckDB, or in Spark SQL with --engine spark (same text)."""
+    import os
+
+    from curate.runner import run_stage
+    from curate.stages.export import ExportConfig, fingerprint_extra, format_counts, select
+
+    cfg = ExportConfig(
+        source=os.path.abspath(directory), where=where, policy=policy, top_fraction=top_fraction, by=by,
+        samples_per_shard=samples_per_shard, write_dropped=write_dropped, query_engine=engine_spec.name,
+        spark_master=engine_spec.spark_master, shard_index=shard_index, num_shards=num_shards,
+    )
+    if dry_run:
+        click.echo(format_counts(select(cfg)))
+        return
+    summary = run_stage("export", cfg, out, engine_spec, redo=redo, fingerprint_extra=fingerprint_extra(cfg))
+    counts = summary.counts
+    finish(summary, [f"export: kept {counts.get('kept', 0)} of {counts.get('input', 0)} rows "
+                     f"in {counts.get('shards', 0)} shard(s)"])

@@ -1,0 +1,33 @@
+"""`curate report DIR --out report.html`: one self-contained HTML page about a dataset and its curation."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("report")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The HTML file to write.")
+@click.option("--export-dir", type=click.Path(file_okay=False), default=None,
+              help="An export of DIR (curate export --out): kept vs dropped, the per-clause funnel.")
+@click.option("--probe-dir", type=click.Path(file_okay=False), default=None,
+              help="A curate train-probe output folder (results.json, results.md, *.png).")
+@click.option("--ground-truth", type=click.Path(dir_okay=False), default=None,
+              help="The demo web's ground_truth.parquet: precision/recall of each curation step.")
+@click.option("--grid-size", type=click.IntRange(1, 200), default=24, show_default=True,
+              help="Thumbnails per sample grid.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample grids.")
+def command(directory: str, out: str, export_dir: str | None, probe_dir: str | None, ground_truth: str | None,
+            grid_size: int, seed: int) -> None:
+    """Funnel, clip_score and language histograms, sample grids, duplicate groups, download health,
+    train-probe results and accuracy against ground truth, in a single HTML file (no network needed).
+
+    DIR is the downloaded (and scored, deduplicated) dataset; an export dir given as DIR stands for its
+    source dataset plus itself."""
+    import os
+
+    from curate.report.report import ReportOptions, build_report
+
+    path = build_report(directory, out, export_dir=export_dir, probe_dir=probe_dir, ground_truth=ground_truth,
+                        options=ReportOptions(grid_size=grid_size, seed=seed))
+    click.echo(f"report: {path} ({os.path.getsize(path) / 1024:.0f} KiB)")

@@ -1,0 +1,79 @@
+"""Slurm array templates: each array index runs in-process the exact command the template would run, and
+the union of the slices equals a local run. Also checks every template's flags against the real command."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from export_fixtures import make_export_source
+
+from curate.cli import cli, main
+
+SLURM = Path(__file__).resolve().parents[1] / "jobs" / "slurm"
+_PARAM = re.compile(r"\$\{(\w+)(?::([?-])([^}]*))?\}|\$(\w+)")
+
+
+def command_line(template: Path) -> str:
+    lines = [ln for ln in template.read_text().splitlines() if ln.startswith("curate ")]
+    assert len(lines) == 1, f"{template}: one `curate ...` line expected"
+    return lines[0]
+
+
+def expand(line: str, env: dict[str, str]) -> list[str]:
+    """bash parameter expansion for what the templates use: $X, ${X}, ${X:?msg}, ${X:-default}."""
+    def sub(m: re.Match) -> str:
+        name = m.group(1) or m.group(4)
+        if env.get(name):
+            return shlex.quote(env[name])
+        if m.group(2) == "?":
+            raise KeyError(f"{name}: {m.group(3)}")
+        return m.group(3) or ""
+
+    return shlex.split(_PARAM.sub(sub, line))
+
+
+def test_export_array_slices_union_equals_a_local_run(tmp_path):
+    source = make_export_source(tmp_path / "src").root
+    common = "--policy dedup --samples-per-shard 3"
+    assert main(["export", str(source), "--out", str(tmp_path / "local"), *common.split()]) == 0
+    line = command_line(SLURM / "export.sbatch")
+    count = 3
+    for i in range(count):
+        env = {"DATASET": str(source), "OUT": str(tmp_path / "array"), "CURATE_ARGS": "",
+               "SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_COUNT": str(count)}
+        argv = expand(line, env) + common.split()  # CURATE_ARGS is word-split by bash, as here
+        assert argv[0] == "curate"
+        assert main(argv[1:]) == 0
+        done = sorted(p.stem for p in (tmp_path / "array" / "_done" / "export").glob("*.json"))
+        assert all(int(s) % count <= i for s in done)  # slice i wrote only its own shards
+    local = sorted(p.name for p in (tmp_path / "local" / "shards").glob("*.tar"))
+    assert len(local) >= 5
+    for sub in ("shards", "ledger"):
+        names = sorted(p.name for p in (tmp_path / "local" / sub).iterdir())
+        assert sorted(p.name for p in (tmp_path / "array" / sub).iterdir()) == names
+        for n in names:
+            assert (tmp_path / "array" / sub / n).read_bytes() == (tmp_path / "local" / sub / n).read_bytes()
+
+
+def test_expand_refuses_a_missing_required_variable():
+    with pytest.raises(KeyError, match="DATASET"):
+        expand(command_line(SLURM / "score.sbatch"), {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"})
+
+
+@pytest.mark.parametrize("name", ["score", "download", "dedup", "export"])
+def test_template_flags_exist_on_the_command(name):
+    line = command_line(SLURM / f"{name}.sbatch")
+    argv = expand(line, {"DATASET": "/d", "OUT": "/o", "URL_LIST": "/u.parquet", "SLURM_ARRAY_TASK_ID": "1",
+                         "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_CPUS_PER_TASK": "8"})
+    cmd = cli.commands.get(argv[1])
+    if cmd is None:
+        pytest.skip(f"`curate {argv[1]}` is not in this build yet")
+    opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
+    flags = [a for a in argv[2:] if a.startswith("--")]
+    assert set(flags) <= opts, f"{name}.sbatch uses flags `curate {argv[1]}` lacks: {set(flags) - opts}"
+    if "#SBATCH --array" in (SLURM / f"{name}.sbatch").read_text():
+        i = argv.index("--shard-index")
+        assert argv[i + 1] == "1" and argv[argv.index("--num-shards") + 1] == "4"

@@ -1,0 +1,92 @@
+"""Built-in policies select what their documented rules say, compose in order, and load from YAML files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from export_fixtures import make_export_source, truth
+
+from curate.errors import InputError
+from curate.policies import builtin_names, load_policy
+from curate.stages.export import ExportConfig, select
+
+
+def f32(v):
+    return None if v is None else float(np.float32(v))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return str(make_export_source(tmp_path_factory.mktemp("src") / "ds").root)
+
+
+def kept(source, *policy, **kw):
+    sel = select(ExportConfig(source=source, policy=policy, **kw))
+    return sel.kept["key"].to_pylist()
+
+
+def ok_rows(pred):
+    return [t["key"] for t in truth() if t["status"] == "success" and pred(t)]
+
+
+def test_builtins_exist_and_document_their_source():
+    assert {"laion", "datacomp-basic", "clip-top30", "dedup", "demo"} <= set(builtin_names())
+    for name in builtin_names():
+        p = load_policy(name)
+        assert p.name == name and p.clauses and len(p.source) > 40
+    assert "ViT-B/32" in load_policy("laion").source + load_policy("laion").description
+
+
+def test_laion_thresholds_depend_on_language(source):
+    want = ok_rows(lambda t: t["clip_score"] is not None
+                   and f32(t["clip_score"]) >= (0.28 if t["lang"] == "en" else 0.26))
+    got = kept(source, "laion")
+    assert got == want
+    # a non-English row between the two thresholds is kept, an English one is not
+    assert any(t["lang"] != "en" and 0.26 <= f32(t["clip_score"]) < 0.28 for t in truth() if t["key"] in got)
+
+
+def test_datacomp_basic(source):
+    want = ok_rows(lambda t: t["lang"] == "en" and t["caption_words"] > 2 and t["caption_chars"] > 5
+                   and min(t["orig_width"], t["orig_height"]) >= 200 and t["aspect_ratio"] <= 3)
+    assert kept(source, "datacomp-basic") == want
+    assert "00002" + "00001" in want  # row 19: 200x200, on the boundary, kept
+
+
+def test_dedup_is_null_safe_and_clip_top30_ranks(source):
+    assert kept(source, "dedup") == ok_rows(lambda t: not t["is_duplicate"] and not t["eval_contaminated"])
+    scored = [t for t in truth() if t["clip_score"] is not None]
+    k = int(np.floor(0.3 * len(scored) + 0.5))
+    best = sorted(scored, key=lambda t: (-f32(t["clip_score"]), t["key"]))[:k]
+    assert kept(source, "clip-top30") == sorted(t["key"] for t in best)
+
+
+def test_policies_compose_in_order_and_files_work(source, tmp_path):
+    both = kept(source, "datacomp-basic", "dedup")
+    assert both == sorted(set(kept(source, "datacomp-basic")) & set(kept(source, "dedup")))
+    # top fraction after basic filtering ranks only the rows basic filtering left
+    sel = select(ExportConfig(source=source, policy=("datacomp-basic", "clip-top30")))
+    assert [c["clause"] for c in sel.counts][-1] == "clip-top30:top_fraction"
+    assert sel.counts[-1]["remaining"] == int(np.floor(0.3 * len(kept(source, "datacomp-basic")) + 0.5))
+    f = tmp_path / "mine.yaml"
+    f.write_text("name: mine\nsource: a test\nclauses:\n  - {name: en, where: \"lang = 'en'\"}\n"
+                 "top_fraction: 0.5\nby: clip_score\n")
+    p = load_policy(str(f))
+    assert [c.name for c in p.clauses] == ["mine:en", "mine:top_fraction"]
+    assert len(kept(source, str(f))) == int(np.floor(0.5 * len(ok_rows(lambda t: t["lang"] == "en")) + 0.5))
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("name: x\nclauses: [{where: 1}]\n", "clauses[0]"),
+    ("name: x\nthreshold: 3\n", "unknown field"),
+    ("clauses: [{where: 'TRUE'}]\n", "'name' is required"),
+    ("name: x\ntop_fraction: 2\nby: clip_score\n", "--top-fraction"),
+])
+def test_bad_policy_files_name_the_problem(tmp_path, text, msg):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(InputError, match="bad.yaml|--top") as e:
+        load_policy(str(f))
+    assert msg in str(e.value)
+    with pytest.raises(InputError, match="neither a built-in"):
+        load_policy("no-such-policy")

@@ -1,0 +1,142 @@
+"""A real Spark standalone cluster (master + worker from pyspark's distribution) on 127.0.0.1.
+
+`curate export --engine spark --spark-master spark://...` gives the local engine's output; a task whose
+first attempt dies after writing part of its shard is retried by Spark and leaves no duplicate output;
+jobs/spark/submit.sh runs a command as a Spark application on the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from export_fixtures import make_export_source
+
+from curate.cli import main
+from curate.io.shards import iter_raw
+
+pytestmark = pytest.mark.spark
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 40) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"spark process exited: {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"port {port} not open after {timeout}s: {log.read_text()[-2000:]}")
+
+
+def _stop_active_session() -> None:
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        pytest.skip("needs Java for Spark")
+    import pyspark
+
+    home = Path(pyspark.__file__).parent
+    work = tmp_path_factory.mktemp("spark")
+    crash_dir = work / "crash-flags"
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_HOME": str(home), "PYSPARK_PYTHON": sys.executable,
+           "SPARK_LOG_DIR": str(work / "logs"), "SPARK_WORKER_DIR": str(work / "worker"),
+           # executors inherit the worker's environment: the first export shard task to write its tar dies
+           "CURATE_TEST_EXPORT_CRASH_ONCE": str(crash_dir)}
+    port, ui = _free_port(), _free_port()
+    procs = []
+    try:
+        mlog = work / "master.log"
+        procs.append(subprocess.Popen(
+            [str(home / "bin" / "spark-class"), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+             "--port", str(port), "--webui-port", str(ui)], env=env, stdout=mlog.open("w"), stderr=subprocess.STDOUT))
+        _wait_port(port, procs[0], mlog)
+        wlog = work / "worker.log"
+        procs.append(subprocess.Popen(
+            [str(home / "bin" / "spark-class"), "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
+             "--host", "127.0.0.1", "--cores", "1", "--memory", "1g", "--webui-port", str(_free_port())],
+            env=env, stdout=wlog.open("w"), stderr=subprocess.STDOUT))
+        t0 = time.time()
+        while "Successfully registered with master" not in wlog.read_text():
+            if time.time() - t0 > 40 or procs[1].poll() is not None:
+                raise RuntimeError(f"worker did not register: {wlog.read_text()[-2000:]}")
+            time.sleep(0.3)
+        _stop_active_session()
+        os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+        yield {"master": f"spark://127.0.0.1:{port}", "crash_dir": crash_dir, "env": env}
+    finally:
+        _stop_active_session()
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _outputs(root: Path) -> tuple[dict, list]:
+    tars = {}
+    for tar in sorted((root / "shards").glob("*.tar")):
+        tars[tar.name] = tar.read_bytes()
+    return tars, pq.read_table(root / "ledger").to_pylist()
+
+
+def test_export_on_a_standalone_cluster_equals_local_and_survives_a_killed_task(cluster, tmp_path):
+    src = make_export_source(tmp_path / "src").root
+    args = ["--policy", "datacomp-basic", "--policy", "dedup", "--samples-per-shard", "4", "--write-dropped"]
+    assert main(["export", str(src), "--out", str(tmp_path / "local"), *args]) == 0
+    out = tmp_path / "spark"
+    rc = main(["export", str(src), "--out", str(out), *args, "--engine", "spark", "--spark-master", cluster["master"]])
+    assert rc == 0
+    # one shard task died (the Python worker exited) after its tar was in place; Spark re-ran it
+    crashed = (cluster["crash_dir"] / "export-crashed").read_text().strip()
+    assert (out / "shards" / f"{crashed}.tar").exists() and (out / "_done" / "export" / f"{crashed}.json").exists()
+    assert len(list((out / "shards").glob("*.tar"))) >= 2
+    local_tars, local_ledger = _outputs(tmp_path / "local")
+    spark_tars, spark_ledger = _outputs(out)
+    assert spark_tars == local_tars
+    assert spark_ledger == local_ledger
+    keys = [k for tar in sorted((out / "shards").glob("*.tar")) for k, _ in iter_raw(tar)]
+    assert len(keys) == len(set(keys)) == len(local_ledger)
+    assert not list(out.rglob(".tmp-*"))
+    assert pq.read_table(out / "dropped.parquet").equals(pq.read_table(tmp_path / "local" / "dropped.parquet"))
+
+
+@pytest.mark.slow  # a second Spark application: about a minute on 2 cores
+def test_submit_script_runs_a_command_as_a_spark_application(cluster, tmp_path):
+    _stop_active_session()  # the worker's one core goes to the submitted application
+    src = make_export_source(tmp_path / "src").root
+    env = {**cluster["env"], "SPARK_MASTER": cluster["master"], "EXECUTOR_CORES": "1", "EXECUTOR_MEMORY": "512m",
+           "DRIVER_MEMORY": "512m", "PYTHON": sys.executable, "CURATE_TEST_EXPORT_CRASH_ONCE": ""}
+    out = tmp_path / "submitted"
+    proc = subprocess.run([str(REPO / "jobs" / "spark" / "submit.sh"), "export", str(src), "--out", str(out),
+                           "--policy", "laion"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["export", str(src), "--out", str(tmp_path / "local"), "--policy", "laion"]) == 0
+    assert _outputs(out) == _outputs(tmp_path / "local")
+    import json
+
+    assert json.loads((out / "manifest.json").read_text())["stages"]["export"]["config"]["query_engine"] == "spark"
