@@ -21,6 +21,7 @@ COMMANDS: list[str] = [
     "curate.commands.inspect",
     "curate.commands.report",
     "curate.commands.run",
+    "curate.commands.score",
 ]
 
 

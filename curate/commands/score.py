@@ -1,0 +1,68 @@
+"""`curate score DIR`: CLIP score, embeddings, language and caption signals for every downloaded shard."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from curate.commands.common import engine_options, finish
+from curate.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+
+@click.command("score")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="open_clip architecture name (e.g. ViT-B-32, curate-tiny) or a model config .json path.")
+@click.option("--pretrained", default=DEFAULT_PRETRAINED, show_default=True,
+              help="open_clip pretrained tag (downloaded by open_clip), a local .safetensors/.pt checkpoint "
+                   "(offline), or 'none' for seeded random init.")
+@click.option("--checksum", default=None, help="SHA-256 the checkpoint file must have.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Autocast dtype for the encoders (fp16/bf16 are meant for GPUs).")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--loader-workers", type=int, default=1, show_default=True,
+              help="DataLoader processes per task that decode and preprocess (0 = in the task's process).")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="torch intra-op threads per task process (0 = on CPU, the cores left after --loader-workers).")
+@click.option("--save-text-embeddings", is_flag=True, help="Also write signals/score/{shard}.txt_emb.npy.")
+@click.option("--shard-index", type=int, default=None, help="This task's slice: shards[INDEX::NUM] "
+              "(default: $SLURM_ARRAY_TASK_ID when --num-shards is given, else 0).")
+@click.option("--num-shards", type=int, default=1, show_default=True, help="How many slices there are.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@engine_options
+def command(dataset: str, model: str, pretrained: str, checksum: str | None, device: str, precision: str,
+            batch_size: int, loader_workers: int, threads: int, save_text_embeddings: bool,
+            shard_index: int | None, num_shards: int, progress: bool, engine_spec: Any, redo: bool) -> None:
+    """Score the downloaded shards of DATASET (resumable per shard)."""
+    from curate.errors import InputError
+    from curate.models import check_loadable, resolve_model
+    from curate.runner import run_stage
+    from curate.stages.score import ScoreConfig, check_config, model_inputs, resolve_device
+
+    if shard_index is None:
+        env = os.environ.get("SLURM_ARRAY_TASK_ID") if num_shards > 1 else None
+        try:
+            shard_index = int(env) if env else 0
+        except ValueError:
+            raise InputError(f"--shard-index: SLURM_ARRAY_TASK_ID='{env}' is not an integer") from None
+    # paths are made absolute: tasks may run in other processes or on other machines
+    if model.endswith(".json") or os.sep in model:
+        model = os.path.abspath(model)
+    if os.path.exists(pretrained):
+        pretrained = os.path.abspath(pretrained)
+    cfg = ScoreConfig(
+        model=model, pretrained=pretrained, checksum=checksum, precision=precision,
+        save_text_embeddings=save_text_embeddings, device=device, batch_size=batch_size,
+        loader_workers=loader_workers, threads=threads, shard_index=shard_index, num_shards=num_shards,
+    )
+    check_config(cfg)
+    inputs = model_inputs(cfg)  # unknown model, missing file, checksum mismatch: exit 2 before any shard
+    check_loadable(resolve_model(cfg.model, cfg.pretrained, cfg.checksum), resolve_device(cfg.device))
+    summary = run_stage("score", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=inputs,
+                        progress=progress)
+    c = summary.counts
+    finish(summary, [f"  rows {c.get('rows', 0)}, scored {c.get('scored', 0)}, "
+                     f"skipped {dict(sorted((c.get('skipped') or {}).items()))}"])
