@@ -26,14 +26,20 @@ test-slow: setup
 demo: setup
 	$(BIN)/curate run pipelines/demo.yaml
 
-bench: setup
-	$(BIN)/python bench/download.py
+# img2dataset lives in its own venv: its pins conflict with ours
+.venv-bench/.installed:
+	$(PY) -m venv .venv-bench
+	.venv-bench/bin/pip install -q img2dataset
+	touch $@
+
+bench: setup .venv-bench/.installed
+	$(BIN)/python bench/download.py --img2dataset-python .venv-bench/bin/python
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/dedup.py
 	$(BIN)/python bench/train_probe.py
 
-bench-download: setup
-	$(BIN)/python bench/download.py
+bench-download: setup .venv-bench/.installed
+	$(BIN)/python bench/download.py --img2dataset-python .venv-bench/bin/python
 bench-score: setup
 	$(BIN)/python bench/score.py
 bench-dedup: setup

@@ -29,7 +29,7 @@ import yaml
 
 from curate.errors import CurateError, InputError
 
-_TOP_FIELDS = {"name", "workdir", "env", "defaults", "demo_web", "stages", "description"}
+_TOP_FIELDS = {"name", "workdir", "env", "defaults", "demo_web", "demo_splits", "stages", "description"}
 _VAR = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 _WEB_VARS = ("url_list", "ground_truth", "allow_hosts")
 
@@ -236,6 +236,18 @@ def _demo_web(data: dict[str, Any], workdir: Path, dry_run: bool) -> Iterator[di
                "demo_web.allow_hosts": list(web.allow_hosts)}
 
 
+def _demo_splits(data: dict[str, Any], workdir: Path, dry_run: bool) -> dict[str, Any]:
+    """Materialise the demo corpus's trusted seed / eval splits as dataset dirs: ${demo.seed}, ${demo.eval}."""
+    names = data.get("demo_splits") or []
+    out = {f"demo.{n}": str(workdir / f"demo-{n}") for n in names}
+    if not dry_run:
+        from curate.demo.corpus import write_split_dataset
+
+        for n in names:
+            write_split_dataset(n, workdir / f"demo-{n}")
+    return out
+
+
 def run(path: str | os.PathLike, *, sets: tuple[str, ...] = (), dry_run: bool = False, redo: bool = False,
         echo: Any = print) -> list[Step]:
     """Run (or with dry_run, print) every stage in order; stops at the first stage that fails."""
@@ -243,9 +255,11 @@ def run(path: str | os.PathLike, *, sets: tuple[str, ...] = (), dry_run: bool = 
 
     data = load(path, sets)
     workdir = Path(str(data["workdir"])).expanduser()
-    plan(data, redo=redo, variables={f"demo_web.{k}": f"<demo_web.{k}>" for k in _WEB_VARS})  # check first
+    split_vars = {f"demo.{n}": f"<demo.{n}>" for n in data.get("demo_splits") or []}
+    plan(data, redo=redo, variables={**split_vars, **{f"demo_web.{k}": f"<demo_web.{k}>" for k in _WEB_VARS}})
     with _environment(data.get("env") or {}), _demo_web(data, workdir, dry_run) as web_vars:
-        steps = plan(data, redo=redo, variables=web_vars)
+        split_vars = _demo_splits(data, workdir, dry_run)
+        steps = plan(data, redo=redo, variables={**web_vars, **split_vars})
         if dry_run:
             echo(f"pipeline {data['name']}: {len(steps)} stage(s), workdir {workdir}")
             for s in steps:

@@ -1,0 +1,212 @@
+"""Benchmark `curate download` against img2dataset on a loopback image server (not a timed test).
+
+    nice .venv/bin/python bench/download.py --n 3000 --img2dataset-python .venv-bench/bin/python
+
+Serves N JPEGs (640x480 made from the demo corpus, or --mix: long side 500-4000 px) from a separate
+process on 127.0.0.1, runs both tools with the same resize settings (256, keep_ratio), 2 processes x
+16 threads, and prints images/s, peak RSS (summed over the process tree) and the ratios; then the
+median PSNR of draft-mode (reduced-scale JPEG decoding) vs full-decode resizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageFilter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_images(n_distinct: int, mix: bool, seed: int = 0) -> list[bytes]:
+    """Photo-like JPEGs: demo corpus images upscaled with texture and noise (or synthetic if absent)."""
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    try:
+        from curate.demo.corpus import load_split
+
+        sources = [Image.open(io.BytesIO(b)).convert("RGB")
+                   for b in load_split("pool", columns=["image"]).column("image").to_pylist()[:n_distinct]]
+    except Exception:  # noqa: BLE001 - the corpus is optional for the benchmark
+        sources = []
+    out = []
+    for i in range(n_distinct):
+        if mix:
+            long = rng.randint(500, 4000)
+            short = int(long * rng.uniform(0.5, 0.9))
+            size = (long, short) if rng.random() < 0.7 else (short, long)
+        else:
+            size = (640, 480)
+        if sources:
+            im = sources[i % len(sources)].resize(size, Image.Resampling.BICUBIC)
+        else:
+            im = Image.linear_gradient("L").resize(size).convert("RGB")
+        noise = nrng.normal(0, 12, (size[1], size[0], 3))
+        arr = np.clip(np.asarray(im, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+        im = Image.fromarray(arr).filter(ImageFilter.SMOOTH)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def serve(images: list[bytes], n: int, port_q: mp.Queue) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):  # noqa: ANN002
+            pass
+
+        def do_GET(self):  # noqa: N802
+            try:
+                i = int(self.path.strip("/").split(".")[0])
+                body = images[i % len(images)]
+            except ValueError:
+                body = b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:
+                pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.request_queue_size = 256
+    port_q.put(httpd.server_address[1])
+    httpd.serve_forever()
+
+
+def run_measured(argv: list[str], env: dict | None = None) -> tuple[float, int, int]:
+    """(seconds, peak RSS of the process tree in bytes, return code)."""
+    t0 = time.time()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        peak = max(peak, total)
+        time.sleep(0.05)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode != 0:
+        print(err[-2000:], file=sys.stderr)
+    return time.time() - t0, peak, proc.returncode
+
+
+def psnr(a: bytes, b: bytes) -> float:
+    x = np.asarray(Image.open(io.BytesIO(a)).convert("RGB"), dtype=np.float64)
+    y = np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--mix", action="store_true", help="web-like sizes (long side 500-4000 px)")
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--img2dataset-python", default=None, help="python of a venv with img2dataset")
+    ap.add_argument("--out", default=str(ROOT / "bench-out" / "download"))
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    distinct = min(args.n, 40 if args.mix else 100)
+    t0 = time.time()
+    images = make_images(distinct, args.mix)
+    print(f"made {distinct} distinct {'mixed-size' if args.mix else '640x480'} JPEGs "
+          f"(median {statistics.median(len(b) for b in images) / 1024:.0f} KB) in {time.time() - t0:.1f}s")
+
+    q: mp.Queue = mp.Queue()
+    server = mp.Process(target=serve, args=(images, args.n, q), daemon=True)
+    server.start()
+    port = q.get(timeout=30)
+    urls = [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(args.n)]
+    url_list = out / "urls.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(args.n)]}), url_list)
+    per_shard = -(-args.n // args.processes)
+    results = {}
+
+    curate_out = out / "curate"
+    curate = [str(Path(sys.executable).with_name("curate")), "download", str(url_list), "--out", str(curate_out),
+              "--caption-col", "caption", "--allow-host", f"127.0.0.1:{port}", "--image-size", str(args.image_size),
+              "--resize-mode", "keep_ratio", "--workers", str(args.processes), "--threads", str(args.threads),
+              "--per-host", str(args.threads), "--samples-per-shard", str(per_shard), "--no-progress"]
+    secs, rss, rc = run_measured(curate)
+    ok = sum(json.loads(Path(p).read_text()).get("success", 0)
+             for p in glob.glob(str(curate_out / "stats" / "download" / "*.json")))
+    results["curate"] = (ok, secs, rss, rc)
+
+    if args.img2dataset_python:
+        i2d_out = out / "img2dataset"
+        i2d = [args.img2dataset_python, "-m", "img2dataset.main", "--url_list", str(url_list),
+               "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
+               "--output_folder", str(i2d_out), "--output_format", "webdataset",
+               "--processes_count", str(args.processes), "--thread_count", str(args.threads),
+               "--image_size", str(args.image_size), "--resize_mode", "keep_ratio",
+               "--number_sample_per_shard", str(per_shard), "--distributor", "multiprocessing",
+               "--enable_wandb", "False", "--encode_quality", "95"]
+        secs, rss, rc = run_measured(i2d)
+        ok = sum(json.loads(Path(p).read_text()).get("successes", 0) for p in glob.glob(str(i2d_out / "*_stats.json")))
+        results["img2dataset"] = (ok, secs, rss, rc)
+    server.terminate()
+
+    print(f"\n{args.n} URLs, {'mixed sizes' if args.mix else '640x480'} -> {args.image_size} keep_ratio, "
+          f"{args.processes} processes x {args.threads} threads, {os.cpu_count()} CPUs")
+    print(f"{'tool':<12} {'ok':>6} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12}")
+    for tool, (ok, secs, rss, rc) in results.items():
+        print(f"{tool:<12} {ok:>6} {secs:>8.1f} {ok / secs:>9.1f} {rss / 2**20:>12.0f}" + ("" if rc == 0 else f"  rc={rc}"))
+    if "img2dataset" in results and results["img2dataset"][0]:
+        c, i = results["curate"], results["img2dataset"]
+        print(f"ratio curate/img2dataset: images/s x{(c[0] / c[1]) / (i[0] / i[1]):.2f}, "
+              f"peak RSS x{c[2] / max(i[2], 1):.2f}")
+
+    from curate.imaging import ImageOptions, process_image
+
+    full = ImageOptions(image_size=args.image_size, resize_mode="keep_ratio", draft=False)
+    draft = ImageOptions(image_size=args.image_size, resize_mode="keep_ratio", draft=True)
+    sample = make_images(30, mix=True, seed=1)
+    vals, t_full, t_draft = [], 0.0, 0.0
+    for b in sample:
+        t = time.perf_counter()
+        a = process_image(b, full).data
+        t_full += time.perf_counter() - t
+        t = time.perf_counter()
+        d = process_image(b, draft).data
+        t_draft += time.perf_counter() - t
+        vals.append(psnr(a, d))
+    print(f"draft vs full decode on {len(sample)} mixed-size JPEGs: median PSNR {statistics.median(vals):.1f} dB, "
+          f"time per image {1000 * t_draft / len(sample):.1f} ms vs {1000 * t_full / len(sample):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,487 @@
+"""Safe HTTP fetching for `curate download`: address guard, manual redirects, byte cap, deadline, retries.
+
+Every request resolves the host itself, checks each resolved address, and connects to that checked
+address (the name goes in the Host header and in TLS SNI/verification), so nothing can change between
+the check and the connection. Redirects are followed by hand and every hop is checked again.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import email.utils
+import ipaddress
+import logging
+import random
+import re
+import socket
+import threading
+import time
+import urllib.robotparser
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    DecodeError,
+    HTTPError,
+    LocationParseError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+from curate import __version__
+
+log = logging.getLogger("curate.fetch")
+
+UA_TOKEN = "curatebot"
+CHUNK = 64 * 1024
+REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+# codes retried inside one run; the rest (4xx, opt-out, guards, decode) would fail the same way again
+RETRYABLE = frozenset({"connect_error", "timeout", "http_5xx"})
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# X-Robots-Tag directives that take a value ("max-snippet: 20") rather than naming a bot
+_VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
+_OPTOUT = frozenset({"noai", "noimageai"})
+
+
+def user_agent(token: str = UA_TOKEN) -> str:
+    return f"curate/{__version__} (+https://github.com/curate/curate; token={token})"
+
+
+class FetchFailed(Exception):
+    """A failed fetch; `code` is a ledger error code."""
+
+    def __init__(self, code: str, message: str, *, http_status: int | None = None,
+                 final_url: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.http_status = http_status
+        self.final_url = final_url
+        self.retry_after = retry_after
+        self.attempts = 1
+
+
+@dataclass
+class Fetched:
+    body: bytes
+    http_status: int
+    final_url: str
+    content_type: str | None
+    attempts: int = 1
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    timeout: float = 10.0          # connect timeout and read timeout (each)
+    deadline: float = 30.0         # whole sample: every attempt, hop and byte
+    max_bytes: int = 32 * 1024 * 1024
+    max_redirects: int = 5
+    retries: int = 2               # extra attempts after the first, transient failures only
+    backoff: float = 0.5           # first backoff in seconds; doubles per attempt, with jitter
+    per_host: int = 4              # concurrent requests per host name
+    allow_hosts: tuple[str, ...] = ()
+    allow_private: bool = False
+    deny_domains: tuple[str, ...] = ()
+    respect_optout: bool = True
+    respect_robots: bool = False
+    ua_token: str = UA_TOKEN
+
+
+def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True only for globally routable unicast addresses (embedded IPv4 forms are judged by their IPv4)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return is_public_address(ip.ipv4_mapped)
+        if ip.sixtofour is not None:
+            return is_public_address(ip.sixtofour)
+        if ip.teredo is not None:
+            return False
+        if ip in NAT64:
+            return is_public_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    bad = (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
+           or ip.is_unspecified or not ip.is_global)
+    return not bad
+
+
+def parse_endpoint(spec: str) -> tuple[str, int | None]:
+    """'HOST[:PORT]' or '[v6]:PORT' -> (lowercased host, port or None)."""
+    spec = spec.strip()
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif spec.count(":") == 1:
+        host, port = spec.split(":")
+    else:
+        host, port = spec, ""
+    if not host or (port and not port.isdigit()):
+        raise ValueError(f"'{spec}' is not HOST[:PORT]")
+    return host.lower().rstrip("."), int(port) if port else None
+
+
+def optout_directive(values: list[str], token: str) -> str | None:
+    """The X-Robots-Tag directive that opts this fetch out (noai/noimageai, global or for our token)."""
+    ours = {token.lower(), "curate"}
+    for value in values:
+        m = re.match(r"^\s*([A-Za-z0-9_\-]+)\s*:\s*(.*)$", value)
+        bot = None
+        if m and m.group(1).lower() not in _VALUED_DIRECTIVES:
+            bot, value = m.group(1).lower(), m.group(2)
+        if bot is not None and bot not in ours:
+            continue
+        for directive in value.split(","):
+            d = directive.strip().lower()
+            if d in _OPTOUT:
+                return f"{bot}: {d}" if bot else d
+    return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    with contextlib.suppress(TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+@dataclass
+class _Target:
+    url: str
+    scheme: str
+    host: str            # lowercased name as written (IDNA-encoded)
+    port: int
+    path: str            # path + query, what goes on the request line
+    ip: str = ""
+    host_header: str = ""
+
+
+@dataclass
+class _Robots:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    parser: urllib.robotparser.RobotFileParser | None = None
+    loaded: bool = False
+
+
+class Fetcher:
+    """Fetch URLs under a FetchPolicy. Thread-safe; one per shard worker (pools and caches inside)."""
+
+    def __init__(self, policy: FetchPolicy, max_pools: int = 256):
+        self.policy = policy
+        self.user_agent = user_agent(policy.ua_token)
+        self._allow = [parse_endpoint(s) for s in policy.allow_hosts]
+        self._deny = tuple(d.lower().strip(".") for d in policy.deny_domains if d.strip("."))
+        self._dns: dict[tuple[str, int], list[str] | str] = {}
+        self._dns_lock = threading.Lock()
+        self._pools: collections.OrderedDict[tuple, urllib3.HTTPConnectionPool] = collections.OrderedDict()
+        self._pool_lock = threading.Lock()
+        self._max_pools = max_pools
+        self._host_sems: dict[str, threading.BoundedSemaphore] = {}
+        self._sem_lock = threading.Lock()
+        self._robots: dict[tuple[str, str, int], _Robots] = {}
+        self._robots_lock = threading.Lock()
+
+    # ---- public -------------------------------------------------------------------------------
+
+    def fetch(self, url: str) -> Fetched:
+        """Fetch one URL: guards, per-host limit, retries with backoff, all within the sample deadline.
+
+        Raises FetchFailed (with .attempts) on any failure.
+        """
+        target = self._parse(url)  # invalid_url / blocked_scheme before any waiting
+        with self._host_slot(target.host):
+            deadline = time.monotonic() + self.policy.deadline
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    got = self._fetch_once(url, deadline)
+                    got.attempts = attempt
+                    return got
+                except FetchFailed as e:
+                    e.attempts = attempt
+                    if e.code not in RETRYABLE or attempt > self.policy.retries:
+                        raise
+                    wait = e.retry_after
+                    if wait is None:
+                        wait = self.policy.backoff * (2 ** (attempt - 1)) * (1.0 + random.random())
+                    # a new attempt needs a full timeout before the deadline, or its failure would
+                    # only say "deadline" and hide what the server did
+                    if time.monotonic() + wait + self.policy.timeout > deadline:
+                        if e.retry_after is not None:
+                            e.message += f" (Retry-After {e.retry_after:.0f}s is past the deadline)"
+                        raise
+                    time.sleep(wait)
+
+    def close(self) -> None:
+        with self._pool_lock:
+            for pool in self._pools.values():
+                pool.close()
+            self._pools.clear()
+
+    # ---- guards -------------------------------------------------------------------------------
+
+    def _parse(self, url: str) -> _Target:
+        if not isinstance(url, str) or not url.strip():
+            raise FetchFailed("invalid_url", "empty URL")
+        url = url.strip()
+        try:
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            if scheme and scheme not in ("http", "https"):
+                raise FetchFailed("blocked_scheme", f"scheme '{scheme}' is not http/https")
+            if not scheme or not parts.hostname:
+                raise FetchFailed("invalid_url", f"not an absolute http(s) URL: {url[:200]!r}")
+            port = parts.port or (443 if scheme == "https" else 80)
+            host = parts.hostname.rstrip(".")
+            if not host.isascii():
+                host = host.encode("idna").decode("ascii")
+        except FetchFailed:
+            raise
+        except (ValueError, UnicodeError) as e:
+            raise FetchFailed("invalid_url", f"unparseable URL ({e})") from None
+        if any(c in host for c in " \t\r\n/\\%@"):
+            raise FetchFailed("invalid_url", f"bad host {host!r}")
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        if any(c in path for c in "\r\n "):
+            raise FetchFailed("invalid_url", "control characters or spaces in the URL path")
+        return _Target(url=url, scheme=scheme, host=host.lower(), port=port, path=path)
+
+    def _allowed_endpoint(self, t: _Target) -> bool:
+        return any(h == t.host and (p is None or p == t.port) for h, p in self._allow)
+
+    def _check(self, t: _Target) -> _Target:
+        """Deny-list, DNS, address guard; sets t.ip (the address we will connect to)."""
+        for d in self._deny:
+            if t.host == d or t.host.endswith("." + d):
+                raise FetchFailed("disallowed_domain", f"{t.host} is under denied domain {d}", final_url=t.url)
+        addrs = self._resolve(t.host, t.port)
+        if not (self.policy.allow_private or self._allowed_endpoint(t)):
+            for a in addrs:
+                if not is_public_address(ipaddress.ip_address(a)):
+                    raise FetchFailed("blocked_address", f"{t.host} resolves to non-global address {a}",
+                                      final_url=t.url)
+        t.ip = addrs[0]
+        default = 443 if t.scheme == "https" else 80
+        name = f"[{t.host}]" if ":" in t.host else t.host
+        t.host_header = name if t.port == default else f"{name}:{t.port}"
+        return t
+
+    def _resolve(self, host: str, port: int) -> list[str]:
+        key = (host, port)
+        with self._dns_lock:
+            hit = self._dns.get(key)
+        if hit is None:
+            try:
+                # getaddrinfo applies inet_aton rules, so 2130706433, 0177.0.0.1, 127.1 and 0x7f.1
+                # all come back as 127.0.0.1 and are judged as such
+                infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+                hit = list(dict.fromkeys(info[4][0] for info in infos)) or "no addresses"
+            except (socket.gaierror, UnicodeError, OSError) as e:
+                hit = str(e)
+            with self._dns_lock:
+                self._dns[key] = hit
+        if isinstance(hit, str):
+            raise FetchFailed("dns_error", f"{host}: {hit}")
+        return hit
+
+    @contextlib.contextmanager
+    def _host_slot(self, host: str) -> Iterator[None]:
+        with self._sem_lock:
+            sem = self._host_sems.get(host)
+            if sem is None:
+                sem = self._host_sems[host] = threading.BoundedSemaphore(max(1, self.policy.per_host))
+        with sem:
+            yield
+
+    # ---- one attempt ------------------------------------------------------------------------
+
+    def _pool(self, t: _Target) -> urllib3.HTTPConnectionPool:
+        key = (t.scheme, t.ip, t.port, t.host)
+        with self._pool_lock:
+            pool = self._pools.get(key)
+            if pool is not None:
+                self._pools.move_to_end(key)
+                return pool
+            size = max(1, self.policy.per_host)
+            if t.scheme == "https":
+                pool = urllib3.HTTPSConnectionPool(
+                    t.ip, t.port, maxsize=size, block=False, retries=False,
+                    server_hostname=t.host, assert_hostname=t.host, cert_reqs="CERT_REQUIRED")
+            else:
+                pool = urllib3.HTTPConnectionPool(t.ip, t.port, maxsize=size, block=False, retries=False)
+            self._pools[key] = pool
+            while len(self._pools) > self._max_pools:
+                _, old = self._pools.popitem(last=False)
+                old.close()
+            return pool
+
+    def _fetch_once(self, url: str, deadline: float) -> Fetched:
+        seen: set[str] = set()
+        hops = 0
+        while True:
+            t = self._check(self._parse(url))
+            if self.policy.respect_robots and not self._robots_allows(t, deadline):
+                raise FetchFailed("opted_out", f"robots.txt of {t.host} disallows {self.policy.ua_token}",
+                                  final_url=url)
+            seen.add(url)
+            resp = self._request(t, deadline)
+            try:
+                status = resp.status
+                if self.policy.respect_optout:
+                    hit = optout_directive(resp.headers.getlist("X-Robots-Tag"), self.policy.ua_token)
+                    if hit:
+                        raise FetchFailed("opted_out", f"X-Robots-Tag {hit}", http_status=status, final_url=url)
+                if status in REDIRECT_CODES:
+                    location = resp.headers.get("Location")
+                    if not location:
+                        raise FetchFailed("http_4xx", f"HTTP {status} without Location", http_status=status,
+                                          final_url=url)
+                    nxt = urljoin(url, location.strip())
+                    hops += 1
+                    if nxt in seen:
+                        raise FetchFailed("too_many_redirects", f"redirect loop back to {nxt[:200]}",
+                                          http_status=status, final_url=url)
+                    if hops > self.policy.max_redirects:
+                        raise FetchFailed("too_many_redirects", f"more than {self.policy.max_redirects} redirects",
+                                          http_status=status, final_url=url)
+                    url = nxt
+                    continue
+                if status == 429 or status >= 500:
+                    raise FetchFailed("http_5xx", f"HTTP {status}", http_status=status, final_url=url,
+                                      retry_after=_retry_after(resp.headers.get("Retry-After")))
+                if not 200 <= status < 300:
+                    raise FetchFailed("http_4xx", f"HTTP {status}", http_status=status, final_url=url)
+                body = self._read_body(resp, deadline, url)
+                self._finish(resp, complete=True)
+                if not body:
+                    raise FetchFailed("empty_body", "the answer had no bytes", http_status=status, final_url=url)
+                return Fetched(body, status, url, resp.headers.get("Content-Type"))
+            finally:
+                self._finish(resp)
+
+    def _request(self, t: _Target, deadline: float) -> Any:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FetchFailed("deadline_exceeded", f"deadline {self.policy.deadline}s passed", final_url=t.url)
+        cut = left < self.policy.timeout  # the deadline, not the timeout, bounds this wait
+        timeout = urllib3.Timeout(connect=min(self.policy.timeout, left), read=min(self.policy.timeout, left))
+        headers = {
+            "Host": t.host_header,
+            "User-Agent": self.user_agent,
+            "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5",
+            "Accept-Encoding": "gzip, deflate",
+        }
+        try:
+            return self._pool(t).urlopen(
+                "GET", t.path, headers=headers, retries=False, redirect=False, timeout=timeout,
+                preload_content=False, decode_content=True, assert_same_host=False, release_conn=False)
+        except ReadTimeoutError as e:
+            code = "deadline_exceeded" if cut else "timeout"
+            raise FetchFailed(code, f"read timeout ({e})", final_url=t.url) from None
+        except ConnectTimeoutError as e:
+            code = "deadline_exceeded" if cut else "timeout"
+            raise FetchFailed(code, f"connect timeout ({e})", final_url=t.url) from None
+        except (NewConnectionError, ProtocolError, SSLError) as e:
+            raise FetchFailed("connect_error", f"{type(e).__name__}: {e}"[:300], final_url=t.url) from None
+        except LocationParseError as e:
+            raise FetchFailed("invalid_url", str(e), final_url=t.url) from None
+        except (HTTPError, OSError) as e:
+            raise FetchFailed("connect_error", f"{type(e).__name__}: {e}"[:300], final_url=t.url) from None
+
+    def _read_body(self, resp: Any, deadline: float, url: str) -> bytes:
+        cap = self.policy.max_bytes
+        length = resp.headers.get("Content-Length")
+        if length and length.strip().isdigit() and int(length) > cap:
+            raise FetchFailed("too_large", f"Content-Length {int(length)} > --max-bytes {cap}",
+                              http_status=resp.status, final_url=url)
+        buf = bytearray()
+        sock = getattr(getattr(resp, "connection", None), "sock", None)
+        cut = False
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                cut = left < self.policy.timeout
+                if left <= 0:
+                    raise FetchFailed("deadline_exceeded",
+                                      f"deadline {self.policy.deadline}s passed after {len(buf)} bytes",
+                                      http_status=resp.status, final_url=url)
+                if sock is not None:
+                    # one recv may not outlive the sample's deadline
+                    with contextlib.suppress(OSError):
+                        sock.settimeout(min(self.policy.timeout, left))
+                # read1: returns what one recv gave, so a dripping server is seen at every byte
+                chunk = resp.read1(CHUNK)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > cap:
+                    raise FetchFailed("too_large", f"body exceeds --max-bytes {cap} (decoded)",
+                                      http_status=resp.status, final_url=url)
+        except ReadTimeoutError:
+            code = "deadline_exceeded" if cut else "timeout"
+            raise FetchFailed(code, f"read timeout after {len(buf)} bytes", http_status=resp.status,
+                              final_url=url) from None
+        except DecodeError as e:
+            raise FetchFailed("decode_error", f"Content-Encoding decode failed ({e})"[:300],
+                              http_status=resp.status, final_url=url) from None
+        except (ProtocolError, OSError, HTTPError) as e:
+            raise FetchFailed("connect_error", f"body read failed: {type(e).__name__}: {e}"[:300],
+                              http_status=resp.status, final_url=url) from None
+        return bytes(buf)
+
+    @staticmethod
+    def _finish(resp: Any, complete: bool = False) -> None:
+        """Reuse the connection only when its body was read to the end; otherwise close it unread."""
+        if getattr(resp, "_curate_finished", False):
+            return
+        resp._curate_finished = True
+        if not complete:
+            with contextlib.suppress(Exception):
+                resp.close()
+        with contextlib.suppress(Exception):
+            resp.release_conn()
+
+    # ---- robots.txt ---------------------------------------------------------------------------
+
+    def _robots_allows(self, t: _Target, deadline: float) -> bool:
+        key = (t.scheme, t.host, t.port)
+        with self._robots_lock:
+            entry = self._robots.setdefault(key, _Robots())
+        with entry.lock:  # one fetch per host; the other threads wait for it
+            if not entry.loaded:
+                entry.parser = self._load_robots(t, deadline)
+                entry.loaded = True
+        return entry.parser is None or entry.parser.can_fetch(self.policy.ua_token, t.url)
+
+    def _load_robots(self, t: _Target, deadline: float) -> urllib.robotparser.RobotFileParser | None:
+        """robots.txt of the host, or None (allow all) when it is missing or unreachable."""
+        rt = _Target(url=f"{t.scheme}://{t.host_header}/robots.txt", scheme=t.scheme, host=t.host, port=t.port,
+                     path="/robots.txt", ip=t.ip, host_header=t.host_header)
+        try:
+            resp = self._request(rt, deadline)
+        except FetchFailed:
+            return None
+        try:
+            if resp.status != 200:
+                return None
+            body = self._read_body(resp, deadline, rt.url)[: 512 * 1024]
+            self._finish(resp, complete=True)
+        except FetchFailed:
+            return None
+        finally:
+            self._finish(resp)
+        parser = urllib.robotparser.RobotFileParser()
+        parser.parse(body.decode("utf-8", errors="replace").splitlines())
+        return parser

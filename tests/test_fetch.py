@@ -1,0 +1,371 @@
+"""The fetcher against a loopback server: address guard, redirects, byte cap, deadline, retries, opt-out."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import ipaddress
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from curate.fetch import Fetcher, FetchFailed, FetchPolicy, is_public_address, optout_directive
+
+
+def jpeg(w: int = 64, h: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv: LoopServer = self.server.owner  # type: ignore[attr-defined]
+        path = self.path.split("?", 1)[0]
+        with srv.lock:
+            srv.hits[path] += 1
+            n = srv.hits[path]
+        route = srv.routes.get(path)
+        try:
+            if route is None:
+                self.send(404, b"nope", "text/plain")
+            else:
+                route(self, n)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def send(self, status: int, body: bytes = b"", ctype: str = "image/jpeg", headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class LoopServer:
+    """A loopback HTTP server whose routes are functions (handler, nth hit of the path)."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.routes: dict[str, Callable[[Any, int], None]] = {}
+        self.hits: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.sent: Counter[str] = Counter()  # bytes written by streaming routes
+        self.stop = threading.Event()
+        self.httpd = ThreadingHTTPServer((host, 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self.httpd.owner = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def host(self) -> str:
+        return self.httpd.server_address[0]
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def url(self, path: str) -> str:
+        return f"http://{self.endpoint}{path}"
+
+    def image(self, path: str, body: bytes | None = None, headers: dict | None = None,
+              ctype: str = "image/jpeg") -> str:
+        data = body if body is not None else jpeg()
+        self.routes[path] = lambda h, n: h.send(200, data, ctype, headers)
+        return self.url(path)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = LoopServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def canary():
+    s = LoopServer("127.0.0.2")
+    s.routes["/secret"] = lambda h, n: h.send(200, b"secret", "text/plain")
+    yield s
+    s.close()
+
+
+def fetcher(server: LoopServer, **kw: Any) -> Fetcher:
+    kw.setdefault("allow_hosts", (server.endpoint,))
+    kw.setdefault("timeout", 2.0)
+    kw.setdefault("deadline", 5.0)
+    kw.setdefault("backoff", 0.05)
+    return Fetcher(FetchPolicy(**kw))
+
+
+def fail(f: Fetcher, url: str) -> FetchFailed:
+    with pytest.raises(FetchFailed) as ei:
+        f.fetch(url)
+    return ei.value
+
+
+def test_success_sends_curate_user_agent(server):
+    seen = {}
+
+    def route(h, n):
+        seen["ua"] = h.headers.get("User-Agent")
+        seen["host"] = h.headers.get("Host")
+        h.send(200, jpeg())
+
+    server.routes["/a.jpg"] = route
+    got = fetcher(server).fetch(server.url("/a.jpg"))
+    assert got.body == jpeg() and got.http_status == 200 and got.attempts == 1
+    assert "curate/" in seen["ua"] and "token=curatebot" in seen["ua"]
+    assert seen["host"] == server.endpoint
+
+
+@pytest.mark.parametrize("ip,public", [
+    ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("10.1.2.3", False),
+    ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False), ("100.64.0.1", False),
+    ("0.0.0.0", False), ("224.0.0.1", False), ("255.255.255.255", False), ("::1", False), ("::", False),
+    ("fc00::1", False), ("fe80::1", False), ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True),
+    ("2002:7f00:1::", False), ("2002:0a00:1::", False), ("64:ff9b::7f00:1", False), ("ff02::1", False),
+])
+def test_public_address_rules(ip, public):
+    assert is_public_address(ipaddress.ip_address(ip)) is public
+
+
+def test_loopback_blocked_without_allow_host(server):
+    server.image("/a.jpg")
+    e = fail(Fetcher(FetchPolicy(timeout=1, deadline=2)), server.url("/a.jpg"))
+    assert e.code == "blocked_address"
+    assert server.hits["/a.jpg"] == 0
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0177.0.0.1", "127.1", "0x7f.1", "0x7f000001", "127.0.0.2",
+                                  "localhost", "[::ffff:127.0.0.1]"])
+def test_numeric_and_other_loopback_forms_blocked(server, host):
+    server.image("/a.jpg")
+    e = fail(fetcher(server), f"http://{host}:{server.port}/a.jpg")
+    assert e.code in ("blocked_address", "dns_error"), e.message
+    assert server.hits["/a.jpg"] == 0
+
+
+def test_allow_host_is_exact_endpoint(server):
+    server.image("/a.jpg")
+    other_port = fetcher(server, allow_hosts=(f"127.0.0.1:{server.port + 1}",))
+    assert fail(other_port, server.url("/a.jpg")).code == "blocked_address"
+    any_port = fetcher(server, allow_hosts=("127.0.0.1",))
+    assert any_port.fetch(server.url("/a.jpg")).http_status == 200
+
+
+def test_redirect_into_other_private_address_blocked(server, canary):
+    server.routes["/r"] = lambda h, n: h.send(302, b"", "text/plain", {"Location": canary.url("/secret")})
+    server.routes["/r-numeric"] = lambda h, n: h.send(
+        302, b"", "text/plain", {"Location": f"http://2130706434:{canary.port}/secret"})
+    f = fetcher(server)
+    assert fail(f, server.url("/r")).code == "blocked_address"
+    assert fail(f, server.url("/r-numeric")).code == "blocked_address"
+    assert canary.hits["/secret"] == 0
+
+
+def test_redirect_chain_loop_and_limit(server):
+    server.image("/end.jpg")
+    server.routes["/c0"] = lambda h, n: h.send(301, b"", "text/plain", {"Location": "/c1"})
+    server.routes["/c1"] = lambda h, n: h.send(307, b"", "text/plain", {"Location": server.url("/end.jpg")})
+    server.routes["/loop"] = lambda h, n: h.send(302, b"", "text/plain", {"Location": "/loop2"})
+    server.routes["/loop2"] = lambda h, n: h.send(302, b"", "text/plain", {"Location": "/loop"})
+    f = fetcher(server, max_redirects=2)
+    got = f.fetch(server.url("/c0"))
+    assert got.final_url == server.url("/end.jpg")
+    assert fail(f, server.url("/loop")).code == "too_many_redirects"
+    assert fail(fetcher(server, max_redirects=1), server.url("/c0")).code == "too_many_redirects"
+    server.routes["/to-file"] = lambda h, n: h.send(302, b"", "text/plain", {"Location": "file:///etc/passwd"})
+    assert fail(f, server.url("/to-file")).code == "blocked_scheme"
+
+
+@pytest.mark.parametrize("url,code", [
+    ("file:///etc/passwd", "blocked_scheme"), ("ftp://example.com/a.jpg", "blocked_scheme"),
+    ("data:image/png;base64,AAAA", "blocked_scheme"), ("not a url", "invalid_url"), ("", "invalid_url"),
+    ("http://", "invalid_url"), ("http://exa mple.com/x", "invalid_url"), ("http://h:99999/x", "invalid_url"),
+])
+def test_bad_urls(url, code):
+    assert fail(Fetcher(FetchPolicy()), url).code == code
+
+
+def test_deny_domain_blocks_subdomains(server):
+    f = Fetcher(FetchPolicy(deny_domains=("example.com",)))
+    assert fail(f, "http://img.cdn.example.com/a.jpg").code == "disallowed_domain"
+    assert fail(f, "http://example.com/a.jpg").code == "disallowed_domain"
+
+
+def test_huge_content_length_refused_without_reading(server):
+    def huge(h, n):
+        h.send_response(200)
+        h.send_header("Content-Type", "image/jpeg")
+        h.send_header("Content-Length", str(3_000_000_000))
+        h.end_headers()
+        block = b"\0" * 65536
+        try:
+            while not server.stop.is_set() and server.sent["/huge"] < 200 * 2**20:
+                h.wfile.write(block)
+                server.sent["/huge"] += len(block)
+        except OSError:
+            pass
+
+    server.routes["/huge"] = huge
+    t0 = time.monotonic()
+    e = fail(fetcher(server, max_bytes=10 * 2**20), server.url("/huge"))
+    assert e.code == "too_large" and "Content-Length" in e.message
+    assert time.monotonic() - t0 < 2
+    time.sleep(0.3)
+    # what the server got out before the close is what fits in the socket buffers, not the body
+    assert server.sent["/huge"] < 16 * 2**20
+
+
+def test_body_cap_counts_decoded_bytes(server):
+    big = gzip.compress(b"\0" * (5 * 2**20))  # ~5 KB on the wire, 5 MB decoded
+    server.routes["/gz"] = lambda h, n: h.send(200, big, "image/jpeg", {"Content-Encoding": "gzip"})
+
+    def chunked(h, n):  # no Content-Length: the cap is enforced while reading
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        for _ in range(40):
+            h.wfile.write(b"10000\r\n" + b"\1" * 65536 + b"\r\n")
+        h.wfile.write(b"0\r\n\r\n")
+
+    server.routes["/chunked"] = chunked
+    f = fetcher(server, max_bytes=2**20)
+    e = fail(f, server.url("/gz"))
+    assert e.code == "too_large" and "decoded" in e.message
+    assert fail(f, server.url("/chunked")).code == "too_large"
+
+
+def test_drip_is_stopped_by_the_deadline(server):
+    def drip(h, n):
+        h.send_response(200)
+        h.send_header("Content-Length", "100000")
+        h.end_headers()
+        try:
+            while not server.stop.wait(0.1):
+                h.wfile.write(b"x")
+                h.wfile.flush()
+        except OSError:
+            pass
+
+    server.routes["/drip"] = drip
+    t0 = time.monotonic()
+    e = fail(fetcher(server, timeout=1.0, deadline=1.5), server.url("/drip"))
+    took = time.monotonic() - t0
+    assert e.code == "deadline_exceeded"
+    assert took < 2.5
+    assert server.hits["/drip"] == 1  # a deadline is not retried
+
+
+def test_slow_headers_time_out(server):
+    server.routes["/slow"] = lambda h, n: (server.stop.wait(10), h.send(200, jpeg()))
+    e = fail(fetcher(server, timeout=0.5, deadline=1.2, retries=0), server.url("/slow"))
+    assert e.code == "timeout"
+
+
+def test_503_then_200_is_retried_and_404_is_not(server):
+    server.routes["/flaky"] = lambda h, n: h.send(503, b"busy", "text/plain") if n == 1 else h.send(200, jpeg())
+    f = fetcher(server)
+    got = f.fetch(server.url("/flaky"))
+    assert got.attempts == 2 and server.hits["/flaky"] == 2
+    e = fail(f, server.url("/missing"))
+    assert e.code == "http_4xx" and e.http_status == 404 and e.attempts == 1
+    assert server.hits["/missing"] == 1
+
+
+def test_500_gives_up_after_retries_and_retry_after_past_deadline_fails_fast(server):
+    server.routes["/down"] = lambda h, n: h.send(500, b"down", "text/plain")
+    server.routes["/later"] = lambda h, n: h.send(429, b"later", "text/plain", {"Retry-After": "60"})
+    f = fetcher(server, retries=2)
+    e = fail(f, server.url("/down"))
+    assert e.code == "http_5xx" and e.attempts == 3 and server.hits["/down"] == 3
+    t0 = time.monotonic()
+    e = fail(f, server.url("/later"))
+    assert e.code == "http_5xx" and e.http_status == 429 and server.hits["/later"] == 1
+    assert time.monotonic() - t0 < 1
+
+
+def test_retry_after_is_honoured(server):
+    server.routes["/429"] = lambda h, n: (h.send(429, b"", "text/plain", {"Retry-After": "1"}) if n == 1
+                                          else h.send(200, jpeg()))
+    t0 = time.monotonic()
+    got = fetcher(server, deadline=5).fetch(server.url("/429"))
+    assert got.attempts == 2 and time.monotonic() - t0 >= 0.95
+
+
+def test_noai_header_read_before_body(server):
+    server.image("/noai.jpg", headers={"X-Robots-Tag": "noai"})
+    server.image("/scoped.jpg", headers={"X-Robots-Tag": "curatebot: noimageai"})
+    server.image("/other-bot.jpg", headers={"X-Robots-Tag": "otherbot: noai"})
+    f = fetcher(server)
+    assert fail(f, server.url("/noai.jpg")).code == "opted_out"
+    assert fail(f, server.url("/scoped.jpg")).code == "opted_out"
+    assert f.fetch(server.url("/other-bot.jpg")).http_status == 200
+    assert fetcher(server, respect_optout=False).fetch(server.url("/noai.jpg")).http_status == 200
+
+
+@pytest.mark.parametrize("values,hit", [
+    (["noai"], True), (["noindex, NoImageAI"], True), (["curatebot: noai"], True), (["curate: noai"], True),
+    (["googlebot: noai"], False), (["noindex"], False), (["max-snippet: 20, noai"], True), ([], False),
+])
+def test_optout_directive_parsing(values, hit):
+    assert (optout_directive(values, "curatebot") is not None) is hit
+
+
+def test_robots_txt_read_once_per_host(server):
+    server.routes["/robots.txt"] = lambda h, n: h.send(
+        200, b"User-agent: curatebot\nDisallow: /private/\n", "text/plain")
+    server.image("/private/a.jpg")
+    server.image("/public/a.jpg")
+    f = fetcher(server, respect_robots=True)
+    assert fail(f, server.url("/private/a.jpg")).code == "opted_out"
+    assert f.fetch(server.url("/public/a.jpg")).http_status == 200
+    assert server.hits["/private/a.jpg"] == 0 and server.hits["/robots.txt"] == 1
+
+
+def test_per_host_limit(server):
+    active = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def route(h, n):
+        with lock:
+            active["now"] += 1
+            active["max"] = max(active["max"], active["now"])
+        time.sleep(0.1)
+        with lock:
+            active["now"] -= 1
+        h.send(200, jpeg())
+
+    for i in range(12):
+        server.routes[f"/p{i}"] = route
+    f = fetcher(server, per_host=2)
+    threads = [threading.Thread(target=f.fetch, args=(server.url(f"/p{i}"),)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert active["max"] == 2
