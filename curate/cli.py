@@ -24,6 +24,7 @@ COMMANDS: list[str] = [
     "curate.commands.report",
     "curate.commands.run",
     "curate.commands.score",
+    "curate.commands.train_probe",
 ]
 
 

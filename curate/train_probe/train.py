@@ -1,0 +1,276 @@
+"""One training run: an open_clip model trained contrastively on in-memory samples for exactly N samples seen.
+
+Same config + seed -> same model on CPU: the init, the data order and the augmentation each draw from
+their own seeded generator and torch runs with deterministic algorithms. A subset smaller than another
+is repeated for more epochs, which is the quality-versus-quantity trade-off the probe measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from curate.config import runtime
+from curate.errors import InputError
+from curate.train_probe.data import Samples, normalize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "curate-tiny"  # open_clip name or config .json path
+    image_size: int = 64
+    samples_seen: int = 4096  # ~45 s per run on 2 CPU cores at ~95 samples/s (bench/train_probe.py)
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: float = 0.1  # share of the steps with a linear warmup, then cosine decay to 0
+    augment: bool = True  # random horizontal flip
+    curve_points: int = 3  # evaluations during training (the last one is the final result)
+    device: str = runtime("auto")
+    threads: int = runtime(0)  # torch intra-op threads (0 = all cores)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.samples_seen < 1:
+        raise InputError(f"--samples-seen: must be at least 1 (got {cfg.samples_seen})")
+    if cfg.batch_size < 2:
+        raise InputError(f"--batch-size: a contrastive batch needs at least 2 samples (got {cfg.batch_size})")
+    if not cfg.lr > 0:
+        raise InputError(f"--lr: must be positive (got {cfg.lr})")
+    if not 0 <= cfg.warmup < 1:
+        raise InputError(f"--warmup: must be in [0, 1) (got {cfg.warmup})")
+    if cfg.image_size < 8:
+        raise InputError(f"--image-size: must be at least 8 (got {cfg.image_size})")
+    if cfg.curve_points < 1:
+        raise InputError(f"--curve-points: must be at least 1 (got {cfg.curve_points})")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {cfg.device}: no CUDA device is visible to torch")
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def model_config(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
+    """(open_clip architecture name, its config dict with the image size actually trained)."""
+    import copy
+
+    import open_clip
+
+    from curate.models import resolve_model
+
+    arch = resolve_model(cfg.model, "none").arch
+    conf = copy.deepcopy(open_clip.get_model_config(arch))
+    conf["vision_cfg"]["image_size"] = cfg.image_size
+    return arch, conf
+
+
+def create_model(cfg: TrainConfig, seed: int, device: str) -> tuple[Any, Any]:
+    """(model with a seeded random init, its tokenizer)."""
+    import open_clip
+    import torch
+
+    arch, conf = model_config(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        force = cfg.image_size if cfg.image_size != open_clip.get_model_config(arch)["vision_cfg"]["image_size"] else None
+        model = open_clip.create_model(arch, pretrained=None, device="cpu", output_dict=True,
+                                       force_image_size=force)
+    return model.to(device), open_clip.get_tokenizer(arch)
+
+
+@contextlib.contextmanager
+def torch_settings(device: str, threads: int) -> Iterator[None]:
+    """Deterministic algorithms (CPU) and the thread count for the duration of a run, then restored."""
+    import torch
+
+    prev_det, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        torch.set_num_threads(prev_threads)
+
+
+def batch_plan(samples_seen: int, batch_size: int) -> list[int]:
+    """Batch sizes summing to exactly `samples_seen` (the last batch holds the remainder)."""
+    full, rest = divmod(samples_seen, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+def batch_indices(n: int, sizes: list[int], generator: Any) -> Iterator[Any]:
+    """Row indices per batch: a fresh seeded permutation of the n rows each epoch, read in order.
+
+    A batch that straddles two epochs would otherwise hold a sample twice (a false negative for the
+    contrastive loss): the new epoch's rows already in the batch are moved to the back of its order.
+    Needs n >= every batch size.
+    """
+    import torch
+
+    perm = torch.randperm(n, generator=generator)
+    pos = 0
+    for size in sizes:
+        parts = []
+        while size:
+            if pos == n:
+                perm, pos = torch.randperm(n, generator=generator), 0
+                if parts:
+                    taken = torch.zeros(n, dtype=torch.bool)
+                    taken[torch.cat(parts)] = True
+                    perm = torch.cat([perm[~taken[perm]], perm[taken[perm]]])
+            take = min(size, n - pos)
+            parts.append(perm[pos:pos + take])
+            pos += take
+            size -= take
+        yield torch.cat(parts)
+
+
+def lr_at(step: int, steps: int, base_lr: float, warmup_steps: int) -> float:
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: Any, cfg: TrainConfig) -> Any:
+    import torch
+
+    # as open_clip's training: no weight decay on gains, biases and the temperature
+    def no_decay(name: str, p: Any) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": cfg.weight_decay},
+    ]
+    # fused: one kernel over all tensors; ~4x faster than the per-tensor loop on CPU, where the 6.3M-entry
+    # token embedding makes the optimizer step a large share of a small-batch step
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+
+
+def curve_steps(steps: int, points: int) -> list[int]:
+    """The step counts after which to evaluate: evenly spaced, always including the last step."""
+    return sorted({max(1, round(steps * k / points)) for k in range(1, points + 1)})
+
+
+def train_run(train: Samples, cfg: TrainConfig, seed: int, *,
+              evaluate: Callable[[Any, Any], dict[str, float]] | None = None,
+              device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Train a fresh model on `train` for cfg.samples_seen samples; returns (model, result record).
+
+    `evaluate(model, tokenizer)` is called at cfg.curve_points evenly spaced points; the last call's
+    metrics are the run's metrics.
+    """
+    import torch
+    from open_clip.loss import ClipLoss
+
+    n = len(train)
+    if n < cfg.batch_size:
+        raise InputError(f"--batch-size: a subset has {n} samples, fewer than the batch size {cfg.batch_size}; "
+                         f"lower --batch-size (a batch must not hold the same sample twice)")
+    with torch_settings(device, cfg.threads):
+        model, tokenizer = create_model(cfg, seed, device)
+        model.train()
+        optimizer = make_optimizer(model, cfg)
+        loss_fn = ClipLoss()
+        mean, std = model.visual.image_mean, model.visual.image_std
+        order = torch.Generator().manual_seed(seed)
+        flips = torch.Generator().manual_seed(seed + 1_000_003)
+        sizes = batch_plan(cfg.samples_seen, cfg.batch_size)
+        steps = len(sizes)
+        warmup_steps = max(1, round(cfg.warmup * steps)) if cfg.warmup > 0 else 0
+        evals = set(curve_steps(steps, cfg.curve_points)) if evaluate else set()
+        seen_per_row = torch.zeros(n, dtype=torch.long)
+        losses: list[float] = []
+        curve: list[dict[str, Any]] = []
+        train_seconds = 0.0
+        t0 = time.perf_counter()
+        for step, idx in enumerate(batch_indices(n, sizes, order)):
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, steps, cfg.lr, warmup_steps)
+            images = train.images.index_select(0, idx)
+            if cfg.augment:
+                flip = torch.rand(len(idx), generator=flips) < 0.5
+                images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            images = normalize(images.to(device), mean, std)
+            tokens = train.tokens.index_select(0, idx).to(device)
+            out = model(images, tokens)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))  # as open_clip: temperature at most 100
+            seen_per_row += torch.bincount(idx, minlength=n)
+            losses.append(float(loss.detach()))
+            if step + 1 in evals:
+                train_seconds += time.perf_counter() - t0
+                seen = int(seen_per_row.sum())
+                metrics = evaluate(model, tokenizer)
+                recent = losses[-max(1, steps // (2 * cfg.curve_points)):]
+                curve.append({"step": step + 1, "samples_seen": seen, "epochs": round(seen / n, 4),
+                              "train_loss": sum(recent) / len(recent), **metrics})
+                log.info("seed %d step %d/%d seen %d loss %.4f %s", seed, step + 1, steps, seen,
+                         losses[-1], {k: round(v, 4) for k, v in metrics.items()})
+                t0 = time.perf_counter()
+        train_seconds += time.perf_counter() - t0
+        model.eval()
+    seen = int(seen_per_row.sum())
+    tail = losses[-max(1, steps // 10):]
+    result: dict[str, Any] = {
+        "seed": seed, "subset_size": n, "samples_seen": seen, "steps": steps,
+        "epochs": round(seen / n, 4), "repeats_min": int(seen_per_row.min()), "repeats_max": int(seen_per_row.max()),
+        "train_seconds": round(train_seconds, 3), "samples_per_second": round(seen / max(train_seconds, 1e-9), 1),
+        "loss_first": losses[0], "loss_last": sum(tail) / len(tail),
+        "logit_scale": float(model.logit_scale.detach().exp()),
+        "curve": curve,
+    }
+    if curve:
+        result.update({k: v for k, v in curve[-1].items() if k not in ("step", "samples_seen", "epochs", "train_loss")})
+    return model, result
+
+
+def saved_model_paths(path: str | Path) -> tuple[Path, Path]:
+    """(weights, config) for --save-model: X.safetensors -> X.safetensors + X.json; a directory X ->
+    X/model.safetensors + X/model_config.json."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return path, path.with_suffix(".json")
+    return path / "model.safetensors", path / "model_config.json"
+
+
+def save_model(model: Any, conf: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
+    """Write the weights (safetensors) and the open_clip model config beside them (see saved_model_paths).
+
+    `curate score --model CONFIG.json --pretrained WEIGHTS.safetensors` loads the pair.
+    """
+    from safetensors.torch import save_file
+
+    from curate.io.atomic import atomic_path, write_json
+
+    weights, cfg_path = saved_model_paths(path)
+    write_json(cfg_path, conf)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "producer": "curate train-probe"})
+    return weights, cfg_path

@@ -1,0 +1,303 @@
+"""train-probe: real open_clip training on tiny synthetic shards, the metrics, resumption and the saved model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from dataset_factory import make_dataset
+from PIL import Image
+
+from curate.cli import main
+from curate.errors import ConfigMismatchError, InputError
+from curate.io.layout import DatasetDir
+from curate.io.tables import write_table
+from curate.train_probe.data import load_samples
+from curate.train_probe.evaluate import evaluate_model, retrieval, zero_shot
+from curate.train_probe.train import TrainConfig, batch_indices, batch_plan, saved_model_paths, train_run
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
+          "purple": (140, 30, 160), "white": (245, 245, 245)}
+FAST = dict(image_size=16, batch_size=8, lr=2e-3, curve_points=2, threads=2)  # 4 image tokens: quick steps
+
+
+def swatch(color: str, i: int) -> Image.Image:
+    """A colour swatch with a little per-sample noise, so no two images are identical."""
+    rng = np.random.default_rng(i)
+    arr = np.clip(np.array(COLORS[color])[None, None, :] + rng.integers(-25, 26, (40, 40, 3)), 0, 255)
+    return Image.fromarray(arr.astype("uint8"), "RGB")
+
+
+def make_colour_dataset(root: Path, n: int, offset: int = 0, labelled: bool = False) -> Path:
+    names = list(COLORS)
+    colors = [names[(offset + i) % len(names)] for i in range(n)]
+    ds = make_dataset(root, [(swatch(c, offset + i), f"a {c} square", "success") for i, c in enumerate(colors)],
+                      shard_size=32)
+    if labelled:
+        add_labels(ds, colors)
+    return ds.root
+
+
+def add_labels(ds: DatasetDir, labels: list[str]) -> None:
+    i = 0
+    for f in ds.ledger_files():
+        t = pq.read_table(f)
+        write_table(f, t.append_column("label", pa.array(labels[i:i + t.num_rows])))
+        i += t.num_rows
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("probe")
+    return {
+        "big": make_colour_dataset(d / "big", 48),
+        "small": make_colour_dataset(d / "small", 12, offset=200),
+        "eval": make_colour_dataset(d / "eval", 36, offset=500, labelled=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import open_clip
+
+    from curate.train_probe.train import model_config
+
+    return open_clip.get_tokenizer(model_config(TrainConfig())[0])
+
+
+# ------------------------------------------------------------------ metrics on known embeddings
+
+
+def test_zero_shot_is_perfect_when_images_are_their_class_and_chance_on_shuffled_labels():
+    g = torch.Generator().manual_seed(0)
+    n_cls, per = 20, 50
+    classes = torch.nn.functional.normalize(torch.randn(n_cls, 64, generator=g), dim=-1)
+    targets = torch.arange(n_cls).repeat_interleave(per)
+    images = torch.nn.functional.normalize(classes[targets] + 0.05 * torch.randn(n_cls * per, 64, generator=g), dim=-1)
+    m = zero_shot(images, classes, targets)
+    assert m["zeroshot_top1"] == 1.0 and m["zeroshot_top5"] == 1.0
+    shuffled = targets[torch.randperm(len(targets), generator=g)]
+    m = zero_shot(images, classes, shuffled)
+    assert abs(m["zeroshot_top1"] - 1 / n_cls) < 0.03  # chance 0.05
+    assert abs(m["zeroshot_top5"] - 5 / n_cls) < 0.06  # chance 0.25
+
+
+def test_retrieval_recall_on_aligned_and_shuffled_pairs():
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(200, 32, generator=g), dim=-1)
+    assert retrieval(img, img) == {"i2t_r1": 1.0, "i2t_r5": 1.0, "t2i_r1": 1.0, "t2i_r5": 1.0}
+    m = retrieval(img, img[torch.randperm(200, generator=g)])
+    assert m["i2t_r1"] < 0.03 and m["t2i_r5"] < 0.08
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_batches_see_exactly_n_samples_and_cover_epochs_evenly():
+    sizes = batch_plan(100, 16)
+    assert sizes == [16] * 6 + [4] and sum(sizes) == 100
+    counts = torch.zeros(30, dtype=torch.long)
+    for idx in batch_indices(30, sizes, torch.Generator().manual_seed(0)):
+        assert len(set(idx.tolist())) == len(idx)  # no sample twice in one batch
+        counts += torch.bincount(idx, minlength=30)
+    assert counts.sum() == 100 and counts.max() - counts.min() <= 1  # 3.33 epochs, each row 3 or 4 times
+
+
+def test_training_lowers_the_contrastive_loss_and_is_deterministic(data, tokenizer):
+    train = load_samples(data["big"], 16, tokenizer)
+    _, a = train_run(train, TrainConfig(samples_seen=8 * 12, **FAST), seed=0)
+    assert a["loss_last"] < a["loss_first"] - 0.3, (a["loss_first"], a["loss_last"])
+    short = TrainConfig(samples_seen=8 * 3, **FAST)
+    _, b = train_run(train, short, seed=0)
+    _, b2 = train_run(train, short, seed=0)
+    assert b2["loss_last"] == b["loss_last"]  # same seed: same init, data order and flips on CPU
+    _, c = train_run(train, short, seed=1)
+    assert c["loss_last"] != b["loss_last"]
+
+
+def test_equal_samples_seen_across_subset_sizes(data, tokenizer):
+    cfg = TrainConfig(samples_seen=60, **FAST)
+    _, big = train_run(load_samples(data["big"], 16, tokenizer), cfg, seed=0)
+    _, small = train_run(load_samples(data["small"], 16, tokenizer), cfg, seed=0)
+    assert big["samples_seen"] == small["samples_seen"] == 60 and big["steps"] == small["steps"] == 8
+    assert (big["subset_size"], small["subset_size"]) == (48, 12)
+    assert big["epochs"] == 1.25 and small["epochs"] == 5.0
+    assert (small["repeats_min"], small["repeats_max"]) == (5, 5) and (big["repeats_min"], big["repeats_max"]) == (1, 2)
+
+
+@pytest.mark.slow
+def test_a_trained_model_learns_the_colours(data, tokenizer):
+    eval_set = load_samples(data["eval"], 16, tokenizer, flag="--eval", label_column="label")
+    assert sorted(set(eval_set.labels)) == sorted(COLORS)
+    cfg = TrainConfig(**{**FAST, "batch_size": 16, "samples_seen": 16 * 80, "curve_points": 4})
+    model, result = train_run(load_samples(data["big"], 16, tokenizer), cfg,
+                              seed=0, evaluate=lambda m, t: evaluate_model(m, t, eval_set, "cpu"))
+    assert [p["samples_seen"] for p in result["curve"]] == [320, 640, 960, 1280]
+    # six colours named in the captions: a model that learnt anything beats chance (1/6) by far
+    assert result["zeroshot_top1"] > 0.5, result
+    assert result["i2t_r5"] > 5 / 36
+
+
+# ------------------------------------------------------------------ the command
+
+
+def _probe_args(data, out, *extra):
+    return ["train-probe", "--subset", f"big={data['big']}", "--subset", f"small={data['small']}",
+            "--eval", str(data["eval"]), "--samples-seen", "24", "--out", str(out), "--image-size", "16",
+            "--batch-size", "8", "--curve-points", "2", *extra]
+
+
+def test_command_writes_results_resumes_and_refuses_another_config(data, tmp_path):
+    out = tmp_path / "out"
+    assert main(_probe_args(data, out, "--seeds", "2")) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["subset"], r["seed"]) for r in res["runs"]] == [("big", 0), ("big", 1), ("small", 0), ("small", 1)]
+    assert {r["samples_seen"] for r in res["runs"]} == {24}
+    summary = {s["subset"]: s for s in res["summary"]}
+    assert summary["small"]["epochs"] == 2.0 and summary["big"]["epochs"] == 0.5 and summary["big"]["seeds"] == 2
+    for metric in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r5"):
+        assert 0 <= summary["big"][f"{metric}_mean"] <= 1 and summary["big"][f"{metric}_std"] >= 0
+    assert res["chance"]["zeroshot_top1"] == pytest.approx(1 / 6) and res["chance"]["majority_top1"] == pytest.approx(1 / 6)
+    assert "| big | 48 | 2 | 24 |" in (out / "results.md").read_text()
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "manifest.json").read_text())["stages"]["train-probe"]["counts"]["trained"] == 4
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+
+    assert main(_probe_args(data, out, "--seeds", "2")) == 0  # resumed: nothing retrained
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == before
+    assert json.loads((out / "manifest.json").read_text())["stages"]["train-probe"]["counts"]["resumed"] == 4
+
+    with pytest.raises(ConfigMismatchError):
+        from curate.train_probe.run import ProbeConfig, parse_subset, run_probe
+
+        run_probe(ProbeConfig(subsets=(parse_subset(f"big={data['big']}"),), eval_dir=str(data["eval"])),
+                  TrainConfig(samples_seen=32, **FAST), out)
+    assert main(_probe_args(data, out, "--seeds", "2", "--lr", "0.01")) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--subset", "bad"], "--subset"),
+    (["--subset", "x={missing}"], "--subset"),
+    (["--subset", "x={big}", "--batch-size", "1"], "--batch-size"),
+    (["--subset", "x={big}", "--sweep-source", "{big}"], "--sweep-source"),
+    (["--subset", "x={big}", "--sweep", "clip_score=0.5"], "--sweep-source"),  # defaults to x: not scored
+    (["--subset", "x={big}", "--sweep", "clip_score=2", "--sweep-source", "{big}"], "--sweep"),
+    (["--subset", "x={big}", "--sweep", "clip_score=0.5", "--sweep-source", "{big}"], "--sweep-source"),
+    (["--subset", "x={big}", "--model", "no-such-model"], "--model"),
+    (["--subset", "x={big}", "--subset", "y={big}", "--save-model", "{tmp}/m.safetensors"], "--save-model"),
+])
+def test_bad_arguments_exit_2_naming_the_flag(data, tmp_path, capsys, args, message):
+    fill = {"big": data["big"], "missing": tmp_path / "missing", "tmp": tmp_path}
+    argv = ["train-probe", "--eval", str(data["eval"]), "--out", str(tmp_path / "o")] + [a.format(**fill) for a in args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_without_label_column_is_an_input_error(data, tmp_path):
+    from curate.train_probe.run import ProbeConfig, parse_subset, run_probe
+
+    cfg = ProbeConfig(subsets=(parse_subset(f"big={data['big']}"),), eval_dir=str(data["small"]))
+    with pytest.raises(InputError, match="--eval: .*ledger.*no 'label' column"):
+        run_probe(cfg, TrainConfig(samples_seen=16, **FAST), tmp_path / "o")
+
+
+# ------------------------------------------------------------------ sweep
+
+
+def add_scores(root: Path, values: dict[str, float]) -> None:
+    """Score signal tables as `curate score` writes them (only the columns the sweep reads)."""
+    from curate.io.atomic import write_json
+
+    ds = DatasetDir.at(root)
+    for shard in ds.shards():
+        keys = pq.read_table(ds.ledger(shard), columns=["key"]).column("key").to_pylist()
+        write_table(ds.signals("score", shard), pa.table({
+            "key": keys, "scored": [k in values for k in keys],
+            "clip_score": pa.array([values.get(k) for k in keys], pa.float32())}))
+        write_json(ds.marker("score", shard), {"shard": shard, "stats": {}})
+
+
+def test_sweep_subsets_top_and_random_of_equal_size():
+    from curate.train_probe.sweep import SweepSpec, sweep_subsets
+
+    keys = [f"k{i:02d}" for i in range(20)]
+    values = [float(i % 10) for i in range(20)]  # ties: k09 and k19 share the top value
+    subs = {s["name"]: s for s in sweep_subsets(keys, values, SweepSpec("clip_score", (0.1, 0.5, 1.0)),
+                                                available=set(keys) - {"k19"})}
+    assert list(subs) == ["top-10%", "random-10%", "top-50%", "random-50%", "all-100%"]
+    assert subs["top-10%"]["keys"] == ["k08", "k09"]  # 19 candidates (k19 not in the shards) -> 2; tie by key
+    assert subs["top-10%"]["threshold"] == 8.0
+    assert len(subs["top-50%"]["keys"]) == len(subs["random-50%"]["keys"]) == 10
+    assert subs["random-50%"]["keys"] != subs["top-50%"]["keys"]
+    again = sweep_subsets(keys, values, SweepSpec("clip_score", (0.5,)), available=set(keys) - {"k19"})
+    assert again[1]["keys"] == subs["random-50%"]["keys"]  # seeded: the same control every time
+    assert len(subs["all-100%"]["keys"]) == 19
+
+
+def test_sweep_command_trains_each_fraction_at_equal_samples_seen(data, tmp_path):
+    src = make_colour_dataset(tmp_path / "src", 32, offset=900)
+    keys = [k for f in DatasetDir.at(src).ledger_files() for k in pq.read_table(f).column("key").to_pylist()]
+    add_scores(src, {k: float(i) for i, k in enumerate(keys)})
+    out = tmp_path / "sweep"
+    argv = ["train-probe", "--subset", f"whole={src}", "--seeds", "2", "--sweep", "clip_score=0.25,0.5,1",
+            "--eval", str(data["eval"]), "--samples-seen", "8", "--batch-size", "8", "--image-size", "16",
+            "--curve-points", "1", "--out", str(out)]  # --sweep-source defaults to the first --subset
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    summary = {s["subset"]: s for s in res["summary"]}
+    assert {k: v["subset_size"] for k, v in summary.items()} == {
+        "whole": 32, "top-25%": 8, "random-25%": 8, "top-50%": 16, "random-50%": 16, "all-100%": 32}
+    assert {r["samples_seen"] for r in res["runs"]} == {8}
+    assert summary["top-25%"]["seeds"] == 1 and summary["whole"]["seeds"] == 2
+    # the 100% point is the --subset over the same dir: its runs are reused, not trained again
+    assert summary["all-100%"]["seeds"] == 2
+    assert summary["all-100%"]["zeroshot_top1_mean"] == summary["whole"]["zeroshot_top1_mean"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "random-25pct--seed0.json", "random-50pct--seed0.json", "top-25pct--seed0.json", "top-50pct--seed0.json",
+        "whole--seed0.json", "whole--seed1.json"]
+    top = {s["subset"]: s for s in res["subsets"]}["top-25%"]
+    assert top["threshold"] == 24.0 and top["selected"] == 8
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------ saved model -> curate score
+
+
+def test_saved_model_loads_in_curate_score_with_the_same_embeddings(data, tokenizer, tmp_path):
+    from curate.models import build_model, resolve_model
+    from curate.train_probe.evaluate import encode_images, encode_texts
+
+    argv = ["train-probe", "--subset", f"seed={data['small']}", "--eval", str(data["eval"]), "--samples-seen", "16",
+            "--batch-size", "8", "--image-size", "16", "--curve-points", "1", "--out", str(tmp_path / "o"),
+            "--save-model", str(tmp_path / "filter-model")]
+    assert main(argv) == 0
+    weights, conf = tmp_path / "filter-model" / "model.safetensors", tmp_path / "filter-model" / "model_config.json"
+    assert json.loads(conf.read_text())["vision_cfg"]["image_size"] == 16
+    assert saved_model_paths(tmp_path / "m.safetensors") == (tmp_path / "m.safetensors", tmp_path / "m.json")
+    weights.unlink()
+    assert main(argv) == 0 and weights.exists()  # a finished run whose model file is gone is trained again
+
+    # the same run again (deterministic on CPU) gives the model that was saved
+    samples = load_samples(data["small"], 16, tokenizer)
+    model, _ = train_run(samples, TrainConfig(samples_seen=16, batch_size=8, image_size=16, curve_points=1), seed=0)
+    loaded = build_model(resolve_model(str(conf), str(weights)))
+    assert torch.equal(encode_images(model, samples.images, 64, "cpu"),
+                       encode_images(loaded.model, samples.images, 64, "cpu"))
+    assert torch.equal(encode_texts(model, samples.tokens, 64, "cpu"), encode_texts(loaded.model, samples.tokens, 64, "cpu"))
+
+    # and `curate score` with it writes embeddings equal to the probe's own (float16 storage)
+    target = make_colour_dataset(tmp_path / "to_score", 12, offset=200)
+    assert main(["score", str(target), "--model", str(conf), "--pretrained", str(weights), "--device", "cpu",
+                 "--loader-workers", "0", "--no-progress"]) == 0
+    ds = DatasetDir.at(target)
+    sig = pq.read_table(ds.signals("score", "00000")).to_pylist()
+    emb = np.load(ds.signals("score", "00000", ".img_emb.npy")).astype(np.float32)
+    mine = encode_images(model, load_samples(target, 16, tokenizer).images, 64, "cpu").numpy()
+    assert [r["emb_row"] for r in sig] == list(range(12))
+    assert np.abs(emb - mine).max() < 1e-2
+    assert (np.sum(emb * mine, axis=1) > 0.999).all()
