@@ -87,6 +87,7 @@ def test_every_row_in_ledger_with_expected_codes(server, tmp_path):
     t = ledger(out).to_pylist()
     assert [r["SAMPLE_ID"] for r in t] == [f"s{i:04d}" for i in range(len(rows))]
     assert [r["key"] for r in t] == [f"{i // 4:05d}{i % 4:05d}" for i in range(len(rows))]
+    assert [r["shard"] for r in t] == [f"{i // 4:05d}" for i in range(len(rows))]
     codes = [r["status"] for r in t]
     assert codes == ["success"] * 5 + ["opted_out", "decode_error", "format_not_allowed", "http_4xx",
                                        "bad_aspect_ratio", "too_small", "duplicate_url", "invalid_url",

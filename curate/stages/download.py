@@ -372,6 +372,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                     cond.notify_all()
                 assert r is not None
                 led = r.ledger
+                led["shard"] = shard
                 for c in cfg.keep_cols:
                     led[c] = rows[i].get(c)
                 if r.image is not None:
