@@ -17,8 +17,10 @@ import click
 @click.option("--grid-size", type=click.IntRange(1, 200), default=24, show_default=True,
               help="Thumbnails per sample grid.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample grids.")
+@click.option("--summary/--no-summary", default=True, show_default=True,
+              help="Also print a one-screen summary: funnel, accuracy vs ground truth, train-probe table.")
 def command(directory: str, out: str, export_dir: str | None, probe_dir: str | None, ground_truth: str | None,
-            grid_size: int, seed: int) -> None:
+            grid_size: int, seed: int, summary: bool) -> None:
     """Funnel, clip_score and language histograms, sample grids, duplicate groups, download health,
     train-probe results and accuracy against ground truth, in a single HTML file (no network needed).
 
@@ -28,6 +30,29 @@ def command(directory: str, out: str, export_dir: str | None, probe_dir: str | N
 
     from curate.report.report import ReportOptions, build_report
 
+    collected: dict = {}
     path = build_report(directory, out, export_dir=export_dir, probe_dir=probe_dir, ground_truth=ground_truth,
-                        options=ReportOptions(grid_size=grid_size, seed=seed))
-    click.echo(f"report: {path} ({os.path.getsize(path) / 1024:.0f} KiB)")
+                        options=ReportOptions(grid_size=grid_size, seed=seed), collect=collected)
+    if summary:
+        click.echo(one_screen_summary(collected, directory, export_dir, probe_dir, ground_truth))
+    click.echo(f"report: {os.path.abspath(path)} ({os.path.getsize(path) / 1024:.0f} KiB)")
+
+
+def one_screen_summary(collected: dict, directory: str, export_dir: str | None, probe_dir: str | None,
+                       ground_truth: str | None) -> str:
+    """The funnel, the curation accuracy against ground truth and the train-probe table, as plain text."""
+    from pathlib import Path
+
+    lines = ["", "== funnel =="]
+    for label, n, why in collected.get("funnel", []):
+        lines.append(f"  {label:<26} {n:>8,}  {why}")
+    if ground_truth:
+        from curate.report.ground_truth import curation_accuracy, format_accuracy
+
+        lines += ["", "== " + format_accuracy(curation_accuracy(directory, ground_truth, export_dir))]
+    md = Path(probe_dir) / "results.md" if probe_dir else None
+    if md is not None and md.exists():
+        lines += ["", "== train-probe =="]
+        lines += [ln for ln in md.read_text().splitlines() if ln.startswith("|") or ln.startswith("curated vs")
+                  or ln.startswith("#")]
+    return "\n".join(lines) + "\n"

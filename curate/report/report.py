@@ -69,10 +69,10 @@ class Context:
 def build_report(dataset_dir: str | os.PathLike, out: str | os.PathLike, *,
                  export_dir: str | os.PathLike | None = None, probe_dir: str | os.PathLike | None = None,
                  ground_truth: str | os.PathLike | None = None,
-                 options: ReportOptions = ReportOptions()) -> Path:
-    """Write the report to `out` (atomically) and return its path."""
+                 options: ReportOptions = ReportOptions(), collect: dict[str, Any] | None = None) -> Path:
+    """Write the report to `out` (atomically) and return its path; `collect` receives the funnel steps."""
     html = render_report(dataset_dir, export_dir=export_dir, probe_dir=probe_dir, ground_truth=ground_truth,
-                         options=options)
+                         options=options, collect=collect)
     out = Path(out)
     write_bytes(out, html.encode("utf-8"))
     return out
@@ -80,7 +80,7 @@ def build_report(dataset_dir: str | os.PathLike, out: str | os.PathLike, *,
 
 def render_report(dataset_dir: str | os.PathLike, *, export_dir: str | os.PathLike | None = None,
                   probe_dir: str | os.PathLike | None = None, ground_truth: str | os.PathLike | None = None,
-                  options: ReportOptions = ReportOptions()) -> str:
+                  options: ReportOptions = ReportOptions(), collect: dict[str, Any] | None = None) -> str:
     dataset_dir, export_dir = resolve_dirs(dataset_dir, export_dir)
     ds = open_dataset(dataset_dir)
     if probe_dir is not None and not Path(probe_dir).is_dir():
@@ -95,6 +95,8 @@ def render_report(dataset_dir: str | os.PathLike, *, export_dir: str | os.PathLi
             ctx.views = export.register(t.con)
         if t.has("ledger"):
             _candidates_view(ctx)
+        if collect is not None:
+            collect["funnel"] = _funnel_steps(ctx)
         sections = [
             ("overview", "Overview", _overview(ctx)),
             ("funnel", "Funnel", _funnel(ctx)),
