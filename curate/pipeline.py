@@ -179,6 +179,8 @@ def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] 
     variables = dict(variables or {})
     variables.setdefault("workdir", str(Path(data["workdir"]).expanduser()))
     variables.setdefault("name", data["name"])
+    for n in data.get("demo_splits") or []:
+        variables.setdefault(f"demo.{n}", str(Path(data["workdir"]).expanduser() / f"demo-{n}"))
     for k, v in (data.get("env") or {}).items():
         variables.setdefault(f"env.{k}", v)
     defaults = data.get("defaults") or {}
@@ -255,8 +257,7 @@ def run(path: str | os.PathLike, *, sets: tuple[str, ...] = (), dry_run: bool = 
 
     data = load(path, sets)
     workdir = Path(str(data["workdir"])).expanduser()
-    split_vars = {f"demo.{n}": f"<demo.{n}>" for n in data.get("demo_splits") or []}
-    plan(data, redo=redo, variables={**split_vars, **{f"demo_web.{k}": f"<demo_web.{k}>" for k in _WEB_VARS}})
+    plan(data, redo=redo, variables={f"demo_web.{k}": f"<demo_web.{k}>" for k in _WEB_VARS})  # check first
     with _environment(data.get("env") or {}), _demo_web(data, workdir, dry_run) as web_vars:
         split_vars = _demo_splits(data, workdir, dry_run)
         steps = plan(data, redo=redo, variables={**web_vars, **split_vars})

@@ -23,7 +23,7 @@ from curate.train_probe.train import TrainConfig, batch_indices, batch_plan, sav
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
           "purple": (140, 30, 160), "white": (245, 245, 245)}
-FAST = dict(image_size=16, batch_size=8, lr=2e-3, curve_points=2, threads=2)  # 4 image tokens: quick steps
+FAST = dict(image_size=32, batch_size=8, lr=2e-3, curve_points=2, threads=2)  # 4 image tokens (patch 16): quick steps
 
 
 def swatch(color: str, i: int) -> Image.Image:
@@ -109,8 +109,8 @@ def test_batches_see_exactly_n_samples_and_cover_epochs_evenly():
 
 
 def test_training_lowers_the_contrastive_loss_and_is_deterministic(data, tokenizer):
-    train = load_samples(data["big"], 16, tokenizer)
-    _, a = train_run(train, TrainConfig(samples_seen=8 * 12, **FAST), seed=0)
+    train = load_samples(data["big"], 32, tokenizer)
+    _, a = train_run(train, TrainConfig(samples_seen=8 * 30, **FAST), seed=0)
     assert a["loss_last"] < a["loss_first"] - 0.3, (a["loss_first"], a["loss_last"])
     short = TrainConfig(samples_seen=8 * 3, **FAST)
     _, b = train_run(train, short, seed=0)
@@ -122,8 +122,8 @@ def test_training_lowers_the_contrastive_loss_and_is_deterministic(data, tokeniz
 
 def test_equal_samples_seen_across_subset_sizes(data, tokenizer):
     cfg = TrainConfig(samples_seen=60, **FAST)
-    _, big = train_run(load_samples(data["big"], 16, tokenizer), cfg, seed=0)
-    _, small = train_run(load_samples(data["small"], 16, tokenizer), cfg, seed=0)
+    _, big = train_run(load_samples(data["big"], 32, tokenizer), cfg, seed=0)
+    _, small = train_run(load_samples(data["small"], 32, tokenizer), cfg, seed=0)
     assert big["samples_seen"] == small["samples_seen"] == 60 and big["steps"] == small["steps"] == 8
     assert (big["subset_size"], small["subset_size"]) == (48, 12)
     assert big["epochs"] == 1.25 and small["epochs"] == 5.0
@@ -132,10 +132,10 @@ def test_equal_samples_seen_across_subset_sizes(data, tokenizer):
 
 @pytest.mark.slow
 def test_a_trained_model_learns_the_colours(data, tokenizer):
-    eval_set = load_samples(data["eval"], 16, tokenizer, flag="--eval", label_column="label")
+    eval_set = load_samples(data["eval"], 32, tokenizer, flag="--eval", label_column="label")
     assert sorted(set(eval_set.labels)) == sorted(COLORS)
     cfg = TrainConfig(**{**FAST, "batch_size": 16, "samples_seen": 16 * 80, "curve_points": 4})
-    model, result = train_run(load_samples(data["big"], 16, tokenizer), cfg,
+    model, result = train_run(load_samples(data["big"], 32, tokenizer), cfg,
                               seed=0, evaluate=lambda m, t: evaluate_model(m, t, eval_set, "cpu"))
     assert [p["samples_seen"] for p in result["curve"]] == [320, 640, 960, 1280]
     # six colours named in the captions: a model that learnt anything beats chance (1/6) by far
@@ -148,7 +148,7 @@ def test_a_trained_model_learns_the_colours(data, tokenizer):
 
 def _probe_args(data, out, *extra):
     return ["train-probe", "--subset", f"big={data['big']}", "--subset", f"small={data['small']}",
-            "--eval", str(data["eval"]), "--samples-seen", "24", "--out", str(out), "--image-size", "16",
+            "--eval", str(data["eval"]), "--samples-seen", "24", "--out", str(out), "--image-size", "32",
             "--batch-size", "8", "--curve-points", "2", *extra]
 
 
@@ -245,7 +245,7 @@ def test_sweep_command_trains_each_fraction_at_equal_samples_seen(data, tmp_path
     add_scores(src, {k: float(i) for i, k in enumerate(keys)})
     out = tmp_path / "sweep"
     argv = ["train-probe", "--subset", f"whole={src}", "--seeds", "2", "--sweep", "clip_score=0.25,0.5,1",
-            "--eval", str(data["eval"]), "--samples-seen", "8", "--batch-size", "8", "--image-size", "16",
+            "--eval", str(data["eval"]), "--samples-seen", "8", "--batch-size", "8", "--image-size", "32",
             "--curve-points", "1", "--out", str(out)]  # --sweep-source defaults to the first --subset
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
@@ -273,18 +273,18 @@ def test_saved_model_loads_in_curate_score_with_the_same_embeddings(data, tokeni
     from curate.train_probe.evaluate import encode_images, encode_texts
 
     argv = ["train-probe", "--subset", f"seed={data['small']}", "--eval", str(data["eval"]), "--samples-seen", "16",
-            "--batch-size", "8", "--image-size", "16", "--curve-points", "1", "--out", str(tmp_path / "o"),
+            "--batch-size", "8", "--image-size", "32", "--curve-points", "1", "--out", str(tmp_path / "o"),
             "--save-model", str(tmp_path / "filter-model")]
     assert main(argv) == 0
     weights, conf = tmp_path / "filter-model" / "model.safetensors", tmp_path / "filter-model" / "model_config.json"
-    assert json.loads(conf.read_text())["vision_cfg"]["image_size"] == 16
+    assert json.loads(conf.read_text())["vision_cfg"]["image_size"] == 32
     assert saved_model_paths(tmp_path / "m.safetensors") == (tmp_path / "m.safetensors", tmp_path / "m.json")
     weights.unlink()
     assert main(argv) == 0 and weights.exists()  # a finished run whose model file is gone is trained again
 
     # the same run again (deterministic on CPU) gives the model that was saved
-    samples = load_samples(data["small"], 16, tokenizer)
-    model, _ = train_run(samples, TrainConfig(samples_seen=16, batch_size=8, image_size=16, curve_points=1), seed=0)
+    samples = load_samples(data["small"], 32, tokenizer)
+    model, _ = train_run(samples, TrainConfig(samples_seen=16, batch_size=8, image_size=32, curve_points=1), seed=0)
     loaded = build_model(resolve_model(str(conf), str(weights)))
     assert torch.equal(encode_images(model, samples.images, 64, "cpu"),
                        encode_images(loaded.model, samples.images, 64, "cpu"))
@@ -297,7 +297,7 @@ def test_saved_model_loads_in_curate_score_with_the_same_embeddings(data, tokeni
     ds = DatasetDir.at(target)
     sig = pq.read_table(ds.signals("score", "00000")).to_pylist()
     emb = np.load(ds.signals("score", "00000", ".img_emb.npy")).astype(np.float32)
-    mine = encode_images(model, load_samples(target, 16, tokenizer).images, 64, "cpu").numpy()
+    mine = encode_images(model, load_samples(target, 32, tokenizer).images, 64, "cpu").numpy()
     assert [r["emb_row"] for r in sig] == list(range(12))
     assert np.abs(emb - mine).max() < 1e-2
     assert (np.sum(emb * mine, axis=1) > 0.999).all()
