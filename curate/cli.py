@@ -18,6 +18,7 @@ from curate.errors import CurateError
 # (command module) -- a command is listed here only once it works
 COMMANDS: list[str] = [
     "curate.commands.download",
+    "curate.commands.dedup",
     "curate.commands.demo",
     "curate.commands.export",
     "curate.commands.inspect",

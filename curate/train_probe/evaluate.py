@@ -12,7 +12,7 @@ from typing import Any
 from curate.train_probe.data import Samples, normalize, tokenize
 
 TEMPLATES = ("a clip art of a {c}.", "a drawing of a {c}.", "an illustration of {c}.")
-METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
+METRICS = ("zeroshot_balanced", "zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
 
 
 def class_prompt_name(label: str) -> str:
@@ -26,10 +26,23 @@ def topk_accuracy(logits: Any, targets: Any, k: int) -> float:
     return float((top == targets.view(-1, 1)).any(dim=1).float().mean())
 
 
+def balanced_accuracy(logits: Any, targets: Any) -> float:
+    """Mean over classes of the per-class top-1 recall (mean per-class accuracy).
+
+    On an imbalanced eval set a weak model that answers one class for everything scores that class's
+    share in plain top-1, which swings from seed to seed with the class it happens to favour; here it
+    scores 1/classes whatever the class, so the metric measures what was learnt.
+    """
+    pred = logits.argmax(dim=1)
+    recalls = [float((pred[targets == c] == c).float().mean()) for c in targets.unique()]
+    return sum(recalls) / len(recalls) if recalls else 0.0
+
+
 def zero_shot(image_emb: Any, class_emb: Any, targets: Any) -> dict[str, float]:
-    """Top-1/top-5 accuracy of nearest class embedding (rows of both are L2-normalised)."""
+    """Mean per-class, top-1 and top-5 accuracy of the nearest class embedding (rows L2-normalised)."""
     logits = image_emb @ class_emb.T
-    return {"zeroshot_top1": topk_accuracy(logits, targets, 1), "zeroshot_top5": topk_accuracy(logits, targets, 5)}
+    return {"zeroshot_balanced": balanced_accuracy(logits, targets),
+            "zeroshot_top1": topk_accuracy(logits, targets, 1), "zeroshot_top5": topk_accuracy(logits, targets, 5)}
 
 
 def retrieval(image_emb: Any, text_emb: Any) -> dict[str, float]:
@@ -109,6 +122,7 @@ def chance_level(eval_set: Samples) -> dict[str, float]:
     return {
         # always answering the most common class: the bar for an imbalanced eval set
         "majority_top1": max(counts.values()) / n if counts else 0.0,
+        "zeroshot_balanced": 1 / n_cls if n_cls else 0.0,
         "zeroshot_top1": 1 / n_cls if n_cls else 0.0, "zeroshot_top5": min(5, n_cls) / n_cls if n_cls else 0.0,
         "i2t_r1": 1 / n, "i2t_r5": min(5, n) / n, "t2i_r1": 1 / n, "t2i_r5": min(5, n) / n,
     }

@@ -15,7 +15,7 @@ from typing import Any
 from curate.io.atomic import atomic_path, write_bytes, write_json
 from curate.train_probe.evaluate import METRICS
 
-PLOTTED = (("zeroshot_top1", "zero-shot top-1"), ("zeroshot_top5", "zero-shot top-5"),
+PLOTTED = (("zeroshot_balanced", "zero-shot mean per-class acc."), ("zeroshot_top1", "zero-shot top-1"), ("zeroshot_top5", "zero-shot top-5"),
            ("retrieval_r1", "retrieval R@1 (mean of i2t, t2i)"))
 RUN_FIELDS = ("subset", "seed", "subset_size", "samples_seen", "steps", "epochs", "train_seconds",
               "samples_per_second", "loss_first", "loss_last", *METRICS)
@@ -51,7 +51,7 @@ def summarize(runs: list[dict[str, Any]], subsets: list[dict[str, Any]]) -> list
     return out
 
 
-def comparisons(summary: list[dict[str, Any]], metric: str = "zeroshot_top1") -> list[dict[str, Any]]:
+def comparisons(summary: list[dict[str, Any]], metric: str = "zeroshot_balanced") -> list[dict[str, Any]]:
     """Each subset against the first one: the difference of means and how many seed spreads it is."""
     if len(summary) < 2:
         return []
@@ -72,7 +72,7 @@ def _fmt(mean: float, std: float, seeds: int) -> str:
 
 
 def markdown(summary: list[dict[str, Any]], chance: dict[str, float] | None, header: str) -> str:
-    cols = [("zeroshot_top1", "zero-shot top-1"), ("zeroshot_top5", "top-5"), ("i2t_r1", "i2t R@1"),
+    cols = [("zeroshot_balanced", "zero-shot mean/class"), ("zeroshot_top1", "top-1"), ("zeroshot_top5", "top-5"), ("i2t_r1", "i2t R@1"),
             ("i2t_r5", "i2t R@5"), ("t2i_r1", "t2i R@1"), ("t2i_r5", "t2i R@5")]
     lines = [header, "",
              "| subset | samples | seeds | samples seen | epochs | " + " | ".join(c for _, c in cols) + " |",
