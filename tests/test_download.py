@@ -196,8 +196,15 @@ def test_resume_refuses_other_config(server, tmp_path):
     inp = write_urls(tmp_path / "urls.parquet", [server.image("/a.jpg")])
     out = tmp_path / "ds"
     assert download(inp, out, server) == 0
+    assert server.hits["/a.jpg"] == 1
     assert download(inp, out, server, "--threads", "3") == 0  # runtime option: resumes
-    assert download(inp, out, server, "--image-size", "64") == 2
+    assert server.hits["/a.jpg"] == 1  # the done shard was skipped, not fetched again
+    assert download(inp, out, server, "--image-size", "64") == 2  # another config: refused
+    assert server.hits["/a.jpg"] == 1
+    assert download(inp, out, server, "--image-size", "64", "--redo") == 0
+    assert server.hits["/a.jpg"] == 2
+    row = ledger(out).to_pylist()[0]
+    assert min(row["width"], row["height"]) == 64  # recomputed with the new config
 
 
 def test_demo_web_every_fault_accounted_for(tmp_path):

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from curate.engines import EngineSpec
-from curate.errors import CurateError
+from curate.errors import CurateError, InputError
 
 
 def engine_options(fn: Callable) -> Callable:
@@ -52,3 +52,16 @@ class ShardsFailed(CurateError):
 def echo_err(msg: str) -> None:
     click.echo(msg, err=True)
     sys.stderr.flush()
+
+
+def resolve_shard_index(shard_index: int | None, num_shards: int) -> int:
+    """--shard-index, or the Slurm array task id when --num-shards > 1 and no index is given."""
+    import os
+
+    if shard_index is not None:
+        return shard_index
+    env = os.environ.get("SLURM_ARRAY_TASK_ID") if num_shards > 1 else None
+    try:
+        return int(env) if env else 0
+    except ValueError:
+        raise InputError(f"--shard-index: SLURM_ARRAY_TASK_ID='{env}' is not an integer") from None

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from curate.commands.common import echo_err, engine_options, finish
+from curate.commands.common import echo_err, engine_options, finish, resolve_shard_index
 from curate.errors import InputError
 
 
@@ -154,12 +154,7 @@ def command(input_path: str, out: str, input_format: str, preset: str | None, ur
     p = PRESETS.get(preset) if preset else None
     if "://" not in input_path:
         input_path = os.path.abspath(input_path)  # tasks may run in other processes or machines
-    if shard_index is None:
-        env = os.environ.get("SLURM_ARRAY_TASK_ID") if num_shards > 1 else None
-        try:
-            shard_index = int(env) if env else 0
-        except ValueError:
-            raise InputError(f"--shard-index: SLURM_ARRAY_TASK_ID='{env}' is not an integer") from None
+    shard_index = resolve_shard_index(shard_index, num_shards)
     cfg = DownloadConfig(
         input=input_path,
         input_format=input_format if input_format != "auto" or p is None else p.input_format,

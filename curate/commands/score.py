@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from curate.commands.common import engine_options, finish
+from curate.commands.common import engine_options, finish, resolve_shard_index
 from curate.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 
@@ -37,17 +37,11 @@ def command(dataset: str, model: str, pretrained: str, checksum: str | None, dev
             batch_size: int, loader_workers: int, threads: int, save_text_embeddings: bool,
             shard_index: int | None, num_shards: int, progress: bool, engine_spec: Any, redo: bool) -> None:
     """Score the downloaded shards of DATASET (resumable per shard)."""
-    from curate.errors import InputError
     from curate.models import check_loadable, resolve_model
     from curate.runner import run_stage
     from curate.stages.score import ScoreConfig, check_config, model_inputs, resolve_device
 
-    if shard_index is None:
-        env = os.environ.get("SLURM_ARRAY_TASK_ID") if num_shards > 1 else None
-        try:
-            shard_index = int(env) if env else 0
-        except ValueError:
-            raise InputError(f"--shard-index: SLURM_ARRAY_TASK_ID='{env}' is not an integer") from None
+    shard_index = resolve_shard_index(shard_index, num_shards)
     # paths are made absolute: tasks may run in other processes or on other machines
     if model.endswith(".json") or os.sep in model:
         model = os.path.abspath(model)
