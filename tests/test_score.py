@@ -98,6 +98,11 @@ def test_same_shard_scored_twice_gives_the_same_numbers_and_resume_skips(tmp_pat
     for s in ds.shards():
         assert np.array_equal(np.load(ds.signals("score", s, ".img_emb.npy")), first[s])
         assert table(ds, s) == first_t[s]
+    # engine worker processes (spawned), each with a spawned DataLoader worker: the same values
+    assert score(ds, tiny_config, "--redo", "--workers", "2", "--loader-workers", "1") == 0
+    for s in ds.shards():
+        assert np.array_equal(np.load(ds.signals("score", s, ".img_emb.npy")), first[s])
+        assert table(ds, s) == first_t[s]
 
 
 def test_another_model_config_is_refused_on_resume(tmp_path, tiny_config):

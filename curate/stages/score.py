@@ -150,12 +150,10 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 def make_loader(dataset: ShardSamples, batch_size: int, workers: int, pin_memory: bool) -> Any:
     import torch.utils.data as tud
 
-    class _Iterable(tud.IterableDataset):
-        def __iter__(self):
-            return iter(dataset)
+    from curate.stages.score_loader import ShardIterable
 
     return tud.DataLoader(
-        _Iterable(), batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        ShardIterable(dataset), batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
     )
 
