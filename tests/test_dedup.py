@@ -13,6 +13,7 @@ import pytest
 from dataset_factory import color_image, make_dataset
 
 from curate.cli import main
+from curate.io import manifest
 from curate.io.atomic import write_json
 from curate.io.layout import DatasetDir, shard_name
 from curate.io.ledger import LEDGER_FIELDS
@@ -111,6 +112,10 @@ def test_planted_groups_found_exactly_with_exact_duplicates(tmp_path):
     assert run(ds) == 0
     t = dedup_table(ds)
     assert t.num_rows == len(emb)  # one row per scored sample; the failed rows have none
+    counts = manifest.load(ds)["stages"]["dedup"]["counts"]
+    assert counts["groups"] == 5 and counts["exact_duplicates"] == 2
+    assert counts["duplicates"] == sum(len(g) - 1 for g in groups) + 1
+    assert counts["near_duplicate_pairs"] >= sum(len(g) - 1 for g in groups)  # every copy-original pair
     assert found_groups(t) == sorted([*groups, [20, 30]])
     rows = {r["key"]: r for r in t.to_pylist()}
     assert rows[key_of(20)]["exact_dup"] and rows[key_of(30)]["exact_dup"]
@@ -227,7 +232,8 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
     ds = DatasetDir.at(tmp_path / "empty")
     ds.root.mkdir()
     assert run(ds) == 2
-    assert "no scored shards" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "signals/score" in err and "curate score" in err
     emb, _ = planted()
     ok = write_scored(tmp_path / "ok", emb)
     assert run(ok, "--threshold", "1.5") == 2
@@ -276,3 +282,30 @@ def test_core_merge_and_groups_do_not_depend_on_task_order():
     # sha256-style equality pairs ignore missing values
     i, j = sd.equal_value_pairs(np.array(["a", None, "b", "a", "", "a"], dtype=object))
     assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 3), (0, 5)]
+
+
+def test_rescoring_invalidates_dedup(tmp_path):
+    """The score stage's fingerprint is part of dedup's: after a rescore, a plain rerun is refused."""
+    emb, _ = planted()
+    ds = write_scored(tmp_path / "ds", emb)
+    manifest.record_stage(ds, "score", config={}, fingerprint="score-a")
+    assert run(ds) == 0
+    assert run(ds) == 0
+    manifest.record_stage(ds, "score", config={}, fingerprint="score-b")
+    assert run(ds) == 2
+    assert run(ds, "--redo") == 0
+
+
+@pytest.mark.spark
+def test_spark_engine_equals_local(tmp_path, monkeypatch):
+    """Each Spark task takes a range of clusters; the decisions are those of the local engine."""
+    pytest.importorskip("pyspark")
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    emb, _ = planted()
+    local = write_scored(tmp_path / "local", emb)
+    spark = write_scored(tmp_path / "spark", emb)
+    assert run(local, "--tasks", "3") == 0
+    assert run(spark, "--tasks", "3", "--engine", "spark", "--spark-master", "local[2]") == 0
+    assert sorted(p.stem for p in (spark.root / "_work" / "dedup" / "pairs").glob("*.npz")) == \
+        ["c00000", "c00001", "c00002"]
+    assert dedup_table(local).equals(dedup_table(spark))

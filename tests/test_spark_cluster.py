@@ -1,6 +1,7 @@
 """A real Spark standalone cluster (master + worker from pyspark's distribution) on 127.0.0.1.
 
-`curate export --engine spark --spark-master spark://...` gives the local engine's output; a task whose
+`curate download` and `curate export` with `--engine spark --spark-master spark://...` give the local
+engine's output; a task whose
 first attempt dies after writing part of its shard is retried by Spark and leaves no duplicate output;
 jobs/spark/submit.sh runs a command as a Spark application on the cluster.
 """
@@ -140,3 +141,25 @@ def test_submit_script_runs_a_command_as_a_spark_application(cluster, tmp_path):
     import json
 
     assert json.loads((out / "manifest.json").read_text())["stages"]["export"]["config"]["query_engine"] == "spark"
+
+
+def test_download_on_a_standalone_cluster_equals_local(cluster, tmp_path):
+    from curate.demo.web import DemoWeb, WebConfig
+
+    with DemoWeb(WebConfig(seed=3, n=24, fault_rate=0.0, malformed_rows=False), tmp_path / "web") as web:
+        args = [str(web.url_list), "--url-col", "URL", "--caption-col", "TEXT", "--keep-col", "SAMPLE_ID",
+                "--image-size", "64", "--samples-per-shard", "10", "--no-progress"]
+        for host in web.allow_hosts:
+            args += ["--allow-host", host]
+        assert main(["download", *args, "--out", str(tmp_path / "local")]) == 0
+        assert main(["download", *args, "--out", str(tmp_path / "spark"), "--engine", "spark",
+                     "--spark-master", cluster["master"]]) == 0
+    local_tars, local_ledger = _outputs(tmp_path / "local")
+    spark_tars, spark_ledger = _outputs(tmp_path / "spark")
+    assert len(local_tars) >= 3 and spark_tars == local_tars
+
+    def strip(rows: list) -> list:
+        return [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]
+
+    assert strip(spark_ledger) == strip(local_ledger) and len(local_ledger) >= 24
+    assert all(r["status"] == "success" for r in local_ledger)

@@ -62,8 +62,9 @@ def command(dataset: str, threshold: float, k: str, probes: int, keep: str, agai
         extra["against"] = input_digest(DatasetDir.at(cfg.against))
     summary = run_stage("dedup", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)
     c = summary.counts
-    line = (f"  rows {c.get('rows', 0)}, clusters {c.get('clusters', 0)}, exact_dup {c.get('exact_dup', 0)}, "
-            f"groups {c.get('dup_groups', 0)}, duplicates {c.get('duplicates', 0)}")
+    line = (f"  rows {c.get('rows', 0)}, clusters {c.get('clusters', 0)}, "
+            f"exact_duplicates {c.get('exact_duplicates', 0)}, near_duplicate_pairs {c.get('near_duplicate_pairs', 0)}, "
+            f"groups {c.get('groups', 0)}, duplicates {c.get('duplicates', 0)}")
     if cfg.against:
         line += f", eval_contaminated {c.get('eval_contaminated', 0)}"
     finish(summary, [line])

@@ -97,7 +97,8 @@ def scored_rows(ds: DatasetDir, with_emb: bool = True) -> tuple[Any, list[tuple[
 
     shards = ds.done_shards("score")
     if not shards:
-        raise InputError(f"{ds.root}: no scored shards (no _done/score markers); run `curate score` first")
+        raise InputError(f"{ds.root / 'signals' / 'score'}: no scored shards (no _done/score markers); "
+                         "run `curate score` first")
     parts, embs = [], []
     dim = None
     for shard in shards:
@@ -142,8 +143,10 @@ def _ledger_sha(ds: DatasetDir, shard: str) -> dict[str, str]:
     t = pq.read_table(path)
     if "sha256" not in t.column_names:
         raise InputError(f"{path}: no sha256 column")
-    rows = t.select(["key", "status", "sha256"]).to_pylist()
-    return {r["key"]: r["sha256"] for r in rows if r["status"] == "success" and r["sha256"]}
+    cols = ["key", "status", "sha256"] + (["superseded_by"] if "superseded_by" in t.column_names else [])
+    # a row a download retry superseded is history: its key is not a sample any more
+    return {r["key"]: r["sha256"] for r in t.select(cols).to_pylist()
+            if r["status"] == "success" and r["sha256"] and not r.get("superseded_by")}
 
 
 def gather_embeddings(table: Any, embs: list[tuple[str, np.ndarray]], out: Path) -> tuple[int, int]:
@@ -365,7 +368,8 @@ def decide(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> dict[str, 
     group = sd.groups(n, np.concatenate(links_i), np.concatenate(links_j))
     centroid_sim = np.load(wd / "centroid_sim.npy")
     kept = sd.kept_rows(group, cfg.keep, s["clip_score"].astype(np.float64), centroid_sim)
-    out = {"group": group, "kept": kept, "exact": exact, "near": near, "nn_sim": nn_sim, "nn_nbr": nn_nbr,
+    out = {"group": group, "kept": kept, "exact": exact, "near": near, "near_pairs": len(i),
+           "nn_sim": nn_sim, "nn_nbr": nn_nbr,
            "cluster": np.load(wd / "ids.npy", mmap_mode="r")[:, 0].astype(np.int32)}
     if cfg.against:
         sim = np.full(n, -np.inf, np.float32)
@@ -417,9 +421,10 @@ def write_signals(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any], dec: d
         write_json(ds.marker("dedup", shard), {"shard": shard, "stats": {"rows": part.num_rows}})
     counts = {
         "rows": n, "clusters": plan["k"],
-        "exact_dup": int(dec["exact"].sum()),
-        "near_dup": int(dec["near"].sum()),
-        "dup_groups": int(group.max() + 1) if n and group.max() >= 0 else 0,
+        "exact_duplicates": int(dec["exact"].sum()),  # rows sharing their sha256 with another row
+        "near_duplicate_pairs": int(dec["near_pairs"]),
+        "near_duplicates": int(dec["near"].sum()),  # rows in at least one near pair
+        "groups": int(group.max() + 1) if n and group.max() >= 0 else 0,
         "duplicates": int(is_dup.sum()),
     }
     if cfg.against:
