@@ -163,3 +163,24 @@ def test_export_of_an_export_and_empty_selection(source, tmp_path):
     empty = tmp_path / "empty"
     assert main(["export", str(source), "--out", str(empty), "--where", "FALSE"]) == 0
     assert read_json(empty / "manifest.json")["stages"]["export"]["counts"]["kept"] == 0
+
+
+def test_export_to_an_fsspec_url_publishes_every_shard_marker_last(source, tmp_path):
+    import fsspec
+
+    args = ["export", str(source), "--policy", "dedup", "--samples-per-shard", "4"]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    url = "memory://curate-test/exported"
+    assert main([*args, "--out", url, "--staging", str(tmp_path / "staging")]) == 0
+    fs = fsspec.filesystem("memory")
+    local = sorted(p.name for p in (tmp_path / "local" / "shards").glob("*.tar"))
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.glob("/curate-test/exported/shards/*.tar")) == local
+    for name in local:  # byte-identical to a local export, and each published shard has its marker
+        assert fs.cat(f"/curate-test/exported/shards/{name}") == (tmp_path / "local" / "shards" / name).read_bytes()
+        assert fs.exists(f"/curate-test/exported/_done/export/{name[:-4]}.json")
+    assert fs.exists("/curate-test/exported/manifest.json")
+    # a rerun resumes from the staging dir (every shard already done) and republishes what is missing
+    fs.rm("/curate-test/exported/manifest.json")
+    assert main([*args, "--out", url, "--staging", str(tmp_path / "staging")]) == 0
+    assert fs.exists("/curate-test/exported/manifest.json")
+    fs.rm("/curate-test", recursive=True)

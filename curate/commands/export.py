@@ -9,7 +9,10 @@ from curate.commands.common import engine_options, finish
 
 @click.command("export")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="The new dataset directory.")
+@click.option("--out", required=True, help="The new dataset directory: a local path or any fsspec URL "
+              "(s3://..., gs://...; written to a local staging dir, then published shard by shard).")
+@click.option("--staging", default=None, type=click.Path(file_okay=False),
+              help="Local staging folder for a remote --out (default: ~/.cache/curate/staging/HASH).")
 @click.option("--where", "where", multiple=True, metavar="SQL",
               help="A SQL predicate over the samples view (ledger + score + dedup columns); repeatable.")
 @click.option("--policy", "policy", multiple=True, metavar="NAME|FILE",
@@ -26,7 +29,7 @@ from curate.commands.common import engine_options, finish
 @engine_options
 def command(directory: str, out: str, where: tuple[str, ...], policy: tuple[str, ...], top_fraction: float | None,
             by: str | None, samples_per_shard: int, write_dropped: bool, dry_run: bool, shard_index: int,
-            num_shards: int, engine_spec, redo: bool) -> None:
+            num_shards: int, staging: str | None, engine_spec, redo: bool) -> None:
     """Clauses apply in order: downloaded (status = 'success'), each --policy, each --where, then
     --top-fraction. Predicates run in DuckDB, or in Spark SQL with --engine spark (same text)."""
     import os
@@ -42,7 +45,15 @@ def command(directory: str, out: str, where: tuple[str, ...], policy: tuple[str,
     if dry_run:
         click.echo(format_counts(select(cfg)))
         return
-    summary = run_stage("export", cfg, out, engine_spec, redo=redo, fingerprint_extra=fingerprint_extra(cfg))
+    from curate.io.publish import is_remote, local_path, publish, staging_dir
+
+    target = staging_dir(out, staging) if is_remote(out) else local_path(out)
+    summary = run_stage("export", cfg, str(target), engine_spec, redo=redo, fingerprint_extra=fingerprint_extra(cfg))
+    if is_remote(out):
+        from curate.io.layout import DatasetDir
+
+        n = publish(DatasetDir.at(target), out, "export")
+        click.echo(f"export: published {n} shard(s) to {out} (staged in {target})", err=True)
     counts = summary.counts
     finish(summary, [f"export: kept {counts.get('kept', 0)} of {counts.get('input', 0)} rows "
                      f"in {counts.get('shards', 0)} shard(s)"])
