@@ -301,3 +301,15 @@ def test_saved_model_loads_in_curate_score_with_the_same_embeddings(data, tokeni
     assert [r["emb_row"] for r in sig] == list(range(12))
     assert np.abs(emb - mine).max() < 1e-2
     assert (np.sum(emb * mine, axis=1) > 0.999).all()
+
+
+def test_input_summary_ignores_stages_the_probe_does_not_read(data):
+    from curate.io.layout import DatasetDir
+    from curate.io.manifest import record_stage
+    from curate.train_probe.run import dataset_summary
+
+    before = dataset_summary(str(data["eval"]))
+    # scoring the eval dir later (as the demo does for decontamination) must not change the summary
+    record_stage(DatasetDir.at(data["eval"]), "score", config={}, fingerprint="f" * 16)
+    assert dataset_summary(str(data["eval"])) == before
+    assert dataset_summary(str(data["eval"]), ("score",)) != before

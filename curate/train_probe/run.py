@@ -53,7 +53,11 @@ def run_file(out: Path, subset: str, seed: int) -> Path:
 
 
 def dataset_summary(path: str, stages: tuple[str, ...] = ()) -> dict[str, Any]:
-    """What a run's inputs were: shard names and sizes plus the dataset's stage fingerprints."""
+    """What a run's inputs were: shard names and sizes plus the fingerprints of the stages it reads.
+
+    Only the stages that made the shards (download or export) and those in `stages` count: scoring
+    the eval dir after a probe used it (the demo does) must not block resuming that probe.
+    """
     from curate.io.manifest import load
 
     ds = DatasetDir.at(path)
@@ -62,7 +66,8 @@ def dataset_summary(path: str, stages: tuple[str, ...] = ()) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "path": str(ds.root), "shards": len(shards),
         "tar_bytes": sum(ds.shard_tar(s).stat().st_size for s in shards if ds.shard_tar(s).exists()),
-        "stage_fingerprints": {k: v.get("fingerprint") for k, v in sorted(man.get("stages", {}).items())},
+        "stage_fingerprints": {k: v.get("fingerprint") for k, v in sorted(man.get("stages", {}).items())
+                               if k in ("download", "export", *stages)},
     }
     for stage in stages:
         files = ds.signal_files(stage)
