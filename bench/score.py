@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     stage_rate, fwd_rate = scored / stage_s, fwd_n / fwd_s
     from curate.stages.score import auto_threads
 
-    threads = args.threads or auto_threads("cpu", args.loader_workers)
+    threads = args.threads or auto_threads("cpu")
     print(f"model {args.model} (pretrained={args.pretrained}), {args.images} images of {args.image_px}px "
           f"in {len(ds.shards())} shards, batch {args.batch_size}, loader workers {args.loader_workers}, "
           f"stage torch threads {threads} (forward-only: {torch.get_num_threads()}), cpu, best of {args.repeat}")

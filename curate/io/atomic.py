@@ -67,3 +67,13 @@ def clean_tmp(folder: str | os.PathLike, older_than_s: float = 1800.0) -> int:
                 p.unlink()
                 n += 1
     return n
+
+
+def remove_shard_tmp(root: str | os.PathLike, shard: str) -> None:
+    """Remove the temporary files an earlier, killed attempt at `shard` left under `root`.
+
+    Unlike clean_tmp this needs no age limit: the engine runs one attempt per shard at a time.
+    """
+    for p in Path(root).rglob(f"{TMP_PREFIX}*-{shard}.*"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()

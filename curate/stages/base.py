@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from curate.config import from_dict
-from curate.io.atomic import write_json
+from curate.io.atomic import remove_shard_tmp, write_json
 from curate.io.layout import DatasetDir
 
 
@@ -43,20 +43,6 @@ class TaskResult:
         return self.__dict__.copy()
 
 
-def remove_stale_tmp(ds: DatasetDir, shard: str) -> None:
-    """Remove temporary files an earlier, killed attempt at this shard left behind."""
-    import contextlib
-
-    from curate.io.atomic import TMP_PREFIX
-
-    for sub in ("shards", "ledger", "signals", "stats", "_done", "_inputs"):
-        folder = ds.root / sub
-        if folder.exists():
-            for p in folder.rglob(f"{TMP_PREFIX}*-{shard}.*"):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-
-
 def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[str, Any]) -> dict[str, Any]:
     """Run one shard task in whatever process the engine chose; the marker is written last.
 
@@ -70,7 +56,7 @@ def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[
     ds = DatasetDir.at(root)
     try:
         cfg = from_dict(stage.config_cls, config)
-        remove_stale_tmp(ds, task["shard"])
+        remove_shard_tmp(ds.root, task["shard"])
         stats = stage.run_shard(cfg, ds, task)
         stats = dict(stats or {})
         write_json(ds.stats(stage_name, task["shard"]), stats)

@@ -161,7 +161,7 @@ def make_loader(dataset: ShardSamples, batch_size: int, workers: int, pin_memory
 # --- model forward ---------------------------------------------------------------------------------
 
 
-def auto_threads(device: str, loader_workers: int) -> int:
+def auto_threads(device: str) -> int:
     """On the CPU, torch gets every core: measured on 2 cores with ViT-B-32, 1 torch thread beside a
     decoding worker ran the stage at 0.49x the forward-only rate, 2 threads at 0.94x (the decoding
     worker mostly waits). A model so small that decoding dominates loses little (0.40x either way).
@@ -244,7 +244,7 @@ def score_rows(cfg: ScoreConfig, ds: DatasetDir, shard: str) -> tuple[list[dict[
 
     found: dict[str, dict[str, Any]] = {}
     emb: dict[str, tuple[Any, Any, float]] = {}
-    with torch_settings(cfg.threads or auto_threads(device, cfg.loader_workers)):
+    with torch_settings(cfg.threads or auto_threads(device)):
         if wanted:
             samples = ShardSamples(str(tar), wanted, lm.preprocess, lm.tokenizer, lm.image_size)
             loader = make_loader(samples, cfg.batch_size, cfg.loader_workers, device.startswith("cuda"))
