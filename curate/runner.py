@@ -21,6 +21,7 @@ from curate.io.atomic import clean_tmp
 from curate.io.layout import DatasetDir
 from curate.progress import Progress
 from curate.stages import get_stage
+from curate.stages.base import output_key
 
 log = logging.getLogger("curate")
 
@@ -62,21 +63,22 @@ def run_stage(
     ds = DatasetDir.at(root)
     ds.root.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg, fingerprint_extra)
-    if manifest.check_fingerprint(ds, stage_name, fp, redo):
+    key = output_key(stage, cfg, stage_name)  # usually stage_name; `score --name NAME` keys by NAME
+    if manifest.check_fingerprint(ds, key, fp, redo):
         discard = getattr(stage, "discard_outputs", None)
-        discard(cfg, ds) if discard else discard_stage_outputs(ds, stage_name)
+        discard(cfg, ds) if discard else discard_stage_outputs(ds, key)
     clean_tmp(ds.root)
     t0 = time.time()
     tasks = stage.plan(cfg, ds)
-    done = set(ds.done_shards(stage_name))
+    done = set(ds.done_shards(key))
     todo = [t for t in tasks if t["shard"] not in done]
-    summary = StageSummary(stage_name, str(ds.root), fp, len(tasks), len(tasks) - len(todo))
+    summary = StageSummary(key, str(ds.root), fp, len(tasks), len(tasks) - len(todo))
     config = to_dict(cfg)
     # record the run as started before any shard: a crash leaves a manifest that a resume can check
-    manifest.record_stage(ds, stage_name, config=config, fingerprint=fp,
+    manifest.record_stage(ds, key, config=config, fingerprint=fp,
                           inputs=_inputs(stage, cfg), status="running")
     eng = make_engine(engine)
-    bar = Progress(f"{stage_name}", total=len(tasks), initial=summary.shards_skipped, unit="shard",
+    bar = Progress(f"{key}", total=len(tasks), initial=summary.shards_skipped, unit="shard",
                    enabled=progress)
     attempts: Counter[str] = Counter()
     while todo:
@@ -99,9 +101,9 @@ def run_stage(
     bar.close()
     summary.seconds = time.time() - t0
     finalize = getattr(stage, "finalize", None)
-    summary.counts = finalize(cfg, ds) if finalize else _sum_stats(ds, stage_name)
+    summary.counts = finalize(cfg, ds) if finalize else _sum_stats(ds, key)
     manifest.record_stage(
-        ds, stage_name, config=config, fingerprint=fp, inputs=_inputs(stage, cfg), counts=summary.counts,
+        ds, key, config=config, fingerprint=fp, inputs=_inputs(stage, cfg), counts=summary.counts,
         status="complete" if summary.ok else "incomplete",
         extra={"shards": {"total": summary.shards_total, "failed": sorted(summary.failed)}},
     )
