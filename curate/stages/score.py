@@ -35,7 +35,7 @@ DEFAULT_NAME = "score"
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 RESERVED_NAMES = frozenset({
     "download", "dedup", "export", "train_probe", "report", "inspect", "run", "demo", "doctor",
-    "ledger", "shards", "signals", "stats", "manifest", "key", "keys", "meta",
+    "ledger", "shards", "signals", "stats", "manifest", "dropped", "key", "keys", "meta",
 })
 
 
