@@ -20,6 +20,7 @@ COMMANDS: list[str] = [
     "curate.commands.download",
     "curate.commands.dedup",
     "curate.commands.demo",
+    "curate.commands.doctor",
     "curate.commands.export",
     "curate.commands.inspect",
     "curate.commands.report",
