@@ -243,6 +243,8 @@ def encode_shard(cfg: ScoreConfig, lm: Any, device: str, tar: str, ledger: list[
         raise ShardError(f"{tar}: shard tar missing ({len(wanted)} successful rows in its ledger)")
     langid.load_model()  # before the workers fork, so they inherit the loaded model
     cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(device)  # pinned memory, nvjpeg and streams of this process on its own GPU
     decoder, why = choose_decoder(cfg.decoder, device, lm.model)
     index = sl.index_tar(tar) if wanted else []
     batch_size = auto_batch_size(cfg.batch_size, device)

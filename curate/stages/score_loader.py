@@ -507,12 +507,15 @@ def background(items: Iterable[Any], depth: int = 2, device: str = "cpu") -> Ite
 
     def run() -> None:
         try:
-            ctx = torch.cuda.stream(torch.cuda.Stream(device)) if cuda else _null()
-            with ctx:
+            stream = None
+            if cuda:
+                torch.cuda.set_device(device)  # the current device is per host thread
+                stream = torch.cuda.Stream(device)
+            with torch.cuda.stream(stream) if cuda else _null():
                 for it in items:
                     if cuda and isinstance(it, StagedBatch):
                         it.event = torch.cuda.Event()
-                        it.event.record()
+                        it.event.record(stream)
                     while not stop.is_set():
                         try:
                             q.put(it, timeout=0.1)
