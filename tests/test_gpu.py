@@ -174,9 +174,9 @@ def test_doctor_reports_each_stage_and_why(capsys):
 
 
 def test_the_gpu_extra_installs_no_second_faiss():
-    import tomllib
     from pathlib import Path
 
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     faiss_deps = [d for d in meta["dependencies"] + meta["optional-dependencies"].get("gpu", [])
                   if d.lower().startswith("faiss")]

@@ -400,3 +400,43 @@ def test_background_keeps_order_and_reraises_in_the_consumer():
     it = background(iter(range(1000)), depth=2)  # a consumer that stops early does not hang the thread
     assert next(it) == 0
     it.close()
+
+
+def test_tar_index_fast_path_equals_tarfile_and_refuses_what_the_reader_refuses(tmp_path):
+    import tarfile
+
+    from curate.errors import ShardError
+    from curate.stages import score_loader as sl
+
+    ds = make_dataset(tmp_path / "ds", samples(9), shard_size=20)
+    tar = str(ds.shard_tar("00000000"))
+    assert sl._ustar_members(tar) == sl._tarfile_members(tar)
+    assert [e[0] for e in sl.index_tar(tar)] == [r["key"] for r in table_keys(ds)]
+
+    def write(name, members):
+        path = tmp_path / name
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+            for m, data in members:
+                info = tarfile.TarInfo(m)
+                if data is None:
+                    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                else:
+                    info.size = len(data)
+                t.addfile(info, io.BytesIO(data) if data is not None else None)
+        return str(path)
+
+    long = write("long.tar", [("d" * 120 + "/k1.txt", b"a"), ("d" * 120 + "/k1.jpg", b"bb"), ("k2.txt", b"c")])
+    assert sl._ustar_members(long) is None  # PAX long names: tarfile reads them
+    assert [(k, [m[0] for m in ms]) for k, ms, _a, _b in sl.index_tar(long)] == [("k1", ["txt", "jpg"]),
+                                                                                    ("k2", ["txt"])]
+    with pytest.raises(ShardError, match="not a regular file"):
+        sl.index_tar(write("link.tar", [("k1.txt", b"a"), ("k1.jpg", None)]))
+    with pytest.raises(ShardError, match="unsafe name"):
+        sl.index_tar(write("dots.tar", [("../k1.txt", b"a")]))
+
+
+def table_keys(ds):
+    import pyarrow.parquet as pq
+
+    return [r for r in pq.read_table(ds.ledger("00000000"), columns=["key", "status"]).to_pylist()
+            if r["status"] == "success"]
