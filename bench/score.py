@@ -104,6 +104,53 @@ def forward_only(lm, ds: DatasetDir, batch_size: int, precision: str, n: int) ->
         return time.perf_counter() - t0, steps * batch_size
 
 
+def components(lm, ds: DatasetDir, device: str, batch: int) -> dict[str, float]:
+    """Rates of the data path's parts on their own (one core each, or the device), to see what bounds it."""
+    import torch
+
+    from curate.io.shards import iter_samples
+    from curate.stages import score_loader as sl
+
+    tar = str(ds.shard_tar(ds.shards()[0]))
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    n = len(sl.index_tar(tar))
+    out["tar index, samples/s"] = n / (time.perf_counter() - t0)
+    samples = list(iter_samples(tar))[:batch]
+    jpegs = [s["image"] for s in samples]
+    caps = [s["caption"] or "" for s in samples]
+    t0 = time.perf_counter()
+    for d in jpegs[:256]:
+        sl.decode_image(d, lm.preprocess, lm.image_size)
+    out["Pillow decode+preprocess, images/s per core"] = min(256, len(jpegs)) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for i in range(0, len(caps), 64):
+        lm.tokenizer(caps[i:i + 64])
+    out["tokenizer, captions/s per core"] = len(caps) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for d in jpegs[:256]:
+        sl.device_jpeg_size(d)
+    out["JPEG header check, images/s per core"] = min(256, len(jpegs)) / (time.perf_counter() - t0)
+    pre = sl.DevicePreprocess.from_model(lm.model)
+    if pre is not None and sl.device_decoder_status(device)[0]:
+        datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
+        px = [256 * 256] * len(datas)
+        cuda = device.startswith("cuda")
+        for _rep in range(3):  # first pass warms nvjpeg up
+            t0 = time.perf_counter()
+            dec = sl.decode_jpegs(datas, px, device)
+            if cuda:
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            pre([x for x in dec if x is not None])
+            if cuda:
+                torch.cuda.synchronize(device)
+            t2 = time.perf_counter()
+        out[f"decode_jpeg on {device} (batch {len(datas)}), images/s"] = len(datas) / (t1 - t0)
+        out[f"resize+normalise on {device}, images/s"] = len(datas) / (t2 - t1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="curate-tiny")
@@ -171,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             best = results.get(dec)
             if best is None or wall < best["seconds"]:
                 results[dec] = {"seconds": wall, "scored": c["scored"],
+                                "times": {k: v for k, v in c.items() if k.startswith("t_")},
                                 "decoded_on_device": c.get("decoded_on_device", 0),
                                 "loader_workers": c.get("loader_workers", 0) // max(1, len(ds.shards()))}
         f_s, fwd_n = forward_only(lm, ds, batch, precision, args.images)
@@ -191,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
               f"ratio stage/forward {rate / fwd_rate:.2f}")
         report["stage"][dec] = {**r, "images_per_s": round(rate, 1), "ratio": round(rate / fwd_rate, 3)}
     print(f"forward only: {fwd_rate:9.1f} images/s  ({fwd_n} images in {fwd_s:.2f}s)")
+    for dec, r in results.items():
+        split = ", ".join(f"{k[2:-2]} {v:.2f}s" for k, v in r["times"].items())
+        print(f"time split ({dec}, summed over shards): {split}")
+    comp = components(lm, ds, device, batch)
+    for k, v in comp.items():
+        print(f"component: {k}: {v:,.0f}")
+    report["components"] = {k: round(v, 1) for k, v in comp.items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0

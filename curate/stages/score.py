@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -246,7 +247,10 @@ def encode_shard(cfg: ScoreConfig, lm: Any, device: str, tar: str, ledger: list[
     if cuda:
         torch.cuda.set_device(device)  # pinned memory, nvjpeg and streams of this process on its own GPU
     decoder, why = choose_decoder(cfg.decoder, device, lm.model)
+    tm: Counter[str] = Counter()  # where the task's time goes (summed over shards in the manifest)
+    t_start = time.perf_counter()
     index = sl.index_tar(tar) if wanted else []
+    tm["t_index_s"] += time.perf_counter() - t_start
     batch_size = auto_batch_size(cfg.batch_size, device)
     workers = auto_loader_workers(cfg.loader_workers, device, len(index)) if index else 0
     # the CPU path cuts chunks of a whole batch, which keeps its batches (and numbers) as they were
@@ -264,12 +268,21 @@ def encode_shard(cfg: ScoreConfig, lm: Any, device: str, tar: str, ledger: list[
     imgs, txts = [], []
     on_device = 0
     with torch_settings(cfg.threads or auto_threads(device), deterministic=not cuda):
+        t0 = time.perf_counter()
         chunks = sl.open_loader(job, pin_memory=cuda)
-        staged: Iterator[Any] = (sl.stage_batch(b, device, pre, fallback)
-                                 for b in sl.merged_batches(chunks, batch_size, report))
+        tm["t_loader_start_s"] += time.perf_counter() - t0
+
+        def staged_batches() -> Iterator[Any]:
+            for b in sl.timed(sl.merged_batches(chunks, batch_size, report), tm, "t_loader_wait_s"):
+                t0 = time.perf_counter()
+                sb = sl.stage_batch(b, device, pre, fallback)
+                tm["t_stage_s"] += time.perf_counter() - t0
+                yield sb
+
+        staged: Iterator[Any] = staged_batches()
         if cuda:
             staged = sl.background(staged, depth=2, device=device)
-        for sb in staged:
+        for sb in sl.timed(staged, tm, "t_main_wait_s"):
             for m in sb.meta:
                 found[m["key"]] = m
             for key, code in sb.failed.items():
@@ -277,19 +290,25 @@ def encode_shard(cfg: ScoreConfig, lm: Any, device: str, tar: str, ledger: list[
             on_device += sb.on_device
             if not sb.keys:
                 continue
+            t0 = time.perf_counter()
             img, txt = encode(lm, sb.images, sb.tokens, cfg.precision, to_cpu=False)
+            tm["t_encode_launch_s"] += time.perf_counter() - t0
             imgs.append(img)
             txts.append(txt)
             keys += sb.keys
     d = lm.embed_dim
+    t0 = time.perf_counter()
     img_all = torch.cat(imgs).cpu() if imgs else torch.zeros((0, d))
     txt_all = torch.cat(txts).cpu() if txts else torch.zeros((0, d))
+    tm["t_final_sync_s"] += time.perf_counter() - t0  # on a GPU: waits for the last forward passes
+    tm["t_encode_shard_s"] += time.perf_counter() - t_start
     if len(report.caption_rows) != len(ledger):
         raise ShardError(f"{tar}: caption signals for {len(report.caption_rows)} of {len(ledger)} ledger rows")
     stats = {"device": device, "decoder": decoder, "decoder_reason": why, "batch_size": batch_size,
              "loader_workers": workers,
              "decoded_on_device": on_device if decoder == "device" else 0,
-             "tar_bytes_read": sum(b - a for runs in report.reads.values() for a, b in runs)}
+             "tar_bytes_read": sum(b - a for runs in report.reads.values() for a, b in runs),
+             **{k: round(v, 4) for k, v in tm.items()}}
     return Encoded(found, keys, img_all, txt_all, sorted(report.caption_rows, key=lambda t: t[0]), stats)
 
 
@@ -391,12 +410,16 @@ class ScoreStage:
         from curate.io.tables import write_table
 
         shard = task["shard"]
+        t0 = time.perf_counter()
         rows, img_emb, txt_emb, stats = score_rows(cfg, ds, shard)
+        t1 = time.perf_counter()
         # embeddings first, the table that points into them last; the marker comes after both
         write_npy(ds.signals(cfg.name, shard, ".img_emb.npy"), img_emb)
         if cfg.save_text_embeddings:
             write_npy(ds.signals(cfg.name, shard, ".txt_emb.npy"), txt_emb)
         write_table(ds.signals(cfg.name, shard), pa.Table.from_pylist(rows, schema=signal_schema()))
+        stats["t_rows_s"] = round(t1 - t0 - stats.get("t_encode_shard_s", 0.0), 4)  # ledger, model, rows
+        stats["t_write_s"] = round(time.perf_counter() - t1, 4)
         return stats
 
     def inputs(self, cfg: ScoreConfig) -> dict[str, Any]:

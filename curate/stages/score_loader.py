@@ -549,6 +549,22 @@ def stage_batch(batch: dict[str, Any], device: str, pre: DevicePreprocess | None
                        on_device=len(jpos) - n_fallback)
 
 
+def timed(items: Iterable[Any], into: dict[str, float], key: str) -> Iterator[Any]:
+    """Yield from `items`, adding the seconds spent waiting for each item to into[key]."""
+    import time
+
+    it = iter(items)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            x = next(it)
+        except StopIteration:
+            into[key] += time.perf_counter() - t0
+            return
+        into[key] += time.perf_counter() - t0
+        yield x
+
+
 def background(items: Iterable[Any], depth: int = 2, device: str = "cpu") -> Iterator[Any]:
     """Iterate `items` in a thread (on its own CUDA stream for a CUDA device), `depth` ahead.
 
