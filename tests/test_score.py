@@ -440,3 +440,21 @@ def table_keys(ds):
 
     return [r for r in pq.read_table(ds.ledger("00000000"), columns=["key", "status"]).to_pylist()
             if r["status"] == "success"]
+
+
+def test_a_shard_failing_inside_the_loader_workers_leaves_the_next_shards_intact(tmp_path, tiny_config, capsys):
+    """A bad member found by a persistent loader worker fails that shard only; the pool restarts."""
+    rows = [(color_image(i), CAPTIONS[i % 4], "success") for i in range(12)]
+    clean = make_dataset(tmp_path / "clean", rows, shard_size=4)
+    bad = make_dataset(tmp_path / "bad", rows, shard_size=4)
+    tar = bad.shard_tar("00000001")
+    data = tar.read_bytes()
+    i = data.index(b'{"attempts"')  # the first sample's .json member: same length, no longer JSON
+    tar.write_bytes(data[:i] + b"!" + data[i + 1:])
+    assert score(clean, tiny_config, "--loader-workers", "2") == 0
+    assert score(bad, tiny_config, "--loader-workers", "2") == 3
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert bad.done_shards("score") == ["00000000", "00000002"]
+    for s in ("00000000", "00000002"):
+        assert np.array_equal(np.load(bad.signals("score", s, ".img_emb.npy")),
+                              np.load(clean.signals("score", s, ".img_emb.npy")))

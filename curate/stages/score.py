@@ -279,23 +279,31 @@ def encode_shard(cfg: ScoreConfig, lm: Any, device: str, tar: str, ledger: list[
                 tm["t_stage_s"] += time.perf_counter() - t0
                 yield sb
 
-        staged: Iterator[Any] = staged_batches()
+        staged: Any = staged_batches()
         if cuda:
             staged = sl.background(staged, depth=2, device=device)
-        for sb in sl.timed(staged, tm, "t_main_wait_s"):
-            for m in sb.meta:
-                found[m["key"]] = m
-            for key, code in sb.failed.items():
-                found[key]["error"] = code
-            on_device += sb.on_device
-            if not sb.keys:
-                continue
-            t0 = time.perf_counter()
-            img, txt = encode(lm, sb.images, sb.tokens, cfg.precision, to_cpu=False)
-            tm["t_encode_launch_s"] += time.perf_counter() - t0
-            imgs.append(img)
-            txts.append(txt)
-            keys += sb.keys
+        consumer = sl.timed(staged, tm, "t_main_wait_s")
+        try:
+            for sb in consumer:
+                for m in sb.meta:
+                    found[m["key"]] = m
+                for key, code in sb.failed.items():
+                    found[key]["error"] = code
+                on_device += sb.on_device
+                if not sb.keys:
+                    continue
+                t0 = time.perf_counter()
+                img, txt = encode(lm, sb.images, sb.tokens, cfg.precision, to_cpu=False)
+                tm["t_encode_launch_s"] += time.perf_counter() - t0
+                imgs.append(img)
+                txts.append(txt)
+                keys += sb.keys
+        except BaseException:
+            # stop the staging thread first, then the persistent loader workers (they may be mid-shard)
+            consumer.close()
+            staged.close()
+            sl.close_loader_pool()
+            raise
     d = lm.embed_dim
     t0 = time.perf_counter()
     img_all = torch.cat(imgs).cpu() if imgs else torch.zeros((0, d))

@@ -19,6 +19,7 @@ the dataset class lives at module level so spawned loader workers can unpickle i
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import queue
@@ -260,67 +261,87 @@ class LoaderJob:
     workers: int
 
 
-class ShardChunks(tud.IterableDataset):
-    """Worker w of n reads samples split_ranges(len(index), n)[w] and ledger rows likewise."""
+def worker_part(job: LoaderJob, wid: int, n: int) -> dict[str, Any]:
+    """What worker `wid` of `n` reads: a contiguous run of the tar's samples and of the ledger's rows."""
+    r = split_ranges(len(job.index), n)[wid]
+    rows = split_ranges(len(job.captions), n)[wid]
+    entries = job.index[r.start:r.stop]
+    return {"tar": job.tar, "entries": entries, "wanted": frozenset(e[0] for e in entries) & job.wanted,
+            "row_start": rows.start, "captions": job.captions[rows.start:rows.stop], "decoder": job.decoder,
+            "chunk_items": job.chunk_items}
 
-    def __init__(self, job: LoaderJob):
-        self.job = job
+
+class ShardChunks(tud.IterableDataset):
+    """Worker w of n reads samples split_ranges(len(index), n)[w] and ledger rows likewise.
+
+    In-process (job_dir None) it reads `job` itself. Persistent workers serve one shard after another:
+    before each pass the task process writes each worker's part to job_dir/{w}.pkl, so the workers are
+    forked once per process, not once per shard.
+    """
+
+    def __init__(self, job: LoaderJob, job_dir: str | None = None):
+        self.job, self.job_dir = job, job_dir
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        import pickle
+
         info = tud.get_worker_info()
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        job = self.job
         reads: list[tuple[int, int]] = []
         try:
-            mine = [job.index[i] for i in split_ranges(len(job.index), n)[wid]]
+            if self.job_dir is None:
+                part = worker_part(self.job, wid, n)
+            else:
+                with open(os.path.join(self.job_dir, f"{wid}.pkl"), "rb") as fh:
+                    part = pickle.load(fh)  # written by this task's own process, never by a user
+            static = self.job
             items: list[dict[str, Any]] = []
-            for s in read_run(job.tar, mine, reads):
-                if s["key"] not in job.wanted:
+            for s in read_run(part["tar"], part["entries"], reads):
+                if s["key"] not in part["wanted"]:
                     continue
-                items.append(prepare(s, job))
-                if len(items) >= job.chunk_items:
-                    yield pack(items, job)
+                items.append(prepare(s, part["decoder"], static.preprocess, static.image_size))
+                if len(items) >= part["chunk_items"]:
+                    yield pack(items, static.tokenizer)
                     items = []
             if items:
-                yield pack(items, job)
-            rows = split_ranges(len(job.captions), n)[wid]
-            yield {"worker": wid, "reads": reads, "caption_rows": caption_rows(job.captions, rows)}
+                yield pack(items, static.tokenizer)
+            rows = range(part["row_start"], part["row_start"] + len(part["captions"]))
+            yield {"worker": wid, "reads": reads, "caption_rows": caption_rows(part["captions"], rows)}
         except ShardError as e:
             # handed to the task process as data: DataLoader would re-wrap the exception's message
             yield {"worker": wid, "reads": reads, "shard_error": str(e)}
 
 
-def caption_rows(captions: list[str | None], rows: range) -> list[tuple[int, Any, Any]]:
+def caption_rows(caps: list[str | None], rows: range) -> list[tuple[int, Any, Any]]:
     """(ledger row, Language, CaptionSignals) for a slice of the ledger (language ID runs batched)."""
     from curate import langid
     from curate.captions import caption_signals
 
-    caps = [captions[i] for i in rows]
     langs = langid.detect_many(caps) if caps else []
     return [(i, lang, caption_signals(c)) for i, lang, c in zip(rows, langs, caps, strict=True)]
 
 
-def prepare(s: dict[str, Any], job: LoaderJob) -> dict[str, Any]:
+def prepare(s: dict[str, Any], decoder: str, preprocess: Any, image_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {"key": s["key"], "nbytes": len(s["image"] or b""), "width": None, "height": None,
                            "error": None, "kind": None, "image": None, "caption": s["caption"] or ""}
     data = s["image"]
     if data is None:
         out["error"] = "missing_image"
         return out
-    if job.decoder == "device":
+    if decoder == "device":
         size = device_jpeg_size(data)
         if size is not None:
             out.update(kind="jpeg", image=data, width=size[0], height=size[1])
             return out
     try:
-        out["image"], out["width"], out["height"] = decode_image(data, job.preprocess, job.image_size)
+        out["image"], out["width"], out["height"] = decode_image(data, preprocess, image_size)
         out["kind"] = "dense"
     except ImageSkipped as e:
         out["error"] = e.code
     return out
 
 
-def pack(items: list[dict[str, Any]], job: LoaderJob) -> dict[str, Any]:
+def pack(items: list[dict[str, Any]], tokenizer: Any) -> dict[str, Any]:
     """One chunk: per-sample metadata plus one tensor per kind (dense images, JPEG bytes, tokens)."""
     import numpy as np
 
@@ -337,7 +358,7 @@ def pack(items: list[dict[str, Any]], job: LoaderJob) -> dict[str, Any]:
         "meta": [{k: it[k] for k in ("key", "nbytes", "width", "height", "error")} for it in items],
         "keys": [it["key"] for it in ok],
         "kinds": "".join("d" if it["kind"] == "dense" else "j" for it in ok),
-        "tokens": job.tokenizer([it["caption"] for it in ok]) if ok else None,
+        "tokens": tokenizer([it["caption"] for it in ok]) if ok else None,
         "dense": torch.stack(dense) if dense else None,
         "jpeg_blob": blob,
         "jpeg_offsets": offsets,
@@ -376,13 +397,55 @@ class LoaderReport:
     caption_rows: list[tuple[int, Any, Any]]
 
 
+_POOL: dict[str, Any] = {}  # this process's persistent loader: {"key", "loader", "dir"}
+atexit.register(lambda: close_loader_pool())
+
+
 def open_loader(job: LoaderJob, pin_memory: bool) -> Iterator[dict[str, Any]]:
-    """Start the loader's workers now, in the calling (main) thread, before any other thread exists."""
-    loader = tud.DataLoader(
-        ShardChunks(job), batch_size=None, num_workers=job.workers, collate_fn=_identity,
-        pin_memory=pin_memory, prefetch_factor=4 if job.workers else None,
-    )
-    return iter(loader)
+    """Chunks of this shard from the process's loader workers, started in the calling (main) thread
+    before any other thread exists. The workers persist across shards (forked once per process, which
+    matters at GPU speed: forking 8 workers from a process holding a CUDA context costs ~0.1 s a shard);
+    a job with other static parts (model transform, worker count) replaces them."""
+    import pickle
+    import tempfile
+
+    if job.workers == 0:
+        return iter(tud.DataLoader(ShardChunks(job), batch_size=None, num_workers=0, collate_fn=_identity))
+    key = (job.preprocess, job.tokenizer, job.image_size, job.workers, pin_memory)
+    old = _POOL.get("key")
+    if old is None or old[0] is not key[0] or old[1] is not key[1] or old[2:] != key[2:]:
+        close_loader_pool()
+        job_dir = tempfile.mkdtemp(prefix="curate-loader-")
+        static = LoaderJob("", [], frozenset(), [], job.preprocess, job.tokenizer, job.image_size, job.decoder,
+                           job.chunk_items, job.workers)
+        loader = tud.DataLoader(
+            ShardChunks(static, job_dir), batch_size=None, num_workers=job.workers, collate_fn=_identity,
+            pin_memory=pin_memory, prefetch_factor=4, persistent_workers=True, multiprocessing_context="fork",
+        )
+        _POOL.update(key=key, loader=loader, dir=job_dir)
+    for w in range(job.workers):
+        path = os.path.join(_POOL["dir"], f"{w}.pkl")
+        with open(path + ".tmp", "wb") as fh:
+            pickle.dump(worker_part(job, w, job.workers), fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(path + ".tmp", path)  # complete before the workers are told to start this pass
+    try:
+        return iter(_POOL["loader"])
+    except Exception:
+        close_loader_pool()
+        raise
+
+
+def close_loader_pool() -> None:
+    """Stop the persistent loader workers (a new model or worker count, a failed shard, exit)."""
+    import shutil
+
+    loader = _POOL.pop("loader", None)
+    it = getattr(loader, "_iterator", None) if loader is not None else None
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    if _POOL.get("dir"):
+        shutil.rmtree(_POOL["dir"], ignore_errors=True)
+    _POOL.clear()
 
 
 def merged_batches(chunks: Iterator[dict[str, Any]], batch_size: int, report: LoaderReport) -> Iterator[dict]:
