@@ -45,7 +45,7 @@ def _score(torch_info: dict[str, Any]) -> dict[str, Any]:
         "device_why": (f"--device auto takes the GPU; --device cuda with the local engine runs one worker per GPU "
                        f"({len(torch_info['gpus'])})" if cuda else f"--device auto: {torch_info.get('why')}"),
         "batch_size": auto_batch_size(0, device),
-        "loader_workers": auto_loader_workers(-1, device, 10_000),
+        "loader_workers": auto_loader_workers(-1, device),
     }
     if cuda:
         ok, why = device_decoder_status(device)

@@ -13,7 +13,6 @@ several scorers live side by side in one dataset.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import time
@@ -112,11 +111,10 @@ def auto_batch_size(requested: int, device: str) -> int:
     return 1024 if mem_gib >= 40 else 512 if mem_gib >= 16 else 256
 
 
-def auto_loader_workers(requested: int, device: str, samples: int) -> int:
+def auto_loader_workers(requested: int, device: str) -> int:
     """--loader-workers -1: 1 on the CPU (torch keeps the cores); on a GPU the cores per GPU minus two
-    (the task process and the pin-memory thread), at most 8 and never more than there are chunks."""
-    from curate.stages.score_loader import CHUNK_ITEMS
-
+    (the task process and the pin-memory thread), at most 8. The same count for every shard, so the
+    persistent workers serve them all (a worker with no samples just reports its caption rows)."""
     if requested >= 0:
         return requested
     if not device.startswith("cuda"):
@@ -125,7 +123,7 @@ def auto_loader_workers(requested: int, device: str, samples: int) -> int:
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_gpu = cpus // max(1, torch.cuda.device_count())
-    return max(1, min(8, per_gpu - 2, math.ceil(samples / CHUNK_ITEMS)))
+    return max(1, min(8, per_gpu - 2))
 
 
 def choose_decoder(requested: str, device: str, model: Any) -> tuple[str, str]:
@@ -252,7 +250,7 @@ def encode_shard(cfg: ScoreConfig, lm: Any, device: str, tar: str, ledger: list[
     index = sl.index_tar(tar) if wanted else []
     tm["t_index_s"] += time.perf_counter() - t_start
     batch_size = auto_batch_size(cfg.batch_size, device)
-    workers = auto_loader_workers(cfg.loader_workers, device, len(index)) if index else 0
+    workers = auto_loader_workers(cfg.loader_workers, device) if index else 0
     # the CPU path cuts chunks of a whole batch, which keeps its batches (and numbers) as they were
     chunk = min(sl.CHUNK_ITEMS, batch_size) if decoder == "device" else batch_size
     job = sl.LoaderJob(tar, index, wanted, [r.get("caption") for r in ledger], lm.preprocess, lm.tokenizer,
