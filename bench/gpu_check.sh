@@ -13,8 +13,9 @@
 #
 #   bash bench/gpu_check.sh               # on the GPU machine (device tool: carry [".whl"])
 #   bash bench/gpu_check.sh --cpu-smoke   # here: the same steps, reduced, on the CPU
-# Environment: PYTHON (default python3), WHEEL_PYTHON (smoke mode: a python3.12 to check the cp312 wheels),
-# GPU_CHECK_DEADLINE_S (default 470).
+# Environment: PYTHON (default python3), GPU_CHECK_DEADLINE_S (default 470); smoke mode only: WHEEL_PYTHON
+# (a python3.12 to install and import the cp312 wheels with) and SMOKE_DEPS (numpy, scipy, pillow and
+# packaging for that python, e.g. `python3.12 -m pip install --target /tmp/py312deps numpy scipy pillow packaging`).
 set -u
 
 MODE=gpu
@@ -118,7 +119,8 @@ main() {
     fi
     if [ -n "$wpy" ] && [ "$n_whl" -gt 0 ]; then
       step wheels 120 install_wheels "$wpy" "$SITE" .whl/*.whl
-      step imports_312 60 env PYTHONPATH="$SITE" "$wpy" -c "$IMPORTS" \
+      # SMOKE_DEPS: a folder with numpy/scipy/pillow/packaging for that python (the GPU machine has them)
+      step imports_312 60 env PYTHONPATH="$SITE${SMOKE_DEPS:+:$SMOKE_DEPS}" "$wpy" -c "$IMPORTS" \
         ftfy,wcwidth,webdataset,braceexpand,fasttext,imagehash,pywt,faiss
     else
       echo "smoke: no python3.12 or no wheels: cp312 wheel check skipped"

@@ -458,3 +458,20 @@ def test_a_shard_failing_inside_the_loader_workers_leaves_the_next_shards_intact
     for s in ("00000000", "00000002"):
         assert np.array_equal(np.load(bad.signals("score", s, ".img_emb.npy")),
                               np.load(clean.signals("score", s, ".img_emb.npy")))
+
+
+@pytest.mark.spark
+def test_spark_engine_scores_like_the_local_engine(tmp_path, tiny_config, monkeypatch):
+    """Tasks re-enter through the Spark engine (which publishes each task's GPUs, none here) and their
+    persistent loader workers live inside Spark's reused Python workers."""
+    pytest.importorskip("pyspark")
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    rows = [(color_image(i), CAPTIONS[i % 4], "success") for i in range(10)]
+    local = make_dataset(tmp_path / "local", rows, shard_size=4)
+    spark = make_dataset(tmp_path / "spark", rows, shard_size=4)
+    assert score(local, tiny_config) == 0
+    assert score(spark, tiny_config, "--engine", "spark", "--spark-master", "local[2]") == 0
+    for s in local.shards():
+        assert np.array_equal(np.load(spark.signals("score", s, ".img_emb.npy")),
+                              np.load(local.signals("score", s, ".img_emb.npy")))
+        assert table(spark, s) == table(local, s)
