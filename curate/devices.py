@@ -46,6 +46,14 @@ def pick_device(requested: str, *, cuda_count: int, task_gpus: list[str] | None 
     return "cuda:0"
 
 
+def local_workers(requested_device: str, workers: int, workers_explicit: bool, cuda_count: int) -> int:
+    """Local engine worker processes: one per visible GPU for --device cuda/auto when --workers was not
+    given (each then picks its GPU by pool index); otherwise what the user asked for."""
+    if workers_explicit or requested_device not in ("cuda", "auto") or cuda_count < 2:
+        return workers
+    return cuda_count
+
+
 def current_device(requested: str) -> str:
     """pick_device with this process's facts: torch's GPU count, the Spark task's GPUs, the pool index."""
     if requested == "cpu":

@@ -376,6 +376,13 @@ def test_device_assignment_is_a_pure_function_of_scheduler_facts():
     with pytest.raises(InputError, match="no CUDA device"):
         pick_device("cuda", cuda_count=0)
 
+    from curate.devices import local_workers
+
+    assert local_workers("cuda", 1, False, 4) == 4 and local_workers("auto", 1, False, 8) == 8
+    assert local_workers("cuda", 2, True, 4) == 2  # --workers given: the user decides
+    assert local_workers("cuda:1", 1, False, 4) == 1 and local_workers("cpu", 1, False, 4) == 1
+    assert local_workers("cuda", 1, False, 1) == 1 and local_workers("auto", 1, False, 0) == 1
+
     class Info:  # the shape of pyspark.resource.ResourceInformation: a name and addresses
         def __init__(self, addresses):
             self.name, self.addresses = "gpu", addresses
