@@ -247,7 +247,7 @@ def read_run(path: str, entries: list[IndexEntry], reads: list[tuple[int, int]])
 
 @dataclass
 class LoaderJob:
-    """What one shard's loader needs; the same object reaches every worker (fork or spawn)."""
+    """What one shard's loader needs (the workers get their part of it, see worker_part)."""
 
     tar: str
     index: list[IndexEntry]
