@@ -283,7 +283,7 @@ def test_retry_marks_the_right_ledger_past_99999_shards(tmp_path):
     """retry_of keys of shards 99,999 and 100,000 name their own ledgers (the old `retry_of[:5]` did not)."""
     from curate.io.ledger import LEDGER_FIELDS
     from curate.io.tables import write_table
-    from curate.stages.download import _mark_superseded, slice_path
+    from curate.stages.download import mark_superseded, slice_path
 
     ds = DatasetDir.at(tmp_path)
     schema = pa.schema(LEDGER_FIELDS)
@@ -296,7 +296,35 @@ def test_retry_marks_the_right_ledger_past_99999_shards(tmp_path):
     retry_of = [sample_key(olds[0], 2), sample_key(olds[1], 0), sample_key(olds[2], 1)]
     write_table(slice_path(ds, retry), pa.table({"key": [sample_key(retry, j) for j in range(3)],
                                                  "retry_of": retry_of}))
-    assert _mark_superseded(ds, retry) == 3
+    assert mark_superseded(ds, [retry]) == 3
     sup = {s: pq.read_table(ds.ledger(s)).column("superseded_by").to_pylist() for s in olds}
     assert sup == {olds[0]: [None, None, sample_key(retry, 0)], olds[1]: [sample_key(retry, 1), None, None],
                    olds[2]: [None, sample_key(retry, 2), None]}
+
+
+def test_text_that_is_not_utf8_gets_a_row_code_never_a_traceback(server, tmp_path):
+    ok = server.image("/u.jpg")
+    urls = pa.array([ok.encode(), ok.encode() + b"?\xff", b"http://127.0.0.1:1/x.jpg"], pa.binary()).view(pa.string())
+    caps = pa.array([b"fine", b"fine", b"caf\xe9"], pa.binary()).view(pa.string())
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": caps, "SAMPLE_ID": ["a", "b", "c"]}), inp)
+    assert download(inp, tmp_path / "ds", server) == 0
+    t = ledger(tmp_path / "ds").to_pylist()
+    assert [r["status"] for r in t] == ["success", "invalid_url", "invalid_text"]
+    assert t[2]["caption"] == "caf\ufffd" and "TEXT" in t[2]["error_message"]
+    assert server.hits["/u.jpg"] == 1
+
+
+def test_plan_is_made_once_and_reused(server, tmp_path):
+    inp = write_urls(tmp_path / "urls.parquet", [server.image(f"/p{i}.jpg") for i in range(5)] + [None])
+    out = tmp_path / "ds"
+    assert main(["download", str(inp), "--out", str(out), "--url-col", "URL", "--allow-host", server.endpoint,
+                 "--samples-per-shard", "2", "--plan-only", "--no-progress"]) == 0
+    ds = DatasetDir.at(out)
+    assert ds.plan_file.exists() and not ds.done_tasks("download") and sum(server.hits.values()) == 0
+    stamp = {p: p.stat().st_mtime_ns for p in ds.inputs_dir.glob("*.parquet")}
+    assert len(stamp) == 3 + 1  # three slices and the duplicates file
+    assert main(["download", str(inp), "--out", str(out), "--url-col", "URL", "--allow-host", server.endpoint,
+                 "--samples-per-shard", "2", "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in ds.inputs_dir.glob("*.parquet")} == stamp  # not planned again
+    assert len(ds.done_tasks("download")) == 3 and ledger(out).num_rows == 6
