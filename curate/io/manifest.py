@@ -83,7 +83,9 @@ def _merge(entry: dict[str, Any] | None, frags: list[dict[str, Any]]) -> dict[st
         status = "running"
     else:
         status = "incomplete"
-    latest = max(by_index.values(), key=lambda f: f.get("updated", ""))
+    # each task's counts cover every shard done when it finished; they only grow, so the largest are
+    # the most complete (those of a task that finished after all the others' shards)
+    latest = max(by_index.values(), key=lambda f: (_size(f.get("counts") or {}), f.get("updated", "")))
     merged = {**(entry or latest), "status": status, "counts": latest.get("counts", {}),
               "updated": latest.get("updated"),
               "slices": {f"{i}-of-{count}": by_index[i].get("status") for i in sorted(by_index)}}
@@ -92,6 +94,10 @@ def _merge(entry: dict[str, Any] | None, frags: list[dict[str, Any]]) -> dict[st
     merged.pop("owner", None)
     merged.pop("slice", None)
     return merged
+
+
+def _size(counts: dict[str, Any]) -> float:
+    return sum(v for v in counts.values() if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 def load(ds: DatasetDir) -> dict[str, Any]:
