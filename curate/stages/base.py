@@ -62,7 +62,7 @@ def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[
         os._exit(17)  # test hook: this task's process dies (engines must report it, not lose the others)
     try:
         cfg = from_dict(stage.config_cls, config)
-        remove_shard_tmp(ds.root, tid)
+        remove_shard_tmp(ds.stage_paths(stage_name), tid)
         stats = stage.run_shard(cfg, ds, task)
         stats = dict(stats or {})
         write_json(ds.stats(stage_name, tid), stats)
