@@ -54,8 +54,8 @@ class DatasetDir:
         return sorted(p.stem for p in folder.glob("*.json") if not p.name.startswith("."))
 
     def shards(self) -> list[str]:
-        """Shards whose download (or export) completed: they have a ledger and a marker."""
-        for stage in ("download", "export"):
+        """Shards whose download (or export, or adopt) completed: they have a ledger and a marker."""
+        for stage in ("download", "export", "adopt"):
             done = self.done_shards(stage)
             if done:
                 return done

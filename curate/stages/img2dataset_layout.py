@@ -5,8 +5,8 @@ img2dataset writes, per shard, flat in its output folder:
     {shard}.parquet      one row per input row: url, caption, key, status, error_message, width, height,
                          original_width, original_height, exif, sha256, then any extra input columns
     {shard}_stats.json   count, successes, failed_to_download, failed_to_resize, times, status_dict; last
-The export writes the same three files (the stats file last, then curate's own marker), with every
-other column of the samples view (curate's ledger fields and signals) as extra parquet columns, so the
+The export writes the same three files (the stats file last, then curate's own marker), with the
+signal and lineage columns of the samples view as extra parquet columns, so the
 tools that read img2dataset output read ours unchanged. Times are 0 so engines give identical bytes.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from curate.io.atomic import write_json
+from curate.io.ledger import LEDGER_FIELDS
 from curate.io.shards import IMAGE_EXTS, ShardWriter
 from curate.io.tables import write_table
 
@@ -31,6 +32,7 @@ COLUMNS: dict[str, tuple[str, pa.DataType]] = {
     "exif": ("exif", pa.string()), "sha256": ("sha256", pa.string()),
 }
 _FROM_LEDGER = {src for src, _ in COLUMNS.values()}
+_LEDGER_NAMES = {f.name for f in LEDGER_FIELDS}
 
 
 def shard_files(root: Path, shard: str) -> tuple[Path, Path, Path]:
@@ -47,8 +49,8 @@ def img2dataset_table(rows: pa.Table) -> pa.Table:
             cols[name] = rows[src].cast(typ)
         else:
             cols[name] = pa.nulls(n, typ)
-    for name in rows.column_names:
-        if name not in _FROM_LEDGER and name not in cols:
+    for name in rows.column_names:  # signals and lineage; curate's bookkeeping fields stay in curate
+        if name not in _FROM_LEDGER and name not in _LEDGER_NAMES and name not in cols:
             cols[name] = rows[name]
     return pa.table(cols)
 
