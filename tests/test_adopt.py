@@ -269,7 +269,9 @@ def test_real_img2dataset_output_adopted_every_row_and_scores_equal_curate_downl
 
     py = _img2dataset_python(tmp_path_factory)
     cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(TINY))
+    # input 64 px: score's JPEG draft decoding (at >= 2x the input size) then leaves the demo's <= 128 px
+    # JPEGs at full scale, so the original JPEG and curate's lossless PNG of it give the same pixels
+    cfg.write_text(json.dumps({**TINY, "vision_cfg": {**TINY["vision_cfg"], "image_size": 64}}))
     web_cfg = WebConfig(seed=3, n=40, faults=("404", "500", "noai", "html"), fault_rate=0.25)
     with DemoWeb(web_cfg, tmp_path / "web") as web:
         env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}  # no update check over the network
