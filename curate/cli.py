@@ -17,6 +17,7 @@ from curate.errors import CurateError
 
 # (command module) -- a command is listed here only once it works
 COMMANDS: list[str] = [
+    "curate.commands.adopt",
     "curate.commands.download",
     "curate.commands.dedup",
     "curate.commands.demo",
