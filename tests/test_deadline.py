@@ -63,7 +63,7 @@ def endless_continue(c: Conn) -> None:
 
 def chunk_size_drip(c: Conn) -> None:
     c.send(OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
-    c.drip(b"1", forever=b"0" if False else b";")  # a chunk extension that never ends its line
+    c.drip(b"1", forever=b";")  # a chunk-size line (extension) that never ends
 
 
 def endless_trailer(c: Conn) -> None:
