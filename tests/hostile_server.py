@@ -49,6 +49,7 @@ class RawServer:
 
     def __init__(self, host: str = "127.0.0.1"):
         self.routes: dict[str, Route] = {}
+        self.on_connect: Route | None = None  # set: gets every connection before any byte is read (TLS)
         self.hits: Counter[str] = Counter()
         self.stop = threading.Event()
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -81,6 +82,9 @@ class RawServer:
     def _serve(self, sock: socket.socket) -> None:
         sock.settimeout(30)
         try:
+            if self.on_connect is not None:
+                self.on_connect(Conn(sock, "", self.stop))
+                return
             head = b""
             while b"\r\n\r\n" not in head and len(head) < 65536:
                 got = sock.recv(4096)

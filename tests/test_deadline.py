@@ -99,6 +99,14 @@ def test_every_phase_ends_by_the_deadline(raw, path):
     assert raw.hits[path] == 1  # a deadline is not retried
 
 
+def test_tls_handshake_drip_ends_by_the_deadline(raw):
+    # a TLS record header announcing 16 KB of handshake, then a byte every 0.1 s
+    raw.on_connect = lambda c: (c.sock.recv(4096), c.drip(b"\x16\x03\x03\x40\x00", forever=b"\x00"))
+    e, took = timed_fail(fetcher(raw), f"https://{raw.endpoint}/a.jpg")
+    assert e.code == "deadline_exceeded", (e.code, e.message)
+    assert took < DEADLINE + MARGIN
+
+
 def test_redirect_hops_share_one_deadline(raw):
     # each hop answers quickly but the chain of slow hops as a whole outlives the deadline
     def hop(c: Conn) -> None:
