@@ -27,7 +27,7 @@ import urllib.robotparser
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -150,16 +150,41 @@ def optout_directive(values: list[str], token: str) -> str | None:
     return None
 
 
+def _ascii_digits(value: str) -> bool:
+    # str.isdigit() is also true for "²" or "٣", which int() refuses: header values are latin-1 text
+    return value.isascii() and value.isdigit()
+
+
 def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After value (delta-seconds or an HTTP date); None when unusable."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
-    with contextlib.suppress(TypeError, ValueError):
+    if _ascii_digits(value):
+        return min(float(value), 1e9)
+    # a hostile date can fail in many ways (year 0, out-of-range fields, overflow); none is an error
+    with contextlib.suppress(TypeError, ValueError, OverflowError, IndexError, OSError):
         when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:
+            return None
         return max(0.0, when.timestamp() - time.time())
     return None
+
+
+def content_length(value: str | None) -> int | None:
+    """The Content-Length header as a number, or None when absent or not plain digits."""
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if _ascii_digits(value) else None
+
+
+def redirect_target(base: str, location: str) -> str:
+    """The absolute URL a Location header points to; FetchFailed(invalid_url) when it cannot be joined."""
+    try:
+        return urljoin(base, location.strip())
+    except (ValueError, UnicodeError) as e:
+        raise FetchFailed("invalid_url", f"unusable redirect Location ({e})"[:300], final_url=base) from None
 
 
 # ---- the deadline watchdog --------------------------------------------------------------------
@@ -423,13 +448,16 @@ class Fetcher:
             raise
         except (ValueError, UnicodeError) as e:
             raise FetchFailed("invalid_url", f"unparseable URL ({e})") from None
-        if any(c in host for c in " \t\r\n/\\%@"):
+        if not host or any(c in host for c in " \t\r\n/\\%@"):
             raise FetchFailed("invalid_url", f"bad host {host!r}")
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        if any(c in path for c in "\r\n "):
-            raise FetchFailed("invalid_url", "control characters or spaces in the URL path")
+        if not all(0x20 < ord(c) < 0x7F for c in path):
+            # what a browser does: spaces, control and non-ASCII characters go out percent-encoded
+            # (UTF-8), so the request line is printable ASCII and no header can be injected
+            path = "".join(c if 0x20 < ord(c) < 0x7F else quote(c.encode("utf-8", "surrogatepass"), safe="")
+                           for c in path)
         return _Target(url=url, scheme=scheme, host=host.lower(), port=port, path=path)
 
     def _allowed_endpoint(self, t: _Target) -> bool:
@@ -533,7 +561,7 @@ class Fetcher:
                     if not location:
                         raise FetchFailed("http_4xx", f"HTTP {status} without Location", http_status=status,
                                           final_url=url)
-                    nxt = urljoin(url, location.strip())
+                    nxt = redirect_target(url, location)
                     hops += 1
                     if nxt in seen:
                         raise FetchFailed("too_many_redirects", f"redirect loop back to {nxt[:200]}",
@@ -611,9 +639,9 @@ class Fetcher:
 
     def _read_body(self, resp: Any, deadline: float, url: str) -> bytes:
         cap = self.policy.max_bytes
-        length = resp.headers.get("Content-Length")
-        if length and length.strip().isdigit() and int(length) > cap:
-            raise FetchFailed("too_large", f"Content-Length {int(length)} > --max-bytes {cap}",
+        length = content_length(resp.headers.get("Content-Length"))
+        if length is not None and length > cap:
+            raise FetchFailed("too_large", f"Content-Length {length} > --max-bytes {cap}",
                               http_status=resp.status, final_url=url)
         buf = bytearray()
         sock = getattr(getattr(resp, "connection", None), "sock", None)
