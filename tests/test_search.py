@@ -213,6 +213,24 @@ def get(url: str) -> tuple[int, dict, bytes]:
         return e.code, dict(e.headers), e.read()
 
 
+def test_serve_command_binds_loopback_and_answers(dataset):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "curate.cli", "serve", str(dataset.root), "--port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("serve: http://127.0.0.1:"), line
+        url = line.split()[1]
+        status, _, body = get(url + "api/info")
+        info = json.loads(body)
+        assert status == 200 and info["rows"] == N_IMAGES and info["modalities"] == ["image", "text"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_api_is_read_only_and_never_sql(served, dataset):
     status, headers, body = get(served + "/")
     assert status == 200 and "script-src 'self'" in headers["Content-Security-Policy"]
@@ -236,8 +254,7 @@ def test_api_is_read_only_and_never_sql(served, dataset):
 @pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
                     reason="Debian chromium + chromium-driver are not installed: apt-get install chromium chromium-driver")
 def test_search_page_in_headless_chromium(served, dataset, tmp_path):
-    pytest.importorskip("selenium", reason="selenium (dev extra) is not installed")
-    from selenium import webdriver
+    from selenium import webdriver  # the dev extra
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -297,3 +314,19 @@ def test_id_table_maps_ids_to_keys_without_ledgers(dataset):
     for shard in dataset.done_shards("score"):
         t = {r["key"]: r["emb_row"] for r in pq.read_table(dataset.signals("score", shard)).to_pylist() if r["scored"]}
         assert {r["key"]: r["emb_row"] for r in ids if r["shard"] == shard} == t
+
+
+def test_report_grid_tiles_list_their_neighbours(dataset, tmp_path):
+    out = tmp_path / "report.html"
+    assert main(["report", str(dataset.root), "--out", str(out)]) == 0
+    page = out.read_text()
+    keys, img, _ = embeddings(dataset)
+    assert page.count('<details class="nbrs">') >= 24  # every grid tile of an indexed dataset
+    i = 0
+    exact = [keys[j] for j in np.argsort(-(img @ img[i]), kind="stable") if j != i][:4]
+    line = next(p for p in page.split('<details class="nbrs">') if f"#key={keys[i]}" in p)
+    assert [x.split(" (")[0].split("</summary>")[-1] for x in line.split(" · ")[0].split(", ")] == exact
+    bare = tmp_path / "bare"
+    shutil.copytree(dataset.root, bare, ignore=shutil.ignore_patterns("index"))
+    assert main(["report", str(bare), "--out", str(tmp_path / "r2.html")]) == 0
+    assert "nbrs" not in (tmp_path / "r2.html").read_text()  # no index, no neighbour lines
