@@ -22,10 +22,13 @@ COMMANDS: list[str] = [
     "curate.commands.dedup",
     "curate.commands.demo",
     "curate.commands.export",
+    "curate.commands.index",
     "curate.commands.inspect",
     "curate.commands.report",
     "curate.commands.run",
     "curate.commands.score",
+    "curate.commands.search",
+    "curate.commands.serve",
     "curate.commands.train_probe",
 ]
 
