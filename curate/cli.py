@@ -17,6 +17,7 @@ from curate.errors import CurateError
 
 # (command module) -- a command is listed here only once it works
 COMMANDS: list[str] = [
+    "curate.commands.balance",
     "curate.commands.download",
     "curate.commands.dedup",
     "curate.commands.demo",
@@ -25,6 +26,7 @@ COMMANDS: list[str] = [
     "curate.commands.report",
     "curate.commands.run",
     "curate.commands.score",
+    "curate.commands.target",
     "curate.commands.train_probe",
 ]
 

@@ -56,7 +56,7 @@ class Sources:
             raise InputError(f"{ds.root}: no completed ledger shards (ledger/ + _done/download/); "
                              f"run `curate download` first")
         files = {"ledger": ledger}
-        for stage in SIGNAL_STAGES:
+        for stage in SIGNAL_STAGES + _other_signal_stages(ds):
             found = [p for p in ds.signal_files(stage) if shards is None or p.stem in shards]
             if found:
                 files[stage] = found
@@ -81,11 +81,19 @@ class Sources:
                 if c != "key" and c not in seen:
                     parts.append(f"{t}.{_q(c, quote)}")
                     seen.add(c)
+        for t in self._others():  # other signal tables: columns named <table>_<column>
+            for c in self.columns[t]:
+                if c != "key":
+                    parts.append(f"{t}.{_q(c, quote)} AS {_q(f'{t}_{c}', quote)}")
         return ", ".join(parts)
+
+    def _others(self) -> list[str]:
+        return [t for t in self.files if t != "ledger" and t not in SIGNAL_STAGES]
 
     def view_sql(self, quote: str = '"') -> str:
         """The view definition; `quote` is the identifier quote of the engine (only odd names need it)."""
-        joins = "".join(f" LEFT JOIN {t} ON {t}.key = l.key" for t in SIGNAL_STAGES if t in self.files)
+        tables = [t for t in SIGNAL_STAGES if t in self.files] + self._others()
+        joins = "".join(f" LEFT JOIN {t} ON {t}.key = l.key" for t in tables)
         return f"SELECT {self.select_list(quote)} FROM ledger l{joins}"
 
     def all_columns(self) -> list[str]:
@@ -93,6 +101,15 @@ class Sources:
         for cols in self.columns.values():
             out += [c for c in cols if c not in out]
         return out
+
+
+def _other_signal_stages(ds: DatasetDir) -> tuple[str, ...]:
+    """Signal tables beyond score and dedup (signals/<name>/, e.g. balance, target), by folder name."""
+    folder = ds.root / "signals"
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in SIGNAL_STAGES
+                        and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p.name)))
 
 
 def _q(name: str, quote: str) -> str:
