@@ -41,10 +41,10 @@ def command(dataset: str, target: str, k: str, seed: int, niter: int, progress: 
     from curate.io.layout import DatasetDir
     from curate.runner import run_stage
     from curate.stages.dedup import input_digest
-    from curate.stages.target import TargetConfig, check_config
+    from curate.stages.target import TargetConfig, validate
 
     cfg = TargetConfig(target=os.path.abspath(target), k=_k(k), seed=seed, niter=niter)
-    check_config(cfg)
+    validate(cfg, DatasetDir.at(dataset))
     extra = {"dataset": input_digest(DatasetDir.at(dataset)), "target": input_digest(DatasetDir.at(cfg.target))}
     summary = run_stage("target", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)
     c = summary.counts

@@ -71,6 +71,15 @@ def check_same_model(pool: DatasetDir, target: DatasetDir) -> None:
                          f"{a[0]} / {a[1]}; score both with the same model")
 
 
+def validate(cfg: TargetConfig, ds: DatasetDir) -> None:
+    """Every check that needs no clustering, so a bad --target stops before any earlier output is touched."""
+    check_config(cfg)
+    target = DatasetDir.at(cfg.target)
+    _scored_shards(ds, "")
+    _scored_shards(target, "--target ")
+    check_same_model(ds, target)
+
+
 def _unit_draw(seed: int, key: str) -> float:
     h = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
     return (int.from_bytes(h, "big") >> 11) / float(1 << 53)
@@ -120,11 +129,9 @@ class TargetStage:
     def plan(self, cfg: TargetConfig, ds: DatasetDir) -> list[dict[str, Any]]:
         from curate.stages.dedup import input_digest
 
-        check_config(cfg)
+        validate(cfg, ds)
         target = DatasetDir.at(cfg.target)
         shards = _scored_shards(ds, "")
-        _scored_shards(target, "--target ")
-        check_same_model(ds, target)
         digest = {"config": output_fields(cfg), "pool": input_digest(ds), "target": input_digest(target),
                   "version": PLAN_VERSION}
         plan_path = work_dir(ds) / "plan.json"
@@ -143,7 +150,7 @@ class TargetStage:
             n += len(shard_embeddings(ds, s)[0])
         if n == 0:
             raise InputError(f"{ds.root}: no scored samples with an image embedding")
-        k = sd.choose_k(n, cfg.k or None)
+        k = min(cfg.k, n) if cfg.k else sd.choose_k(n)  # an explicit k is honoured down to one row a cluster
         rate = min(1.0, k * POINTS_PER_CLUSTER / n)
         keys, parts = [], []
         for s in shards:
