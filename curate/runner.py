@@ -8,7 +8,6 @@ output); a rerun skips done shards; another config fingerprint is refused unless
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from curate.config import fingerprint, to_dict
 from curate.engines import EngineSpec, make_engine
 from curate.io import manifest
 from curate.io.atomic import clean_tmp
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, task_id
 from curate.progress import Progress
 from curate.stages import get_stage
 
@@ -43,8 +42,8 @@ class StageSummary:
 
 
 def discard_stage_outputs(ds: DatasetDir, stage: str) -> None:
-    for sub in (ds.root / "_done" / stage, ds.root / "stats" / stage, ds.root / "signals" / stage):
-        shutil.rmtree(sub, ignore_errors=True)
+    """Kept for stages that call it: the one discard function is DatasetDir.discard."""
+    ds.discard(stage)
 
 
 def run_stage(
@@ -63,13 +62,12 @@ def run_stage(
     ds.root.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg, fingerprint_extra)
     if manifest.check_fingerprint(ds, stage_name, fp, redo):
-        discard = getattr(stage, "discard_outputs", None)
-        discard(cfg, ds) if discard else discard_stage_outputs(ds, stage_name)
+        ds.discard(stage_name)
     clean_tmp(ds.root)
     t0 = time.time()
     tasks = stage.plan(cfg, ds)
-    done = set(ds.done_shards(stage_name))
-    todo = [t for t in tasks if t["shard"] not in done]
+    done = set(ds.done_tasks(stage_name))
+    todo = [t for t in tasks if task_id(t) not in done]
     summary = StageSummary(stage_name, str(ds.root), fp, len(tasks), len(tasks) - len(todo))
     config = to_dict(cfg)
     # record the run as started before any shard: a crash leaves a manifest that a resume can check
@@ -82,18 +80,19 @@ def run_stage(
     while todo:
         payloads = [(stage_name, config, str(ds.root), t) for t in todo]
         for t in todo:
-            attempts[t["shard"]] += 1
+            attempts[task_id(t)] += 1
         results = eng.run(payloads, lambda r: bar.update(1) if r["ok"] else None)
         retry = []
         for t, r in zip(todo, results, strict=True):
+            tid = task_id(t)
             if r["ok"]:
                 summary.shards_done += 1
-                summary.failed.pop(t["shard"], None)
+                summary.failed.pop(tid, None)
             else:
-                summary.failed[t["shard"]] = r["error"]
-                log.warning("shard %s failed (attempt %d/%d): %s", t["shard"], attempts[t["shard"]],
+                summary.failed[tid] = r["error"]
+                log.warning("task %s failed (attempt %d/%d): %s", tid, attempts[tid],
                             max_attempts, (r["error"] or "").splitlines()[0])
-                if attempts[t["shard"]] < max_attempts:
+                if attempts[tid] < max_attempts:
                     retry.append(t)
         todo = retry
     bar.close()
@@ -118,8 +117,8 @@ def _sum_stats(ds: DatasetDir, stage_name: str) -> dict[str, Any]:
     from curate.io.atomic import read_json
 
     total: dict[str, Any] = {}
-    for shard in ds.done_shards(stage_name):
-        p = ds.stats(stage_name, shard)
+    for tid in ds.done_tasks(stage_name):
+        p = ds.stats(stage_name, tid)
         if not p.exists():
             continue
         for k, v in read_json(p).items():

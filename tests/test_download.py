@@ -22,7 +22,7 @@ from test_fetch import LoopServer, jpeg
 
 from curate.cli import main
 from curate.imaging import ImageOptions, ImageRejected, process_image
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, sample_key, shard_name
 from curate.io.shards import iter_samples
 from curate.io.tables import read_tables
 
@@ -86,8 +86,8 @@ def test_every_row_in_ledger_with_expected_codes(server, tmp_path):
                     "--max-aspect-ratio", "5") == 0
     t = ledger(out).to_pylist()
     assert [r["SAMPLE_ID"] for r in t] == [f"s{i:04d}" for i in range(len(rows))]
-    assert [r["key"] for r in t] == [f"{i // 4:05d}{i % 4:05d}" for i in range(len(rows))]
-    assert [r["shard"] for r in t] == [f"{i // 4:05d}" for i in range(len(rows))]
+    assert [r["key"] for r in t] == [sample_key(shard_name(i // 4), i % 4) for i in range(len(rows))]
+    assert [r["shard"] for r in t] == [shard_name(i // 4) for i in range(len(rows))]
     codes = [r["status"] for r in t]
     assert codes == ["success"] * 5 + ["opted_out", "decode_error", "format_not_allowed", "http_4xx",
                                        "bad_aspect_ratio", "too_small", "duplicate_url", "invalid_url",
@@ -183,8 +183,8 @@ def test_retry_failed_retries_only_transient_rows(server, tmp_path):
     assert download(inp, out, server, "--retries", "0", "--samples-per-shard", "2", "--retry-failed") == 0
     t = ledger(out).to_pylist()
     assert [(r["key"], r["status"], r["superseded_by"]) for r in t] == [
-        ("0000000000", "success", None), ("0000000001", "http_5xx", "0000200000"),
-        ("0000100000", "http_4xx", None), ("0000200000", "success", None)]
+        ("0000000000000", "success", None), ("0000000000001", "http_5xx", "0000000200000"),
+        ("0000000100000", "http_4xx", None), ("0000000200000", "success", None)]
     assert t[3]["row"] == 1
     assert server.hits["/ok.jpg"] == 1 and server.hits["/missing"] == 1  # never re-fetched
     # a second --retry-failed has nothing left to retry; a plain rerun changes nothing
@@ -277,3 +277,26 @@ def test_local_and_spark_give_the_same_outputs(server, tmp_path, monkeypatch):
     for shard in DatasetDir.at(tmp_path / "local").shards():
         assert (tmp_path / "local" / "shards" / f"{shard}.tar").read_bytes() == \
                (tmp_path / "spark" / "shards" / f"{shard}.tar").read_bytes()
+
+
+def test_retry_marks_the_right_ledger_past_99999_shards(tmp_path):
+    """retry_of keys of shards 99,999 and 100,000 name their own ledgers (the old `retry_of[:5]` did not)."""
+    from curate.io.ledger import LEDGER_FIELDS
+    from curate.io.tables import write_table
+    from curate.stages.download import _mark_superseded, slice_path
+
+    ds = DatasetDir.at(tmp_path)
+    schema = pa.schema(LEDGER_FIELDS)
+    olds = [shard_name(99_999), shard_name(100_000), shard_name(1_000_000)]
+    for s in olds:
+        rows = [{"key": sample_key(s, j), "shard": s, "row": j, "status": "timeout", "error_code": "timeout"}
+                for j in range(3)]
+        write_table(ds.ledger(s), pa.Table.from_pylist(rows, schema=schema))
+    retry = shard_name(1_000_001)
+    retry_of = [sample_key(olds[0], 2), sample_key(olds[1], 0), sample_key(olds[2], 1)]
+    write_table(slice_path(ds, retry), pa.table({"key": [sample_key(retry, j) for j in range(3)],
+                                                 "retry_of": retry_of}))
+    assert _mark_superseded(ds, retry) == 3
+    sup = {s: pq.read_table(ds.ledger(s)).column("superseded_by").to_pylist() for s in olds}
+    assert sup == {olds[0]: [None, None, sample_key(retry, 0)], olds[1]: [sample_key(retry, 1), None, None],
+                   olds[2]: [None, sample_key(retry, 2), None]}

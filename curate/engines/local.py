@@ -8,6 +8,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from curate.engines.base import OnResult, Payload
+from curate.io.layout import task_id
 from curate.stages.base import TaskResult, execute_task
 
 
@@ -46,7 +47,7 @@ class LocalEngine:
                             broken = True
                             continue
                         except Exception as e:  # noqa: BLE001 - reported as a failed shard
-                            r = TaskResult(payloads[i][3]["shard"], False, error=repr(e)).to_dict()
+                            r = TaskResult(task_id(payloads[i][3]), False, error=repr(e)).to_dict()
                         results[i] = r
                         on_result(r)
                     if broken:
@@ -57,7 +58,7 @@ class LocalEngine:
             if len(still) == len(pending):
                 # no progress at all: report them as failed instead of looping forever
                 for i in still:
-                    r = TaskResult(payloads[i][3]["shard"], False, error="worker process died").to_dict()
+                    r = TaskResult(task_id(payloads[i][3]), False, error="worker process died").to_dict()
                     results[i] = r
                     on_result(r)
                 break

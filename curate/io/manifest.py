@@ -14,7 +14,7 @@ from typing import Any
 from curate import __version__
 from curate.errors import ConfigMismatchError
 from curate.io.atomic import read_json, write_json
-from curate.io.layout import DatasetDir
+from curate.io.layout import LAYOUT_VERSION, DatasetDir
 
 _VERSIONED = (
     "pyarrow", "numpy", "pillow", "urllib3", "duckdb", "pyspark", "torch", "open_clip_torch",
@@ -35,7 +35,7 @@ def package_versions() -> dict[str, str]:
 def load(ds: DatasetDir) -> dict[str, Any]:
     if ds.manifest.exists():
         return read_json(ds.manifest)
-    return {"format": "curate-dataset/1", "stages": {}}
+    return {"format": LAYOUT_VERSION, "stages": {}}
 
 
 def check_fingerprint(ds: DatasetDir, stage: str, fp: str, redo: bool) -> bool:
@@ -43,7 +43,12 @@ def check_fingerprint(ds: DatasetDir, stage: str, fp: str, redo: bool) -> bool:
 
     A different fingerprint without --redo stops with a message naming both fingerprints.
     """
-    prev = load(ds)["stages"].get(stage)
+    man = load(ds)
+    if man.get("stages") and man.get("format") != LAYOUT_VERSION:
+        raise ConfigMismatchError(
+            f"{ds.root}: written by an older curate ({man.get('format')}: 5-digit shard ids, 10-character keys); "
+            f"this version writes {LAYOUT_VERSION}. Use a new output directory.")
+    prev = man["stages"].get(stage)
     if prev is None or prev.get("fingerprint") == fp:
         return bool(redo)
     if not redo:

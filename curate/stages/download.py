@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import threading
 import time
 import traceback
@@ -36,12 +35,19 @@ from curate.fetch import Fetcher, FetchFailed, FetchPolicy
 from curate.imaging import ENCODE_FORMATS, RESIZE_MODES, ImageOptions, ImageRejected, process_image
 from curate.io.atomic import read_json, write_json
 from curate.io.inputs import InputSpec, list_files, read_input
-from curate.io.layout import DatasetDir, shard_name
+from curate.io.layout import (
+    MAX_ROWS_PER_SHARD,
+    DatasetDir,
+    is_shard_name,
+    sample_key,
+    shard_index,
+    shard_name,
+    shard_of_key,
+)
 from curate.io.ledger import LEDGER_FIELDS, TRANSIENT_CODES, check_code
 from curate.io.shards import ShardWriter
 from curate.io.tables import read_tables, write_table
 
-MAX_ROWS_PER_SHARD = 100_000  # keys hold the row in 5 digits
 # ledger fields left out of the sample's json in the tar: timing differs from run to run, and the
 # tar must be byte-identical whatever engine or machine wrote it
 _NOT_IN_TAR = frozenset({"elapsed", "superseded_by"})
@@ -140,15 +146,15 @@ def check_config(cfg: DownloadConfig) -> None:
 # ---- planning (driver) --------------------------------------------------------------------------
 
 def slice_path(ds: DatasetDir, shard: str) -> Path:
-    return ds.root / "_inputs" / f"{shard}.parquet"
+    return ds.input_slice(shard)
 
 
 def progress_path(ds: DatasetDir, shard: str) -> Path:
-    return ds.root / "_inputs" / "progress" / f"{shard}.json"
+    return ds.input_progress(shard)
 
 
 def plan_path(ds: DatasetDir) -> Path:
-    return ds.root / "_inputs" / "plan.json"
+    return ds.plan_file
 
 
 def _dedup_key(url: str | None) -> str | None:
@@ -187,7 +193,7 @@ def plan(cfg: DownloadConfig, ds: DatasetDir) -> list[dict[str, Any]]:
         rows: dict[str, list[Any]] = {k: [] for k in ("key", "row", "url", "caption", "duplicate_of", "retry_of")}
         rows.update({c: [] for c in cfg.keep_cols})
         for i in range(lo, hi):
-            key = f"{shard}{i - lo:05d}"
+            key = sample_key(shard, i - lo)
             dk = _dedup_key(urls[i])
             dup = first.get(dk) if dk else None
             if dk and dup is None:
@@ -218,7 +224,7 @@ def _existing_retry_shards(ds: DatasetDir, n_base: int) -> list[str]:
     if not folder.exists():
         return []
     return sorted(p.stem for p in folder.glob("*.parquet")
-                  if p.stem.isdigit() and int(p.stem) >= n_base and not p.name.startswith("."))
+                  if is_shard_name(p.stem) and shard_index(p.stem) >= n_base)
 
 
 def _plan_retries(cfg: DownloadConfig, ds: DatasetDir, done: set[str], n_base: int,
@@ -235,7 +241,7 @@ def _plan_retries(cfg: DownloadConfig, ds: DatasetDir, done: set[str], n_base: i
         for r in pq.read_table(path).to_pylist():
             if r.get("error_code") in TRANSIENT_CODES and not r.get("superseded_by") and r["key"] not in already:
                 candidates.append(r)
-    nxt = max([n_base - 1, *(int(s) for s in existing), *(int(s) for s in done)]) + 1
+    nxt = max([n_base - 1, *(shard_index(s) for s in existing), *(shard_index(s) for s in done)]) + 1
     new = []
     sps = cfg.samples_per_shard
     for start in range(0, len(candidates), sps):
@@ -243,7 +249,7 @@ def _plan_retries(cfg: DownloadConfig, ds: DatasetDir, done: set[str], n_base: i
         nxt += 1
         part = candidates[start:start + sps]
         rows: dict[str, list[Any]] = {
-            "key": [f"{shard}{j:05d}" for j in range(len(part))], "row": [r["row"] for r in part],
+            "key": [sample_key(shard, j) for j in range(len(part))], "row": [r["row"] for r in part],
             "url": [r["url"] for r in part], "caption": [r["caption"] for r in part],
             "duplicate_of": [None] * len(part), "retry_of": [r["key"] for r in part],
         }
@@ -259,7 +265,7 @@ def _mark_superseded(ds: DatasetDir, retry_shard: str) -> int:
     by_shard: dict[str, dict[str, str]] = {}
     for r in sl:
         if r["retry_of"]:
-            by_shard.setdefault(r["retry_of"][:5], {})[r["retry_of"]] = r["key"]
+            by_shard.setdefault(shard_of_key(r["retry_of"]), {})[r["retry_of"]] = r["key"]
     for shard, new_keys in by_shard.items():
         path = ds.ledger(shard)
         if not path.exists():
@@ -430,11 +436,6 @@ def inputs(cfg: DownloadConfig) -> dict[str, Any]:
     return {"files": [{"path": p, "size": s} for p, s in list_files(cfg.input_spec())]}
 
 
-def discard_outputs(cfg: DownloadConfig, ds: DatasetDir) -> None:
-    for sub in ("shards", "ledger", "_inputs", "_done/download", "stats/download"):
-        shutil.rmtree(ds.root / sub, ignore_errors=True)
-
-
 def read_stats(ds: DatasetDir, shard: str) -> dict[str, Any] | None:
     p = ds.stats("download", shard)
     return read_json(p) if p.exists() else None
@@ -456,9 +457,6 @@ class DownloadStage:
 
     def inputs(self, cfg: DownloadConfig) -> dict[str, Any]:
         return inputs(cfg)
-
-    def discard_outputs(self, cfg: DownloadConfig, ds: DatasetDir) -> None:
-        discard_outputs(cfg, ds)
 
 
 STAGE = DownloadStage()
