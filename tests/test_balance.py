@@ -17,7 +17,7 @@ from curate.balancing import Matcher, draw, load_entries, normalize, reduce_sql
 from curate.cli import main
 from curate.errors import InputError
 from curate.io import manifest
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, sample_key, shard_name
 from curate.stages.export import ExportConfig, select
 
 VOCAB = ["cat", "dog", "red car", "car", "the", "a", "tree", "new york", "york", "sky"]
@@ -219,7 +219,8 @@ def test_default_metadata_is_the_offline_word_list(tmp_path):
                                         enumerate(["a photo of a cat", "zzqx", "the dog"])], shard_size=2)
     assert main(["balance", str(ds.root), "--no-progress"]) == 0
     sig = signals(ds)
-    assert sig["0000000000"]["entries"] == ["a", "cat", "of", "photo"] and sig["0000000001"]["matched"] == 0
+    first, second = sample_key(shard_name(0), 0), sample_key(shard_name(0), 1)
+    assert sig[first]["entries"] == ["a", "cat", "of", "photo"] and sig[second]["matched"] == 0
     assert manifest.load(ds)["stages"]["balance"]["config"]["metadata"] == "wordfreq:en:50000"
 
 

@@ -12,7 +12,7 @@ from dataset_factory import color_image, make_dataset
 
 from curate.cli import main
 from curate.io import manifest
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, sample_key, shard_name
 from curate.stages.export import ExportConfig, select
 
 TINY = {
@@ -82,7 +82,7 @@ def test_keeps_exactly_the_samples_of_the_clusters_nearest_to_the_target(data):
     assert kept == want
     # the target's own images are copies of pool rows: those rows are always kept
     pos = [i + (i >= 5) + (i >= 8) for i in TARGET_SEEDS]  # after the two inserted rows
-    copies = {f"{p // 16:05d}{p % 16:05d}" for p in pos}
+    copies = {sample_key(shard_name(p // 16), p % 16) for p in pos}
     assert copies <= set(kept)
     plan = json.loads((pool.root / "_work" / "target" / "plan.json").read_text())
     assert sorted(plan["selected"]) == sorted(chosen) and plan["target_images"] == 3

@@ -1,6 +1,6 @@
 """Stage "balance": MetaCLIP-style metadata balancing signals (signals/balance/{shard}.parquet).
 
-Map: one task per downloaded shard ("m{shard}") matches its captions against the metadata entries and
+Map: one task per downloaded shard (task id "match-{shard}") matches its captions against the metadata entries and
 writes the long table _work/balance/matches/{shard}.parquet (key, shard, entry, draw; one row per match,
 a null entry for a pair with none). Reduce (finalize, on the driver's query engine: DuckDB, or Spark SQL
 with --engine spark): `curate.balancing.reduce_sql` ranks each entry's pairs by draw with a window and
@@ -47,7 +47,7 @@ class BalanceConfig:
 
 
 def work_dir(ds: DatasetDir) -> Path:
-    return ds.root / "_work" / NAME
+    return ds.work(NAME)
 
 
 def input_digest(ds: DatasetDir) -> dict[str, Any]:
@@ -84,20 +84,15 @@ class BalanceStage:
             with atomic_path(wd / "metadata.txt") as tmp:
                 Path(tmp).write_text("\n".join(entries), encoding="utf-8")
             write_json(plan_path, {"digest": digest, "entries": len(entries), "shards": shards})
-        tasks = [{"shard": f"m{s}", "source": s, "digest": digest["entries"]} for s in shards]
+        # task ids are not shard ids: the shard markers are finalize's, written with the signal tables
+        tasks = [{"task": f"match-{s}", "shard": s, "digest": digest["entries"]} for s in shards]
         for t in tasks:  # a marker whose output was deleted means the task must run again
-            if not _match_path(ds, t["source"]).exists():
-                ds.marker(self.name, t["shard"]).unlink(missing_ok=True)
+            if not _match_path(ds, t["shard"]).exists():
+                ds.marker(self.name, t["task"]).unlink(missing_ok=True)
         return tasks
 
     def _discard_work(self, ds: DatasetDir) -> None:
-        from curate.runner import discard_stage_outputs
-
-        discard_stage_outputs(ds, self.name)
-        shutil.rmtree(work_dir(ds), ignore_errors=True)
-
-    def discard_outputs(self, cfg: BalanceConfig, ds: DatasetDir) -> None:
-        self._discard_work(ds)
+        ds.discard(self.name)
 
     def run_shard(self, cfg: BalanceConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
         import pyarrow as pa
@@ -105,7 +100,7 @@ class BalanceStage:
         from curate.balancing import cached_matcher, draw
         from curate.io.tables import write_table
 
-        shard = task["source"]
+        shard = task["shard"]
         matcher = cached_matcher(str(work_dir(ds) / "metadata.txt"), task["digest"])
         keys, entries, draws = [], [], []
         pairs = matched = 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ def check_config(cfg: TargetConfig) -> None:
 
 
 def work_dir(ds: DatasetDir) -> Path:
-    return ds.root / "_work" / NAME
+    return ds.work(NAME)
 
 
 def check_same_model(pool: DatasetDir, target: DatasetDir) -> None:
@@ -136,7 +135,7 @@ class TargetStage:
                   "version": PLAN_VERSION}
         plan_path = work_dir(ds) / "plan.json"
         if not (plan_path.exists() and read_json(plan_path).get("digest") == digest):
-            self.discard_outputs(cfg, ds)  # centroids changed: no assignment may be reused
+            ds.discard(self.name)  # centroids changed: no assignment may be reused
             self._build(cfg, ds, target, shards, digest)
         return [{"shard": s} for s in shards]
 
@@ -185,12 +184,6 @@ class TargetStage:
             "digest": digest, "rows": n, "k": int(len(centroids)), "sampled": int(len(sample)),
             "target_images": images, "selected": selected, "target_per_cluster": {str(c): hits[c] for c in selected},
         })
-
-    def discard_outputs(self, cfg: TargetConfig, ds: DatasetDir) -> None:
-        from curate.runner import discard_stage_outputs
-
-        discard_stage_outputs(ds, self.name)
-        shutil.rmtree(work_dir(ds), ignore_errors=True)
 
     def run_shard(self, cfg: TargetConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
         import pyarrow as pa
