@@ -235,3 +235,22 @@ def test_spark_reduce_equals_duckdb(pool, tmp_path):
     assert main(["balance", str(other), "--metadata", meta, "--seed", "7", "--redo", "--no-progress",
                  "--engine", "spark", "--spark-master", "local[1]"]) == 0
     assert signals(DatasetDir.at(other)) == signals(pool)
+
+
+def test_a_lost_match_file_or_signal_table_is_rebuilt_on_resume(pool, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pool.root, copy)
+    ds = DatasetDir.at(copy)
+    before = signals(ds)
+    meta = str(pool.root.parent / "metadata.txt")
+    shard = ds.shards()[1]
+    (ds.work("balance") / "matches" / f"{shard}.parquet").unlink()  # a task output lost after its marker
+    ds.signals("balance", shard).unlink()  # and a shard's signal table, as a crash in finalize would leave it
+    ds.marker("balance", shard).unlink()
+    (ds.work("balance") / "result.json").unlink()
+    capsys.readouterr()
+    assert main(["balance", str(copy), "--metadata", meta, "--seed", "7", "--no-progress"]) == 0
+    assert "1 shard(s) done" in capsys.readouterr().err  # only the lost match task ran again
+    assert signals(ds) == before and ds.done_shards("balance") == ds.shards()
