@@ -18,6 +18,7 @@ from curate.errors import CurateError
 # (command module) -- a command is listed here only once it works
 COMMANDS: list[str] = [
     "curate.commands.adopt",
+    "curate.commands.balance",
     "curate.commands.download",
     "curate.commands.dedup",
     "curate.commands.demo",
@@ -29,6 +30,7 @@ COMMANDS: list[str] = [
     "curate.commands.score",
     "curate.commands.search",
     "curate.commands.serve",
+    "curate.commands.target",
     "curate.commands.train_probe",
 ]
 
