@@ -18,6 +18,7 @@ that want one row per input row take the rows whose `superseded_by` is null.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 import traceback
