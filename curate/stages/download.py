@@ -18,6 +18,7 @@ that want one row per input row take the rows whose `superseded_by` is null.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 import traceback
@@ -32,7 +33,15 @@ import pyarrow.parquet as pq
 from curate.config import runtime
 from curate.errors import InputError
 from curate.fetch import Fetcher, FetchFailed, FetchPolicy
-from curate.imaging import ENCODE_FORMATS, RESIZE_MODES, ImageOptions, ImageRejected, process_image
+from curate.imaging import (
+    DECODE_BUDGET_BYTES,
+    ENCODE_FORMATS,
+    RESIZE_MODES,
+    DecodeBudget,
+    ImageOptions,
+    ImageRejected,
+    process_image,
+)
 from curate.io.atomic import read_json, write_json
 from curate.io.inputs import InputSpec, list_files
 from curate.io.layout import (
@@ -441,7 +450,21 @@ class _Result:
     ext: str | None = None
 
 
-def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions) -> _Result:
+# the shard writer's last resort: a row with no result this long after its worker took it is written
+# as deadline_exceeded (the fetch itself is bounded by the watchdog; this covers the wait for a
+# per-host slot, the decode budget, and any bug that would otherwise hang the shard)
+WRITER_GRACE = 60.0
+
+
+def _row_wait_limit(cfg: DownloadConfig) -> float:
+    """Seconds the writer waits for one row: its own deadline, the deadlines of the rows that can be
+    ahead of it for the same host slot, and a grace for decoding."""
+    waves = math.ceil(max(1, cfg.threads) / max(1, cfg.per_host))
+    return cfg.deadline * (waves + 1) + WRITER_GRACE
+
+
+def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions,
+                 budget: DecodeBudget | None = None) -> _Result:
     t0 = time.monotonic()
     led: dict[str, Any] = {name: None for name in _LEDGER_NAMES}
     led.update(key=row["key"], row=row["row"], url=row["url"], caption=row["caption"], attempts=0)
@@ -465,7 +488,7 @@ def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions) -> _R
                    bytes=len(got.body), sha256=hashlib.sha256(got.body).hexdigest(),
                    mime=(got.content_type or "").split(";")[0].strip() or None)
         try:
-            img = process_image(got.body, opt)
+            img = process_image(got.body, opt, budget)
         except ImageRejected as e:
             led.update(status=e.code, error_code=e.code, error_message=e.message, mime=e.mime or led["mime"])
             if e.orig_size:
@@ -486,6 +509,28 @@ def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions) -> _R
         led["elapsed"] = round(time.monotonic() - t0, 4)
 
 
+def _await_row(cond: threading.Condition, results: list[_Result | None], taken: list[float], i: int,
+               limit: float) -> _Result | None:
+    """Row i's result, or None once it has been in a worker for `limit` seconds (call holding `cond`).
+
+    A row not taken yet is waited for without a bound: every taken row ends or is given up on within
+    `limit`, and its thread replaced, so free workers always reach it.
+    """
+    while results[i] is None:
+        if taken[i] and time.monotonic() - taken[i] > limit:
+            return None
+        cond.wait(timeout=1.0)
+    return results[i]
+
+
+def _abandoned(row: dict[str, Any], limit: float) -> _Result:
+    led: dict[str, Any] = {name: None for name in _LEDGER_NAMES}
+    led.update(key=row["key"], row=row["row"], url=row["url"], caption=row["caption"], attempts=0,
+               status="deadline_exceeded", error_code="deadline_exceeded", elapsed=round(limit, 4),
+               error_message=f"no result {limit:.0f}s after the row was started; the shard went on without it")
+    return _Result(led)
+
+
 def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
     shard = task["shard"]
     t0 = time.time()
@@ -493,9 +538,12 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     n = len(rows)
     fetcher = Fetcher(cfg.fetch_policy())
     opt = cfg.image_options()
+    budget = DecodeBudget(DECODE_BUDGET_BYTES)  # decoded bytes in flight in this task, all threads together
     # results are written in row order; the window bounds how far workers run ahead of the writer
     window = max(256, cfg.threads * 16)
     results: list[_Result | None] = [None] * n
+    taken: list[float] = [0.0] * n  # when a worker took row i (monotonic)
+    wait_limit = _row_wait_limit(cfg)
     state = {"next": 0, "written": 0, "stop": False}
     cond = threading.Condition()
 
@@ -508,9 +556,11 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                     return
                 i = state["next"]
                 state["next"] += 1
-            r = _process_row(rows[i], fetcher, opt)
+                taken[i] = time.monotonic()
+            r = _process_row(rows[i], fetcher, opt, budget)
             with cond:
-                results[i] = r
+                if state["written"] <= i:  # not given up on by the writer
+                    results[i] = r
                 cond.notify_all()
 
     threads = [threading.Thread(target=worker, daemon=True, name=f"fetch-{shard}-{k}")
@@ -525,13 +575,17 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         with ShardWriter(ds.shard_tar(shard)) as writer:
             for i in range(n):
                 with cond:
-                    while results[i] is None:
-                        cond.wait(timeout=1.0)
-                    r = results[i]
+                    r = _await_row(cond, results, taken, i, wait_limit)
+                    if r is None:
+                        # the thread stuck in row i is left behind (a daemon) and replaced, so the
+                        # rows after it still get their full thread count
+                        r = _abandoned(rows[i], wait_limit)
+                        spare = threading.Thread(target=worker, daemon=True, name=f"fetch-{shard}-r{i}")
+                        threads.append(spare)
+                        spare.start()
                     results[i] = None
                     state["written"] = i + 1
                     cond.notify_all()
-                assert r is not None
                 led = r.ledger
                 led["shard"] = shard
                 for c in cfg.keep_cols:
@@ -549,8 +603,10 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         with cond:
             state["stop"] = True
             cond.notify_all()
+        # one bound for all threads together: a thread stuck past it is a daemon and is left behind
+        join_until = time.monotonic() + cfg.deadline + 5
         for th in threads:
-            th.join(timeout=cfg.deadline + 5)
+            th.join(timeout=max(0.0, join_until - time.monotonic()))
         fetcher.close()
     fields = list(LEDGER_FIELDS) + [pa.field(c, pa.string()) for c in cfg.keep_cols]
     schema = pa.schema(fields)
