@@ -88,6 +88,9 @@ def run_stage(
     with stage_lock(ds, stage_name, part) as exclusive, _sigterm_as_exit():
         if manifest.check_fingerprint(ds, stage_name, fp, redo):
             ds.discard(stage_name)
+            extra = getattr(stage, "discard_outputs", None)
+            if extra is not None:  # files only the stage knows of (export's img2dataset-layout files)
+                extra(cfg, ds)
         if exclusive:
             # the lock is ours alone: every temp file of this stage is a killed run's, whatever its age
             clean_stage_tmp(ds, stage_name)
