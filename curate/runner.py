@@ -67,20 +67,46 @@ def run_stage(
         discard(cfg, ds) if discard else discard_stage_outputs(ds, stage_name)
     clean_tmp(ds.root)
     t0 = time.time()
-    tasks = stage.plan(cfg, ds)
-    done = set(ds.done_shards(stage_name))
-    todo = [t for t in tasks if t["shard"] not in done]
-    summary = StageSummary(stage_name, str(ds.root), fp, len(tasks), len(tasks) - len(todo))
+    # a stage may run several task phases in order (dedup: assign, pairs, decide, write); each phase is
+    # planned after the previous one completed, and its tasks go through the same engine/marker path
+    phases = getattr(stage, "phases", None)
+    phase_names: list[str | None] = list(phases(cfg, ds)) if phases else [None]
+    summary = StageSummary(stage_name, str(ds.root), fp)
     config = to_dict(cfg)
-    # record the run as started before any shard: a crash leaves a manifest that a resume can check
-    manifest.record_stage(ds, stage_name, config=config, fingerprint=fp,
-                          inputs=_inputs(stage, cfg), status="running")
     eng = make_engine(engine)
-    bar = Progress(f"{stage_name}", total=len(tasks), initial=summary.shards_skipped, unit="shard",
-                   enabled=progress)
+    for i, phase in enumerate(phase_names):
+        tasks = stage.plan(cfg, ds) if phase is None else stage.plan_phase(cfg, ds, phase)
+        done = set(ds.done_shards(stage_name))
+        todo = [t for t in tasks if t["shard"] not in done]
+        summary.shards_total += len(tasks)
+        summary.shards_skipped += len(tasks) - len(todo)
+        if i == 0:
+            # record the run as started before any shard: a crash leaves a manifest that a resume can check
+            manifest.record_stage(ds, stage_name, config=config, fingerprint=fp,
+                                  inputs=_inputs(stage, cfg), status="running")
+        label = stage_name if phase is None else f"{stage_name} {phase}"
+        bar = Progress(label, total=len(tasks), initial=len(tasks) - len(todo), unit="shard", enabled=progress)
+        _run_tasks(eng, (stage_name, config, str(ds.root)), todo, summary, bar, max_attempts)
+        bar.close()
+        if summary.failed:
+            break  # a later phase reads this phase's outputs
+    summary.seconds = time.time() - t0
+    finalize = getattr(stage, "finalize", None)
+    summary.counts = finalize(cfg, ds) if finalize else _sum_stats(ds, stage_name)
+    manifest.record_stage(
+        ds, stage_name, config=config, fingerprint=fp, inputs=_inputs(stage, cfg), counts=summary.counts,
+        status="complete" if summary.ok else "incomplete",
+        extra={"shards": {"total": summary.shards_total, "failed": sorted(summary.failed)}},
+    )
+    return summary
+
+
+def _run_tasks(eng: Any, head: tuple[str, dict[str, Any], str], todo: list[dict[str, Any]],
+               summary: StageSummary, bar: Progress, max_attempts: int) -> None:
+    """Run `todo` on the engine, retrying failed tasks up to `max_attempts`; results go into `summary`."""
     attempts: Counter[str] = Counter()
     while todo:
-        payloads = [(stage_name, config, str(ds.root), t) for t in todo]
+        payloads = [(*head, t) for t in todo]
         for t in todo:
             attempts[t["shard"]] += 1
         results = eng.run(payloads, lambda r: bar.update(1) if r["ok"] else None)
@@ -96,16 +122,6 @@ def run_stage(
                 if attempts[t["shard"]] < max_attempts:
                     retry.append(t)
         todo = retry
-    bar.close()
-    summary.seconds = time.time() - t0
-    finalize = getattr(stage, "finalize", None)
-    summary.counts = finalize(cfg, ds) if finalize else _sum_stats(ds, stage_name)
-    manifest.record_stage(
-        ds, stage_name, config=config, fingerprint=fp, inputs=_inputs(stage, cfg), counts=summary.counts,
-        status="complete" if summary.ok else "incomplete",
-        extra={"shards": {"total": summary.shards_total, "failed": sorted(summary.failed)}},
-    )
-    return summary
 
 
 def _inputs(stage: Any, cfg: Any) -> dict[str, Any]:

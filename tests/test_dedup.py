@@ -94,31 +94,59 @@ def run(ds: DatasetDir, *args: str) -> int:
     return main(["dedup", str(ds.root), "--no-progress", *args])
 
 
-def found_groups(t: pa.Table) -> list[list[int]]:
+def reference(emb: np.ndarray, prio: np.ndarray, sha: list[str | None] | None, threshold: float = 0.95
+              ) -> dict[int, int]:
+    """SemDeDup's rule by brute force: rows in keep order (priority, then lowest key); a row is dropped when it is
+    within the threshold of (or byte-equal to) a row already kept, and points to the first such kept row.
+    Returns {dropped row: kept row}."""
+    x = np.asarray(emb, np.float16).astype(np.float32)
+    sims = x @ x.T
+    kept: list[int] = []
+    out = {}
+    for i in sorted(range(len(emb)), key=lambda r: (-prio[r], key_of(r))):
+        hit = next((j for j in kept if sims[i, j] >= threshold or (sha and sha[i] is not None and sha[i] == sha[j])),
+                   None)
+        if hit is None:
+            kept.append(i)
+        else:
+            out[i] = hit
+    return out
+
+
+def decisions(t: pa.Table) -> dict[int, int]:
+    """{dropped row: kept row} from a dedup signal table, checking the columns agree with each other."""
+    pos = {key_of(i): i for i in range(t.num_rows)}
     rows = t.to_pylist()
-    pos = {key_of(i): i for i in range(len(rows))}
-    by: dict[int, list[int]] = {}
+    out = {pos[r["key"]]: pos[r["kept_key"]] for r in rows if r["is_duplicate"]}
+    kept_group = {r["key"]: r["dup_group"] for r in rows if not r["is_duplicate"]}
     for r in rows:
-        if r["dup_group"] >= 0:
-            by.setdefault(r["dup_group"], []).append(pos[r["key"]])
-    return sorted(sorted(v) for v in by.values())
+        assert r["is_duplicate"] == (r["kept_key"] != r["key"]) == (r["dup_evidence"] is not None)
+        if r["is_duplicate"]:
+            assert r["dup_group"] >= 0 and kept_group[r["kept_key"]] == r["dup_group"]
+            assert r["kept_key"] not in out  # the sample a row duplicates is always a kept one
+    return out
 
 
-def test_planted_groups_found_exactly_with_exact_duplicates(tmp_path):
+def test_planted_decisions_are_semdedups_rule_with_exact_duplicates(tmp_path):
     emb, groups = planted()
     sha = [f"{i:064x}" for i in range(len(emb))]
     sha[20] = sha[30]  # same bytes, different (unrelated) embeddings: joined by sha256 alone
-    ds = write_scored(tmp_path / "ds", emb, sha=sha)
+    clip = np.linspace(0.2, 0.3, len(emb))
+    ds = write_scored(tmp_path / "ds", emb, clip=clip, sha=sha)
     assert run(ds) == 0
     t = dedup_table(ds)
     assert t.num_rows == len(emb)  # one row per scored sample; the failed rows have none
+    want = reference(emb, clip, sha)
+    assert decisions(t) == want and len(want) >= 6
     counts = manifest.load(ds)["stages"]["dedup"]["counts"]
-    assert counts["groups"] == 5 and counts["exact_duplicates"] == 2
-    assert counts["duplicates"] == sum(len(g) - 1 for g in groups) + 1
-    assert counts["near_duplicate_pairs"] >= sum(len(g) - 1 for g in groups)  # every copy-original pair
-    assert found_groups(t) == sorted([*groups, [20, 30]])
+    assert counts["duplicates"] == len(want) and counts["exact_duplicates"] == 2
+    assert counts["groups"] == len(set(want.values()))
+    assert counts["drops_by_evidence"] == {"exact": 1, "phash": 0, "near": len(want) - 1}
+    # every planted copy-original pair is a near pair (copies of one original may be below the threshold)
+    assert counts["near_duplicate_pairs"] >= sum(len(g) - 1 for g in groups)
     rows = {r["key"]: r for r in t.to_pylist()}
     assert rows[key_of(20)]["exact_dup"] and rows[key_of(30)]["exact_dup"]
+    assert rows[key_of(20)]["dup_evidence"] == "exact" and rows[key_of(20)]["kept_key"] == key_of(30)
     assert not rows[key_of(3)]["exact_dup"]
     # nn_similarity: the planted copy's cosine (float16 storage), and the neighbour's key
     cos = float(np.asarray(emb[50], np.float16).astype(np.float32) @ np.asarray(emb[51], np.float16).astype(np.float32))
@@ -128,9 +156,40 @@ def test_planted_groups_found_exactly_with_exact_duplicates(tmp_path):
     assert rows[key_of(5)]["dup_group"] == -1 and rows[key_of(5)]["nn_similarity"] < 0.95
     assert not rows[key_of(5)]["is_duplicate"] and rows[key_of(5)]["kept_key"] == key_of(5)
     assert all(r["eval_contaminated"] is False and r["eval_similarity"] is None for r in rows.values())
-    # a threshold above every planted cosine leaves only the sha256 group
+    # a threshold above every planted cosine leaves only the sha256 duplicate
     assert run(ds, "--threshold", "0.995", "--redo") == 0
-    assert found_groups(dedup_table(ds)) == [[20, 30]]
+    assert decisions(dedup_table(ds)) == {20: 30}
+
+
+def chain(n: int, step: float = 0.97) -> np.ndarray:
+    """n unit vectors on a great circle, neighbours at cosine `step` (0.97: two steps apart is 0.88)."""
+    angle = np.arccos(step) * np.arange(n)
+    out = np.zeros((n, D))
+    out[:, 0], out[:, 1] = np.cos(angle), np.sin(angle)
+    return out
+
+
+def test_chain_keeps_both_ends_and_groups_do_not_grow_by_chaining(tmp_path):
+    rng = np.random.default_rng(1)
+    emb = unit(rng.standard_normal((60, D)))
+    emb[:3] = chain(3)  # rows 0 ~ 1 ~ 2, with 0 and 2 beyond the threshold
+    emb[10:30] = chain(20) @ np.linalg.qr(rng.standard_normal((D, D)))[0]  # a chain of 20 look-alikes
+    ds = write_scored(tmp_path / "ds", emb)
+    assert run(ds, "--keep", "first") == 0
+    t = dedup_table(ds)
+    got = decisions(t)
+    assert got[1] == 0 and 2 not in got  # a kept, b dropped as a's duplicate, c kept: no transitive closure
+    assert got == reference(emb, np.zeros(len(emb)), None)
+    sizes = np.bincount(np.asarray([g for g in t["dup_group"].to_pylist() if g >= 0]))
+    assert sizes.max() <= 2  # along a chain, a kept sample's group is itself and its next neighbour
+    assert len(got) == 1 + 10  # every other sample of the chain of 20 is kept
+    # when the middle sample is the best one, it is kept and both ends are its duplicates
+    clip = np.full(len(emb), 0.2)
+    clip[1] = 0.3
+    ds2 = write_scored(tmp_path / "ds2", emb, clip=clip)
+    assert run(ds2, "--keep", "best-clip-score") == 0
+    got2 = decisions(dedup_table(ds2))
+    assert got2[0] == got2[2] == 1
 
 
 def test_keep_policies(tmp_path):
@@ -140,26 +199,26 @@ def test_keep_policies(tmp_path):
     clip[50] = 0.10
     ds = write_scored(tmp_path / "ds", emb, clip=clip)
 
-    def kept(policy: str, *extra: str) -> dict[str, str]:
+    def dropped(policy: str, *extra: str) -> dict[int, int]:
         assert run(ds, "--keep", policy, "--redo", *extra) == 0
-        t = dedup_table(ds).to_pylist()
-        for r in t:
-            assert r["is_duplicate"] == (r["dup_group"] >= 0 and r["kept_key"] != r["key"])
-        return {r["key"]: r["kept_key"] for r in t}
+        return decisions(dedup_table(ds))
 
-    best = kept("best-clip-score")
-    assert best[key_of(77)] == best[key_of(141)] == key_of(140)
-    assert best[key_of(50)] == key_of(51)
-    first = kept("first")
-    assert first[key_of(140)] == key_of(77) and first[key_of(101)] == key_of(3) and first[key_of(3)] == key_of(3)
+    best = dropped("best-clip-score")
+    assert best == reference(emb, clip, None)
+    assert best[77] == best[141] == 140 and 140 not in best
+    assert best[50] == 51
+    first = dropped("first")
+    assert first == reference(emb, np.zeros(len(emb)), None)
+    assert first[140] == 77 and first[101] == 3 and 3 not in first
     # with one cluster every sample's centroid is the same one: the pick is the lowest cosine to it
-    far = kept("farthest-from-centroid", "--k", "1")
+    far = dropped("farthest-from-centroid", "--k", "1")
     x = np.asarray(emb, np.float16).astype(np.float32)
     centroid = np.load(ds.root / "_work" / "dedup" / "centroids.npy")[0]
     assert np.linalg.norm(centroid) == pytest.approx(1.0, abs=1e-5)
+    assert far == reference(emb, -(x @ centroid), None)
     for g in groups:
         expect = min(g, key=lambda i: (float(x[i] @ centroid), i))
-        assert {far[key_of(i)] for i in g} == {key_of(expect)}
+        assert expect not in far and any(far.get(i) == expect for i in g)
 
 
 def test_shard_order_does_not_change_decisions(tmp_path):
@@ -193,30 +252,67 @@ def test_against_flags_near_copy_and_equal_bytes(tmp_path):
                for k, r in rows.items() if k not in flagged)
 
 
-def test_resume_after_completion_kill_and_lost_pair_files(tmp_path):
+def test_resume_after_completion_lost_work_files_and_markers(tmp_path):
     emb, _ = planted()
     ds = write_scored(tmp_path / "ds", emb)
     assert run(ds, "--tasks", "3") == 0
     want = dedup_table(ds)
-    pairs = sorted((ds.root / "_work" / "dedup" / "pairs").glob("*.npz"))
-    assert [p.stem for p in pairs] == ["c00000", "c00001", "c00002"]
+    wd = ds.root / "_work" / "dedup"
+    assert sorted(p.name for p in (wd / "pairs").glob("*.edges.npy")) == [f"0000{i}.edges.npy" for i in range(3)]
+    done = {p.stem for p in (ds.root / "_done" / "dedup").glob("*.json")}
+    assert {"decide", "pairs.00000", "assign.00000", "00000"} <= done
     # rerun after completion: nothing recomputed, same table
-    mtimes = [p.stat().st_mtime_ns for p in pairs]
+    outputs = sorted(p for p in wd.rglob("*") if p.is_file()) + sorted((ds.root / "signals" / "dedup").glob("*"))
+    mtimes = [p.stat().st_mtime_ns for p in outputs]
     assert run(ds, "--tasks", "3") == 0
-    assert [p.stat().st_mtime_ns for p in pairs] == mtimes
+    assert [p.stat().st_mtime_ns for p in outputs] == mtimes
     assert dedup_table(ds).equals(want)
-    # a kill mid-way: one task's marker never written, another's pair file lost, no signal tables yet
-    ds.marker("dedup", "c00001").unlink()
-    pairs[2].unlink()
+    # a kill at various points: markers never written, work files lost, tmp files left, no signal tables yet
+    ds.marker("dedup", "pairs.00001").unlink()
+    (wd / "pairs" / "00002.nn.npy").unlink()
+    (wd / "bucket" / "00003.npy").unlink()
+    (wd / "decide" / "summary.json").unlink()
+    (wd / "pairs" / ".tmp-0123456789ab-00001.edges.npy").write_bytes(b"partial")
     shutil.rmtree(ds.root / "signals" / "dedup")
+    ds.marker("dedup", "00002").unlink()
     assert run(ds, "--tasks", "3") == 0
     assert dedup_table(ds).equals(want)
     # a kill during plan (no plan.json): everything is rebuilt, same decisions
-    (ds.root / "_work" / "dedup" / "plan.json").unlink()
+    (wd / "plan.json").unlink()
     assert run(ds, "--tasks", "3") == 0
     assert dedup_table(ds).equals(want)
     # another config on the same dir is refused without --redo
     assert run(ds, "--tasks", "3", "--threshold", "0.9") == 2
+
+
+def test_killed_process_mid_run_then_rerun_gives_the_same_outputs(tmp_path):
+    """A real SIGKILL of `curate dedup` once some tasks are done (a kill inside a task or between phases)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(5)
+    emb, _ = planted(1500, seed=2)
+    emb[200:260] = [near_copy(emb[i], 0.97, rng) for i in range(60)]
+    clean = write_scored(tmp_path / "clean", emb)
+    assert run(clean, "--tasks", "6") == 0
+    want = dedup_table(clean)
+    for marker_glob in ("assign.*.json", "pairs.*.json", "decide.json"):
+        ds = write_scored(tmp_path / marker_glob.split(".")[0], emb)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.Popen([sys.executable, "-m", "curate.cli", "dedup", str(ds.root), "--no-progress",
+                                 "--tasks", "6"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if list((ds.root / "_done" / "dedup").glob(marker_glob)):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        proc.wait()
+        assert run(ds, "--tasks", "6") == 0
+        assert dedup_table(ds).equals(want)
 
 
 def test_local_workers_two_equals_one(tmp_path):
@@ -267,21 +363,45 @@ def test_phash_joins_reencoded_images(tmp_path):
     assert sum(g >= 0 for g in groups.values()) == 2
 
 
-def test_core_merge_and_groups_do_not_depend_on_task_order():
+def test_greedy_rule_on_a_chain_and_a_star():
     from curate import semdedup as sd
 
-    emb, groups = planted()
-    ids, _ = sd.assign(emb, sd.train_centroids(emb, 4, 0), 2)
-    parts = [sd.cluster_pairs(emb, ids, range(a, a + 1), 0.95) for a in range(4)]
-    fwd, rev = sd.merge_pairs(parts, len(emb)), sd.merge_pairs(parts[::-1], len(emb))
-    for x, y in zip(fwd, rev, strict=True):
-        assert np.array_equal(x, y)
-    g = sd.groups(len(emb), fwd[0], fwd[1])
-    assert sorted(sorted(np.flatnonzero(g == v).tolist()) for v in range(g.max() + 1)) == sorted(groups)
-    assert g[groups[0][0]] == 0  # numbered by lowest row
-    # sha256-style equality pairs ignore missing values
-    i, j = sd.equal_value_pairs(np.array(["a", None, "b", "a", "", "a"], dtype=object))
-    assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 3), (0, 5)]
+    # ranks 0 ~ 1 ~ 2 ~ 3 (a path): 0 kept, 1 dropped by 0, 2 kept (its only higher neighbour is dropped), 3 by 2
+    kept_by, ev = sd.greedy_keep(4, np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([1, 1, 1]))
+    assert kept_by.tolist() == [-1, 0, -1, 2] and ev.tolist() == [0, 1, 0, 1]
+    # the same edge found twice and with two kinds of evidence; the highest kept node is the one named
+    kept_by, ev = sd.greedy_keep(5, np.array([1, 0, 0, 3, 1]), np.array([4, 4, 4, 4, 2]),
+                                 np.array([sd.NEAR, sd.NEAR, sd.EXACT, sd.NEAR, sd.PHASH]))
+    assert kept_by.tolist() == [-1, -1, 1, -1, 0]
+    assert sd.strongest(ev).tolist() == [0, 0, sd.PHASH, 0, sd.EXACT]
+    # key hashes do not depend on the width of the key array
+    assert np.array_equal(sd.key_hash(np.array([b"ab", b"c"], "S2"), 3), sd.key_hash(np.array([b"ab", b"c"], "S9"), 3))
+    assert not np.array_equal(sd.key_hash(np.array([b"ab"]), 3), sd.key_hash(np.array([b"ab"]), 4))
+
+
+def test_torch_path_gives_the_numpy_faiss_decisions():
+    """The GPU code path (torch assignment and pair search) run on the CPU: the same arrays as faiss/numpy."""
+    import torch
+
+    from curate import semdedup as sd
+
+    emb, _ = planted(600, seed=4)
+    rng = np.random.default_rng(4)
+    emb[300:360] = [near_copy(emb[i], rng.uniform(0.955, 0.99), rng) for i in range(60)]
+    x = np.asarray(emb, np.float16)
+    clip = np.random.default_rng(0).uniform(0.2, 0.3, len(x))
+    sha = np.array([f"{i % 590}" for i in range(len(x))], dtype=object)  # 10 byte-equal pairs
+    for keep in ("best-clip-score", "farthest-from-centroid", "first"):
+        a = sd.dedup_arrays(x, 0.95, k=8, probes=2, seed=1, sha256=sha, keep=keep, clip_score=clip)
+        b = sd.dedup_arrays(torch.from_numpy(x), 0.95, k=8, probes=2, seed=1, sha256=sha, keep=keep, clip_score=clip)
+        for f in ("kept", "group", "evidence", "exact_dup", "cluster", "nn_nbr"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)), (keep, f)
+        assert np.allclose(a.nn_sim, b.nn_sim, atol=1e-6) and a.n_pairs == b.n_pairs
+        assert (a.kept != np.arange(len(x))).sum() >= 60
+    # torch k-means on the CPU: unit centroids that the data actually use
+    c = sd.torch_kmeans(x.astype(np.float32), 8, 0, device="cpu")
+    assert np.allclose(np.linalg.norm(c, axis=1), 1, atol=1e-5)
+    assert len(np.unique(sd.assign(x, c, 1)[0])) == 8
 
 
 def test_rescoring_invalidates_dedup(tmp_path):
@@ -306,6 +426,6 @@ def test_spark_engine_equals_local(tmp_path, monkeypatch):
     spark = write_scored(tmp_path / "spark", emb)
     assert run(local, "--tasks", "3") == 0
     assert run(spark, "--tasks", "3", "--engine", "spark", "--spark-master", "local[2]") == 0
-    assert sorted(p.stem for p in (spark.root / "_work" / "dedup" / "pairs").glob("*.npz")) == \
-        ["c00000", "c00001", "c00002"]
+    assert sorted(p.name for p in (spark.root / "_work" / "dedup" / "pairs").glob("*.edges.npy")) == \
+        ["00000.edges.npy", "00001.edges.npy", "00002.edges.npy"]
     assert dedup_table(local).equals(dedup_table(spark))

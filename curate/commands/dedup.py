@@ -42,11 +42,14 @@ def _k(value: str) -> int:
 @click.option("--phash", is_flag=True, help="Also group images with equal perceptual hashes (reads the tars).")
 @click.option("--seed", type=int, default=0, show_default=True, help="k-means sample and init seed.")
 @click.option("--tasks", type=int, default=0, show_default=True,
-              help="Cluster-range tasks for the engine (0 = one per ~65k samples).")
+              help="Pair-search tasks (groups of clusters) for the engine (0 = one per ~65k samples).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where k-means, assignment and pair search run: cuda uses torch matrix products on the GPU "
+                   "(same decisions as cpu, which uses faiss/numpy).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @engine_options
 def command(dataset: str, threshold: float, k: str, probes: int, keep: str, against: str | None,
-            eval_threshold: float, phash: bool, seed: int, tasks: int, progress: bool, engine_spec: Any,
+            eval_threshold: float, phash: bool, seed: int, tasks: int, device: str, progress: bool, engine_spec: Any,
             redo: bool) -> None:
     """Find duplicate groups in the scored samples of DATASET and pick one sample to keep per group."""
     from curate.io.layout import DatasetDir
@@ -55,7 +58,7 @@ def command(dataset: str, threshold: float, k: str, probes: int, keep: str, agai
 
     cfg = DedupConfig(threshold=threshold, k=_k(k), probes=probes, keep=keep, seed=seed,
                       against=os.path.abspath(against) if against else None, eval_threshold=eval_threshold,
-                      phash=phash, tasks=tasks)
+                      phash=phash, tasks=tasks, device=device)
     check_config(cfg)
     extra = {"dataset": input_digest(DatasetDir.at(dataset))}
     if cfg.against:
@@ -65,6 +68,8 @@ def command(dataset: str, threshold: float, k: str, probes: int, keep: str, agai
     line = (f"  rows {c.get('rows', 0)}, clusters {c.get('clusters', 0)}, "
             f"exact_duplicates {c.get('exact_duplicates', 0)}, near_duplicate_pairs {c.get('near_duplicate_pairs', 0)}, "
             f"groups {c.get('groups', 0)}, duplicates {c.get('duplicates', 0)}")
+    if c.get("drops_by_evidence"):
+        line += ", drops by evidence " + ", ".join(f"{k} {v}" for k, v in c["drops_by_evidence"].items())
     if cfg.against:
         line += f", eval_contaminated {c.get('eval_contaminated', 0)}"
     finish(summary, [line])
