@@ -385,6 +385,7 @@ class DedupResult:
     nn_nbr: np.ndarray
     n_pairs: int
     seconds: dict[str, float]
+    pairs: tuple[np.ndarray, np.ndarray]  # unique near pairs (i < j)
 
 
 def dedup_arrays(emb: Any, threshold: float, *, k: int | None = None, probes: int = 2, seed: int = 0,
@@ -438,7 +439,7 @@ def dedup_arrays(emb: Any, threshold: float, *, k: int | None = None, probes: in
     by_rank = np.lexsort((np.arange(n), -prio))
     rank_of[by_rank] = np.arange(n)
     i, j, kinds = [np.minimum(a, b)], [np.maximum(a, b)], [np.full(len(a), NEAR, np.int8)]
-    n_pairs = len(np.unique(np.minimum(a, b) * n + np.maximum(a, b)))
+    codes = np.unique(np.minimum(a, b) * n + np.maximum(a, b))
     exact = np.zeros(n, bool)
     if sha256 is not None:
         ei, ej = equal_value_pairs(sha256, rank_of)
@@ -454,7 +455,8 @@ def dedup_arrays(emb: Any, threshold: float, *, k: int | None = None, probes: in
     ev = np.zeros(n, np.int8)
     ev[by_rank[dropped_ranks]] = strongest(evidence[dropped_ranks])
     lap("decide")
-    return DedupResult(kept, group_ids(kept), ev, exact, ids[:, 0].copy(), nn_sim, nn_nbr, n_pairs, secs)
+    return DedupResult(kept, group_ids(kept), ev, exact, ids[:, 0].copy(), nn_sim, nn_nbr, len(codes), secs,
+                       (codes // n, codes % n))
 
 
 def group_ids(kept: np.ndarray) -> np.ndarray:

@@ -294,16 +294,16 @@ def test_killed_process_mid_run_then_rerun_gives_the_same_outputs(tmp_path):
     import time
 
     rng = np.random.default_rng(5)
-    emb, _ = planted(1500, seed=2)
+    emb, _ = planted(1000, seed=2)
     emb[200:260] = [near_copy(emb[i], 0.97, rng) for i in range(60)]
     clean = write_scored(tmp_path / "clean", emb)
-    assert run(clean, "--tasks", "6") == 0
+    assert run(clean, "--tasks", "6", "--device", "cpu") == 0
     want = dedup_table(clean)
     for marker_glob in ("assign.*.json", "pairs.*.json", "decide.json"):
         ds = write_scored(tmp_path / marker_glob.split(".")[0], emb)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.Popen([sys.executable, "-m", "curate.cli", "dedup", str(ds.root), "--no-progress",
-                                 "--tasks", "6"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 "--tasks", "6", "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
             if list((ds.root / "_done" / "dedup").glob(marker_glob)):
@@ -311,7 +311,7 @@ def test_killed_process_mid_run_then_rerun_gives_the_same_outputs(tmp_path):
                 break
             time.sleep(0.005)
         proc.wait()
-        assert run(ds, "--tasks", "6") == 0
+        assert run(ds, "--tasks", "6", "--device", "cpu") == 0
         assert dedup_table(ds).equals(want)
 
 
@@ -429,3 +429,84 @@ def test_spark_engine_equals_local(tmp_path, monkeypatch):
     assert sorted(p.name for p in (spark.root / "_work" / "dedup" / "pairs").glob("*.edges.npy")) == \
         ["00000.edges.npy", "00001.edges.npy", "00002.edges.npy"]
     assert dedup_table(local).equals(dedup_table(spark))
+
+
+def test_dedup_of_what_real_score_wrote(tmp_path):
+    """Tars and ledgers from the real writers, embeddings from `curate score` (tiny random-init model): the
+    byte-identical image and the re-encoded copy are the only duplicates, and 1 vs 2 workers agree."""
+    import json
+
+    from test_score import TINY
+
+    conf = tmp_path / "curate-test-tiny.json"
+    conf.write_text(json.dumps(TINY))
+    images = [color_image(i, (64, 64)) for i in range(9)]
+    images += [images[2], images[5].resize((48, 48)).resize((64, 64))]  # rows 9 (same bytes), 10 (re-encoded)
+    samples = [(im, f"caption {i}", "success") for i, im in enumerate(images)]
+    samples.insert(4, (None, "timed out", "timeout"))
+    ds = make_dataset(tmp_path / "ds", samples, shard_size=4)
+    assert main(["score", str(ds.root), "--model", str(conf), "--pretrained", "none", "--no-progress",
+                 "--batch-size", "4", "--device", "cpu"]) == 0
+    keys = [r["key"] for r in pq.read_table(ds.ledger(ds.shards()[0])).to_pylist()] + \
+        [r["key"] for s in ds.shards()[1:] for r in pq.read_table(ds.ledger(s)).to_pylist()]
+    key = {i: keys[i if i < 4 else i + 1] for i in range(len(images))}  # image index -> key (row 4 failed)
+    two = DatasetDir.at(tmp_path / "two")
+    shutil.copytree(ds.root, two.root)
+    args = ("--phash", "--threshold", "0.9999", "--keep", "first", "--device", "cpu")
+    assert run(ds, *args) == 0 and run(two, *args, "--workers", "2") == 0
+    t = dedup_table(ds)
+    assert t.equals(dedup_table(two))
+    rows = {r["key"]: r for r in t.to_pylist()}
+    assert len(rows) == len(images)
+    dropped = {k: (r["kept_key"], r["dup_evidence"]) for k, r in rows.items() if r["is_duplicate"]}
+    assert dropped[key[9]][0] == key[2]
+    assert dropped[key[10]] == (key[5], "phash") or dropped[key[10]] == (key[5], "near")
+    assert set(dropped) == {key[9], key[10]}
+    assert manifest.load(ds)["stages"]["dedup"]["status"] == "complete"
+
+
+def _cuda() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+
+
+@pytest.mark.gpu
+def test_cuda_stage_gives_the_cpu_decisions(tmp_path):
+    """--device cuda (torch k-means, assignment and pair search on the GPU) against --device cpu (faiss/numpy):
+    both equal SemDeDup's rule by brute force."""
+    _cuda()
+    emb, _ = planted()
+    clip = np.random.default_rng(3).uniform(0.2, 0.3, len(emb))
+    cpu = write_scored(tmp_path / "cpu", emb, clip=clip)
+    gpu = write_scored(tmp_path / "gpu", emb, clip=clip)
+    assert run(cpu, "--device", "cpu") == 0 and run(gpu, "--device", "cuda") == 0
+    assert manifest.load(gpu)["stages"]["dedup"]["counts"]["train_device"] == "cuda"
+    want = reference(emb, clip, None)
+    assert decisions(dedup_table(cpu)) == decisions(dedup_table(gpu)) == want
+
+
+@pytest.mark.gpu
+def test_cuda_core_equals_cpu_for_the_same_centroids():
+    _cuda()
+    import torch
+
+    from curate import semdedup as sd
+
+    emb, _ = planted(2000, seed=6)
+    rng = np.random.default_rng(6)
+    emb[1000:1200] = [near_copy(emb[i], rng.uniform(0.955, 0.99), rng) for i in range(200)]
+    x = np.asarray(emb, np.float16)
+    c = sd.train_centroids(x, 16, 0)
+    ids_c, sims_c = sd.assign(x, c, 2)
+    ids_g, sims_g = sd.assign(x, c, 2, device="cuda")
+    assert np.array_equal(ids_c, ids_g) and np.allclose(sims_c, sims_g, atol=1e-5)
+    o = np.argsort(ids_c.reshape(-1), kind="stable")
+    rows, member = o // 2, (o % 2) == 0
+    hc = sd.search_clusters(x, ids_c.reshape(-1)[o], member, rows, 0.95, "cpu", rows=rows)
+    hg = sd.search_clusters(torch.from_numpy(x).cuda(), ids_c.reshape(-1)[o], member, rows, 0.95, "cuda", rows=rows)
+    pc_, pg = sorted(zip(hc.q.tolist(), hc.m.tolist(), strict=True)), sorted(zip(hg.q.tolist(), hg.m.tolist(), strict=True))
+    assert pc_ == pg and len(pc_) >= 200
+    assert np.array_equal(hc.best_m, hg.best_m) and np.allclose(hc.best_sim, hg.best_sim, atol=1e-5)
+    # torch k-means: the same centroids on the GPU as on the CPU
+    assert np.allclose(sd.torch_kmeans(x, 16, 0, device="cpu"), sd.torch_kmeans(x, 16, 0, device="cuda"), atol=1e-4)
