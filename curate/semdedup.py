@@ -426,17 +426,18 @@ def dedup_arrays(emb: Any, threshold: float, *, k: int | None = None, probes: in
     hits = search_clusters(emb, entry_cluster[o], member, entry_row, threshold, device, rows=entry_row)
     lap("pairs")
     a, b = entry_row[hits.q], entry_row[hits.m]
-    nn_sim = np.full(n, -np.inf, np.float32)
-    nn_nbr = np.full(n, -1, np.int64)
-    has = hits.best_m >= 0
-    nbr = np.where(has, entry_row[np.maximum(hits.best_m, 0)], -1)
-    order = np.lexsort((nbr, -hits.best_sim, entry_row))  # per row: highest cosine, then lowest neighbour
-    first = np.r_[True, entry_row[order][1:] != entry_row[order][:-1]]
-    nn_sim[entry_row[order][first]] = hits.best_sim[order][first]
-    nn_nbr[entry_row[order][first]] = nbr[order][first]
+    # each row has exactly p entries: back to (row, probe) order, then the best per row (ties: lowest neighbour)
+    flat_sim = np.empty(n * p, np.float32)
+    flat_nbr = np.empty(n * p, np.int64)
+    flat_sim[o] = hits.best_sim
+    flat_nbr[o] = np.where(hits.best_m >= 0, entry_row[np.maximum(hits.best_m, 0)], -1)
+    flat_sim, flat_nbr = flat_sim.reshape(n, p), flat_nbr.reshape(n, p)
+    nn_sim = flat_sim.max(axis=1)
+    nn_nbr = np.where(flat_sim == nn_sim[:, None], flat_nbr, np.iinfo(np.int64).max).min(axis=1)
+    nn_nbr[~np.isfinite(nn_sim)] = -1
     prio = priority(keep, clip_score, sims[:, 0], n)
     rank_of = np.empty(n, np.int64)
-    by_rank = np.lexsort((np.arange(n), -prio))
+    by_rank = np.argsort(-prio, kind="stable")  # ties: lowest row (= key) first
     rank_of[by_rank] = np.arange(n)
     i, j, kinds = [np.minimum(a, b)], [np.maximum(a, b)], [np.full(len(a), NEAR, np.int8)]
     codes = np.unique(np.minimum(a, b) * n + np.maximum(a, b))

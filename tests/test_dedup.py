@@ -417,18 +417,25 @@ def test_rescoring_invalidates_dedup(tmp_path):
 
 
 @pytest.mark.spark
+@pytest.mark.slow
 def test_spark_engine_equals_local(tmp_path, monkeypatch):
-    """Each Spark task takes a range of clusters; the decisions are those of the local engine."""
+    """Every phase's tasks run as Spark tasks and the exact-duplicate GROUP BY runs in Spark SQL on the driver;
+    the signal tables equal the local engine's."""
     pytest.importorskip("pyspark")
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     emb, _ = planted()
-    local = write_scored(tmp_path / "local", emb)
-    spark = write_scored(tmp_path / "spark", emb)
+    sha = [f"{i:064x}" for i in range(len(emb))]
+    sha[20] = sha[30] = sha[31]
+    local = write_scored(tmp_path / "local", emb, sha=sha)
+    spark = write_scored(tmp_path / "spark", emb, sha=sha)
     assert run(local, "--tasks", "3") == 0
     assert run(spark, "--tasks", "3", "--engine", "spark", "--spark-master", "local[2]") == 0
     assert sorted(p.name for p in (spark.root / "_work" / "dedup" / "pairs").glob("*.edges.npy")) == \
         ["00000.edges.npy", "00001.edges.npy", "00002.edges.npy"]
+    assert (spark.root / "_work" / "dedup" / "exact_edges.parquet").is_dir()  # written by Spark SQL
     assert dedup_table(local).equals(dedup_table(spark))
+    got = decisions(dedup_table(spark))
+    assert got[20] == got[30] == 31 and 31 not in got  # equal bytes: the best clip_score is kept
 
 
 def test_dedup_of_what_real_score_wrote(tmp_path):
