@@ -472,6 +472,32 @@ def test_dedup_of_what_real_score_wrote(tmp_path):
     assert manifest.load(ds)["stages"]["dedup"]["status"] == "complete"
 
 
+def test_threshold_auto_on_a_random_init_model_does_not_flag_the_pool(tmp_path):
+    """Issue 14: a random-init model puts unrelated images close together; the calibrated threshold stays above
+    every random pair of the sample, so most of the pool is kept, and the evidence is in the manifest."""
+    import json
+
+    from test_score import TINY
+
+    conf = tmp_path / "curate-test-tiny.json"
+    conf.write_text(json.dumps(TINY))
+    images = [color_image(i, (64, 64)) for i in range(40)]
+    ds = make_dataset(tmp_path / "ds", [(im, f"c {i}", "success") for i, im in enumerate(images + [images[7]])],
+                      shard_size=8)
+    assert main(["score", str(ds.root), "--model", str(conf), "--pretrained", "none", "--no-progress",
+                 "--batch-size", "8", "--device", "cpu"]) == 0
+    assert run(ds, "--threshold", "auto", "--device", "cpu") == 0
+    t = dedup_table(ds)
+    assert sum(t["is_duplicate"].to_pylist()) < t.num_rows / 2  # the pool is not flagged
+    counts = manifest.load(ds)["stages"]["dedup"]["counts"]
+    cal = counts["threshold_calibration"]
+    assert counts["threshold"] == cal["threshold"] and cal["images"] == 41 and cal["copies"] == 3 * 41
+    assert cal["random_pairs"] == 41 * 40 // 2 - 1  # the byte-identical pair is not a random pair
+    assert cal["random_pair_share"] <= 1e-3
+    assert 0 <= cal["copy_share"] <= 1 and cal["limited_by"] in ("copies", "random_pairs")
+    assert run(ds, "--threshold", "often") == 2
+
+
 def _cuda() -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -56,10 +56,14 @@ class DedupConfig:
     tasks: int = 0  # cluster-group pair tasks (0 = auto: one per ~65k rows)
     batch_rows: int = runtime(65536)
     device: str = runtime("auto")  # auto | cpu | cuda: where k-means, assignment and pair search run
+    threshold_auto: bool = False  # calibrate the threshold on augmented copies of the dataset's images
+    auto_target: float = 0.95  # with threshold_auto: the share of augmented copies the threshold finds
 
 
 def check_config(cfg: DedupConfig) -> None:
-    if not -1.0 <= cfg.threshold <= 1.0:
+    if not 0.0 < cfg.auto_target <= 1.0:
+        raise InputError(f"--auto-target: {cfg.auto_target} is not a share in (0, 1]")
+    if not cfg.threshold_auto and not -1.0 <= cfg.threshold <= 1.0:
         raise InputError(f"--threshold: {cfg.threshold} is not a cosine in [-1, 1]")
     if not -1.0 <= cfg.eval_threshold <= 1.0:
         raise InputError(f"--eval-threshold: {cfg.eval_threshold} is not a cosine in [-1, 1]")
@@ -250,7 +254,10 @@ class DedupStage:
         missing = [s for s in plan["shards"] if not ds.marker(self.name, s).exists()]
         if missing or not ds.stats(self.name, "decide").exists():
             return {"incomplete_tasks": len(missing)}
-        counts: dict[str, Any] = {"rows": plan["rows"], "clusters": plan["k"], "train_device": plan["device"]}
+        counts: dict[str, Any] = {"rows": plan["rows"], "clusters": plan["k"], "train_device": plan["device"],
+                                  "threshold": plan["threshold"]}
+        if plan.get("calibration"):
+            counts["threshold_calibration"] = plan["calibration"]
         counts.update(read_json(ds.stats(self.name, "decide")))
         if cfg.against:
             counts["eval_contaminated"] = sum(read_json(ds.stats(self.name, s)).get("eval_contaminated", 0)

@@ -92,8 +92,15 @@ def build_plan(cfg: DedupConfig, ds: DatasetDir, digest: dict[str, Any], device:
     _save(wd / "centroids.npy", centroids.astype(np.float32))
     if cfg.against:
         _gather_eval(DatasetDir.at(cfg.against), wd, d if n else None)
+    calibration = None
+    if cfg.threshold_auto:
+        from curate.stages.dedup_threshold import calibrate
+
+        calibration = calibrate(ds, shards, cfg.seed, cfg.auto_target, device)
+        log.info("dedup: --threshold auto chose %.4f (%s)", calibration["threshold"], calibration)
     return {"digest": digest, "rows": n, "dim": d, "k": k, "device": device, "shards": shards,
-            "group_bounds": groups_for(n, k, cfg.tasks)}
+            "group_bounds": groups_for(n, k, cfg.tasks),
+            "threshold": calibration["threshold"] if calibration else cfg.threshold, "calibration": calibration}
 
 
 def _count(ds: DatasetDir, shards: list[str]) -> tuple[int, int]:
@@ -269,7 +276,7 @@ def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
         return {"entries": 0, "pairs": 0}
     o = np.lexsort((e["key"], e["cluster"]))  # by cluster, then key: ties go to the lowest key
     e = {f: v[o] for f, v in e.items()}
-    hits = sd.search_clusters(e["emb"], e["cluster"], e["member"], e["uid"], cfg.threshold, task_device(plan, cfg))
+    hits = sd.search_clusters(e["emb"], e["cluster"], e["member"], e["uid"], plan["threshold"], task_device(plan, cfg))
     edges = _edges(hits.q, hits.m, hits.sim, e)
     _save(edges_path, edges)
     # each row's best neighbour over its probes in this group: highest cosine, then lowest key
