@@ -204,7 +204,7 @@ def write_dataset(n: int, seed: int, root: Path, per: int) -> dict[str, object]:
     import pyarrow as pa
 
     from curate.io.atomic import write_json
-    from curate.io.layout import DatasetDir, shard_name
+    from curate.io.layout import DatasetDir, sample_key, shard_name
     from curate.io.ledger import LEDGER_FIELDS
     from curate.io.tables import write_table
     from curate.stages.score import signal_schema
@@ -217,7 +217,7 @@ def write_dataset(n: int, seed: int, root: Path, per: int) -> dict[str, object]:
     for s in range(0, n, per):
         shard = shard_name(s // per)
         m = min(per, n - s)
-        keys = [f"{shard}{r:05d}" for r in range(m)]
+        keys = [sample_key(shard, r) for r in range(m)]
         ledger = pa.table({"key": keys, "status": ["success"] * m, "sha256": [f"{s + r:064x}" for r in range(m)]})
         full = pa.table({f.name: ledger[f.name] if f.name in ledger.column_names else pa.nulls(m, f.type)
                          for f in LEDGER_FIELDS})
@@ -273,14 +273,16 @@ def run_stage_once(n: int, seed: int, root: Path, per: int, device: str, workers
     for phase, end in ends.items():
         steps[phase] = round(end - prev, 2)
         prev = end
-    # planted-pair recall from the pair tasks' edge files (keys are shard + 5-digit row)
+    # planted-pair recall from the pair tasks' edge files
+    from curate.io.layout import row_of_key, shard_index, shard_of_key
+
     planted = np.load(root / "planted.npy")
     found_i, found_j = [], []
     for f in sorted((root / "_work" / "dedup" / "pairs").glob("*.edges.npy")):
         e = np.load(f)
         for col, out in (("a_key", found_i), ("b_key", found_j)):
             k = e[col].astype(str)
-            out.append(np.array([int(x[:-5]) * per + int(x[-5:]) for x in k], np.int64))
+            out.append(np.array([shard_index(shard_of_key(x)) * per + row_of_key(x) for x in k], np.int64))
     recall = planted_recall(n, np.concatenate(found_i), np.concatenate(found_j), planted[0], planted[1])
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import numpy as np
 from curate.config import output_fields, runtime
 from curate.errors import InputError
 from curate.io.atomic import read_json, write_json
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, task_id
 from curate.semdedup import DEVICES, KEEP_POLICIES
 
 log = logging.getLogger("curate.dedup")
@@ -194,18 +193,18 @@ class DedupStage:
         check_config(cfg)
         if phase == "assign":
             plan = self._plan(cfg, ds)
-            tasks = [{"shard": f"assign.{s}", "kind": "assign", "source": s, "ordinal": o}
+            tasks = [{"task": f"assign.{s}", "kind": "assign", "source": s, "ordinal": o}
                      for o, s in enumerate(plan["shards"])]
             if cfg.phash:
-                tasks += [{"shard": f"phash.{s}", "kind": "phash", "source": s} for s in plan["shards"]]
+                tasks += [{"task": f"phash.{s}", "kind": "phash", "source": s} for s in plan["shards"]]
         else:
             plan = read_json(work_dir(ds) / "plan.json")
             if phase == "pairs":
                 b = plan["group_bounds"]
-                tasks = [{"shard": f"pairs.{g:05d}", "kind": "pairs", "group": g, "lo": b[g], "hi": b[g + 1]}
+                tasks = [{"task": f"pairs.{g:05d}", "kind": "pairs", "group": g, "lo": b[g], "hi": b[g + 1]}
                          for g in range(len(b) - 1)]
             elif phase == "decide":
-                tasks = [{"shard": "decide", "kind": "decide"}]
+                tasks = [{"task": "decide", "kind": "decide"}]
                 if not ds.marker(self.name, "decide").exists() or not ph.task_done(ds, tasks[0]):
                     ph.exact_edges(cfg, ds, plan)  # on the driver: a GROUP BY in DuckDB or Spark SQL
             else:
@@ -214,7 +213,7 @@ class DedupStage:
         # a marker without its output (deleted work file) means the task must run again
         for t in tasks:
             if not ph.task_done(ds, t):
-                ds.marker(self.name, t["shard"]).unlink(missing_ok=True)
+                ds.marker(self.name, task_id(t)).unlink(missing_ok=True)
         return tasks
 
     def _plan(self, cfg: DedupConfig, ds: DatasetDir) -> dict[str, Any]:
@@ -228,16 +227,10 @@ class DedupStage:
         if plan_path.exists() and read_json(plan_path).get("digest") == digest:
             return read_json(plan_path)
         # another (or a half-written) plan: none of its task outputs may be reused
-        self.discard_outputs(cfg, ds)
+        ds.discard(self.name)
         plan = ph.build_plan(cfg, ds, digest, device_of(cfg))
         write_json(plan_path, plan)  # last: its presence says every work file above is complete
         return plan
-
-    def discard_outputs(self, cfg: DedupConfig, ds: DatasetDir) -> None:
-        from curate.runner import discard_stage_outputs
-
-        discard_stage_outputs(ds, self.name)
-        shutil.rmtree(work_dir(ds), ignore_errors=True)
 
     def run_shard(self, cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
         from curate.stages import dedup_phases as ph
