@@ -89,9 +89,15 @@ def key_hash(keys: Any, seed: int) -> np.ndarray:
     return _splitmix(h ^ _splitmix(np.full(len(b), seed, np.uint64)))
 
 
-def train_centroids(sample: Any, k: int, seed: int, niter: int = 10, device: str = "cpu") -> np.ndarray:
-    """Spherical k-means centroids (k, d) float32 trained on every row of `sample` (already drawn and put in a
-    shard-order-independent order by the caller): faiss on the CPU, `torch_kmeans` on a GPU."""
+def train_centroids(sample: Any, k: int, seed: int, niter: int = 10, device: str = "cpu",
+                    points_per_centroid: int | None = None) -> np.ndarray:
+    """Spherical k-means centroids (k, d) float32 trained on the rows of `sample` (already drawn and put in a
+    shard-order-independent order by the caller): faiss on the CPU, `torch_kmeans` on a GPU. With
+    `points_per_centroid`, a larger sample is first cut to k * points_per_centroid rows by `seed`."""
+    n = sample.shape[0]
+    if points_per_centroid and n > k * points_per_centroid:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=k * points_per_centroid, replace=False))
+        sample = sample[rows]
     if device != "cpu":
         return torch_kmeans(sample, k, seed, niter, device)
     import faiss
@@ -109,8 +115,9 @@ def torch_kmeans(sample: Any, k: int, seed: int, niter: int = 10, device: str = 
     its previous centroid. Used for --device cuda, where faiss's GPU build is not available."""
     import torch
 
-    x = sample if isinstance(sample, torch.Tensor) else torch.from_numpy(_f32(sample))
-    x = x.to(device=device, dtype=torch.float32)
+    # to the device in the sample's own dtype (float16 from the stage), then float32 there: no host copy
+    x = sample if isinstance(sample, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(sample))
+    x = x.to(device=device).float()
     n = x.shape[0]
     g = torch.Generator().manual_seed(seed)
     c = x[torch.randperm(n, generator=g)[:k].to(device)].clone()
