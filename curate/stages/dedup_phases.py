@@ -338,13 +338,16 @@ def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
            "SELECT h.key AS a_key, o.key AS b_key, h.uid AS a_uid, o.uid AS b_uid, h.prio AS a_prio, "
            "o.prio AS b_prio, o.kind AS kind FROM r o JOIN r h ON o.kind = h.kind AND o.v = h.v AND h.rn = 1 "
            "WHERE o.rn > 1")
+    # the planned files by name, never a glob: a killed writer's temporary file may lie beside them
+    meta = [str(wd / "meta" / f"{s}.parquet") for s in plan["shards"]]
+    phash = [str(wd / "phash" / f"{s}.parquet") for s in plan["shards"]]
     spark = _active_spark()
     if spark is not None:
         tmp = wd / "exact_edges.spark-tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        spark.read.parquet(str(wd / "meta")).createOrReplaceTempView("meta")
+        spark.read.parquet(*meta).createOrReplaceTempView("meta")
         if cfg.phash:
-            spark.read.parquet(str(wd / "phash")).createOrReplaceTempView("phash")
+            spark.read.parquet(*phash).createOrReplaceTempView("phash")
         spark.sql(sql).coalesce(1).write.parquet(str(tmp))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
@@ -353,9 +356,9 @@ def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
 
     con = duckdb.connect()
     con.execute(f"SET memory_limit='1GB'; SET threads=2; SET temp_directory='{wd / 'duckdb-tmp'}'")
-    con.execute(f"CREATE VIEW meta AS SELECT * FROM read_parquet('{wd / 'meta' / '*.parquet'}')")
+    con.execute(f"CREATE VIEW meta AS SELECT * FROM read_parquet({meta!r})")
     if cfg.phash:
-        con.execute(f"CREATE VIEW phash AS SELECT * FROM read_parquet('{wd / 'phash' / '*.parquet'}')")
+        con.execute(f"CREATE VIEW phash AS SELECT * FROM read_parquet({phash!r})")
     if out.is_dir():
         shutil.rmtree(out)
     with atomic_path(out) as tmp:
