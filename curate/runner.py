@@ -95,7 +95,10 @@ def run_stage(
             # the lock is ours alone: every temp file of this stage is a killed run's, whatever its age
             clean_stage_tmp(ds, stage_name)
         t0 = time.time()
-        tasks = stage.plan(cfg, ds)
+        # a stage may declare several task phases run in order (dedup: assign, pairs, decide, write); each is
+        # planned once the previous one completed, and its tasks take the same engine/task/marker path
+        phases: list[str | None] = list(stage.phases(cfg, ds)) if hasattr(stage, "phases") else [None]
+        tasks = _plan_phase(stage, cfg, ds, phases[0])
         done = set(ds.done_tasks(stage_name))
         todo = [t for t in tasks if task_id(t) not in done]
         summary = StageSummary(stage_name, str(ds.root), fp, len(tasks), len(tasks) - len(todo))
@@ -113,10 +116,21 @@ def run_stage(
         record("running")
         status = "interrupted"
         try:
-            bar = Progress(f"{stage_name}", total=len(tasks), initial=summary.shards_skipped, unit="shard",
-                           enabled=progress)
-            run_tasks(make_engine(engine), stage_name, config, ds, todo, summary, bar, max_attempts)
-            bar.close()
+            eng = make_engine(engine)
+            for i, phase in enumerate(phases):
+                if i:
+                    if not summary.ok:
+                        break  # a later phase reads this phase's outputs
+                    tasks = _plan_phase(stage, cfg, ds, phase)
+                    done = set(ds.done_tasks(stage_name))
+                    todo = [t for t in tasks if task_id(t) not in done]
+                    summary.shards_total += len(tasks)
+                    summary.shards_skipped += len(tasks) - len(todo)
+                label = stage_name if phase is None else f"{stage_name} {phase}"
+                bar = Progress(label, total=len(tasks), initial=len(tasks) - len(todo), unit="shard",
+                               enabled=progress)
+                run_tasks(eng, stage_name, config, ds, todo, summary, bar, max_attempts)
+                bar.close()
             status = "complete" if summary.ok else "incomplete"
         finally:
             summary.seconds = time.time() - t0
@@ -126,6 +140,10 @@ def run_stage(
             record(status, counts=summary.counts,
                    extra={"shards": {"total": summary.shards_total, "failed": sorted(summary.failed)}})
     return summary
+
+
+def _plan_phase(stage: Any, cfg: Any, ds: DatasetDir, phase: str | None) -> list[dict[str, Any]]:
+    return stage.plan(cfg, ds) if phase is None else stage.plan_phase(cfg, ds, phase)
 
 
 def run_tasks(eng: Any, stage_name: str, config: dict[str, Any], ds: DatasetDir, todo: list[dict[str, Any]],
