@@ -326,3 +326,17 @@ def test_real_img2dataset_output_adopted_every_row_and_scores_equal_curate_downl
     assert len(kept) == int(len(a) * 0.5 + 0.5)
     got = {k: m for t in sorted((tmp_path / "exp" / "shards").glob("*.tar")) for k, m in iter_raw(t)}
     assert {k: m["jpg"] for k, m in got.items()} == {r["key"]: src[r["key"]]["jpg"] for r in kept}
+
+
+@pytest.mark.spark
+def test_adopt_on_spark_equals_local(tmp_path):
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    src = tmp_path / "i2d"
+    for i in range(3):
+        write_i2d_shard(src, f"{i:05d}", 3, seed=i)
+    assert main(["adopt", str(src), "--out", str(tmp_path / "local"), "--workers", "2"]) == 0
+    assert main(["adopt", str(src), "--out", str(tmp_path / "spark"), "--engine", "spark",
+                 "--spark-master", "local[2]"]) == 0
+    assert ledger(tmp_path / "spark") == ledger(tmp_path / "local")
+    for i in range(3):
+        assert os.stat(tmp_path / "spark" / "shards" / f"{i:05d}.tar").st_ino == os.stat(src / f"{i:05d}.tar").st_ino

@@ -318,12 +318,12 @@ class ExportStage:
         return {"source": str(source_dir(cfg).root), **fingerprint_extra(cfg)}
 
     def discard_outputs(self, cfg: ExportConfig, ds: DatasetDir) -> None:
+        from curate.stages.img2dataset_layout import discard_img2dataset_files
+
+        discard_img2dataset_files(ds.root, ds.done_shards(NAME))  # before the markers that name them go
         for sub in ("shards", "ledger", "_done/export", "stats/export", "_work/export"):
             shutil.rmtree(ds.root / sub, ignore_errors=True)
         (ds.root / "dropped.parquet").unlink(missing_ok=True)
-        from curate.stages.img2dataset_layout import discard_img2dataset_files
-
-        discard_img2dataset_files(ds.root)
 
 
 def _ledger_rows(src: DatasetDir, source_shards: list[str], want: pa.Table, shard: str) -> pa.Table:
