@@ -138,7 +138,7 @@ def run_stage_once(n: int, seed: int, out: Path) -> dict[str, object]:
 
     from curate.engines import EngineSpec
     from curate.io.atomic import write_json
-    from curate.io.layout import DatasetDir, shard_name
+    from curate.io.layout import DatasetDir, sample_key, shard_name
     from curate.io.ledger import LEDGER_FIELDS
     from curate.io.tables import write_table
     from curate.runner import run_stage
@@ -152,7 +152,7 @@ def run_stage_once(n: int, seed: int, out: Path) -> dict[str, object]:
     per = 1000
     for s in range(0, n, per):
         shard = shard_name(s // per)
-        keys = [f"{shard}{r:05d}" for r in range(min(per, n - s))]
+        keys = [sample_key(shard, r) for r in range(min(per, n - s))]
         ledger = pa.table({"key": keys, "status": ["success"] * len(keys),
                            "sha256": [f"{s + r:064x}" for r in range(len(keys))]})
         full = pa.table({f.name: ledger[f.name] if f.name in ledger.column_names else pa.nulls(len(keys), f.type)

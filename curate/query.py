@@ -28,7 +28,8 @@ from curate.io.ledger import LEDGER_FIELDS
 SIGNAL_STAGES = ("score", "dedup")  # the unprefixed tables, joined first in this order
 # the columns each signal stage provides (the data contract), to name the stage a predicate needs
 STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "score": ("scored", "skip_reason", "clip_score", "lang", "lang_prob", "caption_chars", "caption_words",
+    "score": ("scored", "skip_reason", "clip_score", "lang", "lang_prob", "lang_fasttext",
+              "lang_fasttext_prob", "caption_chars", "caption_words",
               "letter_share", "caption_boilerplate", "aspect_ratio", "emb_row"),
     "dedup": ("exact_dup", "dup_group", "is_duplicate", "kept_key", "cluster", "nn_similarity", "nn_key",
               "eval_contaminated", "eval_similarity"),

@@ -15,7 +15,7 @@ from dataset_factory import color_image, make_dataset
 from curate.cli import main
 from curate.io import manifest
 from curate.io.atomic import write_json
-from curate.io.layout import DatasetDir, shard_name
+from curate.io.layout import DatasetDir, row_of_key, sample_key, shard_index, shard_name, shard_of_key
 from curate.io.ledger import LEDGER_FIELDS
 from curate.io.tables import write_table
 from curate.stages.score import signal_schema
@@ -53,7 +53,7 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def key_of(i: int) -> str:
-    return f"{i // 50:05d}{i % 50:05d}"
+    return sample_key(shard_name(i // 50), i % 50)
 
 
 def write_scored(root: Path, emb: np.ndarray, clip: np.ndarray | None = None, sha: list[str | None] | None = None,
@@ -64,7 +64,7 @@ def write_scored(root: Path, emb: np.ndarray, clip: np.ndarray | None = None, sh
     n = len(emb)
     clip = np.linspace(0.2, 0.3, n) if clip is None else clip
     sha = sha or [f"{i:064x}" for i in range(n)]
-    placement = placement or [key_of(i)[:5] for i in range(n)]
+    placement = placement or [shard_of_key(key_of(i)) for i in range(n)]
     for shard in sorted(set(placement)):
         rows = [i for i in range(n) if placement[i] == shard]
         ledger = [{"key": key_of(i), "shard": shard, "row": i, "url": f"http://127.0.0.1/{i}.jpg", "caption": "c",
@@ -239,9 +239,9 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
     assert run(ok, "--threshold", "1.5") == 2
     assert "--threshold" in capsys.readouterr().err
     assert run(ok, "--k", "many") == 2
-    np.save(ok.signals("score", "00000", ".img_emb.npy"), np.zeros((3, D), np.float16))
+    np.save(ok.signals("score", "00000000", ".img_emb.npy"), np.zeros((3, D), np.float16))
     assert run(ok) == 2
-    assert "00000.img_emb.npy" in capsys.readouterr().err
+    assert "00000000.img_emb.npy" in capsys.readouterr().err
 
 
 def test_phash_joins_reencoded_images(tmp_path):
@@ -254,7 +254,7 @@ def test_phash_joins_reencoded_images(tmp_path):
     emb = unit(rng.standard_normal((len(images), D)))
     for shard in ds.shards():
         keys = pq.read_table(ds.ledger(shard))["key"].to_pylist()
-        idx = [int(k[:5]) * 4 + int(k[5:]) for k in keys]
+        idx = [shard_index(shard_of_key(k)) * 4 + row_of_key(k) for k in keys]
         save_npy(ds.signals("score", shard, ".img_emb.npy"), np.asarray(emb[idx], np.float16))
         score = [{"key": k, "scored": True, "clip_score": 0.3, "emb_row": r} for r, k in enumerate(keys)]
         write_table(ds.signals("score", shard), pa.Table.from_pylist(score, schema=signal_schema()))
@@ -263,7 +263,7 @@ def test_phash_joins_reencoded_images(tmp_path):
     assert (dedup_table(ds)["dup_group"].to_numpy() == -1).all()
     assert run(ds, "--phash", "--redo") == 0
     groups = {r["key"]: r["dup_group"] for r in dedup_table(ds).to_pylist()}
-    assert groups["0000000002"] == groups["0000100002"] >= 0
+    assert groups["0000000000002"] == groups["0000000100002"] >= 0
     assert sum(g >= 0 for g in groups.values()) == 2
 
 
