@@ -28,6 +28,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from curate.io.layout import shard_name  # noqa: E402
 
 
 def jpegs(n: int, seed: int = 0) -> list[bytes]:
@@ -90,7 +93,8 @@ def main() -> None:
     if proc.returncode:
         sys.exit(f"curate adopt failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     tars = sorted(src.glob("*.tar"))
-    linked = sum(os.stat(out / "shards" / t.name).st_ino == os.stat(t).st_ino for t in tars)
+    # img2dataset's numeric shard id N becomes curate shard shard_name(N)
+    linked = sum(os.stat(out / "shards" / f"{shard_name(int(t.stem))}.tar").st_ino == os.stat(t).st_ino for t in tars)
     counts = json.loads((out / "manifest.json").read_text())["stages"]["adopt"]["counts"]
     keys = pq.read_table(out / "ledger", columns=["key"])["key"].to_pylist()
     once = len(keys) == len(set(keys)) == n
