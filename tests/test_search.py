@@ -330,3 +330,24 @@ def test_report_grid_tiles_list_their_neighbours(dataset, tmp_path):
     shutil.copytree(dataset.root, bare, ignore=shutil.ignore_patterns("index"))
     assert main(["report", str(bare), "--out", str(tmp_path / "r2.html")]) == 0
     assert "nbrs" not in (tmp_path / "r2.html").read_text()  # no index, no neighbour lines
+
+
+def test_sample_says_why_the_export_dropped_it(dataset, tmp_path):
+    from curate.search.searcher import Searcher
+
+    keys, _, _ = embeddings(dataset)
+    clip = {r["key"]: r["clip_score"] for s in dataset.done_shards("score")
+            for r in pq.read_table(dataset.signals("score", s)).to_pylist() if r["scored"]}
+    cut = float(np.median(list(clip.values())))
+    out = tmp_path / "exp"
+    assert main(["export", str(dataset.root), "--out", str(out), "--where", f"clip_score > {cut}",
+                 "--write-dropped"]) == 0
+    s = Searcher(dataset.root, export_dir=out)
+    try:
+        low = next(k for k in keys if clip[k] <= cut)
+        high = next(k for k in keys if clip[k] > cut)
+        v = s.sample(low)["export"]
+        assert v["decision"] == "dropped" and "clip_score" in v["reason"]
+        assert s.sample(high)["export"]["decision"] == "kept"
+    finally:
+        s.close()
