@@ -19,6 +19,7 @@ from curate.io.layout import DatasetDir
 from curate.io.tables import write_table
 from curate.train_probe.data import load_samples
 from curate.train_probe.evaluate import evaluate_model, retrieval, zero_shot
+from curate.train_probe.run import filter_train_config
 from curate.train_probe.train import TrainConfig, batch_indices, batch_plan, saved_model_paths, train_run
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
@@ -253,13 +254,20 @@ def test_sweep_command_trains_each_fraction_at_equal_samples_seen(data, tmp_path
     assert {k: v["subset_size"] for k, v in summary.items()} == {
         "whole": 32, "top-25%": 8, "random-25%": 8, "top-50%": 16, "random-50%": 16, "all-100%": 32}
     assert {r["samples_seen"] for r in res["runs"]} == {8}
-    assert summary["top-25%"]["seeds"] == 1 and summary["whole"]["seeds"] == 2
+    # --seeds applies to the sweep points too, so they are compared paired by seed
+    assert summary["top-25%"]["seeds"] == 2 and summary["whole"]["seeds"] == 2
     # the 100% point is the --subset over the same dir: its runs are reused, not trained again
     assert summary["all-100%"]["seeds"] == 2
     assert summary["all-100%"]["zeroshot_top1_mean"] == summary["whole"]["zeroshot_top1_mean"]
-    assert sorted(p.name for p in (out / "runs").iterdir()) == [
-        "random-25pct--seed0.json", "random-50pct--seed0.json", "top-25pct--seed0.json", "top-50pct--seed0.json",
-        "whole--seed0.json", "whole--seed1.json"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        f"{n}--seed{s}.json" for n in ("random-25pct", "random-50pct", "top-25pct", "top-50pct", "whole") for s in (0, 1))
+    pairs = {(c["subset"], c["baseline"], c["metric"]): c for c in res["comparisons"]}
+    assert set(pairs) == {(t, b, m) for t, f in (("top-25%", "25%"), ("top-50%", "50%"))
+                          for b in (f"random-{f}", "all-100%") for m in ("retrieval_r5", "zeroshot_balanced")}
+    c = pairs[("top-25%", "random-25%", "retrieval_r5")]
+    assert c["seeds"] == 2 and c["items"] == 36 and c["ci"][0] <= c["difference"] <= c["ci"][1]
+    assert "distinguishable from zero" in c["verdict"]
+    assert res["headline"]["metric"] == "retrieval_r5"
     top = {s["subset"]: s for s in res["subsets"]}["top-25%"]
     assert top["threshold"] == 24.0 and top["selected"] == 8
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
@@ -274,7 +282,7 @@ def test_saved_model_loads_in_curate_score_with_the_same_embeddings(data, tokeni
 
     argv = ["train-probe", "--subset", f"seed={data['small']}", "--eval", str(data["eval"]), "--samples-seen", "16",
             "--batch-size", "8", "--image-size", "32", "--curve-points", "1", "--out", str(tmp_path / "o"),
-            "--save-model", str(tmp_path / "filter-model")]
+            "--save-model", str(tmp_path / "filter-model"), "--holdout", "0"]  # 12 pairs: too few to hold out
     assert main(argv) == 0
     weights, conf = tmp_path / "filter-model" / "model.safetensors", tmp_path / "filter-model" / "model_config.json"
     assert json.loads(conf.read_text())["vision_cfg"]["image_size"] == 32
@@ -284,7 +292,9 @@ def test_saved_model_loads_in_curate_score_with_the_same_embeddings(data, tokeni
 
     # the same run again (deterministic on CPU) gives the model that was saved
     samples = load_samples(data["small"], 32, tokenizer)
-    model, _ = train_run(samples, TrainConfig(samples_seen=16, batch_size=8, image_size=32, curve_points=1), seed=0)
+    # --save-model trains with crops on top of flips (filter_train_config)
+    model, _ = train_run(samples, filter_train_config(TrainConfig(samples_seen=16, batch_size=8, image_size=32,
+                                                                  curve_points=1)), seed=0)
     loaded = build_model(resolve_model(str(conf), str(weights)))
     assert torch.equal(encode_images(model, samples.images, 64, "cpu"),
                        encode_images(loaded.model, samples.images, 64, "cpu"))
