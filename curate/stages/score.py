@@ -364,9 +364,14 @@ def model_inputs(cfg: ScoreConfig) -> dict[str, Any]:
     """What the manifest records about the models: resolved model spec, checkpoint and langid hashes."""
     from curate import langid
     from curate.models import resolve_model
+    from curate.train_probe.quality import read_quality
 
     spec = resolve_model(cfg.model, cfg.pretrained, cfg.checksum)
-    return {"model": spec.describe(), "langid": langid.detector_info()}
+    out = {"model": spec.describe(), "langid": langid.detector_info()}
+    quality = read_quality(spec.checkpoint) if spec.checkpoint else None  # a train-probe --save-model filter
+    if quality is not None:
+        out["filter_quality"] = quality
+    return out
 
 
 STAGE = ScoreStage()
