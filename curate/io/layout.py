@@ -96,6 +96,8 @@ def task_id(task: dict[str, Any]) -> str:
 _STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "download": ("shards", "ledger", "_inputs"),
     "export": ("shards", "ledger", "dropped", "dropped.parquet"),
+    "adopt": ("shards", "ledger"),
+    "index": ("index",),
 }
 
 
@@ -190,8 +192,8 @@ class DatasetDir:
         return [t for t in self.done_tasks(stage) if is_shard_name(t)]
 
     def shards(self) -> list[str]:
-        """Shards whose download (or export) completed: they have a ledger and a marker."""
-        for stage in ("download", "export"):
+        """Shards whose download (or export, or adopt) completed: they have a ledger and a marker."""
+        for stage in ("download", "export", "adopt"):
             done = self.done_shards(stage)
             if done:
                 return done

@@ -7,6 +7,7 @@ pickled state crosses process or machine boundaries.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any, Protocol
 from curate.config import from_dict
 from curate.io.atomic import remove_shard_tmp, write_json
 from curate.io.layout import DatasetDir, task_id
+
+CRASH_ENV = "CURATE_TEST_CRASH_TASK"  # "stage:task": tests make that task's worker process die
 
 
 class Stage(Protocol):
@@ -62,12 +65,14 @@ def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[
     stage = get_stage(stage_name)
     ds = DatasetDir.at(root)
     tid = task_id(task)
+    if os.environ.get(CRASH_ENV) == f"{stage_name}:{tid}":
+        os._exit(17)  # test hook: this task's process dies (engines must report it, not lose the others)
     try:
         cfg = from_dict(stage.config_cls, config)
-        remove_shard_tmp(ds.root, tid)
+        key = output_key(stage, cfg, stage_name)
+        remove_shard_tmp(ds.stage_paths(key), tid)
         stats = stage.run_shard(cfg, ds, task)
         stats = dict(stats or {})
-        key = output_key(stage, cfg, stage_name)
         write_json(ds.stats(key, tid), stats)
         write_json(ds.marker(key, tid), {"task": tid, "stats": stats})
         return TaskResult(tid, True, stats, seconds=time.time() - t0).to_dict()
