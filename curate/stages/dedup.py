@@ -265,11 +265,17 @@ class DedupStage:
         return {"against": cfg.against} if cfg.against else {}
 
 
-def groups_for(n: int, k: int, tasks: int) -> list[int]:
-    """Cluster bounds of the pair tasks: `tasks` (0 = one per ~ROWS_PER_TASK rows) contiguous ranges."""
+def groups_for(n: int, k: int, tasks: int, cluster_entries: np.ndarray | None = None) -> list[int]:
+    """Cluster bounds of the pair tasks: `tasks` (0 = one per ~ROWS_PER_TASK rows) contiguous cluster ranges
+    holding about equal numbers of (row, probe) entries, as estimated on the training sample (cluster sizes
+    vary several-fold, and equal cluster counts made one task of a 4M-row run 5x the average)."""
     n_tasks = tasks or max(1, math.ceil(n / ROWS_PER_TASK))
     n_tasks = max(1, min(n_tasks, k))
-    return [int(b) for b in np.linspace(0, k, n_tasks + 1).round().astype(int)]
+    if cluster_entries is None or cluster_entries.sum() == 0:
+        return [int(b) for b in np.linspace(0, k, n_tasks + 1).round().astype(int)]
+    cum = np.cumsum(cluster_entries)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n_tasks) / n_tasks)
+    return [0, *sorted({int(c) for c in np.clip(cuts + 1, 1, k - 1)} if k > 1 else []), k]
 
 
 STAGE = DedupStage()

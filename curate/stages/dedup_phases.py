@@ -88,7 +88,10 @@ def build_plan(cfg: DedupConfig, ds: DatasetDir, digest: dict[str, Any], device:
         centroids = sd.train_centroids(sample, k, cfg.seed, device=device)
     else:
         centroids = np.asarray(sample, np.float32).reshape(-1, d)[:1] if len(sample) else np.eye(1, d, dtype=np.float32)
-    del sample
+    # (row, probe) entries per cluster, estimated on the sample: pair tasks get about equal shares
+    ids = sd.assign(sample, centroids, cfg.probes, device=device)[0] if len(sample) else np.zeros((0, 1), int)
+    cluster_entries = np.bincount(ids.reshape(-1), minlength=len(centroids))
+    del sample, ids
     _save(wd / "centroids.npy", centroids.astype(np.float32))
     if cfg.against:
         _gather_eval(DatasetDir.at(cfg.against), wd, d if n else None, cfg.scorer)
@@ -99,7 +102,7 @@ def build_plan(cfg: DedupConfig, ds: DatasetDir, digest: dict[str, Any], device:
         calibration = calibrate(ds, shards, cfg.seed, cfg.auto_target, device, cfg.scorer)
         log.info("dedup: --threshold auto chose %.4f (%s)", calibration["threshold"], calibration)
     return {"digest": digest, "rows": n, "dim": d, "k": k, "device": device, "shards": shards,
-            "group_bounds": groups_for(n, k, cfg.tasks),
+            "group_bounds": groups_for(n, k, cfg.tasks, cluster_entries),
             "threshold": calibration["threshold"] if calibration else cfg.threshold, "calibration": calibration}
 
 
@@ -248,16 +251,30 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
 
 
 def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
-    parts = []
-    for s in shards:
+    """Group g's slice of every shard's bucket, copied straight from the memory maps into one array per field
+    (no intermediate copies: this is the largest allocation of a pair task)."""
+    slices, dtype, width = [], None, 1
+    for s in shards:  # first pass: sizes and dtypes only (one memory map open at a time)
         off = np.load(wd / "bucket" / f"{s}.offsets.npy")
         if off[g + 1] > off[g]:
-            parts.append(np.array(np.load(wd / "bucket" / f"{s}.npy", mmap_mode="r")[off[g]:off[g + 1]]))
-    if not parts:
+            path = wd / "bucket" / f"{s}.npy"
+            dtype = np.load(path, mmap_mode="r").dtype
+            width = max(width, dtype["key"].itemsize)
+            slices.append((path, int(off[g]), int(off[g + 1])))
+    if not slices:
         return {}
-    width = max(p.dtype["key"].itemsize for p in parts)
-    return {f: np.concatenate([p[f].astype(f"S{width}") if f == "key" else p[f] for p in parts])
-            for f in ("emb", "uid", "prio", "cluster", "member", "key")}
+    total = sum(b - a for _, a, b in slices)
+    fields = ("emb", "uid", "prio", "cluster", "member", "key")
+    out = {f: np.empty((total, *dtype[f].shape), dtype[f].base) for f in fields[:-1]}
+    out["key"] = np.empty(total, f"S{width}")
+    pos = 0
+    for path, a, b in slices:
+        part = np.load(path, mmap_mode="r")[a:b]
+        for f in fields:
+            out[f][pos:pos + b - a] = part[f]
+        pos += b - a
+        del part
+    return out
 
 
 def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
@@ -275,8 +292,11 @@ def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
         _save(nn_path, np.zeros(0, [("uid", np.int64), ("sim", np.float32), ("key", "S1")]))
         return {"entries": 0, "pairs": 0}
     o = np.lexsort((e["key"], e["cluster"]))  # by cluster, then key: ties go to the lowest key
+    emb = e.pop("emb")  # the big array stays in place; entries reach it through `rows`
     e = {f: v[o] for f, v in e.items()}
-    hits = sd.search_clusters(e["emb"], e["cluster"], e["member"], e["uid"], plan["threshold"], task_device(plan, cfg))
+    hits = sd.search_clusters(emb, e["cluster"], e["member"], e["uid"], plan["threshold"], task_device(plan, cfg),
+                              rows=o)
+    del emb
     edges = _edges(hits.q, hits.m, hits.sim, e)
     _save(edges_path, edges)
     # each row's best neighbour over its probes in this group: highest cosine, then lowest key
