@@ -405,6 +405,20 @@ def test_torch_path_gives_the_numpy_faiss_decisions():
     assert len(np.unique(sd.assign(x, c, 1)[0])) == 8
 
 
+def test_scorer_names_the_signal_table_to_read(tmp_path):
+    emb, _ = planted()
+    ds = write_scored(tmp_path / "ds", emb)
+    assert run(ds) == 0
+    want = dedup_table(ds)
+    # the same embeddings under a second scorer's name, the first one's gone: --scorer reads the second
+    for sub in ("signals", "_done"):
+        shutil.move(ds.root / sub / "score", ds.root / sub / "dfn")
+    assert run(ds, "--redo") == 2
+    assert run(ds, "--scorer", "dfn", "--redo") == 0
+    assert dedup_table(ds).equals(want)
+    assert run(ds, "--scorer", "../score", "--redo") == 2
+
+
 def test_rescoring_invalidates_dedup(tmp_path):
     """The score stage's fingerprint is part of dedup's: after a rescore, a plain rerun is refused."""
     emb, _ = planted()
