@@ -1,8 +1,13 @@
 """Safe HTTP fetching for `curate download`: address guard, manual redirects, byte cap, deadline, retries.
 
-Every request resolves the host itself, checks each resolved address, and connects to that checked
+Every request resolves the host itself, checks each resolved address, and connects to a checked
 address (the name goes in the Host header and in TLS SNI/verification), so nothing can change between
-the check and the connection. Redirects are followed by hand and every hop is checked again.
+the check and the connection; when a host has several addresses the next checked one is tried on a
+connect failure. Redirects are followed by hand and every hop is checked again.
+
+The per-sample deadline is enforced from outside the read path: a watchdog thread shuts down the
+sockets of any sample past its deadline, so a blocked recv returns whatever phase the server is
+stalling (status line, headers, `100 Continue` stream, chunk framing, trailers, gzip header).
 """
 
 from __future__ import annotations
@@ -12,18 +17,20 @@ import contextlib
 import email.utils
 import ipaddress
 import logging
+import os
 import random
 import re
 import socket
 import threading
 import time
 import urllib.robotparser
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import (
     ConnectTimeoutError,
     DecodeError,
@@ -92,6 +99,7 @@ class FetchPolicy:
     respect_optout: bool = True
     respect_robots: bool = False
     ua_token: str = UA_TOKEN
+    ca_certs: str | None = None    # a CA bundle instead of the system's (tests use a trustme CA)
 
 
 def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -142,16 +150,186 @@ def optout_directive(values: list[str], token: str) -> str | None:
     return None
 
 
+def _ascii_digits(value: str) -> bool:
+    # str.isdigit() is also true for "²" or "٣", which int() refuses: header values are latin-1 text
+    return value.isascii() and value.isdigit()
+
+
 def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After value (delta-seconds or an HTTP date); None when unusable."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
-    with contextlib.suppress(TypeError, ValueError):
+    if _ascii_digits(value):
+        return min(float(value), 1e9)
+    # a hostile date can fail in many ways (year 0, out-of-range fields, overflow); none is an error
+    with contextlib.suppress(TypeError, ValueError, OverflowError, IndexError, OSError):
         when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:
+            return None
         return max(0.0, when.timestamp() - time.time())
     return None
+
+
+def content_length(value: str | None) -> int | None:
+    """The Content-Length header as a number, or None when absent or not plain digits."""
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if _ascii_digits(value) else None
+
+
+def redirect_target(base: str, location: str) -> str:
+    """The absolute URL a Location header points to; FetchFailed(invalid_url) when it cannot be joined."""
+    try:
+        return urljoin(base, location.strip())
+    except (ValueError, UnicodeError) as e:
+        raise FetchFailed("invalid_url", f"unusable redirect Location ({e})"[:300], final_url=base) from None
+
+
+# ---- the deadline watchdog --------------------------------------------------------------------
+
+WATCH_PERIOD = 0.1  # seconds between watchdog scans: the deadline's overshoot is about this plus unwinding
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Guard:
+    """One sample's deadline and duplicates of the sockets it uses.
+
+    shutdown(2) acts on the socket, not the descriptor, so shutting down a dup() wakes a recv blocked on
+    the original (plain or TLS) from another thread; owning the dup means a reused descriptor number
+    can never point the watchdog at somebody else's socket.
+    """
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def attach(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        try:
+            dup = socket.socket(fileno=os.dup(sock.fileno()))
+        except (OSError, ValueError):
+            return
+        with self._lock:
+            if self._closed:
+                dup.close()
+                return
+            self._socks.append(dup)
+            if self.expired:
+                _shut(dup)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self.expired or self._closed:
+                return
+            self.expired = True
+            for s in self._socks:
+                _shut(s)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for s in self._socks:
+                with contextlib.suppress(OSError):
+                    s.close()
+            self._socks.clear()
+
+
+_local = threading.local()  # .guard: the guard of the sample this thread is fetching
+
+
+class _Watchdog:
+    """One thread per process that expires overdue guards; idle (blocked on an Event) when none is active."""
+
+    def __init__(self) -> None:
+        self._guards: set[_Guard] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="curate-fetch-watchdog")
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def watch(self, deadline: float) -> Iterator[_Guard]:
+        guard = _Guard(deadline)
+        prev = getattr(_local, "guard", None)
+        _local.guard = guard
+        with self._lock:
+            self._guards.add(guard)
+        self._wake.set()
+        try:
+            yield guard
+        finally:
+            with self._lock:
+                self._guards.discard(guard)
+            _local.guard = prev
+            guard.close()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            with self._lock:
+                guards = list(self._guards)
+            if not guards:
+                self._wake.wait()
+                continue
+            now = time.monotonic()
+            for g in guards:
+                if now >= g.deadline:
+                    g.expire()
+            time.sleep(WATCH_PERIOD)
+
+
+_watchdogs: dict[int, _Watchdog] = {}
+_watchdogs_lock = threading.Lock()
+
+
+def _watchdog() -> _Watchdog:
+    """This process's watchdog (a forked worker does not inherit the parent's thread, so one per pid)."""
+    pid = os.getpid()
+    with _watchdogs_lock:
+        wd = _watchdogs.get(pid)
+        if wd is None:
+            wd = _watchdogs[pid] = _Watchdog()
+        return wd
+
+
+def _attach_current(sock: socket.socket | None) -> None:
+    guard = getattr(_local, "guard", None)
+    if guard is not None:
+        guard.attach(sock)
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    """Hands every socket it opens or reuses to the current sample's guard."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _attach_current(sock)  # before the request (and, for TLS, before the handshake)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        _attach_current(self.sock)  # a kept-alive connection reused by a new sample
+        super().request(*args, **kwargs)
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _attach_current(sock)
+        return sock
+
+    def request(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        _attach_current(self.sock)
+        super().request(*args, **kwargs)
 
 
 @dataclass
@@ -163,6 +341,7 @@ class _Target:
     path: str            # path + query, what goes on the request line
     ip: str = ""
     host_header: str = ""
+    ips: tuple[str, ...] = ()  # every resolved address, all checked; tried in order on connect failure
 
 
 @dataclass
@@ -173,10 +352,16 @@ class _Robots:
 
 
 class Fetcher:
-    """Fetch URLs under a FetchPolicy. Thread-safe; one per shard worker (pools and caches inside)."""
+    """Fetch URLs under a FetchPolicy. Thread-safe; one per shard worker (pools and caches inside).
 
-    def __init__(self, policy: FetchPolicy, max_pools: int = 256):
+    `resolver(host, port) -> [address, ...]` replaces getaddrinfo (tests give a name several loopback
+    addresses); whatever it returns goes through the same address guard.
+    """
+
+    def __init__(self, policy: FetchPolicy, max_pools: int = 256,
+                 resolver: Callable[[str, int], list[str]] | None = None):
         self.policy = policy
+        self._resolver = resolver
         self.user_agent = user_agent(policy.ua_token)
         self._allow = [parse_endpoint(s) for s in policy.allow_hosts]
         self._deny = tuple(d.lower().strip(".") for d in policy.deny_domains if d.strip("."))
@@ -200,27 +385,41 @@ class Fetcher:
         target = self._parse(url)  # invalid_url / blocked_scheme before any waiting
         with self._host_slot(target.host):
             deadline = time.monotonic() + self.policy.deadline
-            attempt = 0
-            while True:
-                attempt += 1
+            with _watchdog().watch(deadline) as guard:
+                return self._attempts(url, deadline, guard)
+
+    def _attempts(self, url: str, deadline: float, guard: _Guard) -> Fetched:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
                 try:
-                    got = self._fetch_once(url, deadline)
-                    got.attempts = attempt
-                    return got
-                except FetchFailed as e:
-                    e.attempts = attempt
-                    if e.code not in RETRYABLE or attempt > self.policy.retries:
+                    got = self._fetch_once(url, deadline, guard)
+                except Exception as e:  # noqa: BLE001 - whatever a shut-down socket raised, it was the deadline
+                    if not guard.expired:
                         raise
-                    wait = e.retry_after
-                    if wait is None:
-                        wait = self.policy.backoff * (2 ** (attempt - 1)) * (1.0 + random.random())
-                    # a new attempt needs a full timeout before the deadline, or its failure would
-                    # only say "deadline" and hide what the server did
-                    if time.monotonic() + wait + self.policy.timeout > deadline:
-                        if e.retry_after is not None:
-                            e.message += f" (Retry-After {e.retry_after:.0f}s is past the deadline)"
-                        raise
-                    time.sleep(wait)
+                    code = getattr(e, "code", "")
+                    raise FetchFailed("deadline_exceeded",
+                                      f"deadline {self.policy.deadline}s passed (watchdog closed the connection"
+                                      f"{'; ' + code if code else ''})",
+                                      http_status=getattr(e, "http_status", None),
+                                      final_url=getattr(e, "final_url", None) or url) from None
+                got.attempts = attempt
+                return got
+            except FetchFailed as e:
+                e.attempts = attempt
+                if e.code not in RETRYABLE or attempt > self.policy.retries:
+                    raise
+                wait = e.retry_after
+                if wait is None:
+                    wait = self.policy.backoff * (2 ** (attempt - 1)) * (1.0 + random.random())
+                # a new attempt needs a full timeout before the deadline, or its failure would
+                # only say "deadline" and hide what the server did
+                if time.monotonic() + wait + self.policy.timeout > deadline:
+                    if e.retry_after is not None:
+                        e.message += f" (Retry-After {e.retry_after:.0f}s is past the deadline)"
+                    raise
+                time.sleep(wait)
 
     def close(self) -> None:
         with self._pool_lock:
@@ -249,13 +448,16 @@ class Fetcher:
             raise
         except (ValueError, UnicodeError) as e:
             raise FetchFailed("invalid_url", f"unparseable URL ({e})") from None
-        if any(c in host for c in " \t\r\n/\\%@"):
+        if not host or any(c in host for c in " \t\r\n/\\%@"):
             raise FetchFailed("invalid_url", f"bad host {host!r}")
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        if any(c in path for c in "\r\n "):
-            raise FetchFailed("invalid_url", "control characters or spaces in the URL path")
+        if not all(0x20 < ord(c) < 0x7F for c in path):
+            # what a browser does: spaces, control and non-ASCII characters go out percent-encoded
+            # (UTF-8), so the request line is printable ASCII and no header can be injected
+            path = "".join(c if 0x20 < ord(c) < 0x7F else quote(c.encode("utf-8", "surrogatepass"), safe="")
+                           for c in path)
         return _Target(url=url, scheme=scheme, host=host.lower(), port=port, path=path)
 
     def _allowed_endpoint(self, t: _Target) -> bool:
@@ -272,6 +474,7 @@ class Fetcher:
                 if not is_public_address(ipaddress.ip_address(a)):
                     raise FetchFailed("blocked_address", f"{t.host} resolves to non-global address {a}",
                                       final_url=t.url)
+        t.ips = tuple(addrs)
         t.ip = addrs[0]
         default = 443 if t.scheme == "https" else 80
         name = f"[{t.host}]" if ":" in t.host else t.host
@@ -282,6 +485,12 @@ class Fetcher:
         key = (host, port)
         with self._dns_lock:
             hit = self._dns.get(key)
+        if hit is None and self._resolver is not None:
+            try:
+                hit = list(dict.fromkeys(str(ipaddress.ip_address(a)) for a in self._resolver(host, port)))
+                hit = hit or "no addresses"
+            except (OSError, ValueError) as e:
+                hit = str(e)
         if hit is None:
             try:
                 # getaddrinfo applies inet_aton rules, so 2130706433, 0177.0.0.1, 127.1 and 0x7f.1
@@ -316,18 +525,22 @@ class Fetcher:
                 return pool
             size = max(1, self.policy.per_host)
             if t.scheme == "https":
+                # connect to the checked address; the name is what TLS sends (SNI) and verifies
                 pool = urllib3.HTTPSConnectionPool(
                     t.ip, t.port, maxsize=size, block=False, retries=False,
-                    server_hostname=t.host, assert_hostname=t.host, cert_reqs="CERT_REQUIRED")
+                    server_hostname=t.host, assert_hostname=t.host, cert_reqs="CERT_REQUIRED",
+                    ca_certs=self.policy.ca_certs)
+                pool.ConnectionCls = _GuardedHTTPSConnection
             else:
                 pool = urllib3.HTTPConnectionPool(t.ip, t.port, maxsize=size, block=False, retries=False)
+                pool.ConnectionCls = _GuardedHTTPConnection
             self._pools[key] = pool
             while len(self._pools) > self._max_pools:
                 _, old = self._pools.popitem(last=False)
                 old.close()
             return pool
 
-    def _fetch_once(self, url: str, deadline: float) -> Fetched:
+    def _fetch_once(self, url: str, deadline: float, guard: _Guard) -> Fetched:
         seen: set[str] = set()
         hops = 0
         while True:
@@ -348,7 +561,7 @@ class Fetcher:
                     if not location:
                         raise FetchFailed("http_4xx", f"HTTP {status} without Location", http_status=status,
                                           final_url=url)
-                    nxt = urljoin(url, location.strip())
+                    nxt = redirect_target(url, location)
                     hops += 1
                     if nxt in seen:
                         raise FetchFailed("too_many_redirects", f"redirect loop back to {nxt[:200]}",
@@ -364,6 +577,9 @@ class Fetcher:
                 if not 200 <= status < 300:
                     raise FetchFailed("http_4xx", f"HTTP {status}", http_status=status, final_url=url)
                 body = self._read_body(resp, deadline, url)
+                if guard.expired:  # the watchdog's shutdown reads as end-of-body: the body may be cut short
+                    raise FetchFailed("deadline_exceeded", f"deadline {self.policy.deadline}s passed",
+                                      http_status=status, final_url=url)
                 self._finish(resp, complete=True)
                 if not body:
                     raise FetchFailed("empty_body", "the answer had no bytes", http_status=status, final_url=url)
@@ -372,6 +588,21 @@ class Fetcher:
                 self._finish(resp)
 
     def _request(self, t: _Target, deadline: float) -> Any:
+        """Send the GET to the first checked address that accepts a connection (never an unchecked one)."""
+        addrs = t.ips or (t.ip,)
+        for i, ip in enumerate(addrs):
+            t.ip = ip
+            try:
+                return self._request_one(t, deadline)
+            except FetchFailed as e:
+                # only a failure to connect moves on: once a request went out, another address could
+                # answer it a second time
+                if not getattr(e, "_connect_phase", False) or i == len(addrs) - 1:
+                    raise
+                log.debug("%s: %s failed (%s), trying %s", t.host, ip, e.message, addrs[i + 1])
+        raise AssertionError("unreachable")
+
+    def _request_one(self, t: _Target, deadline: float) -> Any:
         left = deadline - time.monotonic()
         if left <= 0:
             raise FetchFailed("deadline_exceeded", f"deadline {self.policy.deadline}s passed", final_url=t.url)
@@ -390,10 +621,16 @@ class Fetcher:
         except ReadTimeoutError as e:
             code = "deadline_exceeded" if cut else "timeout"
             raise FetchFailed(code, f"read timeout ({e})", final_url=t.url) from None
+        except NewConnectionError as e:  # (a subclass of ConnectTimeoutError: refused, unreachable)
+            err = FetchFailed("connect_error", f"{type(e).__name__}: {e}"[:300], final_url=t.url)
+            err._connect_phase = True  # type: ignore[attr-defined]
+            raise err from None
         except ConnectTimeoutError as e:
             code = "deadline_exceeded" if cut else "timeout"
-            raise FetchFailed(code, f"connect timeout ({e})", final_url=t.url) from None
-        except (NewConnectionError, ProtocolError, SSLError) as e:
+            err = FetchFailed(code, f"connect timeout ({e})", final_url=t.url)
+            err._connect_phase = True  # type: ignore[attr-defined]
+            raise err from None
+        except (ProtocolError, SSLError) as e:
             raise FetchFailed("connect_error", f"{type(e).__name__}: {e}"[:300], final_url=t.url) from None
         except LocationParseError as e:
             raise FetchFailed("invalid_url", str(e), final_url=t.url) from None
@@ -402,9 +639,9 @@ class Fetcher:
 
     def _read_body(self, resp: Any, deadline: float, url: str) -> bytes:
         cap = self.policy.max_bytes
-        length = resp.headers.get("Content-Length")
-        if length and length.strip().isdigit() and int(length) > cap:
-            raise FetchFailed("too_large", f"Content-Length {int(length)} > --max-bytes {cap}",
+        length = content_length(resp.headers.get("Content-Length"))
+        if length is not None and length > cap:
+            raise FetchFailed("too_large", f"Content-Length {length} > --max-bytes {cap}",
                               http_status=resp.status, final_url=url)
         buf = bytearray()
         sock = getattr(getattr(resp, "connection", None), "sock", None)
@@ -459,29 +696,53 @@ class Fetcher:
         key = (t.scheme, t.host, t.port)
         with self._robots_lock:
             entry = self._robots.setdefault(key, _Robots())
-        with entry.lock:  # one fetch per host; the other threads wait for it
+        # one fetch per host; the other threads wait for it, but never past their own deadline (the
+        # fetching thread is itself bounded by its deadline through the watchdog)
+        if not entry.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise FetchFailed("deadline_exceeded", f"deadline {self.policy.deadline}s passed waiting for "
+                              f"robots.txt of {t.host}", final_url=t.url)
+        try:
             if not entry.loaded:
                 entry.parser = self._load_robots(t, deadline)
                 entry.loaded = True
+        finally:
+            entry.lock.release()
         return entry.parser is None or entry.parser.can_fetch(self.policy.ua_token, t.url)
 
     def _load_robots(self, t: _Target, deadline: float) -> urllib.robotparser.RobotFileParser | None:
-        """robots.txt of the host, or None (allow all) when it is missing or unreachable."""
+        """robots.txt of the host, or None (allow all) when it is missing or unreachable.
+
+        Running out of the sample's deadline is not "unreachable": it raises deadline_exceeded and
+        caches nothing, so a robots.txt cut short by the watchdog is never parsed as the whole file.
+        """
+        guard: _Guard | None = getattr(_local, "guard", None)
         rt = _Target(url=f"{t.scheme}://{t.host_header}/robots.txt", scheme=t.scheme, host=t.host, port=t.port,
-                     path="/robots.txt", ip=t.ip, host_header=t.host_header)
+                     path="/robots.txt", ip=t.ip, host_header=t.host_header, ips=t.ips)
+
+        def overdue() -> bool:
+            return (guard is not None and guard.expired) or time.monotonic() >= deadline
+
+        body = b""
+        resp = None
         try:
             resp = self._request(rt, deadline)
+            if resp.status == 200:
+                body = self._read_body(resp, deadline, rt.url)[: 512 * 1024]
+                self._finish(resp, complete=not overdue())
         except FetchFailed:
-            return None
-        try:
-            if resp.status != 200:
+            if not overdue():
                 return None
-            body = self._read_body(resp, deadline, rt.url)[: 512 * 1024]
-            self._finish(resp, complete=True)
-        except FetchFailed:
-            return None
+        except Exception:  # noqa: BLE001 - a socket shut down by the watchdog fails in many ways
+            if not overdue():
+                raise
         finally:
-            self._finish(resp)
+            if resp is not None:
+                self._finish(resp)
+        if overdue():
+            raise FetchFailed("deadline_exceeded", f"deadline {self.policy.deadline}s passed reading "
+                              f"robots.txt of {t.host}", final_url=t.url)
+        if resp is None or resp.status != 200:
+            return None
         parser = urllib.robotparser.RobotFileParser()
         parser.parse(body.decode("utf-8", errors="replace").splitlines())
         return parser

@@ -1,32 +1,57 @@
-"""Safe image decoding and resizing for `curate download`: allowlist, pixel limit before decoding, resize, encode.
+"""The one safe image decoder of curate, and download's resize/encode.
 
-`Image.open` only parses the header, so the format and the pixel count are checked before a single
-pixel is allocated. JPEGs that will be shrunk are decoded at reduced scale (libjpeg DCT scaling via
-Pillow's draft mode), which is both the speed and the memory lever.
+Every stage that opens image bytes (download, score, report thumbnails, train-probe data) goes through
+`safe_open` / `safe_decode_rgb`: the format is decided by magic bytes against an allowlist (JPEG, PNG,
+WebP, GIF, BMP), Pillow is opened with exactly that one format (`formats=[...]`, so no other plugin,
+and never Ghostscript, sees the bytes), and the header's pixel count is checked before a single pixel
+is allocated. Failures raise `ImageRejected` whose `code` is a ledger error code, the same in every stage.
+
+Memory per image is bounded by the output, not the input: a resize whose output would exceed a pixel
+budget is refused, centre crops resize only the source region they keep, and decodes reserve their
+bytes from a per-task `DecodeBudget` first (see `decode_cost`). JPEGs that will be shrunk are decoded
+at reduced scale (libjpeg DCT scaling via Pillow's draft mode), the speed and the memory lever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import struct
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-# our own --max-pixels check runs first and is stricter; Pillow's warning would only be noise
+# our own max_pixels check runs first and is stricter; Pillow's warning would only be noise
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 ALLOWED_FORMATS: dict[str, str] = {
     "JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp",
 }
+DEFAULT_MAX_PIXELS = 40_000_000
+# keep_ratio's output may be at most this many times image_size squared (a 16:1 banner at 256 px is
+# 256x4096); beyond it the row is bad_aspect_ratio, so a 1x100000 PNG never becomes 256x25,600,000
+MAX_OUTPUT_FACTOR = 16
+# per download task: decoded bytes in flight (see decode_cost); one image bigger than this runs alone
+DECODE_BUDGET_BYTES = 384 * 2**20
+# the copies a decode makes beside the decoded image: the RGB conversion (3) and, for transparent
+# images, the RGBA composite (4)
+_CONVERT_BYTES = 7
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 # recognised so that they are reported as format_not_allowed instead of decode_error (never parsed)
 _OTHER_MAGIC = (
-    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"),
-    (b"\x00\x00\x00\x0cjP  ", "JPEG2000"), (b"\xff\x4f\xff\x51", "JPEG2000"), (b"%PDF", "PDF"),
-    (b"qoif", "QOI"), (b"\x76\x2f\x31\x01", "EXR"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x02\x00", "CUR"),
+    (b"8BPS", "PSD"), (b"\x00\x00\x00\x0cjP  ", "JPEG2000"), (b"\xff\x4f\xff\x51", "JPEG2000"),
+    (b"%PDF", "PDF"), (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"qoif", "QOI"),
+    (b"\x76\x2f\x31\x01", "EXR"), (b"\xff\x0a", "JPEG XL"), (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+    (b"DDS ", "DDS"), (b"icns", "ICNS"), (b"SIMPLE  =", "FITS"), (b"\x01\xda", "SGI"),
+    (b"\x59\xa6\x6a\x95", "Sun raster"), (b"#define", "XBM"), (b"/* XPM */", "XPM"), (b"gimp xcf", "XCF"),
+    (b"#?RADIANCE", "HDR"), (b"#?RGBE", "HDR"), (b"\xd7\xcd\xc6\x9a", "WMF"), (b"FORM", "IFF/ILBM"),
+    (b"GIMP", "GBR"), (b"DanM", "MSP"), (b"LinS", "MSP"), (b"\x0a\x05\x01", "PCX"),
 )
 # EXIF orientation -> the transpose that makes the image upright
 _ORIENT = {
@@ -34,6 +59,9 @@ _ORIENT = {
     4: (Image.Transpose.FLIP_TOP_BOTTOM,), 5: (Image.Transpose.TRANSPOSE,),
     6: (Image.Transpose.ROTATE_270,), 7: (Image.Transpose.TRANSVERSE,), 8: (Image.Transpose.ROTATE_90,),
 }
+# what a decoder may raise on hostile bytes; anything else is a bug and surfaces as one
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
+                  struct.error, ZeroDivisionError, OverflowError)
 
 
 class ImageRejected(Exception):
@@ -54,8 +82,8 @@ class ImageOptions:
     encode_format: str = "jpg"
     encode_quality: int = 95
     min_image_size: int = 0
-    max_aspect_ratio: float = 0.0   # 0: no limit
-    max_pixels: int = 40_000_000
+    max_aspect_ratio: float = 0.0   # 0: no limit beyond the output cap (max_output_pixels)
+    max_pixels: int = DEFAULT_MAX_PIXELS
     draft: bool = True              # reduced-scale JPEG decoding when shrinking
 
 
@@ -70,18 +98,138 @@ class ProcessedImage:
     height: int
 
 
+# ---- the safe decoder (every stage) -------------------------------------------------------------
+
 def sniff_other_format(data: bytes) -> str | None:
-    head = data[:16]
+    """The name of a known image/document format outside the allowlist, or None."""
+    head = bytes(data[:16])
     for magic, name in _OTHER_MAGIC:
         if head.startswith(magic):
             return name
     if head[4:8] == b"ftyp":
         return "HEIF/AVIF/MP4"
-    text = data[:256].lstrip().lower()
-    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+    # Netpbm: P1..P7 then whitespace; PFM: Pf/PF then whitespace
+    if len(head) >= 3 and head[0:1] == b"P" and head[1:2] in b"1234567fF" and head[2:3] in b" \t\r\n":
+        return "PPM/PGM/PBM/PAM/PFM"
+    text = bytes(data[:256]).lstrip().lower()
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in bytes(data[:4096]).lower()):
         return "SVG"
     return None
 
+
+def sniff_format(data: bytes) -> str:
+    """The allowlisted Pillow format of `data` by its magic bytes; ImageRejected otherwise.
+
+    format_not_allowed for a recognised format outside the allowlist (EPS, PPM, TIFF, SVG, ...),
+    decode_error for bytes that are no image at all (HTML, empty, garbage).
+    """
+    head = bytes(data[:16])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith(b"BM"):
+        return "BMP"
+    other = sniff_other_format(data)
+    if other:
+        raise ImageRejected("format_not_allowed", f"{other} is not in the format allowlist "
+                            f"({', '.join(ALLOWED_FORMATS)})")
+    raise ImageRejected("decode_error", "not a decodable image (unknown bytes)")
+
+
+def safe_open(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open lazily with the sniffed format only and check the header's pixel count; nothing is decoded.
+
+    Raises ImageRejected: format_not_allowed, decode_error or decompression_bomb (more than max_pixels).
+    `img.format` may read "MPO" for a multi-picture JPEG (still Pillow's JPEG decoder).
+    """
+    fmt = sniff_format(data)
+    mime = ALLOWED_FORMATS[fmt]
+    try:
+        img = Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.DecompressionBombError as e:
+        raise ImageRejected("decompression_bomb", str(e), mime=mime) from None
+    except UnidentifiedImageError:
+        raise ImageRejected("decode_error", f"not a decodable {fmt} (bad header)", mime=mime) from None
+    except _DECODE_ERRORS as e:
+        raise ImageRejected("decode_error", f"bad image header ({e})"[:300], mime=mime) from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageRejected("decode_error", f"image header says {w}x{h}", mime=mime)
+    if w * h > max_pixels:
+        raise ImageRejected("decompression_bomb", f"{w}x{h} = {w * h} pixels > max pixels {max_pixels}",
+                            (w, h), mime)
+    return img
+
+
+def decode_cost(img: Image.Image) -> int:
+    """Bytes a decode of `img` (at its current, possibly draft-reduced, size) may hold at its peak.
+
+    width x height x (decoded bytes per pixel of its mode + 7 for the RGB / RGBA-composite copies).
+    """
+    bands = len(img.getbands())
+    depth = 4 if img.mode in ("I", "F") else 2 if img.mode.startswith("I;16") else 1
+    return img.width * img.height * (bands * depth + _CONVERT_BYTES)
+
+
+class DecodeBudget:
+    """A semaphore on decoded bytes: the decodes of one task together reserve at most `nbytes`.
+
+    One image larger than the whole budget waits until it can run alone, so peak decoded memory per
+    task is max(nbytes, the largest single decode_cost) whatever the thread count.
+    """
+
+    def __init__(self, nbytes: int = DECODE_BUDGET_BYTES):
+        self.total = max(1, int(nbytes))
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        need = min(max(0, int(nbytes)), self.total)
+        with self._cond:
+            while self.used + need > self.total:
+                self._cond.wait()
+            self.used += need
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= need
+                self._cond.notify_all()
+
+
+def safe_decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None,
+                    budget: DecodeBudget | None = None) -> Image.Image:
+    """Decode to a loaded RGB image (transparency composited on white) through `safe_open`.
+
+    `draft`: for JPEG, decode at the smallest DCT scale that is still at least this size.
+    Raises ImageRejected (the codes of safe_open, or decode_error for bytes that fail mid-decode).
+    """
+    img = safe_open(data, max_pixels)
+    mime = ALLOWED_FORMATS.get(img.format or "", "image/jpeg")
+    size = img.size
+    try:
+        if draft is not None and img.format in ("JPEG", "MPO"):
+            img.draft("RGB", draft)
+        with budget.reserve(decode_cost(img)) if budget is not None else contextlib.nullcontext():
+            img.load()
+            return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise ImageRejected("decompression_bomb", str(e), size, mime) from None
+    except MemoryError:
+        raise ImageRejected("decompression_bomb", "out of memory while decoding", size, mime) from None
+    except _DECODE_ERRORS as e:
+        raise ImageRejected("decode_error", f"{type(e).__name__}: {e}"[:300], size, mime) from None
+
+
+# ---- download: check, resize, encode ------------------------------------------------------------
 
 def target_size(w: int, h: int, opt: ImageOptions) -> tuple[int, int]:
     """The size the image is resized to before cropping or padding (img2dataset's semantics)."""
@@ -95,29 +243,28 @@ def target_size(w: int, h: int, opt: ImageOptions) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
+def max_output_pixels(opt: ImageOptions) -> int:
+    """The most pixels one output image may have (resize_mode "no" is bounded by max_pixels instead)."""
+    s2 = opt.image_size * opt.image_size
+    return max(s2, min(MAX_OUTPUT_FACTOR * s2, opt.max_pixels))
+
+
+def output_size(w: int, h: int, opt: ImageOptions) -> tuple[int, int]:
+    """The size of the encoded output for an upright w x h source."""
+    s = opt.image_size
+    if opt.resize_mode in ("border", "center_crop"):
+        return s, s
+    return target_size(w, h, opt)
+
+
 def open_checked(data: bytes, opt: ImageOptions) -> tuple[Image.Image, int, int, int]:
-    """Open lazily and check format, pixel count, size and aspect ratio; nothing is decoded yet.
+    """Open lazily and check format, pixel count, size, aspect ratio and output size; nothing is decoded yet.
 
     Returns (image, upright width, upright height, EXIF orientation).
     """
-    other = sniff_other_format(data)
-    if other:
-        raise ImageRejected("format_not_allowed", f"{other} is not in the format allowlist")
-    try:
-        img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
-    except Image.DecompressionBombError as e:
-        raise ImageRejected("decompression_bomb", str(e)) from None
-    except UnidentifiedImageError:
-        raise ImageRejected("decode_error", "not a decodable image (unknown bytes)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageRejected("decode_error", f"bad image header ({e})"[:300]) from None
-    mime = ALLOWED_FORMATS[img.format]
+    img = safe_open(data, opt.max_pixels)
+    mime = ALLOWED_FORMATS.get(img.format or "", "image/jpeg")
     w, h = img.size
-    if w <= 0 or h <= 0:
-        raise ImageRejected("decode_error", f"image header says {w}x{h}", mime=mime)
-    if w * h > opt.max_pixels:
-        raise ImageRejected("decompression_bomb", f"{w}x{h} = {w * h} pixels > --max-pixels {opt.max_pixels}",
-                            (w, h), mime)
     orientation = 1
     try:
         orientation = int(img.getexif().get(0x0112, 1) or 1)
@@ -130,24 +277,34 @@ def open_checked(data: bytes, opt: ImageOptions) -> tuple[Image.Image, int, int,
     if opt.max_aspect_ratio and max(w, h) / min(w, h) > opt.max_aspect_ratio:
         raise ImageRejected("bad_aspect_ratio", f"{w}x{h} aspect {max(w, h) / min(w, h):.2f} > "
                             f"--max-aspect-ratio {opt.max_aspect_ratio}", (w, h), mime)
+    if opt.resize_mode != "no":
+        ow, oh = output_size(w, h, opt)
+        if ow * oh > max_output_pixels(opt):
+            raise ImageRejected("bad_aspect_ratio", f"{w}x{h} (aspect {max(w, h) / min(w, h):.1f}) would become "
+                                f"{ow}x{oh} = {ow * oh} output pixels > {max_output_pixels(opt)} "
+                                f"({MAX_OUTPUT_FACTOR} x --image-size squared)", (w, h), mime)
     return img, w, h, orientation
 
 
-def process_image(data: bytes, opt: ImageOptions) -> ProcessedImage:
-    """Decode (safely), orient, convert to RGB, resize and encode one image; raises ImageRejected."""
+def process_image(data: bytes, opt: ImageOptions, budget: DecodeBudget | None = None) -> ProcessedImage:
+    """Decode (safely), orient, convert to RGB, resize and encode one image; raises ImageRejected.
+
+    With `budget`, the decode waits until its decode_cost fits in the task's budget.
+    """
     img, w, h, orientation = open_checked(data, opt)
-    mime = ALLOWED_FORMATS[img.format]
+    mime = ALLOWED_FORMATS.get(img.format or "", "image/jpeg")
     tw, th = target_size(w, h, opt)
     try:
-        if opt.draft and img.format == "JPEG" and tw < w:
+        if opt.draft and img.format in ("JPEG", "MPO") and tw < w:
             # ask for at least the target size in stored orientation; libjpeg picks the 1/2, 1/4, 1/8 scale
             req = (math.ceil(tw), math.ceil(th)) if orientation < 5 else (math.ceil(th), math.ceil(tw))
             img.draft("RGB", req)
-        img.load()
-        for op in _ORIENT.get(orientation, ()):
-            img = img.transpose(op)
-        img = to_rgb(img)
-        img = resize(img, tw, th, opt)
+        with budget.reserve(decode_cost(img)) if budget is not None else contextlib.nullcontext():
+            img.load()
+            for op in _ORIENT.get(orientation, ()):
+                img = img.transpose(op)
+            img = to_rgb(img)
+            img = resize(img, tw, th, opt)
         out = io.BytesIO()
         fmt = ENCODE_FORMATS[opt.encode_format]
         if fmt == "JPEG":
@@ -163,7 +320,7 @@ def process_image(data: bytes, opt: ImageOptions) -> ProcessedImage:
         raise ImageRejected("decompression_bomb", str(e), (w, h), mime) from None
     except MemoryError:
         raise ImageRejected("decompression_bomb", "out of memory while decoding", (w, h), mime) from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as e:
+    except _DECODE_ERRORS as e:
         raise ImageRejected("decode_error", f"{type(e).__name__}: {e}"[:300], (w, h), mime) from None
     return ProcessedImage(out.getvalue(), opt.encode_format, mime, w, h, img.width, img.height)
 
@@ -181,24 +338,36 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         import numpy as np
 
-        # 16-bit greyscale: keep the high byte (Pillow's own conversion clips at 255)
-        arr = np.asarray(img).astype(np.int64)
-        img = Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), "L")
+        # 16-bit greyscale: keep the high byte (Pillow's own conversion clips at 255); uint16 keeps
+        # the temporary arrays at 2 bytes a pixel (mode I is 32-bit and is clipped first)
+        arr = np.asarray(img)
+        if arr.dtype != np.uint16:
+            arr = np.clip(arr, 0, 65535).astype(np.uint16)
+        img = Image.fromarray((arr >> 8).astype(np.uint8), "L")
     return img.convert("RGB")
 
 
 def resize(img: Image.Image, tw: int, th: int, opt: ImageOptions) -> Image.Image:
+    """Resize to (tw, th), then crop or pad to the square of the mode.
+
+    A centre crop resizes only the source region it keeps (Pillow's `box`), so its memory is the
+    output's whatever the source's aspect ratio; keep_ratio's output is capped by open_checked.
+    """
     if opt.resize_mode == "no":
         return img
+    s = opt.image_size
+    if opt.resize_mode == "center_crop" and (tw, th) != (s, s):
+        sx, sy = img.width / tw, img.height / th  # img may already be draft-reduced
+        left, top = (tw - s) // 2, (th - s) // 2
+        box = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+        shrink = sx > 1
+        method = Image.Resampling.BICUBIC if shrink else Image.Resampling.LANCZOS
+        return img.resize((s, s), method, box=box, reducing_gap=3.0 if shrink else None)
     if (img.width, img.height) != (tw, th):
         shrink = tw < img.width
         method = Image.Resampling.BICUBIC if shrink else Image.Resampling.LANCZOS
         img = img.resize((tw, th), method, reducing_gap=3.0 if shrink else None)
-    s = opt.image_size
-    if opt.resize_mode == "center_crop" and (tw, th) != (s, s):
-        left, top = (tw - s) // 2, (th - s) // 2
-        img = img.crop((left, top, left + s, top + s))
-    elif opt.resize_mode == "border" and (tw, th) != (s, s):
+    if opt.resize_mode == "border" and (tw, th) != (s, s):
         canvas = Image.new("RGB", (s, s), (0, 0, 0))
         canvas.paste(img, ((s - tw) // 2, (s - th) // 2))
         img = canvas

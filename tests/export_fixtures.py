@@ -15,7 +15,7 @@ import pyarrow as pa
 from dataset_factory import color_image, make_dataset
 
 from curate.io.atomic import write_json
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, sample_key, shard_name, shard_of_key
 from curate.io.manifest import record_stage
 from curate.io.tables import write_table
 
@@ -34,7 +34,7 @@ CONTAMINATED = {12}
 
 
 def key_of(row: int) -> str:
-    return f"{row // SHARD_SIZE:05d}{row % SHARD_SIZE:05d}"
+    return sample_key(shard_name(row // SHARD_SIZE), row % SHARD_SIZE)
 
 
 def truth() -> list[dict[str, Any]]:
@@ -70,10 +70,10 @@ def make_export_source(root: Path, with_score: bool = True, with_dedup: bool = T
         image = color_image(r, SIZES.get(r, (256, 240))) if t["status"] == "success" else None
         samples.append((image, t["caption"], t["status"]))
     ds = make_dataset(root, samples, shard_size=SHARD_SIZE)
-    shards = sorted({t["key"][:5] for t in rows})
+    shards = sorted({shard_of_key(t["key"]) for t in rows})
     record_stage(ds, "download", config={"fixture": True}, fingerprint="d0wn10ad")
     for shard in shards:
-        part = [t for t in rows if t["key"][:5] == shard]
+        part = [t for t in rows if shard_of_key(t["key"]) == shard]
         if with_score:
             write_table(ds.signals("score", shard), _score_table(part))
             write_json(ds.marker("score", shard), {"shard": shard, "stats": {}})

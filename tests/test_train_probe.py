@@ -305,8 +305,8 @@ def test_saved_model_loads_in_curate_score_with_the_same_embeddings(data, tokeni
     assert main(["score", str(target), "--model", str(conf), "--pretrained", str(weights), "--device", "cpu",
                  "--loader-workers", "0", "--no-progress"]) == 0
     ds = DatasetDir.at(target)
-    sig = pq.read_table(ds.signals("score", "00000")).to_pylist()
-    emb = np.load(ds.signals("score", "00000", ".img_emb.npy")).astype(np.float32)
+    sig = pq.read_table(ds.signals("score", "00000000")).to_pylist()
+    emb = np.load(ds.signals("score", "00000000", ".img_emb.npy")).astype(np.float32)
     mine = encode_images(model, load_samples(target, 32, tokenizer).images, 64, "cpu").numpy()
     assert [r["emb_row"] for r in sig] == list(range(12))
     assert np.abs(emb - mine).max() < 1e-2

@@ -358,7 +358,8 @@ def _random_rows(ctx: Context, where: str) -> list[dict[str, Any]]:
     return _sample_rows(ctx, f"({where}) AND shard IN ({in_shards})", f"hash(key || {seed})")
 
 
-def _tile(s: dict[str, Any], thumbs: dict[str, str], show_reason: bool = False, kept_mark: bool = False) -> str:
+def _tile(s: dict[str, Any], thumbs: dict[str, str], show_reason: bool = False, kept_mark: bool = False,
+          extra: str = "") -> str:
     img = thumbs.get(s["key"])
     pic = f'<img src="{img}" alt="{escape(s["key"])}" loading="lazy">' if img else '<div class="noimg">no image</div>'
     cap = s.get("caption") or ""
@@ -370,7 +371,7 @@ def _tile(s: dict[str, Any], thumbs: dict[str, str], show_reason: bool = False, 
         why = f'<div class="why">{escape(s.get("reason") or "not exported")}</div>'
     cls = "tile kept" if kept_mark and s.get("is_kept_of_group") else "tile"
     return (f'<div class="{cls}">{pic}<div class="cap">{escape(cap) or "<i>(empty caption)</i>"}</div>'
-            f'<div class="meta">{meta}</div>{why}</div>')
+            f'<div class="meta">{meta}</div>{why}{extra}</div>')
 
 
 def _grids(ctx: Context) -> str:
@@ -388,9 +389,13 @@ def _grids(ctx: Context) -> str:
     shown = [s for _, rows, _ in grids for s in rows]
     _add_captions(ctx, shown)
     ctx.thumbs.update(load_thumbnails(ctx.ds, [(s["key"], s["shard"]) for s in shown], ctx.opts.thumb_px))
+    # with an index (`curate index`), each tile lists its nearest neighbours
+    from curate.search.neighbours import report_neighbours
+
+    nbrs = report_neighbours(ctx.ds, [s["key"] for s in shown])
     out = []
     for title, rows, reason in grids:
-        tiles = "".join(_tile(s, ctx.thumbs, show_reason=reason) for s in rows)
+        tiles = "".join(_tile(s, ctx.thumbs, show_reason=reason, extra=nbrs.get(s["key"], "")) for s in rows)
         out.append(f"<h3>{escape(title)} ({len(rows)})</h3>"
                    + (f'<div class="grid">{tiles}</div>' if rows else '<p class="empty">none</p>'))
     if not ctx.has_kept:

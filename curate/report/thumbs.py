@@ -100,20 +100,21 @@ def _read_with_tarfile(path: Path, keys: set[str]) -> dict[str, bytes]:
 
 
 def thumbnail(data: bytes, size: int = 112, quality: int = 70) -> str | None:
-    """A data: URI of a JPEG at most `size` px a side; None when the bytes do not decode."""
-    from PIL import Image
+    """A data: URI of a JPEG at most `size` px a side; None when the bytes do not decode.
+
+    Decoded through curate.imaging's safe decoder (format allowlist by magic bytes, pixel cap first).
+    """
+    from curate.imaging import ImageRejected, safe_decode_rgb
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            # the shard images were checked at download; this guards the report against a huge one anyway
-            if im.width * im.height > 64_000_000:
-                return None
-            im.draft("RGB", (size, size))
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=quality, optimize=True)
-    except Exception as e:  # a bad image must not break the report; the tile says "no image"
+        im = safe_decode_rgb(data, draft=(size, size))
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=quality, optimize=True)
+    except ImageRejected as e:  # the tile says "no image"
+        log.debug("thumbnail refused: %s (%s)", e.code, e.message)
+        return None
+    except Exception as e:  # noqa: BLE001 - a bad image must not break the report
         log.debug("thumbnail failed: %s", e)
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

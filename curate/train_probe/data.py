@@ -6,7 +6,6 @@ seed, epoch and sweep fraction indexes the same tensors; this keeps CPU training
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,7 @@ class Samples:
     tokens: Any  # torch.long (N, context_length)
     captions: list[str]
     labels: list[str] | None = None
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (undecodable, no caption)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (error codes, no label, ...)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -54,17 +53,20 @@ class Samples:
 
 
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """(3, S, S) uint8: shortest side resized to S (bicubic), centre crop, as open_clip's inference transform."""
-    from PIL import Image
+    """(3, S, S) uint8: shortest side resized to S (bicubic), centre crop, as open_clip's inference transform.
+
+    Decoded through curate.imaging's safe decoder; raises curate.imaging.ImageRejected (with its code).
+    """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    with Image.open(io.BytesIO(data)) as im:
-        im.draft("RGB", (2 * image_size, 2 * image_size))  # JPEG DCT scaling: cheaper decode of big photos
-        im = im.convert("RGB")
-        im = TF.resize(im, image_size, interpolation=InterpolationMode.BICUBIC)
-        im = TF.center_crop(im, image_size)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+    from curate.imaging import safe_decode_rgb
+
+    # JPEG DCT scaling: a cheaper decode of big photos, still at least twice the model's input size
+    im = safe_decode_rgb(data, draft=(2 * image_size, 2 * image_size))
+    im = TF.resize(im, image_size, interpolation=InterpolationMode.BICUBIC)
+    im = TF.center_crop(im, image_size)
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 def dataset_shards(path: str | Path, flag: str) -> tuple[DatasetDir, list[str]]:
@@ -130,18 +132,24 @@ def load_samples(path: str | Path, image_size: int, tokenizer: Any, *, flag: str
             blobs.append(s["image"])
             captions.append(s["caption"] or "")
 
-    def decode(data: bytes) -> np.ndarray | None:
+    from curate.imaging import ImageRejected
+
+    def decode(data: bytes) -> np.ndarray | str:
+        """The array, or the error code (format_not_allowed, decompression_bomb, decode_error)."""
         try:
             return decode_image(data, image_size)
-        except Exception:  # noqa: BLE001 - any decoder failure is this sample's decode_error
-            return None
+        except ImageRejected as e:
+            return e.code
+        except Exception:  # noqa: BLE001 - any other decoder failure is this sample's decode_error
+            return "decode_error"
 
     # PIL releases the GIL while decoding and resizing, so threads overlap
     with ThreadPoolExecutor(max(1, threads)) as pool:
         arrays = list(pool.map(decode, blobs))
-    ok = [i for i, a in enumerate(arrays) if a is not None]
-    if len(ok) < len(arrays):
-        skipped["decode_error"] = skipped.get("decode_error", 0) + len(arrays) - len(ok)
+    ok = [i for i, a in enumerate(arrays) if not isinstance(a, str)]
+    for a in arrays:
+        if isinstance(a, str):
+            skipped[a] = skipped.get(a, 0) + 1
     if not ok:
         raise InputError(f"{flag}: {ds.root} has no decodable samples in {len(shards)} shard(s)")
     if skipped:

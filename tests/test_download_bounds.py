@@ -1,0 +1,99 @@
+"""Download's per-sample bounds end to end: a shard never waits forever for one row, hostile servers and
+hostile images end as ledger rows with their codes, within the deadline."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hostile_server import RawServer
+from test_deadline import PHASES
+from test_fetch import LoopServer, jpeg
+from test_imaging import png
+
+import curate.stages.download as dl
+from curate.cli import main
+from curate.io.layout import DatasetDir
+from curate.io.tables import read_tables
+
+
+@pytest.fixture
+def server():
+    s = LoopServer()
+    yield s
+    s.close()
+
+
+def run(inp: Path, out: Path, *args: str) -> int:
+    return main(["download", str(inp), "--out", str(out), "--no-progress", "--image-size", "32", *args])
+
+
+def ledger(out: Path) -> list[dict]:
+    return read_tables(DatasetDir.at(out).ledger_files()).to_pylist()
+
+
+def test_writer_gives_up_on_a_stuck_row_and_the_shard_completes(server, tmp_path, monkeypatch):
+    urls = [server.image(f"/ok{i}.jpg", jpeg(40, 30)) for i in range(8)]
+    urls[2] = server.url("/stuck.jpg")
+    real = dl._process_row
+    release = threading.Event()
+
+    def process(row, fetcher, opt, budget=None):
+        if row["url"].endswith("/stuck.jpg"):
+            release.wait(60)  # stands for a hang no deadline reaches (a bug, a stuck system call)
+        return real(row, fetcher, opt, budget)
+
+    monkeypatch.setattr(dl, "_process_row", process)
+    monkeypatch.setattr(dl, "WRITER_GRACE", 0.5)
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls}), inp)
+    t0 = time.monotonic()
+    try:
+        assert run(inp, tmp_path / "ds", "--allow-host", server.endpoint, "--deadline", "0.5",
+                   "--threads", "2", "--per-host", "2") == 0
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+    rows = ledger(tmp_path / "ds")
+    assert [r["status"] for r in rows] == ["success"] * 2 + ["deadline_exceeded"] + ["success"] * 5
+    assert "went on without it" in rows[2]["error_message"]
+    assert took < 15
+
+
+def test_hostile_servers_in_a_real_download_end_by_the_deadline(tmp_path):
+    raw = RawServer()
+    try:
+        for path, route in PHASES.items():
+            raw.routes[path] = route
+        inp = tmp_path / "urls.parquet"
+        pq.write_table(pa.table({"url": [raw.url(p) for p in sorted(PHASES)]}), inp)
+        t0 = time.monotonic()
+        assert run(inp, tmp_path / "ds", "--allow-host", raw.endpoint, "--deadline", "1.5", "--timeout", "5",
+                   "--threads", "16", "--per-host", "16") == 0
+        took = time.monotonic() - t0
+    finally:
+        raw.close()
+    rows = ledger(tmp_path / "ds")
+    assert {r["status"] for r in rows} == {"deadline_exceeded"}
+    assert all(r["elapsed"] < 1.5 + 2 for r in rows)
+    assert took < 15
+
+
+def test_hostile_images_get_their_codes(server, tmp_path):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+    urls = [server.image("/thin.png", png(1, 100_000), ctype="image/png"),
+            server.image("/wide.png", png(100_000, 1), ctype="image/png"),
+            server.image("/eps.jpg", eps), server.image("/ppm.jpg", b"P6\n2 2\n255\n" + b"\0" * 12),
+            server.image("/pgm.jpg", b"P5\n2 2\n255\n\0\0\0\0"),
+            server.image("/big.png", png(7000, 7000), ctype="image/png"),
+            server.image("/ok.png", png(64, 48, (200, 10, 10)), ctype="image/png")]
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls}), inp)
+    assert run(inp, tmp_path / "ds", "--allow-host", server.endpoint) == 0
+    assert [r["status"] for r in ledger(tmp_path / "ds")] == [
+        "bad_aspect_ratio", "bad_aspect_ratio", "format_not_allowed", "format_not_allowed", "format_not_allowed",
+        "decompression_bomb", "success"]
