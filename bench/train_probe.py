@@ -27,6 +27,7 @@ DEMO_RUNS = 1 + 2 * 3 + (3 * 2 + 1)  # filter model, raw/curated x 3 seeds, swee
 
 
 def main() -> None:
+    # long: argument parsing, one timed training run and the figures it prints, read top to bottom
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples-seen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=128)
