@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train clean
+.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance gpu-wheels gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,16 @@ bench-dedup: setup
 	$(BIN)/python bench/dedup.py
 bench-train: setup
 	$(BIN)/python bench/train_probe.py
+bench-balance: setup
+	$(BIN)/python bench/balance.py
+
+# wheels for bench/gpu_check.sh on a GPU machine without network (Python 3.12, x86_64): what curate imports
+# that the machine's image lacks; see bench/gpu_wheels.py (the tree carried there must stay under 64 MiB).
+gpu-wheels: setup
+	$(BIN)/python bench/gpu_wheels.py
+
+gpu-smoke: setup
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh --cpu-smoke
 
 clean:
 	rm -rf demo-out bench-out artifacts .pytest_cache

@@ -14,7 +14,6 @@ policy tagger never shadows the default one.
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +182,7 @@ def _sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _parquet_files(path: Path) -> list[Path]:
+def parquet_files(path: Path) -> list[Path]:
     """A parquet file, or the data files of a folder one engine or the other wrote (hidden files skipped)."""
     if path.is_file():
         return [path]
@@ -221,7 +220,7 @@ class DuckDBQuery:
         self.con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM {name}_arrow")
 
     def view(self, name: str, path: Path) -> None:
-        self._view(name, _parquet_files(path))
+        self._view(name, parquet_files(path))
 
     def define(self, name: str, sql: str) -> None:
         self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
@@ -293,15 +292,6 @@ def open_query(sources: Sources, engine: str = "local", spark_master: str = "loc
     if engine == "spark":
         return SparkQuery(sources, spark_master)
     return DuckDBQuery(sources, spill)
-
-
-def single_file(folder: Path, target: Path) -> None:
-    """Move the one data file an engine wrote into `folder` onto `target` (atomic rename), then drop the folder."""
-    files = _parquet_files(folder)
-    if len(files) != 1:
-        raise RuntimeError(f"{folder}: expected one parquet file, found {len(files)}")
-    files[0].replace(target)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -20,6 +20,7 @@ from dataset_factory import color_image, jpeg_bytes
 
 from curate.cli import main
 from curate.io.atomic import read_json
+from curate.io.layout import shard_name
 from curate.io.shards import iter_raw
 from curate.stages.adopt import map_status
 
@@ -74,6 +75,11 @@ def write_i2d_shard(root: Path, shard: str, n_ok: int, failures=FAILURES, seed: 
     return images
 
 
+def adopted_tar(out: Path, source_id: str) -> Path:
+    """Where a numeric img2dataset shard id lands: the curate shard of the same number."""
+    return out / "shards" / f"{shard_name(int(source_id))}.tar"
+
+
 def ledger(out: Path) -> list[dict]:
     return pq.read_table(out / "ledger").to_pylist()
 
@@ -102,7 +108,7 @@ def test_adopt_links_tars_and_gives_every_source_row_one_ledger_row(tmp_path):
     assert [r["key"] for r in rows] == sorted(r["key"] for r in rows)  # key order, one row each
     # no image bytes copied: the tars are the source's, hard-linked
     for shard in ("00000", "00001"):
-        assert os.stat(out / "shards" / f"{shard}.tar").st_ino == os.stat(src / f"{shard}.tar").st_ino
+        assert os.stat(adopted_tar(out, shard)).st_ino == os.stat(src / f"{shard}.tar").st_ino
     by_key = {r["key"]: r for r in rows}
     for key, img in images.items():
         r = by_key[key]
@@ -124,7 +130,7 @@ def test_adopt_links_tars_and_gives_every_source_row_one_ledger_row(tmp_path):
     assert main(["adopt", str(src), "--out", str(out)]) == 0
     # --link copy copies (and says so)
     assert main(["adopt", str(src), "--out", str(tmp_path / "copied"), "--link", "copy"]) == 0
-    assert os.stat(tmp_path / "copied" / "shards" / "00000.tar").st_ino != os.stat(src / "00000.tar").st_ino
+    assert os.stat(adopted_tar(tmp_path / "copied", "00000")).st_ino != os.stat(src / "00000.tar").st_ino
     assert ledger(tmp_path / "copied") == rows
 
 
@@ -144,16 +150,16 @@ def test_bad_shards_fail_alone_with_clear_messages_and_a_rerun_adopts_them_once_
     assert "00001.tar: no 00001.parquet beside it" in err
     assert "00002.tar: truncated" in err
     assert "00003.parquet: key 000030008 appears twice" in err
-    assert sorted(p.stem for p in (out / "_done" / "adopt").glob("*.json")) == ["00000"]
-    assert {r["shard"] for r in ledger(out)} == {"00000"}
+    assert sorted(p.stem for p in (out / "_done" / "adopt").glob("*.json")) == [shard_name(0)]
+    assert {(r["shard"], r["source_shard"]) for r in ledger(out)} == {(shard_name(0), "00000")}
     assert read_json(out / "manifest.json")["stages"]["adopt"]["status"] == "incomplete"
     # fix the source: the rerun adopts exactly the three missing shards
     write_i2d_shard(src, "00001", 3, seed=1)
     write_i2d_shard(src, "00002", 3, seed=2)
     write_i2d_shard(src, "00003", 3, seed=3)
-    before = (out / "_done" / "adopt" / "00000.json").stat().st_mtime_ns
+    before = (out / "_done" / "adopt" / f"{shard_name(0)}.json").stat().st_mtime_ns
     assert main(["adopt", str(src), "--out", str(out)]) == 0
-    assert (out / "_done" / "adopt" / "00000.json").stat().st_mtime_ns == before
+    assert (out / "_done" / "adopt" / f"{shard_name(0)}.json").stat().st_mtime_ns == before
     rows = ledger(out)
     assert len(rows) == len({r["key"] for r in rows}) == 4 * (3 + len(FAILURES))
 
@@ -173,8 +179,8 @@ def test_plain_webdataset_tars_files_and_parquet_formats(tmp_path):
         w.close()
     assert main(["adopt", str(plain), "--out", str(tmp_path / "p")]) == 0
     rows = ledger(tmp_path / "p")
-    assert [(r["key"], r["shard"], r["url"], r["caption"], r["status"]) for r in rows] == \
-        [(f"s{i}", "train-0", f"u{i}", f"cap {i}", "success") for i in range(3)]
+    assert [(r["key"], r["shard"], r["source_shard"], r["url"], r["caption"], r["status"]) for r in rows] == \
+        [(f"s{i}", shard_name(0), "train-0", f"u{i}", f"cap {i}", "success") for i in range(3)]
     assert [r["sha256"] for r in rows] == [hashlib.sha256(imgs[f"s{i}"]).hexdigest() for i in range(3)]
     assert (rows[0]["width"], rows[0]["height"]) == (96, 80)
 
@@ -186,7 +192,7 @@ def test_plain_webdataset_tars_files_and_parquet_formats(tmp_path):
         (files / "00000" / f"{key}.jpg").write_bytes(img)
         (files / "00000" / f"{key}.txt").write_text("from the file")
     assert main(["adopt", str(files), "--out", str(tmp_path / "f")]) == 0
-    got = dict(iter_raw(tmp_path / "f" / "shards" / "00000.tar"))
+    got = dict(iter_raw(adopted_tar(tmp_path / "f", "00000")))
     assert {k: m["jpg"] for k, m in got.items()} == images
     assert len(ledger(tmp_path / "f")) == 3 + len(FAILURES)
     assert read_json(tmp_path / "f" / "manifest.json")["stages"]["adopt"]["counts"]["linked"] == 0
@@ -198,7 +204,7 @@ def test_plain_webdataset_tars_files_and_parquet_formats(tmp_path):
     t = t.append_column("jpg", pa.array([images.get(k) for k in t["key"].to_pylist()], pa.binary()))
     pq.write_table(t, pqf / "00000.parquet")
     assert main(["adopt", str(pqf), "--out", str(tmp_path / "q")]) == 0
-    got = dict(iter_raw(tmp_path / "q" / "shards" / "00000.tar"))
+    got = dict(iter_raw(adopted_tar(tmp_path / "q", "00000")))
     assert {k: m["jpg"] for k, m in got.items()} == images
     assert "jpg" not in ledger(tmp_path / "q")[0]
 
@@ -303,7 +309,7 @@ def test_real_img2dataset_output_adopted_every_row_and_scores_equal_curate_downl
         if t["expected_error_code"] == "success":
             assert r["status"] == "success" and r["sha256"], r
     for shard in sorted((tmp_path / "i2d").glob("*.tar")):
-        assert os.stat(out / "shards" / shard.name).st_ino == os.stat(shard).st_ino
+        assert os.stat(adopted_tar(out, shard.stem)).st_ino == os.stat(shard).st_ino
     # scores equal those of the same images downloaded by curate
     for ds in (out, tmp_path / "cur"):
         assert main(["score", str(ds), "--model", str(cfg), "--pretrained", "none", "--no-progress",
@@ -326,3 +332,17 @@ def test_real_img2dataset_output_adopted_every_row_and_scores_equal_curate_downl
     assert len(kept) == int(len(a) * 0.5 + 0.5)
     got = {k: m for t in sorted((tmp_path / "exp" / "shards").glob("*.tar")) for k, m in iter_raw(t)}
     assert {k: m["jpg"] for k, m in got.items()} == {r["key"]: src[r["key"]]["jpg"] for r in kept}
+
+
+@pytest.mark.spark
+def test_adopt_on_spark_equals_local(tmp_path):
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    src = tmp_path / "i2d"
+    for i in range(3):
+        write_i2d_shard(src, f"{i:05d}", 3, seed=i)
+    assert main(["adopt", str(src), "--out", str(tmp_path / "local"), "--workers", "2"]) == 0
+    assert main(["adopt", str(src), "--out", str(tmp_path / "spark"), "--engine", "spark",
+                 "--spark-master", "local[2]"]) == 0
+    assert ledger(tmp_path / "spark") == ledger(tmp_path / "local")
+    for i in range(3):
+        assert os.stat(adopted_tar(tmp_path / "spark", f"{i:05d}")).st_ino == os.stat(src / f"{i:05d}.tar").st_ino

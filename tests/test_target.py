@@ -127,3 +127,18 @@ def test_target_from_another_model_exits_2(data, tmp_path, capsys):
     unscored = make_dataset(tmp_path / "unscored", [(color_image(1), "x", "success")], shard_size=4)
     assert main(["target-filter", str(pool.root), "--target", str(unscored.root), "--no-progress"]) == 2
     assert "no scored shards" in capsys.readouterr().err
+
+
+def test_sample_cap_trains_on_fewer_rows_and_selection_still_matches_brute_force(data, tmp_path):
+    import shutil
+
+    copy = tmp_path / "pool"
+    shutil.copytree(data["pool"].root, copy)
+    pool = DatasetDir.at(copy)
+    assert main(["target-filter", str(copy), "--target", str(data["target"].root), "--k", "4", "--sample", "24",
+                 "--redo", "--no-progress"]) == 0
+    plan = json.loads((copy / "_work" / "target" / "plan.json").read_text())
+    assert 4 < plan["sampled"] < 45  # about 24 of the 60 rows, drawn by key hash
+    nearest, chosen = brute_force(pool, data["target"])
+    kept = select(ExportConfig(source=str(copy), policy=("datacomp-image",))).kept["key"].to_pylist()
+    assert kept == sorted(k for k, c in nearest.items() if c in chosen)

@@ -38,6 +38,7 @@ class _Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._bar = None
+        self._finished: dict[str, tuple[int, int]] = {}
 
     def __enter__(self) -> _Monitor:
         if self.enabled:
@@ -64,15 +65,23 @@ class _Monitor:
         except (OSError, ValueError, KeyError):
             return
         done = success = 0
+        finished = self._finished  # shards whose final stats were read once: never read again
         for shard in sizes:
-            p = self.ds.stats("download", shard) if self.ds.marker("download", shard).exists() \
-                else progress_path(self.ds, shard)
+            if shard in finished:
+                d, ok = finished[shard]
+                done, success = done + d, success + ok
+                continue
+            final = self.ds.marker("download", shard).exists()
+            p = self.ds.stats("download", shard) if final else progress_path(self.ds, shard)
             try:
                 st = read_json(p)
             except (OSError, ValueError):
                 continue
-            done += int(st.get("rows", st.get("done", 0)))
-            success += int(st.get("success", 0))
+            d, ok = int(st.get("rows", st.get("done", 0))), int(st.get("success", 0))
+            if final:
+                finished[shard] = (d, ok)
+            done += d
+            success += ok
         if self._bar is None:
             import sys
 

@@ -32,10 +32,13 @@ def _k(value: str) -> int:
                    "samples each). DataComp used 100,000 for pools of 12.8M to 12.8B.")
 @click.option("--seed", type=int, default=0, show_default=True, help="k-means sample and init seed.")
 @click.option("--niter", type=int, default=20, show_default=True, help="k-means iterations.")
+@click.option("--sample", type=int, default=1_000_000, show_default=True,
+              help="At most this many pool samples (a seeded sample, ~256 per cluster) train the k-means; the "
+                   "driver holds them in memory (about 3 GB at 768-d).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @engine_options
-def command(dataset: str, target: str, k: str, seed: int, niter: int, progress: bool, engine_spec: Any,
-            redo: bool) -> None:
+def command(dataset: str, target: str, k: str, seed: int, niter: int, sample: int, progress: bool,
+            engine_spec: Any, redo: bool) -> None:
     """Cluster the image embeddings of DATASET, select the clusters nearest to TARGET's images and write
     signals/target (`target_selected`); then `curate export DATASET --out OUT --policy datacomp-image`."""
     from curate.io.layout import DatasetDir
@@ -43,7 +46,7 @@ def command(dataset: str, target: str, k: str, seed: int, niter: int, progress: 
     from curate.stages.dedup import input_digest
     from curate.stages.target import TargetConfig, validate
 
-    cfg = TargetConfig(target=os.path.abspath(target), k=_k(k), seed=seed, niter=niter)
+    cfg = TargetConfig(target=os.path.abspath(target), k=_k(k), seed=seed, niter=niter, sample=sample)
     validate(cfg, DatasetDir.at(dataset))
     extra = {"dataset": input_digest(DatasetDir.at(dataset)), "target": input_digest(DatasetDir.at(cfg.target))}
     summary = run_stage("target", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)

@@ -96,6 +96,8 @@ def task_id(task: dict[str, Any]) -> str:
 _STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "download": ("shards", "ledger", "_inputs"),
     "export": ("shards", "ledger", "dropped", "dropped.parquet"),
+    "adopt": ("shards", "ledger"),
+    "index": ("index",),
 }
 
 

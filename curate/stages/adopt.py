@@ -4,8 +4,11 @@ Per source shard, one task: the tar is hard-linked into shards/ (copied when the
 link, or when the source is img2dataset's files or parquet output format, which has no tar to link),
 then ledger/{shard}.parquet gets one row per source row: img2dataset's statuses mapped to curate's
 error codes (an unrecognised status or message is kept verbatim as the code), the sha256, size and
-format of the bytes as stored, and img2dataset's extra columns. Keys and shard names are the source's,
-so member names stay as they are and a link is possible. The marker (_done/adopt/) goes last.
+format of the bytes as stored, and img2dataset's extra columns. Keys are the source's, so member names
+stay as they are and a link is possible. Source shard ids become curate shard ids: a numeric id N
+(img2dataset's) becomes shard_name(N); any other name gets the next free id. The assignment is kept in
+_work/adopt/shards.json, so a rerun over a grown source folder keeps every earlier shard's id, and each
+ledger row names its source shard in `source_shard`. The marker (_done/adopt/) goes last.
 
 A bad shard (a tar without its parquet, a truncated tar, a key twice, a row marked success whose image
 is missing) fails alone with a message naming the file; the other shards are adopted.
@@ -27,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import InputError, ShardError
-from curate.io.atomic import atomic_path
-from curate.io.layout import DatasetDir
+from curate.io.atomic import atomic_path, read_json, write_json
+from curate.io.layout import MAX_SHARDS, DatasetDir, shard_index, shard_name
 from curate.io.ledger import LEDGER_FIELDS
 from curate.io.shards import IMAGE_EXTS, ShardWriter, iter_raw
 from curate.io.tables import write_table
@@ -126,7 +129,7 @@ def source_shards(root: Path) -> list[str]:
             ids.add(p.name)
     bad = sorted(i for i in ids if not _SHARD_ID.fullmatch(i))
     if bad:
-        raise InputError(f"SRC {root}: shard name(s) not usable as curate shard names: {', '.join(bad[:5])}")
+        raise InputError(f"SRC {root}: shard file name(s) with unusual characters: {', '.join(bad[:5])}")
     return sorted(ids)
 
 
@@ -260,10 +263,29 @@ def _read_rows(parquet: Path) -> pa.Table:
     return t
 
 
-def adopt_shard(cfg: AdoptConfig, ds: DatasetDir, shard: str) -> dict[str, Any]:
-    """Adopt one source shard: place its tar, then write its ledger. Returns the shard's stats."""
+def assign_shards(ds: DatasetDir, sources: list[str]) -> dict[str, str]:
+    """source shard id -> curate shard id, stable across reruns (see the module docstring)."""
+    path = ds.work(NAME) / "shards.json"
+    mapping: dict[str, str] = read_json(path) if path.exists() else {}
+    taken = {shard_index(s) for s in mapping.values()}
+    for src in sources:
+        if src in mapping:
+            continue
+        index = int(src) if src.isdigit() and int(src) < MAX_SHARDS else None
+        if index is None or index in taken:
+            index = max(taken, default=-1) + 1
+        while index in taken:
+            index += 1
+        taken.add(index)
+        mapping[src] = shard_name(index)
+    write_json(path, mapping)
+    return mapping
+
+
+def adopt_shard(cfg: AdoptConfig, ds: DatasetDir, shard: str, source: str) -> dict[str, Any]:
+    """Adopt source shard `source` as curate shard `shard`: place its tar, then write its ledger."""
     root = source_root(cfg)
-    tar, parquet, folder = root / f"{shard}.tar", root / f"{shard}.parquet", root / shard
+    tar, parquet, folder = root / f"{source}.tar", root / f"{source}.parquet", root / source
     kind = source_kind(root)
     rows: pa.Table | None = None
     if kind == "img2dataset":
@@ -278,7 +300,7 @@ def adopt_shard(cfg: AdoptConfig, ds: DatasetDir, shard: str) -> dict[str, Any]:
         copied = 0 if linked else tar.stat().st_size
     else:
         if kind != "img2dataset":
-            raise ShardError(f"{root}: shard {shard} has no tar")
+            raise ShardError(f"{root}: shard {source} has no tar")
         if folder.is_dir():
             samples = _files_samples(folder)
         else:
@@ -286,14 +308,14 @@ def adopt_shard(cfg: AdoptConfig, ds: DatasetDir, shard: str) -> dict[str, Any]:
         _write_tar_from(dst, samples)
         images = _scan_tar(dst)
         linked, copied = False, dst.stat().st_size
-    table = _ledger(shard, rows, images, tar if tar.exists() else parquet)
+    table = _ledger(shard, source, rows, images, tar if tar.exists() else parquet)
     write_table(ds.ledger(shard), table)
     status = table["status"].to_pylist()
     return {"rows": table.num_rows, "success": status.count("success"), "linked": int(linked),
             "copied_bytes": copied, "stored_bytes": sum(i.size for i in images.values())}
 
 
-def _ledger(shard: str, rows: pa.Table | None, images: dict[str, StoredImage], where: Path) -> pa.Table:
+def _ledger(shard: str, source: str, rows: pa.Table | None, images: dict[str, StoredImage], where: Path) -> pa.Table:
     """One ledger row per source row (per tar sample for a plain webdataset folder), in key order."""
     if rows is None:  # plain webdataset: the tar is the only record; its json member may hold the url
         rows = pa.table({"key": pa.array(sorted(images), pa.string()),
@@ -329,6 +351,7 @@ def _ledger(shard: str, rows: pa.Table | None, images: dict[str, StoredImage], w
         raise ShardError(f"{where}: {len(extra)} sample(s) in the tar have no row in the parquet "
                          f"(first: {sorted(extra)[0]})")
     table = pa.table({f.name: pa.array(out[f.name], f.type) for f in LEDGER_FIELDS})
+    table = table.append_column("source_shard", pa.array([source] * table.num_rows, pa.string()))
     for name in rows.column_names:  # img2dataset's other columns ride along (LAION's similarity, ...)
         if name in _MAPPED:
             continue
@@ -352,10 +375,12 @@ class AdoptStage:
         if root == ds.root or ds.root in root.parents:
             raise InputError(f"--out {ds.root}: must lie outside the source folder {root}")
         source_kind(root)
-        return [{"shard": s} for s in source_shards(root)]
+        mapping = assign_shards(ds, source_shards(root))
+        return [{"shard": shard, "source": src} for src, shard in sorted(mapping.items(), key=lambda kv: kv[1])
+                if (root / f"{src}.tar").exists() or (root / f"{src}.parquet").exists() or (root / src).is_dir()]
 
     def run_shard(self, cfg: AdoptConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
-        return adopt_shard(cfg, ds, task["shard"])
+        return adopt_shard(cfg, ds, task["shard"], task["source"])
 
     def inputs(self, cfg: AdoptConfig) -> dict[str, Any]:
         root = source_root(cfg)
@@ -368,9 +393,6 @@ class AdoptStage:
         counts["duplicate_keys"] = duplicate_keys(ds)
         return counts
 
-    def discard_outputs(self, cfg: AdoptConfig, ds: DatasetDir) -> None:
-        for sub in ("shards", "ledger", "_done/adopt", "stats/adopt"):
-            shutil.rmtree(ds.root / sub, ignore_errors=True)
 
 
 def duplicate_keys(ds: DatasetDir) -> list[str]:
@@ -384,7 +406,8 @@ def duplicate_keys(ds: DatasetDir) -> list[str]:
     con = duckdb.connect()
     try:
         con.execute("SET preserve_insertion_order = false")
-        rows = con.execute("SELECT key, string_agg(DISTINCT shard, ',') FROM read_parquet(?) GROUP BY key "
+        rows = con.execute("SELECT key, string_agg(DISTINCT source_shard, ',' ORDER BY source_shard) "
+                           "FROM read_parquet(?, union_by_name = true) GROUP BY key "
                            "HAVING COUNT(*) > 1 ORDER BY key LIMIT 5", [files]).fetchall()
     finally:
         con.close()

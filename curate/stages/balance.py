@@ -133,7 +133,15 @@ class BalanceStage:
         return counts
 
     def inputs(self, cfg: BalanceConfig) -> dict[str, Any]:
-        return {"metadata": cfg.metadata}
+        """The metadata as used: its spec, the digest of its normalized entries and, for the default
+        word lists, the wordfreq version that produced them."""
+        entries = load_entries(cfg.metadata)
+        out: dict[str, Any] = {"metadata": cfg.metadata, "entries": len(entries), "entries_sha256": entries_digest(entries)}
+        if cfg.metadata.startswith("wordfreq:"):
+            from importlib.metadata import version
+
+            out["wordfreq"] = version("wordfreq")
+        return out
 
 
 def _pairs(ds: DatasetDir, shard: str) -> list[tuple[str, str | None]]:

@@ -29,11 +29,11 @@ import pyarrow.parquet as pq
 from curate.config import runtime
 from curate.errors import CurateError, InputError, ShardError
 from curate.io import manifest
-from curate.io.atomic import TMP_PREFIX, read_json, write_json
+from curate.io.atomic import TMP_PREFIX, atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, shard_name
 from curate.io.shards import ShardWriter, iter_raw
 from curate.io.tables import write_table
-from curate.query import Clause, Sources, check_clauses, open_query, selection_sql, single_file
+from curate.query import Clause, Sources, check_clauses, open_query, parquet_files, selection_sql
 
 NAME = "export"
 DOWNLOADED = Clause("downloaded", where="status = 'success'")
@@ -217,33 +217,27 @@ def ensure_selection(cfg: ExportConfig, ds: DatasetDir) -> tuple[Path, dict[str,
     """The selection folder for this config, written once: a resume (or a second Slurm array index)
     finds summary.json, its marker, and reuses it; concurrent writers race on one rename."""
     final = _work_dir(ds) / f"sel-{selection_digest(cfg)}"
-    if (final / "summary.json").exists():
-        return final, read_json(final / "summary.json")
-    if final.exists():  # a run killed after the rename and before its marker cannot happen; be safe
-        shutil.rmtree(final, ignore_errors=True)
-    tmp = _work_dir(ds) / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-sel"
-    tmp.mkdir(parents=True)
-    try:
-        sel = select(cfg, tmp)
-        summary = {**sel.summary(), "shards": math.ceil(sel.kept_rows / cfg.samples_per_shard)}
-        write_json(tmp / "summary.json", summary)
+    if not (final / "summary.json").exists():
+        tmp = _work_dir(ds) / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-sel"
+        tmp.mkdir(parents=True)
         try:
-            os.rename(tmp, final)
-        except OSError:  # another process published the same selection first
-            if not (final / "summary.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            sel = select(cfg, tmp)
+            summary = {**sel.summary(), "shards": math.ceil(sel.kept_rows / cfg.samples_per_shard)}
+            write_json(tmp / "summary.json", summary)  # the folder's marker, inside it before the rename
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process (a Slurm array index) published the same selection first
+                if not (final / "summary.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if cfg.write_dropped:
-        dropped = final / "dropped"
-        if dropped.exists():
-            single_file(dropped, _tmp_beside(ds.root / "dropped.parquet"))
-            _tmp_beside(ds.root / "dropped.parquet").replace(ds.root / "dropped.parquet")
-    return final, summary
-
-
-def _tmp_beside(path: Path) -> Path:
-    return path.with_name(f"{TMP_PREFIX}export-{path.name}")
+        # a copy, not a move: every plan (a resume, each array index) publishes the same file safely
+        files = parquet_files(final / "dropped")
+        target = ds.root / "dropped.parquet"
+        with atomic_path(target) as tmp_file:
+            shutil.copyfile(files[0], tmp_file)
+    return final, read_json(final / "summary.json")
 
 
 def format_counts(sel: Selection) -> str:
@@ -324,12 +318,12 @@ class ExportStage:
         return {"source": str(source_dir(cfg).root), **fingerprint_extra(cfg)}
 
     def discard_outputs(self, cfg: ExportConfig, ds: DatasetDir) -> None:
+        from curate.stages.img2dataset_layout import discard_img2dataset_files
+
+        discard_img2dataset_files(ds.root, ds.done_shards(NAME))  # before the markers that name them go
         for sub in ("shards", "ledger", "_done/export", "stats/export", "_work/export"):
             shutil.rmtree(ds.root / sub, ignore_errors=True)
         (ds.root / "dropped.parquet").unlink(missing_ok=True)
-        from curate.stages.img2dataset_layout import discard_img2dataset_files
-
-        discard_img2dataset_files(ds.root)
 
 
 def _ledger_rows(src: DatasetDir, source_shards: list[str], want: pa.Table, shard: str) -> pa.Table:

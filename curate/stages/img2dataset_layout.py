@@ -78,12 +78,10 @@ def write_img2dataset_shard(root: Path, shard: str, rows: pa.Table, members: dic
                        "duration": 0.0, "start_time": 0.0, "end_time": 0.0, "status_dict": {"success": n} if n else {}})
 
 
-def discard_img2dataset_files(root: Path) -> None:
-    """Remove the flat img2dataset files of an earlier export (--redo)."""
-    if not root.is_dir():
-        return
-    for pattern in ("*.tar", "*_stats.json", "[0-9]*.parquet"):
-        for p in root.glob(pattern):
+def discard_img2dataset_files(root: Path, shards: list[str]) -> None:
+    """Remove the flat img2dataset files of an earlier export's shards (--redo); nothing else in `root`."""
+    for shard in shards:
+        for p in shard_files(root, shard):
             p.unlink(missing_ok=True)
 
 

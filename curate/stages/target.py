@@ -3,7 +3,7 @@ image embeddings fall in the k-means clusters nearest to a target set's images.
 
 plan() (driver): spherical k-means (faiss) on a seeded sample of the pool's image embeddings (the sample is
 drawn by a hash of key and seed, so it does not depend on shard layout, and holds about 256 rows per
-cluster); then the target dataset's embeddings, read shard by shard, each pick their nearest centroid; the
+cluster, at most --sample rows: DataComp also clustered a sample of its larger pools); then the target dataset's embeddings, read shard by shard, each pick their nearest centroid; the
 union of those clusters is the selected set (at most k ids). Tasks (one per scored pool shard) assign each
 sample to its nearest centroid and write signals/target/{shard}.parquet:
 
@@ -40,6 +40,7 @@ class TargetConfig:
     k: int = 0  # clusters (0 = auto: about 2 sqrt(N), at least 40 rows each)
     seed: int = 0
     niter: int = 20
+    sample: int = 1_000_000  # most pool rows k-means trains on (the driver holds them: 3 GB at 768-d)
     batch_rows: int = runtime(65536)
 
 
@@ -48,6 +49,8 @@ def check_config(cfg: TargetConfig) -> None:
         raise InputError("--k: must be 'auto' or a positive number of clusters")
     if cfg.niter < 1:
         raise InputError("--niter: must be at least 1")
+    if cfg.sample < 1:
+        raise InputError("--sample: must be at least 1")
     if not Path(cfg.target).is_dir():
         raise InputError(f"--target: {cfg.target} is not a directory")
 
@@ -150,7 +153,7 @@ class TargetStage:
         if n == 0:
             raise InputError(f"{ds.root}: no scored samples with an image embedding")
         k = min(cfg.k, n) if cfg.k else sd.choose_k(n)  # an explicit k is honoured down to one row a cluster
-        rate = min(1.0, k * POINTS_PER_CLUSTER / n)
+        rate = min(1.0, min(k * POINTS_PER_CLUSTER, cfg.sample) / n)
         keys, parts = [], []
         for s in shards:
             sk, emb, _ = shard_embeddings(ds, s)
