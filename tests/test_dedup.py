@@ -521,15 +521,16 @@ def _cuda() -> None:
 
 @pytest.mark.gpu
 def test_cuda_stage_gives_the_cpu_decisions(tmp_path):
-    """--device cuda (torch k-means, assignment and pair search on the GPU) against --device cpu (faiss/numpy):
-    both equal SemDeDup's rule by brute force."""
+    """--device cuda (torch assignment and pair search on the GPU) against --device cpu (faiss/numpy): the same
+    tables, both equal to SemDeDup's rule by brute force."""
     _cuda()
     emb, _ = planted()
     clip = np.random.default_rng(3).uniform(0.2, 0.3, len(emb))
     cpu = write_scored(tmp_path / "cpu", emb, clip=clip)
     gpu = write_scored(tmp_path / "gpu", emb, clip=clip)
     assert run(cpu, "--device", "cpu") == 0 and run(gpu, "--device", "cuda") == 0
-    assert manifest.load(gpu)["stages"]["dedup"]["counts"]["train_device"] == "cuda"
+    assert manifest.load(gpu)["stages"]["dedup"]["counts"]["device"] == "cuda"
+    assert dedup_table(cpu).equals(dedup_table(gpu))  # same centroids (faiss on the driver): same everything
     want = reference(emb, clip, None)
     assert decisions(dedup_table(cpu)) == decisions(dedup_table(gpu)) == want
 

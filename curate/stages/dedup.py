@@ -251,7 +251,7 @@ class DedupStage:
         missing = [s for s in plan["shards"] if not ds.marker(self.name, s).exists()]
         if missing or not ds.stats(self.name, "decide").exists():
             return {"incomplete_tasks": len(missing)}
-        counts: dict[str, Any] = {"rows": plan["rows"], "clusters": plan["k"], "train_device": plan["device"],
+        counts: dict[str, Any] = {"rows": plan["rows"], "clusters": plan["k"], "device": plan["device"],
                                   "threshold": plan["threshold"]}
         if plan.get("calibration"):
             counts["threshold_calibration"] = plan["calibration"]

@@ -85,11 +85,13 @@ def build_plan(cfg: DedupConfig, ds: DatasetDir, digest: dict[str, Any], device:
     k = max(1, min(k, len(sample)))
     if len(sample) >= 2:
         log.info("dedup: %d rows, k-means with %d clusters on %d sampled rows (%s)", n, k, len(sample), device)
-        centroids = sd.train_centroids(sample, k, cfg.seed, device=device)
+        # faiss on the driver's CPU whatever the device: the same centroids, hence the same decisions, on a
+        # GPU run as on a CPU run (the GPU does assignment and pair search, the O(rows) work)
+        centroids = sd.train_centroids(sample, k, cfg.seed, device="cpu")
     else:
         centroids = np.asarray(sample, np.float32).reshape(-1, d)[:1] if len(sample) else np.eye(1, d, dtype=np.float32)
     # (row, probe) entries per cluster, estimated on the sample: pair tasks get about equal shares
-    ids = sd.assign(sample, centroids, cfg.probes, device=device)[0] if len(sample) else np.zeros((0, 1), int)
+    ids = sd.assign(sample, centroids, cfg.probes)[0] if len(sample) else np.zeros((0, 1), int)
     cluster_entries = np.bincount(ids.reshape(-1), minlength=len(centroids))
     del sample, ids
     _save(wd / "centroids.npy", centroids.astype(np.float32))
