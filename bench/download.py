@@ -6,6 +6,14 @@ Serves N JPEGs (640x480 made from the demo corpus, or --mix: long side 500-4000 
 process on 127.0.0.1, runs both tools with the same resize settings (256, keep_ratio), 2 processes x
 16 threads, and prints images/s, peak RSS (summed over the process tree) and the ratios; then the
 median PSNR of draft-mode (reduced-scale JPEG decoding) vs full-decode resizes.
+
+    flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --hostile
+
+--hostile: one download task (1 process, 16 threads, per-host limit lifted so all 16 are in flight,
+every other setting at its default) against hostile but legal images -- 36 MP PNGs (RGB and
+palette-with-transparency), 36 MP JPEGs, a 40 MP RGBA PNG, and extreme aspect ratios (1x100000,
+100000x1, 2x10,000,000) -- and prints the peak RSS of the task with the ledger's status counts
+(the acceptance of #12: under 1 GB).
 """
 
 from __future__ import annotations
@@ -95,6 +103,68 @@ def serve(images: list[bytes], n: int, port_q: mp.Queue) -> None:
     httpd.serve_forever()
 
 
+def hostile_images() -> list[tuple[str, bytes]]:
+    """(name, bytes) of legal images that are expensive to decode or to resize."""
+    from curate.imaging import DEFAULT_MAX_PIXELS
+
+    def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    def pattern(w: int, h: int, seed: int) -> np.ndarray:
+        # smooth gradients with a coarse texture: PNGs of a few MB that still take a full decode
+        y, x = np.ogrid[:h, :w]
+        arr = np.empty((h, w, 3), np.uint8)
+        arr[..., 0] = ((x * (3 + seed)) // 7 + y // 5) & 0xFF
+        arr[..., 1] = ((y * (2 + seed)) // 9) & 0xFF
+        arr[..., 2] = ((x // 3) ^ (y // 3)) & 0xFF
+        return arr
+
+    out = []
+    for seed in range(3):
+        out.append((f"rgb36mp-{seed}.png", encode(Image.fromarray(pattern(6000, 6000, seed)), "PNG", compress_level=1)))
+    pal = Image.fromarray(pattern(6000, 6000, 1)).quantize(64)
+    out.append(("pal36mp-trns.png", encode(pal, "PNG", transparency=0, compress_level=1)))
+    out.append(("rgb36mp.jpg", encode(Image.fromarray(pattern(6000, 6000, 2)), "JPEG", quality=90)))
+    side = int(DEFAULT_MAX_PIXELS ** 0.5)
+    rgba = Image.fromarray(pattern(side, side, 0)).convert("RGBA")
+    out.append(("rgba40mp.png", encode(rgba, "PNG", compress_level=1)))
+    for w, h in ((1, 100_000), (100_000, 1), (2, 10_000_000)):
+        out.append((f"aspect-{w}x{h}.png", encode(Image.new("RGB", (w, h), (9, 99, 199)), "PNG")))
+    return out
+
+
+def hostile(args: argparse.Namespace) -> None:
+    out = Path(args.out) / "hostile"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0 = time.time()
+    named = hostile_images()
+    print(f"made {len(named)} hostile images in {time.time() - t0:.1f}s: "
+          + ", ".join(f"{n} ({len(b) / 2**20:.1f} MB)" for n, b in named))
+    n = args.n if args.n != 3000 else 4 * len(named)
+    q: mp.Queue = mp.Queue()
+    server = mp.Process(target=serve, args=([b for _, b in named], n, q), daemon=True)
+    server.start()
+    port = q.get(timeout=60)
+    url_list = out / "urls.parquet"
+    pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(n)]}), url_list)
+    cmd = [str(Path(sys.executable).with_name("curate")), "download", str(url_list), "--out", str(out / "ds"),
+           "--allow-host", f"127.0.0.1:{port}", "--workers", "1", "--threads", str(args.threads),
+           "--per-host", str(args.threads), "--no-progress"]
+    secs, rss, rc = run_measured(cmd)
+    server.terminate()
+    ledger = pq.read_table(out / "ds" / "ledger").to_pylist() if (out / "ds" / "ledger").exists() else []
+    counts: dict[str, int] = {}
+    for r in ledger:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"\n{n} hostile URLs, 1 process x {args.threads} threads (per-host {args.threads}), default limits, "
+          f"{os.cpu_count()} CPUs")
+    print(f"peak RSS {rss / 2**20:.0f} MB, {secs:.1f} s, rc={rc}; statuses {dict(sorted(counts.items()))}")
+    print("acceptance (#12): peak RSS under 1024 MB:", "met" if rss < 2**30 and rc == 0 else "NOT met")
+
+
 def run_measured(argv: list[str], env: dict | None = None) -> tuple[float, int, int]:
     """(seconds, peak RSS of the process tree in bytes, return code)."""
     t0 = time.time()
@@ -135,7 +205,11 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--img2dataset-python", default=None, help="python of a venv with img2dataset")
     ap.add_argument("--out", default=str(ROOT / "bench-out" / "download"))
+    ap.add_argument("--hostile", action="store_true", help="peak RSS of one task against hostile images")
     args = ap.parse_args()
+    if args.hostile:
+        hostile(args)
+        return
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

@@ -15,6 +15,7 @@ at reduced scale (libjpeg DCT scaling via Pillow's draft mode), the speed and th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import math
 import struct
@@ -203,6 +204,26 @@ class DecodeBudget:
             with self._cond:
                 self.used -= need
                 self._cond.notify_all()
+
+
+_ALLOCATOR_TUNED = False
+
+
+def return_freed_memory_to_os() -> None:
+    """Make glibc hand big freed buffers straight back to the OS (once per process; no-op elsewhere).
+
+    glibc raises its mmap threshold up to 32 MB after the first big free, so later decode buffers
+    (Pillow allocates 16 MB blocks) come from per-thread arenas that keep the memory after free: with
+    16 threads the process's RSS then grows to the sum of every thread's largest decode, whatever the
+    DecodeBudget allowed at once. A fixed 1 MB threshold keeps RSS close to what is actually live.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return
+    _ALLOCATOR_TUNED = True
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: no mallopt, nothing to do
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc among them
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also turns the dynamic raising off)
 
 
 def safe_decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None,

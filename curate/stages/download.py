@@ -41,6 +41,7 @@ from curate.imaging import (
     ImageOptions,
     ImageRejected,
     process_image,
+    return_freed_memory_to_os,
 )
 from curate.io.atomic import read_json, write_json
 from curate.io.inputs import InputSpec, list_files, read_input
@@ -377,6 +378,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     fetcher = Fetcher(cfg.fetch_policy())
     opt = cfg.image_options()
     budget = DecodeBudget(DECODE_BUDGET_BYTES)  # decoded bytes in flight in this task, all threads together
+    return_freed_memory_to_os()  # or freed decode buffers stay in per-thread arenas (see imaging)
     # results are written in row order; the window bounds how far workers run ahead of the writer
     window = max(256, cfg.threads * 16)
     results: list[_Result | None] = [None] * n
