@@ -278,6 +278,28 @@ def output_size(w: int, h: int, opt: ImageOptions) -> tuple[int, int]:
     return target_size(w, h, opt)
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) read from the header only; 1 when absent or broken (as browsers do).
+
+    Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels, which
+    would happen outside the DecodeBudget: for PNG only an eXIf chunk before IDAT counts (what the
+    PNG spec asks for).
+    """
+    try:
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        value = int(exif.get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
 def open_checked(data: bytes, opt: ImageOptions) -> tuple[Image.Image, int, int, int]:
     """Open lazily and check format, pixel count, size, aspect ratio and output size; nothing is decoded yet.
 
@@ -286,11 +308,7 @@ def open_checked(data: bytes, opt: ImageOptions) -> tuple[Image.Image, int, int,
     img = safe_open(data, opt.max_pixels)
     mime = ALLOWED_FORMATS.get(img.format or "", "image/jpeg")
     w, h = img.size
-    orientation = 1
-    try:
-        orientation = int(img.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, like browsers do
-        orientation = 1
+    orientation = exif_orientation(img)
     if orientation in (5, 6, 7, 8):
         w, h = h, w
     if opt.min_image_size and min(w, h) < opt.min_image_size:
