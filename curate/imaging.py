@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from curate.phases import PHASES
+
 # our own max_pixels check runs first and is stricter; Pillow's warning would only be noise
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
@@ -339,20 +341,15 @@ def process_image(data: bytes, opt: ImageOptions, budget: DecodeBudget | None = 
             req = (math.ceil(tw), math.ceil(th)) if orientation < 5 else (math.ceil(th), math.ceil(tw))
             img.draft("RGB", req)
         with budget.reserve(decode_cost(img)) if budget is not None else contextlib.nullcontext():
-            img.load()
-            for op in _ORIENT.get(orientation, ()):
-                img = img.transpose(op)
-            img = to_rgb(img)
-            img = resize(img, tw, th, opt)
-        out = io.BytesIO()
-        fmt = ENCODE_FORMATS[opt.encode_format]
-        if fmt == "JPEG":
-            img.save(out, "JPEG", quality=opt.encode_quality)
-        elif fmt == "PNG":
-            level = opt.encode_quality if 0 <= opt.encode_quality <= 9 else 6
-            img.save(out, "PNG", compress_level=level)
-        else:
-            img.save(out, "WEBP", quality=opt.encode_quality, method=4)
+            with PHASES.timed("decode"):
+                img.load()
+                for op in _ORIENT.get(orientation, ()):
+                    img = img.transpose(op)
+                img = to_rgb(img)
+            with PHASES.timed("resize"):
+                img = resize(img, tw, th, opt)
+        with PHASES.timed("encode"):
+            out = _encode(img, opt)
     except ImageRejected:
         raise
     except Image.DecompressionBombError as e:
@@ -361,7 +358,20 @@ def process_image(data: bytes, opt: ImageOptions, budget: DecodeBudget | None = 
         raise ImageRejected("decompression_bomb", "out of memory while decoding", (w, h), mime) from None
     except _DECODE_ERRORS as e:
         raise ImageRejected("decode_error", f"{type(e).__name__}: {e}"[:300], (w, h), mime) from None
-    return ProcessedImage(out.getvalue(), opt.encode_format, mime, w, h, img.width, img.height)
+    return ProcessedImage(out, opt.encode_format, mime, w, h, img.width, img.height)
+
+
+def _encode(img: Image.Image, opt: ImageOptions) -> bytes:
+    out = io.BytesIO()
+    fmt = ENCODE_FORMATS[opt.encode_format]
+    if fmt == "JPEG":
+        img.save(out, "JPEG", quality=opt.encode_quality)
+    elif fmt == "PNG":
+        level = opt.encode_quality if 0 <= opt.encode_quality <= 9 else 6
+        img.save(out, "PNG", compress_level=level)
+    else:
+        img.save(out, "WEBP", quality=opt.encode_quality, method=4)
+    return out.getvalue()
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -49,6 +49,8 @@ from curate.io.layout import DatasetDir, shard_name
 from curate.io.ledger import LEDGER_FIELDS, TRANSIENT_CODES, check_code
 from curate.io.shards import ShardWriter
 from curate.io.tables import read_tables, write_table
+from curate.phases import ENABLED as PROFILE_ENABLED
+from curate.phases import PHASES
 
 MAX_ROWS_PER_SHARD = 100_000  # keys hold the row in 5 digits
 # ledger fields left out of the sample's json in the tar: timing differs from run to run, and the
@@ -323,8 +325,10 @@ def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions,
             led.update(status=e.code, error_code=e.code, error_message=e.message, attempts=e.attempts,
                        http_status=e.http_status, final_url=e.final_url)
             return res
+        with PHASES.timed("hash"):
+            digest = hashlib.sha256(got.body).hexdigest()
         led.update(attempts=got.attempts, http_status=got.http_status, final_url=got.final_url,
-                   bytes=len(got.body), sha256=hashlib.sha256(got.body).hexdigest(),
+                   bytes=len(got.body), sha256=digest,
                    mime=(got.content_type or "").split(";")[0].strip() or None)
         try:
             img = process_image(got.body, opt, budget)
@@ -379,6 +383,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     opt = cfg.image_options()
     budget = DecodeBudget(DECODE_BUDGET_BYTES)  # decoded bytes in flight in this task, all threads together
     return_freed_memory_to_os()  # or freed decode buffers stay in per-thread arenas (see imaging)
+    PHASES.reset()
     # results are written in row order; the window bounds how far workers run ahead of the writer
     window = max(256, cfg.threads * 16)
     results: list[_Result | None] = [None] * n
@@ -432,7 +437,8 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                     led[c] = rows[i].get(c)
                 if r.image is not None:
                     meta = {k: v for k, v in led.items() if k not in _NOT_IN_TAR}
-                    writer.write(led["key"], r.image, r.ext or "jpg", led["caption"], meta)
+                    with PHASES.timed("write"):
+                        writer.write(led["key"], r.image, r.ext or "jpg", led["caption"], meta)
                 ledger_rows.append(led)
                 status[led["status"]] += 1
                 total_bytes += led["bytes"] or 0
@@ -454,10 +460,13 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     write_table(ds.ledger(shard), table)
     seconds = time.time() - t0
     write_json(progress_path(ds, shard), {"done": n, "success": status["success"]})
-    return {
+    stats: dict[str, Any] = {
         "rows": n, "success": status["success"], "failed": n - status["success"],
         "status": dict(sorted(status.items())), "bytes": total_bytes, "seconds": round(seconds, 3),
     }
+    if PROFILE_ENABLED:  # CURATE_PROFILE=1: per-phase timers (bench/download.py --profile)
+        stats["phases"] = PHASES.snapshot()
+    return stats
 
 
 # ---- driver-side summaries ----------------------------------------------------------------------
