@@ -9,6 +9,13 @@ median PSNR of draft-mode (reduced-scale JPEG decoding) vs full-decode resizes.
 
     flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --hostile
 
+    flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --web --profile --n 2000
+
+--web: #15's web-like mix (long side 500/800/1200/2000/4000 px at 25/30/25/15/5%, 10% PNG, 10% WebP)
+served by one process on 4 loopback addresses, curate with its default per-host limit; prints images/s,
+peak RSS, CPU per image against the pure image work on the same images, and draft-vs-full PSNR.
+--profile adds per-phase timers (connect, headers, body, hash, decode, resize, encode, write).
+
 --hostile: one download task (1 process, 16 threads, per-host limit lifted so all 16 are in flight,
 every other setting at its default) against hostile but legal images -- 36 MP PNGs (RGB and
 palette-with-transparency), 36 MP JPEGs, a 40 MP RGBA PNG, and extreme aspect ratios (1x100000,
@@ -42,8 +49,18 @@ from PIL import Image, ImageFilter
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_images(n_distinct: int, mix: bool, seed: int = 0) -> list[bytes]:
-    """Photo-like JPEGs: demo corpus images upscaled with texture and noise (or synthetic if absent)."""
+# #15's web-like mix: long side 500 / 800 / 1200 / 2000 / 4000 px with these weights
+WEB_SIDES = ((500, 0.25), (800, 0.30), (1200, 0.25), (2000, 0.15), (4000, 0.05))
+WEB_FORMATS = (("JPEG", 0.8), ("PNG", 0.1), ("WEBP", 0.1))
+WEB_HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4")
+
+
+def make_images(n_distinct: int, mix: bool | str, seed: int = 0) -> list[bytes]:
+    """Photo-like images: demo corpus images upscaled with texture and noise (or synthetic if absent).
+
+    mix=False: 640x480 JPEGs; True: long side uniform in 500-4000 px; "web": #15's web-like sizes,
+    80% JPEG, 10% PNG, 10% WebP.
+    """
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
     try:
@@ -55,7 +72,13 @@ def make_images(n_distinct: int, mix: bool, seed: int = 0) -> list[bytes]:
         sources = []
     out = []
     for i in range(n_distinct):
-        if mix:
+        fmt = "JPEG"
+        if mix == "web":
+            long = rng.choices([v for v, _ in WEB_SIDES], [w for _, w in WEB_SIDES])[0]
+            short = int(long * rng.uniform(0.5, 0.9))
+            size = (long, short) if rng.random() < 0.7 else (short, long)
+            fmt = rng.choices([v for v, _ in WEB_FORMATS], [w for _, w in WEB_FORMATS])[0]
+        elif mix:
             long = rng.randint(500, 4000)
             short = int(long * rng.uniform(0.5, 0.9))
             size = (long, short) if rng.random() < 0.7 else (short, long)
@@ -65,16 +88,20 @@ def make_images(n_distinct: int, mix: bool, seed: int = 0) -> list[bytes]:
             im = sources[i % len(sources)].resize(size, Image.Resampling.BICUBIC)
         else:
             im = Image.linear_gradient("L").resize(size).convert("RGB")
-        noise = nrng.normal(0, 12, (size[1], size[0], 3))
+        # web images are mostly smoother than the 12-sigma texture of the older mixes (#15: mean 129 KB)
+        noise = nrng.normal(0, 3 if mix == "web" else 12, (size[1], size[0], 3))
         arr = np.clip(np.asarray(im, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
         im = Image.fromarray(arr).filter(ImageFilter.SMOOTH)
         buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=90)
+        im.save(buf, fmt, **({"compress_level": 6} if fmt == "PNG" else {"quality": 85 if mix == "web" else 90}))
         out.append(buf.getvalue())
     return out
 
 
-def serve(images: list[bytes], n: int, port_q: mp.Queue) -> None:
+def serve(images: list[bytes], n: int, port_q: mp.Queue, hosts: tuple[str, ...] = ("127.0.0.1",)) -> None:
+    """One process serving the images on every address of `hosts` (one listening socket each).
+
+    Puts the port (one host) or the list of (host, port) (several hosts) on `port_q`."""
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -96,11 +123,19 @@ def serve(images: list[bytes], n: int, port_q: mp.Queue) -> None:
             except OSError:
                 pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.request_queue_size = 256
-    port_q.put(httpd.server_address[1])
-    httpd.serve_forever()
+    import threading
+
+    servers = []
+    for host in hosts:
+        httpd = ThreadingHTTPServer((host, 0), Handler)
+        httpd.daemon_threads = True
+        httpd.request_queue_size = 256
+        servers.append(httpd)
+    port_q.put(servers[0].server_address[1] if len(hosts) == 1
+               else [(h, srv.server_address[1]) for h, srv in zip(hosts, servers, strict=True)])
+    for srv in servers[1:]:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    servers[0].serve_forever()
 
 
 def hostile_images() -> list[tuple[str, bytes]]:
@@ -165,6 +200,73 @@ def hostile(args: argparse.Namespace) -> None:
     print("acceptance (#12): peak RSS under 1024 MB:", "met" if rss < 2**30 and rc == 0 else "NOT met")
 
 
+def web(args: argparse.Namespace) -> None:
+    """#15's web-like mix from 4 loopback hosts, default per-host limit; with --profile, per-phase timers."""
+    import resource
+
+    from curate.imaging import ImageOptions, process_image
+
+    out = Path(args.out) / "web"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    distinct = min(args.n, 80)
+    t0 = time.time()
+    images = make_images(distinct, "web")
+    print(f"made {distinct} distinct web-like images (mean {statistics.mean(len(b) for b in images) / 1024:.0f} KB) "
+          f"in {time.time() - t0:.1f}s")
+    q: mp.Queue = mp.Queue()
+    server = mp.Process(target=serve, args=(images, args.n, q, WEB_HOSTS), daemon=True)
+    server.start()
+    endpoints = q.get(timeout=30)
+    urls = [f"http://{endpoints[i % len(endpoints)][0]}:{endpoints[i % len(endpoints)][1]}/{i}.jpg"
+            for i in range(args.n)]
+    url_list = out / "urls.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(args.n)]}), url_list)
+    cmd = [str(Path(sys.executable).with_name("curate")), "download", str(url_list), "--out", str(out / "curate"),
+           "--caption-col", "caption", "--image-size", str(args.image_size), "--resize-mode", "keep_ratio",
+           "--workers", str(args.processes), "--threads", str(args.threads),
+           "--samples-per-shard", str(-(-args.n // args.processes)), "--no-progress"]
+    for host, port in endpoints:
+        cmd += ["--allow-host", f"{host}:{port}"]
+    env = dict(os.environ, CURATE_PROFILE="1") if args.profile else None
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    secs, rss, rc = run_measured(cmd, env)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the curate tree (waited for); the server still runs
+    server.terminate()
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    stats = [json.loads(Path(p).read_text()) for p in glob.glob(str(out / "curate" / "stats" / "download" / "*.json"))]
+    ok = sum(st.get("success", 0) for st in stats)
+    print(f"\n{args.n} URLs from {len(endpoints)} loopback hosts (per-host limit at its default), "
+          f"{args.processes} processes x {args.threads} threads, -> {args.image_size} keep_ratio, {os.cpu_count()} CPUs")
+    print(f"curate: {ok} ok in {secs:.1f} s = {ok / secs:.1f} images/s, peak RSS {rss / 2**20:.0f} MB, "
+          f"CPU {1000 * cpu / max(ok, 1):.2f} ms per image (user+sys of the process tree, startup included), rc={rc}")
+    # the pure image work on the same images, one thread: open, draft, convert, resize, encode
+    opt = ImageOptions(image_size=args.image_size, resize_mode="keep_ratio")
+    full = ImageOptions(image_size=args.image_size, resize_mode="keep_ratio", draft=False)
+    t = time.process_time()
+    for b in images:
+        process_image(b, opt)
+    pure = (time.process_time() - t) / len(images)
+    vals = [psnr(process_image(b, full).data, process_image(b, opt).data) for b in images]
+    print(f"pure image work: {1000 * pure:.2f} ms per image (1 thread); curate CPU per image / pure = "
+          f"{cpu / max(ok, 1) / pure:.2f}x; median PSNR draft vs full decode {statistics.median(vals):.1f} dB")
+    if args.profile and stats:
+        phases: dict[str, list[float]] = {}
+        for st in stats:
+            for name, v in st.get("phases", {}).items():
+                acc = phases.setdefault(name, [0.0, 0])
+                acc[0] += v["seconds"]
+                acc[1] += v["count"]
+        if "headers" in phases and "connect" in phases:
+            phases["headers"][0] -= phases["connect"][0]  # headers was timed around connect too
+        print("\nper-phase wall time summed over threads (ms per successful image; network phases mostly wait):")
+        for name in ("connect", "headers", "body", "hash", "decode", "resize", "encode", "write"):
+            if name in phases:
+                sec, cnt = phases[name]
+                print(f"  {name + (' (excl. connect)' if name == 'headers' else ''):<26} {1000 * sec / max(ok, 1):8.2f} "
+                      f"ms  ({cnt} timed)")
+
+
 def run_measured(argv: list[str], env: dict | None = None) -> tuple[float, int, int]:
     """(seconds, peak RSS of the process tree in bytes, return code)."""
     t0 = time.time()
@@ -206,9 +308,14 @@ def main() -> None:
     ap.add_argument("--img2dataset-python", default=None, help="python of a venv with img2dataset")
     ap.add_argument("--out", default=str(ROOT / "bench-out" / "download"))
     ap.add_argument("--hostile", action="store_true", help="peak RSS of one task against hostile images")
+    ap.add_argument("--web", action="store_true", help="#15's web-like mix from 4 loopback hosts")
+    ap.add_argument("--profile", action="store_true", help="with --web: per-phase timers (CURATE_PROFILE=1)")
     args = ap.parse_args()
     if args.hostile:
         hostile(args)
+        return
+    if args.web or args.profile:
+        web(args)
         return
 
     out = Path(args.out)
