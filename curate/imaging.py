@@ -1,7 +1,7 @@
 """The one safe image decoder of curate, and download's resize/encode.
 
 Every stage that opens image bytes (download, score, report thumbnails, train-probe data) goes through
-`safe_open` / `safe_decode_rgb`: the format is decided by magic bytes against an allowlist (JPEG, PNG,
+`safe_open` / `safe_decode` / `safe_decode_rgb`: the format is decided by magic bytes against an allowlist (JPEG, PNG,
 WebP, GIF, BMP), Pillow is opened with exactly that one format (`formats=[...]`, so no other plugin,
 and never Ghostscript, sees the bytes), and the header's pixel count is checked before a single pixel
 is allocated. Failures raise `ImageRejected` whose `code` is a ledger error code, the same in every stage.
@@ -228,28 +228,48 @@ def return_freed_memory_to_os() -> None:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also turns the dynamic raising off)
 
 
-def safe_decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None,
-                    budget: DecodeBudget | None = None) -> Image.Image:
+@dataclass
+class Decoded:
+    """A decoded image and what its header said before any draft reduction."""
+
+    image: Image.Image   # RGB, loaded
+    width: int           # stored size (no EXIF orientation applied)
+    height: int
+    format: str          # the allowlisted format (JPEG, PNG, WEBP, GIF, BMP; MPO reads as JPEG)
+    mime: str
+
+
+def safe_decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None,
+                budget: DecodeBudget | None = None) -> Decoded:
     """Decode to a loaded RGB image (transparency composited on white) through `safe_open`.
 
     `draft`: for JPEG, decode at the smallest DCT scale that is still at least this size.
+    `budget`: wait until this decode's decode_cost fits in it.
     Raises ImageRejected (the codes of safe_open, or decode_error for bytes that fail mid-decode).
     """
     img = safe_open(data, max_pixels)
-    mime = ALLOWED_FORMATS.get(img.format or "", "image/jpeg")
+    fmt = "JPEG" if img.format == "MPO" else (img.format or "JPEG")
+    mime = ALLOWED_FORMATS.get(fmt, "image/jpeg")
     size = img.size
     try:
-        if draft is not None and img.format in ("JPEG", "MPO"):
+        if draft is not None and fmt == "JPEG":
             img.draft("RGB", draft)
         with budget.reserve(decode_cost(img)) if budget is not None else contextlib.nullcontext():
             img.load()
-            return to_rgb(img)
+            rgb = to_rgb(img)
     except Image.DecompressionBombError as e:
         raise ImageRejected("decompression_bomb", str(e), size, mime) from None
     except MemoryError:
         raise ImageRejected("decompression_bomb", "out of memory while decoding", size, mime) from None
     except _DECODE_ERRORS as e:
         raise ImageRejected("decode_error", f"{type(e).__name__}: {e}"[:300], size, mime) from None
+    return Decoded(rgb, size[0], size[1], fmt, mime)
+
+
+def safe_decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None,
+                    budget: DecodeBudget | None = None) -> Image.Image:
+    """`safe_decode(...).image`: the loaded RGB image only."""
+    return safe_decode(data, max_pixels, draft, budget).image
 
 
 # ---- download: check, resize, encode ------------------------------------------------------------

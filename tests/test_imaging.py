@@ -186,3 +186,13 @@ def test_open_checked_decodes_nothing_and_reads_png_orientation():
     assert img.tile and orientation == 6 and (w, h) == (20, 40)
     out = process_image(buf.getvalue(), ImageOptions(image_size=10))
     assert (out.orig_width, out.orig_height, out.width, out.height) == (20, 40, 10, 20)
+
+
+def test_safe_decode_reports_the_stored_size_before_draft():
+    from curate.imaging import safe_decode
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (90, 90, 90)).save(buf, "JPEG")
+    d = safe_decode(buf.getvalue(), draft=(200, 150))
+    assert (d.width, d.height, d.format, d.mime) == (1600, 1200, "JPEG", "image/jpeg")
+    assert d.image.size == (200, 150) and d.image.mode == "RGB"
