@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train clean
+.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,8 @@ bench-dedup: setup
 	$(BIN)/python bench/dedup.py
 bench-train: setup
 	$(BIN)/python bench/train_probe.py
+bench-balance: setup
+	$(BIN)/python bench/balance.py
 
 clean:
 	rm -rf demo-out bench-out artifacts .pytest_cache

@@ -20,7 +20,7 @@ import pyarrow as pa
 from PIL import Image
 
 from curate.io.atomic import write_json
-from curate.io.layout import DatasetDir, shard_name
+from curate.io.layout import DatasetDir, sample_key, shard_name
 from curate.io.ledger import LEDGER_FIELDS
 from curate.io.manifest import record_stage
 from curate.io.shards import ShardWriter
@@ -48,7 +48,7 @@ def build(root: Path, shards: int, rows: int) -> tuple[Path, Path]:
     kept_keys, dropped_keys, dropped_reason = [], [], []
     for s in range(shards):
         shard = shard_name(s)
-        keys = [f"{s:05d}{r:05d}" for r in range(rows)]
+        keys = [sample_key(shard, r) for r in range(rows)]
         fail = rng.random(rows) < 0.2
         code = np.where(fail, rng.choice(CODES, rows), None)
         hosts = rng.integers(0, 500, rows)

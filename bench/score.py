@@ -24,7 +24,7 @@ from PIL import Image
 
 from curate.engines import EngineSpec
 from curate.io.atomic import write_json
-from curate.io.layout import DatasetDir, shard_name
+from curate.io.layout import DatasetDir, sample_key, shard_name
 from curate.io.ledger import LEDGER_FIELDS
 from curate.io.shards import ShardWriter
 from curate.io.tables import write_table
@@ -55,7 +55,7 @@ def build_dataset(root: Path, n: int, per_shard: int, px: int) -> DatasetDir:
         rows = []
         with ShardWriter(ds.shard_tar(shard)) as w:
             for j in range(min(per_shard, n - s)):
-                key = f"{s // per_shard:05d}{j:05d}"
+                key = sample_key(shard_name(s // per_shard), j)
                 data, cap = pool[(s + j) % len(pool)], CAPTIONS[(s + j) % len(CAPTIONS)]
                 row = {f.name: None for f in LEDGER_FIELDS}
                 row.update(key=key, shard=shard, row=s + j, caption=cap, status="success", bytes=len(data),

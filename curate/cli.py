@@ -17,14 +17,20 @@ from curate.errors import CurateError
 
 # (command module) -- a command is listed here only once it works
 COMMANDS: list[str] = [
+    "curate.commands.adopt",
+    "curate.commands.balance",
     "curate.commands.download",
     "curate.commands.dedup",
     "curate.commands.demo",
     "curate.commands.export",
+    "curate.commands.index",
     "curate.commands.inspect",
     "curate.commands.report",
     "curate.commands.run",
     "curate.commands.score",
+    "curate.commands.search",
+    "curate.commands.serve",
+    "curate.commands.target",
     "curate.commands.train_probe",
 ]
 

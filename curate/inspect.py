@@ -12,7 +12,7 @@ from typing import Any
 
 from curate.errors import InputError
 from curate.io import manifest
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, is_shard_name
 
 QUANTILES = (("min", 0.0), ("p05", 0.05), ("p25", 0.25), ("p50", 0.5), ("p75", 0.75), ("p95", 0.95),
              ("max", 1.0))
@@ -117,7 +117,7 @@ def _stages(ds: DatasetDir, man: dict[str, Any]) -> dict[str, Any]:
         # what the stage was planned to cover: download plans one shard per input slice in _inputs/;
         # per-shard signal stages cover every downloaded shard
         if name == "download":
-            planned: set[str] | None = _stem_set(ds.root / "_inputs", "*.parquet") | done
+            planned: set[str] | None = {s for s in _stem_set(ds.inputs_dir, "*.parquet") if is_shard_name(s)} | done
         elif name != "export" and downloaded and done <= downloaded:
             planned = downloaded | done
         else:

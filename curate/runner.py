@@ -7,18 +7,23 @@ output); a rerun skips done shards; another config fingerprint is refused unless
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
+import signal
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from curate.config import fingerprint, to_dict
 from curate.engines import EngineSpec, make_engine
+from curate.errors import InputError
 from curate.io import manifest
 from curate.io.atomic import clean_tmp
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, task_id
+from curate.io.lock import stage_lock
 from curate.progress import Progress
 from curate.stages import get_stage
 
@@ -43,8 +48,14 @@ class StageSummary:
 
 
 def discard_stage_outputs(ds: DatasetDir, stage: str) -> None:
-    for sub in (ds.root / "_done" / stage, ds.root / "stats" / stage, ds.root / "signals" / stage):
-        shutil.rmtree(sub, ignore_errors=True)
+    """Kept for stages that call it: the one discard function is DatasetDir.discard."""
+    ds.discard(stage)
+
+
+def array_slice_of(cfg: Any) -> tuple[int, int] | None:
+    """(index, count) when this run is one task of a Slurm array (--num-shards > 1), else None."""
+    n = int(getattr(cfg, "num_shards", 1) or 1)
+    return (int(getattr(cfg, "shard_index", 0) or 0), n) if n > 1 else None
 
 
 def run_stage(
@@ -57,55 +68,132 @@ def run_stage(
     max_attempts: int = 3,
     fingerprint_extra: dict[str, Any] | None = None,
     progress: bool = True,
+    plan_only: bool = False,
 ) -> StageSummary:
+    """Plan `stage_name` on `root` and run its pending tasks on `engine`; the manifest records the outcome.
+
+    Holds the stage's lock on the directory for the whole run (a second run exits 2). An array task
+    (cfg.num_shards > 1) holds it shared with its siblings, writes its own manifest fragment, and may
+    not --redo. Whatever ends the run (an exception, Ctrl-C, SIGTERM from Slurm), the manifest is
+    left "interrupted", never "running".
+    """
     stage = get_stage(stage_name)
     ds = DatasetDir.at(root)
+    part = array_slice_of(cfg)
+    if redo and part is not None:
+        raise InputError(f"--redo: refused inside an array task (--shard-index {part[0]} of {part[1]}): it would "
+                         f"delete its siblings' output. Run once with --redo --plan-only, then the array.")
     ds.root.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg, fingerprint_extra)
-    if manifest.check_fingerprint(ds, stage_name, fp, redo):
-        discard = getattr(stage, "discard_outputs", None)
-        discard(cfg, ds) if discard else discard_stage_outputs(ds, stage_name)
-    clean_tmp(ds.root)
-    t0 = time.time()
-    tasks = stage.plan(cfg, ds)
-    done = set(ds.done_shards(stage_name))
-    todo = [t for t in tasks if t["shard"] not in done]
-    summary = StageSummary(stage_name, str(ds.root), fp, len(tasks), len(tasks) - len(todo))
-    config = to_dict(cfg)
-    # record the run as started before any shard: a crash leaves a manifest that a resume can check
-    manifest.record_stage(ds, stage_name, config=config, fingerprint=fp,
-                          inputs=_inputs(stage, cfg), status="running")
-    eng = make_engine(engine)
-    bar = Progress(f"{stage_name}", total=len(tasks), initial=summary.shards_skipped, unit="shard",
-                   enabled=progress)
+    with stage_lock(ds, stage_name, part) as exclusive, _sigterm_as_exit():
+        if manifest.check_fingerprint(ds, stage_name, fp, redo):
+            ds.discard(stage_name)
+            extra = getattr(stage, "discard_outputs", None)
+            if extra is not None:  # files only the stage knows of (export's img2dataset-layout files)
+                extra(cfg, ds)
+        if exclusive:
+            # the lock is ours alone: every temp file of this stage is a killed run's, whatever its age
+            clean_stage_tmp(ds, stage_name)
+        t0 = time.time()
+        # a stage may declare several task phases run in order (dedup: assign, pairs, decide, write); each is
+        # planned once the previous one completed, and its tasks take the same engine/task/marker path
+        phases: list[str | None] = list(stage.phases(cfg, ds)) if hasattr(stage, "phases") else [None]
+        tasks = _plan_phase(stage, cfg, ds, phases[0])
+        done = set(ds.done_tasks(stage_name))
+        todo = [t for t in tasks if task_id(t) not in done]
+        summary = StageSummary(stage_name, str(ds.root), fp, len(tasks), len(tasks) - len(todo))
+        config = to_dict(cfg)
+
+        def record(status: str, **kw: Any) -> None:
+            manifest.record_stage(ds, stage_name, config=config, fingerprint=fp, inputs=_inputs(stage, cfg),
+                                  status=status, array_slice=part, **kw)
+
+        if plan_only:
+            record("planned", extra={"shards": {"total": len(tasks), "failed": []}})
+            summary.seconds = time.time() - t0
+            return summary
+        # record the run as started before any task: a crash leaves a manifest that a resume can check
+        record("running")
+        status = "interrupted"
+        try:
+            eng = make_engine(engine)
+            for i, phase in enumerate(phases):
+                if i:
+                    if not summary.ok:
+                        break  # a later phase reads this phase's outputs
+                    tasks = _plan_phase(stage, cfg, ds, phase)
+                    done = set(ds.done_tasks(stage_name))
+                    todo = [t for t in tasks if task_id(t) not in done]
+                    summary.shards_total += len(tasks)
+                    summary.shards_skipped += len(tasks) - len(todo)
+                label = stage_name if phase is None else f"{stage_name} {phase}"
+                bar = Progress(label, total=len(tasks), initial=len(tasks) - len(todo), unit="shard",
+                               enabled=progress)
+                run_tasks(eng, stage_name, config, ds, todo, summary, bar, max_attempts)
+                bar.close()
+            status = "complete" if summary.ok else "incomplete"
+        finally:
+            summary.seconds = time.time() - t0
+            if status != "interrupted":
+                finalize = getattr(stage, "finalize", None)
+                summary.counts = finalize(cfg, ds) if finalize else _sum_stats(ds, stage_name)
+            record(status, counts=summary.counts,
+                   extra={"shards": {"total": summary.shards_total, "failed": sorted(summary.failed)}})
+    return summary
+
+
+def _plan_phase(stage: Any, cfg: Any, ds: DatasetDir, phase: str | None) -> list[dict[str, Any]]:
+    return stage.plan(cfg, ds) if phase is None else stage.plan_phase(cfg, ds, phase)
+
+
+def run_tasks(eng: Any, stage_name: str, config: dict[str, Any], ds: DatasetDir, todo: list[dict[str, Any]],
+              summary: StageSummary, bar: Any, max_attempts: int) -> None:
+    """Run `todo` on the engine, retrying failed tasks up to `max_attempts`; results land in `summary`."""
     attempts: Counter[str] = Counter()
     while todo:
         payloads = [(stage_name, config, str(ds.root), t) for t in todo]
         for t in todo:
-            attempts[t["shard"]] += 1
+            attempts[task_id(t)] += 1
         results = eng.run(payloads, lambda r: bar.update(1) if r["ok"] else None)
         retry = []
         for t, r in zip(todo, results, strict=True):
+            tid = task_id(t)
             if r["ok"]:
                 summary.shards_done += 1
-                summary.failed.pop(t["shard"], None)
+                summary.failed.pop(tid, None)
             else:
-                summary.failed[t["shard"]] = r["error"]
-                log.warning("shard %s failed (attempt %d/%d): %s", t["shard"], attempts[t["shard"]],
+                summary.failed[tid] = r["error"]
+                log.warning("task %s failed (attempt %d/%d): %s", tid, attempts[tid],
                             max_attempts, (r["error"] or "").splitlines()[0])
-                if attempts[t["shard"]] < max_attempts:
+                if attempts[tid] < max_attempts:
                     retry.append(t)
         todo = retry
-    bar.close()
-    summary.seconds = time.time() - t0
-    finalize = getattr(stage, "finalize", None)
-    summary.counts = finalize(cfg, ds) if finalize else _sum_stats(ds, stage_name)
-    manifest.record_stage(
-        ds, stage_name, config=config, fingerprint=fp, inputs=_inputs(stage, cfg), counts=summary.counts,
-        status="complete" if summary.ok else "incomplete",
-        extra={"shards": {"total": summary.shards_total, "failed": sorted(summary.failed)}},
-    )
-    return summary
+
+
+def clean_stage_tmp(ds: DatasetDir, stage_name: str) -> int:
+    """Remove every temporary file under the stage's own paths (call only while holding its lock)."""
+    n = 0
+    for p in ds.stage_paths(stage_name):
+        if p.is_dir():
+            n += clean_tmp(p, older_than_s=-1)
+    return n
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (Slurm's time limit, `kill`) unwinds like Ctrl-C, so the manifest records the stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _inputs(stage: Any, cfg: Any) -> dict[str, Any]:
@@ -118,8 +206,8 @@ def _sum_stats(ds: DatasetDir, stage_name: str) -> dict[str, Any]:
     from curate.io.atomic import read_json
 
     total: dict[str, Any] = {}
-    for shard in ds.done_shards(stage_name):
-        p = ds.stats(stage_name, shard)
+    for tid in ds.done_tasks(stage_name):
+        p = ds.stats(stage_name, tid)
         if not p.exists():
             continue
         for k, v in read_json(p).items():

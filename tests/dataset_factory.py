@@ -17,7 +17,7 @@ import pyarrow as pa
 from PIL import Image
 
 from curate.io.atomic import write_json
-from curate.io.layout import DatasetDir, shard_name
+from curate.io.layout import DatasetDir, sample_key, shard_name
 from curate.io.ledger import LEDGER_FIELDS
 from curate.io.shards import ShardWriter
 from curate.io.tables import write_table
@@ -70,7 +70,7 @@ def make_dataset(root: str | Path, samples: Sequence[Sample], shard_size: int = 
         rows = []
         with ShardWriter(ds.shard_tar(shard)) as w:
             for j, (image, caption, status) in enumerate(samples[start:start + shard_size]):
-                key = f"{index:05d}{j:05d}"
+                key = sample_key(shard, j)
                 size = None
                 data = image
                 if isinstance(image, Image.Image):

@@ -15,7 +15,7 @@ import pyarrow as pa
 from dataset_factory import color_image, make_dataset
 
 from curate.io.atomic import write_json
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, sample_key, shard_name, shard_of_key
 from curate.io.manifest import record_stage
 from curate.io.tables import write_table
 
@@ -23,7 +23,10 @@ N_ROWS = 27
 SHARD_SIZE = 9
 FAILURES = {3: "timeout", 9: "http_4xx", 17: "decode_error"}
 NOT_SCORED = {20: "decode_error"}
-LANG = {5: "de", 13: "fr", 21: "de", 22: "de", 23: "es"}  # 23: clip_score 0.27
+LANG = {5: "de", 13: "fr", 21: "de", 22: "de", 23: "es", 11: "und", 24: "und"}  # 23, 11: clip_score 0.27
+# fastText lid.176's own top-1 label where it differs from the language ID's (a short English caption it
+# calls Finnish; an undetermined one it calls English)
+LANG_FASTTEXT = {25: "fi", 11: "fi", 24: "en"}
 CAPTIONS = {6: "ok", 14: "two words", 15: "a b c"}  # 1 word; 2 words; 3 words but 5 chars
 SIZES = {7: (150, 300), 11: (900, 250), 19: (200, 200)}  # too small; aspect 3.6; boundary (kept)
 DUP_GROUPS = {1: [0, 8, 16], 2: [2, 10]}  # group -> rows, first kept
@@ -31,7 +34,7 @@ CONTAMINATED = {12}
 
 
 def key_of(row: int) -> str:
-    return f"{row // SHARD_SIZE:05d}{row % SHARD_SIZE:05d}"
+    return sample_key(shard_name(row // SHARD_SIZE), row % SHARD_SIZE)
 
 
 def truth() -> list[dict[str, Any]]:
@@ -48,6 +51,7 @@ def truth() -> list[dict[str, Any]]:
             "row": r, "key": key_of(r), "status": status, "scored": scored, "caption": caption,
             "clip_score": round(0.22 + ((r * 7) % 12) * 0.01, 4) if scored else None,
             "lang": LANG.get(r, "en") if scored else None,
+            "lang_fasttext": LANG_FASTTEXT.get(r, LANG.get(r, "en")) if scored else None,
             "caption_words": len(caption.split()), "caption_chars": len(caption),
             "orig_width": w if status == "success" else None, "orig_height": h if status == "success" else None,
             "aspect_ratio": max(w, h) / min(w, h),
@@ -66,10 +70,10 @@ def make_export_source(root: Path, with_score: bool = True, with_dedup: bool = T
         image = color_image(r, SIZES.get(r, (256, 240))) if t["status"] == "success" else None
         samples.append((image, t["caption"], t["status"]))
     ds = make_dataset(root, samples, shard_size=SHARD_SIZE)
-    shards = sorted({t["key"][:5] for t in rows})
+    shards = sorted({shard_of_key(t["key"]) for t in rows})
     record_stage(ds, "download", config={"fixture": True}, fingerprint="d0wn10ad")
     for shard in shards:
-        part = [t for t in rows if t["key"][:5] == shard]
+        part = [t for t in rows if shard_of_key(t["key"]) == shard]
         if with_score:
             write_table(ds.signals("score", shard), _score_table(part))
             write_json(ds.marker("score", shard), {"shard": shard, "stats": {}})
@@ -91,6 +95,7 @@ def _score_table(part: list[dict[str, Any]]) -> pa.Table:
             "key": t["key"], "scored": ok,
             "skip_reason": None if ok else (t["status"] if t["status"] != "success" else NOT_SCORED[t["row"]]),
             "clip_score": t["clip_score"], "lang": t["lang"], "lang_prob": 0.9 if ok else None,
+            "lang_fasttext": t["lang_fasttext"], "lang_fasttext_prob": 0.5 if ok else None,
             "caption_chars": t["caption_chars"], "caption_words": t["caption_words"], "letter_share": 0.8,
             "caption_boilerplate": False, "width": t["orig_width"], "height": t["orig_height"],
             "orig_width": t["orig_width"], "orig_height": t["orig_height"],
@@ -99,7 +104,8 @@ def _score_table(part: list[dict[str, Any]]) -> pa.Table:
         })
     schema = pa.schema([
         ("key", pa.string()), ("scored", pa.bool_()), ("skip_reason", pa.string()), ("clip_score", pa.float32()),
-        ("lang", pa.string()), ("lang_prob", pa.float32()), ("caption_chars", pa.int32()),
+        ("lang", pa.string()), ("lang_prob", pa.float32()), ("lang_fasttext", pa.string()),
+        ("lang_fasttext_prob", pa.float32()), ("caption_chars", pa.int32()),
         ("caption_words", pa.int32()), ("letter_share", pa.float32()), ("caption_boilerplate", pa.bool_()),
         ("width", pa.int32()), ("height", pa.int32()), ("orig_width", pa.int32()), ("orig_height", pa.int32()),
         ("aspect_ratio", pa.float32()), ("bytes", pa.int64()), ("emb_row", pa.int32()),

@@ -3,7 +3,7 @@
 Built with the real writers (ShardWriter, write_table, markers, record_stage) so inspect and report read
 exactly what the stages write. Every figure the tests assert follows from the tables below.
 
-24 input rows in two downloaded shards of 12 (a third input slice, 00002, is planned but not downloaded):
+24 input rows in two downloaded shards of 12 (a third input slice, 00000002, is planned but not downloaded):
   failures: 9 http_4xx, 10 timeout, 11 decode_error, 22 http_4xx, 23 blocked_scheme  -> 19 successes
   score: every success scored except 21 (per-sample decode_error) -> 18 scored
   clip_score = 0.05 + 0.02 * row; lang it for 3 and 14, de for 15, en otherwise
@@ -23,7 +23,7 @@ import pyarrow as pa
 from PIL import Image
 
 from curate.io.atomic import write_json
-from curate.io.layout import DatasetDir, shard_name
+from curate.io.layout import DatasetDir, sample_key, shard_name, shard_of_key
 from curate.io.ledger import LEDGER_FIELDS
 from curate.io.manifest import record_stage
 from curate.io.shards import ShardWriter
@@ -51,7 +51,7 @@ TRUTH_DUPS = {12: (0, "exact"), 13: (0, "resized"), 5: (4, "cropped"), 16: (6, "
 
 
 def key_of(row: int) -> str:
-    return f"{row // ROWS_PER_SHARD:05d}{row % ROWS_PER_SHARD:05d}"
+    return sample_key(shard_name(row // ROWS_PER_SHARD), row % ROWS_PER_SHARD)
 
 
 def shard_of(row: int) -> str:
@@ -156,7 +156,7 @@ def _mark(ds: DatasetDir, stage: str, shard: str) -> None:
 
 
 def make_report_dataset(root: Path) -> Path:
-    """The source dataset (download, score, dedup done on shards 00000 and 00001; 00002 pending)."""
+    """The source dataset (download, score, dedup done on shards 00000000 and 00000001; 00000002 pending)."""
     ds = DatasetDir.at(root)
     for i in range(3):
         rows = list(range(i * ROWS_PER_SHARD, (i + 1) * ROWS_PER_SHARD))
@@ -182,10 +182,10 @@ def make_report_dataset(root: Path) -> Path:
 def make_export(source: Path, out: Path) -> Path:
     """An export of the source: kept rows' ledger and shard, per-clause counts and dropped.parquet."""
     ds = DatasetDir.at(out)
-    _write_shard(ds, "00000", KEPT)
+    _write_shard(ds, "00000000", KEPT)
     table = _ledger_table(KEPT).append_column("source_shard", pa.array([shard_of(r) for r in KEPT]))
-    write_table(ds.ledger("00000"), table.append_column("source_key", pa.array([key_of(r) for r in KEPT])))
-    _mark(ds, "export", "00000")
+    write_table(ds.ledger("00000000"), table.append_column("source_key", pa.array([key_of(r) for r in KEPT])))
+    _mark(ds, "export", "00000000")
     remaining = N_ROWS
     clauses = []
     for clause, rows in CLAUSES:
@@ -196,7 +196,7 @@ def make_export(source: Path, out: Path) -> Path:
                  extra={"shards": {"total": 1, "failed": []}})
     dropped = sorted((key_of(r), c) for c, rows in CLAUSES for r in rows)
     write_table(ds.root / "dropped.parquet",
-                pa.table({"key": [k for k, _ in dropped], "source_shard": [k[:5] for k, _ in dropped],
+                pa.table({"key": [k for k, _ in dropped], "source_shard": [shard_of_key(k) for k, _ in dropped],
                           "clause": [c for _, c in dropped]}))
     return ds.root
 

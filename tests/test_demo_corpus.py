@@ -92,7 +92,7 @@ def test_write_split_dataset(tmp_path):
     root = write_split_dataset("eval", tmp_path / "eval", samples_per_shard=300)
     ds = DatasetDir.at(root)
     n = load_split("eval", columns=["image_id"]).num_rows
-    assert ds.shards() == ["00000", "00001", "00002"]
+    assert ds.shards() == ["00000000", "00000001", "00000002"]
     ledger = pa.concat_tables([pq.read_table(p) for p in ds.ledger_files()])
     assert ledger.num_rows == n
     assert set(ledger["status"].to_pylist()) == {"success"}

@@ -22,7 +22,7 @@ from test_fetch import LoopServer, jpeg
 
 from curate.cli import main
 from curate.imaging import ImageOptions, ImageRejected, process_image
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, sample_key, shard_name
 from curate.io.shards import iter_samples
 from curate.io.tables import read_tables
 
@@ -86,8 +86,8 @@ def test_every_row_in_ledger_with_expected_codes(server, tmp_path):
                     "--max-aspect-ratio", "5") == 0
     t = ledger(out).to_pylist()
     assert [r["SAMPLE_ID"] for r in t] == [f"s{i:04d}" for i in range(len(rows))]
-    assert [r["key"] for r in t] == [f"{i // 4:05d}{i % 4:05d}" for i in range(len(rows))]
-    assert [r["shard"] for r in t] == [f"{i // 4:05d}" for i in range(len(rows))]
+    assert [r["key"] for r in t] == [sample_key(shard_name(i // 4), i % 4) for i in range(len(rows))]
+    assert [r["shard"] for r in t] == [shard_name(i // 4) for i in range(len(rows))]
     codes = [r["status"] for r in t]
     assert codes == ["success"] * 5 + ["opted_out", "decode_error", "format_not_allowed", "http_4xx",
                                        "bad_aspect_ratio", "too_small", "duplicate_url", "invalid_url",
@@ -183,8 +183,8 @@ def test_retry_failed_retries_only_transient_rows(server, tmp_path):
     assert download(inp, out, server, "--retries", "0", "--samples-per-shard", "2", "--retry-failed") == 0
     t = ledger(out).to_pylist()
     assert [(r["key"], r["status"], r["superseded_by"]) for r in t] == [
-        ("0000000000", "success", None), ("0000000001", "http_5xx", "0000200000"),
-        ("0000100000", "http_4xx", None), ("0000200000", "success", None)]
+        ("0000000000000", "success", None), ("0000000000001", "http_5xx", "0000000200000"),
+        ("0000000100000", "http_4xx", None), ("0000000200000", "success", None)]
     assert t[3]["row"] == 1
     assert server.hits["/ok.jpg"] == 1 and server.hits["/missing"] == 1  # never re-fetched
     # a second --retry-failed has nothing left to retry; a plain rerun changes nothing
@@ -260,6 +260,20 @@ def test_sigkill_then_rerun_gives_every_row_once(server, tmp_path):
     assert len(samples) == 120 and all(r["status"] == "success" for r in t)
     # the rerun removed what the killed attempts left behind
     assert not list(out.rglob(".tmp-*")) and all(p.name.endswith(".tar") for p in (out / "shards").glob("0*"))
+    # and gives what a clean run gives, byte for byte
+    clean = tmp_path / "clean"
+    assert subprocess.run([*argv[:6], str(clean), *argv[7:]], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL).returncode == 0
+    _same_outputs(clean, out)
+    # killing one worker (one task) mid-run: the run itself recovers and still gives the same outputs
+    again = tmp_path / "again"
+    proc = subprocess.Popen([*argv[:6], str(again), *argv[7:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: len(list((again / "_done" / "download").glob("*.json"))) >= 2
+              if (again / "_done" / "download").exists() else False)
+    victim = next(c for c in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline()))
+    victim.kill()
+    assert proc.wait(timeout=120) == 0
+    _same_outputs(clean, again)
 
 
 @pytest.mark.spark
@@ -277,3 +291,217 @@ def test_local_and_spark_give_the_same_outputs(server, tmp_path, monkeypatch):
     for shard in DatasetDir.at(tmp_path / "local").shards():
         assert (tmp_path / "local" / "shards" / f"{shard}.tar").read_bytes() == \
                (tmp_path / "spark" / "shards" / f"{shard}.tar").read_bytes()
+
+
+def test_retry_marks_the_right_ledger_past_99999_shards(tmp_path):
+    """retry_of keys of shards 99,999 and 100,000 name their own ledgers (the old `retry_of[:5]` did not)."""
+    from curate.io.ledger import LEDGER_FIELDS
+    from curate.io.tables import write_table
+    from curate.stages.download import mark_superseded, slice_path
+
+    ds = DatasetDir.at(tmp_path)
+    schema = pa.schema(LEDGER_FIELDS)
+    olds = [shard_name(99_999), shard_name(100_000), shard_name(1_000_000)]
+    for s in olds:
+        rows = [{"key": sample_key(s, j), "shard": s, "row": j, "status": "timeout", "error_code": "timeout"}
+                for j in range(3)]
+        write_table(ds.ledger(s), pa.Table.from_pylist(rows, schema=schema))
+    retry = shard_name(1_000_001)
+    retry_of = [sample_key(olds[0], 2), sample_key(olds[1], 0), sample_key(olds[2], 1)]
+    write_table(slice_path(ds, retry), pa.table({"key": [sample_key(retry, j) for j in range(3)],
+                                                 "retry_of": retry_of}))
+    assert mark_superseded(ds, [retry]) == 3
+    sup = {s: pq.read_table(ds.ledger(s)).column("superseded_by").to_pylist() for s in olds}
+    assert sup == {olds[0]: [None, None, sample_key(retry, 0)], olds[1]: [sample_key(retry, 1), None, None],
+                   olds[2]: [None, sample_key(retry, 2), None]}
+
+
+def test_text_that_is_not_utf8_gets_a_row_code_never_a_traceback(server, tmp_path):
+    ok = server.image("/u.jpg")
+    urls = pa.array([ok.encode(), ok.encode() + b"?\xff", b"http://127.0.0.1:1/x.jpg"], pa.binary()).view(pa.string())
+    caps = pa.array([b"fine", b"fine", b"caf\xe9"], pa.binary()).view(pa.string())
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": caps, "SAMPLE_ID": ["a", "b", "c"]}), inp)
+    assert download(inp, tmp_path / "ds", server) == 0
+    t = ledger(tmp_path / "ds").to_pylist()
+    assert [r["status"] for r in t] == ["success", "invalid_url", "invalid_text"]
+    assert t[2]["caption"] == "caf\ufffd" and "TEXT" in t[2]["error_message"]
+    assert server.hits["/u.jpg"] == 1
+
+
+def test_plan_is_made_once_and_reused(server, tmp_path):
+    inp = write_urls(tmp_path / "urls.parquet", [server.image(f"/p{i}.jpg") for i in range(5)] + [None])
+    out = tmp_path / "ds"
+    assert main(["download", str(inp), "--out", str(out), "--url-col", "URL", "--allow-host", server.endpoint,
+                 "--samples-per-shard", "2", "--plan-only", "--no-progress"]) == 0
+    ds = DatasetDir.at(out)
+    assert ds.plan_file.exists() and not ds.done_tasks("download") and sum(server.hits.values()) == 0
+    stamp = {p: p.stat().st_mtime_ns for p in ds.inputs_dir.glob("*.parquet")}
+    assert len(stamp) == 3 + 1  # three slices and the duplicates file
+    assert main(["download", str(inp), "--out", str(out), "--url-col", "URL", "--allow-host", server.endpoint,
+                 "--samples-per-shard", "2", "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in ds.inputs_dir.glob("*.parquet")} == stamp  # not planned again
+    assert len(ds.done_tasks("download")) == 3 and ledger(out).num_rows == 6
+
+
+# ---- engines, arrays, locks, kills ---------------------------------------------------------------
+
+def _mixed_urls(server: LoopServer, n: int = 14) -> list[str | None]:
+    urls: list[str | None] = [server.image(f"/m{i}.jpg", jpeg(50 + i, 40, (i * 15, 90, 30))) for i in range(n)]
+    return urls + [server.url("/missing"), urls[2], "ftp://x/y", None]
+
+
+def _cli(inp: Path, out: Path, server: LoopServer, *args: str) -> list[str]:
+    return [sys.executable, "-m", "curate.cli", "download", str(inp), "--out", str(out), "--url-col", "URL",
+            "--caption-col", "TEXT", "--keep-col", "SAMPLE_ID", "--allow-host", server.endpoint, "--timeout", "2",
+            "--deadline", "4", "--image-size", "32", "--no-progress", *args]
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    la, lb = ledger(a).drop(["elapsed"]), ledger(b).drop(["elapsed"])
+    assert la.num_rows > 0 and la.equals(lb)
+    tars = sorted(p.name for p in (a / "shards").glob("*.tar"))
+    assert tars and tars == sorted(p.name for p in (b / "shards").glob("*.tar"))
+    for name in tars:
+        assert (a / "shards" / name).read_bytes() == (b / "shards" / name).read_bytes(), name
+
+
+def test_one_and_two_workers_and_concurrent_array_tasks_give_identical_outputs(server, tmp_path):
+    inp = write_urls(tmp_path / "urls.parquet", _mixed_urls(server))
+    assert download(inp, tmp_path / "w1", server, "--samples-per-shard", "3") == 0
+    assert download(inp, tmp_path / "w2", server, "--samples-per-shard", "3", "--workers", "2") == 0
+    _same_outputs(tmp_path / "w1", tmp_path / "w2")
+    out = tmp_path / "array"
+    # a Slurm array: one plan job, then every index at once, as concurrent processes
+    assert subprocess.run(_cli(inp, out, server, "--samples-per-shard", "3", "--plan-only")).returncode == 0
+    n = 3
+    procs = [subprocess.Popen(_cli(inp, out, server, "--samples-per-shard", "3", "--num-shards", str(n)),
+                              env={**os.environ, "SLURM_ARRAY_TASK_ID": str(i)}, stderr=subprocess.PIPE)
+             for i in range(n)]
+    errs = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, errs
+    _same_outputs(tmp_path / "w1", out)
+    from curate.io import manifest
+
+    entry = manifest.load(DatasetDir.at(out))["stages"]["download"]
+    assert entry["status"] == "complete" and entry["slices"] == {f"{i}-of-{n}": "complete" for i in range(n)}
+    assert entry["counts"]["rows"] == 18
+    assert len(list((out / "_manifest" / "download").glob("*.json"))) == n  # one fragment per task
+
+
+def test_array_tasks_refuse_to_plan_and_to_redo(server, tmp_path):
+    inp = write_urls(tmp_path / "urls.parquet", [server.image("/r.jpg")])
+    out = tmp_path / "ds"
+    assert download(inp, out, server, "--shard-index", "1", "--num-shards", "2") == 2
+    assert not (out / "_inputs" / "plan.json").exists()
+    assert download(inp, out, server, "--plan-only") == 0
+    assert download(inp, out, server, "--shard-index", "1", "--num-shards", "2", "--redo") == 2
+    assert download(inp, out, server, "--shard-index", "0", "--num-shards", "2") == 0
+    assert ledger(out).num_rows == 1
+
+
+def _wait_for(cond, timeout: float = 60) -> None:
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def _slow_server(server: LoopServer, n: int, delay: float = 0.2) -> list[str]:
+    def slow(h, _n):
+        time.sleep(delay)
+        h.send(200, jpeg())
+
+    for i in range(n):
+        server.routes[f"/slow{i}.jpg"] = slow
+    return [server.url(f"/slow{i}.jpg") for i in range(n)]
+
+
+def test_second_run_on_the_same_directory_exits_2_and_a_dead_lock_is_taken_over(server, tmp_path):
+    inp = write_urls(tmp_path / "urls.parquet", _slow_server(server, 40))
+    out = tmp_path / "ds"
+    first = subprocess.Popen(_cli(inp, out, server, "--samples-per-shard", "5", "--threads", "1"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (out / "_done" / "download").is_dir())
+        second = subprocess.run(_cli(inp, out, server, "--samples-per-shard", "5"), capture_output=True, text=True)
+        assert second.returncode == 2
+        assert "another `curate download` run" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert first.poll() is None  # the first run is untouched and goes on
+    finally:
+        first.kill()
+        first.wait()
+    # the first run was SIGKILLed: its lock file names a dead pid; the next run takes it over and removes
+    # every temp file that run left, however young
+    ds = DatasetDir.at(out)
+    assert f'"pid": {first.pid}' in ds.lock("download").read_text()
+    from curate.io import manifest
+
+    assert manifest.load(ds)["stages"]["download"]["status"] == "interrupted"  # never left "running"
+    young = [out / "shards" / ".tmp-0123456789ab-00000007.tar", out / ".tmp-0123456789ab-manifest.json",
+             out / "_inputs" / ".tmp-0123456789ab-plan.json"]
+    for p in young:
+        p.write_bytes(b"left by a killed run a moment ago")
+    assert subprocess.run(_cli(inp, out, server, "--samples-per-shard", "5"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    assert not any(p.exists() for p in young) and not list(out.rglob(".tmp-*"))
+    assert ledger(out).num_rows == 40 and manifest.load(ds)["stages"]["download"]["status"] == "complete"
+
+
+def test_local_workers_die_with_their_driver(server, tmp_path):
+    inp = write_urls(tmp_path / "urls.parquet", _slow_server(server, 60, delay=0.5))
+    out = tmp_path / "ds"
+    driver = subprocess.Popen(_cli(inp, out, server, "--samples-per-shard", "5", "--threads", "1",
+                                   "--workers", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: sum(server.hits.values()) >= 2)
+        workers = [c for c in psutil.Process(driver.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(c.cmdline())]
+        assert len(workers) == 2
+        driver.send_signal(signal.SIGKILL)  # the driver alone, not its process group
+        driver.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=5)
+        assert not alive, f"workers outlived their driver: {[p.pid for p in alive]}"
+    finally:
+        driver.kill()
+
+
+def test_a_task_whose_worker_dies_is_a_failed_result_and_the_others_finish(server, tmp_path, monkeypatch):
+    inp = write_urls(tmp_path / "urls.parquet", [server.image(f"/d{i}.jpg") for i in range(6)])
+    out = tmp_path / "ds"
+    monkeypatch.setenv("CURATE_TEST_CRASH_TASK", "download:00000001")
+    assert download(inp, out, server, "--samples-per-shard", "2", "--workers", "2") == 3
+    ds = DatasetDir.at(out)
+    assert ds.done_tasks("download") == ["00000000", "00000002"]
+    from curate.io import manifest
+
+    entry = manifest.load(ds)["stages"]["download"]
+    assert entry["status"] == "incomplete" and entry["shards"]["failed"] == ["00000001"]
+    monkeypatch.delenv("CURATE_TEST_CRASH_TASK")
+    assert download(inp, out, server, "--samples-per-shard", "2") == 0
+    assert ledger(out).num_rows == 6 and manifest.load(ds)["stages"]["download"]["status"] == "complete"
+
+
+@pytest.mark.spark
+def test_spark_reports_a_dead_shard_as_one_failed_result(server, tmp_path, monkeypatch):
+    pytest.importorskip("pyspark")
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    from curate.engines.spark import get_session
+
+    inp = write_urls(tmp_path / "urls.parquet", [server.image(f"/e{i}.jpg") for i in range(6)])
+    out = tmp_path / "ds"
+    sc = get_session("local[2]").sparkContext
+    sc.environment["CURATE_TEST_CRASH_TASK"] = "download:00000001"  # python workers get sc.environment
+    try:
+        rc = download(inp, out, server, "--samples-per-shard", "2", "--engine", "spark", "--spark-master", "local[2]")
+    finally:
+        sc.environment.pop("CURATE_TEST_CRASH_TASK", None)
+    assert rc == 3
+    ds = DatasetDir.at(out)
+    assert ds.done_tasks("download") == ["00000000", "00000002"]
+    from curate.io import manifest
+
+    assert manifest.load(ds)["stages"]["download"]["shards"]["failed"] == ["00000001"]
+    assert download(inp, out, server, "--samples-per-shard", "2", "--engine", "spark",
+                    "--spark-master", "local[2]") == 0
+    assert ledger(out).num_rows == 6

@@ -11,6 +11,7 @@ from export_fixtures import key_of, make_export_source, truth
 
 from curate.cli import main
 from curate.io.atomic import read_json
+from curate.io.layout import shard_name, shard_of_key
 from curate.io.shards import iter_raw
 
 
@@ -61,7 +62,7 @@ def test_export_keeps_the_right_samples_with_original_bytes_and_lineage(source, 
     assert sorted(got) == kept
     assert all(got[k] == src[k] for k in kept)
     tars = sorted((out / "shards").glob("*.tar"))
-    assert [t.stem for t in tars] == [f"{i:05d}" for i in range((len(kept) + 3) // 4)]
+    assert [t.stem for t in tars] == [shard_name(i) for i in range((len(kept) + 3) // 4)]
     first = [n.split(".")[0] for n in tarfile.open(tars[0]).getnames()]
     assert sorted(set(first)) == kept[:4]
 
@@ -70,7 +71,7 @@ def test_export_keeps_the_right_samples_with_original_bytes_and_lineage(source, 
     assert [r["key"] for r in led] == kept
     by_key = {t["key"]: t for t in truth()}
     for r in led:
-        assert r["source_key"] == r["key"] and r["source_shard"] == r["key"][:5]
+        assert r["source_key"] == r["key"] and r["source_shard"] == shard_of_key(r["key"])
         assert r["clip_score"] == pytest.approx(by_key[r["key"]]["clip_score"], abs=1e-6)
         assert r["status"] == "success" and r["is_duplicate"] == by_key[r["key"]]["is_duplicate"]
     assert {r["shard"] for r in led} == {t.stem for t in tars}
@@ -133,10 +134,10 @@ def test_rerun_resumes_refuses_another_policy_and_redo_replaces(source, tmp_path
     out = tmp_path / "out"
     args = ["export", str(source), "--out", str(out), "--policy", "dedup", "--samples-per-shard", "5"]
     assert main(args) == 0
-    tar = out / "shards" / "00000.tar"
+    tar = out / "shards" / "00000000.tar"
     before = tar.stat().st_mtime_ns
     # a shard lost its marker (killed before the marker): only that shard is redone
-    (out / "_done" / "export" / "00001.json").unlink()
+    (out / "_done" / "export" / "00000001.json").unlink()
     capsys.readouterr()
     assert main(args) == 0
     assert "1 shard(s) done" in capsys.readouterr().err
@@ -156,7 +157,7 @@ def test_export_of_an_export_and_empty_selection(source, tmp_path):
     assert main(["export", str(source), "--out", str(first), "--policy", "dedup"]) == 0
     second = tmp_path / "second"
     # the export's ledger carries the signals, so it can be filtered again without score/dedup dirs
-    assert main(["export", str(first), "--out", str(second), "--where", "lang <> 'en'"]) == 0
+    assert main(["export", str(first), "--out", str(second), "--where", "lang NOT IN ('en', 'und')"]) == 0
     keys = [r["key"] for r in pq.read_table(second / "ledger").to_pylist()]
     assert keys == [key_of(r) for r in (5, 13, 21, 22, 23)]
     assert raw_members(second) == {k: v for k, v in raw_members(source).items() if k in keys}
@@ -184,3 +185,129 @@ def test_export_to_an_fsspec_url_publishes_every_shard_marker_last(source, tmp_p
     assert main([*args, "--out", url, "--staging", str(tmp_path / "staging")]) == 0
     assert fs.exists("/curate-test/exported/manifest.json")
     fs.rm("/curate-test", recursive=True)
+
+
+def _outputs(root):
+    tars = {t.name: t.read_bytes() for t in sorted((root / "shards").glob("*.tar"))}
+    return tars, pq.read_table(root / "ledger").to_pylist()
+
+
+def test_a_killed_export_task_then_a_rerun_equals_a_clean_run(source, tmp_path):
+    """A real CLI process dies (os._exit, from the test-only hook in tests/crash_hook) after its first tar
+    is in place and before its ledger; the rerun redoes that shard and the result equals a clean run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["--policy", "dedup", "--top-fraction", "0.7", "--by", "clip_score", "--samples-per-shard", "4"]
+    assert main(["export", str(source), "--out", str(tmp_path / "clean"), *args]) == 0
+    out = tmp_path / "killed"
+    hook = Path(__file__).parent / "crash_hook"
+    env = {**os.environ, "CURATE_TEST_CRASH_ONCE": str(tmp_path / "flags"),
+           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-m", "curate.cli", "export", str(source), "--out", str(out), *args],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    crashed = (tmp_path / "flags" / "export-crashed").read_text().strip()
+    assert (out / "shards" / f"{crashed}.tar").exists()
+    assert not (out / "ledger" / f"{crashed}.parquet").exists()
+    assert not (out / "_done" / "export" / f"{crashed}.json").exists()
+    assert main(["export", str(source), "--out", str(out), *args]) == 0
+    assert _outputs(out) == _outputs(tmp_path / "clean")
+
+
+@pytest.mark.spark
+def test_local_one_and_two_workers_and_spark_local_give_identical_bytes(source, tmp_path):
+    import os
+
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    args = ["--policy", "datacomp-basic", "--where", "NOT is_duplicate", "--top-fraction", "0.6", "--by",
+            "clip_score", "--samples-per-shard", "3", "--write-dropped"]
+    runs = {"one": [], "two": ["--workers", "2"], "spark": ["--engine", "spark", "--spark-master", "local[2]"]}
+    for name, extra in runs.items():
+        assert main(["export", str(source), "--out", str(tmp_path / name), *args, *extra]) == 0, name
+    one = _outputs(tmp_path / "one")
+    assert len(one[0]) >= 2 and one[1]
+    dropped = pq.read_table(tmp_path / "one" / "dropped.parquet")
+    for name in ("two", "spark"):
+        assert _outputs(tmp_path / name) == one, name
+        assert pq.read_table(tmp_path / name / "dropped.parquet").to_pylist() == dropped.to_pylist(), name
+        assert read_json(tmp_path / name / "manifest.json")["stages"]["export"]["counts"] == \
+            read_json(tmp_path / "one" / "manifest.json")["stages"]["export"]["counts"]
+
+
+def test_every_signal_table_joins_the_view_other_scorers_prefixed(tmp_path):
+    """A second scorer's table (signals/dfn/) joins `samples` as dfn_<column>; score and dedup stay unprefixed."""
+    import pyarrow as pa
+
+    from curate.io.atomic import write_json
+    from curate.io.tables import write_table
+
+    src = make_export_source(tmp_path / "src")
+    for shard in src.done_shards("score"):
+        score = pq.read_table(src.signals("score", shard))
+        # the second scorer ranks in the opposite order: 1 - clip_score
+        other = pa.table({"key": score["key"], "clip_score": pa.compute.subtract(pa.scalar(1.0, pa.float32()),
+                                                                                 score["clip_score"])})
+        write_table(src.signals("dfn", shard), other)
+        write_json(src.marker("dfn", shard), {"shard": shard, "stats": {}})
+    out = tmp_path / "out"
+    assert main(["export", str(src.root), "--out", str(out), "--where", "dfn_clip_score > 1 - clip_score - 1e-6",
+                 "--where", "dfn_clip_score >= 0.7", "--write-dropped"]) == 0
+    led = pq.read_table(out / "ledger").to_pylist()
+    want = [t["key"] for t in truth() if t["status"] == "success" and t["clip_score"] is not None
+            and 1 - f32(t["clip_score"]) >= 0.7 - 1e-6]
+    assert [r["key"] for r in led] == want and want
+    assert all(r["dfn_clip_score"] == pytest.approx(1 - r["clip_score"], abs=1e-6) for r in led)
+    # top fraction by the second scorer: the lowest clip_score rows
+    top = tmp_path / "top"
+    assert main(["export", str(src.root), "--out", str(top), "--top-fraction", "0.25", "--by", "dfn_clip_score"]) == 0
+    scored = sorted((t for t in truth() if t["clip_score"] is not None), key=lambda t: (f32(t["clip_score"]), t["key"]))
+    k = int(np.floor(0.25 * len(scored) + 0.5))
+    assert [r["key"] for r in pq.read_table(top / "ledger").to_pylist()] == sorted(t["key"] for t in scored[:k])
+
+
+def test_img2dataset_layout_reads_back_with_webdataset_and_img2dataset_conventions(source, tmp_path):
+    import json
+
+    import webdataset as wds
+
+    out = tmp_path / "i2d"
+    assert main(["export", str(source), "--out", str(out), "--policy", "dedup", "--samples-per-shard", "5",
+                 "--layout", "img2dataset"]) == 0
+    kept, _ = expected(truth(), ("dedup:not_duplicate", lambda t: not t["is_duplicate"]),
+                       ("dedup:not_eval_contaminated", lambda t: not t["eval_contaminated"]))
+    tars = sorted(out.glob("*.tar"))
+    assert [t.stem for t in tars] == [shard_name(i) for i in range((len(kept) + 4) // 5)]
+    assert not (out / "shards").exists() and not (out / "ledger").exists()
+    src = raw_members(source)
+    by_key = {t["key"]: t for t in truth()}
+    # webdataset reads every sample: the image bytes are the source's, the caption and json img2dataset's
+    seen = []
+    for sample in wds.WebDataset([str(t) for t in tars], shardshuffle=False):
+        key = sample["__key__"]
+        seen.append(key)
+        assert sample["jpg"] == src[key]["jpg"]
+        assert sample["txt"].decode() == by_key[key]["caption"]
+        meta = json.loads(sample["json"])
+        assert meta["key"] == key and meta["status"] == "success" and meta["url"].startswith("http://127.0.0.1/")
+        assert set(meta) >= {"url", "caption", "key", "status", "error_message", "width", "height",
+                             "original_width", "original_height", "exif", "sha256"}
+    assert seen == kept
+    # img2dataset's conventions: {shard}.parquet lists the shard's rows, {shard}_stats.json counts them
+    for tar in tars:
+        table = pq.read_table(out / f"{tar.stem}.parquet")
+        assert table.column_names[:11] == ["url", "caption", "key", "status", "error_message", "width", "height",
+                                           "original_width", "original_height", "exif", "sha256"]
+        assert "clip_score" in table.column_names  # curate's signals ride along as extra columns
+        keys = table["key"].to_pylist()
+        assert keys == [k for k, _ in iter_raw(tar)]
+        stats = read_json(out / f"{tar.stem}_stats.json")
+        assert stats["count"] == stats["successes"] == len(keys) and stats["status_dict"] == {"success": len(keys)}
+    # an img2dataset folder is what `curate adopt` reads: the export round-trips
+    back = tmp_path / "adopted"
+    assert main(["adopt", str(out), "--out", str(back)]) == 0
+    assert raw_members(back) == {k: {"jpg": src[k]["jpg"], **{e: v for e, v in raw_members(back)[k].items()
+                                                             if e != "jpg"}} for k in kept}
+    assert [r["key"] for r in pq.read_table(back / "ledger").to_pylist()] == kept

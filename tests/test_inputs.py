@@ -116,3 +116,30 @@ def test_unreadable_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="folder holds no"):
         check_columns(InputSpec(str(tmp_path / "empty")))
+
+
+def _bad_utf8_strings(values: list[bytes]) -> pa.Array:
+    """A string array holding bytes that are not UTF-8 (as some parquet writers produce)."""
+    return pa.array(values, pa.binary()).view(pa.string())
+
+
+def test_invalid_utf8_and_lone_surrogates_are_repaired_per_row_with_a_code(tmp_path):
+    pq.write_table(pa.table({"url": _bad_utf8_strings([b"http://a/1.jpg", b"http://a/\xff.jpg", b"http://a/3.jpg"]),
+                             "caption": _bad_utf8_strings([b"ok", b"fine", b"caf\xe9"])}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"url": "http://b/1.jpg", "caption": "x\\ud800y"}\n'
+                                      '{"url": "http://b/\\udfff", "caption": "ok"}\n'
+                                      '{"url": "http://b/3.jpg", "caption": "\\ud83d\\ude00 pair"}\n')
+    (tmp_path / "c.csv").write_bytes(b"url,caption\nhttp://c/1.jpg,na\xefve\nhttp://c/2.jpg,plain\n")
+    for name, errors, caps in [
+        ("a.parquet", [None, "invalid_url", "invalid_text"], ["ok", "fine", "caf\ufffd"]),
+        ("b.jsonl", ["invalid_text", "invalid_url", None], ["x\ufffdy", "ok", "\U0001f600 pair"]),
+        ("c.csv", ["invalid_text", None], ["na\ufffdve", "plain"]),
+    ]:
+        spec = InputSpec(str(tmp_path / name), caption_col="caption")
+        check_columns(spec)
+        t = read_input(spec)
+        assert t.column("input_error").to_pylist() == errors, name
+        assert t.column("caption").to_pylist() == caps, name
+        msgs = [m for m in t.column("input_error_message").to_pylist() if m]
+        assert all(name in m and "column '" in m for m in msgs)
+        t.validate(full=True)  # every string is valid UTF-8 now

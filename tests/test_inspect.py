@@ -31,7 +31,7 @@ def test_inspect_json_exact_counts(dataset, capsys):
     s = _inspect_json(capsys, dataset)
     assert list(s["stages"]) == ["download", "score", "dedup"]
     dl = s["stages"]["download"]
-    assert dl["shards"] == {"done": 2, "failed": [], "planned": 3, "pending": 1, "pending_shards": ["00002"]}
+    assert dl["shards"] == {"done": 2, "failed": [], "planned": 3, "pending": 1, "pending_shards": ["00000002"]}
     assert dl["config"] == {"image_size": 48, "url_col": "URL"} and dl["fingerprint"] == "d0wn10ad"
     assert s["stages"]["score"]["shards"]["pending"] == 0
 
@@ -60,7 +60,7 @@ def test_inspect_text(dataset, capsys):
     capsys.readouterr()
     assert main(["inspect", str(dataset)]) == 0
     out = capsys.readouterr().out
-    assert "download" in out and "2 done, 1 pending" in out and "pending: 00002" in out
+    assert "download" in out and "2 done, 1 pending" in out and "pending: 00000002" in out
     assert "24 rows in 2 shard(s), 19 success" in out
     assert "3 duplicates (16.7%)" in out and "en 83.3%" in out
 
@@ -69,19 +69,19 @@ def test_inspect_counts_only_done_shards_and_current_rows(tmp_path, capsys):
     """A ledger without a marker is not counted; rows superseded by --retry-failed are counted once."""
     root = F.make_report_dataset(tmp_path / "ds")
     ds = DatasetDir.at(root)
-    # shard 00002 has a ledger file but no marker (a crash before the marker): not done, not counted
-    write_table(ds.ledger("00002"), F._ledger_table([0, 1]))
-    # a retry shard 00003 re-attempted row 10 (timeout) successfully; the old row is marked superseded
-    old = pa.Table.from_pylist([dict(F._ledger_row(r), superseded_by="0000300000" if r == 10 else None)
+    # shard 00000002 has a ledger file but no marker (a crash before the marker): not done, not counted
+    write_table(ds.ledger("00000002"), F._ledger_table([0, 1]))
+    # a retry shard 00000003 re-attempted row 10 (timeout) successfully; the old row is marked superseded
+    old = pa.Table.from_pylist([dict(F._ledger_row(r), superseded_by="0000000300000" if r == 10 else None)
                                 for r in range(12)], schema=F._ledger_table([0]).schema)
-    write_table(ds.ledger("00000"), old)
-    retry = dict(F._ledger_row(10), key="0000300000", shard="00003", status="success", error_code=None)
-    write_table(ds.ledger("00003"), pa.Table.from_pylist([retry], schema=old.schema))
-    F._mark(ds, "download", "00003")
+    write_table(ds.ledger("00000000"), old)
+    retry = dict(F._ledger_row(10), key="0000000300000", shard="00000003", status="success", error_code=None)
+    write_table(ds.ledger("00000003"), pa.Table.from_pylist([retry], schema=old.schema))
+    F._mark(ds, "download", "00000003")
     s = _inspect_json(capsys, root)
     assert s["ledger"]["rows"] == 24 and s["ledger"]["superseded"] == 1
     assert s["ledger"]["success"] == 20 and "timeout" not in s["ledger"]["status"]
-    assert s["stages"]["download"]["shards"]["pending_shards"] == ["00002"]
+    assert s["stages"]["download"]["shards"]["pending_shards"] == ["00000002"]
 
 
 def test_inspect_empty_and_bad_dirs(tmp_path, capsys):
@@ -95,7 +95,7 @@ def test_inspect_empty_and_bad_dirs(tmp_path, capsys):
     assert "not a curate dataset directory" in capsys.readouterr().err
     # a dataset where only download was planned: everything pending, no tables yet
     ds = DatasetDir.at(tmp_path / "fresh")
-    write_table(ds.root / "_inputs" / "00000.parquet", pa.table({"url": ["http://a/x.jpg"]}))
+    write_table(ds.root / "_inputs" / "00000000.parquet", pa.table({"url": ["http://a/x.jpg"]}))
     (ds.root / "_done").mkdir()
     s = _inspect_json(capsys, ds.root)
     assert s["ledger"] is None and s["score"] is None and s["dedup"] is None and s["stages"] == {}

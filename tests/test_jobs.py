@@ -63,7 +63,7 @@ def test_expand_refuses_a_missing_required_variable():
         expand(command_line(SLURM / "score.sbatch"), {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"})
 
 
-@pytest.mark.parametrize("name", ["score", "download", "dedup", "export"])
+@pytest.mark.parametrize("name", ["score", "download", "download_plan", "dedup", "export"])
 def test_template_flags_exist_on_the_command(name):
     line = command_line(SLURM / f"{name}.sbatch")
     argv = expand(line, {"DATASET": "/d", "OUT": "/o", "URL_LIST": "/u.parquet", "SLURM_ARRAY_TASK_ID": "1",
@@ -77,3 +77,42 @@ def test_template_flags_exist_on_the_command(name):
     if "#SBATCH --array" in (SLURM / f"{name}.sbatch").read_text():
         i = argv.index("--shard-index")
         assert argv[i + 1] == "1" and argv[argv.index("--num-shards") + 1] == "4"
+
+
+def test_download_plan_job_then_array_indices_as_concurrent_processes(tmp_path):
+    """download_plan.sbatch once, then every index of download.sbatch at the same time (as Slurm would)."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.io.tables import read_tables
+
+    # addresses the guard refuses before any connection (no traffic): every row still gets its ledger row
+    urls = [f"http://10.{i % 7}.0.{i % 250}/img{i}.jpg" for i in range(40)] + ["http://10.0.0.0/img0.jpg", None]
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls}), inp)
+    count = 3
+    base = {"URL_LIST": str(inp), "CURATE_ARGS": ""}
+
+    def argv(name: str, env: dict[str, str]) -> list[str]:
+        a = expand(command_line(SLURM / f"{name}.sbatch"), env)
+        # CURATE_ARGS is word-split by bash, as here
+        return [sys.executable, "-m", "curate.cli", *a[1:], "--samples-per-shard", "6", "--no-progress"]
+
+    for out in ("local", "array"):
+        (tmp_path / out).mkdir()
+    assert main(["download", str(inp), "--out", str(tmp_path / "local"), "--samples-per-shard", "6",
+                 "--no-progress"]) == 0
+    env = {**base, "DATASET": str(tmp_path / "array")}
+    assert subprocess.run(argv("download_plan", env)).returncode == 0
+    procs = [subprocess.Popen(argv("download", {**env, "SLURM_ARRAY_TASK_ID": str(i),
+                                                "SLURM_ARRAY_TASK_COUNT": str(count), "SLURM_CPUS_PER_TASK": "1"}),
+                              env={**os.environ, "SLURM_ARRAY_TASK_ID": str(i)}) for i in range(count)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * count
+    local = read_tables(sorted((tmp_path / "local" / "ledger").glob("*.parquet"))).drop(["elapsed"])
+    array = read_tables(sorted((tmp_path / "array" / "ledger").glob("*.parquet"))).drop(["elapsed"])
+    assert local.num_rows == 42 and local.equals(array)
+    assert sorted(local.column("status").to_pylist()).count("blocked_address") == 40

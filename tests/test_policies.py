@@ -39,18 +39,21 @@ def test_builtins_exist_and_document_their_source():
 
 def test_laion_thresholds_depend_on_language(source):
     want = ok_rows(lambda t: t["clip_score"] is not None
-                   and f32(t["clip_score"]) >= (0.28 if t["lang"] == "en" else 0.26))
+                   and f32(t["clip_score"]) >= (0.28 if t["lang"] in ("en", "und") else 0.26))
     got = kept(source, "laion")
     assert got == want
     # a non-English row between the two thresholds is kept, an English one is not
     assert any(t["lang"] != "en" and 0.26 <= f32(t["clip_score"]) < 0.28 for t in truth() if t["key"] in got)
+    # an undetermined caption gets the English threshold (row 11: clip_score 0.27, lang 'und')
+    assert not any(t["lang"] == "und" and f32(t["clip_score"]) < 0.28 for t in truth() if t["key"] in got)
 
 
 def test_datacomp_basic(source):
-    want = ok_rows(lambda t: t["lang"] == "en" and t["caption_words"] > 2 and t["caption_chars"] > 5
+    # DataComp's rule is fastText lid.176's top-1 label, whatever curate's language ID says (rows 24, 25)
+    want = ok_rows(lambda t: t["lang_fasttext"] == "en" and t["caption_words"] > 2 and t["caption_chars"] > 5
                    and min(t["orig_width"], t["orig_height"]) >= 200 and t["aspect_ratio"] <= 3)
     assert kept(source, "datacomp-basic") == want
-    assert "00002" + "00001" in want  # row 19: 200x200, on the boundary, kept
+    assert "00000002" + "00001" in want  # row 19: 200x200, on the boundary, kept
 
 
 def test_dedup_is_null_safe_and_clip_top30_ranks(source):
@@ -90,3 +93,13 @@ def test_bad_policy_files_name_the_problem(tmp_path, text, msg):
     assert msg in str(e.value)
     with pytest.raises(InputError, match="neither a built-in"):
         load_policy("no-such-policy")
+
+
+def test_demo_policy_keeps_undetermined_languages(source, tmp_path):
+    # the demo policy's own english clause, alone: 'und' rows stay, named foreign languages go
+    clause = next(c for c in load_policy("demo").clauses if c.name == "demo:english")
+    f = tmp_path / "english.yaml"
+    f.write_text(f"name: english\nsource: the demo policy's clause\nclauses:\n  - {{name: en, where: \"{clause.where}\"}}\n")
+    got = kept(source, str(f))
+    assert got == ok_rows(lambda t: t["lang"] in ("en", "und"))
+    assert any(t["lang"] == "und" for t in truth() if t["key"] in got)

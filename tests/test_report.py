@@ -105,7 +105,7 @@ def test_report_grids_and_duplicate_groups(full_report):
     sizes = _thumb_sizes(grids)
     assert len(sizes) == 20 and all(w <= 112 and h <= 112 for w, h in sizes)
     highest = grids.split("<h3>")[1]
-    assert re.findall(r"(\d{10}) · clip", highest) == [F.key_of(r) for r in (20, 19, 18, 17, 16)]
+    assert re.findall(r"(\d{13}) · clip", highest) == [F.key_of(r) for r in (20, 19, 18, 17, 16)]
     dropped = grids.split("<h3>")[4]
     reasons = {unescape(r) for r in re.findall(r'<div class="why">(.*?)</div>', dropped)}
     assert len(re.findall('class="why"', dropped)) == 5 and reasons <= {c for c, _ in F.CLAUSES}
@@ -114,7 +114,7 @@ def test_report_grids_and_duplicate_groups(full_report):
     groups = re.findall(r"<h3>group (\d+): (\d+) samples</h3>", dups)
     assert groups == [("7", "3"), ("9", "2")]
     first = dups.split("<h3>")[1]
-    assert re.findall(r"(\d{10}) · clip", first) == [F.key_of(0), F.key_of(12), F.key_of(13)]
+    assert re.findall(r"(\d{13}) · clip", first) == [F.key_of(0), F.key_of(12), F.key_of(13)]
     assert first.count('class="tile kept"') == 1 and len(_thumb_sizes(first)) == 3
 
 
@@ -178,8 +178,8 @@ def test_report_input_errors(demo, tmp_path):
 
 
 def test_image_members_reads_only_requested(demo):
-    tar = demo["ds"] / "shards" / "00001.tar"
-    wanted = {F.key_of(13), F.key_of(20), "9999999999"}
+    tar = demo["ds"] / "shards" / "00000001.tar"
+    wanted = {F.key_of(13), F.key_of(20), "0009999999999"}
     found = image_members(tar, wanted)
     assert set(found) == {F.key_of(13), F.key_of(20)}
     assert found[F.key_of(13)] == F.jpeg(13)
@@ -234,22 +234,22 @@ def _tar(path: Path, members: list[tuple[str, bytes]], fmt: int = tarfile.USTAR_
 def test_image_members_fallback_truncation_and_unsafe_names(tmp_path):
     img = F.jpeg(3)
     # a pax archive (long names, as other writers make) goes through tarfile and gives the same bytes
-    pax = _tar(tmp_path / "pax.tar", [("d" * 120 + "/0000000001.txt", b"cap"), ("x/0000000001.jpg", img)],
+    pax = _tar(tmp_path / "pax.tar", [("d" * 120 + "/0000000000001.txt", b"cap"), ("x/0000000000001.jpg", img)],
                tarfile.PAX_FORMAT)
-    assert image_members(pax, {"0000000001"}) == {"0000000001": img}
-    full = _tar(tmp_path / "full.tar", [("0000000001.txt", b"cap"), ("0000000001.jpg", img)])
+    assert image_members(pax, {"0000000000001"}) == {"0000000000001": img}
+    full = _tar(tmp_path / "full.tar", [("0000000000001.txt", b"cap"), ("0000000000001.jpg", img)])
     cut = tmp_path / "cut.tar"
     cut.write_bytes(full.read_bytes()[: 512 * 3 + len(img) // 2])
     with pytest.raises(ShardError, match="truncated"):
-        image_members(cut, {"0000000001"})
-    unsafe = _tar(tmp_path / "unsafe.tar", [("../0000000001.jpg", img)])
+        image_members(cut, {"0000000000001"})
+    unsafe = _tar(tmp_path / "unsafe.tar", [("../0000000000001.jpg", img)])
     with pytest.raises(ShardError, match="unsafe name"):
-        image_members(unsafe, {"0000000001"})
+        image_members(unsafe, {"0000000000001"})
     # the report skips a broken shard instead of failing
     ds = DatasetDir.at(tmp_path / "ds")
-    ds.shard_tar("00000").parent.mkdir(parents=True)
-    shutil.copy(cut, ds.shard_tar("00000"))
-    assert load_thumbnails(ds, [("0000000001", "00000")]) == {}
+    ds.shard_tar("00000000").parent.mkdir(parents=True)
+    shutil.copy(cut, ds.shard_tar("00000000"))
+    assert load_thumbnails(ds, [("0000000000001", "00000000")]) == {}
 
 
 def test_report_over_a_real_curate_export(demo, tmp_path, capsys):

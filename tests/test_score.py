@@ -52,20 +52,20 @@ def table(ds, shard):
 def test_scores_tiny_shards_through_the_cli(tmp_path, tiny_config):
     ds = make_dataset(tmp_path / "ds", samples(), shard_size=5)
     assert score(ds, tiny_config, "--save-text-embeddings") == 0
-    assert ds.done_shards("score") == ["00000", "00001", "00002"]
+    assert ds.done_shards("score") == ["00000000", "00000001", "00000002"]
     rows = [r for s in ds.shards() for r in table(ds, s)]
     assert len(rows) == 12  # one row per ledger row
     by_key = {r["key"]: r for r in rows}
-    assert by_key["0000000003"]["skip_reason"] == "timeout" and not by_key["0000000003"]["scored"]
-    assert by_key["0000100001"]["skip_reason"] == "decode_error" and by_key["0000100001"]["emb_row"] == -1
+    assert by_key["0000000000003"]["skip_reason"] == "timeout" and not by_key["0000000000003"]["scored"]
+    assert by_key["0000000100001"]["skip_reason"] == "decode_error" and by_key["0000000100001"]["emb_row"] == -1
     scored = [r for r in rows if r["scored"]]
     assert len(scored) == 10 and all(r["skip_reason"] is None for r in scored)
     assert all(-1.0 <= r["clip_score"] <= 1.0 for r in scored)
-    r0 = by_key["0000000000"]
+    r0 = by_key["0000000000000"]
     assert (r0["width"], r0["height"], r0["orig_width"], r0["orig_height"]) == (96, 80, 96, 80)
     assert r0["aspect_ratio"] == pytest.approx(1.2) and r0["bytes"] > 0 and r0["lang"] == "en"
-    assert by_key["0000000001"]["lang"] == "de"
-    assert by_key["0000000002"]["caption_boilerplate"] and not r0["caption_boilerplate"]
+    assert by_key["0000000000001"]["lang"] == "de"
+    assert by_key["0000000000002"]["caption_boilerplate"] and not r0["caption_boilerplate"]
     for shard in ds.shards():
         t = table(ds, shard)
         img = np.load(ds.signals("score", shard, ".img_emb.npy"))
@@ -88,11 +88,11 @@ def test_same_shard_scored_twice_gives_the_same_numbers_and_resume_skips(tmp_pat
     assert score(ds, tiny_config) == 0
     first = {s: np.load(ds.signals("score", s, ".img_emb.npy")) for s in ds.shards()}
     first_t = {s: table(ds, s) for s in ds.shards()}
-    mtime = os.stat(ds.signals("score", "00000")).st_mtime_ns
+    mtime = os.stat(ds.signals("score", "00000000")).st_mtime_ns
     capsys.readouterr()
     assert score(ds, tiny_config) == 0  # resume: every shard already done
     assert "0 shard(s) done, 2 already done" in capsys.readouterr().err
-    assert os.stat(ds.signals("score", "00000")).st_mtime_ns == mtime
+    assert os.stat(ds.signals("score", "00000000")).st_mtime_ns == mtime
     # a fresh computation (other DataLoader layout too) gives identical values
     assert score(ds, tiny_config, "--redo", "--loader-workers", "0") == 0
     for s in ds.shards():
@@ -114,7 +114,7 @@ def test_another_model_config_is_refused_on_resume(tmp_path, tiny_config):
 def test_shard_slice_selects_every_nth_shard(tmp_path, tiny_config):
     ds = make_dataset(tmp_path / "ds", samples(10), shard_size=3)  # 4 shards
     assert score(ds, tiny_config, "--shard-index", "1", "--num-shards", "2") == 0
-    assert ds.done_shards("score") == ["00001", "00003"]
+    assert ds.done_shards("score") == ["00000001", "00000003"]
     assert score(ds, tiny_config, "--shard-index", "2", "--num-shards", "2") == 2
 
 
@@ -155,11 +155,11 @@ def test_checkpoint_roundtrip_gives_the_in_memory_embeddings(tmp_path, tiny_conf
         want_img = torch.nn.functional.normalize(model.encode_image(x), dim=-1).numpy()
         want_txt = torch.nn.functional.normalize(model.encode_text(tok([CAPTIONS[i % 4] for i in range(5)])),
                                                  dim=-1).numpy()
-    got_img = np.load(ds.signals("score", "00000", ".img_emb.npy")).astype(np.float32)
-    got_txt = np.load(ds.signals("score", "00000", ".txt_emb.npy")).astype(np.float32)
+    got_img = np.load(ds.signals("score", "00000000", ".img_emb.npy")).astype(np.float32)
+    got_txt = np.load(ds.signals("score", "00000000", ".txt_emb.npy")).astype(np.float32)
     assert np.allclose(got_img, want_img, atol=2e-3) and np.allclose(got_txt, want_txt, atol=2e-3)
     want_scores = (want_img * want_txt).sum(1)
-    got_scores = [r["clip_score"] for r in table(ds, "00000")]
+    got_scores = [r["clip_score"] for r in table(ds, "00000000")]
     assert np.allclose(got_scores, want_scores, atol=1e-4)
     man = json.loads(ds.manifest.read_text())["stages"]["score"]
     assert man["inputs"]["model"]["checkpoint_sha256"] == file_sha256(ckpt)
@@ -216,15 +216,15 @@ def test_checkpoint_for_another_architecture_exit_2(tmp_path, tiny_config, capsy
 
 def test_truncated_tar_fails_the_shard_with_a_clear_message(tmp_path, tiny_config, capsys):
     ds = make_dataset(tmp_path / "ds", [(color_image(i), "a caption", "success") for i in range(8)], shard_size=4)
-    tar = ds.shard_tar("00001")
+    tar = ds.shard_tar("00000001")
     data = tar.read_bytes()
     tar.write_bytes(data[: len(data) // 2])
     assert score(ds, tiny_config) == 3
     err = capsys.readouterr().err
-    assert "shard 00001 FAILED: ShardError" in err and "00001.tar: truncated" in err
-    assert ds.done_shards("score") == ["00000"]
-    assert not ds.signals("score", "00001").exists()
-    assert not ds.signals("score", "00001", ".img_emb.npy").exists()
+    assert "shard 00000001 FAILED: ShardError" in err and "00000001.tar: truncated" in err
+    assert ds.done_shards("score") == ["00000000"]
+    assert not ds.signals("score", "00000001").exists()
+    assert not ds.signals("score", "00000001", ".img_emb.npy").exists()
 
 
 def test_no_downloaded_shards_is_an_input_error(tmp_path, tiny_config, capsys):

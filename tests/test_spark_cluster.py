@@ -25,6 +25,7 @@ from curate.io.shards import iter_raw
 
 pytestmark = pytest.mark.spark
 REPO = Path(__file__).resolve().parents[1]
+CRASH_HOOK = REPO / "tests" / "crash_hook"  # test-only crash injection (see its sitecustomize.py)
 
 
 def _free_port() -> int:
@@ -64,8 +65,10 @@ def cluster(tmp_path_factory):
     crash_dir = work / "crash-flags"
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_HOME": str(home), "PYSPARK_PYTHON": sys.executable,
            "SPARK_LOG_DIR": str(work / "logs"), "SPARK_WORKER_DIR": str(work / "worker"),
-           # executors inherit the worker's environment: the first export shard task to write its tar dies
-           "CURATE_TEST_EXPORT_CRASH_ONCE": str(crash_dir)}
+           # executors inherit the worker's environment: the test-only hook in tests/crash_hook (on their
+           # PYTHONPATH) makes the first export shard task to write its tar die
+           "PYTHONPATH": os.pathsep.join(p for p in (str(CRASH_HOOK), os.environ.get("PYTHONPATH", "")) if p),
+           "CURATE_TEST_CRASH_ONCE": str(crash_dir)}
     port, ui = _free_port(), _free_port()
     procs = []
     try:
@@ -131,7 +134,7 @@ def test_submit_script_runs_a_command_as_a_spark_application(cluster, tmp_path):
     _stop_active_session()  # the worker's one core goes to the submitted application
     src = make_export_source(tmp_path / "src").root
     env = {**cluster["env"], "SPARK_MASTER": cluster["master"], "EXECUTOR_CORES": "1", "EXECUTOR_MEMORY": "512m",
-           "DRIVER_MEMORY": "512m", "PYTHON": sys.executable, "CURATE_TEST_EXPORT_CRASH_ONCE": ""}
+           "DRIVER_MEMORY": "512m", "PYTHON": sys.executable, "CURATE_TEST_CRASH_ONCE": ""}
     out = tmp_path / "submitted"
     proc = subprocess.run([str(REPO / "jobs" / "spark" / "submit.sh"), "export", str(src), "--out", str(out),
                            "--policy", "laion"], env=env, capture_output=True, text=True, timeout=120)

@@ -38,6 +38,7 @@ class _Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._bar = None
+        self._finished: dict[str, tuple[int, int]] = {}
 
     def __enter__(self) -> _Monitor:
         if self.enabled:
@@ -64,15 +65,23 @@ class _Monitor:
         except (OSError, ValueError, KeyError):
             return
         done = success = 0
+        finished = self._finished  # shards whose final stats were read once: never read again
         for shard in sizes:
-            p = self.ds.stats("download", shard) if self.ds.marker("download", shard).exists() \
-                else progress_path(self.ds, shard)
+            if shard in finished:
+                d, ok = finished[shard]
+                done, success = done + d, success + ok
+                continue
+            final = self.ds.marker("download", shard).exists()
+            p = self.ds.stats("download", shard) if final else progress_path(self.ds, shard)
             try:
                 st = read_json(p)
             except (OSError, ValueError):
                 continue
-            done += int(st.get("rows", st.get("done", 0)))
-            success += int(st.get("success", 0))
+            d, ok = int(st.get("rows", st.get("done", 0))), int(st.get("success", 0))
+            if final:
+                finished[shard] = (d, ok)
+            done += d
+            success += ok
         if self._bar is None:
             import sys
 
@@ -135,6 +144,9 @@ class _Monitor:
 @click.option("--shard-index", type=int, default=None,
               help="This task's slice: shards[INDEX::NUM] (default: $SLURM_ARRAY_TASK_ID with --num-shards).")
 @click.option("--num-shards", type=int, default=1, show_default=True, help="How many slices there are.")
+@click.option("--plan-only", is_flag=True,
+              help="Read the list and write the plan (input slices, duplicates), then stop: run this once "
+                   "before a Slurm array, whose tasks never plan.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @engine_options
 def command(input_path: str, out: str, input_format: str, preset: str | None, url_col: str | None,
@@ -143,8 +155,8 @@ def command(input_path: str, out: str, input_format: str, preset: str | None, ur
             max_pixels: int, max_bytes: int, max_redirects: int, timeout: float, deadline: float,
             retries: int, threads: int, per_host: int, allow_host: tuple[str, ...], allow_private: bool,
             deny_domain: tuple[str, ...], ignore_optout: bool, respect_robots: bool, samples_per_shard: int,
-            retry_failed: bool, shard_index: int | None, num_shards: int, progress: bool, engine_spec: Any,
-            redo: bool) -> None:
+            retry_failed: bool, shard_index: int | None, num_shards: int, plan_only: bool, progress: bool,
+            engine_spec: Any, redo: bool) -> None:
     """Download the images of the URL list INPUT into OUT (resumable per shard)."""
     from curate.io.inputs import PRESETS, check_columns
     from curate.io.layout import DatasetDir
@@ -177,9 +189,16 @@ def command(input_path: str, out: str, input_format: str, preset: str | None, ur
                  "loopback, private and link-local addresses (cloud metadata included)")
     extra = {"inputs": [[os.path.basename(f), size] for f, size in files]}
     ds = DatasetDir.at(out)
-    with _Monitor(ds, progress):
+    with _Monitor(ds, progress and not plan_only):
         summary = run_stage("download", cfg, out, engine_spec, redo=redo, fingerprint_extra=extra,
-                            progress=False)
+                            progress=False, plan_only=plan_only)
+    if plan_only:
+        from curate.stages.download import load_plan
+
+        info = load_plan(ds) or {}
+        echo_err(f"download: planned {info.get('rows', 0):,} rows in {summary.shards_total:,} shard(s) "
+                 f"({info.get('duplicates', 0):,} repeated URLs), {summary.seconds:.1f}s -> {ds.root}")
+        return
     c = summary.counts
     rows, ok = c.get("rows", 0), c.get("success", 0)
     lines = [f"  rows {rows:,}, success {ok:,} ({ok / rows:.1%})" if rows else "  rows 0",

@@ -21,6 +21,9 @@ from curate.commands.common import engine_options, finish
 @click.option("--top-fraction", type=float, default=None, help="Keep this fraction of the rows left, ranked by --by.")
 @click.option("--by", default=None, metavar="COLUMN", help="The column (SQL expression) --top-fraction ranks by.")
 @click.option("--samples-per-shard", type=int, default=10000, show_default=True, help="Samples per output tar.")
+@click.option("--layout", type=click.Choice(["curate", "img2dataset"]), default="curate", show_default=True,
+              help="curate: shards/ + ledger/ (a curate dataset dir). img2dataset: flat {shard}.tar, {shard}.parquet "
+                   "and {shard}_stats.json as img2dataset writes them (readable by its tools, and by `curate adopt`).")
 @click.option("--write-dropped", is_flag=True, help="Write OUT/dropped.parquet: every dropped key and its clause.")
 @click.option("--dry-run", is_flag=True, help="Print how many rows each clause removes, then exit without writing.")
 @click.option("--shard-index", type=int, default=0, show_default=True,
@@ -28,7 +31,7 @@ from curate.commands.common import engine_options, finish
 @click.option("--num-shards", type=int, default=1, show_default=True, help="Number of slices (see --shard-index).")
 @engine_options
 def command(directory: str, out: str, where: tuple[str, ...], policy: tuple[str, ...], top_fraction: float | None,
-            by: str | None, samples_per_shard: int, write_dropped: bool, dry_run: bool, shard_index: int,
+            by: str | None, samples_per_shard: int, layout: str, write_dropped: bool, dry_run: bool, shard_index: int,
             num_shards: int, staging: str | None, engine_spec, redo: bool) -> None:
     """Clauses apply in order: downloaded (status = 'success'), each --policy, each --where, then
     --top-fraction. Predicates run in DuckDB, or in Spark SQL with --engine spark (same text)."""
@@ -39,7 +42,7 @@ def command(directory: str, out: str, where: tuple[str, ...], policy: tuple[str,
 
     cfg = ExportConfig(
         source=os.path.abspath(directory), where=where, policy=policy, top_fraction=top_fraction, by=by,
-        samples_per_shard=samples_per_shard, write_dropped=write_dropped, query_engine=engine_spec.name,
+        samples_per_shard=samples_per_shard, write_dropped=write_dropped, layout=layout, query_engine=engine_spec.name,
         spark_master=engine_spec.spark_master, shard_index=shard_index, num_shards=num_shards,
     )
     if dry_run:
@@ -52,7 +55,12 @@ def command(directory: str, out: str, where: tuple[str, ...], policy: tuple[str,
     if is_remote(out):
         from curate.io.layout import DatasetDir
 
-        n = publish(DatasetDir.at(target), out, "export")
+        ds = DatasetDir.at(target)
+        if layout == "img2dataset":
+            from curate.stages.img2dataset_layout import publish_img2dataset
+
+            publish_img2dataset(ds.root, out, ds.done_shards("export"))
+        n = publish(ds, out, "export")
         click.echo(f"export: published {n} shard(s) to {out} (staged in {target})", err=True)
     counts = summary.counts
     finish(summary, [f"export: kept {counts.get('kept', 0)} of {counts.get('input', 0)} rows "

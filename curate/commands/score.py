@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from curate.commands.common import engine_options, finish, resolve_shard_index
+from curate.commands.common import echo_err, engine_options, finish, resolve_shard_index
 from curate.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 
@@ -54,6 +54,11 @@ def command(dataset: str, model: str, pretrained: str, checksum: str | None, dev
     )
     check_config(cfg)
     inputs = model_inputs(cfg)  # unknown model, missing file, checksum mismatch: exit 2 before any shard
+    if inputs.get("filter_quality", {}).get("weak"):
+        from curate.train_probe.quality import warning_lines
+
+        for line in warning_lines(inputs["filter_quality"], cfg.pretrained):
+            echo_err(line)
     check_loadable(resolve_model(cfg.model, cfg.pretrained, cfg.checksum), resolve_device(cfg.device))
     summary = run_stage("score", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=inputs,
                         progress=progress)

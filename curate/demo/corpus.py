@@ -71,7 +71,7 @@ def write_split_dataset(name: str, out_dir: str | os.PathLike,
     all marked done is left as it is (resume); returns the dataset root.
     """
     from curate.io.atomic import write_json
-    from curate.io.layout import DatasetDir, shard_name
+    from curate.io.layout import DatasetDir, sample_key, shard_name
     from curate.io.ledger import LEDGER_FIELDS
     from curate.io.manifest import check_fingerprint, record_stage
     from curate.io.shards import ShardWriter
@@ -97,7 +97,7 @@ def write_split_dataset(name: str, out_dir: str | os.PathLike,
         ledger = []
         with ShardWriter(ds.shard_tar(shard)) as w:
             for j, r in enumerate(part):
-                key = f"{i:05d}{j:05d}"
+                key = sample_key(shard_name(i), j)
                 row = _ledger_row(key, shard, i * samples_per_shard + j, r, name)
                 w.write(key, r["image"], "jpg", r["caption"], {k: v for k, v in row.items() if k != "caption"})
                 ledger.append(row)

@@ -1,14 +1,35 @@
-"""Local engine: a process pool; with one worker, tasks run in this process (debuggable)."""
+"""Local engine: a process pool; with one worker, tasks run in this process (debuggable).
+
+Workers die with their driver: each watches its parent's pid and exits within a second of the
+driver's death (SIGKILL included), so no orphan keeps writing shards. At most two tasks per worker
+are queued at a time, so the payloads in flight do not grow with the number of shards.
+"""
 
 from __future__ import annotations
 
 import multiprocessing as mp
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import os
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from curate.engines.base import OnResult, Payload
+from curate.io.layout import task_id
 from curate.stages.base import TaskResult, execute_task
+
+
+def _watch_parent(parent: int) -> None:
+    """Pool initializer: exit as soon as the driver that started this worker is gone."""
+
+    def loop() -> None:
+        while True:
+            if os.getppid() != parent:  # re-parented: the driver died
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=loop, daemon=True, name="curate-watch-parent").start()
 
 
 class LocalEngine:
@@ -26,40 +47,58 @@ class LocalEngine:
         return self._run_pool(payloads, on_result)
 
     def _run_pool(self, payloads: list[Payload], on_result: OnResult) -> list[dict[str, Any]]:
-        # spawn: workers start clean (no forked torch/thread state); a killed worker breaks the
-        # pool, so the tasks still pending are resubmitted to a fresh one.
+        # spawn: workers start clean (no forked torch/thread state). A worker that dies breaks the whole
+        # pool; the tasks that were in flight are then rerun one per pool, so only the task that kills
+        # its worker fails, and the rest go on in a fresh pool.
         ctx = mp.get_context("spawn")
         results: dict[int, dict[str, Any]] = {}
         pending = list(range(len(payloads)))
         while pending:
-            with ProcessPoolExecutor(max_workers=min(self.workers, len(pending)), mp_context=ctx) as pool:
-                futs = {pool.submit(execute_task, *payloads[i]): i for i in pending}
-                broken = False
-                not_done = set(futs)
-                while not_done:
-                    done, not_done = wait(not_done, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        i = futs[f]
-                        try:
-                            r = f.result()
-                        except BrokenProcessPool:
-                            broken = True
-                            continue
-                        except Exception as e:  # noqa: BLE001 - reported as a failed shard
-                            r = TaskResult(payloads[i][3]["shard"], False, error=repr(e)).to_dict()
-                        results[i] = r
-                        on_result(r)
-                    if broken:
-                        break
+            broken, suspects = self._one_pool(ctx, payloads, pending, results, on_result, self.workers)
             if not broken:
                 break
-            still = [i for i in pending if i not in results]
-            if len(still) == len(pending):
-                # no progress at all: report them as failed instead of looping forever
-                for i in still:
-                    r = TaskResult(payloads[i][3]["shard"], False, error="worker process died").to_dict()
+            for i in suspects:
+                if i in results:
+                    continue
+                alone, _ = self._one_pool(ctx, payloads, [i], results, on_result, 1)
+                if alone and i not in results:
+                    r = TaskResult(task_id(payloads[i][3]), False, error="worker process died").to_dict()
                     results[i] = r
                     on_result(r)
-                break
-            pending = still
+            pending = [i for i in pending if i not in results]
         return [results[i] for i in range(len(payloads))]
+
+    def _one_pool(self, ctx: Any, payloads: list[Payload], pending: list[int], results: dict[int, dict[str, Any]],
+                  on_result: OnResult, workers: int) -> tuple[bool, list[int]]:
+        """Run `pending` on one pool fed a bounded window; returns (the pool broke, the tasks then in flight)."""
+        workers = min(workers, len(pending))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_watch_parent,
+                                 initargs=(os.getpid(),)) as pool:
+            queue = iter(pending)
+            futs: dict[Future, int] = {}
+
+            def feed() -> None:
+                while len(futs) < 2 * workers:
+                    i = next(queue, None)
+                    if i is None:
+                        return
+                    futs[pool.submit(execute_task, *payloads[i])] = i
+
+            feed()
+            broken: list[int] = []
+            while futs and not broken:
+                done, _ = wait(list(futs), return_when=FIRST_COMPLETED)
+                for f in done:
+                    i = futs.pop(f)
+                    try:
+                        r = f.result()
+                    except BrokenProcessPool:
+                        broken.append(i)  # the other finished results are still kept
+                        continue
+                    except Exception as e:  # noqa: BLE001 - reported as a failed task
+                        r = TaskResult(task_id(payloads[i][3]), False, error=repr(e)).to_dict()
+                    results[i] = r
+                    on_result(r)
+                if not broken:
+                    feed()
+            return bool(broken), broken + list(futs.values())

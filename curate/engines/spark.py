@@ -1,5 +1,8 @@
-"""Spark engine: one Spark task per shard; tasks re-enter curate through `execute_task`.
+"""Spark engine: one Spark job of one task per shard; tasks re-enter curate through `execute_task`.
 
+Jobs are submitted from a small thread pool (as many as the cluster has task slots, plus a few), so
+results stream back shard by shard as they finish, and a shard whose task fails on every Spark attempt
+(an executor lost, a worker killed) is one failed result while every other shard's result is kept.
 Speculative execution is switched off, and each task commits its outputs by atomic rename, so a
 task that Spark retries after a failure overwrites its own partial work and never duplicates it.
 """
@@ -59,11 +62,46 @@ class SparkEngine:
     def run(self, payloads: list[Payload], on_result: OnResult) -> list[dict[str, Any]]:
         if not payloads:
             return []
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
         spark = get_session(self.master)
         sc = spark.sparkContext
-        data = [json.dumps(list(p)) for p in payloads]
-        rdd = sc.parallelize(data, numSlices=len(data))
-        out = [json.loads(s) for s in rdd.map(_run_json).collect()]
-        for r in out:
-            on_result(r)
-        return out
+        slots = max(1, int(sc.defaultParallelism)) + 2  # a few extra: the next job is ready when a slot frees
+        results: list[dict[str, Any] | None] = [None] * len(payloads)
+        queue = iter(range(len(payloads)))
+        with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="curate-spark") as pool:
+            futs = {}
+
+            def feed() -> None:
+                while len(futs) < slots:
+                    i = next(queue, None)
+                    if i is None:
+                        return
+                    futs[pool.submit(_one_job, sc, payloads[i])] = i
+
+            feed()
+            while futs:
+                done, _ = wait(list(futs), return_when=FIRST_COMPLETED)
+                for f in done:
+                    i = futs.pop(f)
+                    r = f.result()
+                    results[i] = r
+                    on_result(r)
+                feed()
+        return [r for r in results if r is not None]
+
+
+def _one_job(sc: Any, payload: Payload) -> dict[str, Any]:
+    """One shard as one Spark job; a job that fails (every attempt) is a failed result, not an exception."""
+    from curate.io.layout import task_id
+    from curate.stages.base import TaskResult
+
+    tid = task_id(payload[3])
+    try:
+        sc.setJobDescription(f"curate {payload[0]} {tid}")
+        out = sc.parallelize([json.dumps(list(payload))], 1).map(_run_json).collect()
+        return json.loads(out[0])
+    except Exception as e:  # noqa: BLE001 - Py4JJavaError and friends: this shard failed, the others go on
+        msg = str(e).strip().splitlines()
+        first = next((ln for ln in msg if "Error" in ln or "Exception" in ln), msg[0] if msg else repr(e))
+        return TaskResult(tid, False, error=f"Spark job for {tid} failed: {first}\n{str(e)[:4000]}").to_dict()

@@ -69,11 +69,17 @@ def clean_tmp(folder: str | os.PathLike, older_than_s: float = 1800.0) -> int:
     return n
 
 
-def remove_shard_tmp(root: str | os.PathLike, shard: str) -> None:
-    """Remove the temporary files an earlier, killed attempt at `shard` left under `root`.
+def remove_shard_tmp(folders: list[Path], task: str) -> None:
+    """Remove the temporary files an earlier, killed attempt at `task` left in `folders` (and one level below).
 
-    Unlike clean_tmp this needs no age limit: the engine runs one attempt per shard at a time.
+    Unlike clean_tmp this needs no age limit: the engine runs one attempt per task at a time. Only the
+    stage's own folders are listed (never the whole dataset tree), so the cost per task does not grow with
+    the other stages' files.
     """
-    for p in Path(root).rglob(f"{TMP_PREFIX}*-{shard}.*"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+    pattern = f"{TMP_PREFIX}*-{task}.*"
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for p in [*folder.glob(pattern), *folder.glob(f"*/{pattern}")]:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()

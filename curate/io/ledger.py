@@ -9,7 +9,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 ERROR_CODES: dict[str, str] = {
-    "invalid_url": "the row has no parseable http(s) URL (empty, null, not a URL)",
+    "invalid_url": "the row has no parseable http(s) URL (empty, null, not a URL, not valid UTF-8)",
+    "invalid_text": "the caption or a kept column is not valid UTF-8 (stored repaired with U+FFFD; not fetched)",
     "blocked_scheme": "a scheme other than http/https (file://, ftp://, data:, ...)",
     "blocked_address": "the host resolves to a non-global address (loopback, private, link-local, ...)",
     "disallowed_domain": "the domain is on --deny-domain",

@@ -193,6 +193,7 @@ def _overview(ctx: Context) -> str:
                      st["fingerprint"] or "–", cfg])
     out = [_table(["stage", "status", "shards done", "pending", "failed", "fingerprint", "config"], rows,
                   {2, 3, 4}) if rows else '<p class="empty">no stages recorded</p>']
+    out += _filter_quality(ctx)
     q = (s.get("score") or {}).get("clip_score")
     if q and q.get("p50") is not None:
         out.append("<h3>clip_score quantiles (scored samples)</h3>")
@@ -203,6 +204,22 @@ def _overview(ctx: Context) -> str:
                    f'({dd["duplicate_share"]:.1%}), {dd.get("groups", 0):,} groups, largest '
                    f'{dd.get("largest_group", 0):,}; {dd.get("eval_contaminated", 0):,} eval-contaminated.</p>')
     return "\n".join(out)
+
+
+def _filter_quality(ctx: Context) -> list[str]:
+    """The held-out check of a train-probe filter model that scored this dataset (a loud box when weak)."""
+    from curate.io.manifest import load
+
+    fq = load(ctx.ds)["stages"].get("score", {}).get("inputs", {}).get("filter_quality")
+    if not fq:
+        return []
+    if fq.get("weak"):
+        return [f'<p style="border:2px solid #c00;background:#fee;padding:8px;font-weight:bold">WARNING: the '
+                f'filter model that scored this dataset is near chance on its own held-out pairs. '
+                f'{escape(str(fq.get("verdict", "")))}. Scores, top fractions and embedding dedup built on it '
+                f'are close to random.</p>']
+    return [f'<p>filter model check: {escape(str(fq.get("verdict", "")))} '
+            f'({fq.get("heldout_pairs")} held-out pairs).</p>']
 
 
 def _funnel_steps(ctx: Context) -> list[tuple[str, int, str]]:
@@ -341,7 +358,8 @@ def _random_rows(ctx: Context, where: str) -> list[dict[str, Any]]:
     return _sample_rows(ctx, f"({where}) AND shard IN ({in_shards})", f"hash(key || {seed})")
 
 
-def _tile(s: dict[str, Any], thumbs: dict[str, str], show_reason: bool = False, kept_mark: bool = False) -> str:
+def _tile(s: dict[str, Any], thumbs: dict[str, str], show_reason: bool = False, kept_mark: bool = False,
+          extra: str = "") -> str:
     img = thumbs.get(s["key"])
     pic = f'<img src="{img}" alt="{escape(s["key"])}" loading="lazy">' if img else '<div class="noimg">no image</div>'
     cap = s.get("caption") or ""
@@ -353,7 +371,7 @@ def _tile(s: dict[str, Any], thumbs: dict[str, str], show_reason: bool = False, 
         why = f'<div class="why">{escape(s.get("reason") or "not exported")}</div>'
     cls = "tile kept" if kept_mark and s.get("is_kept_of_group") else "tile"
     return (f'<div class="{cls}">{pic}<div class="cap">{escape(cap) or "<i>(empty caption)</i>"}</div>'
-            f'<div class="meta">{meta}</div>{why}</div>')
+            f'<div class="meta">{meta}</div>{why}{extra}</div>')
 
 
 def _grids(ctx: Context) -> str:
@@ -371,9 +389,13 @@ def _grids(ctx: Context) -> str:
     shown = [s for _, rows, _ in grids for s in rows]
     _add_captions(ctx, shown)
     ctx.thumbs.update(load_thumbnails(ctx.ds, [(s["key"], s["shard"]) for s in shown], ctx.opts.thumb_px))
+    # with an index (`curate index`), each tile lists its nearest neighbours
+    from curate.search.neighbours import report_neighbours
+
+    nbrs = report_neighbours(ctx.ds, [s["key"] for s in shown])
     out = []
     for title, rows, reason in grids:
-        tiles = "".join(_tile(s, ctx.thumbs, show_reason=reason) for s in rows)
+        tiles = "".join(_tile(s, ctx.thumbs, show_reason=reason, extra=nbrs.get(s["key"], "")) for s in rows)
         out.append(f"<h3>{escape(title)} ({len(rows)})</h3>"
                    + (f'<div class="grid">{tiles}</div>' if rows else '<p class="empty">none</p>'))
     if not ctx.has_kept:

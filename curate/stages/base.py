@@ -7,6 +7,7 @@ pickled state crosses process or machine boundaries.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -14,7 +15,9 @@ from typing import Any, Protocol
 
 from curate.config import from_dict
 from curate.io.atomic import remove_shard_tmp, write_json
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, task_id
+
+CRASH_ENV = "CURATE_TEST_CRASH_TASK"  # "stage:task": tests make that task's worker process die
 
 
 class Stage(Protocol):
@@ -22,7 +25,7 @@ class Stage(Protocol):
     config_cls: type
 
     def plan(self, cfg: Any, ds: DatasetDir) -> list[dict[str, Any]]:
-        """The shard tasks of this run; each task is JSON-able and has a unique "shard"."""
+        """The tasks of this run; each is JSON-able with a unique id (its "task" field, else its "shard")."""
         ...
 
     def run_shard(self, cfg: Any, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +35,7 @@ class Stage(Protocol):
 
 @dataclass
 class TaskResult:
-    shard: str
+    task: str  # the task id (see curate.io.layout.task_id), not necessarily a shard id
     ok: bool
     stats: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -54,15 +57,18 @@ def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[
     t0 = time.time()
     stage = get_stage(stage_name)
     ds = DatasetDir.at(root)
+    tid = task_id(task)
+    if os.environ.get(CRASH_ENV) == f"{stage_name}:{tid}":
+        os._exit(17)  # test hook: this task's process dies (engines must report it, not lose the others)
     try:
         cfg = from_dict(stage.config_cls, config)
-        remove_shard_tmp(ds.root, task["shard"])
+        remove_shard_tmp(ds.stage_paths(stage_name), tid)
         stats = stage.run_shard(cfg, ds, task)
         stats = dict(stats or {})
-        write_json(ds.stats(stage_name, task["shard"]), stats)
-        write_json(ds.marker(stage_name, task["shard"]), {"shard": task["shard"], "stats": stats})
-        return TaskResult(task["shard"], True, stats, seconds=time.time() - t0).to_dict()
+        write_json(ds.stats(stage_name, tid), stats)
+        write_json(ds.marker(stage_name, tid), {"task": tid, "stats": stats})
+        return TaskResult(tid, True, stats, seconds=time.time() - t0).to_dict()
     except Exception as e:  # reported in the summary and the exit code
         msg = f"{type(e).__name__}: {e}"
         tb = traceback.format_exc(limit=6)
-        return TaskResult(task["shard"], False, error=msg + "\n" + tb, seconds=time.time() - t0).to_dict()
+        return TaskResult(tid, False, error=msg + "\n" + tb, seconds=time.time() - t0).to_dict()

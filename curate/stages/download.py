@@ -1,10 +1,12 @@
 """The download stage: a URL list -> webdataset shards of successes + one ledger row per input row.
 
-plan() runs on the driver: it reads the input once, numbers the rows into shards, decides which
-rows repeat an earlier URL (first occurrence wins, so the choice is the same on every engine), and
-writes each shard's rows to DIR/_inputs/{shard}.parquet; tasks are then just {"shard": ...}.
-run_shard() fetches a shard's rows with a thread pool and writes the tar (successes, in row order)
-and the ledger (every row) atomically; the engine writes the done marker last.
+plan() runs on the driver, once: it streams the input in record batches and writes each shard's rows
+to DIR/_inputs/{shard}.parquet as it reads (memory: one batch and one slice); then one DuckDB
+GROUP BY over the slices (memory capped, spilling to disk) writes DIR/_inputs/duplicates.parquet,
+the rows whose URL appeared earlier (first occurrence wins, so the choice is the same on every
+engine); plan.json is written last and reused by every later run and every Slurm array task.
+Tasks are just {"shard": ...}. run_shard() fetches a shard's rows with a thread pool and writes the
+tar (successes, in row order) and the ledger (every row) atomically; the engine writes the marker last.
 
 --retry-failed: rows of completed shards whose error code is transient (TRANSIENT_CODES) and that
 were not retried yet are written as new shards (numbers after the last one), each keeping its
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import threading
 import time
 import traceback
@@ -25,7 +26,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urldefrag
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,15 +44,21 @@ from curate.imaging import (
     return_freed_memory_to_os,
 )
 from curate.io.atomic import read_json, write_json
-from curate.io.inputs import InputSpec, list_files, read_input
-from curate.io.layout import DatasetDir, shard_name
+from curate.io.inputs import InputSpec, list_files
+from curate.io.layout import (
+    MAX_ROWS_PER_SHARD,
+    DatasetDir,
+    sample_key,
+    shard_index,
+    shard_name,
+    shard_of_key,
+)
 from curate.io.ledger import LEDGER_FIELDS, TRANSIENT_CODES, check_code
 from curate.io.shards import ShardWriter
-from curate.io.tables import read_tables, write_table
+from curate.io.tables import write_table
 from curate.phases import ENABLED as PROFILE_ENABLED
 from curate.phases import PHASES
 
-MAX_ROWS_PER_SHARD = 100_000  # keys hold the row in 5 digits
 # ledger fields left out of the sample's json in the tar: timing differs from run to run, and the
 # tar must be byte-identical whatever engine or machine wrote it
 _NOT_IN_TAR = frozenset({"elapsed", "superseded_by"})
@@ -150,140 +156,294 @@ def check_config(cfg: DownloadConfig) -> None:
 
 # ---- planning (driver) --------------------------------------------------------------------------
 
+PLAN_VERSION = 2
+# rows read from the input per record batch; with one slice in the making this bounds the plan's memory
+_BATCH_ROWS = 65_536
+
+
 def slice_path(ds: DatasetDir, shard: str) -> Path:
-    return ds.root / "_inputs" / f"{shard}.parquet"
+    return ds.input_slice(shard)
 
 
 def progress_path(ds: DatasetDir, shard: str) -> Path:
-    return ds.root / "_inputs" / "progress" / f"{shard}.json"
+    return ds.input_progress(shard)
 
 
 def plan_path(ds: DatasetDir) -> Path:
-    return ds.root / "_inputs" / "plan.json"
+    return ds.plan_file
 
 
-def _dedup_key(url: str | None) -> str | None:
-    if url is None or not url.strip():
+def _sql(ds: DatasetDir) -> Any:
+    """A DuckDB connection whose memory is capped and which spills to DIR/_work/download/spill.
+
+    The cap ($CURATE_SQL_MEMORY, default 192MB) is what bounds duplicate detection, retry planning
+    and the final counts at any input size: past it DuckDB's joins, aggregates and sorts spill to disk.
+    """
+    import os
+
+    import duckdb
+
+    spill = ds.work("download") / "spill"
+    spill.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit='{os.environ.get('CURATE_SQL_MEMORY', '192MB')}'")
+    con.execute(f"SET temp_directory='{spill}'")
+    con.execute(f"SET threads={max(1, min(4, os.cpu_count() or 1))}")
+    con.execute("SET preserve_insertion_order=false")
+    return con
+
+
+def _sql_list(paths: list[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def load_plan(ds: DatasetDir) -> dict[str, Any] | None:
+    """The plan of an earlier run (plan.json is written last, so its presence means complete)."""
+    p = ds.plan_file
+    if not p.exists():
         return None
-    return urldefrag(url.strip())[0]  # the fragment never reaches the server
-
-
-def _slice_table(rows: dict[str, list[Any]], keep_cols: tuple[str, ...]) -> pa.Table:
-    cols = {
-        "key": pa.array(rows["key"], pa.string()), "row": pa.array(rows["row"], pa.int64()),
-        "url": pa.array(rows["url"], pa.string()), "caption": pa.array(rows["caption"], pa.string()),
-        "duplicate_of": pa.array(rows["duplicate_of"], pa.string()),
-        "retry_of": pa.array(rows["retry_of"], pa.string()),
-    }
-    for c in keep_cols:
-        cols[c] = pa.array(rows[c], pa.string())
-    return pa.table(cols)
+    info = read_json(p)
+    return info if info.get("version") == PLAN_VERSION else None
 
 
 def plan(cfg: DownloadConfig, ds: DatasetDir) -> list[dict[str, Any]]:
-    table = read_input(cfg.input_spec())
-    n = table.num_rows
-    sps = cfg.samples_per_shard
-    n_base = math.ceil(n / sps)
-    done = set(ds.done_shards("download"))
-    urls = table.column("url").to_pylist()
-    captions = table.column("caption").to_pylist()
-    kept = {c: table.column(c).to_pylist() for c in cfg.keep_cols}
-    first: dict[str, str] = {}
-    sizes: dict[str, int] = {}
-    for s in range(n_base):
-        shard = shard_name(s)
-        lo, hi = s * sps, min(n, (s + 1) * sps)
-        sizes[shard] = hi - lo
-        rows: dict[str, list[Any]] = {k: [] for k in ("key", "row", "url", "caption", "duplicate_of", "retry_of")}
-        rows.update({c: [] for c in cfg.keep_cols})
-        for i in range(lo, hi):
-            key = f"{shard}{i - lo:05d}"
-            dk = _dedup_key(urls[i])
-            dup = first.get(dk) if dk else None
-            if dk and dup is None:
-                first[dk] = key
-            rows["key"].append(key)
-            rows["row"].append(i)
-            rows["url"].append(urls[i])
-            rows["caption"].append(captions[i])
-            rows["duplicate_of"].append(dup)
-            rows["retry_of"].append(None)
-            for c in cfg.keep_cols:
-                rows[c].append(kept[c][i])
-        # done shards keep the slice they ran from; pending ones get it fresh from today's input
-        if shard not in done or not slice_path(ds, shard).exists():
-            write_table(slice_path(ds, shard), _slice_table(rows, cfg.keep_cols))
-    retry_shards = _existing_retry_shards(ds, n_base)
+    """The shard tasks; the input is read once, on the first run, and the plan reused after that.
+
+    A Slurm array task (--num-shards > 1) never plans: it needs the plan of a `--plan-only` run.
+    """
+    array = cfg.num_shards > 1
+    info = load_plan(ds)
+    if info is not None and info.get("samples_per_shard") != cfg.samples_per_shard:
+        info = None  # cannot happen through the CLI (the fingerprint covers it); be safe
+    if info is None:
+        if array:
+            raise InputError(f"--shard-index {cfg.shard_index}: {ds.root} has no download plan yet; an array "
+                             f"task never plans (its siblings would race). Run `curate download INPUT --out "
+                             f"{ds.root} --plan-only` first (jobs/slurm/download_plan.sbatch).")
+        info = _make_plan(cfg, ds)
     if cfg.retry_failed:
-        retry_shards += _plan_retries(cfg, ds, done, n_base, retry_shards)
-    for shard in retry_shards:
-        sizes[shard] = _mark_superseded(ds, shard)
-    write_json(plan_path(ds), {"rows": n, "shards": sizes})
-    tasks = [{"shard": s} for s in sorted(sizes)]
+        if array:
+            raise InputError("--retry-failed: plan the retries once with --plan-only --retry-failed, then run "
+                             "the array without it")
+        info = _plan_retries(cfg, ds, info)
+    if not info.get("superseded_marked", True) and not array:
+        mark_superseded(ds, _retry_shards(info))
+        info["superseded_marked"] = True
+        write_json(ds.plan_file, info)
+    tasks = [{"shard": s} for s in sorted(info["shards"])]
     return tasks[cfg.shard_index::cfg.num_shards]
 
 
-def _existing_retry_shards(ds: DatasetDir, n_base: int) -> list[str]:
-    folder = ds.root / "_inputs"
-    if not folder.exists():
-        return []
-    return sorted(p.stem for p in folder.glob("*.parquet")
-                  if p.stem.isdigit() and int(p.stem) >= n_base and not p.name.startswith("."))
+def _make_plan(cfg: DownloadConfig, ds: DatasetDir) -> dict[str, Any]:
+    """Stream the input into per-shard slices, then find repeated URLs with DuckDB; plan.json last."""
+    import logging
 
-
-def _plan_retries(cfg: DownloadConfig, ds: DatasetDir, done: set[str], n_base: int,
-                  existing: list[str]) -> list[str]:
-    """New shards holding the transient failures of completed shards that were not retried yet."""
-    already: set[str] = set()
-    for shard in existing:
-        already.update(k for k in pq.read_table(slice_path(ds, shard), columns=["retry_of"]).column(0).to_pylist() if k)
-    candidates: list[dict[str, Any]] = []
-    for shard in sorted(done):
-        path = ds.ledger(shard)
-        if not path.exists():
-            continue
-        for r in pq.read_table(path).to_pylist():
-            if r.get("error_code") in TRANSIENT_CODES and not r.get("superseded_by") and r["key"] not in already:
-                candidates.append(r)
-    nxt = max([n_base - 1, *(int(s) for s in existing), *(int(s) for s in done)]) + 1
-    new = []
+    log = logging.getLogger("curate")
     sps = cfg.samples_per_shard
-    for start in range(0, len(candidates), sps):
-        shard = shard_name(nxt)
-        nxt += 1
-        part = candidates[start:start + sps]
-        rows: dict[str, list[Any]] = {
-            "key": [f"{shard}{j:05d}" for j in range(len(part))], "row": [r["row"] for r in part],
-            "url": [r["url"] for r in part], "caption": [r["caption"] for r in part],
-            "duplicate_of": [None] * len(part), "retry_of": [r["key"] for r in part],
-        }
-        rows.update({c: [r.get(c) for r in part] for c in cfg.keep_cols})
-        write_table(slice_path(ds, shard), _slice_table(rows, cfg.keep_cols))
-        new.append(shard)
-    return new
+    done = set(ds.done_shards("download"))
+    ds.duplicates_file.unlink(missing_ok=True)
+    sizes: dict[str, int] = {}
+    pending: list[pa.Table] = []
+    held = rows = 0
+    t0 = time.time()
+    for batch in _input_batches(cfg):
+        pending.append(batch)
+        held += batch.num_rows
+        while held >= sps:
+            t = pa.concat_tables(pending)
+            _write_slice(cfg, ds, len(sizes), rows, t.slice(0, sps), done, sizes)
+            rows += sps
+            pending, held = [t.slice(sps)], t.num_rows - sps
+        if len(sizes) % 100 == 1 and rows:
+            log.info("plan: %d rows read in %.0fs", rows, time.time() - t0)
+    if held:
+        _write_slice(cfg, ds, len(sizes), rows, pa.concat_tables(pending), done, sizes)
+        rows += held
+    n_dup = _find_duplicates(ds, sizes) if rows else 0
+    info = {"version": PLAN_VERSION, "rows": rows, "base_shards": len(sizes), "samples_per_shard": sps,
+            "duplicates": n_dup, "shards": sizes, "superseded_marked": True}
+    write_json(ds.plan_file, info)
+    return info
 
 
-def _mark_superseded(ds: DatasetDir, retry_shard: str) -> int:
-    """Point the retried rows' old ledger rows at their new keys (idempotent); returns the slice's size."""
-    sl = pq.read_table(slice_path(ds, retry_shard), columns=["key", "retry_of"]).to_pylist()
-    by_shard: dict[str, dict[str, str]] = {}
-    for r in sl:
-        if r["retry_of"]:
-            by_shard.setdefault(r["retry_of"][:5], {})[r["retry_of"]] = r["key"]
-    for shard, new_keys in by_shard.items():
-        path = ds.ledger(shard)
-        if not path.exists():
-            continue
-        led = pq.read_table(path)
-        keys = led.column("key").to_pylist()
-        old = led.column("superseded_by").to_pylist()
-        sup = [new_keys.get(k, o) for k, o in zip(keys, old, strict=True)]
-        if sup != old:
-            idx = led.schema.get_field_index("superseded_by")
-            led = led.set_column(idx, led.schema.field(idx), pa.array(sup, pa.string()))
-            write_table(path, led)
-    return len(sl)
+def _input_batches(cfg: DownloadConfig) -> Any:
+    from curate.io.inputs import iter_input
+
+    return iter_input(cfg.input_spec(), batch_rows=min(_BATCH_ROWS, cfg.samples_per_shard))
+
+
+def _write_slice(cfg: DownloadConfig, ds: DatasetDir, index: int, first_row: int, t: pa.Table,
+                 done: set[str], sizes: dict[str, int]) -> None:
+    shard = shard_name(index)
+    n = t.num_rows
+    sizes[shard] = n
+    # done shards keep the slice they ran from
+    if shard in done and slice_path(ds, shard).exists():
+        return
+    cols = {"key": pa.array([sample_key(shard, j) for j in range(n)], pa.string()),
+            "row": pa.array(range(first_row, first_row + n), pa.int64()),
+            "url": t["url"], "caption": t["caption"],
+            "input_error": t["input_error"], "input_error_message": t["input_error_message"],
+            "retry_of": pa.nulls(n, pa.string())}
+    for c in cfg.keep_cols:
+        cols[c] = t[c]
+    write_table(slice_path(ds, shard), pa.table(cols))
+
+
+# the URL a duplicate is judged on: surrounding whitespace dropped, and the fragment, which never reaches
+# the server (the text before the first '#'); an empty result is no URL at all
+_DEDUP_KEY_SQL = ("nullif(split_part(trim(url, ' ' || chr(9) || chr(10) || chr(11) || chr(12) || chr(13)), "
+                  "'#', 1), '')")
+
+
+def _find_duplicates(ds: DatasetDir, sizes: dict[str, int]) -> int:
+    """Write DIR/_inputs/duplicates.parquet: (shard, key, duplicate_of) for every row whose URL appeared
+    earlier; the first occurrence (smallest key = earliest row) wins, so every engine decides alike.
+
+    A GROUP BY over the slices in DuckDB, spilling past its memory cap: bounded memory at any size.
+    """
+    from curate.io.atomic import atomic_path
+
+    slices = [slice_path(ds, s) for s in sorted(sizes)]
+    con = _sql(ds)
+    try:
+        # grouped on the URL's 128-bit MD5, not its text: a fixed 16 bytes a row in the hash table and the
+        # spill (a collision among 10^12 distinct URLs has odds of about 10^-15)
+        con.execute(f"""CREATE TEMP VIEW src AS SELECT key, md5_number({_DEDUP_KEY_SQL}) AS dk FROM
+                        read_parquet({_sql_list(slices)}) WHERE retry_of IS NULL AND input_error IS NULL""")
+        with atomic_path(ds.duplicates_file) as tmp:
+            con.execute(f"""COPY (
+                WITH firsts AS (SELECT dk, min(key) AS first_key FROM src WHERE dk IS NOT NULL
+                                GROUP BY dk HAVING count(*) > 1)
+                SELECT substr(src.key, 1, {len(shard_name(0))}) AS shard, src.key AS key,
+                       firsts.first_key AS duplicate_of
+                FROM src JOIN firsts USING (dk) WHERE src.key <> firsts.first_key ORDER BY src.key
+            ) TO '{tmp}' (FORMAT PARQUET, ROW_GROUP_SIZE 65536)""")
+        return int(pq.ParquetFile(ds.duplicates_file).metadata.num_rows)
+    finally:
+        con.close()
+
+
+def read_slice(ds: DatasetDir, shard: str) -> list[dict[str, Any]]:
+    """A shard's input rows with their `duplicate_of` (read from the duplicates file, this shard only)."""
+    rows = pq.read_table(slice_path(ds, shard)).to_pylist()
+    if ds.duplicates_file.exists():
+        # the file is sorted by key: row-group statistics let the reader skip every other shard's rows
+        dup = pq.read_table(ds.duplicates_file, columns=["key", "duplicate_of"], filters=[("shard", "=", shard)])
+        first = dict(zip(dup["key"].to_pylist(), dup["duplicate_of"].to_pylist(), strict=True))
+        for r in rows:
+            r["duplicate_of"] = first.get(r["key"])
+    return rows
+
+
+def _retry_shards(info: dict[str, Any]) -> list[str]:
+    return [s for s in sorted(info["shards"]) if shard_index(s) >= info["base_shards"]]
+
+
+def _plan_retries(cfg: DownloadConfig, ds: DatasetDir, info: dict[str, Any]) -> dict[str, Any]:
+    """New shards holding the transient failures of completed shards that were not retried yet.
+
+    DuckDB picks them from the done ledgers (never all loaded at once) into a spill file sorted by key,
+    which is then cut into slices of --samples-per-shard rows.
+    """
+    from curate.io.atomic import atomic_path
+
+    done = ds.done_shards("download")
+    ledgers = [ds.ledger(s) for s in done if ds.ledger(s).exists()]
+    if not ledgers:
+        return info
+    earlier = [slice_path(ds, s) for s in _retry_shards(info) if slice_path(ds, s).exists()]
+    codes = ", ".join(f"'{c}'" for c in sorted(TRANSIENT_CODES))
+    keep = "".join(f', "{c}"' for c in cfg.keep_cols)
+    not_yet = (f"AND key NOT IN (SELECT retry_of FROM read_parquet({_sql_list(earlier)}) WHERE retry_of IS NOT NULL)"
+               if earlier else "")
+    cand = ds.work("download") / "retry-candidates.parquet"
+    con = _sql(ds)
+    try:
+        with atomic_path(cand) as tmp:
+            con.execute(f"""COPY (SELECT key AS retry_of, row, url, caption{keep} FROM read_parquet({_sql_list(ledgers)})
+                            WHERE error_code IN ({codes}) AND superseded_by IS NULL {not_yet} ORDER BY key)
+                            TO '{tmp}' (FORMAT PARQUET)""")
+    finally:
+        con.close()
+    nxt = max([shard_index(s) for s in info["shards"]] + [shard_index(s) for s in done]) + 1
+    sps = cfg.samples_per_shard
+    new: dict[str, int] = {}
+    pending: list[pa.Table] = []
+    held = 0
+    for rb in pq.ParquetFile(cand).iter_batches(batch_size=min(_BATCH_ROWS, sps)):
+        pending.append(pa.Table.from_batches([rb]))
+        held += rb.num_rows
+        while held >= sps:
+            t = pa.concat_tables(pending)
+            _write_retry_slice(cfg, ds, nxt + len(new), t.slice(0, sps), new)
+            pending, held = [t.slice(sps)], t.num_rows - sps
+    if held:
+        _write_retry_slice(cfg, ds, nxt + len(new), pa.concat_tables(pending), new)
+    cand.unlink(missing_ok=True)
+    if not new:
+        return info
+    info = {**info, "shards": {**info["shards"], **new}, "superseded_marked": False}
+    write_json(ds.plan_file, info)  # the new slices exist before the plan names them
+    return info
+
+
+def _write_retry_slice(cfg: DownloadConfig, ds: DatasetDir, index: int, t: pa.Table, new: dict[str, int]) -> None:
+    shard = shard_name(index)
+    n = t.num_rows
+    new[shard] = n
+    cols = {"key": pa.array([sample_key(shard, j) for j in range(n)], pa.string()), "row": t["row"],
+            "url": t["url"], "caption": t["caption"], "input_error": pa.nulls(n, pa.string()),
+            "input_error_message": pa.nulls(n, pa.string()), "retry_of": t["retry_of"]}
+    for c in cfg.keep_cols:
+        cols[c] = t[c].cast(pa.string())
+    write_table(slice_path(ds, shard), pa.table(cols))
+
+
+def mark_superseded(ds: DatasetDir, retry_shards: list[str]) -> int:
+    """Point the retried rows' old ledger rows at their new keys (idempotent); returns how many rows.
+
+    The (old key -> new key) pairs are sorted by old key, so each old ledger is read and rewritten once,
+    holding only that shard's pairs.
+    """
+    slices = [slice_path(ds, s) for s in retry_shards if slice_path(ds, s).exists()]
+    if not slices:
+        return 0
+    con = _sql(ds)
+    try:
+        reader = con.sql(f"""SELECT retry_of, key FROM read_parquet({_sql_list(slices)})
+                             WHERE retry_of IS NOT NULL ORDER BY retry_of""").to_arrow_reader(_BATCH_ROWS)
+        total = 0
+        shard_now: str | None = None
+        new_keys: dict[str, str] = {}
+        for rb in reader:
+            for old, new in zip(rb.column(0).to_pylist(), rb.column(1).to_pylist(), strict=True):
+                total += 1
+                s = shard_of_key(old)
+                if s != shard_now:
+                    _supersede(ds, shard_now, new_keys)
+                    shard_now, new_keys = s, {}
+                new_keys[old] = new
+        _supersede(ds, shard_now, new_keys)
+        return total
+    finally:
+        con.close()
+
+
+def _supersede(ds: DatasetDir, shard: str | None, new_keys: dict[str, str]) -> None:
+    if shard is None or not new_keys:
+        return
+    path = ds.ledger(shard)
+    if not path.exists():
+        return
+    led = pq.read_table(path)
+    keys = led.column("key").to_pylist()
+    old = led.column("superseded_by").to_pylist()
+    sup = [new_keys.get(k, o) for k, o in zip(keys, old, strict=True)]
+    if sup != old:
+        idx = led.schema.get_field_index("superseded_by")
+        led = led.set_column(idx, led.schema.field(idx), pa.array(sup, pa.string()))
+        write_table(path, led)
 
 
 # ---- one shard (worker) -------------------------------------------------------------------------
@@ -315,6 +475,10 @@ def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions,
     led.update(key=row["key"], row=row["row"], url=row["url"], caption=row["caption"], attempts=0)
     res = _Result(led)
     try:
+        if row.get("input_error"):  # text that was not valid UTF-8: repaired for the ledger, not fetched
+            led.update(status=row["input_error"], error_code=row["input_error"],
+                       error_message=row.get("input_error_message"))
+            return res
         if row.get("duplicate_of"):
             led.update(status="duplicate_url", error_code="duplicate_url",
                        error_message=f"same URL as {row['duplicate_of']}", duplicate_of=row["duplicate_of"])
@@ -375,9 +539,14 @@ def _abandoned(row: dict[str, Any], limit: float) -> _Result:
 
 
 def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+    """Fetch and process one shard's rows with a thread pool; write the tar (row order) and the ledger.
+
+    Long because the worker closure and the in-order writer share one condition and its state; split
+    apart they would pass the same six objects back and forth.
+    """
     shard = task["shard"]
     t0 = time.time()
-    rows = pq.read_table(slice_path(ds, shard)).to_pylist()
+    rows = read_slice(ds, shard)
     n = len(rows)
     fetcher = Fetcher(cfg.fetch_policy())
     opt = cfg.image_options()
@@ -472,21 +641,27 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
 # ---- driver-side summaries ----------------------------------------------------------------------
 
 def finalize(cfg: DownloadConfig, ds: DatasetDir) -> dict[str, Any]:
-    """Counts over every completed shard, one per input row (rows superseded by a retry not counted)."""
+    """Counts over every completed shard, one per input row (rows superseded by a retry not counted).
+
+    One DuckDB aggregate over the done ledgers: memory does not grow with the number of rows.
+    """
     paths = ds.ledger_files()
     if not paths:
         return {"rows": 0, "success": 0, "status": {}}
-    t = read_tables(paths, columns=["status", "superseded_by", "bytes", "row"])
+    con = _sql(ds)
+    try:
+        got = con.execute(f"""SELECT status, superseded_by IS NOT NULL AS sup, count(*), coalesce(sum(bytes), 0)
+                              FROM read_parquet({_sql_list(paths)}) GROUP BY 1, 2""").fetchall()
+    finally:
+        con.close()
     status: Counter[str] = Counter()
-    superseded = 0
-    total_bytes = 0
-    for st, sup, b in zip(t.column("status").to_pylist(), t.column("superseded_by").to_pylist(),
-                          t.column("bytes").to_pylist(), strict=True):
+    superseded = total_bytes = 0
+    for st, sup, n, b in got:
         if sup:
-            superseded += 1
+            superseded += n
             continue
-        status[st] += 1
-        total_bytes += b or 0
+        status[st] += n
+        total_bytes += int(b)
     rows = sum(status.values())
     return {"rows": rows, "success": status["success"], "failed": rows - status["success"],
             "status": dict(sorted(status.items())), "superseded": superseded, "bytes": total_bytes}
@@ -494,11 +669,6 @@ def finalize(cfg: DownloadConfig, ds: DatasetDir) -> dict[str, Any]:
 
 def inputs(cfg: DownloadConfig) -> dict[str, Any]:
     return {"files": [{"path": p, "size": s} for p, s in list_files(cfg.input_spec())]}
-
-
-def discard_outputs(cfg: DownloadConfig, ds: DatasetDir) -> None:
-    for sub in ("shards", "ledger", "_inputs", "_done/download", "stats/download"):
-        shutil.rmtree(ds.root / sub, ignore_errors=True)
 
 
 def read_stats(ds: DatasetDir, shard: str) -> dict[str, Any] | None:
@@ -522,9 +692,6 @@ class DownloadStage:
 
     def inputs(self, cfg: DownloadConfig) -> dict[str, Any]:
         return inputs(cfg)
-
-    def discard_outputs(self, cfg: DownloadConfig, ds: DatasetDir) -> None:
-        discard_outputs(cfg, ds)
 
 
 STAGE = DownloadStage()

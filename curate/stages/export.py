@@ -1,38 +1,43 @@
 """Export: select samples with clauses over the `samples` view, then reshard them with their original bytes.
 
-The driver computes the selection once (plan) and writes the kept keys of each output shard to
-OUT/_work/export/{shard}.parquet; each shard task copies those samples' tar members byte for byte from
+The driver never holds the selection. DuckDB (or Spark SQL with `--engine spark`) evaluates the
+clauses and writes, under OUT/_work/export/sel-DIGEST/:
+    selection/   key, shard, d (the first clause that drops the row; NULL when kept), every source row
+    keep/part=N/ the kept keys of output shard N with their source shard (each task reads only its own)
+    summary.json per-clause counts and the number of output shards, written last (the folder's marker)
+Only counts per clause and kept rows per source shard (O(clauses + shards)) come back to the driver:
+it turns the latter into offsets, so output shard N holds kept rows N*S..N*S+S-1 in (source shard,
+key) order without a global sort. Each shard task copies its samples' tar members byte for byte from
 the source tars and writes their ledger rows (ledger + signals) beside them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.config import runtime
 from curate.errors import CurateError, InputError, ShardError
 from curate.io import manifest
-from curate.io.atomic import read_json, write_json
+from curate.io.atomic import TMP_PREFIX, atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, shard_name
 from curate.io.shards import ShardWriter, iter_raw
 from curate.io.tables import write_table
-from curate.query import Clause, Sources, check_clauses, open_query, selection_sql
+from curate.query import Clause, Sources, check_clauses, open_query, parquet_files, selection_sql
 
 NAME = "export"
 DOWNLOADED = Clause("downloaded", where="status = 'success'")
-# test hook: a directory; the first shard task to get there dies (like a killed executor) after its tar
-# is in place and before its ledger is, so tests can check that a retry leaves no duplicate output
-CRASH_ONCE_ENV = "CURATE_TEST_EXPORT_CRASH_ONCE"
+LAYOUTS = ("curate", "img2dataset")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class ExportConfig:
     by: str | None = None
     samples_per_shard: int = 10000
     write_dropped: bool = False
+    layout: str = "curate"
     query_engine: str = runtime("local")
     spark_master: str = runtime("local[*]")
     shard_index: int = runtime(0)
@@ -52,16 +58,33 @@ class ExportConfig:
 
 @dataclass
 class Selection:
-    keys: pa.Table  # key, shard (source), dropped_by (clause name, null when kept); sorted by key
+    """Per-clause counts of a selection, and where its keep lists are (when it was written)."""
+
     counts: list[dict[str, Any]]  # per clause: clause, removed, remaining
     input: int
+    kept_rows: int
+    folder: Path | None = None  # the sel-DIGEST folder (None for a dry run)
+    per_shard: int = 1
+    cfg: ExportConfig | None = None
 
     @property
     def kept(self) -> pa.Table:
-        return self.keys.filter(pc.is_null(self.keys["dropped_by"])).select(["key", "shard"])
+        """The kept (key, shard) rows in output order. Reads every keep list into memory: for tests and
+        small datasets only (a counts-only selection writes its lists to a temporary folder first);
+        export itself never calls it."""
+        if self.folder is None:
+            import tempfile
+
+            assert self.cfg is not None
+            with tempfile.TemporaryDirectory(prefix="curate-select-") as tmp:
+                return select(self.cfg, Path(tmp)).kept
+        parts = [read_keep_list(self.folder, i) for i in range(math.ceil(self.kept_rows / self.per_shard))]
+        t = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string()),
+                                                            "source_shard": pa.array([], pa.string())})
+        return t.rename_columns(["key", "shard"])
 
     def summary(self) -> dict[str, Any]:
-        return {"input": self.input, "clauses": self.counts, "kept": self.kept.num_rows}
+        return {"input": self.input, "clauses": self.counts, "kept": self.kept_rows}
 
 
 def resolve_clauses(cfg: ExportConfig) -> list[Clause]:
@@ -102,50 +125,119 @@ def fingerprint_extra(cfg: ExportConfig) -> dict[str, Any]:
     return {"clauses": [c.to_dict() for c in resolve_clauses(cfg)], "source_stages": source_fingerprints(cfg)}
 
 
-def select(cfg: ExportConfig) -> Selection:
-    """Apply the clauses in order over the source's samples view; the first failing clause drops a row."""
+def _counts(q: Any, clauses: list[Clause], table: str) -> tuple[int, list[dict[str, Any]]]:
+    """(input rows, per-clause removed/remaining) from one GROUP BY over the selection."""
+    by_d = {r["d"]: r["n"] for r in q.arrow(f"SELECT d, COUNT(*) AS n FROM {table} GROUP BY d").to_pylist()}
+    total = sum(by_d.values())
+    remaining, counts = total, []
+    for i, c in enumerate(clauses):
+        removed = int(by_d.get(i, 0))
+        remaining -= removed
+        counts.append({"clause": c.name, "removed": removed, "remaining": remaining})
+    return int(total), counts
+
+
+def _check_unique_keys(q: Any, src: DatasetDir, table: str) -> None:
+    dup = q.arrow(f"SELECT key FROM {table} GROUP BY key HAVING COUNT(*) > 1 ORDER BY key LIMIT 1")
+    if dup.num_rows:
+        raise CurateError(f"{src.root}: key {dup['key'][0].as_py()} appears twice in ledger/; "
+                          f"the source dataset is inconsistent")
+
+
+def select(cfg: ExportConfig, folder: Path | None = None) -> Selection:
+    """Evaluate the clauses in order (the first failing clause drops a row).
+
+    Without `folder` (a dry run) only per-clause counts are computed (SQL COUNTs). With it, the
+    selection and the keep lists are written under `folder` (see the module docstring).
+    """
     src = source_dir(cfg)
     clauses = resolve_clauses(cfg)
     sources = Sources.of(src)
     check_clauses(src, sources, clauses)
-    q = open_query(sources, cfg.query_engine, cfg.spark_master)
+    spill = folder / "spill" if folder is not None else None
+    q = open_query(sources, cfg.query_engine, cfg.spark_master, spill=spill)
     try:
-        t = q.arrow(selection_sql(clauses))
+        if folder is None:
+            q.define("sel", selection_sql(clauses))
+            _check_unique_keys(q, src, "sel")
+            total, counts = _counts(q, clauses, "sel")
+            return Selection(counts, total, counts[-1]["remaining"], cfg=cfg)
+        q.write(selection_sql(clauses), folder / "selection")
+        q.view("sel", folder / "selection")
+        _check_unique_keys(q, src, "sel")
+        total, counts = _counts(q, clauses, "sel")
+        kept = _write_keep_lists(q, folder, cfg.samples_per_shard)
+        if cfg.write_dropped:
+            q.register("clause_names", pa.table({"d": pa.array(range(len(clauses)), pa.int64()),
+                                                 "clause": pa.array([c.name for c in clauses], pa.string())}))
+            q.write("SELECT s.key, s.shard AS source_shard, n.clause FROM sel s JOIN clause_names n "
+                    "ON n.d = s.d", folder / "dropped", order_by="key")
     finally:
         q.close()
-    t = t.sort_by("key")
-    keys = t["key"].to_numpy(zero_copy_only=False)
-    if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
-        dup = keys[1:][keys[1:] == keys[:-1]][0]
-        raise CurateError(f"{src.root}: key {dup} appears twice in ledger/; the source dataset is inconsistent")
-    n = t.num_rows
-    alive = np.ones(n, dtype=bool)
-    dropped_by = np.full(n, -1, dtype=np.int64)
-    counts = []
-    for i, c in enumerate(clauses):
-        col = t[f"c{i}"]
-        if c.where is not None:
-            ok = np.asarray(col.to_numpy(zero_copy_only=False), dtype=bool)
-        else:
-            ok = _top(np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64), alive, c.top_fraction)
-        drop = alive & ~ok
-        dropped_by[drop] = i
-        alive &= ok
-        counts.append({"clause": c.name, "removed": int(drop.sum()), "remaining": int(alive.sum())})
-    names = [c.name for c in clauses]
-    reason = pa.array([names[j] if j >= 0 else None for j in dropped_by], type=pa.string())
-    table = pa.table({"key": t["key"], "shard": t["shard"], "dropped_by": reason})
-    return Selection(table, counts, n)
+    shutil.rmtree(folder / "spill", ignore_errors=True)
+    return Selection(counts, total, kept, folder, cfg.samples_per_shard)
 
 
-def _top(values: np.ndarray, alive: np.ndarray, fraction: float) -> np.ndarray:
-    """Keep the best round(fraction * n) rows among the n alive rows with a value; ties go to the lower key."""
-    cand = np.flatnonzero(alive & ~np.isnan(values))
-    k = math.floor(fraction * len(cand) + 0.5)
-    order = cand[np.lexsort((cand, -values[cand]))]  # rows are sorted by key, so index order is key order
-    ok = np.zeros(len(values), dtype=bool)
-    ok[order[:k]] = True
-    return ok
+def _write_keep_lists(q: Any, folder: Path, per_shard: int) -> int:
+    """Write keep/part=N/ for every output shard N; returns the number of kept rows.
+
+    Kept rows per source shard (O(shards)) become offsets on the driver; a window partitioned by
+    source shard then numbers the rows, so no engine sorts the whole selection at once.
+    """
+    per_src = q.arrow("SELECT shard, COUNT(*) AS n FROM sel WHERE d IS NULL GROUP BY shard").to_pylist()
+    offsets, total = [], 0
+    for r in sorted(per_src, key=lambda r: r["shard"]):
+        offsets.append((r["shard"], total))
+        total += int(r["n"])
+    q.register("offsets", pa.table({"shard": pa.array([s for s, _ in offsets], pa.string()),
+                                    "off": pa.array([o for _, o in offsets], pa.int64())}))
+    q.write(f"SELECT s.key, s.shard AS source_shard, CAST(FLOOR((o.off + ROW_NUMBER() OVER "
+            f"(PARTITION BY s.shard ORDER BY s.key) - 1) / CAST({per_shard} AS DOUBLE)) AS BIGINT) AS part "
+            f"FROM sel s JOIN offsets o ON o.shard = s.shard WHERE s.d IS NULL", folder / "keep", partition_by="part")
+    return total
+
+
+def read_keep_list(folder: Path, index: int) -> pa.Table:
+    """The keep list of output shard `index`: (key, source_shard) sorted by (source_shard, key)."""
+    part = folder / "keep" / f"part={index}"
+    files = sorted(p for p in part.glob("*.parquet") if not p.name.startswith((".", "_")))
+    if not files:
+        raise ShardError(f"{part}: keep list missing; rerun export (the plan writes it)")
+    t = pa.concat_tables([pq.read_table(p, columns=["key", "source_shard"]) for p in files])
+    return t.sort_by([("source_shard", "ascending"), ("key", "ascending")])
+
+
+def selection_digest(cfg: ExportConfig) -> str:
+    """Names the selection folder: the same clauses over the same source stages give the same folder."""
+    what = {**fingerprint_extra(cfg), "samples_per_shard": cfg.samples_per_shard, "write_dropped": cfg.write_dropped}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_selection(cfg: ExportConfig, ds: DatasetDir) -> tuple[Path, dict[str, Any]]:
+    """The selection folder for this config, written once: a resume (or a second Slurm array index)
+    finds summary.json, its marker, and reuses it; concurrent writers race on one rename."""
+    final = _work_dir(ds) / f"sel-{selection_digest(cfg)}"
+    if not (final / "summary.json").exists():
+        tmp = _work_dir(ds) / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-sel"
+        tmp.mkdir(parents=True)
+        try:
+            sel = select(cfg, tmp)
+            summary = {**sel.summary(), "shards": math.ceil(sel.kept_rows / cfg.samples_per_shard)}
+            write_json(tmp / "summary.json", summary)  # the folder's marker, inside it before the rename
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process (a Slurm array index) published the same selection first
+                if not (final / "summary.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.write_dropped:
+        # a copy, not a move: every plan (a resume, each array index) publishes the same file safely
+        files = parquet_files(final / "dropped")
+        target = ds.root / "dropped.parquet"
+        with atomic_path(target) as tmp_file:
+            shutil.copyfile(files[0], tmp_file)
+    return final, read_json(final / "summary.json")
 
 
 def format_counts(sel: Selection) -> str:
@@ -153,7 +245,7 @@ def format_counts(sel: Selection) -> str:
     lines = [f"{'clause':<{width}}  {'removed':>9}  {'remaining':>9}", f"{'input':<{width}}  {'':>9}  {sel.input:>9}"]
     for c in sel.counts:
         lines.append(f"{c['clause']:<{width}}  {c['removed']:>9}  {c['remaining']:>9}")
-    lines.append(f"{'kept':<{width}}  {'':>9}  {sel.kept.num_rows:>9}")
+    lines.append(f"{'kept':<{width}}  {'':>9}  {sel.kept_rows:>9}")
     return "\n".join(lines)
 
 
@@ -161,8 +253,8 @@ def _work_dir(ds: DatasetDir) -> Path:
     return ds.root / "_work" / NAME
 
 
-def _in_slice(cfg: ExportConfig, shard: str) -> bool:
-    return int(shard) % cfg.num_shards == cfg.shard_index
+def _in_slice(cfg: ExportConfig, index: int) -> bool:
+    return index % cfg.num_shards == cfg.shard_index
 
 
 class ExportStage:
@@ -174,29 +266,22 @@ class ExportStage:
             raise InputError("--samples-per-shard: must be at least 1")
         if not 0 <= cfg.shard_index < cfg.num_shards:
             raise InputError(f"--shard-index {cfg.shard_index}: must be in [0, --num-shards {cfg.num_shards})")
+        if cfg.layout not in LAYOUTS:
+            raise InputError(f"--layout {cfg.layout}: must be one of {', '.join(LAYOUTS)}")
         if source_dir(cfg).root == ds.root:
             raise InputError(f"--out {ds.root}: must differ from the source directory")
-        sel = select(cfg)
-        kept = sel.kept
-        work = _work_dir(ds)
+        folder, summary = ensure_selection(cfg, ds)
+        write_json(_work_dir(ds) / "selection.json", {**summary, "folder": folder.name})
         tasks = []
-        for i, start in enumerate(range(0, kept.num_rows, cfg.samples_per_shard)):
-            shard = shard_name(i)
-            part = kept.slice(start, cfg.samples_per_shard).rename_columns(["key", "source_shard"])
-            write_table(work / f"{shard}.parquet", part)
-            if _in_slice(cfg, shard):
-                tasks.append({"shard": shard, "samples": part.num_rows})
-        write_json(work / "selection.json", {**sel.summary(), "shards": math.ceil(kept.num_rows / cfg.samples_per_shard)})
-        if cfg.write_dropped:
-            dropped = sel.keys.filter(pc.is_valid(sel.keys["dropped_by"]))
-            write_table(ds.root / "dropped.parquet",
-                        pa.table({"key": dropped["key"], "source_shard": dropped["shard"],
-                                  "clause": dropped["dropped_by"]}))
+        for i in range(summary["shards"]):
+            if _in_slice(cfg, i):
+                n = min(cfg.samples_per_shard, summary["kept"] - i * cfg.samples_per_shard)
+                tasks.append({"shard": shard_name(i), "index": i, "samples": n, "selection": folder.name})
         return tasks
 
     def run_shard(self, cfg: ExportConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
         shard = task["shard"]
-        want = pq.read_table(_work_dir(ds) / f"{shard}.parquet")
+        want = read_keep_list(_work_dir(ds) / task["selection"], task["index"])
         src = source_dir(cfg)
         sources = sorted(set(want["source_shard"].to_pylist()))
         rows = _ledger_rows(src, sources, want, shard)
@@ -210,21 +295,32 @@ class ExportStage:
         if missing:
             raise ShardError(f"{src.root}: {len(missing)} selected sample(s) missing from shards/ "
                              f"(first: {missing[0]}); the source tars and ledger disagree")
-        with ShardWriter(ds.shard_tar(shard)) as w:
-            for key in sorted(found):
-                w.write_raw(key, found[key])
-        _maybe_crash(shard)
-        write_table(ds.ledger(shard), rows)
+        if cfg.layout == "img2dataset":
+            from curate.stages.img2dataset_layout import write_img2dataset_shard
+
+            write_img2dataset_shard(ds.root, shard, rows, found)
+        else:
+            with ShardWriter(ds.shard_tar(shard)) as w:
+                for key in sorted(found):
+                    w.write_raw(key, found[key])
+            write_table(ds.ledger(shard), rows)
         return {"kept": len(found), "source_shards": len(sources)}
 
     def finalize(self, cfg: ExportConfig, ds: DatasetDir) -> dict[str, Any]:
         p = _work_dir(ds) / "selection.json"
-        return read_json(p) if p.exists() else {}
+        if not p.exists():
+            return {}
+        out = read_json(p)
+        out.pop("folder", None)
+        return out
 
     def inputs(self, cfg: ExportConfig) -> dict[str, Any]:
         return {"source": str(source_dir(cfg).root), **fingerprint_extra(cfg)}
 
     def discard_outputs(self, cfg: ExportConfig, ds: DatasetDir) -> None:
+        from curate.stages.img2dataset_layout import discard_img2dataset_files
+
+        discard_img2dataset_files(ds.root, ds.done_shards(NAME))  # before the markers that name them go
         for sub in ("shards", "ledger", "_done/export", "stats/export", "_work/export"):
             shutil.rmtree(ds.root / sub, ignore_errors=True)
         (ds.root / "dropped.parquet").unlink(missing_ok=True)
@@ -246,20 +342,6 @@ def _ledger_rows(src: DatasetDir, source_shards: list[str], want: pa.Table, shar
         i = t.schema.get_field_index(name)
         t = t.set_column(i, name, values) if i >= 0 else t.append_column(name, values)
     return t
-
-
-def _maybe_crash(shard: str) -> None:
-    folder = os.environ.get(CRASH_ONCE_ENV)
-    if not folder:
-        return
-    flag = Path(folder) / "export-crashed"
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with open(flag, "x") as fh:  # exclusive create: only one task attempt ever crashes
-            fh.write(f"{shard}\n")
-    except FileExistsError:
-        return
-    os._exit(17)
 
 
 STAGE = ExportStage()

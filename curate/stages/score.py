@@ -279,7 +279,8 @@ def score_rows(cfg: ScoreConfig, ds: DatasetDir, shard: str) -> tuple[list[dict[
         ow, oh = r.get("orig_width") or width, r.get("orig_height") or height
         row = {
             "key": key, "scored": reason is None, "skip_reason": reason, "clip_score": None,
-            "lang": lang.label, "lang_prob": lang.prob, "caption_chars": cap.chars,
+            "lang": lang.label, "lang_prob": lang.prob, "lang_fasttext": lang.fasttext,
+            "lang_fasttext_prob": lang.fasttext_prob, "caption_chars": cap.chars,
             "caption_words": cap.words, "letter_share": cap.letter_share,
             "caption_boilerplate": cap.boilerplate, "width": width, "height": height,
             "orig_width": ow, "orig_height": oh,
@@ -312,6 +313,7 @@ def signal_schema() -> Any:
     return pa.schema([
         ("key", pa.string()), ("scored", pa.bool_()), ("skip_reason", pa.string()),
         ("clip_score", pa.float32()), ("lang", pa.string()), ("lang_prob", pa.float32()),
+        ("lang_fasttext", pa.string()), ("lang_fasttext_prob", pa.float32()),
         ("caption_chars", pa.int32()), ("caption_words", pa.int32()), ("letter_share", pa.float32()),
         ("caption_boilerplate", pa.bool_()), ("width", pa.int32()), ("height", pa.int32()),
         ("orig_width", pa.int32()), ("orig_height", pa.int32()), ("aspect_ratio", pa.float32()),
@@ -362,9 +364,14 @@ def model_inputs(cfg: ScoreConfig) -> dict[str, Any]:
     """What the manifest records about the models: resolved model spec, checkpoint and langid hashes."""
     from curate import langid
     from curate.models import resolve_model
+    from curate.train_probe.quality import read_quality
 
     spec = resolve_model(cfg.model, cfg.pretrained, cfg.checksum)
-    return {"model": spec.describe(), "langid": {"file": langid.MODEL_FILE, "sha256": langid.MODEL_SHA256}}
+    out = {"model": spec.describe(), "langid": langid.detector_info()}
+    quality = read_quality(spec.checkpoint) if spec.checkpoint else None  # a train-probe --save-model filter
+    if quality is not None:
+        out["filter_quality"] = quality
+    return out
 
 
 STAGE = ScoreStage()

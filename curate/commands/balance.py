@@ -1,0 +1,43 @@
+"""`curate balance DIR`: MetaCLIP-style metadata balancing signals (match captions to entries, rank per entry)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from curate.commands.common import engine_options, finish
+
+
+@click.command("balance")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.option("--metadata", default="wordfreq:en:50000", show_default=True, metavar="FILE|wordfreq:LANG:N",
+              help="Metadata entries: a text file (one entry a line) or a JSON list of strings, like MetaCLIP's "
+                   "metadata.json; or wordfreq:LANG:N, the N most frequent words of LANG from the wordfreq "
+                   "package (offline).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the per-(pair, entry) draws that decide which pairs an over-full entry keeps.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@engine_options
+def command(dataset: str, metadata: str, seed: int, progress: bool, engine_spec: Any, redo: bool) -> None:
+    """Match the captions of DATASET against metadata entries and write signals/balance: a pair is kept by
+    MetaCLIP balancing with cap t when `balance_rank < t` (each entry keeps at most t of its pairs, chosen
+    at random for the seed; entries with at most t pairs keep them all). Then e.g.
+    `curate export DATASET --out OUT --policy metaclip` or `--where "balance_rank < 100"`."""
+    from curate.io.layout import DatasetDir
+    from curate.runner import run_stage
+    from curate.stages.balance import BalanceConfig, fingerprint_extra
+
+    if not metadata.startswith("wordfreq:"):
+        metadata = os.path.abspath(metadata)
+    cfg = BalanceConfig(metadata=metadata, seed=seed, query_engine=engine_spec.name,
+                        spark_master=engine_spec.spark_master)
+    extra = fingerprint_extra(cfg, DatasetDir.at(dataset))
+    summary = run_stage("balance", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)
+    c = summary.counts
+    lines = [f"  pairs {c.get('pairs', 0)}, matched {c.get('matched_pairs', 0)}, "
+             f"entries matched {c.get('entries_matched', 0)} of {c.get('entries', 0)}"]
+    if c.get("kept_at_t"):
+        lines.append("  pairs kept at cap t: " + ", ".join(f"t={t}: {n}" for t, n in c["kept_at_t"].items()))
+    finish(summary, lines)

@@ -1,0 +1,407 @@
+"""Stage "index": a FAISS index over a scored dataset's image (and, when saved, text) embeddings.
+
+The index kind is chosen by size, the way autofaiss does: an exact inner-product Flat index under
+`exact_below` rows; above it an IVF index whose lists hold float16 vectors (exact distances inside the
+probed lists) when they fit the memory budget, else IVF with product quantization sized to the budget.
+plan() (driver) writes the id -> key table and trains the index on a seeded sample; each task adds one
+scored shard's vectors to a copy of the trained index; finalize() merges the parts in id order, picks the
+smallest nprobe that reaches `target_recall` against brute force on held-out rows, and writes index.json last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curate.config import output_fields, runtime
+from curate.errors import InputError
+from curate.io.atomic import atomic_path, read_json, write_json
+from curate.io.layout import DatasetDir
+
+log = logging.getLogger("curate.index")
+
+INDEX_DIR = "index"
+PLAN_VERSION = 1
+MODALITIES = {"image": ".img_emb.npy", "text": ".txt_emb.npy"}
+KINDS = ("auto", "flat", "ivf-fp16", "ivf-pq")
+PQ_CODE_SIZES = (64, 48, 32, 24, 16, 12, 8, 4)  # bytes per vector tried, largest (most accurate) first
+RECALL_K = 10
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    scorer: str = "score"  # the score stage whose signals/<scorer>/ embeddings are indexed
+    kind: str = "auto"
+    memory_budget: int = 4 << 30  # bytes one modality's index may take in memory
+    exact_below: int = 100_000  # rows under which the index is exact (Flat)
+    nlist: int = 0  # IVF lists (0 = auto, a power of two near sqrt(N))
+    train_size: int = 0  # training sample rows (0 = auto, 64 per list)
+    seed: int = 0
+    target_recall: float = 0.97  # recall@10 vs brute force the chosen nprobe must reach on held-out rows
+    queries: int = 256  # held-out rows used as queries for the recall estimate
+    text: bool = True  # also index text embeddings when the scorer saved them
+    batch_rows: int = runtime(65536)
+
+
+def check_config(cfg: IndexConfig) -> None:
+    if cfg.kind not in KINDS:
+        raise InputError(f"--kind: '{cfg.kind}' (choose {', '.join(KINDS)})")
+    if cfg.memory_budget <= 0:
+        raise InputError("--memory-budget: must be positive")
+    if cfg.nlist < 0 or cfg.train_size < 0 or cfg.exact_below < 0:
+        raise InputError("--nlist/--train-size/--exact-below: must be 0 or more")
+    if not 0.0 < cfg.target_recall <= 1.0:
+        raise InputError(f"--target-recall: {cfg.target_recall} is not in (0, 1]")
+    if cfg.queries < 1:
+        raise InputError("--queries: must be at least 1")
+
+
+def parse_bytes(text: str) -> int:
+    """'4G', '512M', '1.5GiB', '1000000' -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if t[-1:] in "KMGT" else t) * mult
+    except ValueError:
+        raise InputError(f"--memory-budget: '{text}' is not a size such as 4G, 512M or 1000000") from None
+    if value <= 0:
+        raise InputError(f"--memory-budget: '{text}' must be positive")
+    return int(value)
+
+
+def index_dir(ds: DatasetDir) -> Path:
+    return ds.root / INDEX_DIR
+
+
+# --- choosing the index ------------------------------------------------------------------------------
+
+
+def auto_nlist(n: int) -> int:
+    """A power of two near sqrt(N), with at least ~39 training points per list (faiss's k-means minimum)."""
+    if n < 2:
+        return 1
+    nlist = 2 ** round(math.log2(math.sqrt(n)))
+    return int(max(1, min(nlist, n // 39 or 1, 65536)))
+
+
+def choose_index(n: int, d: int, cfg: IndexConfig) -> dict[str, Any]:
+    """{kind, factory, nlist, bytes}: the index for n vectors of dimension d under cfg (autofaiss's rule)."""
+    kind = cfg.kind
+    if kind == "auto":
+        kind = "flat" if n < cfg.exact_below else "ivf-fp16" if n * (2 * d + 8) <= cfg.memory_budget else "ivf-pq"
+    if kind == "flat":
+        return {"kind": "flat", "factory": "Flat", "nlist": 0, "bytes": n * d * 4}
+    nlist = cfg.nlist or auto_nlist(n)
+    if kind == "ivf-fp16":
+        return {"kind": kind, "factory": f"IVF{nlist},SQfp16", "nlist": nlist, "bytes": n * (2 * d + 8)}
+    fits = [m for m in PQ_CODE_SIZES if d % m == 0 and n * (m + 8) <= cfg.memory_budget]
+    if not fits:
+        raise InputError(f"--memory-budget: {cfg.memory_budget} bytes cannot hold {n} vectors even as "
+                         f"{min(PQ_CODE_SIZES)}-byte PQ codes plus ids; raise it")
+    m = fits[0]
+    return {"kind": "ivf-pq", "factory": f"IVF{nlist},PQ{m}", "nlist": nlist, "bytes": n * (m + 8)}
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+
+def input_digest(ds: DatasetDir, scorer: str) -> dict[str, Any]:
+    """The scorer's fingerprint and each scored shard's file sizes (a rescored dataset is another input)."""
+    from curate.io import manifest
+
+    entry = manifest.load(ds)["stages"].get(scorer, {})
+    files = {}
+    for shard in ds.done_shards(scorer):
+        paths = [ds.signals(scorer, shard)] + [ds.signals(scorer, shard, s) for s in MODALITIES.values()]
+        files[shard] = [p.stat().st_size if p.exists() else None for p in paths]
+    blob = json.dumps(files, sort_keys=True).encode()
+    return {"scorer": scorer, "fingerprint": entry.get("fingerprint"), "shards": len(files),
+            "files_sha256": hashlib.sha256(blob).hexdigest()[:16]}
+
+
+def scored_ids(ds: DatasetDir, scorer: str) -> Any:
+    """The id table (key, shard, emb_row), ids = row positions: shards in order, emb_row ascending."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    shards = ds.done_shards(scorer)
+    if not shards:
+        raise InputError(f"{ds.root / 'signals' / scorer}: no scored shards (no _done/{scorer} markers); "
+                         f"run `curate score` first")
+    parts = []
+    for shard in shards:
+        path = ds.signals(scorer, shard)
+        try:
+            t = pq.read_table(path, columns=["key", "scored", "emb_row"])
+        except (OSError, pa.ArrowInvalid, KeyError) as e:
+            raise InputError(f"{path}: unreadable score table or missing column ({e})") from None
+        t = t.filter(pc.and_(pc.fill_null(t["scored"], False), pc.greater_equal(t["emb_row"], 0)))
+        t = t.sort_by("emb_row")
+        parts.append(pa.table({"key": t["key"].cast(pa.string()),
+                               "shard": pa.array([shard] * t.num_rows, pa.string()),
+                               "emb_row": t["emb_row"].cast(pa.int64())}))
+    return pa.concat_tables(parts)
+
+
+def open_embeddings(ds: DatasetDir, scorer: str, shard: str, modality: str) -> np.ndarray:
+    path = ds.signals(scorer, shard, MODALITIES[modality])
+    try:
+        emb = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable embeddings ({e})") from None
+    if emb.ndim != 2:
+        raise InputError(f"{path}: shape {emb.shape} is not (rows, dim)")
+    return emb
+
+
+def gather(ds: DatasetDir, scorer: str, modality: str, shard_col: np.ndarray, emb_row: np.ndarray,
+           positions: np.ndarray) -> np.ndarray:
+    """float32 vectors of the ids at `positions` (any order), read shard by shard from the memory maps."""
+    out: np.ndarray | None = None
+    for shard in np.unique(shard_col[positions]):
+        sel = np.flatnonzero(shard_col[positions] == shard)
+        emb = open_embeddings(ds, scorer, str(shard), modality)
+        if out is None:
+            out = np.zeros((len(positions), emb.shape[1]), np.float32)
+        rows = emb_row[positions[sel]]
+        o = np.argsort(rows)
+        out[sel[o]] = emb[rows[o]]
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+
+class IndexStage:
+    name = "index"
+    config_cls = IndexConfig
+
+    def plan(self, cfg: IndexConfig, ds: DatasetDir) -> list[dict[str, Any]]:
+        check_config(cfg)
+        wd = index_dir(ds)
+        digest = {"inputs": input_digest(ds, cfg.scorer), "config": output_fields(cfg), "version": PLAN_VERSION}
+        plan_path = wd / "plan.json"
+        if plan_path.exists() and read_json(plan_path).get("digest") == digest:
+            plan = read_json(plan_path)
+        else:
+            # another (or a half-written) plan: none of its parts may be reused
+            self._discard(ds)
+            plan = self._build(cfg, ds, digest)
+        for t in plan["tasks"]:  # a marker without its part file means the task must run again
+            if not all(part_path(ds, t["shard"], m).exists() for m in plan["modalities"]):
+                ds.marker(self.name, t["shard"]).unlink(missing_ok=True)
+        return plan["tasks"]
+
+    def _build(self, cfg: IndexConfig, ds: DatasetDir, digest: dict[str, Any]) -> dict[str, Any]:
+        import faiss
+
+        from curate.io.tables import write_table
+
+        wd = index_dir(ds)
+        ids = scored_ids(ds, cfg.scorer)
+        n = ids.num_rows
+        if n == 0:
+            raise InputError(f"{ds.root}: no scored samples with embeddings to index")
+        shard_col = np.asarray(ids["shard"].to_numpy(zero_copy_only=False))
+        emb_row = ids["emb_row"].to_numpy()
+        modalities = self._modalities(cfg, ds, ids)
+        d = open_embeddings(ds, cfg.scorer, str(shard_col[0]), "image").shape[1]
+        choice = choose_index(n, d, cfg)
+        write_table(wd / "ids.parquet", ids)
+        rng = np.random.default_rng(cfg.seed)
+        order = rng.permutation(n)
+        n_queries = min(cfg.queries, max(1, n // 10)) if n > 1 else 1
+        queries = np.sort(order[:n_queries])  # held out of training, so the estimate is not flattered
+        rest = order[n_queries:] if n > n_queries else order
+        train_n = (cfg.train_size or 64 * choice["nlist"]) if choice["nlist"] else 0  # Flat needs no training
+        train = np.sort(rest[:min(train_n, len(rest))])
+        for m in modalities:
+            index = faiss.index_factory(d, choice["factory"], faiss.METRIC_INNER_PRODUCT)
+            if not index.is_trained:
+                t0 = time.time()
+                index.train(gather(ds, cfg.scorer, m, shard_col, emb_row, train))
+                log.info("index: trained %s %s on %d rows in %.1fs", m, choice["factory"], len(train), time.time() - t0)
+            _write_index(wd / f"trained-{m}.faiss", index)
+        _save(wd / "queries.npy", queries.astype(np.int64))
+        tasks, lo = [], 0
+        for shard in ds.done_shards(cfg.scorer):
+            count = int((shard_col == shard).sum())
+            tasks.append({"shard": shard, "lo": lo, "n": count})
+            lo += count
+        plan = {"digest": digest, "rows": n, "dim": d, **choice, "modalities": modalities, "tasks": tasks,
+                "train_rows": int(len(train))}
+        write_json(wd / "plan.json", plan)  # last: its presence says every file above is complete
+        return plan
+
+    def _modalities(self, cfg: IndexConfig, ds: DatasetDir, ids: Any) -> list[str]:
+        """image, plus text when every scored shard saved text embeddings row-aligned with the image ones."""
+        out = ["image"]
+        if cfg.text:
+            shards = ds.done_shards(cfg.scorer)
+            paths = [ds.signals(cfg.scorer, s, MODALITIES["text"]) for s in shards]
+            if paths and all(p.exists() for p in paths):
+                out.append("text")
+        return out
+
+    def _discard(self, ds: DatasetDir) -> None:
+        shutil.rmtree(index_dir(ds), ignore_errors=True)
+        for sub in (ds.root / "_done" / self.name, ds.root / "stats" / self.name):
+            shutil.rmtree(sub, ignore_errors=True)
+
+    def discard_outputs(self, cfg: IndexConfig, ds: DatasetDir) -> None:
+        self._discard(ds)
+
+    def run_shard(self, cfg: IndexConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+        import faiss
+        import pyarrow.parquet as pq
+
+        wd = index_dir(ds)
+        plan = read_json(wd / "plan.json")
+        emb_row = pq.read_table(wd / "ids.parquet", columns=["emb_row"])["emb_row"].to_numpy()
+        rows = emb_row[task["lo"]:task["lo"] + task["n"]]
+        for m in plan["modalities"]:
+            index = faiss.read_index(str(wd / f"trained-{m}.faiss"))
+            emb = open_embeddings(ds, cfg.scorer, task["shard"], m)
+            if len(rows) and int(rows.max()) >= emb.shape[0]:
+                raise InputError(f"{ds.signals(cfg.scorer, task['shard'], MODALITIES[m])}: {emb.shape[0]} rows, "
+                                 f"the score table names emb_row {int(rows.max())}")
+            for start in range(0, len(rows), cfg.batch_rows):
+                index.add(np.ascontiguousarray(emb[rows[start:start + cfg.batch_rows]], dtype=np.float32))
+            _write_index(part_path(ds, task["shard"], m), index)
+        return {"rows": int(len(rows))}
+
+    def finalize(self, cfg: IndexConfig, ds: DatasetDir) -> dict[str, Any]:
+        wd = index_dir(ds)
+        if not (wd / "plan.json").exists():
+            return {}
+        plan = read_json(wd / "plan.json")
+        if any(not part_path(ds, t["shard"], m).exists() for t in plan["tasks"] for m in plan["modalities"]):
+            return {"incomplete_tasks": sum(not ds.marker(self.name, t["shard"]).exists() for t in plan["tasks"])}
+        meta = {"format": "curate-index/1", "scorer": cfg.scorer, "rows": plan["rows"], "dim": plan["dim"],
+                "kind": plan["kind"], "factory": plan["factory"], "nlist": plan["nlist"], "metric": "inner_product",
+                "train_rows": plan["train_rows"], "score_fingerprint": plan["digest"]["inputs"]["fingerprint"],
+                "modalities": {}}
+        for m in plan["modalities"]:
+            meta["modalities"][m] = self._merge_and_tune(cfg, ds, plan, m)
+        write_json(wd / "index.json", meta)  # last: the searcher reads only a complete index
+        img = meta["modalities"]["image"]
+        return {"rows": plan["rows"], "kind": plan["kind"], "factory": plan["factory"], "nprobe": img["nprobe"],
+                f"recall_at_{RECALL_K}": img["recall"], "index_bytes": sum(v["bytes"] for v in meta["modalities"].values()),
+                "modalities": len(plan["modalities"])}
+
+    def _merge_and_tune(self, cfg: IndexConfig, ds: DatasetDir, plan: dict[str, Any], m: str) -> dict[str, Any]:
+        import faiss
+        import pyarrow.parquet as pq
+
+        wd = index_dir(ds)
+        index = faiss.read_index(str(wd / f"trained-{m}.faiss"))
+        for t in plan["tasks"]:
+            part = faiss.read_index(str(part_path(ds, t["shard"], m)))
+            # parts hold ids 0..n-1 of their shard; IVF shifts them by the shard's first id, Flat appends
+            index.merge_from(part, 0 if plan["kind"] == "flat" else index.ntotal)
+        if index.ntotal != plan["rows"]:
+            raise InputError(f"{wd}: merged {index.ntotal} vectors for {m}, the id table has {plan['rows']}")
+        ids = pq.read_table(wd / "ids.parquet", columns=["shard", "emb_row"])
+        shard_col = np.asarray(ids["shard"].to_numpy(zero_copy_only=False))
+        emb_row = ids["emb_row"].to_numpy()
+        queries = np.load(wd / "queries.npy")
+        q = gather(ds, cfg.scorer, m, shard_col, emb_row, queries)
+        gt = brute_force(ds, cfg.scorer, m, shard_col, emb_row, q, RECALL_K)
+        nprobe, recall, curve = tune_nprobe(
+            index, plan["nlist"], q, gt, cfg.target_recall,
+            lambda ids: exact_sims(ds, cfg.scorer, m, shard_col, emb_row, q, ids))
+        path = wd / f"{m}.faiss"
+        _write_index(path, index)
+        log.info("index: %s %s, %d vectors, nprobe %d, recall@%d %.4f", m, plan["factory"], index.ntotal, nprobe,
+                 RECALL_K, recall)
+        return {"file": path.name, "nprobe": nprobe, "recall": recall, "recall_curve": curve,
+                "bytes": path.stat().st_size, "queries": int(len(queries))}
+
+    def inputs(self, cfg: IndexConfig) -> dict[str, Any]:
+        return {"scorer": cfg.scorer}
+
+
+def part_path(ds: DatasetDir, shard: str, modality: str) -> Path:
+    return index_dir(ds) / "parts" / f"{shard}.{modality}.faiss"
+
+
+def _write_index(path: Path, index: Any) -> None:
+    import faiss
+
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+
+
+# --- recall against brute force --------------------------------------------------------------------
+
+
+def brute_force(ds: DatasetDir, scorer: str, modality: str, shard_col: np.ndarray, emb_row: np.ndarray,
+                q: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
+    """Exact top-k similarities (descending) of each query over every indexed vector, streamed by shard."""
+    best = np.full((len(q), k), -np.inf, np.float32)
+    for shard in dict.fromkeys(shard_col.tolist()):
+        emb = open_embeddings(ds, scorer, shard, modality)
+        rows = np.sort(emb_row[shard_col == shard])
+        for start in range(0, len(rows), chunk):
+            sims = q @ np.asarray(emb[rows[start:start + chunk]], np.float32).T
+            best = -np.sort(-np.concatenate([best, sims], axis=1), axis=1)[:, :k]
+    return best
+
+
+def recall_at_k(found_sims: np.ndarray, gt_sims: np.ndarray, tol: float = 1e-4) -> float:
+    """Share of the returned k whose true similarity reaches the k-th exact one (ties count as found)."""
+    kth = gt_sims[:, -1:]
+    return float(np.mean(found_sims >= kth - tol))
+
+
+def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: float,
+                true_sims: Callable[[np.ndarray], np.ndarray]) -> tuple[int, float, list[list[float]]]:
+    """The smallest power-of-two nprobe whose recall@k reaches `target` (exact indexes: 0, measured once)."""
+    import faiss
+
+    k = gt.shape[1]
+    ivf = faiss.extract_index_ivf(index) if nlist else None
+    curve: list[list[float]] = []
+    probes = [0] if ivf is None else sorted({min(2 ** i, nlist) for i in range(int(math.log2(nlist)) + 2)})
+    for p in probes:
+        if ivf is not None:
+            ivf.nprobe = p
+        _, ids = index.search(q, k)
+        rec = recall_at_k(true_sims(ids), gt)
+        curve.append([p, round(rec, 5)])
+        if rec >= target:
+            break
+    nprobe, rec = curve[-1]
+    if ivf is not None:
+        ivf.nprobe = int(nprobe)
+    return int(nprobe), float(rec), curve
+
+
+def exact_sims(ds: DatasetDir, scorer: str, modality: str, shard_col: np.ndarray, emb_row: np.ndarray,
+               q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Similarities of returned ids recomputed from the stored embeddings (PQ distances are approximate)."""
+    out = np.full(ids.shape, -np.inf, np.float32)
+    valid = ids >= 0
+    if valid.any():
+        vecs = gather(ds, scorer, modality, shard_col, emb_row, ids[valid].astype(np.int64))
+        out[valid] = np.einsum("ij,ij->i", vecs, np.repeat(q, valid.sum(axis=1), axis=0))
+    return out
+
+
+STAGE = IndexStage()

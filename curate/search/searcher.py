@@ -1,0 +1,244 @@
+"""Query a built index: encode text/image/key queries, search, map ids to keys, filter hits with export's SQL.
+
+Text and image queries are encoded with the scorer's own open_clip model, rebuilt from what the score stage
+recorded in the manifest (config path, checkpoint path and its SHA-256), so a query lands in the same
+embedding space as the indexed vectors. `--where` is bound against export's `samples` view (curate/query.py)
+and applied to the hits; the widening loop asks the index for more candidates until k hits pass or none are left.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curate.errors import InputError
+from curate.io.atomic import read_json
+from curate.io.layout import DatasetDir
+from curate.search.build import index_dir, open_embeddings
+
+# columns of the samples view shown with each hit (those present in the dataset)
+HIT_COLUMNS = ("caption", "url", "status", "clip_score", "lang", "is_duplicate", "eval_contaminated")
+MAX_CANDIDATES = 1 << 16  # widening stops here: a --where that keeps almost nothing is reported, not scanned
+
+
+@dataclass(frozen=True)
+class Query:
+    kind: str  # "text" | "image" | "key"
+    value: str
+
+    def label(self) -> str:
+        return f"{self.kind}:{self.value}" if self.kind != "text" else self.value
+
+
+class Searcher:
+    """One opened index plus the dataset's samples view; thread-safe (the server shares one)."""
+
+    def __init__(self, root: str | Path, where: str | None = None, export_dir: str | Path | None = None):
+        import faiss
+        import pyarrow.parquet as pq
+
+        from curate.query import Clause, DuckDBQuery, Sources, check_clauses
+
+        self.ds = DatasetDir.at(root)
+        wd = index_dir(self.ds)
+        if not (wd / "index.json").exists():
+            raise InputError(f"{wd}: no complete index (index.json missing); run `curate index {self.ds.root}` first")
+        self.meta = read_json(wd / "index.json")
+        self.scorer = self.meta["scorer"]
+        ids = pq.read_table(wd / "ids.parquet")
+        self.keys = np.asarray(ids["key"].to_numpy(zero_copy_only=False), dtype=object)
+        self.shards = np.asarray(ids["shard"].to_numpy(zero_copy_only=False), dtype=object)
+        self.emb_rows = ids["emb_row"].to_numpy()
+        self._key_to_id: dict[str, int] | None = None
+        self.indexes: dict[str, Any] = {}
+        for m, info in self.meta["modalities"].items():
+            index = faiss.read_index(str(wd / info["file"]))
+            if self.meta["nlist"]:
+                faiss.extract_index_ivf(index).nprobe = int(info["nprobe"])
+            self.indexes[m] = index
+        self.where = where
+        sources = Sources.of(self.ds)
+        if where:
+            check_clauses(self.ds, sources, [Clause("where", where)])
+        self.db = DuckDBQuery(sources)
+        self.columns = set(sources.all_columns())
+        self.export = None
+        if export_dir is not None:
+            from curate.report.export_info import read_export
+
+            self.export = read_export(export_dir)
+            self.export_views = self.export.register(self.db.con)
+        self._lock = threading.Lock()  # DuckDB connection and the torch model are used one request at a time
+        self._model: Any = None
+
+    # --- query vectors ---------------------------------------------------------------------------
+
+    def model(self) -> Any:
+        """The scorer's open_clip model (built once), from the score stage's manifest entry."""
+        if self._model is None:
+            from curate.io import manifest
+            from curate.models import load_model, resolve_model
+
+            entry = manifest.load(self.ds)["stages"].get(self.scorer)
+            if not entry:
+                raise InputError(f"{self.ds.manifest}: no '{self.scorer}' stage; cannot encode text or image queries")
+            cfg, recorded = entry.get("config", {}), (entry.get("inputs") or {}).get("model", {})
+            model = recorded.get("config_path") or cfg.get("model")
+            pretrained = recorded.get("checkpoint") or cfg.get("pretrained")
+            checksum = recorded.get("checkpoint_sha256") or cfg.get("checksum")
+            if not model or not pretrained:
+                raise InputError(f"{self.ds.manifest}: stage '{self.scorer}' records no model/pretrained")
+            self._model = load_model(resolve_model(model, pretrained, checksum), "cpu")
+        return self._model
+
+    def text_vectors(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        lm = self.model()
+        with torch.no_grad():
+            feats = lm.model.encode_text(lm.tokenizer(texts).to(lm.device)).float()
+        return _normalise(feats.cpu().numpy())
+
+    def image_vector(self, path: str | Path) -> np.ndarray:
+        import torch
+        from PIL import Image, UnidentifiedImageError
+
+        lm = self.model()
+        try:
+            with Image.open(path) as im:
+                x = lm.preprocess(im.convert("RGB")).unsqueeze(0)
+        except (OSError, UnidentifiedImageError) as e:
+            raise InputError(f"--image: {path} is not a readable image ({e})") from None
+        with torch.no_grad():
+            feats = lm.model.encode_image(x.to(lm.device)).float()
+        return _normalise(feats.cpu().numpy())[0]
+
+    def id_of(self, key: str) -> int:
+        if self._key_to_id is None:
+            self._key_to_id = {k: i for i, k in enumerate(self.keys)}
+        try:
+            return self._key_to_id[key]
+        except KeyError:
+            raise InputError(f"--key: '{key}' is not an indexed sample of {self.ds.root}") from None
+
+    def key_vector(self, key: str, modality: str = "image") -> np.ndarray:
+        i = self.id_of(key)
+        emb = open_embeddings(self.ds, self.scorer, str(self.shards[i]), modality)
+        return np.asarray(emb[int(self.emb_rows[i])], np.float32)
+
+    def vector(self, q: Query, modality: str = "image") -> np.ndarray:
+        if q.kind == "text":
+            return self.text_vectors([q.value])[0]
+        if q.kind == "image":
+            return self.image_vector(q.value)
+        return self.key_vector(q.value, modality)
+
+    # --- search ----------------------------------------------------------------------------------
+
+    def search(self, vec: np.ndarray, k: int = 10, modality: str = "image",
+               exclude: str | None = None) -> list[dict[str, Any]]:
+        """Hits [{rank, key, shard, score, <HIT_COLUMNS>}] passing --where, best first."""
+        if modality not in self.indexes:
+            raise InputError(f"--modality: no {modality} index in {index_dir(self.ds)} "
+                             f"(have {', '.join(self.indexes)}); text needs score --save-text-embeddings")
+        if k < 1:
+            raise InputError("-k: must be at least 1")
+        index = self.indexes[modality]
+        q = np.ascontiguousarray(vec.reshape(1, -1), np.float32)
+        want = k + (exclude is not None)
+        n_cand = want if not self.where else want * 4
+        while True:
+            n_cand = min(n_cand, index.ntotal, MAX_CANDIDATES)
+            sims, ids = index.search(q, n_cand)
+            found = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
+            found = [(i, s) for i, s in found if self.keys[i] != exclude]
+            rows = self.rows([self.keys[i] for i, _ in found], self.where)
+            hits = [(i, s) for i, s in found if self.keys[i] in rows]
+            if len(hits) >= k or n_cand >= min(index.ntotal, MAX_CANDIDATES):
+                break
+            n_cand *= 4
+        out = []
+        for rank, (i, s) in enumerate(hits[:k], 1):
+            key = str(self.keys[i])
+            out.append({"rank": rank, "key": key, "shard": str(self.shards[i]), "score": round(s, 6), **rows[key]})
+        return out
+
+    def query(self, q: Query, k: int = 10, modality: str = "image") -> list[dict[str, Any]]:
+        exclude = q.value if q.kind == "key" else None
+        return self.search(self.vector(q, modality), k, modality, exclude=exclude)
+
+    def rows(self, keys: list[str], where: str | None = None) -> dict[str, dict[str, Any]]:
+        """{key: HIT_COLUMNS} for those of `keys` that pass `where` (the server-side --where, never user text)."""
+        if not keys:
+            return {}
+        cols = ", ".join(c for c in HIT_COLUMNS if c in self.columns)
+        cond = f" AND COALESCE(({where}), FALSE)" if where else ""
+        sql = f"SELECT key, {cols} FROM samples WHERE key IN (SELECT unnest($keys)){cond}"
+        with self._lock:
+            records = _records(self.db.con.execute(sql, {"keys": [str(k) for k in keys]}))
+        return {r.pop("key"): _jsonable(r) for r in records}
+
+    def sample(self, key: str) -> dict[str, Any]:
+        """Everything known about one sample: its samples-view row (ledger + signals) and the export's verdict."""
+        with self._lock:
+            rows = _records(self.db.con.execute("SELECT * FROM samples WHERE key = $key", {"key": key}))
+            if not rows:
+                raise InputError(f"key '{key}' is not a sample of {self.ds.root}")
+            verdict = self._verdict(key)
+        row = _jsonable(rows[0])
+        ledger_cols = {f.name for f in _ledger_fields()}
+        return {"key": key, "ledger": {k: v for k, v in row.items() if k in ledger_cols},
+                "signals": {k: v for k, v in row.items() if k not in ledger_cols}, "export": verdict}
+
+    def _verdict(self, key: str) -> dict[str, Any] | None:
+        if self.export is None:
+            return None
+        out: dict[str, Any] = {"export_dir": str(self.export.root), "decision": "unknown"}
+        if "kept" in self.export_views and self.db.con.execute(
+                "SELECT 1 FROM kept WHERE key = $key", {"key": key}).fetchone():
+            out["decision"] = "kept"
+        elif "dropped" in self.export_views:
+            r = self.db.con.execute("SELECT reason FROM dropped WHERE key = $key", {"key": key}).fetchone()
+            if r:
+                out.update(decision="dropped", reason=r[0])
+        return out
+
+    def thumbnails(self, hits: list[dict[str, Any]], size: int = 160) -> dict[str, str]:
+        from curate.report.thumbs import load_thumbnails
+
+        return load_thumbnails(self.ds, [(h["key"], h["shard"]) for h in hits], size)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _records(result: Any) -> list[dict[str, Any]]:
+    cols = [d[0] for d in result.description]
+    return [dict(zip(cols, r, strict=True)) for r in result.fetchall()]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, float) and not np.isfinite(v):
+            v = None
+        elif hasattr(v, "isoformat"):
+            v = v.isoformat()
+        elif isinstance(v, bytes):
+            v = v.hex()
+        out[k] = v
+    return out
+
+
+def _ledger_fields() -> list[Any]:
+    from curate.io.ledger import LEDGER_FIELDS
+
+    return LEDGER_FIELDS

@@ -1,0 +1,269 @@
+"""Stage "balance": MetaCLIP-style metadata balancing signals (signals/balance/{shard}.parquet).
+
+Map: one task per downloaded shard (task id "match-{shard}") matches its captions against the metadata entries and
+writes the long table _work/balance/matches/{shard}.parquet (key, shard, entry, draw; one row per match,
+a null entry for a pair with none). Reduce (finalize, on the driver's query engine: DuckDB, or Spark SQL
+with --engine spark): `curate.balancing.reduce_sql` ranks each entry's pairs by draw with a window and
+keeps the minimum per pair; the result, partitioned by shard on disk, becomes one signal table per shard:
+
+    key, matched (entries matched), entries (their text), rank, scaled_draw, min_count
+
+so that `balance_rank < t` (export's samples view prefixes the columns with `balance_`) is the keep
+decision for any cap t, with no further aggregation at export time. See curate/balancing.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curate.balancing import DEFAULT_METADATA, entries_digest, load_entries
+from curate.config import output_fields, runtime
+from curate.errors import InputError
+from curate.io.atomic import atomic_path, read_json, write_json
+from curate.io.layout import DatasetDir
+
+log = logging.getLogger("curate.balance")
+
+NAME = "balance"
+PLAN_VERSION = 1
+# caps t at which finalize counts the pairs `rank < t` keeps, so the summary helps choose t
+REPORT_CAPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 170000)
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    metadata: str = DEFAULT_METADATA  # wordfreq:LANG:N, or an absolute path to a .txt/.json entry list
+    seed: int = 0
+    query_engine: str = runtime("local")
+    spark_master: str = runtime("local[*]")
+
+
+def work_dir(ds: DatasetDir) -> Path:
+    return ds.work(NAME)
+
+
+def input_digest(ds: DatasetDir) -> dict[str, Any]:
+    """What balance reads: each downloaded shard's ledger size (sizes, not mtimes: a copied dir resumes)."""
+    sizes = {s: ds.ledger(s).stat().st_size for s in ds.shards() if ds.ledger(s).exists()}
+    return {"shards": len(sizes), "ledger_sha256": hashlib.sha256(json.dumps(sizes, sort_keys=True).encode()).hexdigest()[:16]}
+
+
+def fingerprint_extra(cfg: BalanceConfig, ds: DatasetDir) -> dict[str, Any]:
+    """The entries themselves (a metadata file can change under the same path) and the input ledgers."""
+    return {"metadata": entries_digest(load_entries(cfg.metadata)), "dataset": input_digest(ds)}
+
+
+def _match_path(ds: DatasetDir, shard: str) -> Path:
+    return work_dir(ds) / "matches" / f"{shard}.parquet"
+
+
+class BalanceStage:
+    name = NAME
+    config_cls = BalanceConfig
+
+    def plan(self, cfg: BalanceConfig, ds: DatasetDir) -> list[dict[str, Any]]:
+        shards = ds.shards()
+        if not shards:
+            raise InputError(f"{ds.root}: no completed ledger shards (ledger/ + _done/download/); "
+                             f"run `curate download` first")
+        entries = load_entries(cfg.metadata)
+        wd = work_dir(ds)
+        digest = {"config": output_fields(cfg), "entries": entries_digest(entries), "inputs": input_digest(ds),
+                  "version": PLAN_VERSION}
+        plan_path = wd / "plan.json"
+        if not (plan_path.exists() and read_json(plan_path).get("digest") == digest):
+            self._discard_work(ds)  # another plan's matches must not be reused
+            with atomic_path(wd / "metadata.txt") as tmp:
+                Path(tmp).write_text("\n".join(entries), encoding="utf-8")
+            write_json(plan_path, {"digest": digest, "entries": len(entries), "shards": shards})
+        # task ids are not shard ids: the shard markers are finalize's, written with the signal tables
+        tasks = [{"task": f"match-{s}", "shard": s, "digest": digest["entries"]} for s in shards]
+        for t in tasks:  # a marker whose output was deleted means the task must run again
+            if not _match_path(ds, t["shard"]).exists():
+                ds.marker(self.name, t["task"]).unlink(missing_ok=True)
+        return tasks
+
+    def _discard_work(self, ds: DatasetDir) -> None:
+        ds.discard(self.name)
+
+    def run_shard(self, cfg: BalanceConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+        import pyarrow as pa
+
+        from curate.balancing import cached_matcher, draw
+        from curate.io.tables import write_table
+
+        shard = task["shard"]
+        matcher = cached_matcher(str(work_dir(ds) / "metadata.txt"), task["digest"])
+        keys, entries, draws = [], [], []
+        pairs = matched = 0
+        for key, caption in _pairs(ds, shard):
+            pairs += 1
+            ids = matcher.match(caption)
+            matched += bool(ids)
+            for e in ids or [None]:
+                keys.append(key)
+                entries.append(e)
+                draws.append(None if e is None else draw(cfg.seed, key, e))
+        table = pa.table({"key": pa.array(keys, pa.string()), "shard": pa.array([shard] * len(keys), pa.string()),
+                          "entry": pa.array(entries, pa.int32()), "draw": pa.array(draws, pa.float64())})
+        write_table(_match_path(ds, shard), table)
+        return {"pairs": pairs, "matched_pairs": matched, "matches": sum(e is not None for e in entries)}
+
+    def finalize(self, cfg: BalanceConfig, ds: DatasetDir) -> dict[str, Any]:
+        wd = work_dir(ds)
+        if not (wd / "plan.json").exists():
+            return {}
+        plan = read_json(wd / "plan.json")
+        result = wd / "result.json"
+        if result.exists() and read_json(result).get("digest") == plan["digest"]:
+            return read_json(result)["counts"]
+        missing = [s for s in plan["shards"] if not _match_path(ds, s).exists()]
+        if missing:
+            return {"incomplete_tasks": len(missing)}
+        counts = _reduce(cfg, ds, plan)
+        write_json(result, {"digest": plan["digest"], "counts": counts})  # last: the stage is complete
+        return counts
+
+    def inputs(self, cfg: BalanceConfig) -> dict[str, Any]:
+        """The metadata as used: its spec, the digest of its normalized entries and, for the default
+        word lists, the wordfreq version that produced them."""
+        entries = load_entries(cfg.metadata)
+        out: dict[str, Any] = {"metadata": cfg.metadata, "entries": len(entries), "entries_sha256": entries_digest(entries)}
+        if cfg.metadata.startswith("wordfreq:"):
+            from importlib.metadata import version
+
+            out["wordfreq"] = version("wordfreq")
+        return out
+
+
+def _pairs(ds: DatasetDir, shard: str) -> list[tuple[str, str | None]]:
+    """(key, caption) of the shard's downloaded samples, in key order (a superseded row is history)."""
+    import pyarrow.parquet as pq
+
+    path = ds.ledger(shard)
+    t = pq.read_table(path)
+    for col in ("key", "status", "caption"):
+        if col not in t.column_names:
+            raise InputError(f"{path}: no '{col}' column")
+    rows = t.select([c for c in ("key", "status", "caption", "superseded_by") if c in t.column_names]).to_pylist()
+    return sorted((r["key"], r["caption"]) for r in rows if r["status"] == "success" and not r.get("superseded_by"))
+
+
+def _reduce(cfg: BalanceConfig, ds: DatasetDir, plan: dict[str, Any]) -> dict[str, Any]:
+    """Run the SQL reduce, then write each shard's signal table and marker; returns the stage counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.io.tables import write_table
+
+    wd = work_dir(ds)
+    out = wd / "reduced"
+    shutil.rmtree(out, ignore_errors=True)
+    match_files = [_match_path(ds, s) for s in plan["shards"]]
+    per_entry, kept_at = _run_reduce(cfg, match_files, out)
+    entries = (wd / "metadata.txt").read_text(encoding="utf-8").splitlines()
+    counts_table = pa.table({"entry": pa.array(entries, pa.string()).take(per_entry["entry"]), "entry_id": per_entry["entry"],
+                             "count": per_entry["count"]}).sort_by([("count", "descending"), ("entry", "ascending")])
+    write_table(ds.root / "stats" / NAME / "entries.parquet", counts_table)
+    pairs = matched = 0
+    for shard in plan["shards"]:
+        table = _shard_signals(pq.read_table(_match_path(ds, shard)), out / f"shard={shard}", entries)
+        pairs += table.num_rows
+        matched += sum(1 for v in table["matched"].to_pylist() if v)
+        write_table(ds.signals(NAME, shard), table)
+        write_json(ds.marker(NAME, shard), {"shard": shard, "stats": {"rows": table.num_rows}})
+    top = counts_table.slice(0, 10).to_pylist()
+    return {"pairs": pairs, "matched_pairs": matched, "unmatched_pairs": pairs - matched,
+            "entries": len(entries), "entries_matched": counts_table.num_rows,
+            "largest_entries": {r["entry"]: r["count"] for r in top},
+            "kept_at_t": kept_at}
+
+
+def _run_reduce(cfg: BalanceConfig, match_files: list[Path], out: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """reduce_sql over the match files, written partitioned by shard to `out` (out/shard=X/*.parquet);
+    returns the per-entry counts (bounded by the metadata size) and the kept pairs at each REPORT_CAPS t."""
+    from curate.balancing import entry_counts_sql, reduce_sql
+
+    src = "(SELECT * FROM matches WHERE entry IS NOT NULL)"
+    caps = ", ".join(f"SUM(CASE WHEN rank < {t} THEN 1 ELSE 0 END) AS t{t}" for t in REPORT_CAPS)
+    if cfg.query_engine == "spark":
+        from curate.engines.spark import get_session
+
+        spark = get_session(cfg.spark_master)
+        spark.read.parquet(*[str(p) for p in match_files]).createOrReplaceTempView("matches")
+        spark.sql(reduce_sql(src)).write.mode("overwrite").partitionBy("shard").parquet(str(out))
+        spark.read.parquet(str(out)).createOrReplaceTempView("reduced")
+        rows = spark.sql(entry_counts_sql(src)).collect()  # one row per matched entry: bounded by the metadata
+        kept = spark.sql(f"SELECT {caps} FROM reduced").collect()[0].asDict()
+        per_entry = {"entry": np.asarray([r["entry"] for r in rows], np.int64),
+                     "count": np.asarray([r["count"] for r in rows], np.int64)}
+    else:
+        import duckdb
+
+        con = duckdb.connect()
+        try:
+            # spill to the dataset's work dir, not /tmp: the window over all matches may exceed memory
+            con.execute(f"SET temp_directory = '{_sql_str(out.parent / 'duckdb-tmp')}'")
+            files = ", ".join(f"'{_sql_str(p)}'" for p in match_files)
+            con.execute(f"CREATE VIEW matches AS SELECT * FROM read_parquet([{files}])")
+            con.execute(f"COPY ({reduce_sql(src)}) TO '{_sql_str(out)}' (FORMAT PARQUET, PARTITION_BY (shard))")
+            con.execute(f"CREATE VIEW reduced AS SELECT * FROM read_parquet('{_sql_str(out)}/*/*.parquet')")
+            e = con.execute(entry_counts_sql(src)).fetchnumpy()
+            per_entry = {"entry": e["entry"].astype("int64"), "count": e["count"]}
+            row = con.execute(f"SELECT {caps} FROM reduced").fetchone() if per_entry["entry"].size else None
+            kept = dict(zip([f"t{t}" for t in REPORT_CAPS], row or [0] * len(REPORT_CAPS), strict=True))
+        finally:
+            con.close()
+        shutil.rmtree(out.parent / "duckdb-tmp", ignore_errors=True)
+    biggest = int(per_entry["count"].max()) if len(per_entry["count"]) else 0
+    # caps above the largest entry keep every matched pair; list up to the first of them
+    kept_at = {}
+    for t in REPORT_CAPS:
+        kept_at[str(t)] = int(kept[f"t{t}"] or 0)
+        if t > biggest:
+            break
+    return per_entry, kept_at
+
+
+def _sql_str(p: Any) -> str:
+    return str(p).replace("'", "''")
+
+
+def _shard_signals(matches: Any, reduced_dir: Path, text: list[str]) -> Any:
+    """One row per pair of the shard, in key order: matched entries (text) from the match table and the
+    reduce's statistics (null for a pair that matched nothing). Memory is bounded by one shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stats: dict[str, dict[str, Any]] = {}
+    files = sorted(reduced_dir.glob("*.parquet")) if reduced_dir.is_dir() else []
+    for f in files:
+        for r in pq.read_table(f, columns=["key", "rank", "scaled_draw", "min_count"]).to_pylist():
+            stats[r["key"]] = r
+    words: dict[str, list[str]] = {}
+    m = matches.to_pydict()
+    for key, entry in zip(m["key"], m["entry"], strict=True):
+        found = words.setdefault(key, [])
+        if entry is not None:
+            found.append(text[entry])
+    keys = sorted(words)
+    empty: dict[str, Any] = {}
+    return pa.table({
+        "key": pa.array(keys, pa.string()),
+        "matched": pa.array([len(words[k]) for k in keys], pa.int32()),
+        "entries": pa.array([sorted(words[k]) for k in keys], pa.list_(pa.string())),
+        "rank": pa.array([stats.get(k, empty).get("rank") for k in keys], pa.int64()),
+        "scaled_draw": pa.array([stats.get(k, empty).get("scaled_draw") for k in keys], pa.float64()),
+        "min_count": pa.array([stats.get(k, empty).get("min_count") for k in keys], pa.int64()),
+    })
+
+
+STAGE = BalanceStage()

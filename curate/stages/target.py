@@ -1,0 +1,232 @@
+"""Stage "target": DataComp's image-based filtering (Gadre et al. 2023, Sec. 3.4): keep the pool samples whose
+image embeddings fall in the k-means clusters nearest to a target set's images.
+
+plan() (driver): spherical k-means (faiss) on a seeded sample of the pool's image embeddings (the sample is
+drawn by a hash of key and seed, so it does not depend on shard layout, and holds about 256 rows per
+cluster, at most --sample rows: DataComp also clustered a sample of its larger pools); then the target dataset's embeddings, read shard by shard, each pick their nearest centroid; the
+union of those clusters is the selected set (at most k ids). Tasks (one per scored pool shard) assign each
+sample to its nearest centroid and write signals/target/{shard}.parquet:
+
+    key, cluster, similarity (cosine to that centroid), selected (cluster is in the selected set)
+
+Export's samples view prefixes the columns (`target_selected`), so the policy is a plain predicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curate.config import output_fields, runtime
+from curate.errors import InputError
+from curate.io.atomic import atomic_path, read_json, write_json
+from curate.io.layout import DatasetDir
+
+log = logging.getLogger("curate.target")
+
+NAME = "target"
+PLAN_VERSION = 1
+POINTS_PER_CLUSTER = 256  # k-means training rows per cluster (faiss's own default cap)
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    target: str  # the target dataset dir (absolute path), scored with the same model as the pool
+    k: int = 0  # clusters (0 = auto: about 2 sqrt(N), at least 40 rows each)
+    seed: int = 0
+    niter: int = 20
+    sample: int = 1_000_000  # most pool rows k-means trains on (the driver holds them: 3 GB at 768-d)
+    batch_rows: int = runtime(65536)
+
+
+def check_config(cfg: TargetConfig) -> None:
+    if cfg.k < 0:
+        raise InputError("--k: must be 'auto' or a positive number of clusters")
+    if cfg.niter < 1:
+        raise InputError("--niter: must be at least 1")
+    if cfg.sample < 1:
+        raise InputError("--sample: must be at least 1")
+    if not Path(cfg.target).is_dir():
+        raise InputError(f"--target: {cfg.target} is not a directory")
+
+
+def work_dir(ds: DatasetDir) -> Path:
+    return ds.work(NAME)
+
+
+def check_same_model(pool: DatasetDir, target: DatasetDir) -> None:
+    """Embeddings of two models are not comparable even when their dimensions agree: refuse the mix."""
+    from curate.io import manifest
+
+    def model(ds: DatasetDir) -> tuple[Any, Any] | None:
+        cfg = manifest.load(ds)["stages"].get("score", {}).get("config") or {}
+        return (cfg.get("model"), cfg.get("pretrained")) if "model" in cfg else None
+
+    a, b = model(pool), model(target)
+    if a is not None and b is not None and a != b:
+        raise InputError(f"--target {target.root}: scored with model {b[0]} / {b[1]}, but {pool.root} with "
+                         f"{a[0]} / {a[1]}; score both with the same model")
+
+
+def validate(cfg: TargetConfig, ds: DatasetDir) -> None:
+    """Every check that needs no clustering, so a bad --target stops before any earlier output is touched."""
+    check_config(cfg)
+    target = DatasetDir.at(cfg.target)
+    _scored_shards(ds, "")
+    _scored_shards(target, "--target ")
+    check_same_model(ds, target)
+
+
+def _unit_draw(seed: int, key: str) -> float:
+    h = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    return (int.from_bytes(h, "big") >> 11) / float(1 << 53)
+
+
+def shard_embeddings(ds: DatasetDir, shard: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(keys with an embedding, their embeddings (memory-mapped rows, float16), every scored-table key)."""
+    import pyarrow.parquet as pq
+
+    path = ds.signals("score", shard)
+    emb_path = ds.signals("score", shard, ".img_emb.npy")
+    try:
+        t = pq.read_table(path, columns=["key", "scored", "emb_row"]).to_pydict()
+        emb = np.load(emb_path, mmap_mode="r")
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{path}: unreadable score table or embeddings ({e})") from None
+    rows = [(k, r) for k, s, r in zip(t["key"], t["scored"], t["emb_row"], strict=True) if s and r is not None and r >= 0]
+    if rows and (emb.ndim != 2 or max(r for _, r in rows) >= emb.shape[0]):
+        raise InputError(f"{emb_path}: shape {emb.shape} does not hold the emb_row values of {path}")
+    keys = [k for k, _ in rows]
+    idx = np.asarray([r for _, r in rows], dtype=np.int64)
+    return keys, (emb[idx] if len(idx) else np.zeros((0, emb.shape[1] if emb.ndim == 2 else 0), np.float16)), list(t["key"])
+
+
+def _scored_shards(ds: DatasetDir, flag: str) -> list[str]:
+    shards = ds.done_shards("score")
+    if not shards:
+        raise InputError(f"{flag}{ds.root / 'signals' / 'score'}: no scored shards (no _done/score markers); "
+                         f"run `curate score` first")
+    return shards
+
+
+def nearest(emb: np.ndarray, centroids: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid (by cosine: rows and centroids are unit vectors) of every row: (ids, cosines)."""
+    from curate import semdedup as sd
+
+    if not len(emb):
+        return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    ids, sims = sd.assign(emb, centroids, 1, batch)
+    return ids[:, 0], sims[:, 0]
+
+
+class TargetStage:
+    name = NAME
+    config_cls = TargetConfig
+
+    def plan(self, cfg: TargetConfig, ds: DatasetDir) -> list[dict[str, Any]]:
+        from curate.stages.dedup import input_digest
+
+        validate(cfg, ds)
+        target = DatasetDir.at(cfg.target)
+        shards = _scored_shards(ds, "")
+        digest = {"config": output_fields(cfg), "pool": input_digest(ds), "target": input_digest(target),
+                  "version": PLAN_VERSION}
+        plan_path = work_dir(ds) / "plan.json"
+        if not (plan_path.exists() and read_json(plan_path).get("digest") == digest):
+            ds.discard(self.name)  # centroids changed: no assignment may be reused
+            self._build(cfg, ds, target, shards, digest)
+        return [{"shard": s} for s in shards]
+
+    def _build(self, cfg: TargetConfig, ds: DatasetDir, target: DatasetDir, shards: list[str],
+               digest: dict[str, Any]) -> None:
+        """Centroids from a seeded sample of the pool, then the clusters nearest to the target's images."""
+        from curate import semdedup as sd
+
+        n = 0
+        for s in shards:  # a first pass over keys only, to size the sample
+            n += len(shard_embeddings(ds, s)[0])
+        if n == 0:
+            raise InputError(f"{ds.root}: no scored samples with an image embedding")
+        k = min(cfg.k, n) if cfg.k else sd.choose_k(n)  # an explicit k is honoured down to one row a cluster
+        rate = min(1.0, min(k * POINTS_PER_CLUSTER, cfg.sample) / n)
+        keys, parts = [], []
+        for s in shards:
+            sk, emb, _ = shard_embeddings(ds, s)
+            pick = [i for i, key in enumerate(sk) if _unit_draw(cfg.seed, key) < rate]
+            keys += [sk[i] for i in pick]
+            parts.append(np.asarray(emb[pick], np.float32))
+        order = np.argsort(np.asarray(keys, dtype=object), kind="stable")  # key order: shard layout does not matter
+        sample = np.concatenate(parts)[order]
+        dim = sample.shape[1]
+        log.info("target: %d pool rows, k-means with %d clusters on %d sampled rows", n, k, len(sample))
+        centroids = sd.train_centroids(sample, k, cfg.seed, niter=cfg.niter,
+                                       points_per_centroid=POINTS_PER_CLUSTER) if len(sample) > k else \
+            np.ascontiguousarray(sample / np.linalg.norm(sample, axis=1, keepdims=True), np.float32)
+        hits: dict[int, int] = {}
+        images = 0
+        for s in _scored_shards(target, "--target "):
+            _, temb, _ = shard_embeddings(target, s)
+            if len(temb) and temb.shape[1] != dim:
+                raise InputError(f"--target {target.root}: embedding dimension {temb.shape[1]}, the pool's is {dim}")
+            ids, _ = nearest(temb, centroids, cfg.batch_rows)
+            images += len(ids)
+            for c in ids.tolist():
+                hits[c] = hits.get(c, 0) + 1
+        if not images:
+            raise InputError(f"--target {target.root}: no scored images with an embedding")
+        wd = work_dir(ds)
+        with atomic_path(wd / "centroids.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, centroids, allow_pickle=False)
+        selected = sorted(hits)
+        write_json(wd / "plan.json", {  # last: its presence says the centroids above are complete
+            "digest": digest, "rows": n, "k": int(len(centroids)), "sampled": int(len(sample)),
+            "target_images": images, "selected": selected, "target_per_cluster": {str(c): hits[c] for c in selected},
+        })
+
+    def run_shard(self, cfg: TargetConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+        import pyarrow as pa
+
+        from curate.io.tables import write_table
+
+        wd = work_dir(ds)
+        plan = read_json(wd / "plan.json")
+        centroids = np.load(wd / "centroids.npy")
+        selected = np.asarray(plan["selected"], np.int64)
+        keys, emb, all_keys = shard_embeddings(ds, task["shard"])
+        ids, sims = nearest(emb, centroids, cfg.batch_rows)
+        pos = {k: i for i, k in enumerate(keys)}
+        order = sorted(all_keys)
+        at = np.asarray([pos.get(k, -1) for k in order], np.int64)
+        has = at >= 0
+        cluster = np.where(has, ids[np.maximum(at, 0)] if len(ids) else 0, 0)
+        sim = np.where(has, sims[np.maximum(at, 0)] if len(sims) else 0, 0)
+        chosen = has & np.isin(cluster, selected)
+        write_table(ds.signals(NAME, task["shard"]), pa.table({
+            "key": pa.array(order, pa.string()),
+            "cluster": pa.array(cluster.astype(np.int32), pa.int32(), mask=~has),
+            "similarity": pa.array(sim.astype(np.float32), pa.float32(), mask=~has),
+            "selected": pa.array(chosen),
+        }))
+        return {"rows": len(order), "assigned": int(has.sum()), "selected": int(chosen.sum())}
+
+    def finalize(self, cfg: TargetConfig, ds: DatasetDir) -> dict[str, Any]:
+        from curate.runner import _sum_stats
+
+        plan_path = work_dir(ds) / "plan.json"
+        if not plan_path.exists():
+            return {}
+        plan = read_json(plan_path)
+        counts = {k: v for k, v in _sum_stats(ds, NAME).items()}
+        return {**counts, "clusters": plan["k"], "selected_clusters": len(plan["selected"]),
+                "target_images": plan["target_images"], "sampled": plan["sampled"]}
+
+    def inputs(self, cfg: TargetConfig) -> dict[str, Any]:
+        return {"target": cfg.target}
+
+
+STAGE = TargetStage()

@@ -1,0 +1,353 @@
+"""`curate index`, `curate search` and `curate serve` on a real small dataset: images downloaded from a loopback
+server, scored with a tiny open_clip config (random init), indexed; results checked against brute force over
+the embedding files, hostile captions checked escaped, and the search page driven in headless Chromium."""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from dataset_factory import color_image, jpeg_bytes
+from test_fetch import LoopServer
+from test_score import TINY
+
+from curate.cli import main
+from curate.io.layout import DatasetDir
+
+N_IMAGES = 40
+HOSTILE = {
+    5: "<script>window.__pwned = 1</script> a cat on a mat",
+    6: "\" onmouseover=\"window.__pwned=2\" x=' <b>bold</b> & friends",
+    7: "<img src=x onerror=\"window.__pwned=3\"> a dog",
+}
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def caption(i: int) -> str:
+    return HOSTILE.get(i, ["a red square on blue", "a small striped cat", "a green field at noon",
+                           "an old map of a city"][i % 4] + f" number {i}")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Download N_IMAGES images from a loopback server (3 shards), score with the tiny config, index (exact)."""
+    tmp = tmp_path_factory.mktemp("search")
+    cfg = tmp / "curate-search-tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    server = LoopServer()
+    try:
+        urls = [server.image(f"/img{i}.jpg", jpeg_bytes(color_image(i, (64, 56)))) for i in range(N_IMAGES)]
+        urls.append(server.url("/missing.jpg"))  # a failed row: in the ledger, not in the index
+        pq.write_table(pa.table({"URL": urls, "TEXT": [caption(i) for i in range(len(urls))]}), tmp / "urls.parquet")
+        out = tmp / "ds"
+        assert main(["download", str(tmp / "urls.parquet"), "--out", str(out), "--url-col", "URL",
+                     "--caption-col", "TEXT", "--allow-host", server.endpoint, "--image-size", "32",
+                     "--samples-per-shard", "16", "--timeout", "2", "--deadline", "4", "--no-progress"]) == 0
+    finally:
+        server.close()
+    assert main(["score", str(out), "--model", str(cfg), "--pretrained", "none", "--save-text-embeddings",
+                 "--batch-size", "8", "--loader-workers", "0", "--no-progress"]) == 0
+    assert main(["index", str(out), "--no-progress"]) == 0
+    return DatasetDir.at(out)
+
+
+def embeddings(ds: DatasetDir, suffix: str = ".img_emb.npy") -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """(keys, float32 vectors, key -> caption) of every scored sample, from the files score wrote."""
+    keys, vecs, captions = [], [], {}
+    for shard in ds.done_shards("score"):
+        t = pq.read_table(ds.signals("score", shard)).to_pylist()
+        emb = np.load(ds.signals("score", shard, suffix)).astype(np.float32)
+        for r in t:
+            if r["scored"]:
+                keys.append(r["key"])
+                vecs.append(emb[r["emb_row"]])
+    for shard in ds.shards():
+        for r in pq.read_table(ds.ledger(shard), columns=["key", "caption"]).to_pylist():
+            captions[r["key"]] = r["caption"]
+    return keys, np.stack(vecs), captions
+
+
+def search_json(ds: DatasetDir, capsys, *args: str) -> dict:
+    capsys.readouterr()
+    assert main(["search", str(ds.root), *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_index_layout_manifest_and_resume(dataset, capsys):
+    ds = dataset
+    meta = json.loads((ds.root / "index" / "index.json").read_text())
+    keys, _, _ = embeddings(ds)
+    assert meta["rows"] == len(keys) == N_IMAGES and meta["kind"] == "flat"
+    assert set(meta["modalities"]) == {"image", "text"}  # score saved text embeddings
+    assert meta["modalities"]["image"]["recall"] == 1.0  # exact
+    ids = pq.read_table(ds.root / "index" / "ids.parquet")
+    assert sorted(ids["key"].to_pylist()) == sorted(keys)
+    entry = json.loads(ds.manifest.read_text())["stages"]["index"]
+    assert entry["status"] == "complete" and entry["config"]["scorer"] == "score"
+    assert entry["counts"]["recall_at_10"] == 1.0 and entry["counts"]["factory"] == "Flat"
+    capsys.readouterr()
+    assert main(["index", str(ds.root), "--no-progress"]) == 0  # resume: nothing to redo
+    assert "0 shard(s) done, 3 already done" in capsys.readouterr().err
+    assert main(["index", str(ds.root), "--kind", "ivf-fp16", "--no-progress"]) == 2  # other config, no --redo
+
+
+def test_text_query_is_encoded_with_the_scorers_model(dataset, capsys):
+    """A caption as the query: the scorer's text tower gives that sample's saved text embedding, so the
+    hits and scores must equal brute force of that vector over the image embeddings."""
+    ds = dataset
+    keys, img, captions = embeddings(ds)
+    _, txt, _ = embeddings(ds, ".txt_emb.npy")
+    target = keys.index(next(k for k in keys if captions[k] == caption(2)))
+    doc = search_json(ds, capsys, caption(2), "-k", "5")
+    hits = doc["queries"][0]["hits"]
+    sims = img @ txt[target]
+    order = np.argsort(-sims, kind="stable")[:5]
+    assert [h["key"] for h in hits] == [keys[i] for i in order]
+    assert [h["score"] for h in hits] == pytest.approx([float(sims[i]) for i in order], abs=2e-3)
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert all(h["caption"] == captions[h["key"]] and h["status"] == "success" for h in hits)
+    # text modality: the same caption finds its own sample first
+    doc = search_json(ds, capsys, caption(2), "-k", "3", "--modality", "text")
+    assert doc["queries"][0]["hits"][0]["key"] == keys[target]
+
+
+def test_key_and_image_queries_and_where(dataset, capsys, tmp_path):
+    ds = dataset
+    keys, img, _ = embeddings(ds)
+    doc = search_json(ds, capsys, "--key", keys[3], "-k", "4")
+    hits = doc["queries"][0]["hits"]
+    sims = img @ img[3]
+    order = [i for i in np.argsort(-sims, kind="stable") if i != 3][:4]
+    assert [h["key"] for h in hits] == [keys[i] for i in order]  # neighbours, the sample itself left out
+    # --where: the same SQL as export, applied to the hits
+    clip = {r["key"]: r["clip_score"] for s in ds.done_shards("score") for r in pq.read_table(ds.signals("score", s)).to_pylist()}
+    cut = float(np.median([clip[k] for k in keys]))
+    doc = search_json(ds, capsys, "--key", keys[3], "-k", "6", "--where", f"clip_score > {cut}")
+    hits = doc["queries"][0]["hits"]
+    passing = [keys[i] for i in np.argsort(-sims, kind="stable") if i != 3 and clip[keys[i]] > cut][:6]
+    assert [h["key"] for h in hits] == passing and doc["where"] == f"clip_score > {cut}"
+    # an image file as the query: one of the downloaded images finds itself first
+    shard = ds.shards()[0]
+    from curate.io.shards import iter_samples
+
+    first = next(iter_samples(ds.shard_tar(shard)))
+    (tmp_path / "q.jpg").write_bytes(first["image"])
+    doc = search_json(ds, capsys, "--image", str(tmp_path / "q.jpg"), "-k", "1")
+    assert doc["queries"][0]["hits"][0]["key"] == first["key"]
+    assert doc["queries"][0]["hits"][0]["score"] == pytest.approx(1.0, abs=5e-3)
+
+
+def test_bad_inputs_exit_2(dataset, tmp_path, capsys):
+    ds = dataset
+    assert main(["search", str(ds.root), "--key", "nope"]) == 2
+    assert main(["search", str(ds.root), "cat", "--where", "no_such_column > 1"]) == 2
+    assert main(["search", str(ds.root)]) == 2
+    bare = tmp_path / "bare"
+    shutil.copytree(ds.root, bare, ignore=shutil.ignore_patterns("index"))
+    capsys.readouterr()
+    assert main(["search", str(bare), "cat"]) == 2
+    assert "curate index" in capsys.readouterr().err
+    assert main(["index", str(bare), "--memory-budget", "10", "--kind", "ivf-pq", "--no-progress"]) == 2
+
+
+def test_html_grid_escapes_hostile_captions(dataset, tmp_path, capsys):
+    out = tmp_path / "hits.html"
+    keys, _, captions = embeddings(dataset)
+    assert main(["search", str(dataset.root), "--key", keys[0], "-k", str(N_IMAGES - 1), "--html", str(out)]) == 0
+    page = out.read_text()
+    assert "<script>" not in page and "onerror=" not in page.replace("onerror=&quot;", "")
+    for text in HOSTILE.values():
+        assert html.escape(text) in page  # shown, as text
+    assert page.count("data:image/jpeg;base64,") == N_IMAGES - 1 and "http://" not in page
+
+
+def test_ivf_index_resumes_a_lost_part(dataset, tmp_path, capsys):
+    ds = DatasetDir.at(tmp_path / "copy")
+    shutil.copytree(dataset.root, ds.root)
+    assert main(["index", str(ds.root), "--kind", "ivf-fp16", "--nlist", "4", "--redo", "--no-progress"]) == 0
+    meta = json.loads((ds.root / "index" / "index.json").read_text())
+    assert meta["factory"] == "IVF4,SQfp16" and 1 <= meta["modalities"]["image"]["nprobe"] <= 4
+    assert meta["modalities"]["image"]["recall"] >= 0.97
+    (ds.root / "index" / "parts" / "00001.image.faiss").unlink()  # a lost part: only its shard is redone
+    capsys.readouterr()
+    assert main(["index", str(ds.root), "--kind", "ivf-fp16", "--nlist", "4", "--no-progress"]) == 0
+    assert "1 shard(s) done, 2 already done" in capsys.readouterr().err
+    keys, img, _ = embeddings(ds)
+    doc = search_json(ds, capsys, "--key", keys[10], "-k", "3")
+    exact = [keys[i] for i in np.argsort(-(img @ img[10]), kind="stable") if i != 10][:3]
+    assert [h["key"] for h in doc["queries"][0]["hits"]] == exact  # nprobe tuned to full recall here
+
+
+# --- the served page ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(dataset):
+    from curate.search.searcher import Searcher
+    from curate.search.server import make_server
+
+    s = Searcher(dataset.root)
+    httpd = make_server(s, "127.0.0.1", 0)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    s.close()
+
+
+def get(url: str) -> tuple[int, dict, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_serve_command_binds_loopback_and_answers(dataset):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "curate.cli", "serve", str(dataset.root), "--port", "0"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("serve: http://127.0.0.1:"), line
+        url = line.split()[1]
+        status, _, body = get(url + "api/info")
+        info = json.loads(body)
+        assert status == 200 and info["rows"] == N_IMAGES and info["modalities"] == ["image", "text"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_api_is_read_only_and_never_sql(served, dataset):
+    status, headers, body = get(served + "/")
+    assert status == 200 and "script-src 'self'" in headers["Content-Security-Policy"]
+    assert b"http://" not in body and b"https://" not in body  # no external assets
+    status, _, body = get(served + "/api/search?q=" + urllib.request.quote("a cat'; DROP TABLE samples; --") + "&k=5")
+    assert status == 200 and len(json.loads(body)["hits"]) == 5
+    status, _, body = get(served + "/api/sample?key=" + urllib.request.quote("' OR 1=1 --"))
+    assert status == 400 and "is not a sample" in json.loads(body)["error"]
+    keys, _, captions = embeddings(dataset)
+    hostile_key = next(k for k in keys if captions[k] == HOSTILE[5])
+    status, _, body = get(served + "/api/sample?key=" + hostile_key)
+    s = json.loads(body)
+    assert status == 200 and s["ledger"]["caption"] == HOSTILE[5] and "clip_score" in s["signals"]
+    req = urllib.request.Request(served + "/api/search?q=x", method="POST", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 405
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                    reason="Debian chromium + chromium-driver are not installed: apt-get install chromium chromium-driver")
+def test_search_page_in_headless_chromium(served, dataset, tmp_path):
+    from selenium import webdriver  # the dev extra
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(served + "/")
+        wait.until(lambda d: "samples" in d.find_element(By.ID, "info").text)
+        box = driver.find_element(By.ID, "q")
+        box.send_keys("a small striped cat")
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .tile")) == 24)
+        tiles = driver.find_elements(By.CSS_SELECTOR, "#grid .tile")
+        assert all(t.find_element(By.TAG_NAME, "img").get_attribute("src").startswith("data:image/jpeg")
+                   for t in tiles)
+        # neighbours of a sample whose caption is hostile: shown as text, never run
+        keys, _, captions = embeddings(dataset)
+        driver.get(served + "/#key=" + next(k for k in keys if captions[k] == HOSTILE[5]))
+        wait.until(ec.visibility_of_element_located((By.ID, "detail")))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#neighbours .tile")) == 12)
+        assert driver.find_element(By.ID, "detail-caption").text == HOSTILE[5]
+        first = driver.find_elements(By.CSS_SELECTOR, "#neighbours .tile")[0]
+        nkey = first.get_attribute("data-key")
+        first.click()  # a neighbour's own neighbours
+        wait.until(lambda d: d.find_element(By.ID, "detail-title").text == f"Sample {nkey}")
+        assert driver.find_elements(By.CSS_SELECTOR, "#ledger tr") and driver.find_elements(By.CSS_SELECTOR, "#signals tr")
+        # every hostile caption reached the page somewhere, as text
+        driver.find_element(By.ID, "q").clear()
+        driver.find_element(By.ID, "q").send_keys("a cat on a mat")
+        driver.find_element(By.ID, "go").click()
+        wait.until(lambda d: "hits for" in d.find_element(By.ID, "status").text and "a cat on a mat" in d.find_element(By.ID, "status").text)
+        assert driver.execute_script("return window.__pwned === undefined")
+        assert not driver.find_elements(By.CSS_SELECTOR, "#grid script, #neighbours script, #grid b, #grid img[onerror]")
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert errors == []
+        shot = Path(__file__).resolve().parents[1] / "artifacts" / "search-page.png"
+        shot.parent.mkdir(exist_ok=True)
+        driver.save_screenshot(str(shot))
+    except Exception:
+        print(driver.page_source[:3000], driver.get_log("browser"))
+        raise
+    finally:
+        driver.quit()
+
+
+def test_id_table_maps_ids_to_keys_without_ledgers(dataset):
+    """ids.parquet alone maps every index id to its key, shard and emb_row."""
+    ids = pq.read_table(dataset.root / "index" / "ids.parquet").to_pylist()
+    for shard in dataset.done_shards("score"):
+        t = {r["key"]: r["emb_row"] for r in pq.read_table(dataset.signals("score", shard)).to_pylist() if r["scored"]}
+        assert {r["key"]: r["emb_row"] for r in ids if r["shard"] == shard} == t
+
+
+def test_report_grid_tiles_list_their_neighbours(dataset, tmp_path):
+    out = tmp_path / "report.html"
+    assert main(["report", str(dataset.root), "--out", str(out)]) == 0
+    page = out.read_text()
+    keys, img, _ = embeddings(dataset)
+    assert page.count('<details class="nbrs">') >= 24  # every grid tile of an indexed dataset
+    i = 0
+    exact = [keys[j] for j in np.argsort(-(img @ img[i]), kind="stable") if j != i][:4]
+    line = next(p for p in page.split('<details class="nbrs">') if f"#key={keys[i]}" in p)
+    assert [x.split(" (")[0].split("</summary>")[-1] for x in line.split(" · ")[0].split(", ")] == exact
+    bare = tmp_path / "bare"
+    shutil.copytree(dataset.root, bare, ignore=shutil.ignore_patterns("index"))
+    assert main(["report", str(bare), "--out", str(tmp_path / "r2.html")]) == 0
+    assert "nbrs" not in (tmp_path / "r2.html").read_text()  # no index, no neighbour lines
+
+
+def test_sample_says_why_the_export_dropped_it(dataset, tmp_path):
+    from curate.search.searcher import Searcher
+
+    keys, _, _ = embeddings(dataset)
+    clip = {r["key"]: r["clip_score"] for s in dataset.done_shards("score")
+            for r in pq.read_table(dataset.signals("score", s)).to_pylist() if r["scored"]}
+    cut = float(np.median(list(clip.values())))
+    out = tmp_path / "exp"
+    assert main(["export", str(dataset.root), "--out", str(out), "--where", f"clip_score > {cut}",
+                 "--write-dropped"]) == 0
+    s = Searcher(dataset.root, export_dir=out)
+    try:
+        low = next(k for k in keys if clip[k] <= cut)
+        high = next(k for k in keys if clip[k] > cut)
+        v = s.sample(low)["export"]
+        assert v["decision"] == "dropped" and "clip_score" in v["reason"]
+        assert s.sample(high)["export"]["decision"] == "kept"
+    finally:
+        s.close()
