@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance clean
+.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance bench-adopt bench-export clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,8 @@ bench: setup .venv-bench/.installed
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/dedup.py
 	$(BIN)/python bench/train_probe.py
+	$(BIN)/python bench/adopt.py
+	$(BIN)/python bench/export_scale.py --rows 4000000
 
 bench-download: setup .venv-bench/.installed
 	$(BIN)/python bench/download.py --img2dataset-python .venv-bench/bin/python
@@ -48,6 +50,11 @@ bench-train: setup
 	$(BIN)/python bench/train_probe.py
 bench-balance: setup
 	$(BIN)/python bench/balance.py
+
+bench-adopt: setup
+	$(BIN)/python bench/adopt.py
+bench-export: setup
+	$(BIN)/python bench/export_scale.py --rows 4000000
 
 clean:
 	rm -rf demo-out bench-out artifacts .pytest_cache
