@@ -91,11 +91,11 @@ def decode_image(data: bytes, preprocess: Any, image_size: int) -> tuple[Any, in
 def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) when these bytes may go to the device decoder, else None (CPU path).
 
-    Only baseline RGB/greyscale JPEGs within DEVICE_MAX_PIXELS qualify; the header is parsed with the
-    same allowlist and pixel cap as the CPU path before a byte reaches nvjpeg.
+    Only complete (end marker present), baseline RGB/greyscale JPEGs within DEVICE_MAX_PIXELS qualify; the
+    header is parsed with the same allowlist and pixel cap as the CPU path before a byte reaches nvjpeg.
     """
-    if not data.startswith(JPEG_MAGIC):
-        return None
+    if not data.startswith(JPEG_MAGIC) or not data.rstrip(b"\0")[-2:] == b"\xff\xd9":
+        return None  # not a JPEG, or one cut short (no end marker): Pillow refuses those, nvjpeg might not
     try:
         img = open_image(data)
     except ImageSkipped:
