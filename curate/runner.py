@@ -76,14 +76,16 @@ def run_stage(
     Holds the stage's lock on the directory for the whole run (a second run exits 2). An array task
     (cfg.num_shards > 1) holds it shared with its siblings, writes its own manifest fragment, and may
     not --redo. Whatever ends the run (an exception, Ctrl-C, SIGTERM from Slurm), the manifest is
-    left "interrupted", never "running".
+    left "interrupted", never "running". (Long because lock, fingerprint, plan and manifest must stay
+    in this one order inside the lock; the task loop itself is run_tasks.)
     """
     stage = get_stage(stage_name)
     ds = DatasetDir.at(root)
     part = array_slice_of(cfg)
     if redo and part is not None:
         raise InputError(f"--redo: refused inside an array task (--shard-index {part[0]} of {part[1]}): it would "
-                         f"delete its siblings' output. Run once with --redo --plan-only, then the array.")
+                         f"delete its siblings' output. Run the stage once with --redo outside the array "
+                         f"(download: --redo --plan-only), then the array.")
     ds.root.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg, fingerprint_extra)
     key = output_key(stage, cfg, stage_name)  # usually stage_name; `score --name NAME` keys by NAME
