@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance bench-adopt bench-export clean
+.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance \
+	bench-adopt bench-export gpu-wheels gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +56,14 @@ bench-adopt: setup
 	$(BIN)/python bench/adopt.py
 bench-export: setup
 	$(BIN)/python bench/export_scale.py --rows 4000000
+
+# wheels for bench/gpu_check.sh on a GPU machine without network (Python 3.12, x86_64): what curate imports
+# that the machine's image lacks; see bench/gpu_wheels.py (the tree carried there must stay under 64 MiB).
+gpu-wheels: setup
+	$(BIN)/python bench/gpu_wheels.py
+
+gpu-smoke: setup
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh --cpu-smoke
 
 clean:
 	rm -rf demo-out bench-out artifacts .pytest_cache

@@ -109,7 +109,7 @@ def main() -> None:
     t1 = time.time()
     _run_reduce(BalanceConfig(), files, ds.work("balance") / "bench-reduced")
     reduce_s = time.time() - t1
-    matches = sum(json.loads(p.read_text()).get("matches", 0) for p in (root / "stats" / "balance").glob("match-*.json"))
+    matches = sum(json.loads(p.read_text()).get("matches", 0) for p in (root / "stats" / "balance").glob("match.*.json"))
     result = {"pairs": n, "matches": matches, "entries_matched": counts["entries_matched"], "workers": args.workers,
               "stage_wall_s": round(wall, 1), "pairs_per_s": round(n / wall), "reduce_s": round(reduce_s, 1),
               "peak_rss_mb": round(rss_mb), "max_selected_per_entry": check_cap(root, [10, 1000, 20000]),

@@ -1,16 +1,21 @@
-"""Benchmark dedup: synthetic 512-d unit vectors with planted near-duplicate groups at several sizes.
+"""Benchmark dedup: synthetic 512-d unit vectors with planted near copies, through the numeric core and the stage.
 
-    python bench/dedup.py [--sizes 100k,300k,1M] [--stage-size 100k] [--out bench-out/dedup]
+    python bench/dedup.py [--sizes 100k,300k,1M] [--stage-size 1M] [--device cpu|cuda|auto] [--out bench-out/dedup]
+    python bench/dedup.py --device cuda --sizes 10M --stage-size ''        # the GPU check (one H100/H200)
 
-Per size (each in its own process, so peak RSS is that size's): wall time of the numeric core (k-means,
-assignment, per-cluster pair search, union, keep), peak RSS, recall of the planted pairs (both ends in one
-group), agreement with an exact brute-force range search for 1000 sampled queries (500 random rows, 500
-planted copies), and the scaling exponent between sizes. With --stage-size, the same data also goes through `curate dedup`'s stage
-(work files, tasks, signal tables) on a dataset dir of 1000-row shards.
+Core (one process per size, `curate.semdedup.dedup_arrays`): wall time per phase (train, assign, pairs,
+decide), k, peak RSS, recall of the planted pairs (both ends found as a near pair), planted pairs left with
+both ends kept, and for <= 4M rows agreement with an exact brute-force range search for 1000 sampled queries.
+With --device cuda the data are generated on the GPU (torch, float16) and everything runs there.
+
+Stage (`--stage-size`): a generator process writes a scored dataset dir (score tables + float16 embedding
+files, 10,000-row shards, as `curate score` writes them), then `curate dedup`'s stage runs in another process:
+wall time per phase (from the task markers), peak RSS of the stage process and of its largest worker, and the
+planted-pair recall read back from the pair tasks' edge files.
 
 The data imitate CLIP image embeddings: all vectors lie in a cone around one direction (mean pairwise cosine
 ~0.2), grouped in topics (cosine ~0.56 within a topic); 10% of the rows are copies of another row at cosine
-0.96-0.995 (re-encoded/resized images), several copies of one original forming a group.
+0.96-0.995 (re-encoded/resized images).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 THRESHOLD = 0.95
+D = 512
 
 
 def parse_size(s: str) -> int:
@@ -38,45 +44,96 @@ def unit(a: np.ndarray) -> np.ndarray:
     return a / np.linalg.norm(a, axis=-1, keepdims=True)
 
 
-def synth(n: int, d: int = 512, seed: int = 0, dup_share: float = 0.1, lo: float = 0.96, hi: float = 0.995,
-          chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(float16 embeddings (n, d), original row of each planted copy, the copy rows)."""
-    rng = np.random.default_rng(seed)
-    topics = max(1, n // 1000)
-    mean = unit(rng.standard_normal(d))
-    centers = unit(0.6 * mean + 0.8 * unit(rng.standard_normal((topics, d)))).astype(np.float32)
+def plan_copies(n: int, seed: int, dup_share: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(original row, copy row, cosine) of the planted copies: the copies are spread over all rows."""
+    rng = np.random.default_rng(seed + 1)
     n_copy = int(n * dup_share)
-    n_base = n - n_copy
-    emb = np.empty((n, d), np.float16)
-    for s in range(0, n_base, chunk):
-        m = min(chunk, n_base - s)
-        t = rng.integers(topics, size=m)
-        z = rng.standard_normal((m, d), dtype=np.float32) / np.sqrt(d)
-        emb[s:s + m] = unit(0.75 * centers[t] + 0.66 * z)
-    orig = rng.choice(n_base, size=n_copy, replace=True)
-    cos = rng.uniform(lo, hi, size=n_copy).astype(np.float32)[:, None]
-    for s in range(0, n_copy, chunk):
-        m = min(chunk, n_copy - s)
-        x = emb[orig[s:s + m]].astype(np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        z = rng.standard_normal((m, d), dtype=np.float32)
-        z = unit(z - np.sum(z * x, axis=1, keepdims=True) * x)  # orthogonal to x: the cosine is exactly `cos`
-        c = cos[s:s + m]
-        emb[n_base + s:n_base + s + m] = c * x + np.sqrt(1 - c**2) * z
-    return emb, orig, np.arange(n_base, n)
+    copies = np.sort(rng.choice(n, size=n_copy, replace=False))
+    is_copy = np.zeros(n, bool)
+    is_copy[copies] = True
+    base = np.flatnonzero(~is_copy)
+    orig = base[rng.integers(len(base), size=n_copy)]
+    return orig, copies, rng.uniform(0.96, 0.995, n_copy).astype(np.float32)
 
 
-def brute_force_agreement(emb: np.ndarray, i: np.ndarray, j: np.ndarray, nn_sim: np.ndarray, queries: np.ndarray,
+def synth_block(start: int, m: int, seed: int, topics: int, block: int = 10_000) -> np.ndarray:
+    """Base rows [start, start + m) as float32, each block of rows from its own seeded generator, so any row
+    range can be regenerated without the others."""
+    g0 = np.random.default_rng([seed, 0])
+    mean = unit(g0.standard_normal(D))
+    centers = unit(0.6 * mean + 0.8 * unit(g0.standard_normal((topics, D)))).astype(np.float32)
+    out = np.empty((m, D), np.float32)
+    for b in range(start // block, (start + m - 1) // block + 1):
+        g = np.random.default_rng([seed, 1, b])
+        t = g.integers(topics, size=block)
+        z = g.standard_normal((block, D), dtype=np.float32) / np.sqrt(D)
+        lo, hi = max(start, b * block), min(start + m, (b + 1) * block)
+        sl = slice(lo - b * block, hi - b * block)
+        out[lo - start:hi - start] = unit(0.75 * centers[t[sl]] + 0.66 * z[sl])
+    return out
+
+
+def copy_of(x: np.ndarray, cos: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    z = rng.standard_normal(x.shape, dtype=np.float32)
+    z = unit(z - np.sum(z * x, axis=1, keepdims=True) * x)  # orthogonal to x: the cosine is exactly `cos`
+    return cos[:, None] * x + np.sqrt(1 - cos[:, None] ** 2) * z
+
+
+def synth(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float16 embeddings (n, D), original row of each planted copy, the copy rows) in memory (numpy)."""
+    topics = max(1, n // 1000)
+    emb = np.empty((n, D), np.float16)
+    for s in range(0, n, 100_000):
+        emb[s:s + 100_000] = synth_block(s, min(100_000, n - s), seed, topics)
+    orig, copies, cos = plan_copies(n, seed)
+    rng = np.random.default_rng(seed + 2)
+    for s in range(0, len(copies), 100_000):
+        o, c = orig[s:s + 100_000], copies[s:s + 100_000]
+        emb[c] = copy_of(emb[o].astype(np.float32), cos[s:s + 100_000], rng)
+    return emb, orig, copies
+
+
+def synth_torch(n: int, seed: int, device: str) -> tuple[object, np.ndarray, np.ndarray]:
+    """The same kind of data generated on `device` with torch (float16; 10M x 512 in seconds on a GPU)."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    topics = max(1, n // 1000)
+    mean = torch.nn.functional.normalize(torch.randn(D, generator=g, device=device), dim=0)
+    centers = torch.nn.functional.normalize(
+        0.6 * mean + 0.8 * torch.nn.functional.normalize(torch.randn(topics, D, generator=g, device=device), dim=1), dim=1)
+    emb = torch.empty((n, D), dtype=torch.float16, device=device)
+    step = 1_000_000
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        t = torch.randint(topics, (m,), generator=g, device=device)
+        z = torch.randn(m, D, generator=g, device=device) / D**0.5
+        emb[s:s + m] = torch.nn.functional.normalize(0.75 * centers[t] + 0.66 * z, dim=1).half()
+    orig, copies, cos = plan_copies(n, seed)
+    for s in range(0, len(copies), step):
+        o = torch.from_numpy(orig[s:s + step]).to(device)
+        c = torch.from_numpy(cos[s:s + step]).to(device)[:, None]
+        x = torch.nn.functional.normalize(emb[o].float(), dim=1)
+        z = torch.randn(x.shape, generator=g, device=device)
+        z = torch.nn.functional.normalize(z - (z * x).sum(1, keepdim=True) * x, dim=1)
+        emb[torch.from_numpy(copies[s:s + step]).to(device)] = (c * x + (1 - c**2).sqrt() * z).half()
+    return emb, orig, copies
+
+
+def brute_force_agreement(emb, i: np.ndarray, j: np.ndarray, nn_sim: np.ndarray, queries: np.ndarray,
                           chunk: int = 65536) -> dict[str, float]:
-    """Exact range search (all rows) for `queries`: recall/precision of the found pairs and nn_similarity.
+    """Exact range search (all rows) for `queries`: recall/precision of the found pairs and nn_similarity."""
+    torch_emb = type(emb).__module__.startswith("torch")
+    if torch_emb:
+        import torch
 
-    Column blocks of the (queries x rows) similarity matrix are scanned once, so memory stays at one block.
-    """
-    q = emb[queries].astype(np.float32)
+        q = emb[torch.from_numpy(queries).to(emb.device)].float()
+    else:
+        q = emb[queries].astype(np.float32)
     exact_nn = np.full(len(queries), -np.inf, np.float32)
     truth: set[tuple[int, int]] = set()
     for s in range(0, len(emb), chunk):
-        sims = q @ emb[s:s + chunk].astype(np.float32).T
+        sims = (q @ emb[s:s + chunk].float().T).cpu().numpy() if torch_emb else q @ emb[s:s + chunk].astype(np.float32).T
         own = (queries >= s) & (queries < s + sims.shape[1])
         sims[np.flatnonzero(own), queries[own] - s] = -np.inf  # a row is not its own neighbour
         np.maximum(exact_nn, sims.max(axis=1), out=exact_nn)
@@ -84,7 +141,8 @@ def brute_force_agreement(emb: np.ndarray, i: np.ndarray, j: np.ndarray, nn_sim:
         truth.update(zip(queries[a].tolist(), (b + s).tolist(), strict=True))
     qset = set(queries.tolist())
     found = set()
-    for a, b in zip(i.tolist(), j.tolist(), strict=True):
+    sel = np.isin(i, queries) | np.isin(j, queries)
+    for a, b in zip(i[sel].tolist(), j[sel].tolist(), strict=True):
         if a in qset:
             found.add((a, b))
         if b in qset:
@@ -92,136 +150,204 @@ def brute_force_agreement(emb: np.ndarray, i: np.ndarray, j: np.ndarray, nn_sim:
     hit = len(truth & found)
     same = np.abs(exact_nn - nn_sim[queries]) < 1e-4
     dup = exact_nn >= THRESHOLD
-    # nn_similarity is searched within the probed clusters: exact for duplicates, a lower bound far away
     return {"queries": len(queries), "true_pairs": len(truth), "range_recall": hit / max(1, len(truth)),
-            "range_precision": hit / max(1, len(found)), "nn_agree_dup": float(np.mean(same[dup])),
-            "nn_agree_all": float(np.mean(same))}
+            "range_precision": hit / max(1, len(found)), "nn_agree_dup": float(np.mean(same[dup]))}
 
 
-def run_core(n: int, seed: int) -> dict[str, object]:
+def planted_recall(n: int, i: np.ndarray, j: np.ndarray, orig: np.ndarray, copies: np.ndarray) -> float:
+    found = np.minimum(i, j).astype(np.int64) * n + np.maximum(i, j)
+    want = np.minimum(orig, copies).astype(np.int64) * n + np.maximum(orig, copies)
+    return float(np.isin(want, found).mean()) if len(want) else 1.0
+
+
+def run_core(n: int, seed: int, device: str) -> dict[str, object]:
     from curate import semdedup as sd
 
-    emb, orig, copies = synth(n, seed=seed)
-    rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    t = {}
+    device = sd.resolve_device(device)
     t0 = time.perf_counter()
-    k = sd.choose_k(n)
-    centroids = sd.train_centroids(emb, k, seed)
-    t["train"] = time.perf_counter() - t0
-    ids, csim = sd.assign(emb, centroids, 2)
-    t["assign"] = time.perf_counter() - t0 - t["train"]
-    n_tasks = max(1, -(-n // 65536))
-    bounds = np.linspace(0, k, n_tasks + 1).round().astype(int)
-    results = [sd.cluster_pairs(emb, ids, range(bounds[a], bounds[a + 1]), THRESHOLD) for a in range(n_tasks)]
-    t["pairs"] = time.perf_counter() - t0 - t["train"] - t["assign"]
-    i, j, _, nn_sim, nn_nbr = sd.merge_pairs(results, n)
-    group = sd.groups(n, i, j)
-    sd.kept_rows(group, "farthest-from-centroid", None, csim[:, 0])
+    if device == "cuda":
+        emb, orig, copies = synth_torch(n, seed, device)
+        import torch
+
+        torch.cuda.synchronize()
+    else:
+        emb, orig, copies = synth(n, seed)
+    gen_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = sd.dedup_arrays(emb, THRESHOLD, seed=seed, keep="farthest-from-centroid", device=device)
     wall = time.perf_counter() - t0
-    t["merge_keep"] = wall - t["train"] - t["assign"] - t["pairs"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    recall = float(np.mean((group[orig] >= 0) & (group[orig] == group[copies])))
-    rng = np.random.default_rng(seed + 1)
-    queries = np.unique(np.concatenate([rng.choice(n, 500, replace=False), rng.choice(copies, 500, replace=False)]))
-    agree = brute_force_agreement(emb, i, j, nn_sim, queries)
-    return {"n": n, "k": k, "wall_s": round(wall, 2), "steps_s": {a: round(b, 2) for a, b in t.items()},
-            "peak_rss_gb": round(rss, 2), "rss_after_data_gb": round(rss_data, 2), "pairs": int(len(i)),
-            "planted_pairs": int(len(copies)), "planted_recall": round(recall, 5),
-            **{a: round(b, 5) if isinstance(b, float) else b for a, b in agree.items()}}
+    i, j = res.pairs
+    both_kept = float(np.mean((res.kept[orig] == orig) & (res.kept[copies] == copies)))
+    out = {"n": n, "device": device, "k": sd.choose_k(n), "generate_s": round(gen_s, 2), "wall_s": round(wall, 2),
+           "steps_s": res.seconds, "peak_rss_gb": round(rss, 2), "pairs": res.n_pairs,
+           "duplicates": int((res.kept != np.arange(n)).sum()), "planted_pairs": int(len(copies)),
+           "planted_recall": round(planted_recall(n, i, j, orig, copies), 5), "planted_both_kept": round(both_kept, 5)}
+    if device == "cuda":
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["gpu_peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if n <= 4_000_000:
+        rng = np.random.default_rng(seed + 1)
+        queries = np.unique(np.concatenate([rng.choice(n, 500, replace=False), rng.choice(copies, 500, replace=False)]))
+        out.update({a: round(b, 5) if isinstance(b, float) else b
+                    for a, b in brute_force_agreement(emb, i, j, res.nn_sim, queries).items()})
+    return out
 
 
-def run_stage_once(n: int, seed: int, out: Path) -> dict[str, object]:
-    """The same data through the stage: a dataset dir with 1000-row shards, then run_stage("dedup")."""
+def write_dataset(n: int, seed: int, root: Path, per: int) -> dict[str, object]:
+    """A scored dataset dir as `curate score` leaves it (score tables, float16 embeddings, markers), written
+    shard by shard: base rows per block, then the planted copies read back from the written files."""
     import shutil
 
     import pyarrow as pa
 
-    from curate.engines import EngineSpec
     from curate.io.atomic import write_json
     from curate.io.layout import DatasetDir, sample_key, shard_name
     from curate.io.ledger import LEDGER_FIELDS
     from curate.io.tables import write_table
-    from curate.runner import run_stage
-    from curate.stages.dedup import DedupConfig
     from curate.stages.score import signal_schema
 
-    emb, orig, copies = synth(n, seed=seed)
-    root = out / f"stage-{n}"
+    t0 = time.perf_counter()
     shutil.rmtree(root, ignore_errors=True)
     ds = DatasetDir.at(root)
-    per = 1000
+    topics = max(1, n // 1000)
+    orig, copies, cos = plan_copies(n, seed)
     for s in range(0, n, per):
         shard = shard_name(s // per)
-        keys = [sample_key(shard, r) for r in range(min(per, n - s))]
-        ledger = pa.table({"key": keys, "status": ["success"] * len(keys),
-                           "sha256": [f"{s + r:064x}" for r in range(len(keys))]})
-        full = pa.table({f.name: ledger[f.name] if f.name in ledger.column_names else pa.nulls(len(keys), f.type)
+        m = min(per, n - s)
+        keys = [sample_key(shard, r) for r in range(m)]
+        ledger = pa.table({"key": keys, "status": ["success"] * m, "sha256": [f"{s + r:064x}" for r in range(m)]})
+        full = pa.table({f.name: ledger[f.name] if f.name in ledger.column_names else pa.nulls(m, f.type)
                          for f in LEDGER_FIELDS})
         write_table(ds.ledger(shard), full)
-        score = {f.name: pa.nulls(len(keys), f.type) for f in signal_schema()}
-        score.update(key=pa.array(keys), scored=pa.array([True] * len(keys)),
-                     clip_score=pa.array(np.full(len(keys), 0.3, np.float32)),
-                     emb_row=pa.array(np.arange(len(keys), dtype=np.int32)))
+        score = {f.name: pa.nulls(m, f.type) for f in signal_schema()}
+        score.update(key=pa.array(keys), scored=pa.array([True] * m),
+                     clip_score=pa.array(np.full(m, 0.3, np.float32)), emb_row=pa.array(np.arange(m, dtype=np.int32)))
         write_table(ds.signals("score", shard), pa.table(score, schema=signal_schema()))
-        np.save(ds.signals("score", shard, ".img_emb.npy"), emb[s:s + len(keys)])
+        np.save(ds.signals("score", shard, ".img_emb.npy"), synth_block(s, m, seed, topics).astype(np.float16))
+    # copies: originals read back from the written files, grouped by the shard they are written to
+    rng = np.random.default_rng(seed + 2)
+    maps: dict[int, np.ndarray] = {}
+
+    def source(i: int) -> np.ndarray:
+        if i not in maps:
+            maps[i] = np.load(ds.signals("score", shard_name(i), ".img_emb.npy"), mmap_mode="r")
+        return maps[i]
+
+    by_target = np.argsort(copies // per, kind="stable")
+    for target in np.unique(copies // per):
+        sel = by_target[np.searchsorted(copies[by_target] // per, target):np.searchsorted(copies[by_target] // per, target + 1)]
+        path = ds.signals("score", shard_name(int(target)), ".img_emb.npy")
+        arr = np.load(path, mmap_mode="r+")
+        x = np.stack([source(int(o // per))[o % per] for o in orig[sel]]).astype(np.float32)
+        arr[copies[sel] % per] = copy_of(x, cos[sel], rng).astype(np.float16)
+        arr.flush()
+        del arr
+    for s in range(0, n, per):
+        shard = shard_name(s // per)
         write_json(ds.marker("download", shard), {"shard": shard})
         write_json(ds.marker("score", shard), {"shard": shard})
-    t0 = time.perf_counter()
-    summary = run_stage("dedup", DedupConfig(threshold=THRESHOLD, seed=seed), str(root), EngineSpec(),
-                        progress=False)
-    wall = time.perf_counter() - t0
-    import duckdb
+    np.save(root / "planted.npy", np.stack([orig, copies]))
+    return {"n": n, "generate_s": round(time.perf_counter() - t0, 2)}
 
-    groups = duckdb.sql(f"SELECT dup_group FROM read_parquet('{root}/signals/dedup/*.parquet') ORDER BY key") \
-        .fetchnumpy()["dup_group"]
-    recall = float(np.mean((groups[orig] >= 0) & (groups[orig] == groups[copies])))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    shutil.rmtree(root, ignore_errors=True)
-    return {"n": n, "stage_wall_s": round(wall, 2), "peak_rss_gb": round(rss, 2), "planted_recall": round(recall, 5),
-            "counts": summary.counts}
+
+def run_stage_once(n: int, seed: int, root: Path, per: int, device: str, workers: int) -> dict[str, object]:
+    """`curate dedup`'s stage on the dataset dir that write_dataset made; timings per phase from the markers."""
+    from curate.engines import EngineSpec
+    from curate.runner import run_stage
+    from curate.stages.dedup import DedupConfig
+
+    t0 = time.time()
+    summary = run_stage("dedup", DedupConfig(threshold=THRESHOLD, seed=seed, device=device), str(root),
+                        EngineSpec(workers=workers), progress=False)
+    wall = time.time() - t0
+    done = root / "_done" / "dedup"
+    ends = {}
+    for phase, pattern in (("assign", "assign.*.json"), ("pairs", "pairs.*.json"), ("decide", "decide.json"),
+                           ("write", "[0-9]*.json")):
+        ends[phase] = max(p.stat().st_mtime for p in done.glob(pattern))
+    trained = (root / "_work" / "dedup" / "centroids.npy").stat().st_mtime
+    steps, prev = {"plan_train": round(trained - t0, 2)}, trained
+    for phase, end in ends.items():
+        steps[phase] = round(end - prev, 2)
+        prev = end
+    # planted-pair recall from the pair tasks' edge files
+    from curate.io.layout import row_of_key, shard_index, shard_of_key
+
+    planted = np.load(root / "planted.npy")
+    found_i, found_j = [], []
+    for f in sorted((root / "_work" / "dedup" / "pairs").glob("*.edges.npy")):
+        e = np.load(f)
+        for col, out in (("a_key", found_i), ("b_key", found_j)):
+            k = e[col].astype(str)
+            out.append(np.array([shard_index(shard_of_key(x)) * per + row_of_key(x) for x in k], np.int64))
+    recall = planted_recall(n, np.concatenate(found_i), np.concatenate(found_j), planted[0], planted[1])
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return {"n": n, "stage_wall_s": round(wall, 2), "steps_s": steps, "peak_rss_gb": round(own, 2),
+            "largest_worker_rss_gb": round(workers_rss, 2), "workers": workers,
+            "planted_recall": round(recall, 5), "counts": summary.counts, "ok": summary.ok}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="100k,300k,1M")
-    ap.add_argument("--stage-size", default="100k", help="size to run through the stage too ('' to skip)")
+    ap.add_argument("--sizes", default="100k,300k,1M", help="core sizes ('' to skip)")
+    ap.add_argument("--stage-size", default="1M", help="size to run through the stage too ('' to skip)")
+    ap.add_argument("--stage-workers", type=int, default=1)
+    ap.add_argument("--shard-rows", type=int, default=10_000)
+    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench-out/dedup")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "core:N" or "stage:N", prints one JSON line
+    ap.add_argument("--keep-data", action="store_true", help="keep the stage's dataset dir")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "core:N", "gen:N" or "stage:N"; one JSON line
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.one:
-        kind, n = a.one.split(":")
-        res = run_core(int(n), a.seed) if kind == "core" else run_stage_once(int(n), a.seed, out)
-        print(json.dumps(res))
+        kind, n_ = a.one.split(":")
+        n, root = int(n_), out / f"stage-{n_}"
+        res = (run_core(n, a.seed, a.device) if kind == "core" else
+               write_dataset(n, a.seed, root, a.shard_rows) if kind == "gen" else
+               run_stage_once(n, a.seed, root, a.shard_rows, a.device, a.stage_workers))
+        print(json.dumps(res), flush=True)
         return
-    rows = []
     jobs = [("core", parse_size(s)) for s in a.sizes.split(",") if s]
     if a.stage_size:
-        jobs.append(("stage", parse_size(a.stage_size)))
+        jobs += [("gen", parse_size(a.stage_size)), ("stage", parse_size(a.stage_size))]
+    rows = []
     for kind, n in jobs:
-        proc = subprocess.run([sys.executable, __file__, "--one", f"{kind}:{n}", "--seed", str(a.seed),
-                               "--out", str(out)], capture_output=True, text=True, check=False)
+        cmd = [sys.executable, __file__, "--one", f"{kind}:{n}", "--seed", str(a.seed), "--out", str(out),
+               "--device", a.device, "--stage-workers", str(a.stage_workers), "--shard-rows", str(a.shard_rows)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
+            print(proc.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"{kind} {n} failed")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
-        res["kind"] = kind
+        res["kind"], res["process_s"] = kind, round(time.perf_counter() - t0, 1)
         rows.append(res)
         print(json.dumps(res), flush=True)
+    if a.stage_size and not a.keep_data:
+        import shutil
+
+        shutil.rmtree(out / f"stage-{parse_size(a.stage_size)}", ignore_errors=True)
     core = [r for r in rows if r["kind"] == "core"]
-    print(f"\n{'N':>9} {'wall s':>7} {'RSS GB':>7} {'recall':>7} {'range rec':>9} {'range prec':>10} {'nn agree dup/all':>16}")
+    if core:
+        print(f"\n{'N':>11} {'device':>6} {'k':>6} {'wall s':>7} {'phases s (train/assign/pairs/decide)':>36} "
+              f"{'RSS GB':>7} {'recall':>7} {'range rec/prec':>14}")
     for r in core:
-        print(f"{r['n']:>9,} {r['wall_s']:>7.1f} {r['peak_rss_gb']:>7.2f} {r['planted_recall']:>7.4f} "
-              f"{r['range_recall']:>9.4f} {r['range_precision']:>10.4f} {r['nn_agree_dup']:>8.3f}/{r['nn_agree_all']:.3f}")
-    for a_, b_ in zip(core, core[1:], strict=False):
-        exp = np.log(b_["wall_s"] / a_["wall_s"]) / np.log(b_["n"] / a_["n"])
-        print(f"scaling exponent {a_['n']:,} -> {b_['n']:,}: {exp:.2f}")
+        st = r["steps_s"]
+        phases = "/".join(f"{st[p]:.1f}" for p in ("train", "assign", "pairs", "decide"))
+        rr = f"{r['range_recall']:.4f}/{r['range_precision']:.4f}" if "range_recall" in r else "-"
+        print(f"{r['n']:>11,} {r['device']:>6} {r['k']:>6} {r['wall_s']:>7.1f} {phases:>36} {r['peak_rss_gb']:>7.2f} "
+              f"{r['planted_recall']:>7.4f} {rr:>14}")
     for r in rows:
         if r["kind"] == "stage":
-            print(f"stage (curate dedup, local engine, 1 worker) N={r['n']:,}: {r['stage_wall_s']:.1f} s, "
-                  f"peak RSS {r['peak_rss_gb']:.2f} GB, planted recall {r['planted_recall']:.4f}")
+            print(f"stage (curate dedup, local engine, {r['workers']} worker(s)) N={r['n']:,}: {r['stage_wall_s']:.1f} s "
+                  f"(phases {r['steps_s']}), peak RSS stage process {r['peak_rss_gb']:.2f} GB, largest worker "
+                  f"{r['largest_worker_rss_gb']:.2f} GB, planted recall {r['planted_recall']:.4f}")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 

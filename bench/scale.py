@@ -138,9 +138,19 @@ def bench_download(rows: int, work: Path, a: argparse.Namespace) -> dict[str, ob
     argv = curate_argv("download", str(lst), "--out", str(out), "--caption-col", "caption", "--no-progress",
                        "--samples-per-shard", str(a.samples_per_shard), "--workers", str(a.workers),
                        "--threads", str(a.threads))
+    plan = {}
+    if a.split_plan:
+        # the plan alone first (read the list, slices, duplicate search), then the run that reuses it
+        plan = run_measured([*argv, "--plan-only"])
     res = run_measured(argv)
     man = json.loads((out / "manifest.json").read_text())["stages"]["download"]
     res.update(rows=rows, counts=man["counts"].get("status"), status=man["status"], command=" ".join(argv[1:]))
+    if plan:
+        res.update(plan_wall_s=plan["wall_s"], plan_driver_peak_mb=plan["driver_peak_mb"],
+                   driver_peak_mb=max(plan["driver_peak_mb"], res["driver_peak_mb"]),
+                   largest_peak_mb=max(plan["largest_peak_mb"], res["largest_peak_mb"]),
+                   tree_peak_mb=max(plan["tree_peak_mb"], res["tree_peak_mb"]),
+                   wall_s=round(plan["wall_s"] + res["wall_s"], 1), run_wall_s=res["wall_s"])
     if not a.keep:
         shutil.rmtree(out, ignore_errors=True)
     return res
@@ -211,6 +221,8 @@ def main() -> None:
     ap.add_argument("--top-fraction", type=float, default=0.5)
     ap.add_argument("--keep", action="store_true", help="keep the output directories")
     ap.add_argument("--skip-preflight", action="store_true")
+    ap.add_argument("--split-plan", action="store_true",
+                    help="download: measure `--plan-only` on its own, then the run that reuses the plan")
     ap.add_argument("extra", nargs="*", help="extra arguments for the curate command (after --)")
     a = ap.parse_args()
     work = Path(a.out).resolve()

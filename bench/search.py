@@ -1,7 +1,7 @@
 """Benchmark the search index: 1M x 512 synthetic CLIP-like embeddings through `curate index`'s stage, then
 recall@10 against brute force and single-query latency on held-out queries.
 
-    python bench/search.py [--n 1M] [--queries 1000] [--shard-rows 100k] [--out bench-out/search]
+    python bench/search.py [--n 1M] [--data clustered|continuum] [--queries 1000] [--shard-rows 100k]
 
 The embeddings are bench/dedup.py's CLIP-like generator (a cone around one direction, ~1000-row topics,
 10% near-copies), written as a scored dataset dir (signals/score/{shard}.parquet + .img_emb.npy float16,
@@ -28,12 +28,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dedup import parse_size, synth  # noqa: E402 - the project's CLIP-like generator, shared with bench/dedup.py
 
 
+def continuum(n: int, d: int, seed: int = 0, rank: int = 64, chunk: int = 100_000) -> np.ndarray:
+    """Harder data without topics: a cone around one direction, spread over a rank-64 subspace with a
+    power-law spectrum (CLIP embeddings' effective rank is low) plus a little isotropic noise. No cluster
+    lines up with an IVF list, so nprobe has to grow to reach the same recall."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((d, rank)))[0].astype(np.float32)
+    scales = (1.0 / np.sqrt(np.arange(1, rank + 1))).astype(np.float32)
+    mean = rng.standard_normal(d).astype(np.float32)
+    mean /= np.linalg.norm(mean)
+    out = np.empty((n, d), np.float16)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        x = (rng.standard_normal((m, rank), dtype=np.float32) * scales) @ basis.T
+        x += 0.15 * rng.standard_normal((m, d), dtype=np.float32) / np.sqrt(d)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x = 0.6 * mean + 0.8 * x
+        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
 def write_dataset(root: Path, emb: np.ndarray, shard_rows: int) -> None:
     """A scored dataset dir holding `emb` (what `curate score` writes, minus the tars and ledgers)."""
     import pyarrow as pa
 
     from curate.io.atomic import write_json
-    from curate.io.layout import DatasetDir, shard_name
+    from curate.io.layout import DatasetDir, sample_key, shard_name
     from curate.io.manifest import record_stage
     from curate.io.tables import write_table
     from curate.stages.score import write_npy
@@ -42,7 +62,7 @@ def write_dataset(root: Path, emb: np.ndarray, shard_rows: int) -> None:
     for i, s in enumerate(range(0, len(emb), shard_rows)):
         shard = shard_name(i)
         part = emb[s:s + shard_rows]
-        keys = [f"{shard}{j:06d}" for j in range(len(part))]
+        keys = [sample_key(shard, j) for j in range(len(part))]
         write_table(ds.signals("score", shard), pa.table({
             "key": pa.array(keys, pa.string()), "scored": pa.array(np.ones(len(part), bool)),
             "emb_row": pa.array(np.arange(len(part), dtype=np.int32))}))
@@ -73,6 +93,8 @@ def main() -> None:
     ap.add_argument("--shard-rows", default="100k")
     ap.add_argument("--memory-budget", default="4G")
     ap.add_argument("--kind", default="auto")
+    ap.add_argument("--data", choices=["clustered", "continuum"], default="clustered",
+                    help="clustered: bench/dedup.py's topics and near-copies; continuum: see continuum().")
     ap.add_argument("--out", default="bench-out/search")
     ap.add_argument("--keep", action="store_true", help="Keep the dataset dir (1M x 512: ~1 GB of embeddings).")
     args = ap.parse_args()
@@ -87,12 +109,15 @@ def main() -> None:
     root = out / "ds"
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.time()
-    emb, _, _ = synth(n + args.queries, args.dim, seed=0)
+    if args.data == "clustered":
+        emb, _, _ = synth(n + args.queries, args.dim, seed=0)
+    else:
+        emb = continuum(n + args.queries, args.dim, seed=0)
     perm = np.random.default_rng(1).permutation(len(emb))
     queries = emb[perm[n:]].astype(np.float32)
     emb = emb[np.sort(perm[:n])]  # held-out queries: fresh rows, base rows and near-copies alike
     write_dataset(root, emb, parse_size(args.shard_rows))
-    print(f"data: {n} x {args.dim} float16 in {time.time() - t0:.1f}s")
+    print(f"data ({args.data}): {n} x {args.dim} float16 in {time.time() - t0:.1f}s")
 
     cfg = IndexConfig(kind=args.kind, memory_budget=parse_bytes(args.memory_budget))
     t0 = time.time()

@@ -1,9 +1,14 @@
-"""The numeric core of dedup: spherical k-means, multi-probe cluster assignment, per-cluster pair search,
-duplicate groups and the kept sample of each group. Pure functions over arrays (memmaps welcome).
+"""The numeric core of dedup: spherical k-means, multi-probe cluster assignment, per-cluster pair search and
+SemDeDup's keep rule. Pure functions over arrays; each has a numpy/faiss path (CPU) and a torch path (matrix
+products on the GPU, or on the CPU in tests) that give the same decisions.
 
 Pair search is exact *within* the clusters a point probes: a point is stored in its nearest cluster and
-queries its `probes` nearest clusters, so a pair split by a cluster border is still found when either
-point has the other's cluster among its probes (an IVF index with nprobe = `probes`, done blockwise).
+queries its `probes` nearest clusters, so a pair split by a cluster border is still found when either point
+has the other's cluster among its probes (an IVF index with nprobe = `probes`, done blockwise).
+
+Decisions follow SemDeDup, not a transitive closure: samples are ordered by the keep policy and a sample is
+dropped only when it is within the threshold of a sample that is *kept* (`greedy_keep`), so a chain a~b~c with
+a and c apart keeps a and c, and no group grows by chaining.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ from typing import Any
 import numpy as np
 
 KEEP_POLICIES = ("best-clip-score", "farthest-from-centroid", "first")
-# S = Q @ M.T is computed in row blocks of at most this many float32 cells (64 MB)
+DEVICES = ("auto", "cpu", "cuda")
+# S = Q @ M.T is computed in row blocks of at most this many float32 cells (64 MB; 1 GB on a GPU)
 BLOCK_CELLS = 16 * 1024 * 1024
+GPU_BLOCK_CELLS = 256 * 1024 * 1024
 ASSIGN_BATCH = 65536
+# evidence of a drop, strongest first when one pair has several
+EXACT, PHASH, NEAR = 4, 2, 1
+EVIDENCE = {EXACT: "exact", PHASH: "phash", NEAR: "near"}
 
 
 def choose_k(n: int, k: int | None = None) -> int:
@@ -34,52 +44,123 @@ def choose_k(n: int, k: int | None = None) -> int:
     return int(max(1, min(k, n // 40 if n >= 40 else 1)))
 
 
-def _gpu() -> bool:
-    import faiss
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU raises ValueError."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    try:
+        import torch
 
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if device == "cuda" and not has_gpu:
+        raise ValueError("--device cuda: torch sees no CUDA GPU")
+    return "cuda" if has_gpu else "cpu"
 
 
 def _f32(a: Any) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def train_centroids(emb: Any, k: int, seed: int, niter: int = 10, points_per_centroid: int = 64) -> np.ndarray:
-    """Spherical k-means centroids (k, d) float32, trained on a seeded sample of `emb` rows.
+# --- sampling and k-means ----------------------------------------------------------------------------
 
-    The sample is drawn by `seed` over row positions (rows are key-sorted by the caller), so the result does
-    not depend on shard order; faiss then trains on exactly those points.
-    """
+
+def _splitmix(h: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+
+def key_hash(keys: Any, seed: int) -> np.ndarray:
+    """A 64-bit hash of each key string mixed with `seed`: the same for a key wherever it is stored, so a
+    sample drawn by hash does not depend on shard order or on the width of the key array."""
+    b = np.asarray(keys).astype("S")
+    w = b.dtype.itemsize
+    u = b.view(np.uint8).reshape(len(b), w) if len(b) else np.zeros((0, 0), np.uint8)
+    h = np.full(len(b), 0xCBF29CE484222325, np.uint64)
+    with np.errstate(over="ignore"):
+        for c in range(w):  # FNV-1a over the bytes; NUL padding is skipped so widths do not matter
+            col = u[:, c].astype(np.uint64)
+            h = np.where(col != 0, (h ^ col) * np.uint64(0x100000001B3), h)
+    return _splitmix(h ^ _splitmix(np.full(len(b), seed, np.uint64)))
+
+
+def train_centroids(sample: Any, k: int, seed: int, niter: int = 10, device: str = "cpu",
+                    points_per_centroid: int | None = None) -> np.ndarray:
+    """Spherical k-means centroids (k, d) float32 trained on the rows of `sample` (already drawn and put in a
+    shard-order-independent order by the caller): faiss on the CPU, `torch_kmeans` on a GPU. With
+    `points_per_centroid`, a larger sample is first cut to k * points_per_centroid rows by `seed`."""
+    n = sample.shape[0]
+    if points_per_centroid and n > k * points_per_centroid:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=k * points_per_centroid, replace=False))
+        sample = sample[rows]
+    if device != "cpu":
+        return torch_kmeans(sample, k, seed, niter, device)
     import faiss
 
-    n, d = emb.shape
-    size = min(n, k * points_per_centroid)
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
-    sample = _f32(emb[rows])
+    x = _f32(sample)
+    n, d = x.shape
     km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True, verbose=False,
-                      max_points_per_centroid=max(points_per_centroid, size // k + 1),
-                      min_points_per_centroid=1, gpu=_gpu())
-    km.train(sample)
+                      max_points_per_centroid=n // k + 1, min_points_per_centroid=1)
+    km.train(x)
     return _f32(km.centroids)
 
 
-def flat_ip_index(vectors: np.ndarray) -> Any:
-    """An exact inner-product index over `vectors`, on the GPU(s) when faiss sees one."""
-    import faiss
+def torch_kmeans(sample: Any, k: int, seed: int, niter: int = 10, device: str = "cuda") -> np.ndarray:
+    """Spherical k-means (Lloyd) as torch matrix products: seeded init from the sample, an empty cluster keeps
+    its previous centroid. Used for --device cuda, where faiss's GPU build is not available."""
+    import torch
 
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    if _gpu():
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(_f32(vectors))
-    return index
+    # to the device in the sample's own dtype (float16 from the stage), then float32 there: no host copy
+    x = sample if isinstance(sample, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(sample))
+    x = x.to(device=device).float()
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    c = x[torch.randperm(n, generator=g)[:k].to(device)].clone()
+    for _ in range(niter):
+        a = _torch_top(x, c, 1)[0][:, 0]
+        sums = torch.zeros_like(c).index_add_(0, a, x)
+        counts = torch.bincount(a, minlength=k)
+        norm = sums.norm(dim=1, keepdim=True)
+        c = torch.where((counts > 0)[:, None], sums / norm.clamp_min(1e-12), c)
+    return c.cpu().numpy().astype(np.float32)
 
 
-def assign(emb: Any, centroids: np.ndarray, probes: int, batch: int = ASSIGN_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """The `probes` nearest centroids of every row: (ids int32 (n, p), cosine float32 (n, p)), nearest first."""
+def _torch_top(x: Any, c: Any, p: int, batch: int = ASSIGN_BATCH) -> tuple[Any, Any]:
+    import torch
+
+    ids, sims = [], []
+    for s in range(0, x.shape[0], batch):
+        v, i = torch.topk(x[s:s + batch].float() @ c.T, p, dim=1)
+        ids.append(i)
+        sims.append(v)
+    if not ids:
+        return torch.zeros((0, p), dtype=torch.long, device=c.device), torch.zeros((0, p), device=c.device)
+    return torch.cat(ids), torch.cat(sims)
+
+
+def assign(emb: Any, centroids: np.ndarray, probes: int, batch: int = ASSIGN_BATCH,
+           device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """The `probes` nearest centroids of every row: (ids int32 (n, p), cosine float32 (n, p)), nearest first.
+
+    device 'cpu': faiss exact inner-product search; otherwise torch top-k of x @ C.T on that device."""
     n = emb.shape[0]
     p = min(probes, centroids.shape[0])
-    index = flat_ip_index(centroids)
+    if device != "cpu" or _is_torch(emb):
+        import torch
+
+        x = emb if _is_torch(emb) else torch.from_numpy(_f32(emb))
+        c = torch.from_numpy(_f32(centroids)).to(x.device if _is_torch(emb) else device)
+        ids_t, sims_t = _torch_top(x.to(c.device), c, p, batch)
+        return ids_t.int().cpu().numpy(), sims_t.float().cpu().numpy()
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(_f32(centroids))
     ids = np.empty((n, p), dtype=np.int32)
     sims = np.empty((n, p), dtype=np.float32)
     for s in range(0, n, batch):
@@ -88,232 +169,311 @@ def assign(emb: Any, centroids: np.ndarray, probes: int, batch: int = ASSIGN_BAT
     return ids, sims
 
 
-def _rows_in(labels: np.ndarray, clusters: range) -> tuple[np.ndarray, np.ndarray]:
-    """(entries, bounds): the entries of `labels` equal to clusters[c] are entries[bounds[c]:bounds[c + 1]],
-    ascending."""
-    sel = np.flatnonzero((labels >= clusters.start) & (labels < clusters.stop))
-    lab = labels[sel]
-    o = np.argsort(lab, kind="stable")
-    bounds = np.searchsorted(lab[o], np.arange(clusters.start, clusters.stop + 1))
-    return sel[o], bounds
+def _is_torch(a: Any) -> bool:
+    return type(a).__module__.startswith("torch")
+
+
+# --- pair search -----------------------------------------------------------------------------------
 
 
 @dataclass
-class PairResult:
-    """What one range of clusters found. Indices are row positions of `emb`."""
+class Hits:
+    """What a pair search over entries found; indices are entry positions."""
 
-    i: np.ndarray  # int64, pair endpoints with i < j, cosine >= threshold
-    j: np.ndarray
+    q: np.ndarray  # int64 querying entry of each pair (cosine >= threshold)
+    m: np.ndarray  # int64 member entry of each pair
     sim: np.ndarray  # float32
-    nn_idx: np.ndarray  # int64 rows that queried at least one cluster of the range
-    nn_sim: np.ndarray  # float32 their best cosine to another row in the probed clusters (-inf if none)
-    nn_nbr: np.ndarray  # int64 that row (-1 if none)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def empty(cls) -> PairResult:
-        e64, e32 = np.empty(0, np.int64), np.empty(0, np.float32)
-        return cls(e64, e64.copy(), e32, e64.copy(), e32.copy(), e64.copy())
+    best_sim: np.ndarray  # float32 per entry: best cosine to another row's member entry (-inf if none)
+    best_m: np.ndarray  # int64 per entry: that member entry (-1 if none)
 
 
-def cluster_pairs(emb: Any, ids: np.ndarray, clusters: range, threshold: float,
-                  block_cells: int = BLOCK_CELLS) -> PairResult:
-    """Pairs with cosine >= threshold among the rows stored in (nearest cluster) `clusters`, queried by
-    every row that probes those clusters, and each querying row's nearest neighbour there."""
-    p = ids.shape[1]
-    members_rows, members_bounds = _rows_in(ids[:, 0], clusters)
-    queries_flat, queries_bounds = _rows_in(ids.reshape(-1), clusters)
-    out_i, out_j, out_s = [], [], []
-    nn: dict[str, list[np.ndarray]] = {"idx": [], "sim": [], "nbr": []}
-    members_x = _f32(emb[members_rows])  # one gather per range: per-cluster slices are then views
-    queries_rows = queries_flat // p  # flat entry -> row
-    queries_x = _f32(emb[queries_rows])
-    for c in range(len(clusters)):
-        m0, m1 = members_bounds[c], members_bounds[c + 1]
-        q0, q1 = queries_bounds[c], queries_bounds[c + 1]
-        if m0 == m1 or q0 == q1:
-            continue
-        members, xm = members_rows[m0:m1], members_x[m0:m1]
-        rows = max(1, block_cells // len(members))
-        for s in range(q0, q1, rows):
-            q = queries_rows[s:min(s + rows, q1)]
-            sim = queries_x[s:s + len(q)] @ xm.T
-            # a row is not its own neighbour (both lists are ascending, so a binary search finds it)
-            pos = np.minimum(np.searchsorted(members, q), len(members) - 1)
-            self_hit = np.flatnonzero(members[pos] == q)
-            sim[self_hit, pos[self_hit]] = -np.inf
-            best = np.argmax(sim, axis=1)
-            nn["idx"].append(q)
-            nn["sim"].append(sim[np.arange(len(q)), best])
-            nn["nbr"].append(members[best])
-            r, m = np.nonzero(sim >= threshold)
-            if len(r):
-                a, b = q[r], members[m]
-                out_i.append(np.minimum(a, b))
-                out_j.append(np.maximum(a, b))
-                out_s.append(sim[r, m])
-    if not nn["idx"]:
-        return PairResult.empty()
-    cat = np.concatenate
-    res = PairResult(
-        i=cat(out_i).astype(np.int64) if out_i else np.empty(0, np.int64),
-        j=cat(out_j).astype(np.int64) if out_j else np.empty(0, np.int64),
-        sim=cat(out_s).astype(np.float32) if out_s else np.empty(0, np.float32),
-        nn_idx=cat(nn["idx"]).astype(np.int64), nn_sim=cat(nn["sim"]).astype(np.float32),
-        nn_nbr=cat(nn["nbr"]).astype(np.int64),
-    )
-    res.nn_nbr[~np.isfinite(res.nn_sim)] = -1
-    return res
+def search_clusters(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident: np.ndarray, threshold: float,
+                    device: str = "cpu", rows: np.ndarray | None = None, block_cells: int | None = None) -> Hits:
+    """Near pairs and nearest neighbours among entries grouped by cluster.
 
-
-def merge_pairs(results: list[PairResult], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Unique pairs (i, j, sim) and per-row nearest neighbour (nn_sim, nn_nbr) over all cluster ranges.
-
-    A pair found in two clusters keeps its higher cosine; a row's neighbour is the best over its probes,
-    ties to the lower row, so the merge does not depend on the order of `results`.
+    Entries are sorted by `cluster` (then in the order ties should go: the lowest-key member wins an equal
+    cosine); entry e's vector is vecs[rows[e]] (vecs[e] without `rows`); `member[e]` says the entry is stored in
+    its cluster (its nearest); `ident[e]` names the row, and a row is never its own neighbour. Every entry
+    queries the members of its cluster. device 'cpu' uses numpy, anything else torch on that device.
     """
+    n = len(cluster)
+    rows = np.arange(n) if rows is None else rows
+    bounds = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1], True]) if n else np.zeros(1, np.int64)
+    if device == "cpu" and not _is_torch(vecs):
+        return _search_numpy(vecs, bounds, member, ident, rows, threshold, block_cells or BLOCK_CELLS)
+    return _search_torch(vecs, bounds, member, ident, rows, threshold, device, block_cells or GPU_BLOCK_CELLS)
+
+
+def _search_numpy(vecs: Any, bounds: np.ndarray, member: np.ndarray, ident: np.ndarray, rows: np.ndarray,
+                  threshold: float, block_cells: int) -> Hits:
+    n = len(member)
+    best_sim = np.full(n, -np.inf, np.float32)
+    best_m = np.full(n, -1, np.int64)
+    out_q, out_m, out_s = [], [], []
+    for c in range(len(bounds) - 1):
+        e0, e1 = bounds[c], bounds[c + 1]
+        mem = e0 + np.flatnonzero(member[e0:e1])
+        if len(mem) == 0:
+            continue
+        xm = _f32(vecs[rows[mem]])
+        m_order = np.argsort(ident[mem], kind="stable")
+        m_ident = ident[mem][m_order]
+        step = max(1, block_cells // len(mem))
+        for s in range(e0, e1, step):
+            q = np.arange(s, min(s + step, e1))
+            sim = _f32(vecs[rows[q]]) @ xm.T
+            # a row is not its own neighbour: find each query's row among the members by binary search
+            pos = np.minimum(np.searchsorted(m_ident, ident[q]), len(mem) - 1)
+            self_hit = np.flatnonzero(m_ident[pos] == ident[q])
+            sim[self_hit, m_order[pos[self_hit]]] = -np.inf
+            b = np.argmax(sim, axis=1)
+            best_sim[q] = sim[np.arange(len(q)), b]
+            best_m[q] = mem[b]
+            r, m = np.nonzero(sim >= threshold)
+            out_q.append(q[r])
+            out_m.append(mem[m])
+            out_s.append(sim[r, m])
+    best_m[~np.isfinite(best_sim)] = -1
+    return _hits(out_q, out_m, out_s, best_sim, best_m)
+
+
+def _search_torch(vecs: Any, bounds: np.ndarray, member: np.ndarray, ident: np.ndarray, rows: np.ndarray,
+                  threshold: float, device: str, block_cells: int) -> Hits:
+    """The same loop as _search_numpy with the products on `device`; float32 throughout (no TF32), so
+    the cosines, and the decisions, match the CPU path."""
+    import torch
+
+    dev = vecs.device if _is_torch(vecs) else torch.device(device)
+    x = vecs if _is_torch(vecs) else torch.from_numpy(np.ascontiguousarray(vecs)).to(dev)
+    t_rows = torch.from_numpy(np.ascontiguousarray(rows, np.int64)).to(dev)
+    t_ident = torch.from_numpy(np.ascontiguousarray(ident, np.int64)).to(dev)
+    t_member = torch.from_numpy(np.ascontiguousarray(member, bool)).to(dev)
+    n = len(member)
+    best_sim = torch.full((n,), -math.inf, device=dev)
+    best_m = torch.full((n,), -1, dtype=torch.long, device=dev)
+    out_q, out_m, out_s = [], [], []
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for c in range(len(bounds) - 1):
+            e0, e1 = int(bounds[c]), int(bounds[c + 1])
+            mem = e0 + torch.nonzero(t_member[e0:e1])[:, 0]
+            if len(mem) == 0:
+                continue
+            xm = x[t_rows[mem]].float()
+            step = max(1, block_cells // len(mem))
+            for s in range(e0, e1, step):
+                q = torch.arange(s, min(s + step, e1), device=dev)
+                sim = x[t_rows[q]].float() @ xm.T
+                sim.masked_fill_(t_ident[q][:, None] == t_ident[mem][None, :], -math.inf)
+                v, b = sim.max(dim=1)  # first maximum, like numpy's argmax
+                best_sim[q], best_m[q] = v, mem[b]
+                r, m = torch.nonzero(sim >= threshold, as_tuple=True)
+                out_q.append(q[r])
+                out_m.append(mem[m])
+                out_s.append(sim[r, m])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    best_m[~torch.isfinite(best_sim)] = -1
+    cpu = [[t.cpu().numpy() for t in ts] for ts in (out_q, out_m, out_s)]
+    return _hits(*cpu, best_sim.cpu().numpy(), best_m.cpu().numpy())
+
+
+def _hits(q: list, m: list, s: list, best_sim: np.ndarray, best_m: np.ndarray) -> Hits:
     cat = np.concatenate
-    i = cat([r.i for r in results]) if results else np.empty(0, np.int64)
-    j = cat([r.j for r in results]) if results else np.empty(0, np.int64)
-    s = cat([r.sim for r in results]) if results else np.empty(0, np.float32)
-    code = i * n + j
-    o = np.lexsort((-s, code))
-    code, s = code[o], s[o]
-    first = np.ones(len(code), bool)
-    first[1:] = code[1:] != code[:-1]
-    code, s = code[first], s[first]
-    nn_sim = np.full(n, -np.inf, np.float32)
-    nn_nbr = np.full(n, -1, np.int64)
-    if results:
-        idx = cat([r.nn_idx for r in results])
-        sim = cat([r.nn_sim for r in results])
-        nbr = cat([r.nn_nbr for r in results])
-        o = np.lexsort((nbr, -sim, idx))  # per row: highest cosine, then lowest neighbour
-        idx, sim, nbr = idx[o], sim[o], nbr[o]
-        head = np.ones(len(idx), bool)
-        head[1:] = idx[1:] != idx[:-1]
-        nn_sim[idx[head]] = sim[head]
-        nn_nbr[idx[head]] = nbr[head]
-    return code // n, code % n, s, nn_sim, nn_nbr
+    return Hits(cat(q).astype(np.int64) if q else np.empty(0, np.int64),
+                cat(m).astype(np.int64) if m else np.empty(0, np.int64),
+                cat(s).astype(np.float32) if s else np.empty(0, np.float32),
+                best_sim.astype(np.float32), best_m.astype(np.int64))
 
 
-def equal_value_pairs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (first row, other row) linking every row to the first row with the same value (None/"" ignored)."""
+def max_similarity(emb: Any, reference: np.ndarray, batch: int = ASSIGN_BATCH,
+                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Every row's highest cosine to any `reference` row and that row's index ((n,) float32, int64)."""
+    n = emb.shape[0]
+    if len(reference) == 0 or n == 0:
+        return np.full(n, -np.inf, np.float32), np.full(n, -1, np.int64)
+    ids, sims = assign(emb, reference, 1, batch, device)
+    return sims[:, 0].copy(), ids[:, 0].astype(np.int64)
+
+
+# --- decisions ---------------------------------------------------------------------------------------
+
+
+def priority(policy: str, clip_score: Any = None, centroid_sim: Any = None, n: int | None = None) -> np.ndarray:
+    """The keep score (higher is kept first; ties go to the lowest key): best-clip-score -> clip_score (missing
+    lowest), farthest-from-centroid -> minus the cosine to the own centroid (SemDeDup's choice), first -> 0."""
+    if policy == "best-clip-score":
+        return np.nan_to_num(np.asarray(clip_score, np.float64), nan=-np.inf)
+    if policy == "farthest-from-centroid":
+        return -np.asarray(centroid_sim, np.float64)
+    if policy == "first":
+        return np.zeros(n if n is not None else len(np.asarray(clip_score if clip_score is not None
+                                                               else centroid_sim)))
+    raise ValueError(f"unknown keep policy {policy!r}; choose {', '.join(KEEP_POLICIES)}")
+
+
+def greedy_keep(n: int, hi: np.ndarray, lo: np.ndarray, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SemDeDup's rule over nodes ranked 0..n-1 by keep priority (0 is kept first) and duplicate edges
+    (hi, lo) with rank hi < rank lo: a node is dropped when it has an edge to a higher node that is kept.
+
+    Returns (kept_by, evidence): the highest-priority kept node each dropped node duplicates (-1 for kept
+    nodes) and the strongest evidence on that edge (EXACT > PHASH > NEAR bits; 0 for kept nodes).
+    Decided in rounds (a node is settled once all its higher neighbours are), each round vectorised; the
+    lowest undecided node always settles, so it ends, in as many rounds as the longest chain of drops.
+    """
+    hi, lo, kind = (np.asarray(a, np.int64) for a in (hi, lo, kind))
+    code = hi * n + lo
+    o = np.argsort(code, kind="stable")
+    code, kind = code[o], kind[o]
+    head = np.r_[True, code[1:] != code[:-1]] if len(code) else np.zeros(0, bool)
+    kind = np.bitwise_or.reduceat(kind, np.flatnonzero(head)) if len(code) else kind
+    code = code[head]
+    hi, lo = code // n, code % n
+    status = np.zeros(n, np.int8)  # 0 undecided, 1 kept, 2 dropped
+    status[np.setdiff1d(np.arange(n), lo)] = 1
+    live = np.ones(len(hi), bool)
+    while (status == 0).any():
+        e = np.flatnonzero(live)
+        h, lw = hi[e], lo[e]
+        dropped = np.unique(lw[status[h] == 1])
+        pending = np.bincount(lw[status[h] == 0], minlength=n)
+        status[dropped] = 2
+        kept = np.flatnonzero((status == 0) & (pending == 0))
+        status[kept] = 1
+        live[e] = status[lw] == 0
+    kept_by = np.full(n, -1, np.int64)
+    evidence = np.zeros(n, np.int8)
+    to_kept = np.flatnonzero((status[hi] == 1) & (status[lo] == 2))
+    # edges are sorted by (hi, lo): the first edge to each dropped node is from its highest kept node
+    o = np.lexsort((hi[to_kept], lo[to_kept]))
+    e = to_kept[o]
+    first = np.r_[True, lo[e][1:] != lo[e][:-1]] if len(e) else np.zeros(0, bool)
+    kept_by[lo[e][first]] = hi[e][first]
+    evidence[lo[e][first]] = kind[e][first]
+    return kept_by, evidence
+
+
+def strongest(evidence: np.ndarray) -> np.ndarray:
+    """The strongest evidence bit of each value (EXACT over PHASH over NEAR), 0 for none."""
+    ev = np.asarray(evidence)
+    return np.where(ev & EXACT, EXACT, np.where(ev & PHASH, PHASH, np.where(ev & NEAR, NEAR, 0))).astype(np.int8)
+
+
+def equal_value_pairs(values: np.ndarray, rank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (first row, other row) linking every row to the first row (lowest `rank`, default lowest row)
+    with the same value; None/"" ignored."""
     values = np.asarray(values, dtype=object)
     valid = np.array([v is not None and v == v and v != "" for v in values], bool)
     rows = np.flatnonzero(valid)
     if len(rows) == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     _, inverse = np.unique(values[rows].astype(str), return_inverse=True)
-    o = np.lexsort((rows, inverse))
+    r_rank = rows if rank is None else np.asarray(rank)[rows]
+    o = np.lexsort((r_rank, inverse))
     inv, r = inverse[o], rows[o]
-    head = np.ones(len(r), bool)
-    head[1:] = inv[1:] != inv[:-1]
+    head = np.r_[True, inv[1:] != inv[:-1]]
     first = r[np.maximum.accumulate(np.where(head, np.arange(len(r)), 0))]
     keep = ~head
     return first[keep].astype(np.int64), r[keep].astype(np.int64)
 
 
-def groups(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Connected components of the pair graph: group id per row (int64), -1 for rows without a pair.
-
-    Group ids are numbered by their lowest row, so they are stable for a fixed key order.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    out = np.full(n, -1, np.int64)
-    if len(i) == 0:
-        return out
-    g = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n)).tocsr()
-    _, comp = connected_components(g, directed=False)
-    size = np.bincount(comp)
-    in_group = size[comp] > 1
-    # renumber components by their lowest row: deterministic and independent of scipy's numbering
-    first_row = np.full(len(size), n, np.int64)
-    np.minimum.at(first_row, comp, np.arange(n))
-    order = np.argsort(first_row[size > 1])
-    rank = np.full(len(size), -1, np.int64)
-    rank[np.flatnonzero(size > 1)[order]] = np.arange(len(order))
-    out[in_group] = rank[comp[in_group]]
-    return out
-
-
-def kept_rows(group: np.ndarray, policy: str, clip_score: np.ndarray | None = None,
-              centroid_sim: np.ndarray | None = None) -> np.ndarray:
-    """The kept row of each row's group (the row itself when not in a group).
-
-    best-clip-score: highest clip_score (missing counts lowest); farthest-from-centroid: lowest cosine to its
-    cluster centroid (SemDeDup's choice); first: lowest row. Ties always go to the lowest row (= lowest key).
-    """
-    n = len(group)
-    if policy == "best-clip-score":
-        score = np.nan_to_num(np.asarray(clip_score, np.float64), nan=-np.inf)
-    elif policy == "farthest-from-centroid":
-        score = -np.asarray(centroid_sim, np.float64)
-    elif policy == "first":
-        score = np.zeros(n)
-    else:
-        raise ValueError(f"unknown keep policy {policy!r}; choose {', '.join(KEEP_POLICIES)}")
-    rows = np.arange(n)
-    kept = rows.copy()
-    ing = np.flatnonzero(group >= 0)
-    if len(ing) == 0:
-        return kept
-    o = np.lexsort((ing, -score[ing], group[ing]))  # per group: best score, then lowest row
-    g, r = group[ing][o], ing[o]
-    head = np.ones(len(g), bool)
-    head[1:] = g[1:] != g[:-1]
-    best_of_group = np.empty(g.max() + 1, np.int64)
-    best_of_group[g[head]] = r[head]
-    kept[ing] = best_of_group[group[ing]]
-    return kept
-
-
-def max_similarity(emb: Any, reference: np.ndarray, batch: int = ASSIGN_BATCH) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's highest cosine to any `reference` row and that row's index ((n,) float32, int64)."""
-    n = emb.shape[0]
-    sims = np.full(n, -np.inf, np.float32)
-    nbr = np.full(n, -1, np.int64)
-    if len(reference) == 0 or n == 0:
-        return sims, nbr
-    index = flat_ip_index(reference)
-    for s in range(0, n, batch):
-        d, i = index.search(_f32(emb[s:s + batch]), 1)
-        sims[s:s + batch], nbr[s:s + batch] = d[:, 0], i[:, 0]
-    return sims, nbr
+# --- the whole algorithm in one process ----------------------------------------------------------------
 
 
 @dataclass
 class DedupResult:
-    group: np.ndarray
-    kept: np.ndarray
+    kept: np.ndarray  # int64 row of the kept sample each row duplicates (the row itself when kept)
+    group: np.ndarray  # int64 group id (numbered by kept row) of duplicates and of kept rows with duplicates, else -1
+    evidence: np.ndarray  # int8 strongest evidence of each drop (EXACT/PHASH/NEAR), 0 for kept rows
     exact_dup: np.ndarray
     cluster: np.ndarray
     nn_sim: np.ndarray
     nn_nbr: np.ndarray
     n_pairs: int
+    seconds: dict[str, float]
+    pairs: tuple[np.ndarray, np.ndarray]  # unique near pairs (i < j)
 
 
 def dedup_arrays(emb: Any, threshold: float, *, k: int | None = None, probes: int = 2, seed: int = 0,
                  sha256: np.ndarray | None = None, keep: str = "first", clip_score: np.ndarray | None = None,
-                 clusters_per_task: int = 64) -> DedupResult:
-    """The whole algorithm in one process (for the benchmark and library use); the stage splits the same
-    steps into driver (train, assign), tasks (cluster_pairs over cluster ranges) and finalize."""
+                 device: str = "cpu", sample_per_centroid: int = 64) -> DedupResult:
+    """The whole algorithm on rows in key order in one process (the benchmark and library use); the stage
+    runs the same functions as map/reduce tasks over files. `emb` may be a torch tensor on the GPU."""
+    import time
+
+    t = [time.perf_counter()]
+    secs: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        t.append(time.perf_counter())
+        secs[name] = round(t[-1] - t[-2], 3)
+
     n = emb.shape[0]
     k = choose_k(n, k)
-    centroids = train_centroids(emb, k, seed)
-    ids, sims = assign(emb, centroids, probes)
-    results = [cluster_pairs(emb, ids, range(a, min(a + clusters_per_task, k)), threshold)
-               for a in range(0, k, clusters_per_task)]
-    i, j, _, nn_sim, nn_nbr = merge_pairs(results, n)
+    rng = np.random.default_rng(seed)
+    size = min(n, k * sample_per_centroid)
+    sample_rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
+    if _is_torch(emb):
+        import torch
+
+        sample = emb[torch.from_numpy(sample_rows).to(emb.device)]
+    else:
+        sample = emb[sample_rows]
+    centroids = train_centroids(sample, k, seed, device=device)
+    lap("train")
+    ids, sims = assign(emb, centroids, probes, device=device)
+    lap("assign")
+    p = ids.shape[1]
+    # entries (row, probe) sorted by cluster, rows ascending within a cluster (= key order)
+    entry_cluster = ids.reshape(-1)
+    o = np.argsort(entry_cluster, kind="stable")
+    entry_row = (o // p).astype(np.int64)
+    member = (o % p) == 0
+    hits = search_clusters(emb, entry_cluster[o], member, entry_row, threshold, device, rows=entry_row)
+    lap("pairs")
+    a, b = entry_row[hits.q], entry_row[hits.m]
+    # each row has exactly p entries: back to (row, probe) order, then the best per row (ties: lowest neighbour)
+    flat_sim = np.empty(n * p, np.float32)
+    flat_nbr = np.empty(n * p, np.int64)
+    flat_sim[o] = hits.best_sim
+    flat_nbr[o] = np.where(hits.best_m >= 0, entry_row[np.maximum(hits.best_m, 0)], -1)
+    flat_sim, flat_nbr = flat_sim.reshape(n, p), flat_nbr.reshape(n, p)
+    nn_sim = flat_sim.max(axis=1)
+    nn_nbr = np.where(flat_sim == nn_sim[:, None], flat_nbr, np.iinfo(np.int64).max).min(axis=1)
+    nn_nbr[~np.isfinite(nn_sim)] = -1
+    prio = priority(keep, clip_score, sims[:, 0], n)
+    rank_of = np.empty(n, np.int64)
+    by_rank = np.argsort(-prio, kind="stable")  # ties: lowest row (= key) first
+    rank_of[by_rank] = np.arange(n)
+    i, j, kinds = [np.minimum(a, b)], [np.maximum(a, b)], [np.full(len(a), NEAR, np.int8)]
+    codes = np.unique(np.minimum(a, b) * n + np.maximum(a, b))
     exact = np.zeros(n, bool)
     if sha256 is not None:
-        ei, ej = equal_value_pairs(sha256)
+        ei, ej = equal_value_pairs(sha256, rank_of)
         exact[ei], exact[ej] = True, True
-        i, j = np.concatenate([i, ei]), np.concatenate([j, ej])
-    group = groups(n, i, j)
-    kept = kept_rows(group, keep, clip_score, sims[:, 0])
-    return DedupResult(group, kept, exact, ids[:, 0].copy(), nn_sim, nn_nbr, len(i))
+        i.append(ei)
+        j.append(ej)
+        kinds.append(np.full(len(ei), EXACT, np.int8))
+    ri, rj = rank_of[np.concatenate(i)], rank_of[np.concatenate(j)]
+    kept_by, evidence = greedy_keep(n, np.minimum(ri, rj), np.maximum(ri, rj), np.concatenate(kinds))
+    kept = np.arange(n)
+    dropped_ranks = np.flatnonzero(kept_by >= 0)
+    kept[by_rank[dropped_ranks]] = by_rank[kept_by[dropped_ranks]]
+    ev = np.zeros(n, np.int8)
+    ev[by_rank[dropped_ranks]] = strongest(evidence[dropped_ranks])
+    lap("decide")
+    return DedupResult(kept, group_ids(kept), ev, exact, ids[:, 0].copy(), nn_sim, nn_nbr, len(codes), secs,
+                       (codes // n, codes % n))
+
+
+def group_ids(kept: np.ndarray) -> np.ndarray:
+    """Group id per row from the kept row of each row: the kept rows that have duplicates numbered in row
+    (= key) order; -1 for rows outside any group."""
+    n = len(kept)
+    dup = kept != np.arange(n)
+    heads = np.unique(kept[dup])
+    out = np.full(n, -1, np.int64)
+    out[heads] = np.arange(len(heads))
+    out[dup] = out[kept[dup]]
+    return out

@@ -245,12 +245,18 @@ def test_a_lost_match_file_or_signal_table_is_rebuilt_on_resume(pool, tmp_path, 
     ds = DatasetDir.at(copy)
     before = signals(ds)
     meta = str(pool.root.parent / "metadata.txt")
-    shard = ds.shards()[1]
-    (ds.work("balance") / "matches" / f"{shard}.parquet").unlink()  # a task output lost after its marker
-    ds.signals("balance", shard).unlink()  # and a shard's signal table, as a crash in finalize would leave it
-    ds.marker("balance", shard).unlink()
-    (ds.work("balance") / "result.json").unlink()
+    args = ["balance", str(copy), "--metadata", meta, "--seed", "7", "--no-progress"]
+    lost, other = ds.shards()[1], ds.shards()[2]
+    ds.signals("balance", lost).unlink()  # a signal table lost after its marker: only its write task reruns
+    stamp = {s: ds.signals("balance", s).stat().st_mtime_ns for s in ds.shards() if s != lost}
     capsys.readouterr()
-    assert main(["balance", str(copy), "--metadata", meta, "--seed", "7", "--no-progress"]) == 0
-    assert "1 shard(s) done" in capsys.readouterr().err  # only the lost match task ran again
+    assert main(args) == 0
+    assert "1 shard(s) done" in capsys.readouterr().err
+    assert signals(ds) == before and {s: ds.signals("balance", s).stat().st_mtime_ns for s in stamp} == stamp
+    # a lost match file: that match task reruns, and then the reduce and every write task (a new reduce)
+    matches = ds.work("balance") / "matches"
+    (matches / f"{lost}.parquet").unlink()
+    kept = (matches / f"{other}.parquet").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (matches / f"{other}.parquet").stat().st_mtime_ns == kept  # the other match tasks did not run
     assert signals(ds) == before and ds.done_shards("balance") == ds.shards()

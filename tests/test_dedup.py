@@ -94,31 +94,59 @@ def run(ds: DatasetDir, *args: str) -> int:
     return main(["dedup", str(ds.root), "--no-progress", *args])
 
 
-def found_groups(t: pa.Table) -> list[list[int]]:
+def reference(emb: np.ndarray, prio: np.ndarray, sha: list[str | None] | None, threshold: float = 0.95
+              ) -> dict[int, int]:
+    """SemDeDup's rule by brute force: rows in keep order (priority, then lowest key); a row is dropped when it is
+    within the threshold of (or byte-equal to) a row already kept, and points to the first such kept row.
+    Returns {dropped row: kept row}."""
+    x = np.asarray(emb, np.float16).astype(np.float32)
+    sims = x @ x.T
+    kept: list[int] = []
+    out = {}
+    for i in sorted(range(len(emb)), key=lambda r: (-prio[r], key_of(r))):
+        hit = next((j for j in kept if sims[i, j] >= threshold or (sha and sha[i] is not None and sha[i] == sha[j])),
+                   None)
+        if hit is None:
+            kept.append(i)
+        else:
+            out[i] = hit
+    return out
+
+
+def decisions(t: pa.Table) -> dict[int, int]:
+    """{dropped row: kept row} from a dedup signal table, checking the columns agree with each other."""
+    pos = {key_of(i): i for i in range(t.num_rows)}
     rows = t.to_pylist()
-    pos = {key_of(i): i for i in range(len(rows))}
-    by: dict[int, list[int]] = {}
+    out = {pos[r["key"]]: pos[r["kept_key"]] for r in rows if r["is_duplicate"]}
+    kept_group = {r["key"]: r["dup_group"] for r in rows if not r["is_duplicate"]}
     for r in rows:
-        if r["dup_group"] >= 0:
-            by.setdefault(r["dup_group"], []).append(pos[r["key"]])
-    return sorted(sorted(v) for v in by.values())
+        assert r["is_duplicate"] == (r["kept_key"] != r["key"]) == (r["dup_evidence"] is not None)
+        if r["is_duplicate"]:
+            assert r["dup_group"] >= 0 and kept_group[r["kept_key"]] == r["dup_group"]
+            assert r["kept_key"] not in out  # the sample a row duplicates is always a kept one
+    return out
 
 
-def test_planted_groups_found_exactly_with_exact_duplicates(tmp_path):
+def test_planted_decisions_are_semdedups_rule_with_exact_duplicates(tmp_path):
     emb, groups = planted()
     sha = [f"{i:064x}" for i in range(len(emb))]
     sha[20] = sha[30]  # same bytes, different (unrelated) embeddings: joined by sha256 alone
-    ds = write_scored(tmp_path / "ds", emb, sha=sha)
+    clip = np.linspace(0.2, 0.3, len(emb))
+    ds = write_scored(tmp_path / "ds", emb, clip=clip, sha=sha)
     assert run(ds) == 0
     t = dedup_table(ds)
     assert t.num_rows == len(emb)  # one row per scored sample; the failed rows have none
+    want = reference(emb, clip, sha)
+    assert decisions(t) == want and len(want) >= 6
     counts = manifest.load(ds)["stages"]["dedup"]["counts"]
-    assert counts["groups"] == 5 and counts["exact_duplicates"] == 2
-    assert counts["duplicates"] == sum(len(g) - 1 for g in groups) + 1
-    assert counts["near_duplicate_pairs"] >= sum(len(g) - 1 for g in groups)  # every copy-original pair
-    assert found_groups(t) == sorted([*groups, [20, 30]])
+    assert counts["duplicates"] == len(want) and counts["exact_duplicates"] == 2
+    assert counts["groups"] == len(set(want.values()))
+    assert counts["drops_by_evidence"] == {"exact": 1, "phash": 0, "near": len(want) - 1}
+    # every planted copy-original pair is a near pair (copies of one original may be below the threshold)
+    assert counts["near_duplicate_pairs"] >= sum(len(g) - 1 for g in groups)
     rows = {r["key"]: r for r in t.to_pylist()}
     assert rows[key_of(20)]["exact_dup"] and rows[key_of(30)]["exact_dup"]
+    assert rows[key_of(20)]["dup_evidence"] == "exact" and rows[key_of(20)]["kept_key"] == key_of(30)
     assert not rows[key_of(3)]["exact_dup"]
     # nn_similarity: the planted copy's cosine (float16 storage), and the neighbour's key
     cos = float(np.asarray(emb[50], np.float16).astype(np.float32) @ np.asarray(emb[51], np.float16).astype(np.float32))
@@ -128,9 +156,40 @@ def test_planted_groups_found_exactly_with_exact_duplicates(tmp_path):
     assert rows[key_of(5)]["dup_group"] == -1 and rows[key_of(5)]["nn_similarity"] < 0.95
     assert not rows[key_of(5)]["is_duplicate"] and rows[key_of(5)]["kept_key"] == key_of(5)
     assert all(r["eval_contaminated"] is False and r["eval_similarity"] is None for r in rows.values())
-    # a threshold above every planted cosine leaves only the sha256 group
+    # a threshold above every planted cosine leaves only the sha256 duplicate
     assert run(ds, "--threshold", "0.995", "--redo") == 0
-    assert found_groups(dedup_table(ds)) == [[20, 30]]
+    assert decisions(dedup_table(ds)) == {20: 30}
+
+
+def chain(n: int, step: float = 0.97) -> np.ndarray:
+    """n unit vectors on a great circle, neighbours at cosine `step` (0.97: two steps apart is 0.88)."""
+    angle = np.arccos(step) * np.arange(n)
+    out = np.zeros((n, D))
+    out[:, 0], out[:, 1] = np.cos(angle), np.sin(angle)
+    return out
+
+
+def test_chain_keeps_both_ends_and_groups_do_not_grow_by_chaining(tmp_path):
+    rng = np.random.default_rng(1)
+    emb = unit(rng.standard_normal((60, D)))
+    emb[:3] = chain(3)  # rows 0 ~ 1 ~ 2, with 0 and 2 beyond the threshold
+    emb[10:30] = chain(20) @ np.linalg.qr(rng.standard_normal((D, D)))[0]  # a chain of 20 look-alikes
+    ds = write_scored(tmp_path / "ds", emb)
+    assert run(ds, "--keep", "first") == 0
+    t = dedup_table(ds)
+    got = decisions(t)
+    assert got[1] == 0 and 2 not in got  # a kept, b dropped as a's duplicate, c kept: no transitive closure
+    assert got == reference(emb, np.zeros(len(emb)), None)
+    sizes = np.bincount(np.asarray([g for g in t["dup_group"].to_pylist() if g >= 0]))
+    assert sizes.max() <= 2  # along a chain, a kept sample's group is itself and its next neighbour
+    assert len(got) == 1 + 10  # every other sample of the chain of 20 is kept
+    # when the middle sample is the best one, it is kept and both ends are its duplicates
+    clip = np.full(len(emb), 0.2)
+    clip[1] = 0.3
+    ds2 = write_scored(tmp_path / "ds2", emb, clip=clip)
+    assert run(ds2, "--keep", "best-clip-score") == 0
+    got2 = decisions(dedup_table(ds2))
+    assert got2[0] == got2[2] == 1
 
 
 def test_keep_policies(tmp_path):
@@ -140,26 +199,26 @@ def test_keep_policies(tmp_path):
     clip[50] = 0.10
     ds = write_scored(tmp_path / "ds", emb, clip=clip)
 
-    def kept(policy: str, *extra: str) -> dict[str, str]:
+    def dropped(policy: str, *extra: str) -> dict[int, int]:
         assert run(ds, "--keep", policy, "--redo", *extra) == 0
-        t = dedup_table(ds).to_pylist()
-        for r in t:
-            assert r["is_duplicate"] == (r["dup_group"] >= 0 and r["kept_key"] != r["key"])
-        return {r["key"]: r["kept_key"] for r in t}
+        return decisions(dedup_table(ds))
 
-    best = kept("best-clip-score")
-    assert best[key_of(77)] == best[key_of(141)] == key_of(140)
-    assert best[key_of(50)] == key_of(51)
-    first = kept("first")
-    assert first[key_of(140)] == key_of(77) and first[key_of(101)] == key_of(3) and first[key_of(3)] == key_of(3)
+    best = dropped("best-clip-score")
+    assert best == reference(emb, clip, None)
+    assert best[77] == best[141] == 140 and 140 not in best
+    assert best[50] == 51
+    first = dropped("first")
+    assert first == reference(emb, np.zeros(len(emb)), None)
+    assert first[140] == 77 and first[101] == 3 and 3 not in first
     # with one cluster every sample's centroid is the same one: the pick is the lowest cosine to it
-    far = kept("farthest-from-centroid", "--k", "1")
+    far = dropped("farthest-from-centroid", "--k", "1")
     x = np.asarray(emb, np.float16).astype(np.float32)
     centroid = np.load(ds.root / "_work" / "dedup" / "centroids.npy")[0]
     assert np.linalg.norm(centroid) == pytest.approx(1.0, abs=1e-5)
+    assert far == reference(emb, -(x @ centroid), None)
     for g in groups:
         expect = min(g, key=lambda i: (float(x[i] @ centroid), i))
-        assert {far[key_of(i)] for i in g} == {key_of(expect)}
+        assert expect not in far and any(far.get(i) == expect for i in g)
 
 
 def test_shard_order_does_not_change_decisions(tmp_path):
@@ -193,30 +252,68 @@ def test_against_flags_near_copy_and_equal_bytes(tmp_path):
                for k, r in rows.items() if k not in flagged)
 
 
-def test_resume_after_completion_kill_and_lost_pair_files(tmp_path):
+def test_resume_after_completion_lost_work_files_and_markers(tmp_path):
     emb, _ = planted()
     ds = write_scored(tmp_path / "ds", emb)
     assert run(ds, "--tasks", "3") == 0
     want = dedup_table(ds)
-    pairs = sorted((ds.root / "_work" / "dedup" / "pairs").glob("*.npz"))
-    assert [p.stem for p in pairs] == ["c00000", "c00001", "c00002"]
+    wd = ds.root / "_work" / "dedup"
+    assert sorted(p.name for p in (wd / "pairs").glob("*.edges.npy")) == [f"0000{i}.edges.npy" for i in range(3)]
+    done = {p.stem for p in (ds.root / "_done" / "dedup").glob("*.json")}
+    assert {"decide", "pairs.00000", f"assign.{shard_name(0)}", shard_name(0)} <= done
+    assert ds.done_shards("dedup") == sorted({shard_of_key(key_of(i)) for i in range(len(emb))})
     # rerun after completion: nothing recomputed, same table
-    mtimes = [p.stat().st_mtime_ns for p in pairs]
+    outputs = sorted(p for p in wd.rglob("*") if p.is_file()) + sorted((ds.root / "signals" / "dedup").glob("*"))
+    mtimes = [p.stat().st_mtime_ns for p in outputs]
     assert run(ds, "--tasks", "3") == 0
-    assert [p.stat().st_mtime_ns for p in pairs] == mtimes
+    assert [p.stat().st_mtime_ns for p in outputs] == mtimes
     assert dedup_table(ds).equals(want)
-    # a kill mid-way: one task's marker never written, another's pair file lost, no signal tables yet
-    ds.marker("dedup", "c00001").unlink()
-    pairs[2].unlink()
+    # a kill at various points: markers never written, work files lost, tmp files left, no signal tables yet
+    ds.marker("dedup", "pairs.00001").unlink()
+    (wd / "pairs" / "00002.nn.npy").unlink()
+    (wd / "bucket" / f"{shard_name(3)}.npy").unlink()
+    (wd / "decide" / "summary.json").unlink()
+    (wd / "pairs" / ".tmp-0123456789ab-00001.edges.npy").write_bytes(b"partial")
     shutil.rmtree(ds.root / "signals" / "dedup")
+    ds.marker("dedup", shard_name(2)).unlink()
     assert run(ds, "--tasks", "3") == 0
     assert dedup_table(ds).equals(want)
     # a kill during plan (no plan.json): everything is rebuilt, same decisions
-    (ds.root / "_work" / "dedup" / "plan.json").unlink()
+    (wd / "plan.json").unlink()
     assert run(ds, "--tasks", "3") == 0
     assert dedup_table(ds).equals(want)
     # another config on the same dir is refused without --redo
     assert run(ds, "--tasks", "3", "--threshold", "0.9") == 2
+
+
+def test_killed_process_mid_run_then_rerun_gives_the_same_outputs(tmp_path):
+    """A real SIGKILL of `curate dedup` once some tasks are done (a kill inside a task or between phases)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(5)
+    emb, _ = planted(1000, seed=2)
+    emb[200:260] = [near_copy(emb[i], 0.97, rng) for i in range(60)]
+    clean = write_scored(tmp_path / "clean", emb)
+    assert run(clean, "--tasks", "6", "--device", "cpu") == 0
+    want = dedup_table(clean)
+    for marker_glob in ("assign.*.json", "pairs.*.json", "decide.json"):
+        ds = write_scored(tmp_path / marker_glob.split(".")[0], emb)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.Popen([sys.executable, "-m", "curate.cli", "dedup", str(ds.root), "--no-progress",
+                                 "--tasks", "6", "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if list((ds.root / "_done" / "dedup").glob(marker_glob)):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        proc.wait()
+        assert run(ds, "--tasks", "6", "--device", "cpu") == 0
+        assert dedup_table(ds).equals(want)
 
 
 def test_local_workers_two_equals_one(tmp_path):
@@ -267,21 +364,59 @@ def test_phash_joins_reencoded_images(tmp_path):
     assert sum(g >= 0 for g in groups.values()) == 2
 
 
-def test_core_merge_and_groups_do_not_depend_on_task_order():
+def test_greedy_rule_on_a_chain_and_a_star():
     from curate import semdedup as sd
 
-    emb, groups = planted()
-    ids, _ = sd.assign(emb, sd.train_centroids(emb, 4, 0), 2)
-    parts = [sd.cluster_pairs(emb, ids, range(a, a + 1), 0.95) for a in range(4)]
-    fwd, rev = sd.merge_pairs(parts, len(emb)), sd.merge_pairs(parts[::-1], len(emb))
-    for x, y in zip(fwd, rev, strict=True):
-        assert np.array_equal(x, y)
-    g = sd.groups(len(emb), fwd[0], fwd[1])
-    assert sorted(sorted(np.flatnonzero(g == v).tolist()) for v in range(g.max() + 1)) == sorted(groups)
-    assert g[groups[0][0]] == 0  # numbered by lowest row
-    # sha256-style equality pairs ignore missing values
-    i, j = sd.equal_value_pairs(np.array(["a", None, "b", "a", "", "a"], dtype=object))
-    assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 3), (0, 5)]
+    # ranks 0 ~ 1 ~ 2 ~ 3 (a path): 0 kept, 1 dropped by 0, 2 kept (its only higher neighbour is dropped), 3 by 2
+    kept_by, ev = sd.greedy_keep(4, np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([1, 1, 1]))
+    assert kept_by.tolist() == [-1, 0, -1, 2] and ev.tolist() == [0, 1, 0, 1]
+    # the same edge found twice and with two kinds of evidence; the highest kept node is the one named
+    kept_by, ev = sd.greedy_keep(5, np.array([1, 0, 0, 3, 1]), np.array([4, 4, 4, 4, 2]),
+                                 np.array([sd.NEAR, sd.NEAR, sd.EXACT, sd.NEAR, sd.PHASH]))
+    assert kept_by.tolist() == [-1, -1, 1, -1, 0]
+    assert sd.strongest(ev).tolist() == [0, 0, sd.PHASH, 0, sd.EXACT]
+    # key hashes do not depend on the width of the key array
+    assert np.array_equal(sd.key_hash(np.array([b"ab", b"c"], "S2"), 3), sd.key_hash(np.array([b"ab", b"c"], "S9"), 3))
+    assert not np.array_equal(sd.key_hash(np.array([b"ab"]), 3), sd.key_hash(np.array([b"ab"]), 4))
+
+
+def test_torch_path_gives_the_numpy_faiss_decisions():
+    """The GPU code path (torch assignment and pair search) run on the CPU: the same arrays as faiss/numpy."""
+    import torch
+
+    from curate import semdedup as sd
+
+    emb, _ = planted(600, seed=4)
+    rng = np.random.default_rng(4)
+    emb[300:360] = [near_copy(emb[i], rng.uniform(0.955, 0.99), rng) for i in range(60)]
+    x = np.asarray(emb, np.float16)
+    clip = np.random.default_rng(0).uniform(0.2, 0.3, len(x))
+    sha = np.array([f"{i % 590}" for i in range(len(x))], dtype=object)  # 10 byte-equal pairs
+    for keep in ("best-clip-score", "farthest-from-centroid", "first"):
+        a = sd.dedup_arrays(x, 0.95, k=8, probes=2, seed=1, sha256=sha, keep=keep, clip_score=clip)
+        b = sd.dedup_arrays(torch.from_numpy(x), 0.95, k=8, probes=2, seed=1, sha256=sha, keep=keep, clip_score=clip)
+        for f in ("kept", "group", "evidence", "exact_dup", "cluster", "nn_nbr"):
+            assert np.array_equal(getattr(a, f), getattr(b, f)), (keep, f)
+        assert np.allclose(a.nn_sim, b.nn_sim, atol=1e-6) and a.n_pairs == b.n_pairs
+        assert (a.kept != np.arange(len(x))).sum() >= 60
+    # torch k-means on the CPU: unit centroids that the data actually use
+    c = sd.torch_kmeans(x.astype(np.float32), 8, 0, device="cpu")
+    assert np.allclose(np.linalg.norm(c, axis=1), 1, atol=1e-5)
+    assert len(np.unique(sd.assign(x, c, 1)[0])) == 8
+
+
+def test_scorer_names_the_signal_table_to_read(tmp_path):
+    emb, _ = planted()
+    ds = write_scored(tmp_path / "ds", emb)
+    assert run(ds) == 0
+    want = dedup_table(ds)
+    # the same embeddings under a second scorer's name, the first one's gone: --scorer reads the second
+    for sub in ("signals", "_done"):
+        shutil.move(ds.root / sub / "score", ds.root / sub / "dfn")
+    assert run(ds, "--redo") == 2
+    assert run(ds, "--scorer", "dfn", "--redo") == 0
+    assert dedup_table(ds).equals(want)
+    assert run(ds, "--scorer", "../score", "--redo") == 2
 
 
 def test_rescoring_invalidates_dedup(tmp_path):
@@ -297,15 +432,130 @@ def test_rescoring_invalidates_dedup(tmp_path):
 
 
 @pytest.mark.spark
+@pytest.mark.slow
 def test_spark_engine_equals_local(tmp_path, monkeypatch):
-    """Each Spark task takes a range of clusters; the decisions are those of the local engine."""
+    """Every phase's tasks run as Spark tasks and the exact-duplicate GROUP BY runs in Spark SQL on the driver;
+    the signal tables equal the local engine's."""
     pytest.importorskip("pyspark")
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     emb, _ = planted()
-    local = write_scored(tmp_path / "local", emb)
-    spark = write_scored(tmp_path / "spark", emb)
+    sha = [f"{i:064x}" for i in range(len(emb))]
+    sha[20] = sha[30] = sha[31]
+    local = write_scored(tmp_path / "local", emb, sha=sha)
+    spark = write_scored(tmp_path / "spark", emb, sha=sha)
     assert run(local, "--tasks", "3") == 0
     assert run(spark, "--tasks", "3", "--engine", "spark", "--spark-master", "local[2]") == 0
-    assert sorted(p.stem for p in (spark.root / "_work" / "dedup" / "pairs").glob("*.npz")) == \
-        ["c00000", "c00001", "c00002"]
+    assert sorted(p.name for p in (spark.root / "_work" / "dedup" / "pairs").glob("*.edges.npy")) == \
+        ["00000.edges.npy", "00001.edges.npy", "00002.edges.npy"]
+    assert (spark.root / "_work" / "dedup" / "exact_edges.parquet").is_dir()  # written by Spark SQL
     assert dedup_table(local).equals(dedup_table(spark))
+    got = decisions(dedup_table(spark))
+    assert got[20] == got[30] == 31 and 31 not in got  # equal bytes: the best clip_score is kept
+
+
+def test_dedup_of_what_real_score_wrote(tmp_path):
+    """Tars and ledgers from the real writers, embeddings from `curate score` (tiny random-init model): the
+    byte-identical image and the re-encoded copy are the only duplicates, and 1 vs 2 workers agree."""
+    import json
+
+    from test_score import TINY
+
+    conf = tmp_path / "curate-test-tiny.json"
+    conf.write_text(json.dumps(TINY))
+    images = [color_image(i, (64, 64)) for i in range(9)]
+    images += [images[2], images[5].resize((48, 48)).resize((64, 64))]  # rows 9 (same bytes), 10 (re-encoded)
+    samples = [(im, f"caption {i}", "success") for i, im in enumerate(images)]
+    samples.insert(4, (None, "timed out", "timeout"))
+    ds = make_dataset(tmp_path / "ds", samples, shard_size=4)
+    assert main(["score", str(ds.root), "--model", str(conf), "--pretrained", "none", "--no-progress",
+                 "--batch-size", "4", "--device", "cpu"]) == 0
+    keys = [r["key"] for r in pq.read_table(ds.ledger(ds.shards()[0])).to_pylist()] + \
+        [r["key"] for s in ds.shards()[1:] for r in pq.read_table(ds.ledger(s)).to_pylist()]
+    key = {i: keys[i if i < 4 else i + 1] for i in range(len(images))}  # image index -> key (row 4 failed)
+    two = DatasetDir.at(tmp_path / "two")
+    shutil.copytree(ds.root, two.root)
+    args = ("--phash", "--threshold", "0.9999", "--keep", "first", "--device", "cpu")
+    assert run(ds, *args) == 0 and run(two, *args, "--workers", "2") == 0
+    t = dedup_table(ds)
+    assert t.equals(dedup_table(two))
+    rows = {r["key"]: r for r in t.to_pylist()}
+    assert len(rows) == len(images)
+    dropped = {k: (r["kept_key"], r["dup_evidence"]) for k, r in rows.items() if r["is_duplicate"]}
+    assert dropped[key[9]][0] == key[2]
+    assert dropped[key[10]] == (key[5], "phash") or dropped[key[10]] == (key[5], "near")
+    assert set(dropped) == {key[9], key[10]}
+    assert manifest.load(ds)["stages"]["dedup"]["status"] == "complete"
+
+
+def test_threshold_auto_on_a_random_init_model_does_not_flag_the_pool(tmp_path):
+    """Issue 14: a random-init model puts unrelated images close together; the calibrated threshold stays above
+    every random pair of the sample, so most of the pool is kept, and the evidence is in the manifest."""
+    import json
+
+    from test_score import TINY
+
+    conf = tmp_path / "curate-test-tiny.json"
+    conf.write_text(json.dumps(TINY))
+    images = [color_image(i, (64, 64)) for i in range(40)]
+    ds = make_dataset(tmp_path / "ds", [(im, f"c {i}", "success") for i, im in enumerate(images + [images[7]])],
+                      shard_size=8)
+    assert main(["score", str(ds.root), "--model", str(conf), "--pretrained", "none", "--no-progress",
+                 "--batch-size", "8", "--device", "cpu"]) == 0
+    assert run(ds, "--threshold", "auto", "--device", "cpu") == 0
+    t = dedup_table(ds)
+    assert sum(t["is_duplicate"].to_pylist()) < t.num_rows / 2  # the pool is not flagged
+    counts = manifest.load(ds)["stages"]["dedup"]["counts"]
+    cal = counts["threshold_calibration"]
+    assert counts["threshold"] == cal["threshold"] and cal["images"] == 41 and cal["copies"] == 3 * 41
+    assert cal["random_pairs"] == 41 * 40 // 2 - 1  # the byte-identical pair is not a random pair
+    assert cal["random_pair_share"] <= 1e-3
+    assert 0 <= cal["copy_share"] <= 1 and cal["limited_by"] in ("copies", "random_pairs")
+    assert run(ds, "--threshold", "often") == 2
+
+
+def _cuda() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+
+
+@pytest.mark.gpu
+def test_cuda_stage_gives_the_cpu_decisions(tmp_path):
+    """--device cuda (torch assignment and pair search on the GPU) against --device cpu (faiss/numpy): the same
+    tables, both equal to SemDeDup's rule by brute force."""
+    _cuda()
+    emb, _ = planted()
+    clip = np.random.default_rng(3).uniform(0.2, 0.3, len(emb))
+    cpu = write_scored(tmp_path / "cpu", emb, clip=clip)
+    gpu = write_scored(tmp_path / "gpu", emb, clip=clip)
+    assert run(cpu, "--device", "cpu") == 0 and run(gpu, "--device", "cuda") == 0
+    assert manifest.load(gpu)["stages"]["dedup"]["counts"]["device"] == "cuda"
+    assert dedup_table(cpu).equals(dedup_table(gpu))  # same centroids (faiss on the driver): same everything
+    want = reference(emb, clip, None)
+    assert decisions(dedup_table(cpu)) == decisions(dedup_table(gpu)) == want
+
+
+@pytest.mark.gpu
+def test_cuda_core_equals_cpu_for_the_same_centroids():
+    _cuda()
+    import torch
+
+    from curate import semdedup as sd
+
+    emb, _ = planted(2000, seed=6)
+    rng = np.random.default_rng(6)
+    emb[1000:1200] = [near_copy(emb[i], rng.uniform(0.955, 0.99), rng) for i in range(200)]
+    x = np.asarray(emb, np.float16)
+    c = sd.train_centroids(x, 16, 0)
+    ids_c, sims_c = sd.assign(x, c, 2)
+    ids_g, sims_g = sd.assign(x, c, 2, device="cuda")
+    assert np.array_equal(ids_c, ids_g) and np.allclose(sims_c, sims_g, atol=1e-5)
+    o = np.argsort(ids_c.reshape(-1), kind="stable")
+    rows, member = o // 2, (o % 2) == 0
+    hc = sd.search_clusters(x, ids_c.reshape(-1)[o], member, rows, 0.95, "cpu", rows=rows)
+    hg = sd.search_clusters(torch.from_numpy(x).cuda(), ids_c.reshape(-1)[o], member, rows, 0.95, "cuda", rows=rows)
+    pc_, pg = sorted(zip(hc.q.tolist(), hc.m.tolist(), strict=True)), sorted(zip(hg.q.tolist(), hg.m.tolist(), strict=True))
+    assert pc_ == pg and len(pc_) >= 200
+    assert np.array_equal(hc.best_m, hg.best_m) and np.allclose(hc.best_sim, hg.best_sim, atol=1e-5)
+    # torch k-means: the same centroids on the GPU as on the CPU
+    assert np.allclose(sd.torch_kmeans(x, 16, 0, device="cpu"), sd.torch_kmeans(x, 16, 0, device="cuda"), atol=1e-4)

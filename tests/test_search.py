@@ -21,7 +21,7 @@ from test_fetch import LoopServer
 from test_score import TINY
 
 from curate.cli import main
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, shard_name
 
 N_IMAGES = 40
 HOSTILE = {
@@ -177,9 +177,10 @@ def test_ivf_index_resumes_a_lost_part(dataset, tmp_path, capsys):
     meta = json.loads((ds.root / "index" / "index.json").read_text())
     assert meta["factory"] == "IVF4,SQfp16" and 1 <= meta["modalities"]["image"]["nprobe"] <= 4
     assert meta["modalities"]["image"]["recall"] >= 0.97
-    (ds.root / "index" / "parts" / "00001.image.faiss").unlink()  # a lost part: only its shard is redone
+    (ds.root / "index" / "parts" / f"{shard_name(1)}.image.faiss").unlink()  # a lost part: only its shard is redone
     capsys.readouterr()
-    assert main(["index", str(ds.root), "--kind", "ivf-fp16", "--nlist", "4", "--no-progress"]) == 0
+    # the redone task runs in a spawned worker process: tasks carry only JSON, never the index object
+    assert main(["index", str(ds.root), "--kind", "ivf-fp16", "--nlist", "4", "--workers", "2", "--no-progress"]) == 0
     assert "1 shard(s) done, 2 already done" in capsys.readouterr().err
     keys, img, _ = embeddings(ds)
     doc = search_json(ds, capsys, "--key", keys[10], "-k", "3")
@@ -330,3 +331,24 @@ def test_report_grid_tiles_list_their_neighbours(dataset, tmp_path):
     shutil.copytree(dataset.root, bare, ignore=shutil.ignore_patterns("index"))
     assert main(["report", str(bare), "--out", str(tmp_path / "r2.html")]) == 0
     assert "nbrs" not in (tmp_path / "r2.html").read_text()  # no index, no neighbour lines
+
+
+def test_sample_says_why_the_export_dropped_it(dataset, tmp_path):
+    from curate.search.searcher import Searcher
+
+    keys, _, _ = embeddings(dataset)
+    clip = {r["key"]: r["clip_score"] for s in dataset.done_shards("score")
+            for r in pq.read_table(dataset.signals("score", s)).to_pylist() if r["scored"]}
+    cut = float(np.median(list(clip.values())))
+    out = tmp_path / "exp"
+    assert main(["export", str(dataset.root), "--out", str(out), "--where", f"clip_score > {cut}",
+                 "--write-dropped"]) == 0
+    s = Searcher(dataset.root, export_dir=out)
+    try:
+        low = next(k for k in keys if clip[k] <= cut)
+        high = next(k for k in keys if clip[k] > cut)
+        v = s.sample(low)["export"]
+        assert v["decision"] == "dropped" and "clip_score" in v["reason"]
+        assert s.sample(high)["export"]["decision"] == "kept"
+    finally:
+        s.close()

@@ -19,6 +19,7 @@ from curate.io.layout import DatasetDir
 from curate.io.tables import write_table
 from curate.train_probe.data import load_samples
 from curate.train_probe.evaluate import evaluate_model, retrieval, zero_shot
+from curate.train_probe.run import filter_train_config
 from curate.train_probe.train import TrainConfig, batch_indices, batch_plan, saved_model_paths, train_run
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
@@ -253,13 +254,20 @@ def test_sweep_command_trains_each_fraction_at_equal_samples_seen(data, tmp_path
     assert {k: v["subset_size"] for k, v in summary.items()} == {
         "whole": 32, "top-25%": 8, "random-25%": 8, "top-50%": 16, "random-50%": 16, "all-100%": 32}
     assert {r["samples_seen"] for r in res["runs"]} == {8}
-    assert summary["top-25%"]["seeds"] == 1 and summary["whole"]["seeds"] == 2
+    # --seeds applies to the sweep points too, so they are compared paired by seed
+    assert summary["top-25%"]["seeds"] == 2 and summary["whole"]["seeds"] == 2
     # the 100% point is the --subset over the same dir: its runs are reused, not trained again
     assert summary["all-100%"]["seeds"] == 2
     assert summary["all-100%"]["zeroshot_top1_mean"] == summary["whole"]["zeroshot_top1_mean"]
-    assert sorted(p.name for p in (out / "runs").iterdir()) == [
-        "random-25pct--seed0.json", "random-50pct--seed0.json", "top-25pct--seed0.json", "top-50pct--seed0.json",
-        "whole--seed0.json", "whole--seed1.json"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(
+        f"{n}--seed{s}.json" for n in ("random-25pct", "random-50pct", "top-25pct", "top-50pct", "whole") for s in (0, 1))
+    pairs = {(c["subset"], c["baseline"], c["metric"]): c for c in res["comparisons"]}
+    assert set(pairs) == {(t, b, m) for t, f in (("top-25%", "25%"), ("top-50%", "50%"))
+                          for b in (f"random-{f}", "all-100%") for m in ("retrieval_r5", "zeroshot_balanced")}
+    c = pairs[("top-25%", "random-25%", "retrieval_r5")]
+    assert c["seeds"] == 2 and c["items"] == 36 and c["ci"][0] <= c["difference"] <= c["ci"][1]
+    assert "distinguishable from zero" in c["verdict"]
+    assert res["headline"]["metric"] == "retrieval_r5"
     top = {s["subset"]: s for s in res["subsets"]}["top-25%"]
     assert top["threshold"] == 24.0 and top["selected"] == 8
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
@@ -274,7 +282,7 @@ def test_saved_model_loads_in_curate_score_with_the_same_embeddings(data, tokeni
 
     argv = ["train-probe", "--subset", f"seed={data['small']}", "--eval", str(data["eval"]), "--samples-seen", "16",
             "--batch-size", "8", "--image-size", "32", "--curve-points", "1", "--out", str(tmp_path / "o"),
-            "--save-model", str(tmp_path / "filter-model")]
+            "--save-model", str(tmp_path / "filter-model"), "--holdout", "0"]  # 12 pairs: too few to hold out
     assert main(argv) == 0
     weights, conf = tmp_path / "filter-model" / "model.safetensors", tmp_path / "filter-model" / "model_config.json"
     assert json.loads(conf.read_text())["vision_cfg"]["image_size"] == 32
@@ -284,7 +292,9 @@ def test_saved_model_loads_in_curate_score_with_the_same_embeddings(data, tokeni
 
     # the same run again (deterministic on CPU) gives the model that was saved
     samples = load_samples(data["small"], 32, tokenizer)
-    model, _ = train_run(samples, TrainConfig(samples_seen=16, batch_size=8, image_size=32, curve_points=1), seed=0)
+    # --save-model trains with crops on top of flips (filter_train_config)
+    model, _ = train_run(samples, filter_train_config(TrainConfig(samples_seen=16, batch_size=8, image_size=32,
+                                                                  curve_points=1)), seed=0)
     loaded = build_model(resolve_model(str(conf), str(weights)))
     assert torch.equal(encode_images(model, samples.images, 64, "cpu"),
                        encode_images(loaded.model, samples.images, 64, "cpu"))
@@ -313,3 +323,160 @@ def test_input_summary_ignores_stages_the_probe_does_not_read(data):
     record_stage(DatasetDir.at(data["eval"]), "score", config={}, fingerprint="f" * 16)
     assert dataset_summary(str(data["eval"])) == before
     assert dataset_summary(str(data["eval"]), ("score",)) != before
+
+
+# ------------------------------------------------------------------ statistics on synthetic results
+
+
+def synthetic_runs(mean: float, n_items: int, seeds: int, rng: np.random.Generator) -> list[dict]:
+    """Runs whose per-item hits are Bernoulli(mean) (i2t and t2i alike), one per seed."""
+    out = []
+    for s in range(seeds):
+        hits = (rng.random(n_items) < mean).astype(int).tolist()
+        out.append({"seed": s, "items": {"i2t_hit5": hits, "t2i_hit5": hits, "zs_correct": hits}})
+    return out
+
+
+def test_ci_excludes_zero_for_a_clear_effect_and_includes_it_for_noise():
+    from curate.train_probe.stats import paired_difference, verdict
+
+    rng = np.random.default_rng(0)
+    better, worse = synthetic_runs(0.40, 600, 3, rng), synthetic_runs(0.20, 600, 3, rng)
+    d = paired_difference(better, worse, "retrieval_r5")
+    assert d["seeds"] == 3 and d["ci"][0] > 0 and d["distinguishable"]
+    assert abs(d["difference"] - 0.20) < 0.05
+    assert "better; the difference is distinguishable from zero" in verdict("curated", "raw", d)
+    d = paired_difference(worse, better, "retrieval_r5")
+    assert d["ci"][1] < 0 and "worse" in verdict("raw", "curated", d)
+    same_a, same_b = synthetic_runs(0.30, 600, 3, rng), synthetic_runs(0.30, 600, 3, rng)
+    noise = paired_difference(same_a, same_b, "retrieval_r5")
+    assert noise["ci"][0] < 0 < noise["ci"][1] and not noise["distinguishable"]
+    assert "not distinguishable from zero" in verdict("a", "b", noise)
+
+
+def test_ci_pairs_by_seed_and_resamples_balanced_accuracy_per_class():
+    from curate.train_probe.stats import paired_difference
+
+    labels = [0] * 90 + [1] * 10  # imbalanced: the rare class counts half in mean per-class accuracy
+    a = [{"seed": s, "items": {"zs_correct": [1] * 90 + [1] * 10}} for s in range(2)]
+    b = [{"seed": s, "items": {"zs_correct": [1] * 90 + [0] * 10}} for s in (1, 2)]  # seed 2 has no partner
+    d = paired_difference(a, b, "zeroshot_balanced", labels)
+    assert d["seeds"] == 1 and d["difference"] == pytest.approx(0.5)
+    assert d["ci"][0] > 0.3
+
+
+# ------------------------------------------------------------------ quality vs quantity
+
+
+def test_repetition_decay_fit_recovers_known_parameters():
+    from curate.train_probe.study import predicted_error, quality_quantity
+
+    a, bs, tau, d = 1e-2, (-0.20, -0.17, -0.15), 2.0, 0.2
+    fractions, pool, budgets = (0.1, 0.3, 1.0), 20000, (2000, 8000, 32000, 128000)
+    summary = []
+    for f, b in zip(fractions, bs, strict=True):
+        for n in budgets:
+            err = predicted_error(n, pool * f, a, b, tau, d)
+            summary.append({"kind": "top" if f < 1 else "all", "fraction": f, "budget": n, "subset_size": pool * f,
+                            "retrieval_r5_mean": 1 - err, "retrieval_r5_std": 0.0})
+    study = quality_quantity(summary, "retrieval_r5")
+    p = study["params"]
+    assert p["tau_epochs"] == pytest.approx(tau, rel=0.02) and p["d"] == pytest.approx(d, abs=0.01)
+    assert p["a"] == pytest.approx(a, rel=0.05)
+    assert [p["b"][str(f)] for f in fractions] == pytest.approx(bs, rel=0.02)
+    assert study["rmse"] < 1e-6
+    rec = {b["budget"]: b["recommended_fraction"] for b in study["per_budget"]}
+    # the small high-utility pool wins at small compute and loses to more data as repetitions pile up
+    assert rec == {2000: 0.1, 8000: 0.1, 32000: 0.3, 128000: 1.0}
+    assert all(b["recommended_fraction"] == b["measured_best_fraction"] for b in study["per_budget"])
+
+
+@pytest.mark.slow
+def test_budgets_command_trains_each_fraction_per_budget_and_writes_the_study(data, tmp_path):
+    src = make_colour_dataset(tmp_path / "src", 32, offset=900)
+    keys = [k for f in DatasetDir.at(src).ledger_files() for k in pq.read_table(f).column("key").to_pylist()]
+    add_scores(src, {k: float(i) for i, k in enumerate(keys)})
+    out = tmp_path / "study"
+    assert main(["train-probe", "--sweep-source", str(src), "--sweep", "clip_score=0.25,0.5,1", "--budgets",
+                 "8,16,32", "--eval", str(data["eval"]), "--samples-seen", "16", "--batch-size", "8",
+                 "--image-size", "32", "--curve-points", "1", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    grid = {(s["fraction"], s["budget"]) for s in res["summary"] if s["kind"] in ("top", "all")}
+    assert grid == {(f, b) for f in (0.25, 0.5, 1.0) for b in (8, 16, 32)}
+    assert {(r["budget"], r["samples_seen"]) for r in res["runs"]} == {(8, 8), (16, 16), (32, 32)}
+    study = res["study"]
+    assert [b["budget"] for b in study["per_budget"]] == [8, 16, 32]
+    assert all(b["recommended_fraction"] in (0.25, 0.5, 1.0) for b in study["per_budget"])
+    assert study["rmse"] >= 0 and "Quality vs quantity" in (out / "results.md").read_text()
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------ zero-shot templates
+
+
+def test_shipped_template_sets_and_a_template_file(data, tmp_path, capsys):
+    from curate.io.manifest import load, record_stage
+    from curate.train_probe.templates import load_templates, resolve_templates, shipped
+
+    assert set(shipped()) >= {"photo", "clipart", "icon", "generic"}
+    assert all("{c}" in t for name in shipped() for t in load_templates(name))
+    assert resolve_templates("auto", {}).name == "generic"
+    assert resolve_templates("auto", {"zero_shot_templates": "icon"}).templates == load_templates("icon")
+    mine = tmp_path / "mine.txt"
+    mine.write_text("# my prompts\na swatch of {c}\n\n{c} colour\n")
+    out = tmp_path / "o"
+    argv = ["train-probe", "--subset", f"s={data['small']}", "--eval", str(data["eval"]), "--samples-seen", "8",
+            "--batch-size", "8", "--image-size", "32", "--curve-points", "1", "--out", str(out), "--templates", str(mine)]
+    assert main(argv) == 0
+    cfg = json.loads((out / "results.json").read_text())["config"]["templates"]
+    assert cfg["prompts"] == ["a swatch of {c}", "{c} colour"] and cfg["source"] == "flag"
+    # the eval dir names its set; a file without {c} is refused before training
+    eval_ds = DatasetDir.at(data["eval"])
+    man = load(eval_ds)
+    record_stage(eval_ds, "download", config={}, fingerprint=man["stages"].get("download", {}).get("fingerprint"))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a photo\n")
+    assert main([*argv[:-1], str(bad)]) == 2
+    assert "exactly one '{c}'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ filters that check themselves
+
+
+@pytest.fixture(scope="module")
+def few_hundred_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 real image-caption pairs of the demo corpus's trusted seed split."""
+    from curate.demo.corpus import load_split
+
+    rows = load_split("seed", columns=["image", "caption"]).to_pylist()[:300]
+    root = tmp_path_factory.mktemp("trusted") / "ds"
+    make_dataset(root, [(r["image"], r["caption"], "success") for r in rows], shard_size=100)
+    return root
+
+
+def test_a_filter_model_trained_on_a_few_hundred_pairs_is_flagged_weak(few_hundred_pairs, data, tmp_path, capsys):
+    from curate.train_probe.quality import read_quality
+
+    model_dir = tmp_path / "filter"
+    assert main(["train-probe", "--subset", f"trusted={few_hundred_pairs}", "--eval", str(data["eval"]),
+                 "--samples-seen", "1024", "--batch-size", "32", "--image-size", "32", "--out", str(tmp_path / "p"),
+                 "--save-model", str(model_dir)]) == 0
+    q = read_quality(model_dir / "model.safetensors")
+    assert q is not None and q["weak"] and 20 <= q["heldout_pairs"] <= 40
+    assert q["train_pairs"] + q["stop_pairs"] + q["heldout_pairs"] == 300  # the check is not the stopping half
+    assert q["lift"] < 2 and q["chance_r5"] == pytest.approx(5 / q["heldout_pairs"], rel=1e-4)
+    assert q["crop"] == 0.3 and q["early_stop"]["best_step"] >= 1
+    res = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert res["filter_quality"]["weak"] and "WEAK" in (tmp_path / "p" / "results.md").read_text()
+    capsys.readouterr()
+    # curate score with it warns loudly, records the check in the manifest, and the report shows it
+    target = make_colour_dataset(tmp_path / "to_score", 8, offset=300)
+    assert main(["score", str(target), "--model", str(model_dir / "model_config.json"), "--pretrained",
+                 str(model_dir / "model.safetensors"), "--device", "cpu", "--loader-workers", "0", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: the filter model" in err and "near chance" in err
+    man = json.loads((target / "manifest.json").read_text())
+    assert man["stages"]["score"]["inputs"]["filter_quality"]["weak"]
+    report = tmp_path / "r.html"
+    assert main(["report", str(target), "--out", str(report)]) == 0
+    assert "near chance on its own held-out pairs" in report.read_text()

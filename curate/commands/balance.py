@@ -39,5 +39,6 @@ def command(dataset: str, metadata: str, seed: int, progress: bool, engine_spec:
     lines = [f"  pairs {c.get('pairs', 0)}, matched {c.get('matched_pairs', 0)}, "
              f"entries matched {c.get('entries_matched', 0)} of {c.get('entries', 0)}"]
     if c.get("kept_at_t"):
-        lines.append("  pairs kept at cap t: " + ", ".join(f"t={t}: {n}" for t, n in c["kept_at_t"].items()))
+        caps = sorted(c["kept_at_t"].items(), key=lambda tn: int(tn[0]))  # the manifest sorts keys as text
+        lines.append("  pairs kept at cap t: " + ", ".join(f"t={t}: {n}" for t, n in caps))
     finish(summary, lines)

@@ -193,6 +193,7 @@ def _overview(ctx: Context) -> str:
                      st["fingerprint"] or "–", cfg])
     out = [_table(["stage", "status", "shards done", "pending", "failed", "fingerprint", "config"], rows,
                   {2, 3, 4}) if rows else '<p class="empty">no stages recorded</p>']
+    out += _filter_quality(ctx)
     q = (s.get("score") or {}).get("clip_score")
     if q and q.get("p50") is not None:
         out.append("<h3>clip_score quantiles (scored samples)</h3>")
@@ -203,6 +204,22 @@ def _overview(ctx: Context) -> str:
                    f'({dd["duplicate_share"]:.1%}), {dd.get("groups", 0):,} groups, largest '
                    f'{dd.get("largest_group", 0):,}; {dd.get("eval_contaminated", 0):,} eval-contaminated.</p>')
     return "\n".join(out)
+
+
+def _filter_quality(ctx: Context) -> list[str]:
+    """The held-out check of a train-probe filter model that scored this dataset (a loud box when weak)."""
+    from curate.io.manifest import load
+
+    fq = load(ctx.ds)["stages"].get("score", {}).get("inputs", {}).get("filter_quality")
+    if not fq:
+        return []
+    if fq.get("weak"):
+        return [f'<p style="border:2px solid #c00;background:#fee;padding:8px;font-weight:bold">WARNING: the '
+                f'filter model that scored this dataset is near chance on its own held-out pairs. '
+                f'{escape(str(fq.get("verdict", "")))}. Scores, top fractions and embedding dedup built on it '
+                f'are close to random.</p>']
+    return [f'<p>filter model check: {escape(str(fq.get("verdict", "")))} '
+            f'({fq.get("heldout_pairs")} held-out pairs).</p>']
 
 
 def _funnel_steps(ctx: Context) -> list[tuple[str, int, str]]:

@@ -224,7 +224,7 @@ class IndexStage:
         n_queries = min(cfg.queries, max(1, n // 10)) if n > 1 else 1
         queries = np.sort(order[:n_queries])  # held out of training, so the estimate is not flattered
         rest = order[n_queries:] if n > n_queries else order
-        train_n = cfg.train_size or max(64 * choice["nlist"], 1)
+        train_n = (cfg.train_size or 64 * choice["nlist"]) if choice["nlist"] else 0  # Flat needs no training
         train = np.sort(rest[:min(train_n, len(rest))])
         for m in modalities:
             index = faiss.index_factory(d, choice["factory"], faiss.METRIC_INNER_PRODUCT)

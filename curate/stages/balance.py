@@ -1,10 +1,11 @@
-"""Stage "balance": MetaCLIP-style metadata balancing signals (signals/balance/{shard}.parquet).
+"""Stage "balance": MetaCLIP-style metadata balancing signals (signals/balance/{shard}.parquet), in two phases.
 
-Map: one task per downloaded shard (task id "match-{shard}") matches its captions against the metadata entries and
-writes the long table _work/balance/matches/{shard}.parquet (key, shard, entry, draw; one row per match,
-a null entry for a pair with none). Reduce (finalize, on the driver's query engine: DuckDB, or Spark SQL
-with --engine spark): `curate.balancing.reduce_sql` ranks each entry's pairs by draw with a window and
-keeps the minimum per pair; the result, partitioned by shard on disk, becomes one signal table per shard:
+match: one task per downloaded shard (task id "match.{shard}") matches its captions against the metadata
+entries and writes the long table _work/balance/matches/{shard}.parquet (key, shard, entry, draw; one row
+per match, a null entry for a pair with none). Then the reduce, on the driver's query engine (DuckDB, out
+of core, or Spark SQL with --engine spark): `curate.balancing.reduce_sql` ranks each entry's pairs by draw
+with a window and keeps the minimum per pair, written partitioned by shard under _work/balance/reduced/.
+write: one task per shard (task id = shard id) joins its matches with its reduce partition into
 
     key, matched (entries matched), entries (their text), rank, scaled_draw, min_count
 
@@ -28,12 +29,13 @@ from curate.balancing import DEFAULT_METADATA, entries_digest, load_entries
 from curate.config import output_fields, runtime
 from curate.errors import InputError
 from curate.io.atomic import atomic_path, read_json, write_json
-from curate.io.layout import DatasetDir
+from curate.io.layout import DatasetDir, task_id
 
 log = logging.getLogger("curate.balance")
 
 NAME = "balance"
 PLAN_VERSION = 1
+PHASES = ("match", "write")
 # caps t at which finalize counts the pairs `rank < t` keeps, so the summary helps choose t
 REPORT_CAPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 170000)
 
@@ -69,7 +71,34 @@ class BalanceStage:
     name = NAME
     config_cls = BalanceConfig
 
+    def phases(self, cfg: BalanceConfig, ds: DatasetDir) -> tuple[str, ...]:
+        return PHASES
+
     def plan(self, cfg: BalanceConfig, ds: DatasetDir) -> list[dict[str, Any]]:
+        return self.plan_phase(cfg, ds, "match")
+
+    def plan_phase(self, cfg: BalanceConfig, ds: DatasetDir, phase: str) -> list[dict[str, Any]]:
+        """match: one task per shard (task id "match.{shard}"); write: the SQL reduce on the driver's
+        engine (once per set of match files), then one task per shard whose id is the shard id."""
+        if phase == "match":
+            plan = self._plan(cfg, ds)
+            tasks = [{"task": f"match.{s}", "kind": "match", "source": s, "digest": plan["digest"]["entries"]}
+                     for s in plan["shards"]]
+            outputs = [_match_path(ds, t["source"]) for t in tasks]
+        else:
+            plan = read_json(work_dir(ds) / "plan.json")
+            if _reduce_is_stale(ds, plan):
+                for s in plan["shards"]:  # their tables came from another reduce
+                    ds.marker(self.name, s).unlink(missing_ok=True)
+                _reduce(cfg, ds, plan)
+            tasks = [{"shard": s, "kind": "write"} for s in plan["shards"]]
+            outputs = [ds.signals(NAME, s) for s in plan["shards"]]
+        for t, out in zip(tasks, outputs, strict=True):  # a marker whose output was deleted: run it again
+            if not out.exists():
+                ds.marker(self.name, task_id(t)).unlink(missing_ok=True)
+        return tasks
+
+    def _plan(self, cfg: BalanceConfig, ds: DatasetDir) -> dict[str, Any]:
         shards = ds.shards()
         if not shards:
             raise InputError(f"{ds.root}: no completed ledger shards (ledger/ + _done/download/); "
@@ -79,58 +108,33 @@ class BalanceStage:
         digest = {"config": output_fields(cfg), "entries": entries_digest(entries), "inputs": input_digest(ds),
                   "version": PLAN_VERSION}
         plan_path = wd / "plan.json"
-        if not (plan_path.exists() and read_json(plan_path).get("digest") == digest):
-            self._discard_work(ds)  # another plan's matches must not be reused
-            with atomic_path(wd / "metadata.txt") as tmp:
-                Path(tmp).write_text("\n".join(entries), encoding="utf-8")
-            write_json(plan_path, {"digest": digest, "entries": len(entries), "shards": shards})
-        # task ids are not shard ids: the shard markers are finalize's, written with the signal tables
-        tasks = [{"task": f"match-{s}", "shard": s, "digest": digest["entries"]} for s in shards]
-        for t in tasks:  # a marker whose output was deleted means the task must run again
-            if not _match_path(ds, t["shard"]).exists():
-                ds.marker(self.name, t["task"]).unlink(missing_ok=True)
-        return tasks
-
-    def _discard_work(self, ds: DatasetDir) -> None:
-        ds.discard(self.name)
+        if plan_path.exists() and read_json(plan_path).get("digest") == digest:
+            return read_json(plan_path)
+        ds.discard(self.name)  # another plan's matches must not be reused
+        with atomic_path(wd / "metadata.txt") as tmp:
+            Path(tmp).write_text("\n".join(entries), encoding="utf-8")
+        plan = {"digest": digest, "entries": len(entries), "shards": shards}
+        write_json(plan_path, plan)  # last: its presence says metadata.txt is complete
+        return plan
 
     def run_shard(self, cfg: BalanceConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
-        import pyarrow as pa
-
-        from curate.balancing import cached_matcher, draw
-        from curate.io.tables import write_table
-
-        shard = task["shard"]
-        matcher = cached_matcher(str(work_dir(ds) / "metadata.txt"), task["digest"])
-        keys, entries, draws = [], [], []
-        pairs = matched = 0
-        for key, caption in _pairs(ds, shard):
-            pairs += 1
-            ids = matcher.match(caption)
-            matched += bool(ids)
-            for e in ids or [None]:
-                keys.append(key)
-                entries.append(e)
-                draws.append(None if e is None else draw(cfg.seed, key, e))
-        table = pa.table({"key": pa.array(keys, pa.string()), "shard": pa.array([shard] * len(keys), pa.string()),
-                          "entry": pa.array(entries, pa.int32()), "draw": pa.array(draws, pa.float64())})
-        write_table(_match_path(ds, shard), table)
-        return {"pairs": pairs, "matched_pairs": matched, "matches": sum(e is not None for e in entries)}
+        return _match(cfg, ds, task) if task["kind"] == "match" else _write(ds, task)
 
     def finalize(self, cfg: BalanceConfig, ds: DatasetDir) -> dict[str, Any]:
         wd = work_dir(ds)
-        if not (wd / "plan.json").exists():
+        if not (wd / "plan.json").exists() or not (wd / "reduced.json").exists():
             return {}
         plan = read_json(wd / "plan.json")
-        result = wd / "result.json"
-        if result.exists() and read_json(result).get("digest") == plan["digest"]:
-            return read_json(result)["counts"]
-        missing = [s for s in plan["shards"] if not _match_path(ds, s).exists()]
-        if missing:
-            return {"incomplete_tasks": len(missing)}
-        counts = _reduce(cfg, ds, plan)
-        write_json(result, {"digest": plan["digest"], "counts": counts})  # last: the stage is complete
-        return counts
+        written = [ds.stats(NAME, s) for s in plan["shards"] if ds.marker(NAME, s).exists()]
+        if len(written) < len(plan["shards"]):
+            return {"incomplete_tasks": len(plan["shards"]) - len(written)}
+        pairs = matched = 0
+        for p in written:
+            st = read_json(p)
+            pairs += st.get("pairs", 0)
+            matched += st.get("matched_pairs", 0)
+        return {"pairs": pairs, "matched_pairs": matched, "unmatched_pairs": pairs - matched,
+                **read_json(wd / "reduced.json")["counts"]}
 
     def inputs(self, cfg: BalanceConfig) -> dict[str, Any]:
         """The metadata as used: its spec, the digest of its normalized entries and, for the default
@@ -142,6 +146,59 @@ class BalanceStage:
 
             out["wordfreq"] = version("wordfreq")
         return out
+
+
+def _match(cfg: BalanceConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+    """Map: the long match table of one shard (a null entry for a pair that matched nothing)."""
+    import pyarrow as pa
+
+    from curate.balancing import cached_matcher, draw
+    from curate.io.tables import write_table
+
+    shard = task["source"]
+    matcher = cached_matcher(str(work_dir(ds) / "metadata.txt"), task["digest"])
+    keys, entries, draws = [], [], []
+    pairs = matched = 0
+    for key, caption in _pairs(ds, shard):
+        pairs += 1
+        ids = matcher.match(caption)
+        matched += bool(ids)
+        for e in ids or [None]:
+            keys.append(key)
+            entries.append(e)
+            draws.append(None if e is None else draw(cfg.seed, key, e))
+    table = pa.table({"key": pa.array(keys, pa.string()), "shard": pa.array([shard] * len(keys), pa.string()),
+                      "entry": pa.array(entries, pa.int32()), "draw": pa.array(draws, pa.float64())})
+    write_table(_match_path(ds, shard), table)
+    return {"pairs": pairs, "matched_pairs": matched, "matches": sum(e is not None for e in entries)}
+
+
+def _write(ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+    """One shard's signal table from its match table and its partition of the reduce's output."""
+    import pyarrow.parquet as pq
+
+    from curate.io.tables import write_table
+
+    shard = task["shard"]
+    entries = (work_dir(ds) / "metadata.txt").read_text(encoding="utf-8").splitlines()
+    table = _shard_signals(pq.read_table(_match_path(ds, shard)), work_dir(ds) / "reduced" / f"shard={shard}", entries)
+    write_table(ds.signals(NAME, shard), table)
+    matched = sum(1 for v in table["matched"].to_pylist() if v)
+    return {"pairs": table.num_rows, "matched_pairs": matched}
+
+
+def _match_files_digest(ds: DatasetDir, plan: dict[str, Any]) -> str:
+    """Size and mtime of every match file: a match task that ran again makes the reduce stale."""
+    stamp = []
+    for s in plan["shards"]:
+        st = _match_path(ds, s).stat()
+        stamp.append([s, st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+
+
+def _reduce_is_stale(ds: DatasetDir, plan: dict[str, Any]) -> bool:
+    p = work_dir(ds) / "reduced.json"
+    return not p.exists() or read_json(p).get("matches") != _match_files_digest(ds, plan)
 
 
 def _pairs(ds: DatasetDir, shard: str) -> list[tuple[str, str | None]]:
@@ -157,15 +214,16 @@ def _pairs(ds: DatasetDir, shard: str) -> list[tuple[str, str | None]]:
     return sorted((r["key"], r["caption"]) for r in rows if r["status"] == "success" and not r.get("superseded_by"))
 
 
-def _reduce(cfg: BalanceConfig, ds: DatasetDir, plan: dict[str, Any]) -> dict[str, Any]:
-    """Run the SQL reduce, then write each shard's signal table and marker; returns the stage counts."""
+def _reduce(cfg: BalanceConfig, ds: DatasetDir, plan: dict[str, Any]) -> None:
+    """Run the SQL reduce (out of core: DuckDB spills to disk, or Spark SQL) into _work/balance/reduced/,
+    write the per-entry counts to stats/balance/entries.parquet, and reduced.json last."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from curate.io.tables import write_table
 
     wd = work_dir(ds)
     out = wd / "reduced"
+    (wd / "reduced.json").unlink(missing_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     match_files = [_match_path(ds, s) for s in plan["shards"]]
     per_entry, kept_at = _run_reduce(cfg, match_files, out)
@@ -173,18 +231,10 @@ def _reduce(cfg: BalanceConfig, ds: DatasetDir, plan: dict[str, Any]) -> dict[st
     counts_table = pa.table({"entry": pa.array(entries, pa.string()).take(per_entry["entry"]), "entry_id": per_entry["entry"],
                              "count": per_entry["count"]}).sort_by([("count", "descending"), ("entry", "ascending")])
     write_table(ds.root / "stats" / NAME / "entries.parquet", counts_table)
-    pairs = matched = 0
-    for shard in plan["shards"]:
-        table = _shard_signals(pq.read_table(_match_path(ds, shard)), out / f"shard={shard}", entries)
-        pairs += table.num_rows
-        matched += sum(1 for v in table["matched"].to_pylist() if v)
-        write_table(ds.signals(NAME, shard), table)
-        write_json(ds.marker(NAME, shard), {"shard": shard, "stats": {"rows": table.num_rows}})
     top = counts_table.slice(0, 10).to_pylist()
-    return {"pairs": pairs, "matched_pairs": matched, "unmatched_pairs": pairs - matched,
-            "entries": len(entries), "entries_matched": counts_table.num_rows,
-            "largest_entries": {r["entry"]: r["count"] for r in top},
-            "kept_at_t": kept_at}
+    counts = {"entries": len(entries), "entries_matched": counts_table.num_rows,
+              "largest_entries": {r["entry"]: r["count"] for r in top}, "kept_at_t": kept_at}
+    write_json(wd / "reduced.json", {"matches": _match_files_digest(ds, plan), "counts": counts})
 
 
 def _run_reduce(cfg: BalanceConfig, match_files: list[Path], out: Path) -> tuple[dict[str, Any], dict[str, int]]:

@@ -1,7 +1,9 @@
 """Zero-shot classification (class-name prompts) and image<->text retrieval recall on a labelled eval set.
 
 The metric functions take precomputed L2-normalised embeddings, so they are tested on embeddings whose
-answer is known; `evaluate_model` encodes the eval set with a model and calls them.
+answer is known; `evaluate_model` encodes the eval set with a model and calls them. `item_results` keeps
+the per-item outcomes (was image i classified right, was its caption in the top 5), which the probe's
+confidence intervals resample.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from typing import Any
 
 from curate.train_probe.data import Samples, normalize, tokenize
 
-TEMPLATES = ("a clip art of a {c}.", "a drawing of a {c}.", "an illustration of {c}.")
+TEMPLATES = ("a clip art of a {c}.", "a drawing of a {c}.", "an illustration of {c}.")  # the shipped clipart set
 METRICS = ("zeroshot_balanced", "zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5")
+# per-item outcomes kept for resampling (0/1 per eval item, in eval order)
+ITEMS = ("zs_correct", "i2t_hit5", "t2i_hit5")
 
 
 def class_prompt_name(label: str) -> str:
@@ -91,8 +95,24 @@ def class_embeddings(model: Any, tokenizer: Any, classes: Sequence[str], device:
     return torch.nn.functional.normalize(emb, dim=-1)
 
 
-def evaluate_model(model: Any, tokenizer: Any, eval_set: Samples, device: str, batch_size: int = 256) -> dict[str, float]:
-    """All METRICS of `model` on `eval_set` (which must carry labels)."""
+def item_results(image_emb: Any, text_emb: Any, class_emb: Any, targets: Any) -> dict[str, list[int]]:
+    """Per-item 0/1 outcomes: zero-shot top-1 right, caption in image's top 5, image in caption's top 5."""
+    import torch
+
+    sim = image_emb @ text_emb.T
+    idx = torch.arange(sim.shape[0], device=sim.device).view(-1, 1)
+    k = min(5, sim.shape[0])
+    return {
+        "zs_correct": (image_emb @ class_emb.T).argmax(dim=1).eq(targets).int().tolist(),
+        "i2t_hit5": (sim.topk(k, dim=1).indices == idx).any(dim=1).int().tolist(),
+        "t2i_hit5": (sim.T.topk(k, dim=1).indices == idx).any(dim=1).int().tolist(),
+    }
+
+
+def evaluate_model(model: Any, tokenizer: Any, eval_set: Samples, device: str, batch_size: int = 256,
+                   templates: Sequence[str] = TEMPLATES, items: bool = False) -> dict[str, Any]:
+    """All METRICS of `model` on `eval_set` (which must carry labels); with `items`, also the per-item
+    outcomes under the key "items" (see item_results)."""
     import torch
 
     if eval_set.labels is None:
@@ -105,8 +125,11 @@ def evaluate_model(model: Any, tokenizer: Any, eval_set: Samples, device: str, b
         targets = torch.tensor([index[c] for c in eval_set.labels], device=device)
         img = encode_images(model, eval_set.images, batch_size, device)
         txt = encode_texts(model, eval_set.tokens, batch_size, device)
-        metrics = zero_shot(img, class_embeddings(model, tokenizer, classes, device), targets)
+        cls = class_embeddings(model, tokenizer, classes, device, templates)
+        metrics: dict[str, Any] = zero_shot(img, cls, targets)
         metrics.update(retrieval(img, txt))
+        if items:
+            metrics["items"] = item_results(img, txt, cls, targets)
     finally:
         model.train(was_training)
     return metrics
@@ -125,4 +148,5 @@ def chance_level(eval_set: Samples) -> dict[str, float]:
         "zeroshot_balanced": 1 / n_cls if n_cls else 0.0,
         "zeroshot_top1": 1 / n_cls if n_cls else 0.0, "zeroshot_top5": min(5, n_cls) / n_cls if n_cls else 0.0,
         "i2t_r1": 1 / n, "i2t_r5": min(5, n) / n, "t2i_r1": 1 / n, "t2i_r5": min(5, n) / n,
+        "retrieval_r1": 1 / n, "retrieval_r5": min(5, n) / n,
     }

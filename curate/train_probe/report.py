@@ -1,7 +1,9 @@
-"""train-probe outputs: results.json (runs, per-subset mean/std, sweep), results.md and PNG plots.
+"""train-probe outputs: results.json (runs, per-subset mean/std, paired comparisons with CIs, sweep, study),
+results.md and PNG plots.
 
 Plots show the mean over seeds with the standard deviation as error bars: metric against samples seen
-(the evaluations during training) and, for a sweep, metric against kept fraction (top vs random).
+(the evaluations during training), for a sweep metric against kept fraction (top vs random), and for
+--budgets metric against kept fraction with one line per budget and the repetition-decay fit (study.png).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 from curate.io.atomic import atomic_path, write_bytes, write_json
 from curate.train_probe.evaluate import METRICS
 
-PLOTTED = (("zeroshot_balanced", "zero-shot mean per-class acc."), ("zeroshot_top1", "zero-shot top-1"), ("zeroshot_top5", "zero-shot top-5"),
+PLOTTED = (("zeroshot_balanced", "zero-shot mean per-class acc."), ("zeroshot_top1", "zero-shot top-1"),
+           ("retrieval_r5", "retrieval R@5 (mean of i2t, t2i; headline)"),
            ("retrieval_r1", "retrieval R@1 (mean of i2t, t2i)"))
 RUN_FIELDS = ("subset", "seed", "subset_size", "samples_seen", "steps", "epochs", "train_seconds",
               "samples_per_second", "loss_first", "loss_last", *METRICS)
@@ -31,6 +34,8 @@ def with_derived(metrics: dict[str, Any]) -> dict[str, Any]:
     out = dict(metrics)
     if "i2t_r1" in out and "t2i_r1" in out:
         out["retrieval_r1"] = (out["i2t_r1"] + out["t2i_r1"]) / 2
+    if "i2t_r5" in out and "t2i_r5" in out:
+        out["retrieval_r5"] = (out["i2t_r5"] + out["t2i_r5"]) / 2
     return out
 
 
@@ -42,27 +47,29 @@ def summarize(runs: list[dict[str, Any]], subsets: list[dict[str, Any]]) -> list
         if not rs:
             continue
         rec: dict[str, Any] = {"subset": sub["name"], "kind": sub.get("kind", "subset"),
-                               "fraction": sub.get("fraction"), "subset_size": rs[0]["subset_size"],
+                               "fraction": sub.get("fraction"), "budget": sub.get("budget"),
+                               "subset_size": rs[0]["subset_size"],
                                "seeds": len(rs), "samples_seen": rs[0]["samples_seen"], "epochs": rs[0]["epochs"]}
-        for m in (*METRICS, "retrieval_r1", "loss_last", "train_seconds"):
+        for m in (*METRICS, "retrieval_r1", "retrieval_r5", "loss_last", "train_seconds"):
             mean, std = _mean_std([r[m] for r in rs if m in r])
             rec[f"{m}_mean"], rec[f"{m}_std"] = mean, std
         out.append(rec)
     return out
 
 
-def comparisons(summary: list[dict[str, Any]], metric: str = "zeroshot_balanced") -> list[dict[str, Any]]:
-    """Each subset against the first one: the difference of means and how many seed spreads it is."""
-    if len(summary) < 2:
-        return []
-    base = summary[0]
-    out = []
-    for rec in summary[1:]:
-        diff = rec[f"{metric}_mean"] - base[f"{metric}_mean"]
-        spread = max(rec[f"{metric}_std"], base[f"{metric}_std"])
-        out.append({"metric": metric, "subset": rec["subset"], "baseline": base["subset"], "difference": diff,
-                    "max_seed_std": spread, "difference_in_stds": diff / spread if spread > 0 else None})
-    return out
+def comparison_pairs(summary: list[dict[str, Any]], main_budget: int | None = None) -> list[tuple[str, str]]:
+    """(subset, baseline) pairs to compare: each named subset against the first one; in a sweep (at the
+    main budget) each top fraction against its random control and against all the data."""
+    named = [r["subset"] for r in summary if r["kind"] == "subset"]
+    pairs = [(n, named[0]) for n in named[1:]]
+    sweep = [r for r in summary if r["kind"] in ("top", "random", "all") and r.get("budget") in (None, main_budget)]
+    everything = next((r["subset"] for r in sweep if r["kind"] == "all"), None)
+    for r in sweep:
+        if r["kind"] != "top":
+            continue
+        control = next((c["subset"] for c in sweep if c["kind"] == "random" and c["fraction"] == r["fraction"]), None)
+        pairs += [(r["subset"], b) for b in (control, everything) if b]
+    return pairs
 
 
 def _fmt(mean: float, std: float, seeds: int) -> str:
@@ -72,17 +79,21 @@ def _fmt(mean: float, std: float, seeds: int) -> str:
 
 
 def markdown(summary: list[dict[str, Any]], chance: dict[str, float] | None, header: str) -> str:
-    cols = [("zeroshot_balanced", "zero-shot mean/class"), ("zeroshot_top1", "top-1"), ("zeroshot_top5", "top-5"), ("i2t_r1", "i2t R@1"),
-            ("i2t_r5", "i2t R@5"), ("t2i_r1", "t2i R@1"), ("t2i_r5", "t2i R@5")]
+    cols = [("retrieval_r5", "retrieval R@5 (headline)"), ("zeroshot_balanced", "zero-shot mean/class"),
+            ("zeroshot_top1", "top-1"), ("i2t_r1", "i2t R@1"), ("i2t_r5", "i2t R@5"), ("t2i_r1", "t2i R@1"),
+            ("t2i_r5", "t2i R@5")]
+    if chance and "i2t_r5" in chance:
+        chance = {**chance, "retrieval_r5": (chance["i2t_r5"] + chance["t2i_r5"]) / 2}
     lines = [header, "",
              "| subset | samples | seeds | samples seen | epochs | " + " | ".join(c for _, c in cols) + " |",
              "|---|---:|---:|---:|---:|" + "---:|" * len(cols)]
     for r in summary:
-        cells = [_fmt(r[f"{m}_mean"], r[f"{m}_std"], r["seeds"]) for m, _ in cols]
+        cells = [_fmt(r.get(f"{m}_mean", math.nan), r.get(f"{m}_std", math.nan), r["seeds"]) for m, _ in cols]
         lines.append(f"| {r['subset']} | {r['subset_size']} | {r['seeds']} | {r['samples_seen']} | "
                      f"{r['epochs']:.2f} | " + " | ".join(cells) + " |")
     if chance:
-        lines.append("| (chance) | | | | | " + " | ".join(f"{chance[m]:.3f}" for m, _ in cols) + " |")
+        lines.append("| (chance) | | | | | " + " | ".join(f"{chance[m]:.3f}" if m in chance else "" for m, _ in cols)
+                     + " |")
     lines += ["", "Values are mean ± standard deviation over seeds (same model, hyperparameters and samples "
               "seen for every subset). Chance is uniform guessing"
               + (f"; always answering the most common class gives top-1 {chance['majority_top1']:.3f}."
@@ -169,29 +180,52 @@ def plot_sweep(summary: list[dict[str, Any]], column: str, path: Path,
 
 
 def write_outputs(out: Path, *, config: dict[str, Any], runs: list[dict[str, Any]], subsets: list[dict[str, Any]],
-                  chance: dict[str, float] | None, sweep_column: str | None) -> dict[str, Any]:
-    """Write results.json, results.md and the plots into `out`; returns the results object."""
+                  chance: dict[str, float] | None, sweep_column: str | None,
+                  labels: list[int] | None = None) -> dict[str, Any]:
+    """Write results.json, results.md and the plots into `out`; returns the results object.
+
+    `labels` are the eval items' class indices (for the bootstrap of mean per-class accuracy).
+    """
+    from curate.train_probe.stats import HEADLINE, HEADLINE_WHY, compare
+    from curate.train_probe.study import plot_study, quality_quantity, study_lines
+
     summary = summarize(runs, subsets)
-    plain = [s for s in summary if s["kind"] == "subset"]
-    sweep = [s for s in summary if s["kind"] != "subset"]
-    flat_runs = [{k: r[k] for k in RUN_FIELDS if k in r} for r in runs]
+    main_budget = config["train"]["samples_seen"]
+    sweep = [s for s in summary if s["kind"] != "subset" and s.get("budget") in (None, main_budget)]
+    flat_runs = [{k: r[k] for k in (*RUN_FIELDS, "budget") if k in r} for r in runs]
     curves = [{"subset": r["subset"], "seed": r["seed"], **p} for r in runs for p in r.get("curve", [])]
+    by_subset: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_subset.setdefault(r["subset"], []).append(r)
+    comparisons = compare(comparison_pairs(summary, main_budget), by_subset, labels)
+    study = quality_quantity(summary, HEADLINE) if any(s.get("budget") not in (None, main_budget) for s in summary) \
+        else None
     results: dict[str, Any] = {
-        "summary": summary, "comparisons": comparisons(plain), "runs": flat_runs, "curves": curves,
-        "subsets": [{"subset": s["name"], "kind": s["kind"], "fraction": s.get("fraction"), "path": s.get("path"),
-                     "selected": len(s["keys"]) if s.get("keys") is not None else None,
+        "headline": {"metric": HEADLINE, "why": HEADLINE_WHY},
+        "summary": summary, "comparisons": comparisons, "runs": flat_runs, "curves": curves,
+        "subsets": [{"subset": s["name"], "kind": s["kind"], "fraction": s.get("fraction"), "budget": s.get("budget"),
+                     "path": s.get("path"), "selected": len(s["keys"]) if s.get("keys") is not None else None,
                      "threshold": s.get("threshold") if s["kind"] == "top" else None} for s in subsets],
         "chance": chance or {}, "config": config,
     }
+    quality = [r["filter_quality"] for r in runs if r.get("filter_quality")]
+    if quality:
+        results["filter_quality"] = quality[0]
     if sweep_column:
         results["sweep"] = {"column": sweep_column, "subsets": [s["subset"] for s in sweep]}
+    if study is not None:
+        results["study"] = study
     write_json(out / "results.json", results)
     header = f"# train-probe: {config['train']['model']}, {config['train']['samples_seen']} samples seen per run"
     md = markdown(summary, chance, header)
-    for c in results["comparisons"]:
-        ratio = "n/a" if c["difference_in_stds"] is None else f"{c['difference_in_stds']:.1f}"
-        md += (f"\n{c['subset']} vs {c['baseline']}: {c['metric']} {c['difference']:+.3f} "
-               f"({ratio} × the larger seed std)\n")
+    md += f"\nHeadline metric: {HEADLINE}, {HEADLINE_WHY}.\n"
+    if comparisons:
+        md += "\n## Paired comparisons (same seeds; 95% bootstrap CI over seeds and eval items)\n\n"
+        md += "".join(f"- {c['verdict']}\n" for c in comparisons)
+    if quality:
+        md += f"\n## Filter model check\n\n{quality[0]['verdict']} ({quality[0]['heldout_pairs']} held-out pairs)\n"
+    if study is not None:
+        md += "\n" + "\n".join(study_lines(study)) + "\n"
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(md, encoding="utf-8")
     if runs:
@@ -200,4 +234,6 @@ def write_outputs(out: Path, *, config: dict[str, Any], runs: list[dict[str, Any
         plot_curves(runs, named, out / "curves.png", chance)
     if sweep_column and sweep:
         plot_sweep(sweep, sweep_column, out / "sweep.png", chance)
+    if study is not None:
+        plot_study(summary, study, out / "study.png")
     return results

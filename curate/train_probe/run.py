@@ -3,6 +3,10 @@
 OUT/runs/{subset}--seed{seed}.json is written atomically when a run ends; a rerun with the same config
 fingerprint skips finished runs, and one with another fingerprint is refused unless --redo.
 OUT/manifest.json records the config, the fingerprint and the input summary (curate.io.manifest).
+
+Comparisons are paired by seed with bootstrap CIs (stats.py); `--budgets` trains the sweep's kept
+fractions at several samples-seen budgets and fits the repetition-decay law (study.py); `--save-model`
+holds out part of the trusted set, stops early on it and records the held-out check (quality.py).
 """
 
 from __future__ import annotations
@@ -31,11 +35,19 @@ class ProbeConfig:
     eval_dir: str = ""
     label_column: str = "label"
     seeds: int = 1
-    sweep_seeds: int = 1  # the sweep's many subsets get fewer seeds than the named subsets by default
+    sweep_seeds: int | None = None  # None: --seeds (sweep points are compared paired by seed too)
     sweep: str | None = None  # "COLUMN=F1,F2,..."
     sweep_source: str | None = None
+    budgets: tuple[int, ...] = ()  # extra samples-seen budgets for the sweep's kept fractions
+    templates: str = "auto"  # zero-shot template set: a shipped name, a file, or auto (eval manifest)
+    holdout: float = 0.2  # --save-model: share of the trusted pairs held out for early stopping and the check
+    patience: int = 3  # --save-model: evaluation points without a better held-out score before stopping
     save_model: str | None = runtime(None)
     workers: int = runtime(2)  # decode threads
+
+    @property
+    def sweep_seed_count(self) -> int:
+        return self.sweep_seeds if self.sweep_seeds is not None else self.seeds
 
 
 def parse_subset(text: str) -> tuple[str, str]:
@@ -45,6 +57,17 @@ def parse_subset(text: str) -> tuple[str, str]:
     if not _NAME.match(name):
         raise InputError(f"--subset: name '{name}' must be letters, digits, '.', '_' or '-'")
     return name, str(Path(path).expanduser().resolve())
+
+
+def parse_budgets(text: str) -> tuple[int, ...]:
+    """--budgets N1,N2,...: distinct positive samples-seen budgets, ascending."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise InputError(f"--budgets: expected integers N1,N2,... (samples seen), got '{text}'") from None
+    if not values or any(v < 1 for v in values):
+        raise InputError(f"--budgets: expected positive integers N1,N2,... (samples seen), got '{text}'")
+    return tuple(values)
 
 
 def run_file(out: Path, subset: str, seed: int) -> Path:
@@ -98,8 +121,17 @@ def check_inputs(cfg: ProbeConfig, train: TrainConfig) -> None:
         raise InputError(f"--eval: the '{cfg.label_column}' column of {eval_ds.root}/ledger is empty")
     if cfg.seeds < 1:
         raise InputError(f"--seeds: must be at least 1 (got {cfg.seeds})")
-    if cfg.sweep_seeds < 1:
+    if cfg.sweep_seeds is not None and cfg.sweep_seeds < 1:
         raise InputError(f"--sweep-seeds: must be at least 1 (got {cfg.sweep_seeds})")
+    if cfg.budgets and not cfg.sweep:
+        raise InputError("--budgets: needs --sweep COLUMN=F1,F2,... (the kept fractions to train at each budget)")
+    bad = [b for b in cfg.budgets if b < 1]
+    if bad:
+        raise InputError(f"--budgets: samples-seen budgets must be positive integers (got {bad})")
+    if not 0 <= cfg.holdout < 1:
+        raise InputError(f"--holdout: must be in [0, 1) (got {cfg.holdout})")
+    if cfg.patience < 1:
+        raise InputError(f"--patience: must be at least 1 (got {cfg.patience})")
     if cfg.sweep_source and not cfg.sweep:
         raise InputError("--sweep-source: needs --sweep COLUMN=F1,F2,...")
     if cfg.sweep and not cfg.sweep_source:
@@ -118,14 +150,24 @@ def check_inputs(cfg: ProbeConfig, train: TrainConfig) -> None:
             raise InputError(f"--save-model: {cfg.save_model} is a file; give X.safetensors or a directory")
 
 
-def probe_fingerprint(cfg: ProbeConfig, train: TrainConfig) -> tuple[str, dict[str, Any]]:
+def probe_fingerprint(cfg: ProbeConfig, train: TrainConfig,
+                      templates: tuple[str, ...] = ()) -> tuple[str, dict[str, Any]]:
     inputs = {
         "subsets": {name: dataset_summary(path) for name, path in cfg.subsets},
         "eval": dataset_summary(cfg.eval_dir),
     }
     if cfg.sweep_source:
         inputs["sweep_source"] = dataset_summary(cfg.sweep_source, ("score",))
-    return fingerprint(cfg, extra={"train": output_fields(train), "inputs": inputs}), inputs
+    extra = {"train": output_fields(train), "inputs": inputs, "templates": list(templates)}
+    return fingerprint(cfg, extra=extra), inputs
+
+
+def filter_train_config(train: TrainConfig) -> TrainConfig:
+    """--save-model trains a filter: random crops on top of flips (unless --crop was set), and at least 10
+    evaluation points so early stopping has points to choose from."""
+    from dataclasses import replace
+
+    return replace(train, crop=train.crop or 0.3, augment=True, curve_points=max(train.curve_points, 10))
 
 
 class _Loader:
@@ -158,7 +200,7 @@ def plan_subsets(cfg: ProbeConfig, loader: _Loader) -> list[dict[str, Any]]:
     it (`alias`) instead of training the same data twice.
     """
     subsets: list[dict[str, Any]] = [{"name": n, "kind": "subset", "fraction": None, "path": p, "keys": None,
-                                      "seeds": cfg.seeds, "alias": None} for n, p in cfg.subsets]
+                                      "seeds": cfg.seeds, "alias": None, "budget": None} for n, p in cfg.subsets]
     if cfg.sweep:
         from curate.train_probe.sweep import parse_sweep, read_column, sweep_subsets
 
@@ -166,83 +208,152 @@ def plan_subsets(cfg: ProbeConfig, loader: _Loader) -> list[dict[str, Any]]:
         keys, values = read_column(DatasetDir.at(cfg.sweep_source), spec.column)
         available = set(loader.get(cfg.sweep_source, "--sweep-source").keys)
         same = [n for n, p in cfg.subsets if p == cfg.sweep_source]
-        for s in sweep_subsets(keys, values, spec, available):
+        planned = sweep_subsets(keys, values, spec, available)
+        main_budget = loader.train.samples_seen if cfg.budgets else None
+        for s in planned:
             alias = same[0] if s["kind"] == "all" and same else None
-            subsets.append({**s, "path": cfg.sweep_source, "seeds": cfg.sweep_seeds, "alias": alias})
+            subsets.append({**s, "path": cfg.sweep_source, "seeds": cfg.sweep_seed_count, "alias": alias,
+                            "budget": main_budget})
+        # the study: every kept fraction (top, and all at 100%) again at each other budget
+        for budget in sorted(set(cfg.budgets) - {loader.train.samples_seen}):
+            for s in planned:
+                if s["kind"] in ("top", "all"):
+                    subsets.append({**s, "name": f"{s['name']}@{budget}", "path": cfg.sweep_source,
+                                    "seeds": cfg.sweep_seed_count, "alias": None, "budget": budget})
     return subsets
 
 
 def run_probe(cfg: ProbeConfig, train: TrainConfig, out: str | Path, *, redo: bool = False) -> dict[str, Any]:
     """Run (or resume) the experiment and write the outputs; returns the results object."""
-    from curate.train_probe.evaluate import chance_level, evaluate_model
+    from curate.io.manifest import load
+    from curate.train_probe.evaluate import chance_level
     from curate.train_probe.report import write_outputs
-    from curate.train_probe.train import (
-        model_config,
-        resolve_device,
-        save_model,
-        saved_model_paths,
-        train_run,
-    )
+    from curate.train_probe.templates import resolve_templates
+    from curate.train_probe.train import resolve_device
 
     check_inputs(cfg, train)
+    if cfg.save_model:
+        train = filter_train_config(train)
+    tset = resolve_templates(cfg.templates, load(DatasetDir.at(cfg.eval_dir)))
     out = Path(out).expanduser().resolve()
     out_ds = DatasetDir.at(out)
-    fp, inputs = probe_fingerprint(cfg, train)
+    fp, inputs = probe_fingerprint(cfg, train, tset.templates)
     if check_fingerprint(out_ds, STAGE, fp, redo):
         for f in (out / "runs").glob("*.json") if (out / "runs").exists() else []:
             f.unlink()
     if out.exists():
         clean_tmp(out)
-    config = {"probe": to_dict(cfg), "train": to_dict(train)}
+    config = {"probe": to_dict(cfg), "train": to_dict(train),
+              "templates": {"name": tset.name, "source": tset.source, "prompts": list(tset.templates)}}
     record_stage(out_ds, STAGE, config=config, fingerprint=fp, inputs=inputs, status="running")
 
-    device = resolve_device(train.device)
-    loader = _Loader(train, cfg.workers)
-    subsets = plan_subsets(cfg, loader)
-    eval_set = None
-
-    def evaluate(model: Any, tokenizer: Any) -> dict[str, float]:
-        return evaluate_model(model, tokenizer, eval_set, device)
-
+    ctx = _RunContext(cfg, train, out, fp, resolve_device(train.device), tset.templates)
+    subsets = plan_subsets(cfg, ctx.loader)
     runs: list[dict[str, Any]] = []
-    trained = skipped = 0
     for sub in subsets:
         if sub["alias"]:
-            runs += [{**r, "subset": sub["name"], "kind": sub["kind"], "fraction": sub["fraction"], "alias": sub["alias"]}
+            runs += [{**r, "subset": sub["name"], "kind": sub["kind"], "fraction": sub["fraction"],
+                      "budget": sub["budget"], "alias": sub["alias"]}
                      for r in list(runs) if r["subset"] == sub["alias"]]
             continue
         for seed in range(sub["seeds"]):
-            path = run_file(out, sub["name"], seed)
-            save_here = bool(cfg.save_model) and seed == 0
-            if path.exists():
-                prev = read_json(path)
-                if prev.get("fingerprint") == fp and (not save_here or saved_model_paths(cfg.save_model)[0].exists()):
-                    runs.append(prev["result"])
-                    skipped += 1
-                    continue
-            if eval_set is None:
-                eval_set = loader.get(cfg.eval_dir, "--eval", cfg.label_column)
-            samples = loader.get(sub["path"], "--sweep-source" if sub["keys"] is not None else "--subset")
-            if sub["keys"] is not None:
-                samples = samples.select_keys(sub["keys"])
-            model, result = train_run(samples, train, seed, evaluate=evaluate, device=device)
-            result = {"subset": sub["name"], "kind": sub["kind"], "fraction": sub["fraction"], **result}
-            if save_here:
-                weights, conf_path = save_model(model, model_config(train)[1], cfg.save_model)
-                result["saved_model"] = {"weights": str(weights), "config": str(conf_path)}
-            write_json(path, {"fingerprint": fp, "result": result})
-            log.info("%s seed %d: zero-shot top-1 %.3f, i2t R@1 %.3f (%d samples seen, %.2f epochs, %.1fs)",
-                     sub["name"], seed, result.get("zeroshot_top1", float("nan")), result.get("i2t_r1", float("nan")),
-                     result["samples_seen"], result["epochs"], result["train_seconds"])
-            runs.append(result)
-            trained += 1
-    if eval_set is None:
-        eval_set = loader.get(cfg.eval_dir, "--eval", cfg.label_column)
+            runs.append(ctx.run(sub, seed))
+    eval_set = ctx.eval_set()
     chance = chance_level(eval_set)
     column = cfg.sweep.partition("=")[0].strip() if cfg.sweep else None
-    results = write_outputs(out, config=config, runs=runs, subsets=subsets, chance=chance, sweep_column=column)
-    counts = {"runs": len(runs), "trained": trained, "resumed": skipped, "eval_samples": len(eval_set),
-              "eval_classes": len(set(eval_set.labels or []))}
+    classes = sorted(set(eval_set.labels or []))
+    labels = [classes.index(c) for c in eval_set.labels or []]
+    results = write_outputs(out, config=config, runs=runs, subsets=subsets, chance=chance, sweep_column=column,
+                            labels=labels)
+    counts = {"runs": len(runs), "trained": ctx.trained, "resumed": ctx.skipped, "eval_samples": len(eval_set),
+              "eval_classes": len(classes)}
     record_stage(out_ds, STAGE, config=config, fingerprint=fp, inputs=inputs, counts=counts)
     results["counts"] = counts
     return results
+
+
+class _RunContext:
+    """What every (subset, seed) run needs: the loader, the eval set (decoded on first use) and the counters."""
+
+    def __init__(self, cfg: ProbeConfig, train: TrainConfig, out: Path, fp: str, device: str,
+                 templates: tuple[str, ...]):
+        self.cfg, self.train, self.out, self.fp, self.device, self.templates = cfg, train, out, fp, device, templates
+        self.loader = _Loader(train, cfg.workers)
+        self._eval: Any = None
+        self.trained = self.skipped = 0
+
+    def eval_set(self) -> Any:
+        if self._eval is None:
+            self._eval = self.loader.get(self.cfg.eval_dir, "--eval", self.cfg.label_column)
+        return self._eval
+
+    def evaluate(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        from curate.train_probe.evaluate import evaluate_model
+
+        return evaluate_model(model, tokenizer, self.eval_set(), self.device, templates=self.templates, items=True)
+
+    def run(self, sub: dict[str, Any], seed: int) -> dict[str, Any]:
+        """One run's result: read back when already done with this fingerprint, else trained and written."""
+        from dataclasses import replace
+
+        from curate.train_probe.train import saved_model_paths
+
+        path = run_file(self.out, sub["name"], seed)
+        save_here = bool(self.cfg.save_model) and seed == 0
+        if path.exists():
+            prev = read_json(path)
+            if prev.get("fingerprint") == self.fp and (not save_here or saved_model_paths(self.cfg.save_model)[0].exists()):
+                self.skipped += 1
+                return prev["result"]
+        self.eval_set()
+        samples = self.loader.get(sub["path"], "--sweep-source" if sub["keys"] is not None else "--subset")
+        if sub["keys"] is not None:
+            samples = samples.select_keys(sub["keys"])
+        train = replace(self.train, samples_seen=sub["budget"]) if sub.get("budget") else self.train
+        if save_here:
+            result = self._train_filter(samples, train, seed)
+        else:
+            _, result = self._train(samples, train, seed)
+        result = {"subset": sub["name"], "kind": sub["kind"], "fraction": sub["fraction"], "budget": sub.get("budget"),
+                  **result}
+        write_json(path, {"fingerprint": self.fp, "result": result})
+        log.info("%s seed %d: zero-shot top-1 %.3f, i2t R@1 %.3f (%d samples seen, %.2f epochs, %.1fs)",
+                 sub["name"], seed, result.get("zeroshot_top1", float("nan")), result.get("i2t_r1", float("nan")),
+                 result["samples_seen"], result["epochs"], result["train_seconds"])
+        self.trained += 1
+        return result
+
+    def _train(self, samples: Any, train: TrainConfig, seed: int, **kw: Any) -> tuple[Any, dict[str, Any]]:
+        from curate.train_probe.train import train_run
+
+        return train_run(samples, train, seed, evaluate=self.evaluate, device=self.device, **kw)
+
+    def _train_filter(self, samples: Any, train: TrainConfig, seed: int) -> dict[str, Any]:
+        """--save-model: hold out part of the trusted pairs, stop early on their retrieval, save the best
+        model with the held-out check in its metadata."""
+        from curate.train_probe.quality import MIN_HELDOUT, heldout_retrieval, quality_record, split_holdout
+        from curate.train_probe.train import model_config, save_model
+
+        quality = None
+        if self.cfg.holdout > 0:
+            train_rows, held_rows = split_holdout(samples.keys, self.cfg.holdout)
+            # half of the held-out pairs choose when to stop, the other half is the check: a check on the
+            # pairs that picked the checkpoint would be the best of several noisy looks, biased upwards
+            stop_rows, check_rows = held_rows[0::2], held_rows[1::2]
+            if len(check_rows) < MIN_HELDOUT:
+                raise InputError(f"--holdout: {self.cfg.holdout} of {len(samples)} trusted pairs is {len(held_rows)} "
+                                 f"held-out pairs, half of them ({len(check_rows)}) for the check, fewer than "
+                                 f"{MIN_HELDOUT}; raise --holdout or add pairs")
+            stop, check = samples.select(stop_rows), samples.select(check_rows)
+            model, result = self._train(samples.select(train_rows), train, seed, patience=self.cfg.patience,
+                                        early_stop=lambda m: heldout_retrieval(m, stop, self.device)["retrieval_r5"])
+            extra = {"early_stop": result.get("early_stop"), "stop_pairs": len(stop_rows), "crop": train.crop,
+                     "flip": train.augment, "samples_seen": result["samples_seen"], "epochs": result["epochs"]}
+            quality = quality_record(heldout_retrieval(model, check, self.device), len(train_rows), extra)
+            result["filter_quality"] = quality
+            log.warning("filter model: %s", quality["verdict"])
+        else:
+            model, result = self._train(samples, train, seed)
+        weights, conf_path = save_model(model, model_config(train)[1], self.cfg.save_model, quality=quality)
+        result["saved_model"] = {"weights": str(weights), "config": str(conf_path)}
+        return result

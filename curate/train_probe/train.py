@@ -33,6 +33,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: float = 0.1  # share of the steps with a linear warmup, then cosine decay to 0
     augment: bool = True  # random horizontal flip
+    crop: float = 0.0  # random square crops of (1 - crop)..100% of the area, resized back (0: off)
     curve_points: int = 3  # evaluations during training (the last one is the final result)
     device: str = runtime("auto")
     threads: int = runtime(0)  # torch intra-op threads (0 = all cores)
@@ -51,6 +52,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise InputError(f"--image-size: must be at least 8 (got {cfg.image_size})")
     if cfg.curve_points < 1:
         raise InputError(f"--curve-points: must be at least 1 (got {cfg.curve_points})")
+    if not 0 <= cfg.crop < 1:
+        raise InputError(f"--crop: must be in [0, 1) (got {cfg.crop})")
     if cfg.device.startswith("cuda"):
         import torch
 
@@ -144,6 +147,26 @@ def batch_indices(n: int, sizes: list[int], generator: Any) -> Iterator[Any]:
         yield torch.cat(parts)
 
 
+def augment_batch(images: Any, cfg: TrainConfig, generator: Any) -> Any:
+    """uint8 (B, 3, S, S) -> augmented uint8: random horizontal flips, and random square crops of
+    (1 - cfg.crop)..100% of the area resized back to S (bilinear) when cfg.crop > 0."""
+    import torch
+
+    b, _, size, _ = images.shape
+    if cfg.crop > 0:
+        areas = 1 - cfg.crop * torch.rand(b, generator=generator)
+        out = []
+        for i in range(b):
+            side = max(2, int(round(size * float(areas[i]) ** 0.5)))
+            y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=generator))
+            patch = images[i:i + 1, :, y:y + side, x:x + side].float()
+            out.append(torch.nn.functional.interpolate(patch, size=(size, size), mode="bilinear",
+                                                       align_corners=False))
+        images = torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+    flip = torch.rand(b, generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
 def lr_at(step: int, steps: int, base_lr: float, warmup_steps: int) -> float:
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
@@ -175,11 +198,16 @@ def curve_steps(steps: int, points: int) -> list[int]:
 
 def train_run(train: Samples, cfg: TrainConfig, seed: int, *,
               evaluate: Callable[[Any, Any], dict[str, float]] | None = None,
-              device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+              device: str = "cpu", early_stop: Callable[[Any], float] | None = None,
+              patience: int = 3) -> tuple[Any, dict[str, Any]]:
     """Train a fresh model on `train` for cfg.samples_seen samples; returns (model, result record).
 
     `evaluate(model, tokenizer)` is called at cfg.curve_points evenly spaced points; the last call's
-    metrics are the run's metrics.
+    metrics are the run's metrics. With `early_stop(model) -> score` (higher is better, e.g. retrieval
+    on held-out pairs), it is called at the same points: training stops after `patience` points without
+    a better score and the model returned is the best one seen (its weights are restored).
+
+    Long because it is the training loop itself: one pass of steps with its evaluation points.
     """
     import torch
     from open_clip.loss import ClipLoss
@@ -199,7 +227,9 @@ def train_run(train: Samples, cfg: TrainConfig, seed: int, *,
         sizes = batch_plan(cfg.samples_seen, cfg.batch_size)
         steps = len(sizes)
         warmup_steps = max(1, round(cfg.warmup * steps)) if cfg.warmup > 0 else 0
-        evals = set(curve_steps(steps, cfg.curve_points)) if evaluate else set()
+        evals = set(curve_steps(steps, cfg.curve_points)) if (evaluate or early_stop) else set()
+        items_at: dict[int, Any] = {}
+        stop = {"best": -math.inf, "best_step": 0, "state": None, "since": 0, "stopped_step": None, "scores": []}
         seen_per_row = torch.zeros(n, dtype=torch.long)
         losses: list[float] = []
         curve: list[dict[str, Any]] = []
@@ -210,8 +240,7 @@ def train_run(train: Samples, cfg: TrainConfig, seed: int, *,
                 g["lr"] = lr_at(step, steps, cfg.lr, warmup_steps)
             images = train.images.index_select(0, idx)
             if cfg.augment:
-                flip = torch.rand(len(idx), generator=flips) < 0.5
-                images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+                images = augment_batch(images, cfg, flips)
             images = normalize(images.to(device), mean, std)
             tokens = train.tokens.index_select(0, idx).to(device)
             out = model(images, tokens)
@@ -226,14 +255,31 @@ def train_run(train: Samples, cfg: TrainConfig, seed: int, *,
             if step + 1 in evals:
                 train_seconds += time.perf_counter() - t0
                 seen = int(seen_per_row.sum())
-                metrics = evaluate(model, tokenizer)
+                metrics = evaluate(model, tokenizer) if evaluate else {}
                 recent = losses[-max(1, steps // (2 * cfg.curve_points)):]
-                curve.append({"step": step + 1, "samples_seen": seen, "epochs": round(seen / n, 4),
-                              "train_loss": sum(recent) / len(recent), **metrics})
+                # per-item outcomes are kept for the reported point only (they are as long as the eval set)
+                items_at[step + 1] = metrics.pop("items", None)
+                point = {"step": step + 1, "samples_seen": seen, "epochs": round(seen / n, 4),
+                         "train_loss": sum(recent) / len(recent), **metrics}
+                if early_stop is not None:
+                    score = float(early_stop(model))
+                    point["heldout_score"] = score
+                    stop["scores"].append(score)
+                    if score > stop["best"]:
+                        stop.update(best=score, best_step=step + 1, since=0,
+                                    state={k: v.detach().clone() for k, v in model.state_dict().items()})
+                    else:
+                        stop["since"] += 1
+                curve.append(point)
                 log.info("seed %d step %d/%d seen %d loss %.4f %s", seed, step + 1, steps, seen,
-                         losses[-1], {k: round(v, 4) for k, v in metrics.items()})
+                         losses[-1], {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
                 t0 = time.perf_counter()
+                if early_stop is not None and stop["since"] >= patience:
+                    stop["stopped_step"] = step + 1
+                    break
         train_seconds += time.perf_counter() - t0
+        if stop["state"] is not None:
+            model.load_state_dict(stop["state"])
         model.eval()
     seen = int(seen_per_row.sum())
     tail = losses[-max(1, steps // 10):]
@@ -245,8 +291,17 @@ def train_run(train: Samples, cfg: TrainConfig, seed: int, *,
         "logit_scale": float(model.logit_scale.detach().exp()),
         "curve": curve,
     }
+    if early_stop is not None:
+        result["early_stop"] = {"best_step": stop["best_step"], "best_score": stop["best"],
+                                "stopped_step": stop["stopped_step"], "planned_steps": steps, "patience": patience,
+                                "scores": stop["scores"]}
     if curve:
-        result.update({k: v for k, v in curve[-1].items() if k not in ("step", "samples_seen", "epochs", "train_loss")})
+        # the reported metrics are those of the model returned: the best point when stopping early
+        final = next((p for p in curve if p["step"] == stop["best_step"]), curve[-1]) if early_stop else curve[-1]
+        result.update({k: v for k, v in final.items()
+                       if k not in ("step", "samples_seen", "epochs", "train_loss", "heldout_score")})
+        if items_at.get(final["step"]) is not None:
+            result["items"] = items_at[final["step"]]
     return model, result
 
 
@@ -259,11 +314,15 @@ def saved_model_paths(path: str | Path) -> tuple[Path, Path]:
     return path / "model.safetensors", path / "model_config.json"
 
 
-def save_model(model: Any, conf: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
+def save_model(model: Any, conf: dict[str, Any], path: str | Path,
+               quality: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write the weights (safetensors) and the open_clip model config beside them (see saved_model_paths).
 
-    `curate score --model CONFIG.json --pretrained WEIGHTS.safetensors` loads the pair.
+    `curate score --model CONFIG.json --pretrained WEIGHTS.safetensors` loads the pair. `quality` (the
+    held-out check, curate.train_probe.quality) goes into the safetensors metadata, where score reads it.
     """
+    import json
+
     from safetensors.torch import save_file
 
     from curate.io.atomic import atomic_path, write_json
@@ -272,5 +331,10 @@ def save_model(model: Any, conf: dict[str, Any], path: str | Path) -> tuple[Path
     write_json(cfg_path, conf)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "producer": "curate train-probe"})
+        meta = {"format": "pt", "producer": "curate train-probe"}
+        if quality is not None:
+            from curate.train_probe.quality import METADATA_KEY
+
+            meta[METADATA_KEY] = json.dumps(quality, sort_keys=True)
+        save_file(state, str(tmp), metadata=meta)
     return weights, cfg_path
