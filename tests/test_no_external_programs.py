@@ -79,17 +79,16 @@ def test_report_and_train_probe_decoders_never_run_gs(fake_gs, tmp_path):
     assert not canary.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="until score.decode_image goes through curate.imaging.safe_decode_rgb "
-                   "(engineer gpu, #12 item 3): remove this marker then")
 def test_score_decoder_never_runs_gs(fake_gs, tmp_path):
     env, canary = fake_gs
-    run_py("""
+    r = run_py("""
         from curate.stages.score import decode_image
         try:
             decode_image(DATA, lambda im: im, 32)
         except Exception as e:
             print(type(e).__name__, e)
     """, env, tmp_path)
+    assert r.stdout.startswith("ImageSkipped"), r.stdout + r.stderr  # refused by the allowlist, not crashed
     assert not canary.exists()
 
 
