@@ -106,13 +106,14 @@ def write_misaligned(out: Path, share: float) -> Path:
 
     from curate.demo.corpus import _ledger_row, load_split
     from curate.io.atomic import write_json
-    from curate.io.layout import DatasetDir
+    from curate.io.layout import DatasetDir, sample_key, shard_name
     from curate.io.ledger import LEDGER_FIELDS
     from curate.io.shards import ShardWriter
     from curate.io.tables import write_table
 
     ds = DatasetDir.at(out)
-    if ds.marker("download", "00000").exists():
+    shard = shard_name(0)
+    if ds.marker("download", shard).exists():
         return ds.root
     rows = load_split("seed").to_pylist()
     rng = random.Random(0)
@@ -122,15 +123,15 @@ def write_misaligned(out: Path, share: float) -> Path:
             j = rng.randrange(len(rows))
         rows[i] = {**rows[i], "caption": rows[j]["caption"]}
     ledger = []
-    with ShardWriter(ds.shard_tar("00000")) as w:
+    with ShardWriter(ds.shard_tar(shard)) as w:
         for k, r in enumerate(rows):
-            row = _ledger_row(f"00000{k:05d}", "00000", k, r, "seed")
+            row = _ledger_row(sample_key(shard, k), shard, k, r, "seed")
             w.write(row["key"], r["image"], "jpg", r["caption"], {c: v for c, v in row.items() if c != "caption"})
             ledger.append(row)
     schema = pa.schema([*LEDGER_FIELDS, pa.field("image_id", pa.string()), pa.field("category", pa.string()),
                         pa.field("label", pa.string())])
-    write_table(ds.ledger("00000"), pa.Table.from_pylist(ledger, schema=schema))
-    write_json(ds.marker("download", "00000"), {"shard": "00000", "stats": {"rows": len(rows)}})
+    write_table(ds.ledger(shard), pa.Table.from_pylist(ledger, schema=schema))
+    write_json(ds.marker("download", shard), {"shard": shard, "stats": {"rows": len(rows)}})
     return ds.root
 
 

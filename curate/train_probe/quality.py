@@ -55,7 +55,7 @@ def quality_record(metrics: dict[str, float], train_pairs: int, extra: dict[str,
                if weak else
                f"held-out retrieval R@5 {metrics['retrieval_r5']:.3f} is {metrics['lift']:.1f}x chance "
                f"({metrics['chance_r5']:.3f})")
-    return {**{k: round(float(v), 6) for k, v in metrics.items()}, "train_pairs": train_pairs,
+    return {**{k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}, "train_pairs": train_pairs,
             "weak_below_lift": WEAK_LIFT, "weak": weak, "verdict": verdict, **extra}
 
 
