@@ -6,6 +6,21 @@ Serves N JPEGs (640x480 made from the demo corpus, or --mix: long side 500-4000 
 process on 127.0.0.1, runs both tools with the same resize settings (256, keep_ratio), 2 processes x
 16 threads, and prints images/s, peak RSS (summed over the process tree) and the ratios; then the
 median PSNR of draft-mode (reduced-scale JPEG decoding) vs full-decode resizes.
+
+    flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --hostile
+
+    flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --web --profile --n 2000
+
+--web: #15's web-like mix (long side 500/800/1200/2000/4000 px at 25/30/25/15/5%, 10% PNG, 10% WebP)
+served by one process on 4 loopback addresses, curate with its default per-host limit; prints images/s,
+peak RSS, CPU per image against the pure image work on the same images, and draft-vs-full PSNR.
+--profile adds per-phase timers (connect, headers, body, hash, decode, resize, encode, write).
+
+--hostile: one download task (1 process, 16 threads, per-host limit lifted so all 16 are in flight,
+every other setting at its default) against hostile but legal images -- 36 MP PNGs (RGB and
+palette-with-transparency), 36 MP JPEGs, a 40 MP RGBA PNG, and extreme aspect ratios (1x100000,
+100000x1, 2x10,000,000) -- and prints the peak RSS of the task with the ledger's status counts
+(the acceptance of #12: under 1 GB).
 """
 
 from __future__ import annotations
@@ -34,8 +49,18 @@ from PIL import Image, ImageFilter
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_images(n_distinct: int, mix: bool, seed: int = 0) -> list[bytes]:
-    """Photo-like JPEGs: demo corpus images upscaled with texture and noise (or synthetic if absent)."""
+# #15's web-like mix: long side 500 / 800 / 1200 / 2000 / 4000 px with these weights
+WEB_SIDES = ((500, 0.25), (800, 0.30), (1200, 0.25), (2000, 0.15), (4000, 0.05))
+WEB_FORMATS = (("JPEG", 0.8), ("PNG", 0.1), ("WEBP", 0.1))
+WEB_HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4")
+
+
+def make_images(n_distinct: int, mix: bool | str, seed: int = 0) -> list[bytes]:
+    """Photo-like images: demo corpus images upscaled with texture and noise (or synthetic if absent).
+
+    mix=False: 640x480 JPEGs; True: long side uniform in 500-4000 px; "web": #15's web-like sizes,
+    80% JPEG, 10% PNG, 10% WebP.
+    """
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
     try:
@@ -47,7 +72,13 @@ def make_images(n_distinct: int, mix: bool, seed: int = 0) -> list[bytes]:
         sources = []
     out = []
     for i in range(n_distinct):
-        if mix:
+        fmt = "JPEG"
+        if mix == "web":
+            long = rng.choices([v for v, _ in WEB_SIDES], [w for _, w in WEB_SIDES])[0]
+            short = int(long * rng.uniform(0.5, 0.9))
+            size = (long, short) if rng.random() < 0.7 else (short, long)
+            fmt = rng.choices([v for v, _ in WEB_FORMATS], [w for _, w in WEB_FORMATS])[0]
+        elif mix:
             long = rng.randint(500, 4000)
             short = int(long * rng.uniform(0.5, 0.9))
             size = (long, short) if rng.random() < 0.7 else (short, long)
@@ -57,16 +88,20 @@ def make_images(n_distinct: int, mix: bool, seed: int = 0) -> list[bytes]:
             im = sources[i % len(sources)].resize(size, Image.Resampling.BICUBIC)
         else:
             im = Image.linear_gradient("L").resize(size).convert("RGB")
-        noise = nrng.normal(0, 12, (size[1], size[0], 3))
+        # web images are mostly smoother than the 12-sigma texture of the older mixes (#15: mean 129 KB)
+        noise = nrng.normal(0, 3 if mix == "web" else 12, (size[1], size[0], 3))
         arr = np.clip(np.asarray(im, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
         im = Image.fromarray(arr).filter(ImageFilter.SMOOTH)
         buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=90)
+        im.save(buf, fmt, **({"compress_level": 6} if fmt == "PNG" else {"quality": 85 if mix == "web" else 90}))
         out.append(buf.getvalue())
     return out
 
 
-def serve(images: list[bytes], n: int, port_q: mp.Queue) -> None:
+def serve(images: list[bytes], n: int, port_q: mp.Queue, hosts: tuple[str, ...] = ("127.0.0.1",)) -> None:
+    """One process serving the images on every address of `hosts` (one listening socket each).
+
+    Puts the port (one host) or the list of (host, port) (several hosts) on `port_q`."""
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -88,11 +123,148 @@ def serve(images: list[bytes], n: int, port_q: mp.Queue) -> None:
             except OSError:
                 pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.request_queue_size = 256
-    port_q.put(httpd.server_address[1])
-    httpd.serve_forever()
+    import threading
+
+    servers = []
+    for host in hosts:
+        httpd = ThreadingHTTPServer((host, 0), Handler)
+        httpd.daemon_threads = True
+        httpd.request_queue_size = 256
+        servers.append(httpd)
+    port_q.put(servers[0].server_address[1] if len(hosts) == 1
+               else [(h, srv.server_address[1]) for h, srv in zip(hosts, servers, strict=True)])
+    for srv in servers[1:]:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    servers[0].serve_forever()
+
+
+def hostile_images() -> list[tuple[str, bytes]]:
+    """(name, bytes) of legal images that are expensive to decode or to resize."""
+    from curate.imaging import DEFAULT_MAX_PIXELS
+
+    def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    def pattern(w: int, h: int, seed: int) -> np.ndarray:
+        # smooth gradients with a coarse texture: PNGs of a few MB that still take a full decode
+        y, x = np.ogrid[:h, :w]
+        arr = np.empty((h, w, 3), np.uint8)
+        arr[..., 0] = ((x * (3 + seed)) // 7 + y // 5) & 0xFF
+        arr[..., 1] = ((y * (2 + seed)) // 9) & 0xFF
+        arr[..., 2] = ((x // 3) ^ (y // 3)) & 0xFF
+        return arr
+
+    out = []
+    for seed in range(3):
+        out.append((f"rgb36mp-{seed}.png", encode(Image.fromarray(pattern(6000, 6000, seed)), "PNG", compress_level=1)))
+    pal = Image.fromarray(pattern(6000, 6000, 1)).quantize(64)
+    out.append(("pal36mp-trns.png", encode(pal, "PNG", transparency=0, compress_level=1)))
+    out.append(("rgb36mp.jpg", encode(Image.fromarray(pattern(6000, 6000, 2)), "JPEG", quality=90)))
+    side = int(DEFAULT_MAX_PIXELS ** 0.5)
+    rgba = Image.fromarray(pattern(side, side, 0)).convert("RGBA")
+    out.append(("rgba40mp.png", encode(rgba, "PNG", compress_level=1)))
+    for w, h in ((1, 100_000), (100_000, 1), (2, 10_000_000)):
+        out.append((f"aspect-{w}x{h}.png", encode(Image.new("RGB", (w, h), (9, 99, 199)), "PNG")))
+    return out
+
+
+def hostile(args: argparse.Namespace) -> None:
+    out = Path(args.out) / "hostile"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0 = time.time()
+    named = hostile_images()
+    print(f"made {len(named)} hostile images in {time.time() - t0:.1f}s: "
+          + ", ".join(f"{n} ({len(b) / 2**20:.1f} MB)" for n, b in named))
+    n = args.n if args.n != 3000 else 4 * len(named)
+    q: mp.Queue = mp.Queue()
+    server = mp.Process(target=serve, args=([b for _, b in named], n, q), daemon=True)
+    server.start()
+    port = q.get(timeout=60)
+    url_list = out / "urls.parquet"
+    pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(n)]}), url_list)
+    cmd = [str(Path(sys.executable).with_name("curate")), "download", str(url_list), "--out", str(out / "ds"),
+           "--allow-host", f"127.0.0.1:{port}", "--workers", "1", "--threads", str(args.threads),
+           "--per-host", str(args.threads), "--no-progress"]
+    secs, rss, rc = run_measured(cmd)
+    server.terminate()
+    ledger = pq.read_table(out / "ds" / "ledger").to_pylist() if (out / "ds" / "ledger").exists() else []
+    counts: dict[str, int] = {}
+    for r in ledger:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"\n{n} hostile URLs, 1 process x {args.threads} threads (per-host {args.threads}), default limits, "
+          f"{os.cpu_count()} CPUs")
+    print(f"peak RSS {rss / 2**20:.0f} MB, {secs:.1f} s, rc={rc}; statuses {dict(sorted(counts.items()))}")
+    print("acceptance (#12): peak RSS under 1024 MB:", "met" if rss < 2**30 and rc == 0 else "NOT met")
+
+
+def web(args: argparse.Namespace) -> None:
+    """#15's web-like mix from 4 loopback hosts, default per-host limit; with --profile, per-phase timers."""
+    import resource
+
+    from curate.imaging import ImageOptions, process_image
+
+    out = Path(args.out) / "web"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    distinct = min(args.n, 80)
+    t0 = time.time()
+    images = make_images(distinct, "web")
+    print(f"made {distinct} distinct web-like images (mean {statistics.mean(len(b) for b in images) / 1024:.0f} KB) "
+          f"in {time.time() - t0:.1f}s")
+    q: mp.Queue = mp.Queue()
+    server = mp.Process(target=serve, args=(images, args.n, q, WEB_HOSTS), daemon=True)
+    server.start()
+    endpoints = q.get(timeout=30)
+    urls = [f"http://{endpoints[i % len(endpoints)][0]}:{endpoints[i % len(endpoints)][1]}/{i}.jpg"
+            for i in range(args.n)]
+    url_list = out / "urls.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(args.n)]}), url_list)
+    cmd = [str(Path(sys.executable).with_name("curate")), "download", str(url_list), "--out", str(out / "curate"),
+           "--caption-col", "caption", "--image-size", str(args.image_size), "--resize-mode", "keep_ratio",
+           "--workers", str(args.processes), "--threads", str(args.threads),
+           "--samples-per-shard", str(-(-args.n // args.processes)), "--no-progress"]
+    for host, port in endpoints:
+        cmd += ["--allow-host", f"{host}:{port}"]
+    env = dict(os.environ, CURATE_PROFILE="1") if args.profile else None
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    secs, rss, rc = run_measured(cmd, env)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the curate tree (waited for); the server still runs
+    server.terminate()
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    stats = [json.loads(Path(p).read_text()) for p in glob.glob(str(out / "curate" / "stats" / "download" / "*.json"))]
+    ok = sum(st.get("success", 0) for st in stats)
+    print(f"\n{args.n} URLs from {len(endpoints)} loopback hosts (per-host limit at its default), "
+          f"{args.processes} processes x {args.threads} threads, -> {args.image_size} keep_ratio, {os.cpu_count()} CPUs")
+    print(f"curate: {ok} ok in {secs:.1f} s = {ok / secs:.1f} images/s, peak RSS {rss / 2**20:.0f} MB, "
+          f"CPU {1000 * cpu / max(ok, 1):.2f} ms per image (user+sys of the process tree, startup included), rc={rc}")
+    # the pure image work on the same images, one thread: open, draft, convert, resize, encode
+    opt = ImageOptions(image_size=args.image_size, resize_mode="keep_ratio")
+    full = ImageOptions(image_size=args.image_size, resize_mode="keep_ratio", draft=False)
+    t = time.process_time()
+    for b in images:
+        process_image(b, opt)
+    pure = (time.process_time() - t) / len(images)
+    vals = [psnr(process_image(b, full).data, process_image(b, opt).data) for b in images]
+    print(f"pure image work: {1000 * pure:.2f} ms per image (1 thread); curate CPU per image / pure = "
+          f"{cpu / max(ok, 1) / pure:.2f}x; median PSNR draft vs full decode {statistics.median(vals):.1f} dB")
+    if args.profile and stats:
+        phases: dict[str, list[float]] = {}
+        for st in stats:
+            for name, v in st.get("phases", {}).items():
+                acc = phases.setdefault(name, [0.0, 0])
+                acc[0] += v["seconds"]
+                acc[1] += v["count"]
+        if "headers" in phases and "connect" in phases:
+            phases["headers"][0] -= phases["connect"][0]  # headers was timed around connect too
+        print("\nper-phase wall time summed over threads (ms per successful image; network phases mostly wait):")
+        for name in ("connect", "headers", "body", "hash", "decode", "resize", "encode", "write"):
+            if name in phases:
+                sec, cnt = phases[name]
+                print(f"  {name + (' (excl. connect)' if name == 'headers' else ''):<26} {1000 * sec / max(ok, 1):8.2f} "
+                      f"ms  ({cnt} timed)")
 
 
 def run_measured(argv: list[str], env: dict | None = None) -> tuple[float, int, int]:
@@ -135,7 +307,16 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--img2dataset-python", default=None, help="python of a venv with img2dataset")
     ap.add_argument("--out", default=str(ROOT / "bench-out" / "download"))
+    ap.add_argument("--hostile", action="store_true", help="peak RSS of one task against hostile images")
+    ap.add_argument("--web", action="store_true", help="#15's web-like mix from 4 loopback hosts")
+    ap.add_argument("--profile", action="store_true", help="with --web: per-phase timers (CURATE_PROFILE=1)")
     args = ap.parse_args()
+    if args.hostile:
+        hostile(args)
+        return
+    if args.web or args.profile:
+        web(args)
+        return
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

@@ -98,6 +98,8 @@ def demo_web_captions() -> list[tuple[str, str, bool]]:
 
 
 def candidates() -> dict[str, Detector]:
+    """name -> detector for every candidate measured. Long because each candidate is defined here, next to
+    the others, so the table's rows can be read side by side."""
     from curate import langid
 
     model = langid.load_model()

@@ -1,18 +1,21 @@
 """Benchmark `curate score`: images/s of the whole stage vs the model's forward pass alone, in one run.
 
-The stage figure covers everything a shard task does (read the tar, decode, preprocess, tokenize, both
-encoders, language ID, write parquet + npy, markers); the forward figure runs both encoders on the
-same preprocessed batches, same batch size and thread count. ratio = stage / forward (1.0 = the
-data path costs nothing). The model is loaded before timing (a one-time cost, printed separately).
+The stage figure covers everything a shard task does (index and read the tar, decode, preprocess,
+tokenize, both encoders, language ID, write parquet + npy, markers); the forward figure runs both
+encoders on already-preprocessed batches on the same device, same batch size and precision.
+ratio = stage / forward (1.0 = the data path costs nothing). The model is loaded before timing.
+On a GPU the stage is timed with each JPEG decoder (nvjpeg on the device, Pillow in the workers).
 
-    python bench/score.py                                   # shipped curate-tiny config (64 px)
+    python bench/score.py                                   # shipped curate-tiny config (64 px), CPU
     python bench/score.py --model ViT-B-32 --images 512     # ViT-B-32, random init (no download)
+    python bench/score.py --device cuda --model ViT-B-32 --precision fp16 --images 8192 --per-shard 2048
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import shutil
 import sys
 import time
@@ -67,40 +70,101 @@ def build_dataset(root: Path, n: int, per_shard: int, px: int) -> DatasetDir:
     return ds
 
 
-def forward_only(cfg, ds: DatasetDir, lm) -> tuple[float, int]:
-    """Seconds for both encoders over the same preprocessed batches the stage used."""
-    from curate.stages.score import ShardSamples, encode, make_loader, torch_settings
+def forward_only(lm, ds: DatasetDir, batch_size: int, precision: str, n: int) -> tuple[float, int]:
+    """Seconds for both encoders over n images: real preprocessed batches already on the device."""
+    import torch
 
-    batches = []
-    for shard in ds.shards():
-        keys = frozenset(r["key"] for r in pq_rows(ds.ledger(shard)))
-        loader = make_loader(ShardSamples(str(ds.shard_tar(shard)), keys, lm.preprocess, lm.tokenizer,
-                                          lm.image_size), cfg.batch_size, 0, False)
-        batches += [(b["images"], b["tokens"]) for b in loader if b["images"] is not None]
+    from curate.io.shards import iter_samples
+    from curate.stages.score import encode, torch_settings
+    from curate.stages.score_loader import decode_image
+
+    imgs, caps = [], []
+    for s in iter_samples(ds.shard_tar(ds.shards()[0])):
+        imgs.append(decode_image(s["image"], lm.preprocess, lm.image_size)[0])
+        caps.append(s["caption"] or "")
+        if len(imgs) == batch_size:
+            break
+    while len(imgs) < batch_size:  # a small dataset: repeat its images up to one batch
+        imgs, caps = imgs + imgs[:batch_size - len(imgs)], caps + caps[:batch_size - len(caps)]
+    images = torch.stack(imgs).to(lm.device)
+    tokens = lm.tokenizer(caps).to(lm.device)
+    cuda = lm.device.startswith("cuda")
     # the baseline is the model at its best: all cores, no decoding beside it
-    with torch_settings(0):
-        encode(lm, *batches[0], cfg.precision)  # warm-up
+    with torch_settings(0, deterministic=not cuda):
+        for _ in range(2):  # warm-up (cuBLAS handles, autocast weight casts)
+            encode(lm, images, tokens, precision, to_cpu=False)
+        if cuda:
+            torch.cuda.synchronize(lm.device)
+        steps = max(1, n // batch_size)
         t0 = time.perf_counter()
-        for images, tokens in batches:
-            encode(lm, images, tokens, cfg.precision)
-        return time.perf_counter() - t0, sum(len(b[0]) for b in batches)
+        for _ in range(steps):
+            encode(lm, images, tokens, precision, to_cpu=False)
+        if cuda:
+            torch.cuda.synchronize(lm.device)
+        return time.perf_counter() - t0, steps * batch_size
 
 
-def pq_rows(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
+def components(lm, ds: DatasetDir, device: str, batch: int) -> dict[str, float]:
+    """Rates of the data path's parts on their own (one core each, or the device), to see what bounds it."""
+    import torch
 
-    return pq.read_table(path, columns=["key"]).to_pylist()
+    from curate.io.shards import iter_samples
+    from curate.stages import score_loader as sl
+
+    tar = str(ds.shard_tar(ds.shards()[0]))
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    n = len(sl.index_tar(tar))
+    out["tar index, samples/s"] = n / (time.perf_counter() - t0)
+    samples = list(iter_samples(tar))[:batch]
+    jpegs = [s["image"] for s in samples]
+    caps = [s["caption"] or "" for s in samples]
+    t0 = time.perf_counter()
+    for d in jpegs[:256]:
+        sl.decode_image(d, lm.preprocess, lm.image_size)
+    out["Pillow decode+preprocess, images/s per core"] = min(256, len(jpegs)) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for i in range(0, len(caps), 64):
+        lm.tokenizer(caps[i:i + 64])
+    out["tokenizer, captions/s per core"] = len(caps) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for d in jpegs[:256]:
+        sl.device_jpeg_size(d)
+    out["JPEG header check, images/s per core"] = min(256, len(jpegs)) / (time.perf_counter() - t0)
+    pre = sl.DevicePreprocess.from_model(lm.model)
+    if pre is not None and sl.device_decoder_status(device)[0]:
+        datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
+        px = [256 * 256] * len(datas)
+        cuda = device.startswith("cuda")
+        for _rep in range(3):  # first pass warms nvjpeg up
+            t0 = time.perf_counter()
+            dec = sl.decode_jpegs(datas, px, device)
+            if cuda:
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            pre([x for x in dec if x is not None])
+            if cuda:
+                torch.cuda.synchronize(device)
+            t2 = time.perf_counter()
+        out[f"decode_jpeg on {device} (batch {len(datas)}), images/s"] = len(datas) / (t1 - t0)
+        out[f"resize+normalise on {device}, images/s"] = len(datas) / (t2 - t1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="curate-tiny")
     ap.add_argument("--pretrained", default="none")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--precision", default=None, help="fp32 | fp16 | bf16 (default: fp16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--decoders", default=None,
+                    help="comma-separated --decoder values to time the stage with (default: device,cpu on CUDA, "
+                         "cpu on the CPU)")
     ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--per-shard", type=int, default=1024)
     ap.add_argument("--image-px", type=int, default=256, help="stored image size (img2dataset's default)")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--loader-workers", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=0, help="0 = the stage's choice for the device")
+    ap.add_argument("--loader-workers", type=int, default=-1, help="-1 = the stage's choice for the device")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=2, help="alternating passes; the best of each counts")
     ap.add_argument("--out", default="bench-out/score")
@@ -108,45 +172,82 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from curate import langid
+    from curate.devices import current_device
     from curate.models import load_model, resolve_model
     from curate.runner import run_stage
-    from curate.stages.score import ScoreConfig
+    from curate.stages.score import ScoreConfig, auto_batch_size, auto_threads
 
+    device = current_device(args.device)
+    cuda = device.startswith("cuda")
+    precision = args.precision or ("fp16" if cuda else "fp32")
+    decoders = (args.decoders or ("device,cpu" if cuda else "cpu")).split(",")
+    batch = auto_batch_size(args.batch_size, device)
     out = Path(args.out)
-    ds = build_dataset(out / "ds", args.images, args.per_shard, args.image_px)
-    cfg = ScoreConfig(model=args.model, pretrained=args.pretrained, batch_size=args.batch_size,
-                      loader_workers=args.loader_workers, threads=args.threads, device="cpu")
     t0 = time.perf_counter()
-    lm = load_model(resolve_model(cfg.model, cfg.pretrained), "cpu")
-    from curate import langid
-
+    ds = build_dataset(out / "ds", args.images, args.per_shard, args.image_px)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lm = load_model(resolve_model(args.model, args.pretrained), device)
     langid.load_model()
     load_s = time.perf_counter() - t0
+    gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
 
-    # stage and forward-only passes alternate and the best of each counts, so a burst of load from
-    # another process on a shared machine does not bias the ratio one way
-    stage_s, fwd_s, scored, fwd_n = float("inf"), float("inf"), 0, 0
+    def cfg_for(decoder: str) -> ScoreConfig:
+        return ScoreConfig(model=args.model, pretrained=args.pretrained, batch_size=batch, precision=precision,
+                           loader_workers=args.loader_workers, threads=args.threads, device=device,
+                           decoder=decoder)
+
+    # a warm-up pass of each decoder (CUDA context, cuBLAS, nvjpeg handles), then timed passes that
+    # alternate with the forward-only pass; the best of each counts, so a burst of load from another
+    # process does not bias the ratio one way
+    results: dict[str, dict] = {}
+    for dec in decoders:
+        run_stage("score", cfg_for(dec), str(ds.root), EngineSpec("local", 1), redo=True, progress=False)
+    fwd_s, fwd_n = float("inf"), 0
     for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        summary = run_stage("score", cfg, str(ds.root), EngineSpec("local", 1), redo=True, progress=False)
-        stage_s = min(stage_s, time.perf_counter() - t0)
-        if not summary.ok:
-            print(f"stage failed: {summary.failed}", file=sys.stderr)
-            return 1
-        scored = summary.counts["scored"]
-        f_s, fwd_n = forward_only(cfg, ds, lm)
+        for dec in decoders:
+            t0 = time.perf_counter()
+            summary = run_stage("score", cfg_for(dec), str(ds.root), EngineSpec("local", 1), redo=True,
+                                progress=False)
+            wall = time.perf_counter() - t0
+            if not summary.ok:
+                print(f"stage failed ({dec}): {summary.failed}", file=sys.stderr)
+                return 1
+            c = summary.counts
+            best = results.get(dec)
+            if best is None or wall < best["seconds"]:
+                results[dec] = {"seconds": wall, "scored": c["scored"],
+                                "times": {k: v for k, v in c.items() if k.startswith("t_")},
+                                "decoded_on_device": c.get("decoded_on_device", 0),
+                                "loader_workers": c.get("loader_workers", 0) // max(1, len(ds.shards()))}
+        f_s, fwd_n = forward_only(lm, ds, batch, precision, args.images)
         fwd_s = min(fwd_s, f_s)
-    stage_rate, fwd_rate = scored / stage_s, fwd_n / fwd_s
-    from curate.stages.score import auto_threads
-
-    threads = args.threads or auto_threads("cpu")
-    print(f"model {args.model} (pretrained={args.pretrained}), {args.images} images of {args.image_px}px "
-          f"in {len(ds.shards())} shards, batch {args.batch_size}, loader workers {args.loader_workers}, "
-          f"stage torch threads {threads} (forward-only: {torch.get_num_threads()}), cpu, best of {args.repeat}")
-    print(f"model load (once per process): {load_s:.2f}s")
-    print(f"stage:        {stage_rate:8.1f} images/s  ({scored} images in {stage_s:.2f}s)")
-    print(f"forward only: {fwd_rate:8.1f} images/s  ({fwd_n} images in {fwd_s:.2f}s)")
-    print(f"ratio stage/forward: {stage_rate / fwd_rate:.2f}")
+    fwd_rate = fwd_n / fwd_s
+    threads = args.threads or auto_threads(device)
+    print(f"device {device} ({gpu}), torch {torch.__version__}; model {args.model} (pretrained={args.pretrained}), "
+          f"{precision}; {args.images} images of {args.image_px}px in {len(ds.shards())} tar shards; batch {batch}; "
+          f"torch threads {threads or torch.get_num_threads()}; best of {args.repeat}")
+    print(f"dataset build {build_s:.1f}s, model load (once per process) {load_s:.2f}s")
+    report = {"device": device, "gpu": gpu, "model": args.model, "precision": precision, "images": args.images,
+              "batch_size": batch, "forward_images_per_s": round(fwd_rate, 1), "stage": {}}
+    for dec, r in results.items():
+        rate = r["scored"] / r["seconds"]
+        label = "nvjpeg on the GPU" if dec == "device" and cuda else f"--decoder {dec}"
+        print(f"stage ({label}, {r['loader_workers']} loader workers, {r['decoded_on_device']} decoded on device): "
+              f"{rate:9.1f} images/s  ({r['scored']} images in {r['seconds']:.2f}s)  "
+              f"ratio stage/forward {rate / fwd_rate:.2f}")
+        report["stage"][dec] = {**r, "images_per_s": round(rate, 1), "ratio": round(rate / fwd_rate, 3)}
+    print(f"forward only: {fwd_rate:9.1f} images/s  ({fwd_n} images in {fwd_s:.2f}s)")
+    for dec, r in results.items():
+        split = ", ".join(f"{k[2:-2]} {v:.2f}s" for k, v in r["times"].items())
+        print(f"time split ({dec}, summed over shards): {split}")
+    comp = components(lm, ds, device, batch)
+    for k, v in comp.items():
+        print(f"component: {k}: {v:,.0f}")
+    report["components"] = {k: round(v, 1) for k, v in comp.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -53,7 +53,7 @@ def write_dataset(root: Path, emb: np.ndarray, shard_rows: int) -> None:
     import pyarrow as pa
 
     from curate.io.atomic import write_json
-    from curate.io.layout import DatasetDir, shard_name
+    from curate.io.layout import DatasetDir, sample_key, shard_name
     from curate.io.manifest import record_stage
     from curate.io.tables import write_table
     from curate.stages.score import write_npy
@@ -62,7 +62,7 @@ def write_dataset(root: Path, emb: np.ndarray, shard_rows: int) -> None:
     for i, s in enumerate(range(0, len(emb), shard_rows)):
         shard = shard_name(i)
         part = emb[s:s + shard_rows]
-        keys = [f"{shard}{j:06d}" for j in range(len(part))]
+        keys = [sample_key(shard, j) for j in range(len(part))]
         write_table(ds.signals("score", shard), pa.table({
             "key": pa.array(keys, pa.string()), "scored": pa.array(np.ones(len(part), bool)),
             "emb_row": pa.array(np.arange(len(part), dtype=np.int32))}))

@@ -3,9 +3,15 @@
     .venv/bin/python bench/train_probe.py [--samples-seen 2048] [--batch-size 128] [--device auto]
                                           [--model curate-tiny] [--image-size 64] [--threads 0]
 
+    .venv/bin/python bench/train_probe.py --sensitivity [--misaligned 0.5] [--seeds 3] [--samples-seen 4096]
+
 Trains on the demo corpus's trusted seed split (written as a dataset dir under bench-out/) and evaluates on
 its eval split, exactly as `curate train-probe` does; prints one figure per line. The demo estimate counts
 the runs pipelines/demo.yaml asks for (filter model + raw/curated x 3 seeds + a 4-fraction sweep).
+
+--sensitivity measures which metric tells a clean training set from a damaged one: `curate train-probe`
+trains on the seed split ("clean") and on the same images with a share of captions swapped for another
+category's ("misaligned"), paired by seed, and prints each metric's difference with its 95% bootstrap CI.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ DEMO_RUNS = 1 + 2 * 3 + (3 * 2 + 1)  # filter model, raw/curated x 3 seeds, swee
 
 
 def main() -> None:
+    # long: argument parsing, one timed training run and the figures it prints, read top to bottom
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples-seen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=128)
@@ -31,7 +38,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/train_probe")
     ap.add_argument("--demo-samples-seen", type=int, default=None,
                     help="samples seen per run for the demo estimate (default: TrainConfig's default)")
+    ap.add_argument("--sensitivity", action="store_true", help="clean vs misaligned captions, paired CIs per metric")
+    ap.add_argument("--misaligned", type=float, default=0.5, help="--sensitivity: share of captions swapped")
+    ap.add_argument("--seeds", type=int, default=3, help="--sensitivity: seeds per subset")
     args = ap.parse_args()
+    if args.sensitivity:
+        sensitivity(args)
+        return
 
     import torch
 
@@ -83,6 +96,67 @@ def main() -> None:
         print(f"{k}: {v}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def write_misaligned(out: Path, share: float) -> Path:
+    """The seed split as a dataset dir with `share` of its captions replaced by another category's caption."""
+    import random
+
+    import pyarrow as pa
+
+    from curate.demo.corpus import _ledger_row, load_split
+    from curate.io.atomic import write_json
+    from curate.io.layout import DatasetDir
+    from curate.io.ledger import LEDGER_FIELDS
+    from curate.io.shards import ShardWriter
+    from curate.io.tables import write_table
+
+    ds = DatasetDir.at(out)
+    if ds.marker("download", "00000").exists():
+        return ds.root
+    rows = load_split("seed").to_pylist()
+    rng = random.Random(0)
+    for i in rng.sample(range(len(rows)), round(share * len(rows))):
+        j = rng.randrange(len(rows))
+        while rows[j]["category"] == rows[i]["category"]:
+            j = rng.randrange(len(rows))
+        rows[i] = {**rows[i], "caption": rows[j]["caption"]}
+    ledger = []
+    with ShardWriter(ds.shard_tar("00000")) as w:
+        for k, r in enumerate(rows):
+            row = _ledger_row(f"00000{k:05d}", "00000", k, r, "seed")
+            w.write(row["key"], r["image"], "jpg", r["caption"], {c: v for c, v in row.items() if c != "caption"})
+            ledger.append(row)
+    schema = pa.schema([*LEDGER_FIELDS, pa.field("image_id", pa.string()), pa.field("category", pa.string()),
+                        pa.field("label", pa.string())])
+    write_table(ds.ledger("00000"), pa.Table.from_pylist(ledger, schema=schema))
+    write_json(ds.marker("download", "00000"), {"shard": "00000", "stats": {"rows": len(rows)}})
+    return ds.root
+
+
+def sensitivity(args: argparse.Namespace) -> None:
+    from curate.cli import main as curate
+    from curate.demo.corpus import write_split_dataset
+
+    out = Path(args.out)
+    clean = write_split_dataset("seed", out / "demo-seed")
+    eval_dir = write_split_dataset("eval", out / "demo-eval")
+    bad = write_misaligned(out / f"misaligned-{args.misaligned:g}", args.misaligned)
+    probe = out / f"sensitivity-{args.misaligned:g}-{args.seeds}x{args.samples_seen}"
+    t = time.perf_counter()
+    rc = curate(["train-probe", "--subset", f"clean={clean}", "--subset", f"misaligned={bad}", "--eval", str(eval_dir),
+                 "--seeds", str(args.seeds), "--samples-seen", str(args.samples_seen), "--templates", "clipart",
+                 "--batch-size", str(args.batch_size), "--model", args.model, "--image-size", str(args.image_size),
+                 "--out", str(probe), "--curve-points", "1"])
+    if rc:
+        raise SystemExit(rc)
+    res = json.loads((probe / "results.json").read_text())
+    metrics = ("retrieval_r5", "zeroshot_balanced", "zeroshot_top1")
+    print(f"clean vs {args.misaligned:.0%} misaligned captions, {args.seeds} seeds x {args.samples_seen} samples seen, "
+          f"{time.perf_counter() - t:.0f} s")
+    for c in res["comparisons"]:
+        print(f"  {c['verdict']}")
+    print(json.dumps({s["subset"]: {m: round(s[f"{m}_mean"], 4) for m in metrics} for s in res["summary"]}))
 
 
 if __name__ == "__main__":

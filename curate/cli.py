@@ -22,6 +22,7 @@ COMMANDS: list[str] = [
     "curate.commands.download",
     "curate.commands.dedup",
     "curate.commands.demo",
+    "curate.commands.doctor",
     "curate.commands.export",
     "curate.commands.index",
     "curate.commands.inspect",

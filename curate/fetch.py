@@ -43,6 +43,7 @@ from urllib3.exceptions import (
 )
 
 from curate import __version__
+from curate.phases import PHASES
 
 log = logging.getLogger("curate.fetch")
 
@@ -311,6 +312,10 @@ def _attach_current(sock: socket.socket | None) -> None:
 class _GuardedHTTPConnection(HTTPConnection):
     """Hands every socket it opens or reuses to the current sample's guard."""
 
+    def connect(self) -> None:
+        with PHASES.timed("connect"):
+            super().connect()
+
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
         _attach_current(sock)  # before the request (and, for TLS, before the handshake)
@@ -322,6 +327,10 @@ class _GuardedHTTPConnection(HTTPConnection):
 
 
 class _GuardedHTTPSConnection(HTTPSConnection):
+    def connect(self) -> None:
+        with PHASES.timed("connect"):  # TCP and the TLS handshake
+            super().connect()
+
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
         _attach_current(sock)
@@ -576,7 +585,8 @@ class Fetcher:
                                       retry_after=_retry_after(resp.headers.get("Retry-After")))
                 if not 200 <= status < 300:
                     raise FetchFailed("http_4xx", f"HTTP {status}", http_status=status, final_url=url)
-                body = self._read_body(resp, deadline, url)
+                with PHASES.timed("body"):
+                    body = self._read_body(resp, deadline, url)
                 if guard.expired:  # the watchdog's shutdown reads as end-of-body: the body may be cut short
                     raise FetchFailed("deadline_exceeded", f"deadline {self.policy.deadline}s passed",
                                       http_status=status, final_url=url)
@@ -615,9 +625,10 @@ class Fetcher:
             "Accept-Encoding": "gzip, deflate",
         }
         try:
-            return self._pool(t).urlopen(
-                "GET", t.path, headers=headers, retries=False, redirect=False, timeout=timeout,
-                preload_content=False, decode_content=True, assert_same_host=False, release_conn=False)
+            with PHASES.timed("headers"):  # includes "connect" when a new connection is made
+                return self._pool(t).urlopen(
+                    "GET", t.path, headers=headers, retries=False, redirect=False, timeout=timeout,
+                    preload_content=False, decode_content=True, assert_same_host=False, release_conn=False)
         except ReadTimeoutError as e:
             code = "deadline_exceeded" if cut else "timeout"
             raise FetchFailed(code, f"read timeout ({e})", final_url=t.url) from None

@@ -1,7 +1,7 @@
 """The one safe image decoder of curate, and download's resize/encode.
 
 Every stage that opens image bytes (download, score, report thumbnails, train-probe data) goes through
-`safe_open` / `safe_decode_rgb`: the format is decided by magic bytes against an allowlist (JPEG, PNG,
+`safe_open` / `safe_decode` / `safe_decode_rgb`: the format is decided by magic bytes against an allowlist (JPEG, PNG,
 WebP, GIF, BMP), Pillow is opened with exactly that one format (`formats=[...]`, so no other plugin,
 and never Ghostscript, sees the bytes), and the header's pixel count is checked before a single pixel
 is allocated. Failures raise `ImageRejected` whose `code` is a ledger error code, the same in every stage.
@@ -15,6 +15,7 @@ at reduced scale (libjpeg DCT scaling via Pillow's draft mode), the speed and th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import math
 import struct
@@ -24,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
+
+from curate.phases import PHASES
 
 # our own max_pixels check runs first and is stricter; Pillow's warning would only be noise
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -205,28 +208,68 @@ class DecodeBudget:
                 self._cond.notify_all()
 
 
-def safe_decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None,
-                    budget: DecodeBudget | None = None) -> Image.Image:
+_ALLOCATOR_TUNED = False
+
+
+def return_freed_memory_to_os() -> None:
+    """Make glibc hand big freed buffers straight back to the OS (once per process; no-op elsewhere).
+
+    glibc raises its mmap threshold up to 32 MB after the first big free, so later decode buffers
+    (Pillow allocates 16 MB blocks) come from per-thread arenas that keep the memory after free: with
+    16 threads the process's RSS then grows to the sum of every thread's largest decode, whatever the
+    DecodeBudget allowed at once. A fixed 1 MB threshold keeps RSS close to what is actually live.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return
+    _ALLOCATOR_TUNED = True
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: no mallopt, nothing to do
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc among them
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also turns the dynamic raising off)
+
+
+@dataclass
+class Decoded:
+    """A decoded image and what its header said before any draft reduction."""
+
+    image: Image.Image   # RGB, loaded
+    width: int           # stored size (no EXIF orientation applied)
+    height: int
+    format: str          # the allowlisted format (JPEG, PNG, WEBP, GIF, BMP; MPO reads as JPEG)
+    mime: str
+
+
+def safe_decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None,
+                budget: DecodeBudget | None = None) -> Decoded:
     """Decode to a loaded RGB image (transparency composited on white) through `safe_open`.
 
     `draft`: for JPEG, decode at the smallest DCT scale that is still at least this size.
+    `budget`: wait until this decode's decode_cost fits in it.
     Raises ImageRejected (the codes of safe_open, or decode_error for bytes that fail mid-decode).
     """
     img = safe_open(data, max_pixels)
-    mime = ALLOWED_FORMATS.get(img.format or "", "image/jpeg")
+    fmt = "JPEG" if img.format == "MPO" else (img.format or "JPEG")
+    mime = ALLOWED_FORMATS.get(fmt, "image/jpeg")
     size = img.size
     try:
-        if draft is not None and img.format in ("JPEG", "MPO"):
+        if draft is not None and fmt == "JPEG":
             img.draft("RGB", draft)
         with budget.reserve(decode_cost(img)) if budget is not None else contextlib.nullcontext():
             img.load()
-            return to_rgb(img)
+            rgb = to_rgb(img)
     except Image.DecompressionBombError as e:
         raise ImageRejected("decompression_bomb", str(e), size, mime) from None
     except MemoryError:
         raise ImageRejected("decompression_bomb", "out of memory while decoding", size, mime) from None
     except _DECODE_ERRORS as e:
         raise ImageRejected("decode_error", f"{type(e).__name__}: {e}"[:300], size, mime) from None
+    return Decoded(rgb, size[0], size[1], fmt, mime)
+
+
+def safe_decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None,
+                    budget: DecodeBudget | None = None) -> Image.Image:
+    """`safe_decode(...).image`: the loaded RGB image only."""
+    return safe_decode(data, max_pixels, draft, budget).image
 
 
 # ---- download: check, resize, encode ------------------------------------------------------------
@@ -257,6 +300,28 @@ def output_size(w: int, h: int, opt: ImageOptions) -> tuple[int, int]:
     return target_size(w, h, opt)
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) read from the header only; 1 when absent or broken (as browsers do).
+
+    Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels, which
+    would happen outside the DecodeBudget: for PNG only an eXIf chunk before IDAT counts (what the
+    PNG spec asks for).
+    """
+    try:
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        value = int(exif.get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
 def open_checked(data: bytes, opt: ImageOptions) -> tuple[Image.Image, int, int, int]:
     """Open lazily and check format, pixel count, size, aspect ratio and output size; nothing is decoded yet.
 
@@ -265,11 +330,7 @@ def open_checked(data: bytes, opt: ImageOptions) -> tuple[Image.Image, int, int,
     img = safe_open(data, opt.max_pixels)
     mime = ALLOWED_FORMATS.get(img.format or "", "image/jpeg")
     w, h = img.size
-    orientation = 1
-    try:
-        orientation = int(img.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, like browsers do
-        orientation = 1
+    orientation = exif_orientation(img)
     if orientation in (5, 6, 7, 8):
         w, h = h, w
     if opt.min_image_size and min(w, h) < opt.min_image_size:
@@ -300,20 +361,15 @@ def process_image(data: bytes, opt: ImageOptions, budget: DecodeBudget | None = 
             req = (math.ceil(tw), math.ceil(th)) if orientation < 5 else (math.ceil(th), math.ceil(tw))
             img.draft("RGB", req)
         with budget.reserve(decode_cost(img)) if budget is not None else contextlib.nullcontext():
-            img.load()
-            for op in _ORIENT.get(orientation, ()):
-                img = img.transpose(op)
-            img = to_rgb(img)
-            img = resize(img, tw, th, opt)
-        out = io.BytesIO()
-        fmt = ENCODE_FORMATS[opt.encode_format]
-        if fmt == "JPEG":
-            img.save(out, "JPEG", quality=opt.encode_quality)
-        elif fmt == "PNG":
-            level = opt.encode_quality if 0 <= opt.encode_quality <= 9 else 6
-            img.save(out, "PNG", compress_level=level)
-        else:
-            img.save(out, "WEBP", quality=opt.encode_quality, method=4)
+            with PHASES.timed("decode"):
+                img.load()
+                for op in _ORIENT.get(orientation, ()):
+                    img = img.transpose(op)
+                img = to_rgb(img)
+            with PHASES.timed("resize"):
+                img = resize(img, tw, th, opt)
+        with PHASES.timed("encode"):
+            out = _encode(img, opt)
     except ImageRejected:
         raise
     except Image.DecompressionBombError as e:
@@ -322,7 +378,20 @@ def process_image(data: bytes, opt: ImageOptions, budget: DecodeBudget | None = 
         raise ImageRejected("decompression_bomb", "out of memory while decoding", (w, h), mime) from None
     except _DECODE_ERRORS as e:
         raise ImageRejected("decode_error", f"{type(e).__name__}: {e}"[:300], (w, h), mime) from None
-    return ProcessedImage(out.getvalue(), opt.encode_format, mime, w, h, img.width, img.height)
+    return ProcessedImage(out, opt.encode_format, mime, w, h, img.width, img.height)
+
+
+def _encode(img: Image.Image, opt: ImageOptions) -> bytes:
+    out = io.BytesIO()
+    fmt = ENCODE_FORMATS[opt.encode_format]
+    if fmt == "JPEG":
+        img.save(out, "JPEG", quality=opt.encode_quality)
+    elif fmt == "PNG":
+        level = opt.encode_quality if 0 <= opt.encode_quality <= 9 else 6
+        img.save(out, "PNG", compress_level=level)
+    else:
+        img.save(out, "WEBP", quality=opt.encode_quality, method=4)
+    return out.getvalue()
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -331,7 +400,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # convert() would copy an RGBA image
         bg = Image.new("RGB", rgba.size, (255, 255, 255))
         bg.paste(rgba, mask=rgba.getchannel("A"))
         return bg

@@ -112,7 +112,7 @@ def load_model(path: Path | None = None, sha256: str = MODEL_SHA256) -> Any:
 
 
 class Lexicon:
-    """Per-language word frequencies as sorted arrays of word hashes (about 30 MB for all 23 lists).
+    """Per-language word frequencies as sorted arrays of word hashes (56 MB for all 23 lists).
 
     Python dicts of the same lists take over 700 MB; the hashes come from Python's own str hash, so a
     Lexicon is only valid in the process that built it (each worker builds its own).
@@ -135,7 +135,8 @@ class Lexicon:
             h = np.asarray(hashes, dtype=np.int64)
             order = np.argsort(h, kind="stable")
             self.tables.append((h[order], np.asarray(buckets, dtype=np.int16)[order]))
-        wordfreq.get_frequency_list.cache_clear()  # the arrays above replace wordfreq's cached lists
+            del hashes, buckets
+            wordfreq.get_frequency_list.cache_clear()  # the arrays replace wordfreq's cached list: peak memory
 
     def log_freqs(self, word: str) -> list[float] | None:
         """ln frequency of `word` per language (unknown: UNKNOWN_WORD_FREQ); None if no list has it."""

@@ -26,6 +26,7 @@ from curate.io.layout import DatasetDir, task_id
 from curate.io.lock import stage_lock
 from curate.progress import Progress
 from curate.stages import get_stage
+from curate.stages.base import output_key
 
 log = logging.getLogger("curate")
 
@@ -75,37 +76,40 @@ def run_stage(
     Holds the stage's lock on the directory for the whole run (a second run exits 2). An array task
     (cfg.num_shards > 1) holds it shared with its siblings, writes its own manifest fragment, and may
     not --redo. Whatever ends the run (an exception, Ctrl-C, SIGTERM from Slurm), the manifest is
-    left "interrupted", never "running".
+    left "interrupted", never "running". (Long because lock, fingerprint, plan and manifest must stay
+    in this one order inside the lock; the task loop itself is run_tasks.)
     """
     stage = get_stage(stage_name)
     ds = DatasetDir.at(root)
     part = array_slice_of(cfg)
     if redo and part is not None:
         raise InputError(f"--redo: refused inside an array task (--shard-index {part[0]} of {part[1]}): it would "
-                         f"delete its siblings' output. Run once with --redo --plan-only, then the array.")
+                         f"delete its siblings' output. Run the stage once with --redo outside the array "
+                         f"(download: --redo --plan-only), then the array.")
     ds.root.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg, fingerprint_extra)
-    with stage_lock(ds, stage_name, part) as exclusive, _sigterm_as_exit():
-        if manifest.check_fingerprint(ds, stage_name, fp, redo):
-            ds.discard(stage_name)
+    key = output_key(stage, cfg, stage_name)  # usually stage_name; `score --name NAME` keys by NAME
+    with stage_lock(ds, key, part) as exclusive, _sigterm_as_exit():
+        if manifest.check_fingerprint(ds, key, fp, redo):
+            ds.discard(key)
             extra = getattr(stage, "discard_outputs", None)
             if extra is not None:  # files only the stage knows of (export's img2dataset-layout files)
                 extra(cfg, ds)
         if exclusive:
             # the lock is ours alone: every temp file of this stage is a killed run's, whatever its age
-            clean_stage_tmp(ds, stage_name)
+            clean_stage_tmp(ds, key)
         t0 = time.time()
         # a stage may declare several task phases run in order (dedup: assign, pairs, decide, write); each is
         # planned once the previous one completed, and its tasks take the same engine/task/marker path
         phases: list[str | None] = list(stage.phases(cfg, ds)) if hasattr(stage, "phases") else [None]
         tasks = _plan_phase(stage, cfg, ds, phases[0])
-        done = set(ds.done_tasks(stage_name))
+        done = set(ds.done_tasks(key))
         todo = [t for t in tasks if task_id(t) not in done]
-        summary = StageSummary(stage_name, str(ds.root), fp, len(tasks), len(tasks) - len(todo))
+        summary = StageSummary(key, str(ds.root), fp, len(tasks), len(tasks) - len(todo))
         config = to_dict(cfg)
 
         def record(status: str, **kw: Any) -> None:
-            manifest.record_stage(ds, stage_name, config=config, fingerprint=fp, inputs=_inputs(stage, cfg),
+            manifest.record_stage(ds, key, config=config, fingerprint=fp, inputs=_inputs(stage, cfg),
                                   status=status, array_slice=part, **kw)
 
         if plan_only:
@@ -122,11 +126,11 @@ def run_stage(
                     if not summary.ok:
                         break  # a later phase reads this phase's outputs
                     tasks = _plan_phase(stage, cfg, ds, phase)
-                    done = set(ds.done_tasks(stage_name))
+                    done = set(ds.done_tasks(key))
                     todo = [t for t in tasks if task_id(t) not in done]
                     summary.shards_total += len(tasks)
                     summary.shards_skipped += len(tasks) - len(todo)
-                label = stage_name if phase is None else f"{stage_name} {phase}"
+                label = key if phase is None else f"{key} {phase}"
                 bar = Progress(label, total=len(tasks), initial=len(tasks) - len(todo), unit="shard",
                                enabled=progress)
                 run_tasks(eng, stage_name, config, ds, todo, summary, bar, max_attempts)
@@ -136,7 +140,7 @@ def run_stage(
             summary.seconds = time.time() - t0
             if status != "interrupted":
                 finalize = getattr(stage, "finalize", None)
-                summary.counts = finalize(cfg, ds) if finalize else _sum_stats(ds, stage_name)
+                summary.counts = finalize(cfg, ds) if finalize else _sum_stats(ds, key)
             record(status, counts=summary.counts,
                    extra={"shards": {"total": summary.shards_total, "failed": sorted(summary.failed)}})
     return summary

@@ -405,6 +405,20 @@ def test_torch_path_gives_the_numpy_faiss_decisions():
     assert len(np.unique(sd.assign(x, c, 1)[0])) == 8
 
 
+def test_scorer_names_the_signal_table_to_read(tmp_path):
+    emb, _ = planted()
+    ds = write_scored(tmp_path / "ds", emb)
+    assert run(ds) == 0
+    want = dedup_table(ds)
+    # the same embeddings under a second scorer's name, the first one's gone: --scorer reads the second
+    for sub in ("signals", "_done"):
+        shutil.move(ds.root / sub / "score", ds.root / sub / "dfn")
+    assert run(ds, "--redo") == 2
+    assert run(ds, "--scorer", "dfn", "--redo") == 0
+    assert dedup_table(ds).equals(want)
+    assert run(ds, "--scorer", "../score", "--redo") == 2
+
+
 def test_rescoring_invalidates_dedup(tmp_path):
     """The score stage's fingerprint is part of dedup's: after a rescore, a plain rerun is refused."""
     emb, _ = planted()
@@ -507,15 +521,16 @@ def _cuda() -> None:
 
 @pytest.mark.gpu
 def test_cuda_stage_gives_the_cpu_decisions(tmp_path):
-    """--device cuda (torch k-means, assignment and pair search on the GPU) against --device cpu (faiss/numpy):
-    both equal SemDeDup's rule by brute force."""
+    """--device cuda (torch assignment and pair search on the GPU) against --device cpu (faiss/numpy): the same
+    tables, both equal to SemDeDup's rule by brute force."""
     _cuda()
     emb, _ = planted()
     clip = np.random.default_rng(3).uniform(0.2, 0.3, len(emb))
     cpu = write_scored(tmp_path / "cpu", emb, clip=clip)
     gpu = write_scored(tmp_path / "gpu", emb, clip=clip)
     assert run(cpu, "--device", "cpu") == 0 and run(gpu, "--device", "cuda") == 0
-    assert manifest.load(gpu)["stages"]["dedup"]["counts"]["train_device"] == "cuda"
+    assert manifest.load(gpu)["stages"]["dedup"]["counts"]["device"] == "cuda"
+    assert dedup_table(cpu).equals(dedup_table(gpu))  # same centroids (faiss on the driver): same everything
     want = reference(emb, clip, None)
     assert decisions(dedup_table(cpu)) == decisions(dedup_table(gpu)) == want
 

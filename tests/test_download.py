@@ -505,3 +505,17 @@ def test_spark_reports_a_dead_shard_as_one_failed_result(server, tmp_path, monke
     assert download(inp, out, server, "--samples-per-shard", "2", "--engine", "spark",
                     "--spark-master", "local[2]") == 0
     assert ledger(out).num_rows == 6
+
+
+def test_sigterm_records_interrupted_in_the_manifest_itself(server, tmp_path):
+    inp = write_urls(tmp_path / "urls.parquet", _slow_server(server, 30))
+    out = tmp_path / "ds"
+    proc = subprocess.Popen(_cli(inp, out, server, "--samples-per-shard", "5", "--threads", "1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: (out / "_done" / "download").is_dir())
+    proc.send_signal(signal.SIGTERM)  # what Slurm sends at the time limit
+    assert proc.wait(timeout=30) != 0
+    import json
+
+    raw = json.loads((out / "manifest.json").read_text())["stages"]["download"]
+    assert raw["status"] == "interrupted"  # written by the run itself, not inferred by a reader

@@ -97,3 +97,25 @@ def test_hostile_images_get_their_codes(server, tmp_path):
     assert [r["status"] for r in ledger(tmp_path / "ds")] == [
         "bad_aspect_ratio", "bad_aspect_ratio", "format_not_allowed", "format_not_allowed", "format_not_allowed",
         "decompression_bomb", "success"]
+
+
+def test_profile_reports_every_phase(server, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    urls = [server.image(f"/p{i}.jpg", jpeg(80, 60)) for i in range(6)]
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls}), inp)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, CURATE_PROFILE="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    r = subprocess.run([sys.executable, "-m", "curate.cli", "download", str(inp), "--out", str(tmp_path / "ds"),
+                        "--allow-host", server.endpoint, "--no-progress", "--image-size", "32"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (stats_file,) = (tmp_path / "ds" / "stats" / "download").glob("*.json")
+    stats = json.loads(stats_file.read_text())
+    phases = stats["phases"]
+    assert set(phases) == {"connect", "headers", "body", "decode", "resize", "encode", "hash", "write"}
+    assert phases["decode"]["count"] == 6 and phases["write"]["count"] == 6 and phases["connect"]["count"] >= 1

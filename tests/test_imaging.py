@@ -170,3 +170,29 @@ def test_draft_reduces_jpeg_decode_and_its_cost():
     Image.new("RGB", (4000, 3000), (90, 90, 90)).save(buf, "JPEG")
     im = safe_decode_rgb(buf.getvalue(), draft=(500, 375))
     assert im.size == (500, 375)
+
+
+def test_open_checked_decodes_nothing_and_reads_png_orientation():
+    from curate.imaging import open_checked
+
+    img, w, h, orientation = open_checked(png(3000, 2000), ImageOptions())
+    assert img.tile, "the PNG was decoded while reading its header (Pillow's getexif does that)"
+    assert (w, h, orientation) == (3000, 2000, 1)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20), (1, 2, 3)).save(buf, "PNG", exif=exif)
+    img, w, h, orientation = open_checked(buf.getvalue(), ImageOptions())
+    assert img.tile and orientation == 6 and (w, h) == (20, 40)
+    out = process_image(buf.getvalue(), ImageOptions(image_size=10))
+    assert (out.orig_width, out.orig_height, out.width, out.height) == (20, 40, 10, 20)
+
+
+def test_safe_decode_reports_the_stored_size_before_draft():
+    from curate.imaging import safe_decode
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (90, 90, 90)).save(buf, "JPEG")
+    d = safe_decode(buf.getvalue(), draft=(200, 150))
+    assert (d.width, d.height, d.format, d.mime) == (1600, 1200, "JPEG", "image/jpeg")
+    assert d.image.size == (200, 150) and d.image.mode == "RGB"

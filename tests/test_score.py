@@ -232,3 +232,269 @@ def test_no_downloaded_shards_is_an_input_error(tmp_path, tiny_config, capsys):
     assert main(["score", str(tmp_path / "empty"), "--model", str(tiny_config), "--pretrained", "none",
                  "--no-progress"]) == 2
     assert "no downloaded shards" in capsys.readouterr().err
+
+
+# --- the data path: disjoint reading, the device decoder (run here on the CPU), several scorers ----------
+
+
+def _loader_job(ds, shard, tiny_config, workers, decoder="cpu", chunk=4):
+    from curate.models import load_model, resolve_model
+    from curate.stages import score_loader as sl
+    from curate.stages.score import read_ledger
+
+    lm = load_model(resolve_model(str(tiny_config), "none"), "cpu")
+    ledger = read_ledger(ds, shard)
+    tar = str(ds.shard_tar(shard))
+    wanted = frozenset(r["key"] for r in ledger if r["status"] == "success")
+    return sl.LoaderJob(tar, sl.index_tar(tar), wanted, [r["caption"] for r in ledger], lm.preprocess,
+                        lm.tokenizer, lm.image_size, decoder, chunk, workers), ledger
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_loader_workers_read_disjoint_runs_and_every_sample_once(tmp_path, tiny_config, workers):
+    from curate.stages import score_loader as sl
+
+    ds = make_dataset(tmp_path / "ds", samples(22), shard_size=30)  # one shard, 24 rows, 22 in the tar
+    job, ledger = _loader_job(ds, "00000000", tiny_config, workers)
+    report = sl.LoaderReport({}, [])
+    seen = [m["key"] for b in sl.merged_batches(sl.open_loader(job, False), 8, report) for m in b["meta"]]
+    in_tar = [r["key"] for r in ledger if r["status"] == "success"]
+    assert sorted(seen) == sorted(in_tar) and len(seen) == len(set(seen))  # each sample exactly once
+    runs = sorted(run for w in report.reads.values() for run in w)
+    assert len(report.reads) == max(1, workers)  # every worker reported the byte runs it read
+    assert all(a[1] <= b[0] for a, b in zip(runs, runs[1:], strict=False))  # no byte read twice
+    index = sl.index_tar(job.tar)
+    assert runs[0][0] == index[0][2] and runs[-1][1] == index[-1][3]  # ... and together they cover the tar
+    assert sorted(i for i, _l, _c in report.caption_rows) == list(range(len(ledger)))  # every ledger row once
+
+
+def test_split_ranges_are_disjoint_contiguous_and_complete():
+    from curate.stages.score_loader import split_ranges
+
+    for n in (0, 1, 5, 64, 101):
+        for parts in (1, 2, 3, 8):
+            rs = split_ranges(n, parts)
+            assert len(rs) == parts and [i for r in rs for i in r] == list(range(n))
+            assert max(map(len, rs)) - min(map(len, rs)) <= 1
+
+
+def png_bytes(im):
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_device_decoder_on_the_cpu_matches_the_pillow_path_and_keeps_the_safety_rules(tmp_path, tiny_config):
+    """--decoder device runs torchvision's decode_jpeg + tensor resize on --device; with --device cpu the
+    same code runs here. Non-JPEG members take the Pillow path; the allowlist and pixel cap apply to both."""
+    big = Image.new("RGB", (100, 100))
+    big_jpeg = bytearray(jpeg_bytes(big))
+    sof = big_jpeg.find(b"\xff\xc0")
+    big_jpeg[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2  # header says 20000x20000: a bomb
+    tiff = io.BytesIO()
+    big.save(tiff, format="TIFF")
+    rows = [(color_image(i, (96 + 8 * i, 80)), CAPTIONS[i % 4], "success") for i in range(9)]
+    rows += [(png_bytes(color_image(50)), "a png", "success"), (bytes(big_jpeg), "a bomb", "success"),
+             (tiff.getvalue(), "a tiff", "success"), (color_image(51).convert("L"), "grey", "success")]
+    for name in ("a", "b"):
+        make_dataset(tmp_path / name, rows, shard_size=20)
+    a, b = DatasetDir.at(tmp_path / "a"), DatasetDir.at(tmp_path / "b")
+    assert score(a, tiny_config, "--device", "cpu") == 0
+    assert score(b, tiny_config, "--device", "cpu", "--decoder", "device", "--loader-workers", "2") == 0
+    ta, tb = table(a, "00000000"), table(b, "00000000")
+    reasons = {r["key"][-2:]: r["skip_reason"] for r in tb}
+    assert reasons["10"] == "decompression_bomb" and reasons["11"] == "format_not_allowed"
+    assert [r["skip_reason"] for r in ta] == [r["skip_reason"] for r in tb]
+    assert [(r["width"], r["height"]) for r in ta] == [(r["width"], r["height"]) for r in tb]
+    ea = np.load(a.signals("score", "00000000", ".img_emb.npy")).astype(np.float32)
+    eb = np.load(b.signals("score", "00000000", ".img_emb.npy")).astype(np.float32)
+    assert ea.shape == eb.shape == (11, 32)
+    assert (ea * eb).sum(1).min() > 0.99  # another resampler, the same images
+    diffs = [abs(x["clip_score"] - y["clip_score"]) for x, y in zip(ta, tb, strict=True) if x["scored"]]
+    assert max(diffs) < 0.02
+    st = json.loads(ds_stats(b))
+    assert st["decoder"] == "device" and st["decoded_on_device"] == 10  # 9 colour JPEGs + 1 greyscale
+    assert json.loads(ds_stats(a))["decoder"] == "cpu"
+
+
+def ds_stats(ds):
+    return ds.stats("score", "00000000").read_text()
+
+
+def test_two_scorers_coexist_each_with_its_own_fingerprint(tmp_path, tiny_config, capsys):
+    ds = make_dataset(tmp_path / "ds", samples(6), shard_size=4)
+    assert score(ds, tiny_config) == 0
+    first = np.load(ds.signals("score", "00000000", ".img_emb.npy"))
+    mtime = os.stat(ds.signals("score", "00000000")).st_mtime_ns
+    # a second model (another config: bf16) under another name: no --redo, the first stays untouched
+    assert score(ds, tiny_config, "--name", "second", "--precision", "bf16", "--save-text-embeddings") == 0
+    assert ds.done_shards("second") == ds.done_shards("score") == ["00000000", "00000001"]
+    assert os.stat(ds.signals("score", "00000000")).st_mtime_ns == mtime
+    assert np.array_equal(np.load(ds.signals("score", "00000000", ".img_emb.npy")), first)
+    assert ds.signals("second", "00000000", ".txt_emb.npy").exists()
+    man = json.loads(ds.manifest.read_text())["stages"]
+    assert man["second"]["fingerprint"] != man["score"]["fingerprint"]
+    assert man["second"]["inputs"]["scorer"] == "second" and man["second"]["config"]["name"] == "second"
+    from curate.stages.score import scorers
+
+    assert scorers(ds) == ["score", "second"]
+    # each resumes against its own fingerprint; each refuses another config under its own name
+    capsys.readouterr()
+    assert score(ds, tiny_config, "--name", "second", "--precision", "bf16", "--save-text-embeddings") == 0
+    assert "0 shard(s) done, 2 already done" in capsys.readouterr().err
+    assert score(ds, tiny_config, "--name", "second") == 2
+    # --redo of one scorer leaves the other's files alone
+    assert score(ds, tiny_config, "--name", "second", "--redo") == 0
+    assert os.stat(ds.signals("score", "00000000")).st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "Upper", "dedup", "download", "1abc", "x" * 41, "a-b"])
+def test_a_bad_scorer_name_exits_2(tmp_path, tiny_config, capsys, bad):
+    ds = make_dataset(tmp_path / "ds", samples(2), shard_size=4)
+    assert score(ds, tiny_config, "--name", bad) == 2
+    assert "--name" in capsys.readouterr().err
+    assert not (ds.root / "signals").exists()
+
+
+def test_device_assignment_is_a_pure_function_of_scheduler_facts():
+    from curate.devices import pick_device, spark_task_gpus
+    from curate.errors import InputError
+
+    assert pick_device("auto", cuda_count=0) == "cpu"
+    assert pick_device("cpu", cuda_count=4) == "cpu"
+    assert pick_device("cuda:3", cuda_count=4) == "cuda:3"
+    assert pick_device("auto", cuda_count=2) == "cuda:0"
+    # local engine: pool worker k (1-based) takes GPU (k-1) mod count
+    assert [pick_device("cuda", cuda_count=4, worker_index=k) for k in (1, 2, 3, 4, 5)] == \
+        ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]
+    # Spark: the task's assigned address wins over the pool index
+    assert pick_device("cuda", cuda_count=4, task_gpus=["2"], worker_index=1) == "cuda:2"
+    # a physical address behind CUDA_VISIBLE_DEVICES is mapped to torch's numbering
+    assert pick_device("cuda", cuda_count=2, task_gpus=["6"], visible=["5", "6"]) == "cuda:1"
+    with pytest.raises(InputError, match="torch sees 2"):
+        pick_device("cuda", cuda_count=2, task_gpus=["3"])
+    with pytest.raises(InputError, match="no CUDA device"):
+        pick_device("cuda", cuda_count=0)
+
+    from curate.devices import local_workers
+
+    assert local_workers("cuda", 1, False, 4) == 4 and local_workers("auto", 1, False, 8) == 8
+    assert local_workers("cuda", 2, True, 4) == 2  # --workers given: the user decides
+    assert local_workers("cuda:1", 1, False, 4) == 1 and local_workers("cpu", 1, False, 4) == 1
+    assert local_workers("cuda", 1, False, 1) == 1 and local_workers("auto", 1, False, 0) == 1
+
+    class Info:  # the shape of pyspark.resource.ResourceInformation: a name and addresses
+        def __init__(self, addresses):
+            self.name, self.addresses = "gpu", addresses
+
+    assert spark_task_gpus({"gpu": Info(["1"])}) == ["1"] and spark_task_gpus({}) == []
+
+
+def test_background_keeps_order_and_reraises_in_the_consumer():
+    from curate.stages.score_loader import background
+
+    assert list(background(iter(range(50)), depth=2)) == list(range(50))
+
+    def boom():
+        yield 1
+        raise ValueError("bad batch")
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for x in background(boom()):
+            got.append(x)
+    assert got == [1]
+    it = background(iter(range(1000)), depth=2)  # a consumer that stops early does not hang the thread
+    assert next(it) == 0
+    it.close()
+
+
+def test_tar_index_fast_path_equals_tarfile_and_refuses_what_the_reader_refuses(tmp_path):
+    import tarfile
+
+    from curate.errors import ShardError
+    from curate.stages import score_loader as sl
+
+    ds = make_dataset(tmp_path / "ds", samples(9), shard_size=20)
+    tar = str(ds.shard_tar("00000000"))
+    assert sl._ustar_members(tar) == sl._tarfile_members(tar)
+    assert [e[0] for e in sl.index_tar(tar)] == [r["key"] for r in table_keys(ds)]
+
+    def write(name, members):
+        path = tmp_path / name
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+            for m, data in members:
+                info = tarfile.TarInfo(m)
+                if data is None:
+                    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                else:
+                    info.size = len(data)
+                t.addfile(info, io.BytesIO(data) if data is not None else None)
+        return str(path)
+
+    long = write("long.tar", [("d" * 120 + "/k1.txt", b"a"), ("d" * 120 + "/k1.jpg", b"bb"), ("k2.txt", b"c")])
+    assert sl._ustar_members(long) is None  # PAX long names: tarfile reads them
+    assert [(k, [m[0] for m in ms]) for k, ms, _a, _b in sl.index_tar(long)] == [("k1", ["txt", "jpg"]),
+                                                                                    ("k2", ["txt"])]
+    with pytest.raises(ShardError, match="not a regular file"):
+        sl.index_tar(write("link.tar", [("k1.txt", b"a"), ("k1.jpg", None)]))
+    with pytest.raises(ShardError, match="unsafe name"):
+        sl.index_tar(write("dots.tar", [("../k1.txt", b"a")]))
+
+
+def table_keys(ds):
+    import pyarrow.parquet as pq
+
+    return [r for r in pq.read_table(ds.ledger("00000000"), columns=["key", "status"]).to_pylist()
+            if r["status"] == "success"]
+
+
+def test_a_shard_failing_inside_the_loader_workers_leaves_the_next_shards_intact(tmp_path, tiny_config, capsys):
+    """A bad member found by a persistent loader worker fails that shard only; the pool restarts."""
+    rows = [(color_image(i), CAPTIONS[i % 4], "success") for i in range(12)]
+    clean = make_dataset(tmp_path / "clean", rows, shard_size=4)
+    bad = make_dataset(tmp_path / "bad", rows, shard_size=4)
+    tar = bad.shard_tar("00000001")
+    data = tar.read_bytes()
+    i = data.index(b'{"attempts"')  # the first sample's .json member: same length, no longer JSON
+    tar.write_bytes(data[:i] + b"!" + data[i + 1:])
+    assert score(clean, tiny_config, "--loader-workers", "2") == 0
+    assert score(bad, tiny_config, "--loader-workers", "2") == 3
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert bad.done_shards("score") == ["00000000", "00000002"]
+    for s in ("00000000", "00000002"):
+        assert np.array_equal(np.load(bad.signals("score", s, ".img_emb.npy")),
+                              np.load(clean.signals("score", s, ".img_emb.npy")))
+
+
+@pytest.mark.spark
+def test_spark_engine_scores_like_the_local_engine(tmp_path, tiny_config, monkeypatch):
+    """Tasks re-enter through the Spark engine (which publishes each task's GPUs, none here) and their
+    persistent loader workers live inside Spark's reused Python workers."""
+    pytest.importorskip("pyspark")
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    rows = [(color_image(i), CAPTIONS[i % 4], "success") for i in range(10)]
+    local = make_dataset(tmp_path / "local", rows, shard_size=4)
+    spark = make_dataset(tmp_path / "spark", rows, shard_size=4)
+    assert score(local, tiny_config) == 0
+    assert score(spark, tiny_config, "--engine", "spark", "--spark-master", "local[2]") == 0
+    for s in local.shards():
+        assert np.array_equal(np.load(spark.signals("score", s, ".img_emb.npy")),
+                              np.load(local.signals("score", s, ".img_emb.npy")))
+        assert table(spark, s) == table(local, s)
+
+
+def test_only_complete_baseline_jpegs_go_to_the_device_decoder():
+    from curate.stages.score_loader import device_jpeg_size
+
+    im = color_image(1, (40, 30))
+    full = jpeg_bytes(im)
+    assert device_jpeg_size(full) == (40, 30) and device_jpeg_size(full + b"\0\0") == (40, 30)
+    assert device_jpeg_size(full[:-40]) is None  # cut short: the CPU path decides (decode_error)
+    assert device_jpeg_size(png_bytes(im)) is None
+    prog = io.BytesIO()
+    im.save(prog, format="JPEG", progressive=True)
+    cmyk = io.BytesIO()
+    im.convert("CMYK").save(cmyk, format="JPEG")
+    assert device_jpeg_size(prog.getvalue()) is None and device_jpeg_size(cmyk.getvalue()) is None
+    assert device_jpeg_size(jpeg_bytes(im.convert("L"))) == (40, 30)

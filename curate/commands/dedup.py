@@ -53,13 +53,15 @@ def _threshold(value: str) -> float:
 @click.option("--seed", type=int, default=0, show_default=True, help="k-means sample and init seed.")
 @click.option("--tasks", type=int, default=0, show_default=True,
               help="Pair-search tasks (groups of clusters) for the engine (0 = one per ~65k samples).")
+@click.option("--scorer", default="score", show_default=True,
+              help="The score stage whose image embeddings are compared (signals/SCORER/, `curate score --name`).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where k-means, assignment and pair search run: cuda uses torch matrix products on the GPU "
                    "(same decisions as cpu, which uses faiss/numpy).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @engine_options
 def command(dataset: str, threshold: str, auto_target: float, k: str, probes: int, keep: str, against: str | None,
-            eval_threshold: float, phash: bool, seed: int, tasks: int, device: str, progress: bool, engine_spec: Any,
+            eval_threshold: float, phash: bool, seed: int, tasks: int, scorer: str, device: str, progress: bool, engine_spec: Any,
             redo: bool) -> None:
     """Find duplicate groups in the scored samples of DATASET and pick one sample to keep per group."""
     from curate.io.layout import DatasetDir
@@ -69,11 +71,11 @@ def command(dataset: str, threshold: str, auto_target: float, k: str, probes: in
     auto = threshold.strip().lower() == "auto"
     cfg = DedupConfig(threshold=0.95 if auto else _threshold(threshold), threshold_auto=auto,
                       auto_target=auto_target, k=_k(k), probes=probes, keep=keep, seed=seed, against=os.path.abspath(against) if against else None, eval_threshold=eval_threshold,
-                      phash=phash, tasks=tasks, device=device)
+                      phash=phash, tasks=tasks, scorer=scorer, device=device)
     check_config(cfg)
-    extra = {"dataset": input_digest(DatasetDir.at(dataset))}
+    extra = {"dataset": input_digest(DatasetDir.at(dataset), cfg.scorer)}
     if cfg.against:
-        extra["against"] = input_digest(DatasetDir.at(cfg.against))
+        extra["against"] = input_digest(DatasetDir.at(cfg.against), cfg.scorer)
     summary = run_stage("dedup", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)
     c = summary.counts
     line = (f"  rows {c.get('rows', 0)}, threshold {c.get('threshold')}, clusters {c.get('clusters', 0)}, "

@@ -21,7 +21,23 @@ def _run_json(payload_json: str) -> str:
     from curate.stages.base import execute_task
 
     stage, config, root, task = json.loads(payload_json)
+    _publish_task_gpus()
     return json.dumps(execute_task(stage, config, root, task))
+
+
+def _publish_task_gpus() -> None:
+    """Hand the GPUs Spark assigned this task (spark.task.resource.gpu.amount) to stage code through the
+    environment (stages never import pyspark); cleared when the task got none (Python workers are reused)."""
+    from pyspark import TaskContext
+
+    from curate.devices import TASK_GPUS_ENV, spark_task_gpus
+
+    ctx = TaskContext.get()
+    gpus = spark_task_gpus(ctx.resources()) if ctx is not None else []
+    if gpus:
+        os.environ[TASK_GPUS_ENV] = ",".join(gpus)
+    else:
+        os.environ.pop(TASK_GPUS_ENV, None)
 
 
 def get_session(master: str = "local[*]", app_name: str = "curate"):

@@ -46,6 +46,13 @@ class TaskResult:
         return self.__dict__.copy()
 
 
+def output_key(stage: Any, cfg: Any, stage_name: str) -> str:
+    """Where a stage's outputs are keyed (markers, stats, signals, manifest entry): the stage name, unless
+    the stage derives another from its config (`curate score --name NAME` writes under NAME)."""
+    fn = getattr(stage, "output_key", None)
+    return fn(cfg) if fn else stage_name
+
+
 def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[str, Any]) -> dict[str, Any]:
     """Run one shard task in whatever process the engine chose; the marker is written last.
 
@@ -62,11 +69,12 @@ def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[
         os._exit(17)  # test hook: this task's process dies (engines must report it, not lose the others)
     try:
         cfg = from_dict(stage.config_cls, config)
-        remove_shard_tmp(ds.stage_paths(stage_name), tid)
+        key = output_key(stage, cfg, stage_name)
+        remove_shard_tmp(ds.stage_paths(key), tid)
         stats = stage.run_shard(cfg, ds, task)
         stats = dict(stats or {})
-        write_json(ds.stats(stage_name, tid), stats)
-        write_json(ds.marker(stage_name, tid), {"task": tid, "stats": stats})
+        write_json(ds.stats(key, tid), stats)
+        write_json(ds.marker(key, tid), {"task": tid, "stats": stats})
         return TaskResult(tid, True, stats, seconds=time.time() - t0).to_dict()
     except Exception as e:  # reported in the summary and the exit code
         msg = f"{type(e).__name__}: {e}"

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class DedupConfig:
     phash: bool = False
     tasks: int = 0  # cluster-group pair tasks (0 = auto: one per ~65k rows)
     batch_rows: int = runtime(65536)
+    scorer: str = "score"  # the score stage (signals/{scorer}/) whose image embeddings are compared
     device: str = runtime("auto")  # auto | cpu | cuda: where k-means, assignment and pair search run
     threshold_auto: bool = False  # calibrate the threshold on augmented copies of the dataset's images
     auto_target: float = 0.95  # with threshold_auto: the share of augmented copies the threshold finds
@@ -74,6 +76,8 @@ def check_config(cfg: DedupConfig) -> None:
         raise InputError("--tasks: must be 0 (auto) or more")
     if cfg.keep not in KEEP_POLICIES:
         raise InputError(f"--keep: '{cfg.keep}' (choose {', '.join(KEEP_POLICIES)})")
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", cfg.scorer):
+        raise InputError(f"--scorer: '{cfg.scorer}' is not a scorer name (lower-case letters, digits, '_', '-')")
     if cfg.device not in DEVICES:
         raise InputError(f"--device: '{cfg.device}' (choose {', '.join(DEVICES)})")
     if cfg.against is not None and not Path(cfg.against).is_dir():
@@ -96,31 +100,31 @@ def work_dir(ds: DatasetDir) -> Path:
 # --- inputs ----------------------------------------------------------------------------------------
 
 
-def input_digest(ds: DatasetDir) -> dict[str, Any]:
+def input_digest(ds: DatasetDir, scorer: str = "score") -> dict[str, Any]:
     """What dedup reads from a dataset dir: the score fingerprint and each scored shard's file sizes.
 
     Sizes, not mtimes, so a copied dataset dir still resumes; a rescored dataset has another fingerprint.
     """
     from curate.io import manifest
 
-    score = manifest.load(ds)["stages"].get("score", {})
+    score = manifest.load(ds)["stages"].get(scorer, {})
     files = {}
-    for shard in ds.done_shards("score"):
-        paths = (ds.signals("score", shard), ds.signals("score", shard, ".img_emb.npy"), ds.ledger(shard))
+    for shard in ds.done_shards(scorer):
+        paths = (ds.signals(scorer, shard), ds.signals(scorer, shard, ".img_emb.npy"), ds.ledger(shard))
         files[shard] = [p.stat().st_size if p.exists() else None for p in paths]
     blob = json.dumps(files, sort_keys=True).encode()
     return {"score_fingerprint": score.get("fingerprint"), "shards": len(files),
             "files_sha256": hashlib.sha256(blob).hexdigest()[:16]}
 
 
-def read_shard(ds: DatasetDir, shard: str, with_sha: bool = True) -> tuple[Any, np.ndarray]:
+def read_shard(ds: DatasetDir, shard: str, with_sha: bool = True, scorer: str = "score") -> tuple[Any, np.ndarray]:
     """One shard's scored samples sorted by key, as a table (key, emb_row, clip_score[, sha256]), and its
     memory-mapped embeddings. Bad or missing inputs raise InputError naming the file."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    path = ds.signals("score", shard)
+    path = ds.signals(scorer, shard)
     try:
         t = pq.read_table(path, columns=["key", "scored", "emb_row", "clip_score"])
     except (OSError, pa.ArrowInvalid, KeyError) as e:
@@ -133,7 +137,7 @@ def read_shard(ds: DatasetDir, shard: str, with_sha: bool = True) -> tuple[Any, 
         pos = pc.index_in(cols["key"], value_set=lk)
         cols["sha256"] = pc.take(lsha, pos) if len(lk) else pa.nulls(len(t), pa.string())
     t = pa.table(cols).sort_by("key")
-    emb_path = ds.signals("score", shard, ".img_emb.npy")
+    emb_path = ds.signals(scorer, shard, ".img_emb.npy")
     try:
         emb = np.load(emb_path, mmap_mode="r")
     except (OSError, ValueError) as e:
@@ -220,9 +224,9 @@ class DedupStage:
         from curate.stages import dedup_phases as ph
 
         wd = work_dir(ds)
-        digest = {"inputs": input_digest(ds), "config": output_fields(cfg), "version": PLAN_VERSION}
+        digest = {"inputs": input_digest(ds, cfg.scorer), "config": output_fields(cfg), "version": PLAN_VERSION}
         if cfg.against:
-            digest["against"] = input_digest(DatasetDir.at(cfg.against))
+            digest["against"] = input_digest(DatasetDir.at(cfg.against), cfg.scorer)
         plan_path = wd / "plan.json"
         if plan_path.exists() and read_json(plan_path).get("digest") == digest:
             return read_json(plan_path)
@@ -247,7 +251,7 @@ class DedupStage:
         missing = [s for s in plan["shards"] if not ds.marker(self.name, s).exists()]
         if missing or not ds.stats(self.name, "decide").exists():
             return {"incomplete_tasks": len(missing)}
-        counts: dict[str, Any] = {"rows": plan["rows"], "clusters": plan["k"], "train_device": plan["device"],
+        counts: dict[str, Any] = {"rows": plan["rows"], "clusters": plan["k"], "device": plan["device"],
                                   "threshold": plan["threshold"]}
         if plan.get("calibration"):
             counts["threshold_calibration"] = plan["calibration"]
@@ -261,11 +265,17 @@ class DedupStage:
         return {"against": cfg.against} if cfg.against else {}
 
 
-def groups_for(n: int, k: int, tasks: int) -> list[int]:
-    """Cluster bounds of the pair tasks: `tasks` (0 = one per ~ROWS_PER_TASK rows) contiguous ranges."""
+def groups_for(n: int, k: int, tasks: int, cluster_entries: np.ndarray | None = None) -> list[int]:
+    """Cluster bounds of the pair tasks: `tasks` (0 = one per ~ROWS_PER_TASK rows) contiguous cluster ranges
+    holding about equal numbers of (row, probe) entries, as estimated on the training sample (cluster sizes
+    vary several-fold, and equal cluster counts made one task of a 4M-row run 5x the average)."""
     n_tasks = tasks or max(1, math.ceil(n / ROWS_PER_TASK))
     n_tasks = max(1, min(n_tasks, k))
-    return [int(b) for b in np.linspace(0, k, n_tasks + 1).round().astype(int)]
+    if cluster_entries is None or cluster_entries.sum() == 0:
+        return [int(b) for b in np.linspace(0, k, n_tasks + 1).round().astype(int)]
+    cum = np.cumsum(cluster_entries)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n_tasks) / n_tasks)
+    return [0, *sorted({int(c) for c in np.clip(cuts + 1, 1, k - 1)} if k > 1 else []), k]
 
 
 STAGE = DedupStage()

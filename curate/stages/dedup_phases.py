@@ -75,48 +75,53 @@ def build_plan(cfg: DedupConfig, ds: DatasetDir, digest: dict[str, Any], device:
     from curate import semdedup as sd
 
     wd = work_dir(ds)
-    shards = ds.done_shards("score")
+    shards = ds.done_shards(cfg.scorer)
     if not shards:
-        raise InputError(f"{ds.root / 'signals' / 'score'}: no scored shards (no _done/score markers); "
+        raise InputError(f"{ds.root / 'signals' / cfg.scorer}: no scored shards (no _done/{cfg.scorer} markers); "
                          "run `curate score` first")
-    n, d = _count(ds, shards)
+    n, d = _count(ds, shards, cfg.scorer)
     k = sd.choose_k(n, cfg.k or None)
-    sample = _sample(ds, shards, n, k * SAMPLE_PER_CENTROID, cfg.seed, d)
+    sample = _sample(ds, shards, n, k * SAMPLE_PER_CENTROID, cfg.seed, d, cfg.scorer)
     k = max(1, min(k, len(sample)))
     if len(sample) >= 2:
         log.info("dedup: %d rows, k-means with %d clusters on %d sampled rows (%s)", n, k, len(sample), device)
-        centroids = sd.train_centroids(sample, k, cfg.seed, device=device)
+        # faiss on the driver's CPU whatever the device: the same centroids, hence the same decisions, on a
+        # GPU run as on a CPU run (the GPU does assignment and pair search, the O(rows) work)
+        centroids = sd.train_centroids(sample, k, cfg.seed, device="cpu")
     else:
         centroids = np.asarray(sample, np.float32).reshape(-1, d)[:1] if len(sample) else np.eye(1, d, dtype=np.float32)
-    del sample
+    # (row, probe) entries per cluster, estimated on the sample: pair tasks get about equal shares
+    ids = sd.assign(sample, centroids, cfg.probes)[0] if len(sample) else np.zeros((0, 1), int)
+    cluster_entries = np.bincount(ids.reshape(-1), minlength=len(centroids))
+    del sample, ids
     _save(wd / "centroids.npy", centroids.astype(np.float32))
     if cfg.against:
-        _gather_eval(DatasetDir.at(cfg.against), wd, d if n else None)
+        _gather_eval(DatasetDir.at(cfg.against), wd, d if n else None, cfg.scorer)
     calibration = None
     if cfg.threshold_auto:
         from curate.stages.dedup_threshold import calibrate
 
-        calibration = calibrate(ds, shards, cfg.seed, cfg.auto_target, device)
+        calibration = calibrate(ds, shards, cfg.seed, cfg.auto_target, device, cfg.scorer)
         log.info("dedup: --threshold auto chose %.4f (%s)", calibration["threshold"], calibration)
     return {"digest": digest, "rows": n, "dim": d, "k": k, "device": device, "shards": shards,
-            "group_bounds": groups_for(n, k, cfg.tasks),
+            "group_bounds": groups_for(n, k, cfg.tasks, cluster_entries),
             "threshold": calibration["threshold"] if calibration else cfg.threshold, "calibration": calibration}
 
 
-def _count(ds: DatasetDir, shards: list[str]) -> tuple[int, int]:
+def _count(ds: DatasetDir, shards: list[str], scorer: str) -> tuple[int, int]:
     n, d = 0, None
     for shard in shards:
-        t, emb = read_shard(ds, shard, with_sha=False)
+        t, emb = read_shard(ds, shard, with_sha=False, scorer=scorer)
         n += len(t)
         if len(t):
             if d is not None and emb.shape[1] != d:
-                raise InputError(f"{ds.signals('score', shard, '.img_emb.npy')}: dimension {emb.shape[1]}, "
+                raise InputError(f"{ds.signals(scorer, shard, '.img_emb.npy')}: dimension {emb.shape[1]}, "
                                  f"other shards have {d}")
             d = emb.shape[1]
     return n, d or 0
 
 
-def _sample(ds: DatasetDir, shards: list[str], n: int, size: int, seed: int, d: int) -> np.ndarray:
+def _sample(ds: DatasetDir, shards: list[str], n: int, size: int, seed: int, d: int, scorer: str) -> np.ndarray:
     """About `size` rows drawn by a hash of (key, seed), in hash order: the same sample, in the same order,
     whatever the shard placement, and never more than the sample in memory."""
     from curate import semdedup as sd
@@ -126,7 +131,7 @@ def _sample(ds: DatasetDir, shards: list[str], n: int, size: int, seed: int, d: 
     cut = np.uint64(min(2**64 - 1, int(size / n * 2**64))) if size < n else np.uint64(2**64 - 1)
     hashes, keys, parts = [], [], []
     for shard in shards:
-        t, emb = read_shard(ds, shard, with_sha=False)
+        t, emb = read_shard(ds, shard, with_sha=False, scorer=scorer)
         k = np.asarray(t["key"].to_numpy(zero_copy_only=False)).astype("S")
         h = sd.key_hash(k, seed)
         sel = np.flatnonzero(h <= cut)
@@ -138,15 +143,15 @@ def _sample(ds: DatasetDir, shards: list[str], n: int, size: int, seed: int, d: 
     return np.concatenate(parts)[o]
 
 
-def _gather_eval(eval_ds: DatasetDir, wd: Path, dim: int | None) -> None:
+def _gather_eval(eval_ds: DatasetDir, wd: Path, dim: int | None, scorer: str) -> None:
     """The evaluation set's embeddings and sha256 values (an eval set is small: thousands of images)."""
     import pyarrow as pa
 
     from curate.io.tables import write_table
 
     embs, shas = [], []
-    for shard in eval_ds.done_shards("score"):
-        t, emb = read_shard(eval_ds, shard)
+    for shard in eval_ds.done_shards(scorer):
+        t, emb = read_shard(eval_ds, shard, scorer=scorer)
         embs.append(gather(emb, t["emb_row"].to_numpy()))
         shas.append(t["sha256"])
     if not embs:
@@ -173,7 +178,7 @@ def run_assign(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
     device = task_device(plan, cfg)
-    t, emb = read_shard(ds, task["source"])
+    t, emb = read_shard(ds, task["source"], scorer=cfg.scorer)
     x = gather(emb, t["emb_row"].to_numpy())
     n = len(t)
     centroids = np.load(wd / "centroids.npy")
@@ -217,23 +222,22 @@ def _write_bucket(wd: Path, shard: str, x: np.ndarray, ids: np.ndarray, uid: np.
 
 
 def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
-    import io
-
     import imagehash
     import pyarrow as pa
-    from PIL import Image
 
+    from curate.imaging import safe_open
     from curate.io.shards import iter_samples
     from curate.io.tables import write_table
 
-    t, _ = read_shard(ds, task["source"], with_sha=False)
+    t, _ = read_shard(ds, task["source"], with_sha=False, scorer=cfg.scorer)
     wanted = set(t["key"].to_pylist())
     keys, hashes = [], []
     for s in iter_samples(ds.shard_tar(task["source"])):
         if s["key"] not in wanted or not s["image"]:
             continue
         try:
-            with Image.open(io.BytesIO(s["image"])) as im:
+            # adopted shards hold bytes nobody re-encoded: the safe decoder (allowlist, pixel cap)
+            with safe_open(s["image"]) as im:
                 h = str(imagehash.phash(im))
         except Exception:  # noqa: BLE001 - an undecodable image has no hash, and no hash match
             continue
@@ -248,16 +252,30 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
 
 
 def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
-    parts = []
-    for s in shards:
+    """Group g's slice of every shard's bucket, copied straight from the memory maps into one array per field
+    (no intermediate copies: this is the largest allocation of a pair task)."""
+    slices, dtype, width = [], None, 1
+    for s in shards:  # first pass: sizes and dtypes only (one memory map open at a time)
         off = np.load(wd / "bucket" / f"{s}.offsets.npy")
         if off[g + 1] > off[g]:
-            parts.append(np.array(np.load(wd / "bucket" / f"{s}.npy", mmap_mode="r")[off[g]:off[g + 1]]))
-    if not parts:
+            path = wd / "bucket" / f"{s}.npy"
+            dtype = np.load(path, mmap_mode="r").dtype
+            width = max(width, dtype["key"].itemsize)
+            slices.append((path, int(off[g]), int(off[g + 1])))
+    if not slices:
         return {}
-    width = max(p.dtype["key"].itemsize for p in parts)
-    return {f: np.concatenate([p[f].astype(f"S{width}") if f == "key" else p[f] for p in parts])
-            for f in ("emb", "uid", "prio", "cluster", "member", "key")}
+    total = sum(b - a for _, a, b in slices)
+    fields = ("emb", "uid", "prio", "cluster", "member", "key")
+    out = {f: np.empty((total, *dtype[f].shape), dtype[f].base) for f in fields[:-1]}
+    out["key"] = np.empty(total, f"S{width}")
+    pos = 0
+    for path, a, b in slices:
+        part = np.load(path, mmap_mode="r")[a:b]
+        for f in fields:
+            out[f][pos:pos + b - a] = part[f]
+        pos += b - a
+        del part
+    return out
 
 
 def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
@@ -275,8 +293,11 @@ def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
         _save(nn_path, np.zeros(0, [("uid", np.int64), ("sim", np.float32), ("key", "S1")]))
         return {"entries": 0, "pairs": 0}
     o = np.lexsort((e["key"], e["cluster"]))  # by cluster, then key: ties go to the lowest key
+    emb = e.pop("emb")  # the big array stays in place; entries reach it through `rows`
     e = {f: v[o] for f, v in e.items()}
-    hits = sd.search_clusters(e["emb"], e["cluster"], e["member"], e["uid"], plan["threshold"], task_device(plan, cfg))
+    hits = sd.search_clusters(emb, e["cluster"], e["member"], e["uid"], plan["threshold"], task_device(plan, cfg),
+                              rows=o)
+    del emb
     edges = _edges(hits.q, hits.m, hits.sim, e)
     _save(edges_path, edges)
     # each row's best neighbour over its probes in this group: highest cosine, then lowest key

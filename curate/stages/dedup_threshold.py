@@ -40,7 +40,7 @@ def augment(im: Any) -> list[Any]:
     return [reencoded, small, crop]
 
 
-def sample_keys(ds: DatasetDir, shards: list[str], seed: int, size: int = SAMPLES) -> dict[str, list[str]]:
+def sample_keys(ds: DatasetDir, shards: list[str], seed: int, scorer: str, size: int = SAMPLES) -> dict[str, list[str]]:
     """Up to `size` scored keys with the lowest hash of (key, seed), by shard: order- and placement-free."""
     from curate import semdedup as sd
     from curate.stages.dedup import read_shard
@@ -49,7 +49,7 @@ def sample_keys(ds: DatasetDir, shards: list[str], seed: int, size: int = SAMPLE
     best_k = np.zeros(0, "S1")
     best_s = np.zeros(0, np.int64)
     for i, shard in enumerate(shards):
-        t, _ = read_shard(ds, shard, with_sha=False)
+        t, _ = read_shard(ds, shard, with_sha=False, scorer=scorer)
         k = np.asarray(t["key"].to_numpy(zero_copy_only=False)).astype("S")
         h = np.concatenate([best_h, sd.key_hash(k, seed)])
         width = max(best_k.dtype.itemsize, k.dtype.itemsize)
@@ -67,8 +67,7 @@ def _images(ds: DatasetDir, keys: dict[str, list[str]]) -> list[tuple[Any, bytes
     """(image, sha256 of its bytes) of each sampled key, in key order."""
     import hashlib
 
-    from PIL import Image
-
+    from curate.imaging import safe_open
     from curate.io.shards import iter_samples
 
     out = []
@@ -77,25 +76,26 @@ def _images(ds: DatasetDir, keys: dict[str, list[str]]) -> list[tuple[Any, bytes
         for s in iter_samples(ds.shard_tar(shard)):
             if s["key"] in wanted and s["image"]:
                 try:
-                    with Image.open(io.BytesIO(s["image"])) as im:
+                    with safe_open(s["image"]) as im:  # allowlist and pixel cap (adopted bytes too)
                         out.append((s["key"], im.convert("RGB"), hashlib.sha256(s["image"]).digest()))
                 except Exception:  # noqa: BLE001 - an undecodable image simply is not in the sample
                     continue
     return [(im, h) for _, im, h in sorted(out, key=lambda x: x[0])]
 
 
-def calibrate(ds: DatasetDir, shards: list[str], seed: int, target: float, device: str) -> dict[str, Any]:
+def calibrate(ds: DatasetDir, shards: list[str], seed: int, target: float, device: str,
+              scorer: str = "score") -> dict[str, Any]:
     """The threshold and the evidence for it (see the module docstring)."""
     import torch
 
     from curate.io import manifest
     from curate.models import load_model, resolve_model
 
-    score = manifest.load(ds)["stages"].get("score", {}).get("config") or {}
+    score = manifest.load(ds)["stages"].get(scorer, {}).get("config") or {}
     if "model" not in score:
         raise InputError(f"{ds.manifest}: --threshold auto needs the score stage's model in the manifest "
                          "(run `curate score` first, or give --threshold a number)")
-    sampled = _images(ds, sample_keys(ds, shards, seed))
+    sampled = _images(ds, sample_keys(ds, shards, seed, scorer))
     images, digests = [im for im, _ in sampled], [h for _, h in sampled]
     if len(images) < 8:
         raise InputError(f"{ds.root}/shards: --threshold auto needs at least 8 decodable scored images, found "

@@ -41,6 +41,7 @@ from curate.imaging import (
     ImageOptions,
     ImageRejected,
     process_image,
+    return_freed_memory_to_os,
 )
 from curate.io.atomic import read_json, write_json
 from curate.io.inputs import InputSpec, list_files
@@ -55,6 +56,8 @@ from curate.io.layout import (
 from curate.io.ledger import LEDGER_FIELDS, TRANSIENT_CODES, check_code
 from curate.io.shards import ShardWriter
 from curate.io.tables import write_table
+from curate.phases import ENABLED as PROFILE_ENABLED
+from curate.phases import PHASES
 
 # ledger fields left out of the sample's json in the tar: timing differs from run to run, and the
 # tar must be byte-identical whatever engine or machine wrote it
@@ -173,7 +176,7 @@ def plan_path(ds: DatasetDir) -> Path:
 def _sql(ds: DatasetDir) -> Any:
     """A DuckDB connection whose memory is capped and which spills to DIR/_work/download/spill.
 
-    The cap ($CURATE_SQL_MEMORY, default 192MB) is what bounds duplicate detection, retry planning
+    The cap ($CURATE_SQL_MEMORY, default 64MB) is what bounds duplicate detection, retry planning
     and the final counts at any input size: past it DuckDB's joins, aggregates and sorts spill to disk.
     """
     import os
@@ -183,7 +186,7 @@ def _sql(ds: DatasetDir) -> Any:
     spill = ds.work("download") / "spill"
     spill.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
-    con.execute(f"SET memory_limit='{os.environ.get('CURATE_SQL_MEMORY', '192MB')}'")
+    con.execute(f"SET memory_limit='{os.environ.get('CURATE_SQL_MEMORY', '64MB')}'")
     con.execute(f"SET temp_directory='{spill}'")
     con.execute(f"SET threads={max(1, min(4, os.cpu_count() or 1))}")
     con.execute("SET preserve_insertion_order=false")
@@ -486,8 +489,10 @@ def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions,
             led.update(status=e.code, error_code=e.code, error_message=e.message, attempts=e.attempts,
                        http_status=e.http_status, final_url=e.final_url)
             return res
+        with PHASES.timed("hash"):
+            digest = hashlib.sha256(got.body).hexdigest()
         led.update(attempts=got.attempts, http_status=got.http_status, final_url=got.final_url,
-                   bytes=len(got.body), sha256=hashlib.sha256(got.body).hexdigest(),
+                   bytes=len(got.body), sha256=digest,
                    mime=(got.content_type or "").split(";")[0].strip() or None)
         try:
             img = process_image(got.body, opt, budget)
@@ -534,6 +539,11 @@ def _abandoned(row: dict[str, Any], limit: float) -> _Result:
 
 
 def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+    """Fetch and process one shard's rows with a thread pool; write the tar (row order) and the ledger.
+
+    Long because the worker closure and the in-order writer share one condition and its state; split
+    apart they would pass the same six objects back and forth.
+    """
     shard = task["shard"]
     t0 = time.time()
     rows = read_slice(ds, shard)
@@ -541,6 +551,8 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     fetcher = Fetcher(cfg.fetch_policy())
     opt = cfg.image_options()
     budget = DecodeBudget(DECODE_BUDGET_BYTES)  # decoded bytes in flight in this task, all threads together
+    return_freed_memory_to_os()  # or freed decode buffers stay in per-thread arenas (see imaging)
+    PHASES.reset()
     # results are written in row order; the window bounds how far workers run ahead of the writer
     window = max(256, cfg.threads * 16)
     results: list[_Result | None] = [None] * n
@@ -594,7 +606,8 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                     led[c] = rows[i].get(c)
                 if r.image is not None:
                     meta = {k: v for k, v in led.items() if k not in _NOT_IN_TAR}
-                    writer.write(led["key"], r.image, r.ext or "jpg", led["caption"], meta)
+                    with PHASES.timed("write"):
+                        writer.write(led["key"], r.image, r.ext or "jpg", led["caption"], meta)
                 ledger_rows.append(led)
                 status[led["status"]] += 1
                 total_bytes += led["bytes"] or 0
@@ -616,10 +629,13 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     write_table(ds.ledger(shard), table)
     seconds = time.time() - t0
     write_json(progress_path(ds, shard), {"done": n, "success": status["success"]})
-    return {
+    stats: dict[str, Any] = {
         "rows": n, "success": status["success"], "failed": n - status["success"],
         "status": dict(sorted(status.items())), "bytes": total_bytes, "seconds": round(seconds, 3),
     }
+    if PROFILE_ENABLED:  # CURATE_PROFILE=1: per-phase timers (bench/download.py --profile)
+        stats["phases"] = PHASES.snapshot()
+    return stats
 
 
 # ---- driver-side summaries ----------------------------------------------------------------------

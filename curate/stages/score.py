@@ -1,18 +1,21 @@
 """Stage "score": CLIP image-text similarity, image/text embeddings, caption language and signals per shard.
 
-One task per downloaded shard. The tar is streamed (never extracted); decoding and preprocessing run in
-DataLoader worker processes; both encoders run batched in the task's process on `--device`.
-Outputs: signals/score/{shard}.parquet (one row per ledger row) and {shard}.img_emb.npy (float16,
-L2-normalised, row `emb_row`), plus {shard}.txt_emb.npy with `save_text_embeddings`.
+One task per downloaded shard. The tar is indexed once (headers only) and loader workers each read a
+disjoint run of its samples; images are decoded either by Pillow in the workers (the CPU path) or, on a
+GPU, batched by nvjpeg on the device (`curate.stages.score_loader`); both encoders run batched on
+`--device` under autocast, overlapped with the decoding of the next batch.
+Outputs: signals/NAME/{shard}.parquet (one row per ledger row; NAME is `--name`, default "score") and
+{shard}.img_emb.npy (float16, L2-normalised, row `emb_row`), plus {shard}.txt_emb.npy with
+`save_text_embeddings`. Each NAME is its own stage key (markers, stats, manifest entry, fingerprint), so
+several scorers live side by side in one dataset.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
-import multiprocessing as mp
 import os
+import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,11 +26,17 @@ from curate.errors import InputError, ShardError
 from curate.io.layout import DatasetDir
 from curate.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
-log = logging.getLogger("curate.score")
-
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+DECODERS = ("auto", "cpu", "device")
 LEDGER_COLUMNS = ("key", "status", "caption", "width", "height", "orig_width", "orig_height", "bytes")
+DEFAULT_NAME = "score"
+# a scorer's name is a folder under signals/ and a column prefix in queries: a plain identifier
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+RESERVED_NAMES = frozenset({
+    "download", "dedup", "export", "train_probe", "report", "inspect", "run", "demo", "doctor",
+    "ledger", "shards", "signals", "stats", "manifest", "dropped", "key", "keys", "meta",
+})
 
 
 @dataclass(frozen=True)
@@ -37,24 +46,40 @@ class ScoreConfig:
     checksum: str | None = None  # SHA-256 the checkpoint must have
     precision: str = "fp32"
     save_text_embeddings: bool = False
+    # the stage key: signals/NAME/, _done/NAME/, stats/NAME/, manifest["stages"][NAME]; each name has its
+    # own fingerprint there, so it is left out of this one (and "score" fingerprints stay as they were)
+    name: str = runtime(DEFAULT_NAME)
     device: str = runtime("auto")
-    batch_size: int = runtime(256)
-    loader_workers: int = runtime(1)  # DataLoader worker processes per task (0 = decode in-process)
+    decoder: str = runtime("auto")  # auto | cpu (Pillow in loader workers) | device (decode_jpeg on --device)
+    batch_size: int = runtime(0)  # 0 = chosen for the device (auto_batch_size)
+    loader_workers: int = runtime(-1)  # DataLoader worker processes per task (0 = in-process, -1 = auto)
     threads: int = runtime(0)  # torch intra-op threads per task process (0 = auto, see auto_threads)
     shard_index: int = runtime(0)  # this task's slice of shards: shards[shard_index::num_shards]
     num_shards: int = runtime(1)
 
 
+def check_name(name: str) -> None:
+    """A scorer name: lowercase identifier, not a reserved folder or stage name (exit 2 otherwise)."""
+    if not NAME_RE.match(name or ""):
+        raise InputError(f"--name: '{name}' is not a scorer name (lowercase letter first, then lowercase "
+                         f"letters, digits or '_', at most 40 characters)")
+    if name in RESERVED_NAMES:
+        raise InputError(f"--name: '{name}' is reserved (it names a stage or a dataset folder)")
+
+
 def check_config(cfg: ScoreConfig) -> None:
     """Flag-level checks, so a bad value stops the run before any shard (exit 2)."""
+    check_name(cfg.name)
     if cfg.precision not in PRECISIONS:
         raise InputError(f"--precision: '{cfg.precision}' (choose {', '.join(PRECISIONS)})")
-    if cfg.device not in DEVICES and not cfg.device.startswith("cuda:"):
-        raise InputError(f"--device: '{cfg.device}' (choose {', '.join(DEVICES)})")
-    if cfg.batch_size < 1:
-        raise InputError("--batch-size: must be at least 1")
-    if cfg.loader_workers < 0:
-        raise InputError("--loader-workers: must be 0 or more")
+    if cfg.device not in DEVICES and not re.match(r"^cuda:\d+$", cfg.device):
+        raise InputError(f"--device: '{cfg.device}' (choose {', '.join(DEVICES)} or cuda:N)")
+    if cfg.decoder not in DECODERS:
+        raise InputError(f"--decoder: '{cfg.decoder}' (choose {', '.join(DECODERS)})")
+    if cfg.batch_size < 0:
+        raise InputError("--batch-size: must be 0 (auto) or more")
+    if cfg.loader_workers < -1:
+        raise InputError("--loader-workers: must be -1 (auto), 0 or more")
     if cfg.threads < 0:
         raise InputError("--threads: must be 0 or more")
     if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
@@ -67,95 +92,60 @@ def check_config(cfg: ScoreConfig) -> None:
 
 
 def resolve_device(requested: str) -> str:
-    """auto -> cuda if visible; plain "cuda" on a multi-GPU node -> one GPU per local worker process."""
+    """auto -> cuda if visible; plain "cuda" -> this process's GPU (see curate.devices.pick_device)."""
+    from curate.devices import current_device
+
+    return current_device(requested)
+
+
+def auto_batch_size(requested: int, device: str) -> int:
+    """--batch-size 0: 256 on the CPU (the batching the CPU figures were made with); on a GPU by its
+    memory (ViT-B-32 in fp16 needs well under 10 GB at 1024; larger batches gain little)."""
+    if requested > 0:
+        return requested
+    if not device.startswith("cuda"):
+        return 256
     import torch
 
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        n = torch.cuda.device_count()
-        ident = mp.current_process()._identity  # (k,) in a pool worker, () in the main process
-        return f"cuda:{(ident[0] - 1) % n if ident and n else 0}"
-    return requested
+    mem_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return 1024 if mem_gib >= 40 else 512 if mem_gib >= 16 else 256
 
 
-# --- decode + preprocess (runs in DataLoader workers) -------------------------------------------
-
-
-def decode_image(data: bytes, preprocess: Any, image_size: int) -> tuple[Any, int, int]:
-    """(tensor, stored width, stored height); raises on bytes that are not a decodable image."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        width, height = im.size
-        # JPEG DCT scaling: decode at >= 2x the model's input size (never below it), which cuts decode
-        # time for large photos; the bicubic resize that follows still downsamples by >= 2.
-        im.draft("RGB", (2 * image_size, 2 * image_size))
-        im.load()
-        return preprocess(im.convert("RGB")), width, height
-
-
-class ShardSamples:
-    """An IterableDataset over one tar's samples: worker w of n takes samples w, w+n, ..."""
-
-    def __init__(self, tar: str, wanted: frozenset[str], preprocess: Any, tokenizer: Any, image_size: int):
-        self.tar, self.wanted = tar, wanted
-        self.preprocess, self.tokenizer, self.image_size = preprocess, tokenizer, image_size
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        import torch.utils.data as tud
-
-        from curate.io.shards import iter_samples
-
-        info = tud.get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        try:
-            for i, s in enumerate(iter_samples(self.tar)):
-                if i % n == wid and s["key"] in self.wanted:
-                    yield self._prepare(s)
-        except ShardError as e:
-            # handed to the main process as data: DataLoader would re-wrap the exception's message
-            yield {"shard_error": str(e)}
-
-    def _prepare(self, s: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"key": s["key"], "nbytes": len(s["image"] or b""), "image": None,
-                               "width": None, "height": None, "error": None}
-        if s["image"] is None:
-            out["error"] = "missing_image"
-            return out
-        try:
-            out["image"], out["width"], out["height"] = decode_image(s["image"], self.preprocess, self.image_size)
-        except Exception:  # noqa: BLE001 - any decoder failure is this sample's decode_error
-            out["error"] = "decode_error"
-            return out
-        out["tokens"] = self.tokenizer([s["caption"] or ""])[0]
-        return out
-
-
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+def auto_loader_workers(requested: int, device: str) -> int:
+    """--loader-workers -1: 1 on the CPU (torch keeps the cores); on a GPU the cores per GPU minus two
+    (the task process and the pin-memory thread), at most 8. The same count for every shard, so the
+    persistent workers serve them all (a worker with no samples just reports its caption rows)."""
+    if requested >= 0:
+        return requested
+    if not device.startswith("cuda"):
+        return 1
     import torch
 
-    errors = [it["shard_error"] for it in items if "shard_error" in it]
-    ok = [it for it in items if "shard_error" not in it and it["image"] is not None]
-    return {
-        "shard_error": errors[0] if errors else None,
-        "meta": [{k: v for k, v in it.items() if k not in ("image", "tokens")} for it in items
-                 if "shard_error" not in it],
-        "keys": [it["key"] for it in ok],
-        "images": torch.stack([it["image"] for it in ok]) if ok else None,
-        "tokens": torch.stack([it["tokens"] for it in ok]) if ok else None,
-    }
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_gpu = cpus // max(1, torch.cuda.device_count())
+    return max(1, min(8, per_gpu - 2))
 
 
-def make_loader(dataset: ShardSamples, batch_size: int, workers: int, pin_memory: bool) -> Any:
-    import torch.utils.data as tud
+def choose_decoder(requested: str, device: str, model: Any) -> tuple[str, str]:
+    """("cpu" | "device", why). auto takes the device path on CUDA when nvjpeg works and the model's
+    transform is one the device path reproduces; on the CPU, auto keeps Pillow (the reference path)."""
+    from curate.stages.score_loader import DevicePreprocess, device_decoder_status
 
-    from curate.stages.score_loader import ShardIterable
-
-    return tud.DataLoader(
-        ShardIterable(dataset), batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None,
-    )
+    if requested == "cpu":
+        return "cpu", "--decoder cpu"
+    if requested == "auto" and not device.startswith("cuda"):
+        return "cpu", "Pillow in the loader workers (device is the CPU)"
+    if DevicePreprocess.from_model(model) is None:
+        why = "the model's preprocessing (resize mode/size/interpolation) has no device version"
+        if requested == "device":
+            raise InputError(f"--decoder device: {why}")
+        return "cpu", why
+    ok, why = device_decoder_status(device)
+    if not ok:
+        if requested == "device":
+            raise InputError(f"--decoder device: {why}")
+        return "cpu", why
+    return "device", why
 
 
 # --- model forward ---------------------------------------------------------------------------------
@@ -172,15 +162,16 @@ def auto_threads(device: str) -> int:
 
 
 @contextlib.contextmanager
-def torch_settings(threads: int) -> Iterator[None]:
-    """Deterministic kernels and the thread count for one task; restored afterwards (tests share a process)."""
+def torch_settings(threads: int, deterministic: bool = True) -> Iterator[None]:
+    """Deterministic kernels and the thread count for one task; restored afterwards (tests share a process).
+    On a GPU determinism is off: cuBLAS would need a fixed workspace and scores need no bit-exactness."""
     import torch
 
     prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled())
     if threads:
         torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     try:
         yield
     finally:
@@ -197,8 +188,9 @@ def autocast(device: str, precision: str) -> Any:
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-def encode(lm: Any, images: Any, tokens: Any, precision: str) -> tuple[Any, Any]:
-    """L2-normalised float32 (image, text) embeddings of one batch."""
+def encode(lm: Any, images: Any, tokens: Any, precision: str, to_cpu: bool = True) -> tuple[Any, Any]:
+    """L2-normalised float32 (image, text) embeddings of one batch (left on the device with to_cpu=False,
+    so a GPU never waits for a copy between batches)."""
     import torch
     import torch.nn.functional as F
 
@@ -206,7 +198,8 @@ def encode(lm: Any, images: Any, tokens: Any, precision: str) -> tuple[Any, Any]
         img = lm.model.encode_image(images.to(lm.device, non_blocking=True))
         txt = lm.model.encode_text(tokens.to(lm.device, non_blocking=True))
     # normalise in fp32 whatever the autocast dtype, so stored embeddings have unit norm
-    return F.normalize(img.float(), dim=-1).cpu(), F.normalize(txt.float(), dim=-1).cpu()
+    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+    return (img.cpu(), txt.cpu()) if to_cpu else (img, txt)
 
 
 # --- the stage -------------------------------------------------------------------------------------
@@ -225,46 +218,126 @@ def read_ledger(ds: DatasetDir, shard: str) -> Any:
     return pq.read_table(path, columns=[c for c in LEDGER_COLUMNS if c in names]).to_pylist()
 
 
+@dataclass
+class Encoded:
+    """What the loader and the encoders produced for one shard."""
+
+    found: dict[str, dict[str, Any]]  # key -> loader metadata (width, height, nbytes, error)
+    keys: list[str]  # row order of img/txt
+    img: Any  # float32 [n, d] on the CPU
+    txt: Any
+    caption_rows: list[tuple[int, Any, Any]]  # (ledger row, Language, CaptionSignals)
+    stats: dict[str, Any]
+
+
+def encode_shard(cfg: ScoreConfig, lm: Any, device: str, tar: str, ledger: list[dict[str, Any]]) -> Encoded:
+    """Read, decode and encode one shard's successful samples; caption signals for every ledger row."""
+    import torch
+
+    from curate import langid
+    from curate.stages import score_loader as sl
+
+    wanted = frozenset(r["key"] for r in ledger if r.get("status") == "success")
+    if wanted and not os.path.exists(tar):
+        raise ShardError(f"{tar}: shard tar missing ({len(wanted)} successful rows in its ledger)")
+    langid.load_model()  # before the workers fork, so they inherit the loaded model (and word lists)
+    if hasattr(langid, "load_lexicon"):
+        langid.load_lexicon()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(device)  # pinned memory, nvjpeg and streams of this process on its own GPU
+    decoder, why = choose_decoder(cfg.decoder, device, lm.model)
+    tm: Counter[str] = Counter()  # where the task's time goes (summed over shards in the manifest)
+    t_start = time.perf_counter()
+    index = sl.index_tar(tar) if wanted else []
+    tm["t_index_s"] += time.perf_counter() - t_start
+    batch_size = auto_batch_size(cfg.batch_size, device)
+    workers = auto_loader_workers(cfg.loader_workers, device) if index else 0
+    # the CPU path cuts chunks of a whole batch, which keeps its batches (and numbers) as they were
+    chunk = min(sl.CHUNK_ITEMS, batch_size) if decoder == "device" else batch_size
+    job = sl.LoaderJob(tar, index, wanted, [r.get("caption") for r in ledger], lm.preprocess, lm.tokenizer,
+                       lm.image_size, decoder, chunk, workers)
+    report = sl.LoaderReport({}, [])
+    pre = sl.DevicePreprocess.from_model(lm.model) if decoder == "device" else None
+
+    def fallback(data: bytes) -> Any:
+        return sl.decode_image(data, lm.preprocess, lm.image_size)[0]
+
+    found: dict[str, dict[str, Any]] = {}
+    keys: list[str] = []
+    imgs, txts = [], []
+    on_device = 0
+    with torch_settings(cfg.threads or auto_threads(device), deterministic=not cuda):
+        t0 = time.perf_counter()
+        chunks = sl.open_loader(job, pin_memory=cuda)
+        tm["t_loader_start_s"] += time.perf_counter() - t0
+
+        def staged_batches() -> Iterator[Any]:
+            for b in sl.timed(sl.merged_batches(chunks, batch_size, report), tm, "t_loader_wait_s"):
+                t0 = time.perf_counter()
+                sb = sl.stage_batch(b, device, pre, fallback)
+                tm["t_stage_s"] += time.perf_counter() - t0
+                yield sb
+
+        staged: Any = staged_batches()
+        if cuda:
+            staged = sl.background(staged, depth=2, device=device)
+        consumer = sl.timed(staged, tm, "t_main_wait_s")
+        try:
+            for sb in consumer:
+                for m in sb.meta:
+                    found[m["key"]] = m
+                for key, code in sb.failed.items():
+                    found[key]["error"] = code
+                on_device += sb.on_device
+                if not sb.keys:
+                    continue
+                t0 = time.perf_counter()
+                img, txt = encode(lm, sb.images, sb.tokens, cfg.precision, to_cpu=False)
+                tm["t_encode_launch_s"] += time.perf_counter() - t0
+                imgs.append(img)
+                txts.append(txt)
+                keys += sb.keys
+        except BaseException:
+            # stop the staging thread first, then the persistent loader workers (they may be mid-shard)
+            consumer.close()
+            staged.close()
+            sl.close_loader_pool()
+            raise
+    d = lm.embed_dim
+    t0 = time.perf_counter()
+    img_all = torch.cat(imgs).cpu() if imgs else torch.zeros((0, d))
+    txt_all = torch.cat(txts).cpu() if txts else torch.zeros((0, d))
+    tm["t_final_sync_s"] += time.perf_counter() - t0  # on a GPU: waits for the last forward passes
+    tm["t_encode_shard_s"] += time.perf_counter() - t_start
+    if len(report.caption_rows) != len(ledger):
+        raise ShardError(f"{tar}: caption signals for {len(report.caption_rows)} of {len(ledger)} ledger rows")
+    stats = {"device": device, "decoder": decoder, "decoder_reason": why, "batch_size": batch_size,
+             "loader_workers": workers,
+             "decoded_on_device": on_device if decoder == "device" else 0,
+             "tar_bytes_read": sum(b - a for runs in report.reads.values() for a, b in runs),
+             **{k: round(v, 4) for k, v in tm.items()}}
+    return Encoded(found, keys, img_all, txt_all, sorted(report.caption_rows, key=lambda t: t[0]), stats)
+
+
 def score_rows(cfg: ScoreConfig, ds: DatasetDir, shard: str) -> tuple[list[dict[str, Any]], Any, Any, dict]:
     """Score one shard: (signal rows in ledger order, image embeddings, text embeddings, stats)."""
     import numpy as np
     import torch
 
-    from curate import langid
-    from curate.captions import caption_signals
     from curate.models import load_model, resolve_model
 
     ledger = read_ledger(ds, shard)
     device = resolve_device(cfg.device)
     lm = load_model(resolve_model(cfg.model, cfg.pretrained, cfg.checksum), device)
-    wanted = frozenset(r["key"] for r in ledger if r.get("status") == "success")
-    tar = ds.shard_tar(shard)
-    if wanted and not tar.exists():
-        raise ShardError(f"{tar}: shard tar missing ({len(wanted)} successful rows in its ledger)")
+    enc = encode_shard(cfg, lm, device, str(ds.shard_tar(shard)), ledger)
+    found, pos = enc.found, {k: i for i, k in enumerate(enc.keys)}
+    sims = (enc.img * enc.txt).sum(-1)
 
-    found: dict[str, dict[str, Any]] = {}
-    emb: dict[str, tuple[Any, Any, float]] = {}
-    with torch_settings(cfg.threads or auto_threads(device)):
-        if wanted:
-            samples = ShardSamples(str(tar), wanted, lm.preprocess, lm.tokenizer, lm.image_size)
-            loader = make_loader(samples, cfg.batch_size, cfg.loader_workers, device.startswith("cuda"))
-            for batch in loader:
-                if batch["shard_error"]:
-                    raise ShardError(batch["shard_error"])
-                for m in batch["meta"]:
-                    found[m["key"]] = m
-                if batch["images"] is None:
-                    continue
-                img, txt = encode(lm, batch["images"], batch["tokens"], cfg.precision)
-                sims = (img * txt).sum(-1)
-                for j, key in enumerate(batch["keys"]):
-                    emb[key] = (img[j], txt[j], float(sims[j]))
-
-    languages = langid.detect_many([r.get("caption") for r in ledger])
     rows: list[dict[str, Any]] = []
-    img_rows, txt_rows = [], []
+    order: list[int] = []  # rows of enc.img/txt in ledger order of the scored rows
     skipped: Counter[str] = Counter()
-    for r, lang in zip(ledger, languages, strict=True):
+    for r, (_i, lang, cap) in zip(ledger, enc.caption_rows, strict=True):
         key, status = r["key"], r.get("status")
         seen = found.get(key, {})
         if status != "success":
@@ -273,7 +346,6 @@ def score_rows(cfg: ScoreConfig, ds: DatasetDir, shard: str) -> tuple[list[dict[
             reason = "missing_from_shard"  # the ledger says success but the tar lacks the sample
         else:
             reason = seen["error"]
-        cap = caption_signals(r.get("caption"))
         width = seen.get("width") or r.get("width")
         height = seen.get("height") or r.get("height")
         ow, oh = r.get("orig_width") or width, r.get("orig_height") or height
@@ -289,22 +361,18 @@ def score_rows(cfg: ScoreConfig, ds: DatasetDir, shard: str) -> tuple[list[dict[
             "emb_row": -1,
         }
         if reason is None:
-            i_vec, t_vec, sim = emb[key]
-            row["clip_score"], row["emb_row"] = sim, len(img_rows)
-            img_rows.append(i_vec)
-            txt_rows.append(t_vec)
+            row["clip_score"], row["emb_row"] = float(sims[pos[key]]), len(order)
+            order.append(pos[key])
         else:
             skipped[reason] += 1
         rows.append(row)
 
-    def stack(vecs: list[Any]) -> Any:
-        if not vecs:
-            return np.zeros((0, lm.embed_dim), dtype=np.float16)
-        return torch.stack(vecs).numpy().astype(np.float16)
-
-    stats = {"rows": len(rows), "scored": len(img_rows), "skipped": dict(skipped),
-             "device": device, "checkpoint_sha256": lm.checkpoint_sha256}
-    return rows, stack(img_rows), stack(txt_rows), stats
+    idx = torch.as_tensor(order, dtype=torch.long)
+    img_rows = enc.img[idx].numpy().astype(np.float16)
+    txt_rows = enc.txt[idx].numpy().astype(np.float16)
+    stats = {"rows": len(rows), "scored": len(order), "skipped": dict(skipped),
+             "checkpoint_sha256": lm.checkpoint_sha256, **enc.stats}
+    return rows, img_rows, txt_rows, stats
 
 
 def signal_schema() -> Any:
@@ -334,6 +402,10 @@ class ScoreStage:
     name = "score"
     config_cls = ScoreConfig
 
+    def output_key(self, cfg: ScoreConfig) -> str:
+        """The stage key this config writes under (markers, stats, signals, manifest entry)."""
+        return cfg.name
+
     def plan(self, cfg: ScoreConfig, ds: DatasetDir) -> list[dict[str, Any]]:
         check_config(cfg)
         shards = ds.shards()
@@ -348,16 +420,21 @@ class ScoreStage:
         from curate.io.tables import write_table
 
         shard = task["shard"]
+        t0 = time.perf_counter()
         rows, img_emb, txt_emb, stats = score_rows(cfg, ds, shard)
+        t1 = time.perf_counter()
         # embeddings first, the table that points into them last; the marker comes after both
-        write_npy(ds.signals("score", shard, ".img_emb.npy"), img_emb)
+        write_npy(ds.signals(cfg.name, shard, ".img_emb.npy"), img_emb)
         if cfg.save_text_embeddings:
-            write_npy(ds.signals("score", shard, ".txt_emb.npy"), txt_emb)
-        write_table(ds.signals("score", shard), pa.Table.from_pylist(rows, schema=signal_schema()))
+            write_npy(ds.signals(cfg.name, shard, ".txt_emb.npy"), txt_emb)
+        write_table(ds.signals(cfg.name, shard), pa.Table.from_pylist(rows, schema=signal_schema()))
+        stats["t_rows_s"] = round(t1 - t0 - stats.get("t_encode_shard_s", 0.0), 4)  # ledger, model, rows
+        stats["t_write_s"] = round(time.perf_counter() - t1, 4)
         return stats
 
     def inputs(self, cfg: ScoreConfig) -> dict[str, Any]:
-        return model_inputs(cfg)
+        # "scorer" lets readers of the manifest find every score table (the default one is "score")
+        return {**model_inputs(cfg), "scorer": cfg.name}
 
 
 def model_inputs(cfg: ScoreConfig) -> dict[str, Any]:
@@ -372,6 +449,15 @@ def model_inputs(cfg: ScoreConfig) -> dict[str, Any]:
     if quality is not None:
         out["filter_quality"] = quality
     return out
+
+
+def scorers(ds: DatasetDir) -> list[str]:
+    """Names of the scorers recorded in the dataset's manifest ("score" first when present)."""
+    from curate.io import manifest
+
+    stages = manifest.load(ds).get("stages", {})
+    names = [k for k, v in stages.items() if k == DEFAULT_NAME or (v.get("inputs") or {}).get("scorer") == k]
+    return sorted(names, key=lambda n: (n != DEFAULT_NAME, n))
 
 
 STAGE = ScoreStage()
