@@ -352,3 +352,22 @@ def test_sample_says_why_the_export_dropped_it(dataset, tmp_path):
         assert s.sample(high)["export"]["decision"] == "kept"
     finally:
         s.close()
+
+
+def test_index_a_named_scorer(dataset, tmp_path, capsys):
+    """`curate score --name alt` writes signals/alt/ and its own manifest entry; `index --scorer alt` indexes it
+    and text queries use alt's model (here: the same tiny config, so the same vectors as `score`)."""
+    ds = DatasetDir.at(tmp_path / "named")
+    shutil.copytree(dataset.root, ds.root, ignore=shutil.ignore_patterns("index"))
+    cfg = json.loads(ds.manifest.read_text())["stages"]["score"]["inputs"]["model"]["config_path"]
+    assert main(["score", str(ds.root), "--name", "alt", "--model", cfg, "--pretrained", "none",
+                 "--loader-workers", "0", "--no-progress"]) == 0
+    assert main(["index", str(ds.root), "--scorer", "alt", "--redo", "--no-progress"]) == 0  # the copy recorded "score"
+    meta = json.loads((ds.root / "index" / "index.json").read_text())
+    assert meta["scorer"] == "alt" and set(meta["modalities"]) == {"image"}  # alt saved no text embeddings
+    keys, img, captions = embeddings(dataset)
+    _, txt, _ = embeddings(dataset, ".txt_emb.npy")
+    target = keys.index(next(k for k in keys if captions[k] == caption(1)))
+    hits = search_json(ds, capsys, caption(1), "-k", "3")["queries"][0]["hits"]
+    order = np.argsort(-(img @ txt[target]), kind="stable")[:3]
+    assert [h["key"] for h in hits] == [keys[i] for i in order]
