@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance gpu-wheels gpu-smoke clean
+.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance \
+	bench-adopt bench-export gpu-wheels gpu-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +38,8 @@ bench: setup .venv-bench/.installed
 	$(BIN)/python bench/score.py
 	$(BIN)/python bench/dedup.py
 	$(BIN)/python bench/train_probe.py
+	$(BIN)/python bench/adopt.py
+	$(BIN)/python bench/export_scale.py --rows 4000000
 
 bench-download: setup .venv-bench/.installed
 	$(BIN)/python bench/download.py --img2dataset-python .venv-bench/bin/python
@@ -48,6 +51,11 @@ bench-train: setup
 	$(BIN)/python bench/train_probe.py
 bench-balance: setup
 	$(BIN)/python bench/balance.py
+
+bench-adopt: setup
+	$(BIN)/python bench/adopt.py
+bench-export: setup
+	$(BIN)/python bench/export_scale.py --rows 4000000
 
 # wheels for bench/gpu_check.sh on a GPU machine without network (Python 3.12, x86_64): what curate imports
 # that the machine's image lacks; see bench/gpu_wheels.py (the tree carried there must stay under 64 MiB).

@@ -44,7 +44,9 @@ step() {
     return
   fi
   [ "$limit" -gt "$left" ] && limit=$left
-  echo "=== $name (limit ${limit}s, $(( $(date +%s) - START ))s elapsed): $*"
+  local shown
+  shown=$(printf '%s ' "$@" | tr '\n' ' ' | cut -c1-200)
+  echo "=== $name (limit ${limit}s, $(( $(date +%s) - START ))s elapsed): $shown"
   local t0=$(date +%s)
   timeout -k 5 "$limit" "$@" 2>&1 | tee "$WORK/logs/$name.log"
   local rc=${PIPESTATUS[0]}
@@ -57,14 +59,9 @@ step() {
   echo "=== $name: rc=$rc after ${secs}s"
 }
 
-install_wheels() {
-  # $1 python, $2 target, $3 glob of wheels
-  local py=$1 target=$2
-  shift 2
-  rm -rf "$target" && mkdir -p "$target"
-  "$py" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" \
-    --disable-pip-version-check -q "$@"
-}
+# wheels go into fresh --target folders with one plain `pip install` (a shell function cannot run under timeout)
+fresh() { rm -rf "$1" && mkdir -p "$1"; }
+PIP_TARGET=(-m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade --disable-pip-version-check -q)
 
 IMPORTS=$(cat <<'PYEOF'
 import importlib, importlib.util, sys
@@ -104,7 +101,8 @@ main() {
   echo "wheels in .whl: $n_whl ($(du -sh .whl 2>/dev/null | cut -f1))"
   if [ "$MODE" = gpu ]; then
     if [ "$n_whl" -gt 0 ]; then
-      step wheels 120 install_wheels "$PY" "$SITE" .whl/*.whl
+      fresh "$SITE"
+      step wheels 120 "$PY" "${PIP_TARGET[@]}" --target "$SITE" .whl/*.whl
     else
       echo "no wheels in .whl/ (run 'make gpu-wheels' and carry .whl): using what $PY has"
     fi
@@ -115,22 +113,24 @@ main() {
     # the cp312 wheels install and import under a Python 3.12 (no torch there: torch-free modules) ...
     local wpy=${WHEEL_PYTHON:-}
     if [ -z "$wpy" ]; then
-      for c in python3.12 "$HOME/.pyenv/versions/3.12.1/bin/python3.12"; do
-        if command -v "$c" >/dev/null 2>&1; then wpy=$(command -v "$c"); break; fi
+      for c in "$HOME"/.pyenv/versions/3.12*/bin/python3.12 python3.12; do
+        if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then wpy=$c; break; fi
       done
     fi
     if [ -n "$wpy" ] && [ "$n_whl" -gt 0 ]; then
-      step wheels 120 install_wheels "$wpy" "$SITE" .whl/*.whl
+      fresh "$SITE"
+      step wheels 120 "$wpy" "${PIP_TARGET[@]}" --target "$SITE" .whl/*.whl
       # SMOKE_DEPS: a folder with numpy/scipy/pillow/packaging for that python (the GPU machine has them)
       step imports_312 60 env PYTHONPATH="$SITE${SMOKE_DEPS:+:$SMOKE_DEPS}" "$wpy" -c "$IMPORTS" \
-        ftfy,wcwidth,webdataset,braceexpand,fasttext,imagehash,pywt,faiss
+        ftfy,wcwidth,webdataset,braceexpand,fasttext,imagehash,pywt,faiss,duckdb
     else
       echo "smoke: no python3.12 or no wheels: cp312 wheel check skipped"
       RESULTS+=("wheels: skipped (no python3.12 or no .whl)")
     fi
     # ... and the pure-Python wheels (open_clip & co.) import with this venv's torch
     if ls .whl/*-none-any.whl >/dev/null 2>&1; then
-      step wheels_pure 120 install_wheels "$PY" "$SITE-pure" .whl/*-none-any.whl
+      fresh "$SITE-pure"
+      step wheels_pure 120 "$PY" "${PIP_TARGET[@]}" --target "$SITE-pure" .whl/*-none-any.whl
       step imports_pure 60 env PYTHONPATH="$SITE-pure" "$PY" -c "$IMPORTS" \
         open_clip,ftfy,webdataset,braceexpand,imagehash,wordfreq,langcodes,torch,torchvision
     fi
@@ -148,7 +148,7 @@ main() {
   else
     step bench_score 240 "$PY" bench/score.py --device cpu --model curate-tiny --pretrained none \
       --images 256 --per-shard 128 --decoders cpu,device --repeat 1 --out "$WORK/score"
-    step bench_dedup 120 "$PY" bench/dedup.py --device cpu --sizes 20k --out "$WORK/dedup"
+    step bench_dedup 120 "$PY" bench/dedup.py --device cpu --sizes 20k --stage-size 20k --out "$WORK/dedup"
   fi
   echo
   echo "=== summary (mode $MODE, $(( $(date +%s) - START ))s of ${DEADLINE}s)"

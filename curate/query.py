@@ -32,7 +32,7 @@ STAGE_COLUMNS: dict[str, tuple[str, ...]] = {
               "lang_fasttext_prob", "caption_chars", "caption_words",
               "letter_share", "caption_boilerplate", "aspect_ratio", "emb_row"),
     "dedup": ("exact_dup", "dup_group", "is_duplicate", "kept_key", "cluster", "nn_similarity", "nn_key",
-              "eval_contaminated", "eval_similarity"),
+              "eval_contaminated", "eval_similarity", "dup_evidence"),
 }
 _LEDGER_NAMES = {f.name for f in LEDGER_FIELDS}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -226,7 +226,7 @@ def test_keys_reused_across_tars_are_refused_by_name(tmp_path, capsys):
     assert main(["adopt", str(tmp_path / "empty"), "--out", str(tmp_path / "y")]) == 2
 
 
-def test_score_and_export_work_on_an_adopted_dir(tmp_path):
+def test_score_a_second_scorer_and_export_work_on_an_adopted_dir(tmp_path):
     from test_score import TINY
 
     src = tmp_path / "i2d"
@@ -240,6 +240,14 @@ def test_score_and_export_work_on_an_adopted_dir(tmp_path):
     sig = score_rows(out)
     assert len(sig) == len(ledger(out))  # one signal row per ledger row
     assert sum(r["scored"] for r in sig) == len(images)
+    # a second scorer (`--name dfn`, the same tiny model) joins the samples view as dfn_<column>
+    assert main(["score", str(out), "--name", "dfn", "--model", str(cfg), "--pretrained", "none", "--no-progress",
+                 "--batch-size", "4"]) == 0
+    both = tmp_path / "both"
+    assert main(["export", str(out), "--out", str(both), "--where", "dfn_clip_score IS NOT NULL"]) == 0
+    rows = ledger(both)
+    assert len(rows) == len(images)
+    assert all(r["dfn_clip_score"] == pytest.approx(r["clip_score"], abs=1e-6) for r in rows)
     exp = tmp_path / "exp"
     assert main(["export", str(out), "--out", str(exp), "--top-fraction", "0.5", "--by", "clip_score",
                  "--where", "similarity >= 0.26", "--samples-per-shard", "3"]) == 0

@@ -380,6 +380,18 @@ def test_greedy_rule_on_a_chain_and_a_star():
     assert not np.array_equal(sd.key_hash(np.array([b"ab"]), 3), sd.key_hash(np.array([b"ab"]), 4))
 
 
+def test_pair_tasks_are_cut_by_estimated_entries():
+    from curate.stages.dedup import groups_for
+
+    sizes = np.ones(100, np.int64)
+    sizes[10:15] = 60  # a run of big clusters: equal cluster counts would give one task most of the work
+    b = groups_for(10_000, 100, 4, sizes)
+    assert b[0] == 0 and b[-1] == 100 and b == sorted(set(b)) and len(b) == 5
+    loads = [int(sizes[lo:hi].sum()) for lo, hi in zip(b, b[1:], strict=False)]
+    assert max(loads) <= 2 * sizes.sum() / 4  # within 2x of the mean (clusters are not split)
+    assert groups_for(10_000, 100, 4) == [0, 25, 50, 75, 100]
+
+
 def test_torch_path_gives_the_numpy_faiss_decisions():
     """The GPU code path (torch assignment and pair search) run on the CPU: the same arrays as faiss/numpy."""
     import torch

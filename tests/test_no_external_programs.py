@@ -59,13 +59,15 @@ def test_control_plain_pillow_would_run_gs(fake_gs, tmp_path):
     assert canary.exists(), "the fake gs was not reached: this test would not detect Ghostscript"
 
 
-def test_report_and_train_probe_decoders_never_run_gs(fake_gs, tmp_path):
+def test_report_train_probe_and_adopt_decoders_never_run_gs(fake_gs, tmp_path):
     env, canary = fake_gs
     r = run_py("""
         from curate.imaging import ImageRejected, process_image, safe_decode_rgb, ImageOptions
         from curate.report.thumbs import thumbnail
         from curate.train_probe.data import decode_image
+        from curate.stages.adopt import _describe
         assert thumbnail(DATA) is None
+        assert _describe(DATA, "jpg").width is None  # adopt reads stored sizes through safe_open
         for call in (lambda: decode_image(DATA, 32), lambda: safe_decode_rgb(DATA),
                      lambda: process_image(DATA, ImageOptions())):
             try:
@@ -79,17 +81,17 @@ def test_report_and_train_probe_decoders_never_run_gs(fake_gs, tmp_path):
     assert not canary.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="until score.decode_image goes through curate.imaging.safe_decode_rgb "
-                   "(engineer gpu, #12 item 3): remove this marker then")
 def test_score_decoder_never_runs_gs(fake_gs, tmp_path):
     env, canary = fake_gs
-    run_py("""
-        from curate.stages.score import decode_image
+    r = run_py("""
+        from curate.stages.score_loader import ImageSkipped, decode_image
         try:
             decode_image(DATA, lambda im: im, 32)
-        except Exception as e:
-            print(type(e).__name__, e)
+            raise SystemExit("decoded EPS")
+        except ImageSkipped as e:
+            print("skipped", e.code)
     """, env, tmp_path)
+    assert r.returncode == 0 and "format_not_allowed" in r.stdout, (r.stdout, r.stderr)
     assert not canary.exists()
 
 

@@ -482,3 +482,19 @@ def test_spark_engine_scores_like_the_local_engine(tmp_path, tiny_config, monkey
         assert np.array_equal(np.load(spark.signals("score", s, ".img_emb.npy")),
                               np.load(local.signals("score", s, ".img_emb.npy")))
         assert table(spark, s) == table(local, s)
+
+
+def test_only_complete_baseline_jpegs_go_to_the_device_decoder():
+    from curate.stages.score_loader import device_jpeg_size
+
+    im = color_image(1, (40, 30))
+    full = jpeg_bytes(im)
+    assert device_jpeg_size(full) == (40, 30) and device_jpeg_size(full + b"\0\0") == (40, 30)
+    assert device_jpeg_size(full[:-40]) is None  # cut short: the CPU path decides (decode_error)
+    assert device_jpeg_size(png_bytes(im)) is None
+    prog = io.BytesIO()
+    im.save(prog, format="JPEG", progressive=True)
+    cmyk = io.BytesIO()
+    im.convert("CMYK").save(cmyk, format="JPEG")
+    assert device_jpeg_size(prog.getvalue()) is None and device_jpeg_size(cmyk.getvalue()) is None
+    assert device_jpeg_size(jpeg_bytes(im.convert("L"))) == (40, 30)

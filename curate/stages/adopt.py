@@ -17,7 +17,6 @@ is missing) fails alone with a message naming the file; the other shards are ado
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -158,11 +157,11 @@ class StoredImage:
 
 
 def _describe(data: bytes, ext: str) -> StoredImage:
-    from PIL import Image
+    from curate.imaging import safe_open
 
     w = h = None
     try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only: the stored size, cheaply
+        with safe_open(data) as im:  # the header only, and only of an allowlisted format
             w, h = im.size
     except Exception:  # noqa: BLE001 - an undecodable image keeps unknown dimensions; score reports it
         pass

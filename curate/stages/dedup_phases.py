@@ -222,12 +222,10 @@ def _write_bucket(wd: Path, shard: str, x: np.ndarray, ids: np.ndarray, uid: np.
 
 
 def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
-    import io
-
     import imagehash
     import pyarrow as pa
-    from PIL import Image
 
+    from curate.imaging import safe_open
     from curate.io.shards import iter_samples
     from curate.io.tables import write_table
 
@@ -238,7 +236,8 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
         if s["key"] not in wanted or not s["image"]:
             continue
         try:
-            with Image.open(io.BytesIO(s["image"])) as im:
+            # adopted shards hold bytes nobody re-encoded: the safe decoder (allowlist, pixel cap)
+            with safe_open(s["image"]) as im:
                 h = str(imagehash.phash(im))
         except Exception:  # noqa: BLE001 - an undecodable image has no hash, and no hash match
             continue

@@ -67,8 +67,7 @@ def _images(ds: DatasetDir, keys: dict[str, list[str]]) -> list[tuple[Any, bytes
     """(image, sha256 of its bytes) of each sampled key, in key order."""
     import hashlib
 
-    from PIL import Image
-
+    from curate.imaging import safe_open
     from curate.io.shards import iter_samples
 
     out = []
@@ -77,7 +76,7 @@ def _images(ds: DatasetDir, keys: dict[str, list[str]]) -> list[tuple[Any, bytes
         for s in iter_samples(ds.shard_tar(shard)):
             if s["key"] in wanted and s["image"]:
                 try:
-                    with Image.open(io.BytesIO(s["image"])) as im:
+                    with safe_open(s["image"]) as im:  # allowlist and pixel cap (adopted bytes too)
                         out.append((s["key"], im.convert("RGB"), hashlib.sha256(s["image"]).digest()))
                 except Exception:  # noqa: BLE001 - an undecodable image simply is not in the sample
                     continue

@@ -232,12 +232,20 @@ def ensure_selection(cfg: ExportConfig, ds: DatasetDir) -> tuple[Path, dict[str,
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if cfg.write_dropped:
-        # a copy, not a move: every plan (a resume, each array index) publishes the same file safely
-        files = parquet_files(final / "dropped")
-        target = ds.root / "dropped.parquet"
-        with atomic_path(target) as tmp_file:
-            shutil.copyfile(files[0], tmp_file)
+        _publish_dropped(parquet_files(final / "dropped")[0], ds.root / "dropped.parquet")
     return final, read_json(final / "summary.json")
+
+
+DROPPED_SCHEMA = pa.schema([("key", pa.string()), ("source_shard", pa.string()), ("clause", pa.string())])
+
+
+def _publish_dropped(src: Path, target: Path) -> None:
+    """Copy the engine's dropped list to `target` in one schema (engines differ in nullability), batch by
+    batch; a copy, not a move, so every plan (a resume, each array index) publishes the same file safely."""
+    with atomic_path(target) as tmp_file:
+        with pq.ParquetWriter(tmp_file, DROPPED_SCHEMA, compression="zstd") as w:
+            for batch in pq.ParquetFile(src).iter_batches(batch_size=65536):
+                w.write_table(pa.Table.from_batches([batch]).select(DROPPED_SCHEMA.names).cast(DROPPED_SCHEMA))
 
 
 def format_counts(sel: Selection) -> str:

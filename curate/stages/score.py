@@ -98,6 +98,13 @@ def resolve_device(requested: str) -> str:
     return current_device(requested)
 
 
+def decode_image(data: bytes, preprocess: Any, image_size: int) -> tuple[Any, int, int]:
+    """The CPU decode path: curate.imaging's safe decoder, then the model's transform (see score_loader)."""
+    from curate.stages.score_loader import decode_image as decode
+
+    return decode(data, preprocess, image_size)
+
+
 def auto_batch_size(requested: int, device: str) -> int:
     """--batch-size 0: 256 on the CPU (the batching the CPU figures were made with); on a GPU by its
     memory (ViT-B-32 in fp16 needs well under 10 GB at 1024; larger batches gain little)."""

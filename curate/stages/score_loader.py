@@ -54,7 +54,7 @@ class ImageSkipped(Exception):
         self.code = code
 
 
-# --- safe decoding (one place to switch to the shared decoder in curate.imaging) ------------------
+# --- safe decoding: curate.imaging's shared decoder (allowlist by magic bytes, one Pillow format, pixel cap)
 
 
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Any:
@@ -62,40 +62,40 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Any:
 
     Raises ImageSkipped("decode_error" | "format_not_allowed" | "decompression_bomb").
     """
-    from curate.imaging import ImageOptions, ImageRejected, open_checked
+    from curate.imaging import ImageRejected, safe_open
 
     try:
-        img, _w, _h, _orientation = open_checked(data, ImageOptions(max_pixels=max_pixels))
+        return safe_open(data, max_pixels)
     except ImageRejected as e:
         raise ImageSkipped(e.code, e.message) from None
-    return img
 
 
 def decode_image(data: bytes, preprocess: Any, image_size: int) -> tuple[Any, int, int]:
-    """CPU path: (tensor, stored width, stored height); raises ImageSkipped for bytes not scored."""
-    img = open_image(data)
+    """CPU path: (tensor, stored width, stored height); raises ImageSkipped for bytes not scored.
+
+    JPEG DCT scaling: decoded at >= 2x the model's input size (never below it), which cuts decode time
+    for large photos; the bicubic resize that follows still downsamples by >= 2. Transparent images are
+    composited on white, as in every stage."""
+    from curate.imaging import ImageRejected, safe_decode
+
     try:
-        with img as im:
-            width, height = im.size
-            # JPEG DCT scaling: decode at >= 2x the model's input size (never below it), which cuts decode
-            # time for large photos; the bicubic resize that follows still downsamples by >= 2.
-            im.draft("RGB", (2 * image_size, 2 * image_size))
-            im.load()
-            return preprocess(im.convert("RGB")), width, height
-    except ImageSkipped:
-        raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure is this sample's decode_error
+        d = safe_decode(data, MAX_PIXELS, draft=(2 * image_size, 2 * image_size))
+    except ImageRejected as e:
+        raise ImageSkipped(e.code, e.message) from None
+    try:
+        return preprocess(d.image), d.width, d.height
+    except Exception as e:  # noqa: BLE001 - a transform failure is this sample's decode_error
         raise ImageSkipped("decode_error", str(e)[:200]) from None
 
 
 def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) when these bytes may go to the device decoder, else None (CPU path).
 
-    Only baseline RGB/greyscale JPEGs within DEVICE_MAX_PIXELS qualify; the header is parsed with the
-    same allowlist and pixel cap as the CPU path before a byte reaches nvjpeg.
+    Only complete (end marker present), baseline RGB/greyscale JPEGs within DEVICE_MAX_PIXELS qualify; the
+    header is parsed with the same allowlist and pixel cap as the CPU path before a byte reaches nvjpeg.
     """
-    if not data.startswith(JPEG_MAGIC):
-        return None
+    if not data.startswith(JPEG_MAGIC) or not data.rstrip(b"\0")[-2:] == b"\xff\xd9":
+        return None  # not a JPEG, or one cut short (no end marker): Pillow refuses those, nvjpeg might not
     try:
         img = open_image(data)
     except ImageSkipped:
