@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# img2dataset (bench, adopt test) imports albumentations, which would check PyPI for updates: never
+export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance \
 	bench-adopt bench-export gpu-wheels gpu-smoke clean

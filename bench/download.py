@@ -348,6 +348,7 @@ def main() -> None:
     results["curate"] = (ok, secs, rss, rc)
 
     if args.img2dataset_python:
+        os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # img2dataset imports albumentations: no update check
         i2d_out = out / "img2dataset"
         i2d = [args.img2dataset_python, "-m", "img2dataset.main", "--url_list", str(url_list),
                "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
