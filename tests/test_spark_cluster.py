@@ -1,6 +1,6 @@
 """A real Spark standalone cluster (master + worker from pyspark's distribution) on 127.0.0.1.
 
-`curate download` and `curate export` with `--engine spark --spark-master spark://...` give the local
+`curate download`, `score`, `dedup` and `export` with `--engine spark --spark-master spark://...` give the local
 engine's output; a task whose
 first attempt dies after writing part of its shard is retried by Spark and leaves no duplicate output;
 jobs/spark/submit.sh runs a command as a Spark application on the cluster.
@@ -166,3 +166,34 @@ def test_download_on_a_standalone_cluster_equals_local(cluster, tmp_path):
 
     assert strip(spark_ledger) == strip(local_ledger) and len(local_ledger) >= 24
     assert all(r["status"] == "success" for r in local_ledger)
+
+
+def test_score_and_dedup_on_a_standalone_cluster_equal_local(cluster, tmp_path):
+    """Score (tiny open_clip, loader workers inside Spark's Python workers) and every dedup phase run as
+    Spark tasks on the cluster and write exactly what the local engine writes."""
+    import json
+
+    import numpy as np
+    from dataset_factory import color_image, make_dataset
+    from test_score import CAPTIONS, TINY
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    rows = [(color_image(i % 9), CAPTIONS[i % 4], "success") for i in range(12)]  # 3 byte-identical repeats
+    dirs = {}
+    for name, engine in (("local", []), ("spark", ["--engine", "spark", "--spark-master", cluster["master"]])):
+        ds = make_dataset(tmp_path / name, rows, shard_size=4)
+        assert main(["score", str(ds.root), "--model", str(cfg), "--pretrained", "none", "--no-progress",
+                     "--batch-size", "4", *engine]) == 0
+        assert main(["dedup", str(ds.root), "--no-progress", *engine]) == 0
+        dirs[name] = ds
+    local, spark = dirs["local"], dirs["spark"]
+    assert len(local.shards()) == 3
+    for s in local.shards():
+        assert np.array_equal(np.load(spark.signals("score", s, ".img_emb.npy")),
+                              np.load(local.signals("score", s, ".img_emb.npy")))
+        assert pq.read_table(spark.signals("score", s)).to_pylist() == pq.read_table(local.signals("score", s)).to_pylist()
+        assert pq.read_table(spark.signals("dedup", s)).to_pylist() == pq.read_table(local.signals("dedup", s)).to_pylist()
+    dropped = sum(pq.read_table(local.signals("dedup", s)).column("is_duplicate").to_pylist().count(True)
+                  for s in local.shards())
+    assert dropped >= 3  # the byte-identical repeats at least: the comparison is not of empty decisions
