@@ -7,19 +7,7 @@ from typing import Any
 
 import click
 
-from curate.commands.common import engine_options, finish
-
-
-def _k(value: str) -> int:
-    if value == "auto":
-        return 0
-    try:
-        k = int(value)
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not 'auto' or an integer", param_hint="--k") from None
-    if k < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--k")
-    return k
+from curate.commands.common import engine_options, finish, parse_k
 
 
 def _threshold(value: str) -> float:
@@ -70,7 +58,7 @@ def command(dataset: str, threshold: str, auto_target: float, k: str, probes: in
 
     auto = threshold.strip().lower() == "auto"
     cfg = DedupConfig(threshold=0.95 if auto else _threshold(threshold), threshold_auto=auto,
-                      auto_target=auto_target, k=_k(k), probes=probes, keep=keep, seed=seed, against=os.path.abspath(against) if against else None, eval_threshold=eval_threshold,
+                      auto_target=auto_target, k=parse_k(k), probes=probes, keep=keep, seed=seed, against=os.path.abspath(against) if against else None, eval_threshold=eval_threshold,
                       phash=phash, tasks=tasks, scorer=scorer, device=device)
     check_config(cfg)
     extra = {"dataset": input_digest(DatasetDir.at(dataset), cfg.scorer)}

@@ -7,19 +7,7 @@ from typing import Any
 
 import click
 
-from curate.commands.common import engine_options, finish
-
-
-def _k(value: str) -> int:
-    if value == "auto":
-        return 0
-    try:
-        k = int(value)
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not 'auto' or an integer", param_hint="--k") from None
-    if k < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--k")
-    return k
+from curate.commands.common import engine_options, finish, parse_k
 
 
 @click.command("target-filter")
@@ -46,7 +34,7 @@ def command(dataset: str, target: str, k: str, seed: int, niter: int, sample: in
     from curate.stages.dedup import input_digest
     from curate.stages.target import TargetConfig, validate
 
-    cfg = TargetConfig(target=os.path.abspath(target), k=_k(k), seed=seed, niter=niter, sample=sample)
+    cfg = TargetConfig(target=os.path.abspath(target), k=parse_k(k), seed=seed, niter=niter, sample=sample)
     validate(cfg, DatasetDir.at(dataset))
     extra = {"dataset": input_digest(DatasetDir.at(dataset)), "target": input_digest(DatasetDir.at(cfg.target))}
     summary = run_stage("target", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)
