@@ -116,3 +116,61 @@ def test_download_plan_job_then_array_indices_as_concurrent_processes(tmp_path):
     array = read_tables(sorted((tmp_path / "array" / "ledger").glob("*.parquet"))).drop(["elapsed"])
     assert local.num_rows == 42 and local.equals(array)
     assert sorted(local.column("status").to_pylist()).count("blocked_address") == 40
+
+
+@pytest.mark.slow  # three CLI processes that each load torch and open_clip
+def test_score_array_indices_as_concurrent_processes_and_a_killed_run_equal_a_local_run(tmp_path):
+    """score.sbatch's command for every index at once (as Slurm would), and a run SIGKILLed once its first
+    shard is done then rerun, both write exactly the local run's tables and embeddings."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from dataset_factory import color_image, make_dataset
+    from test_score import CAPTIONS, TINY
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    rows = [(color_image(i), CAPTIONS[i % 4], "success") for i in range(12)]
+    extra = ["--device", "cpu", "--model", str(cfg), "--pretrained", "none", "--batch-size", "2", "--no-progress"]
+    local = make_dataset(tmp_path / "local", rows, shard_size=2)
+    assert main(["score", str(local.root), *extra]) == 0
+
+    array = make_dataset(tmp_path / "array", rows, shard_size=2)
+    count = 3
+    procs = []
+    for i in range(count):
+        env = {"DATASET": str(array.root), "SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_COUNT": str(count)}
+        argv = expand(command_line(SLURM / "score.sbatch"), env)
+        procs.append(subprocess.Popen([sys.executable, "-m", "curate.cli", *argv[1:], *extra]))
+    assert [p.wait(timeout=300) for p in procs] == [0] * count
+
+    killed = make_dataset(tmp_path / "killed", rows, shard_size=2)
+    proc = subprocess.Popen([sys.executable, "-m", "curate.cli", "score", str(killed.root), *extra],
+                            start_new_session=True)
+    markers = killed.root / "_done" / "score"
+    t0 = time.time()
+    while time.time() - t0 < 240 and proc.poll() is None and not list(markers.glob("*.json")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    while time.time() - t0 < 260:  # its loader workers hold the lock's file until the kernel has reaped them
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    assert main(["score", str(killed.root), *extra]) == 0
+
+    assert len(local.shards()) == 6
+    for ds in (array, killed):
+        for s in local.shards():
+            assert np.array_equal(np.load(ds.signals("score", s, ".img_emb.npy")),
+                                  np.load(local.signals("score", s, ".img_emb.npy")))
+            assert pq.read_table(ds.signals("score", s)).to_pylist() == pq.read_table(local.signals("score", s)).to_pylist()
+        assert not list(ds.root.rglob(".tmp-*"))
