@@ -48,11 +48,6 @@ class StageSummary:
         return not self.failed
 
 
-def discard_stage_outputs(ds: DatasetDir, stage: str) -> None:
-    """Kept for stages that call it: the one discard function is DatasetDir.discard."""
-    ds.discard(stage)
-
-
 def array_slice_of(cfg: Any) -> tuple[int, int] | None:
     """(index, count) when this run is one task of a Slurm array (--num-shards > 1), else None."""
     n = int(getattr(cfg, "num_shards", 1) or 1)
