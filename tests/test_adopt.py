@@ -282,7 +282,7 @@ def test_real_img2dataset_output_adopted_every_row_and_scores_equal_curate_downl
     from curate.demo.web import DemoWeb, WebConfig
 
     py = _img2dataset_python(tmp_path_factory)
-    cfg = tmp_path / "tiny.json"
+    cfg = tmp_path / "tiny64.json"
     # input 64 px: score's JPEG draft decoding (at >= 2x the input size) then leaves the demo's <= 128 px
     # JPEGs at full scale, so the original JPEG and curate's lossless PNG of it give the same pixels
     cfg.write_text(json.dumps({**TINY, "vision_cfg": {**TINY["vision_cfg"], "image_size": 64}}))

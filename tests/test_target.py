@@ -32,7 +32,7 @@ def score(ds: DatasetDir, cfg, *extra) -> int:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("target")
-    cfg = root / "tiny.json"
+    cfg = root / "target-tiny.json"
     cfg.write_text(json.dumps(TINY))
     samples = [(color_image(i), f"picture {i}", "success") for i in range(N_POOL)]
     samples.insert(5, (None, "timed out", "timeout"))
