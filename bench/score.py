@@ -74,8 +74,9 @@ def forward_only(lm, ds: DatasetDir, batch_size: int, precision: str, n: int) ->
     """Seconds for both encoders over n images: real preprocessed batches already on the device."""
     import torch
 
+    from curate.devices import torch_settings
     from curate.io.shards import iter_samples
-    from curate.stages.score import encode, torch_settings
+    from curate.stages.score import encode
     from curate.stages.score_loader import decode_image
 
     imgs, caps = [], []

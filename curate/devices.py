@@ -1,12 +1,17 @@
-"""Which device a scoring process uses: one GPU per local worker process, the GPU Spark assigned a task,
-or what the user named. The choice is a pure function of its inputs (tested without a GPU); `current_device`
-gathers those inputs from torch and the environment.
+"""Devices and torch settings for every stage that runs a model (score, train-probe, dedup, search, index):
+which device a process uses (one GPU per local worker process, the GPU Spark assigned a task, or what the
+user named), the CPU count it may use, and the per-task torch settings (threads, determinism).
+
+The choice is a pure function of its inputs (tested without a GPU); `current_device` gathers those inputs
+from torch and the environment. torch is imported only inside the functions that need it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+from collections.abc import Iterator
 
 from curate.errors import InputError
 
@@ -54,13 +59,52 @@ def local_workers(requested_device: str, workers: int, workers_explicit: bool, c
     return cuda_count
 
 
+def cuda_count() -> int:
+    """GPUs torch can use in this process (0 without CUDA, or without torch)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def require_cuda(requested: str, flag: str = "--device") -> None:
+    """A clear error (exit 2) when `requested` names CUDA and torch sees no GPU; nothing for cpu/auto."""
+    if requested.startswith("cuda") and cuda_count() < 1:
+        raise InputError(f"{flag} {requested}: no CUDA device is visible to torch")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a Slurm or container limit), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_settings(threads: int = 0, deterministic: bool | None = None, warn_only: bool = True) -> Iterator[None]:
+    """torch's intra-op thread count (0: leave it) and deterministic algorithms (None: leave them) for one
+    task, restored afterwards: tests and the one-worker local engine run many tasks in one process."""
+    import torch
+
+    prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+    if threads:
+        torch.set_num_threads(threads)
+    if deterministic is not None:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev[0])
+        torch.use_deterministic_algorithms(prev[1], warn_only=prev[2])
+
+
 def current_device(requested: str) -> str:
     """pick_device with this process's facts: torch's GPU count, the Spark task's GPUs, the pool index."""
     if requested == "cpu":
         return "cpu"
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = cuda_count()
     task = [a for a in os.environ.get(TASK_GPUS_ENV, "").split(",") if a.strip()]
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
     visible = [v.strip() for v in vis.split(",")] if vis else None
@@ -77,8 +121,9 @@ def spark_task_gpus(resources: dict) -> list[str]:
 
 def gpu_names() -> list[str]:
     """Names of the GPUs torch sees ([] without CUDA)."""
+    n = cuda_count()
+    if not n:
+        return []
     import torch
 
-    if not torch.cuda.is_available():
-        return []
-    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return [torch.cuda.get_device_name(i) for i in range(n)]

@@ -50,12 +50,9 @@ def resolve_device(device: str) -> str:
         raise ValueError(f"unknown device {device!r}; choose {', '.join(DEVICES)}")
     if device == "cpu":
         return "cpu"
-    try:
-        import torch
+    from curate.devices import cuda_count
 
-        has_gpu = torch.cuda.is_available()
-    except ImportError:
-        has_gpu = False
+    has_gpu = cuda_count() > 0
     if device == "cuda" and not has_gpu:
         raise ValueError("--device cuda: torch sees no CUDA GPU")
     return "cuda" if has_gpu else "cpu"

@@ -20,14 +20,15 @@ import click
 def _torch() -> dict[str, Any]:
     import torch
 
-    from curate.devices import gpu_names
+    from curate.devices import cuda_count, gpu_names
 
-    cuda = torch.cuda.is_available()
+    n = cuda_count()
+    cuda = n > 0
     out: dict[str, Any] = {"version": torch.__version__, "cuda_build": torch.version.cuda, "cuda_available": cuda,
                            "gpus": gpu_names()}
     if cuda:
         out["gpu_memory_gib"] = [round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)
-                                 for i in range(torch.cuda.device_count())]
+                                 for i in range(n)]
     else:
         out["why"] = ("torch was built without CUDA" if torch.version.cuda is None
                       else "no CUDA device visible (driver, CUDA_VISIBLE_DEVICES)")

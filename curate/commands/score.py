@@ -85,12 +85,9 @@ def gpu_workers(spec: Any, device: str) -> Any:
     visible GPU (each takes the GPU of its pool index, see curate.devices.pick_device)."""
     import dataclasses
 
-    from curate.devices import local_workers
+    from curate.devices import cuda_count, local_workers
 
     explicit = click.get_current_context().get_parameter_source("workers") != ParameterSource.DEFAULT
     if spec.name != "local" or explicit or device not in ("cuda", "auto"):
         return spec
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return dataclasses.replace(spec, workers=local_workers(device, spec.workers, explicit, n))
+    return dataclasses.replace(spec, workers=local_workers(device, spec.workers, explicit, cuda_count()))

@@ -58,9 +58,9 @@ def task_device(plan: dict[str, Any], cfg: DedupConfig) -> str:
     the plan's GPU runs on the CPU, with the same decisions."""
     if plan["device"] == "cpu" or cfg.device == "cpu":
         return "cpu"
-    import torch
+    from curate.devices import cuda_count
 
-    return plan["device"] if torch.cuda.is_available() else "cpu"
+    return plan["device"] if cuda_count() else "cpu"
 
 
 def task_done(ds: DatasetDir, task: dict[str, Any]) -> bool:

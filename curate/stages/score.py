@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curate.config import runtime
+from curate.devices import cuda_count, require_cuda, torch_settings, usable_cpus
 from curate.errors import InputError, ShardError
 from curate.io.layout import DatasetDir
 from curate.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
@@ -84,11 +85,7 @@ def check_config(cfg: ScoreConfig) -> None:
         raise InputError("--threads: must be 0 or more")
     if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
         raise InputError(f"--shard-index/--num-shards: need 0 <= {cfg.shard_index} < {cfg.num_shards}")
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {cfg.device}: no CUDA device is visible to torch")
+    require_cuda(cfg.device)
 
 
 def resolve_device(requested: str) -> str:
@@ -126,10 +123,7 @@ def auto_loader_workers(requested: int, device: str) -> int:
         return requested
     if not device.startswith("cuda"):
         return 1
-    import torch
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_gpu = cpus // max(1, torch.cuda.device_count())
+    per_gpu = usable_cpus() // max(1, cuda_count())
     return max(1, min(8, per_gpu - 2))
 
 
@@ -165,25 +159,7 @@ def auto_threads(device: str) -> int:
     0 = keep torch's setting."""
     if not device.startswith("cpu"):
         return 0
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@contextlib.contextmanager
-def torch_settings(threads: int, deterministic: bool = True) -> Iterator[None]:
-    """Deterministic kernels and the thread count for one task; restored afterwards (tests share a process).
-    On a GPU determinism is off: cuBLAS would need a fixed workspace and scores need no bit-exactness."""
-    import torch
-
-    prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled())
-    if threads:
-        torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev[0])
-        torch.use_deterministic_algorithms(prev[1], warn_only=prev[2])
+    return usable_cpus()
 
 
 def autocast(device: str, precision: str) -> Any:
@@ -274,6 +250,7 @@ def encode_shard(cfg: ScoreConfig, lm: Any, device: str, tar: str, ledger: list[
     keys: list[str] = []
     imgs, txts = [], []
     on_device = 0
+    # on a GPU determinism is off: cuBLAS would need a fixed workspace and scores need no bit-exactness
     with torch_settings(cfg.threads or auto_threads(device), deterministic=not cuda):
         t0 = time.perf_counter()
         chunks = sl.open_loader(job, pin_memory=cuda)

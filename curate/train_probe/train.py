@@ -7,7 +7,6 @@ is repeated for more epochs, which is the quality-versus-quantity trade-off the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.config import runtime
+from curate.devices import cuda_count, require_cuda, torch_settings
 from curate.errors import InputError
 from curate.train_probe.data import Samples, normalize
 
@@ -54,18 +54,13 @@ def check_config(cfg: TrainConfig) -> None:
         raise InputError(f"--curve-points: must be at least 1 (got {cfg.curve_points})")
     if not 0 <= cfg.crop < 1:
         raise InputError(f"--crop: must be in [0, 1) (got {cfg.crop})")
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {cfg.device}: no CUDA device is visible to torch")
+    require_cuda(cfg.device)
 
 
 def resolve_device(requested: str) -> str:
-    import torch
-
+    """auto -> cuda when torch sees a GPU (training uses one device: cuda:0 unless cuda:N was named)."""
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if cuda_count() else "cpu"
     return requested
 
 
@@ -95,23 +90,6 @@ def create_model(cfg: TrainConfig, seed: int, device: str) -> tuple[Any, Any]:
         model = open_clip.create_model(arch, pretrained=None, device="cpu", output_dict=True,
                                        force_image_size=force)
     return model.to(device), open_clip.get_tokenizer(arch)
-
-
-@contextlib.contextmanager
-def torch_settings(device: str, threads: int) -> Iterator[None]:
-    """Deterministic algorithms (CPU) and the thread count for the duration of a run, then restored."""
-    import torch
-
-    prev_det, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    if device == "cpu":
-        torch.use_deterministic_algorithms(True)
-    if threads > 0:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev_det)
-        torch.set_num_threads(prev_threads)
 
 
 def batch_plan(samples_seen: int, batch_size: int) -> list[int]:
@@ -216,7 +194,8 @@ def train_run(train: Samples, cfg: TrainConfig, seed: int, *,
     if n < cfg.batch_size:
         raise InputError(f"--batch-size: a subset has {n} samples, fewer than the batch size {cfg.batch_size}; "
                          f"lower --batch-size (a batch must not hold the same sample twice)")
-    with torch_settings(device, cfg.threads):
+    # deterministic (and an error, not a warning, on a nondeterministic kernel) on the CPU: runs repeat exactly
+    with torch_settings(max(0, cfg.threads), deterministic=True if device == "cpu" else None, warn_only=False):
         model, tokenizer = create_model(cfg, seed, device)
         model.train()
         optimizer = make_optimizer(model, cfg)
