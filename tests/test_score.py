@@ -14,8 +14,8 @@ from dataset_factory import color_image, jpeg_bytes, make_dataset
 from PIL import Image
 
 from curate.cli import main
+from curate.hashing import file_sha256
 from curate.io.layout import DatasetDir
-from curate.models import file_sha256
 
 TINY = {
     "embed_dim": 32,
@@ -413,7 +413,7 @@ def test_tar_index_fast_path_equals_tarfile_and_refuses_what_the_reader_refuses(
     import tarfile
 
     from curate.errors import ShardError
-    from curate.stages import score_loader as sl
+    from curate.io import shards as sl
 
     ds = make_dataset(tmp_path / "ds", samples(9), shard_size=20)
     tar = str(ds.shard_tar("00000000"))

@@ -81,10 +81,11 @@ def _faiss() -> dict[str, Any]:
 
 def _langid() -> dict[str, Any]:
     from curate import langid
+    from curate.hashing import file_sha256
 
     try:
         path = langid.model_path()
-        sha = langid.file_sha256(path)
+        sha = file_sha256(path)
     except Exception as e:  # noqa: BLE001
         return {"file": langid.MODEL_FILE, "problem": str(e)}
     out = {"file": str(path), "sha256": sha, "expected_sha256": langid.MODEL_SHA256,

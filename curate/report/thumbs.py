@@ -1,101 +1,35 @@
-"""Small base64 JPEG thumbnails of chosen samples, reading only their image members from the tar shards.
-
-Shard tars are uncompressed, so the reader walks the headers and skips every other member's bytes:
-a few dozen samples from a big shard cost a header scan, not a full read.
-"""
+"""Small base64 JPEG thumbnails of chosen samples, reading only their image members from the tar shards."""
 
 from __future__ import annotations
 
 import base64
 import io
 import logging
-import mmap
-import os
-import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from curate.errors import ShardError
 from curate.io.layout import DatasetDir
-from curate.io.shards import IMAGE_EXTS, _check_member
+from curate.io.shards import IMAGE_EXTS, index_tar
 
 log = logging.getLogger("curate")
 
 
 def image_members(path: Path, keys: set[str]) -> dict[str, bytes]:
-    """The image bytes of `keys` found in the tar at `path` (same member safety rules as iter_samples).
-
-    Plain ustar headers (what ShardWriter writes) are parsed straight from a memory map, which is
-    tens of times faster than tarfile on shards of many small members; any other header kind (pax,
-    GNU long names) falls back to tarfile.
-    """
+    """The image bytes of `keys` found in the tar at `path`, read through curate.io.shards' tar index
+    (headers only, then one read per wanted image): a few dozen samples from a big shard cost a header
+    scan, not a full read. The index refuses what every reader refuses (unsafe names, truncation)."""
+    found: dict[str, bytes] = {}
+    entries = [e for e in index_tar(str(path)) if e[0] in keys]
     try:
         with open(path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size == 0:
-                raise ShardError(f"{path}: empty tar")
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                found = _scan_ustar(path, mm, keys)
+            for key, members, _start, _end in entries:
+                for ext, offset, size in members:
+                    if ext in IMAGE_EXTS:
+                        fh.seek(offset)
+                        found[key] = fh.read(size)
     except OSError as e:
         raise ShardError(f"{path}: unreadable tar ({e})") from e
-    return found if found is not None else _read_with_tarfile(path, keys)
-
-
-def _scan_ustar(path: Path, mm: mmap.mmap, keys: set[str]) -> dict[str, bytes] | None:
-    """None when a header is not a plain ustar file header (the caller then uses tarfile)."""
-    found: dict[str, bytes] = {}
-    wanted = {k.encode("utf-8") for k in keys}
-    off, end = 0, len(mm)
-    while off + 512 <= end and len(found) < len(keys):
-        # fields are read straight from the map: copying each 512-byte header would double the cost
-        if mm[off] == 0 and mm[off:off + 512].count(0) == 512:  # end-of-archive block
-            break
-        if mm[off + 257:off + 262] != b"ustar" or mm[off + 156] not in (0x30, 0):  # regular file only
-            return None
-        try:
-            size = int(mm[off + 124:off + 136].rstrip(b"\0 ").strip() or b"0", 8)
-        except ValueError:
-            return None
-        data = off + 512
-        hdr = mm[off:off + 100]
-        raw = hdr.split(b"\0", 1)[0]
-        # decode only the members whose base name starts with a wanted key
-        if raw.rsplit(b"/", 1)[-1].partition(b".")[0] in wanted:
-            try:
-                name = raw.decode("utf-8")
-                prefix = mm[off + 345:off + 500].split(b"\0", 1)[0].decode("utf-8")
-            except UnicodeDecodeError:
-                return None
-            name = f"{prefix}/{name}" if prefix else name
-            key, _, ext = name.rsplit("/", 1)[-1].partition(".")
-            if ext.lower() in IMAGE_EXTS:
-                if name.startswith("/") or ".." in name.split("/") or "\\" in name:
-                    raise ShardError(f"{path}: member '{name}' has an unsafe name")
-                if data + size > end:
-                    raise ShardError(f"{path}: truncated tar (member '{name}' is cut short)")
-                found[key] = mm[data:data + size]
-        off = data + (size + 511) // 512 * 512
-    return found
-
-
-def _read_with_tarfile(path: Path, keys: set[str]) -> dict[str, bytes]:
-    found: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                base = m.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                if key not in keys or ext.lower() not in IMAGE_EXTS:
-                    continue
-                _check_member(path, m)
-                fh = tar.extractfile(m)
-                data = fh.read() if fh is not None else b""
-                if len(data) != m.size:
-                    raise ShardError(f"{path}: truncated tar (member '{m.name}' is cut short)")
-                found[key] = data
-                if len(found) == len(keys):
-                    break
-    except (tarfile.ReadError, EOFError, OSError) as e:
-        raise ShardError(f"{path}: truncated or unreadable tar ({e})") from e
     return found
 
 

@@ -10,8 +10,6 @@ smallest nprobe that reaches `target_recall` against brute force on held-out row
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import shutil
@@ -25,6 +23,7 @@ import numpy as np
 
 from curate.config import output_fields, runtime
 from curate.errors import InputError
+from curate.hashing import json_digest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
 
@@ -124,9 +123,8 @@ def input_digest(ds: DatasetDir, scorer: str) -> dict[str, Any]:
     for shard in ds.done_shards(scorer):
         paths = [ds.signals(scorer, shard)] + [ds.signals(scorer, shard, s) for s in MODALITIES.values()]
         files[shard] = [p.stat().st_size if p.exists() else None for p in paths]
-    blob = json.dumps(files, sort_keys=True).encode()
     return {"scorer": scorer, "fingerprint": entry.get("fingerprint"), "shards": len(files),
-            "files_sha256": hashlib.sha256(blob).hexdigest()[:16]}
+            "files_sha256": json_digest(files)}
 
 
 def scored_ids(ds: DatasetDir, scorer: str) -> Any:

@@ -15,8 +15,6 @@ decision for any cap t, with no further aggregation at export time. See curate/b
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import numpy as np
 from curate.balancing import DEFAULT_METADATA, entries_digest, load_entries
 from curate.config import output_fields, runtime
 from curate.errors import InputError
+from curate.hashing import json_digest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, task_id
 
@@ -55,7 +54,7 @@ def work_dir(ds: DatasetDir) -> Path:
 def input_digest(ds: DatasetDir) -> dict[str, Any]:
     """What balance reads: each downloaded shard's ledger size (sizes, not mtimes: a copied dir resumes)."""
     sizes = {s: ds.ledger(s).stat().st_size for s in ds.shards() if ds.ledger(s).exists()}
-    return {"shards": len(sizes), "ledger_sha256": hashlib.sha256(json.dumps(sizes, sort_keys=True).encode()).hexdigest()[:16]}
+    return {"shards": len(sizes), "ledger_sha256": json_digest(sizes)}
 
 
 def fingerprint_extra(cfg: BalanceConfig, ds: DatasetDir) -> dict[str, Any]:
@@ -193,7 +192,7 @@ def _match_files_digest(ds: DatasetDir, plan: dict[str, Any]) -> str:
     for s in plan["shards"]:
         st = _match_path(ds, s).stat()
         stamp.append([s, st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+    return json_digest(stamp)  # a list: sorted keys change nothing
 
 
 def _reduce_is_stale(ds: DatasetDir, plan: dict[str, Any]) -> bool:

@@ -17,8 +17,6 @@ Rows are identified by key for every decision and tie, so shard order and placem
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import re
@@ -30,6 +28,7 @@ import numpy as np
 
 from curate.config import output_fields, runtime
 from curate.errors import InputError
+from curate.hashing import json_digest
 from curate.io.atomic import read_json, write_json
 from curate.io.layout import DatasetDir, task_id
 from curate.semdedup import DEVICES, KEEP_POLICIES
@@ -112,9 +111,7 @@ def input_digest(ds: DatasetDir, scorer: str = "score") -> dict[str, Any]:
     for shard in ds.done_shards(scorer):
         paths = (ds.signals(scorer, shard), ds.signals(scorer, shard, ".img_emb.npy"), ds.ledger(shard))
         files[shard] = [p.stat().st_size if p.exists() else None for p in paths]
-    blob = json.dumps(files, sort_keys=True).encode()
-    return {"score_fingerprint": score.get("fingerprint"), "shards": len(files),
-            "files_sha256": hashlib.sha256(blob).hexdigest()[:16]}
+    return {"score_fingerprint": score.get("fingerprint"), "shards": len(files), "files_sha256": json_digest(files)}
 
 
 def read_shard(ds: DatasetDir, shard: str, with_sha: bool = True, scorer: str = "score") -> tuple[Any, np.ndarray]:

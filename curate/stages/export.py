@@ -13,8 +13,6 @@ the source tars and writes their ledger rows (ledger + signals) beside them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -28,6 +26,7 @@ import pyarrow.parquet as pq
 
 from curate.config import runtime
 from curate.errors import CurateError, InputError, ShardError
+from curate.hashing import json_digest
 from curate.io import manifest
 from curate.io.atomic import TMP_PREFIX, atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, shard_name
@@ -210,7 +209,7 @@ def read_keep_list(folder: Path, index: int) -> pa.Table:
 def selection_digest(cfg: ExportConfig) -> str:
     """Names the selection folder: the same clauses over the same source stages give the same folder."""
     what = {**fingerprint_extra(cfg), "samples_per_shard": cfg.samples_per_shard, "write_dropped": cfg.write_dropped}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(what)
 
 
 def ensure_selection(cfg: ExportConfig, ds: DatasetDir) -> tuple[Path, dict[str, Any]]:

@@ -23,7 +23,6 @@ import atexit
 import io
 import os
 import queue
-import tarfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 import torch.utils.data as tud
 
 from curate.errors import ShardError
+from curate.io.shards import IndexEntry, index_tar  # noqa: F401 - the loader's index (re-exported)
 
 DECODERS = ("auto", "cpu", "device")
 CHUNK_ITEMS = 64  # samples per worker chunk on the device path
@@ -42,8 +42,6 @@ DECODE_PIXEL_BUDGET = 256 * 1024 * 1024  # pixels per nvjpeg call: bounds the de
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 JPEG_MAGIC = b"\xff\xd8\xff"
 
-# (key, [(ext, data offset, size), ...], first header offset, end offset)
-IndexEntry = tuple[str, list[tuple[str, int, int]], int, int]
 
 
 class ImageSkipped(Exception):
@@ -110,95 +108,6 @@ def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 # --- the tar index and disjoint reading ----------------------------------------------------------
-
-
-def index_tar(path: str) -> list[IndexEntry]:
-    """Samples of a tar in tar order with their members' data offsets; reads headers only.
-
-    Plain ustar headers (what curate, img2dataset and webdataset write) are parsed from a memory map
-    (~5 us a member, where tarfile takes ~40); PAX or GNU long-name headers fall back to tarfile.
-    Refuses what `curate.io.shards.iter_raw` refuses: links, unsafe names, truncation.
-    """
-    try:
-        members = _ustar_members(path)
-        if members is None:
-            members = _tarfile_members(path)
-    except (tarfile.ReadError, EOFError, OSError, ValueError) as e:
-        raise ShardError(f"{path}: truncated or unreadable tar ({e})") from e
-    out: list[IndexEntry] = []
-    for name, header, data, size in members:
-        base = name.rsplit("/", 1)[-1]
-        if "." not in base:
-            continue
-        key, ext = base.split(".", 1)
-        if out and out[-1][0] == key:
-            out[-1][1].append((ext.lower(), data, size))
-            out[-1] = (key, out[-1][1], out[-1][2], data + size)
-        else:
-            out.append((key, [(ext.lower(), data, size)], header, data + size))
-    return out
-
-
-_ZERO_BLOCK = b"\0" * 512
-
-
-def _ustar_members(path: str) -> list[tuple[str, int, int, int]] | None:
-    """(name, header offset, data offset, size) of each member, or None if a header needs tarfile."""
-    import mmap
-
-    from curate.io.shards import _check_member
-
-    out = []
-    with open(path, "rb") as fh:
-        total = os.fstat(fh.fileno()).st_size
-        if total == 0:
-            raise ShardError(f"{path}: truncated tar (empty file)")
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            pos = 0
-            while True:
-                if pos + 1024 > total:
-                    raise ShardError(f"{path}: truncated tar (no end-of-archive marker after {pos} bytes)")
-                hdr = mm[pos:pos + 512]
-                if hdr == _ZERO_BLOCK:
-                    if mm[pos + 512:pos + 1024] != _ZERO_BLOCK:
-                        raise ShardError(f"{path}: truncated tar (no end-of-archive marker after {pos} bytes)")
-                    return out
-                kind = hdr[156:157]
-                if kind in (b"x", b"g", b"L", b"K") or hdr[124] & 0x80:
-                    return None  # PAX / GNU long names / base-256 sizes: tarfile knows them all
-                chk = hdr[148:156].split(b"\0", 1)[0].strip()
-                if not chk or int(chk, 8) != sum(hdr[:148]) + sum(hdr[156:]) + 256:
-                    raise ShardError(f"{path}: unreadable tar (bad header checksum at byte {pos})")
-                name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                if hdr[257:262] == b"ustar":
-                    prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    name = f"{prefix}/{name}" if prefix else name
-                size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-                if kind not in (b"0", b"\0") or name.startswith("/") or "\\" in name or ".." in name.split("/"):
-                    info = tarfile.TarInfo(name)
-                    info.type = tarfile.REGTYPE if kind == b"\0" else kind
-                    _check_member(path, info)  # type: ignore[arg-type]  # raises with the reader's message
-                if pos + 512 + size > total:
-                    raise ShardError(f"{path}: truncated tar (member '{name}' is cut short)")
-                out.append((name, pos, pos + 512, size))
-                pos += 512 + (size + 511) // 512 * 512
-
-
-def _tarfile_members(path: str) -> list[tuple[str, int, int, int]]:
-    from curate.io.shards import _check_member
-
-    size = os.path.getsize(path)
-    out = []
-    with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-        for m in tar:
-            _check_member(path, m)  # type: ignore[arg-type]
-            if m.offset_data + m.size > size:
-                raise ShardError(f"{path}: truncated tar (member '{m.name}' is cut short)")
-            out.append((m.name, m.offset, m.offset_data, m.size))
-        fh.seek(tar.offset)
-        if fh.read(1024) != b"\0" * 1024:
-            raise ShardError(f"{path}: truncated tar (no end-of-archive marker after {tar.offset} bytes)")
-    return out
 
 
 def split_ranges(n: int, parts: int) -> list[range]:
