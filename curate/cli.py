@@ -15,6 +15,8 @@ import click
 from curate import __version__
 from curate.errors import CurateError
 
+log = logging.getLogger(__name__)
+
 # (command module) -- a command is listed here only once it works
 COMMANDS: list[str] = [
     "curate.commands.adopt",
@@ -47,14 +49,15 @@ class CurateGroup(click.Group):
 
 @click.group(cls=CurateGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="curate")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def cli(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True, help="More of curate's logging: debug lines.")
+@click.option("-q", "--quiet", count=True, help="Less of curate's logging: warnings only (-qq: errors only).")
+def cli(verbose: int, quiet: int) -> None:
     """curate: URL lists -> curated, deduplicated webdataset shards, with evidence."""
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("curate").setLevel(max(level, logging.DEBUG))
-    if verbose == 0:
-        logging.getLogger("curate").setLevel(logging.INFO)
+    from curate import logs
+
+    logs.configure(logs.level_for(verbose, quiet))
+    log.debug("curate %s, Python %s, log level %s", __version__, sys.version.split()[0],
+              logging.getLevelName(logs.level_for(verbose, quiet)))
 
 
 for _mod in COMMANDS:

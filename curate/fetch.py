@@ -45,7 +45,7 @@ from urllib3.exceptions import (
 from curate import __version__
 from curate.phases import PHASES
 
-log = logging.getLogger("curate.fetch")
+log = logging.getLogger(__name__)
 
 UA_TOKEN = "curatebot"
 CHUNK = 64 * 1024

@@ -20,16 +20,12 @@ import io
 import math
 import struct
 import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
 from curate.phases import PHASES
-
-# our own max_pixels check runs first and is stricter; Pillow's warning would only be noise
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 ALLOWED_FORMATS: dict[str, str] = {
     "JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp",

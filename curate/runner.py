@@ -28,7 +28,7 @@ from curate.progress import Progress
 from curate.stages import get_stage
 from curate.stages.base import output_key
 
-log = logging.getLogger("curate")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,6 +101,7 @@ def run_stage(
         done = set(ds.done_tasks(key))
         todo = [t for t in tasks if task_id(t) not in done]
         summary = StageSummary(key, str(ds.root), fp, len(tasks), len(tasks) - len(todo))
+        log.info("%s on %s: %d task(s), %d already done", key, ds.root, len(tasks), len(tasks) - len(todo))
         config = to_dict(cfg)
 
         def record(status: str, **kw: Any) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-log = logging.getLogger("curate.demo.build_corpus")
+log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = Path("/usr/share/openclipart")
 DEFAULT_OUT = Path(__file__).resolve().parent / "corpus"

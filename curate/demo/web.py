@@ -57,7 +57,7 @@ import pyarrow as pa
 from curate.demo.build_corpus import unit_hash
 from curate.errors import InputError
 
-log = logging.getLogger("curate.demo.web")
+log = logging.getLogger(__name__)
 
 # route -> expected ledger error code (None: the downloader should end with success)
 FAULT_ROUTES: dict[str, str | None] = {

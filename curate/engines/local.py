@@ -21,7 +21,10 @@ from curate.stages.base import TaskResult, execute_task
 
 
 def _watch_parent(parent: int) -> None:
-    """Pool initializer: exit as soon as the driver that started this worker is gone."""
+    """Pool initializer: the driver's log level (-v/-q), and exit as soon as the driver is gone."""
+    from curate.logs import configure_task_process
+
+    configure_task_process()
 
     def loop() -> None:
         while True:

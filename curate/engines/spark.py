@@ -18,8 +18,10 @@ from curate.engines.base import OnResult, Payload
 
 
 def _run_json(payload_json: str) -> str:
+    from curate.logs import configure_task_process
     from curate.stages.base import execute_task
 
+    configure_task_process()
     stage, config, root, task = json.loads(payload_json)
     _publish_task_gpus()
     return json.dumps(execute_task(stage, config, root, task))

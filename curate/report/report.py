@@ -31,7 +31,7 @@ from curate.report import svg
 from curate.report.export_info import ExportInfo, read_export, resolve_dirs
 from curate.report.thumbs import load_thumbnails
 
-log = logging.getLogger("curate")
+log = logging.getLogger(__name__)
 
 # a host column that survives userinfo, ports and IPv6 brackets
 HOST_SQL = ("coalesce(nullif(lower(regexp_extract(url, "

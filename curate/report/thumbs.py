@@ -12,7 +12,7 @@ from curate.errors import ShardError
 from curate.io.layout import DatasetDir
 from curate.io.shards import IMAGE_EXTS, index_tar
 
-log = logging.getLogger("curate")
+log = logging.getLogger(__name__)
 
 
 def image_members(path: Path, keys: set[str]) -> dict[str, bytes]:

@@ -27,7 +27,7 @@ from curate.hashing import json_digest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
 
-log = logging.getLogger("curate.index")
+log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
 PLAN_VERSION = 1

@@ -14,7 +14,7 @@ import numpy as np
 from curate.io.layout import DatasetDir
 from curate.search.build import index_dir, open_embeddings
 
-log = logging.getLogger("curate")
+log = logging.getLogger(__name__)
 
 SERVE_URL = "http://127.0.0.1:8765/"  # `curate serve DIR`'s default address
 

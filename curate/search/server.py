@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlparse
 from curate.errors import CurateError
 from curate.search.searcher import Query, Searcher
 
-log = logging.getLogger("curate.serve")
+log = logging.getLogger(__name__)
 
 MAX_K = 100
 MAX_QUERY_CHARS = 500

@@ -30,7 +30,7 @@ from curate.hashing import json_digest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, task_id
 
-log = logging.getLogger("curate.balance")
+log = logging.getLogger(__name__)
 
 NAME = "balance"
 PLAN_VERSION = 1

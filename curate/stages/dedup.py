@@ -33,7 +33,7 @@ from curate.io.atomic import read_json, write_json
 from curate.io.layout import DatasetDir, task_id
 from curate.semdedup import DEVICES, KEEP_POLICIES
 
-log = logging.getLogger("curate.dedup")
+log = logging.getLogger(__name__)
 
 WORK = ("_work", "dedup")
 PLAN_VERSION = 2

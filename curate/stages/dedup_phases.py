@@ -28,7 +28,7 @@ from curate.stages.dedup import (
     work_dir,
 )
 
-log = logging.getLogger("curate.dedup")
+log = logging.getLogger(__name__)
 UID_SHIFT = 32  # uid = shard ordinal << 32 | row position in the shard's key order (routing only, never ties)
 
 

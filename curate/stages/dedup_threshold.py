@@ -20,7 +20,7 @@ import numpy as np
 from curate.errors import InputError
 from curate.io.layout import DatasetDir
 
-log = logging.getLogger("curate.dedup")
+log = logging.getLogger(__name__)
 SAMPLES = 256
 RANDOM_PAIR_RATE = 1e-3  # the threshold sits above all but this share of the sample's random pairs
 AUGMENTATIONS = ("jpeg-q40", "downscale-0.5", "crop-0.9")

@@ -238,7 +238,7 @@ def _make_plan(cfg: DownloadConfig, ds: DatasetDir) -> dict[str, Any]:
     """Stream the input into per-shard slices, then find repeated URLs with DuckDB; plan.json last."""
     import logging
 
-    log = logging.getLogger("curate")
+    log = logging.getLogger(__name__)
     sps = cfg.samples_per_shard
     done = set(ds.done_shards("download"))
     ds.duplicates_file.unlink(missing_ok=True)

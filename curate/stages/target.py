@@ -27,7 +27,7 @@ from curate.errors import InputError
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
 
-log = logging.getLogger("curate.target")
+log = logging.getLogger(__name__)
 
 NAME = "target"
 PLAN_VERSION = 1
