@@ -1,7 +1,8 @@
 """The one safe image decoder of curate, and download's resize/encode.
 
-Every stage that opens image bytes (download, score, report thumbnails, train-probe data) goes through
-`safe_open` / `safe_decode` / `safe_decode_rgb`: the format is decided by magic bytes against an allowlist (JPEG, PNG,
+Everything in curate that opens image bytes (download, score and its device path's header check, adopt,
+dedup, report thumbnails and plots, train-probe data, search query images, the demo web's variants) goes
+through `safe_open` / `safe_decode` / `safe_decode_rgb`: the format is decided by magic bytes against an allowlist (JPEG, PNG,
 WebP, GIF, BMP), Pillow is opened with exactly that one format (`formats=[...]`, so no other plugin,
 and never Ghostscript, sees the bytes), and the header's pixel count is checked before a single pixel
 is allocated. Failures raise `ImageRejected` whose `code` is a ledger error code, the same in every stage.

@@ -170,10 +170,11 @@ def dup_bytes(original: bytes, kind: str) -> bytes:
     """The served bytes of a duplicate of `original` (JPEG) of the given kind."""
     from PIL import Image
 
+    from curate.imaging import safe_decode_rgb
+
     if kind == "exact":
         return original
-    with Image.open(io.BytesIO(original)) as im:
-        im = im.convert("RGB")
+    im = safe_decode_rgb(original)
     if kind == "reencode":
         return _jpeg(im, 60)
     if kind == "resize":
@@ -187,11 +188,10 @@ def dup_bytes(original: bytes, kind: str) -> bytes:
 
 
 def tiff_bytes(jpeg: bytes) -> bytes:
-    from PIL import Image
+    from curate.imaging import safe_decode_rgb
 
-    with Image.open(io.BytesIO(jpeg)) as im:
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="TIFF")
+    buf = io.BytesIO()
+    safe_decode_rgb(jpeg).save(buf, format="TIFF")
     return buf.getvalue()
 
 

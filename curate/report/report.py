@@ -531,15 +531,18 @@ def _markdown_tables(text: str) -> str:
 def _png_uri(path: Path) -> str | None:
     data = path.read_bytes()
     if len(data) > MAX_PNG_BYTES:
-        from PIL import Image
+        from curate.imaging import ImageRejected, safe_open
 
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            with safe_open(data) as im:  # the allowlist and pixel cap of every decoder
                 im.thumbnail((1200, 1200))
                 buf = io.BytesIO()
                 im.save(buf, "PNG", optimize=True)
                 data = buf.getvalue()
-        except Exception as e:  # an unreadable plot is left out, not fatal
+        except ImageRejected as e:
+            log.warning("report: skipping %s (%s: %s)", path, e.code, e.message)
+            return None
+        except Exception as e:  # noqa: BLE001 - an unreadable plot is left out, not fatal
             log.warning("report: skipping %s (%s)", path, e)
             return None
     if not data.startswith(b"\x89PNG"):

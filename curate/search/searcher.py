@@ -105,14 +105,17 @@ class Searcher:
 
     def image_vector(self, path: str | Path) -> np.ndarray:
         import torch
-        from PIL import Image, UnidentifiedImageError
+
+        from curate.imaging import ImageRejected, safe_decode_rgb
 
         lm = self.model()
         try:
-            with Image.open(path) as im:
-                x = lm.preprocess(im.convert("RGB")).unsqueeze(0)
-        except (OSError, UnidentifiedImageError) as e:
-            raise InputError(f"--image: {path} is not a readable image ({e})") from None
+            # the same allowlist and pixel cap as every stage: a query image is untrusted input too
+            x = lm.preprocess(safe_decode_rgb(Path(path).read_bytes())).unsqueeze(0)
+        except OSError as e:
+            raise InputError(f"--image: {path} cannot be read ({e.strerror or e})") from None
+        except ImageRejected as e:
+            raise InputError(f"--image: {path} is not a usable image ({e.code}: {e.message})") from None
         with torch.no_grad():
             feats = lm.model.encode_image(x.to(lm.device)).float()
         return _normalise(feats.cpu().numpy())[0]

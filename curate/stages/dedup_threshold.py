@@ -30,9 +30,11 @@ def augment(im: Any) -> list[Any]:
     """The near copies a web crawl produces from one image: re-encoded, downscaled, slightly cropped."""
     from PIL import Image
 
+    from curate.imaging import safe_decode_rgb
+
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=40)
-    reencoded = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    reencoded = safe_decode_rgb(buf.getvalue())
     w, h = im.size
     small = im.resize((max(1, w // 2), max(1, h // 2)), Image.BILINEAR)
     dw, dh = round(w * 0.05), round(h * 0.05)
