@@ -165,6 +165,16 @@ def test_command_writes_results_resumes_and_refuses_another_config(data, tmp_pat
         assert 0 <= summary["big"][f"{metric}_mean"] <= 1 and summary["big"][f"{metric}_std"] >= 0
     assert res["chance"]["zeroshot_top1"] == pytest.approx(1 / 6) and res["chance"]["majority_top1"] == pytest.approx(1 / 6)
     assert "| big | 48 | 2 | 24 |" in (out / "results.md").read_text()
+    # results.md is a rendering of results.json; `curate report`'s summary reads the JSON, not the markdown
+    from curate.commands.report import one_screen_summary
+    from curate.train_probe.report import results_markdown
+
+    assert results_markdown(res) == (out / "results.md").read_text()
+    md = (out / "results.md").read_bytes()
+    (out / "results.md").unlink()
+    text = one_screen_summary({}, str(tmp_path), None, str(out), None)
+    assert "== train-probe ==" in text and "| big | 48 | 2 | 24 |" in text
+    (out / "results.md").write_bytes(md)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "manifest.json").read_text())["stages"]["train-probe"]["counts"]["trained"] == 4
     before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}

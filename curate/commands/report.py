@@ -50,9 +50,16 @@ def one_screen_summary(collected: dict, directory: str, export_dir: str | None, 
         from curate.report.ground_truth import curation_accuracy, format_accuracy
 
         lines += ["", "== " + format_accuracy(curation_accuracy(directory, ground_truth, export_dir))]
-    md = Path(probe_dir) / "results.md" if probe_dir else None
-    if md is not None and md.exists():
-        lines += ["", "== train-probe =="]
-        lines += [ln for ln in md.read_text().splitlines() if ln.startswith("|") or ln.startswith("curated vs")
-                  or ln.startswith("#")]
+    results = Path(probe_dir) / "results.json" if probe_dir else None
+    if results is not None and results.exists():
+        import json
+
+        from curate.train_probe.report import summary_lines
+
+        try:
+            probe = summary_lines(json.loads(results.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError) as e:
+            probe = [f"  {results}: unreadable ({e})"]
+        if probe:
+            lines += ["", "== train-probe ==", *probe]
     return "\n".join(lines) + "\n"

@@ -500,34 +500,6 @@ def _cell(v: Any) -> Any:
     return "" if v is None else v
 
 
-def _markdown_tables(text: str) -> str:
-    """Pipe tables of a markdown file as HTML tables; other lines as preformatted text."""
-    blocks, table, plain = [], [], []
-
-    def flush() -> None:
-        if table:
-            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table
-                    if not set(line.replace("|", "").strip()) <= set("-: ")]
-            if rows:
-                blocks.append(_table(rows[0], rows[1:]))
-            table.clear()
-        if plain and any(x.strip() for x in plain):
-            blocks.append(f"<pre>{escape(chr(10).join(plain).strip())}</pre>")
-        plain.clear()
-
-    for line in text.splitlines():
-        if line.strip().startswith("|"):
-            if plain:
-                flush()
-            table.append(line)
-        else:
-            if table:
-                flush()
-            plain.append(line)
-    flush()
-    return "".join(blocks)
-
-
 def _png_uri(path: Path) -> str | None:
     data = path.read_bytes()
     if len(data) > MAX_PNG_BYTES:
@@ -561,18 +533,13 @@ def _train_probe(probe: Path) -> str:
             out += tables or [f"<pre>{escape(json.dumps(data, indent=2)[:20000])}</pre>"]
         except (ValueError, OSError) as e:
             out.append(f'<p class="empty">results.json is unreadable: {escape(str(e))}</p>')
-    md = probe / "results.md"
-    if md.is_file() and not out:
-        out.append(_markdown_tables(md.read_text(encoding="utf-8", errors="replace")))
-    elif md.is_file():
-        out.append(f"<details><summary>results.md</summary>{_markdown_tables(md.read_text(errors='replace'))}</details>")
     for png in sorted(probe.glob("*.png")):
         uri = _png_uri(png)
         if uri:
             out.append(f'<figure><img src="{uri}" alt="{escape(png.name)}"><figcaption class="note">'
                        f"{escape(png.name)}</figcaption></figure>")
     if not out:
-        return f'<p class="empty">{escape(str(probe))} has no results.json, results.md or PNG plots</p>'
+        return f'<p class="empty">{escape(str(probe))} has no results.json or PNG plots</p>'
     return f'<div class="probe">{"".join(out)}</div>'
 
 

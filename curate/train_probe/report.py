@@ -187,7 +187,7 @@ def write_outputs(out: Path, *, config: dict[str, Any], runs: list[dict[str, Any
     `labels` are the eval items' class indices (for the bootstrap of mean per-class accuracy).
     """
     from curate.train_probe.stats import HEADLINE, HEADLINE_WHY, compare
-    from curate.train_probe.study import plot_study, quality_quantity, study_lines
+    from curate.train_probe.study import plot_study, quality_quantity
 
     summary = summarize(runs, subsets)
     main_budget = config["train"]["samples_seen"]
@@ -216,18 +216,8 @@ def write_outputs(out: Path, *, config: dict[str, Any], runs: list[dict[str, Any
     if study is not None:
         results["study"] = study
     write_json(out / "results.json", results)
-    header = f"# train-probe: {config['train']['model']}, {config['train']['samples_seen']} samples seen per run"
-    md = markdown(summary, chance, header)
-    md += f"\nHeadline metric: {HEADLINE}, {HEADLINE_WHY}.\n"
-    if comparisons:
-        md += "\n## Paired comparisons (same seeds; 95% bootstrap CI over seeds and eval items)\n\n"
-        md += "".join(f"- {c['verdict']}\n" for c in comparisons)
-    if quality:
-        md += f"\n## Filter model check\n\n{quality[0]['verdict']} ({quality[0]['heldout_pairs']} held-out pairs)\n"
-    if study is not None:
-        md += "\n" + "\n".join(study_lines(study)) + "\n"
     with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(md, encoding="utf-8")
+        tmp.write_text(results_markdown(results), encoding="utf-8")
     if runs:
         # with both, the curves plot shows the named subsets; the sweep has its own plot
         named = [s for s in subsets if s["kind"] == "subset"] or subsets
@@ -237,3 +227,33 @@ def write_outputs(out: Path, *, config: dict[str, Any], runs: list[dict[str, Any
     if study is not None:
         plot_study(summary, study, out / "study.png")
     return results
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """results.md: the results object (what results.json holds) as markdown, rendered from the data alone."""
+    from curate.train_probe.study import study_lines
+
+    train = results["config"]["train"]
+    header = f"# train-probe: {train['model']}, {train['samples_seen']} samples seen per run"
+    md = markdown(results["summary"], results.get("chance") or None, header)
+    headline = results.get("headline") or {}
+    md += f"\nHeadline metric: {headline.get('metric')}, {headline.get('why')}.\n"
+    if results.get("comparisons"):
+        md += "\n## Paired comparisons (same seeds; 95% bootstrap CI over seeds and eval items)\n\n"
+        md += "".join(f"- {c['verdict']}\n" for c in results["comparisons"])
+    quality = results.get("filter_quality")
+    if quality:
+        md += f"\n## Filter model check\n\n{quality['verdict']} ({quality['heldout_pairs']} held-out pairs)\n"
+    if results.get("study") is not None:
+        md += "\n" + "\n".join(study_lines(results["study"])) + "\n"
+    return md
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """The per-subset table and the paired verdicts as plain-text lines, from a results.json object;
+    [] for an object that is not a train-probe result (no per-subset summary)."""
+    if not isinstance(results.get("summary"), list) or not isinstance(results.get("config"), dict):
+        return []
+    md = results_markdown(results)
+    return [ln for ln in md.splitlines() if ln.startswith(("#", "|"))] + \
+        [c["verdict"] for c in results.get("comparisons") or [] if c.get("verdict")]
