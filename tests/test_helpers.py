@@ -121,3 +121,36 @@ def test_torch_settings_restores_threads_and_determinism():
         assert torch.get_num_threads() == 1
         assert torch.are_deterministic_algorithms_enabled() == (not before[1])
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+
+
+def _without_pyspark(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a Python where `import pyspark` fails (sys.modules entry None), as on an install
+    without the spark extra."""
+    prelude = "import sys; sys.modules['pyspark'] = None\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
+
+
+def test_spark_engine_without_pyspark_is_a_clear_exit_2(small_pool):
+    root, meta = small_pool
+    before = sorted(p.name for p in root.iterdir())
+    out = _without_pyspark(
+        "from curate.cli import main\n"
+        f"sys.exit(main(['balance', {str(root)!r}, '--metadata', {str(meta)!r}, '--engine', 'spark', "
+        "'--no-progress', '--redo']))")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "--engine spark needs pyspark" in out.stderr and "curate[spark]" in out.stderr
+    assert sorted(p.name for p in root.iterdir()) == before  # refused before anything was written
+
+
+def test_nothing_imports_pyspark_at_import_time():
+    out = _without_pyspark(
+        "import importlib, pkgutil, curate\n"
+        "names = [m.name for m in pkgutil.walk_packages(curate.__path__, 'curate.')]\n"
+        "[importlib.import_module(n) for n in names]\n"
+        "from curate.cli import main\n"
+        "rc = main(['--help'])\n"
+        "print('modules', len(names), 'rc', rc)")
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1].split()
+    assert last[0] == "modules" and int(last[1]) > 50 and last[3] == "0"

@@ -103,7 +103,7 @@ def _spark() -> dict[str, Any]:
         out["pyspark"] = metadata.version("pyspark")
     except Exception:  # noqa: BLE001
         out["pyspark"] = None
-        out["problem"] = "pyspark is not installed: --engine spark is unavailable (pip install pyspark)"
+        out["problem"] = "pyspark is not installed: --engine spark is unavailable (pip install 'curate[spark]')"
     home = os.environ.get("JAVA_HOME")
     java = os.path.join(home, "bin", "java") if home else shutil.which("java")
     out["java"] = java

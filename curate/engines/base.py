@@ -10,11 +10,30 @@ Payload = tuple[str, dict[str, Any], str, dict[str, Any]]  # (stage, config, dat
 OnResult = Callable[[dict[str, Any]], None]
 
 
+SPARK_EXTRA_HINT = "pip install 'curate[spark]'"
+
+
+def require_pyspark() -> None:
+    """pyspark is an optional extra: without it, --engine spark is a clear exit-2 error, never a local run."""
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        from curate.errors import InputError
+
+        raise InputError(f"--engine spark needs pyspark, which is not installed: it comes with the spark "
+                         f"extra ({SPARK_EXTRA_HINT})") from None
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     name: str = "local"
     workers: int = 1
     spark_master: str = "local[*]"
+
+    def __post_init__(self) -> None:
+        # checked when the flags are read, before any output or manifest entry is written
+        if self.name == "spark":
+            require_pyspark()
 
 
 class Engine(Protocol):

@@ -44,12 +44,11 @@ def _publish_task_gpus() -> None:
 
 def get_session(master: str = "local[*]", app_name: str = "curate"):
     """The active SparkSession (spark-submit), or a new one on `master`."""
-    try:
-        from pyspark.sql import SparkSession
-    except ImportError as e:  # a missing backend raises; it never silently runs locally
-        from curate.errors import InputError
+    from curate.engines.base import require_pyspark
 
-        raise InputError("--engine spark needs pyspark: pip install pyspark") from e
+    require_pyspark()  # a missing backend raises; it never silently runs locally
+    from pyspark.sql import SparkSession
+
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
