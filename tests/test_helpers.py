@@ -154,3 +154,26 @@ def test_nothing_imports_pyspark_at_import_time():
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1].split()
     assert last[0] == "modules" and int(last[1]) > 50 and last[3] == "0"
+
+
+def test_webdataset_pipeline_reads_a_real_export_with_the_safe_decoder(small_pool, tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from curate.io.wds import pipeline
+
+    root, meta = small_pool
+    assert main(["balance", str(root), "--metadata", str(meta), "--seed", "3", "--no-progress", "--redo"]) == 0
+    out = tmp_path / "kept"
+    assert main(["export", str(root), "--out", str(out), "--where", "balance_rank < 1"]) == 0
+    kept = sorted(r["key"] for p in sorted((out / "ledger").glob("*.parquet")) for r in pq.read_table(p).to_pylist())
+    assert 0 < len(kept) < 4
+    samples = list(pipeline(out))
+    assert [s["__key__"] for s in samples] == kept  # only the export's samples, in its order
+    assert all(isinstance(s["image"], Image.Image) and s["image"].mode == "RGB" for s in samples)
+    assert all(s["txt"].startswith("a photo of a cat") and s["json"]["key"] == s["__key__"] for s in samples)
+    # the pool: every downloaded sample; keys= and where= narrow it
+    everything = [s["__key__"] for s in pipeline(root, decode=False)]
+    assert len(everything) == 4 and set(kept) <= set(everything)
+    assert [s["__key__"] for s in pipeline(root, keys=kept[:1], decode=False)] == kept[:1]
+    assert [s["__key__"] for s in pipeline(root, where=lambda s: s["__key__"] == everything[-1])] == everything[-1:]
