@@ -7,7 +7,11 @@ field means exactly what the flag means, and each stage resumes (and refuses ano
     workdir: demo-out                 # relative to the current directory; ${workdir} in values
     env: {OMP_NUM_THREADS: "2"}       # environment variables for the run
     defaults: {workers: 2}            # flags given to every stage whose command has them
-    demo_web: {seed: 0}               # start curate.demo.web.DemoWeb: ${demo_web.url_list}, ...allow_hosts
+    services:                         # started before the first stage (curate.services): ${services.web.url_list}
+      web: {kind: demo-web, seed: 0}
+    datasets:                         # named datasets: ${datasets.eval}; a kind writes it once, a path names it
+      eval: {kind: demo-split, split: eval}
+      pool: ${workdir}/pool
     stages:
       - stage: export                 # the command name
         id: curated                   # optional, for --set curated.policy=... and the plan
@@ -29,9 +33,8 @@ import yaml
 
 from curate.errors import CurateError, InputError
 
-_TOP_FIELDS = {"name", "workdir", "env", "defaults", "demo_web", "demo_splits", "stages", "description"}
+_TOP_FIELDS = {"name", "workdir", "env", "defaults", "services", "datasets", "stages", "description"}
 _VAR = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
-_WEB_VARS = ("url_list", "ground_truth", "allow_hosts")
 
 
 class StepFailed(CurateError):
@@ -71,11 +74,30 @@ def load(path: str | os.PathLike, sets: tuple[str, ...] = ()) -> dict[str, Any]:
     for i, s in enumerate(data["stages"]):
         if not isinstance(s, dict) or not isinstance(s.get("stage"), str):
             raise InputError(f"PIPELINE {p}: stages[{i}] needs a 'stage' (the command name)")
+    _check_named(p, data)
     data.setdefault("name", p.stem)
     data.setdefault("workdir", f"{p.stem}-out")
     for item in sets:
         apply_set(data, item)
     return data
+
+
+def _check_named(p: Path, data: dict[str, Any]) -> None:
+    """services: NAME -> {kind, ...settings}; datasets: NAME -> a path, or {kind, [path], ...settings}."""
+    for field in ("services", "datasets"):
+        entries = data.get(field)
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            raise InputError(f"PIPELINE {p}: '{field}' must map names to entries")
+        for name, spec in entries.items():
+            if not re.fullmatch(r"[A-Za-z0-9_\-]+", str(name)):
+                raise InputError(f"PIPELINE {p}: {field}.{name}: names use letters, digits, '_' and '-'")
+            if field == "datasets" and isinstance(spec, str):
+                continue
+            if not isinstance(spec, dict) or "kind" not in spec:
+                what = "a path or a mapping with a 'kind'" if field == "datasets" else "a mapping with a 'kind'"
+                raise InputError(f"PIPELINE {p}: {field}.{name} must be {what}")
 
 
 def apply_set(data: dict[str, Any], item: str) -> None:
@@ -115,7 +137,7 @@ def substitute(value: Any, variables: dict[str, Any]) -> Any:
         out = []
         for v in value:
             sub = substitute(v, variables)
-            # a list placeholder inside a list (allow_host: [${demo_web.allow_hosts}]) splices in
+            # a list placeholder inside a list (allow_host: [${services.web.allow_hosts}]) splices in
             out += sub if isinstance(sub, list) and isinstance(v, str) and _VAR.fullmatch(v) else [sub]
         return out
     if isinstance(value, dict):
@@ -176,13 +198,7 @@ def _scalar(v: Any, where: str, field: str) -> str:
 
 def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] | None = None) -> list[Step]:
     """The resolved steps; fields of commands that exist are checked against their flags."""
-    variables = dict(variables or {})
-    variables.setdefault("workdir", str(Path(data["workdir"]).expanduser()))
-    variables.setdefault("name", data["name"])
-    for n in data.get("demo_splits") or []:
-        variables.setdefault(f"demo.{n}", str(Path(data["workdir"]).expanduser() / f"demo-{n}"))
-    for k, v in (data.get("env") or {}).items():
-        variables.setdefault(f"env.{k}", v)
+    variables = {**base_variables(data), **(variables or {})}
     defaults = data.get("defaults") or {}
     steps = []
     for i, entry in enumerate(data["stages"]):
@@ -221,33 +237,58 @@ def _environment(env: dict[str, Any]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def base_variables(data: dict[str, Any]) -> dict[str, Any]:
+    """${workdir}, ${name}, ${env.X}, ${datasets.NAME} (paths: known before anything runs), and a placeholder
+    for each declared output of each service (${services.NAME.OUTPUT}) until the services start."""
+    from curate.services import service_kind
+
+    workdir = Path(str(data["workdir"])).expanduser()
+    out: dict[str, Any] = {"workdir": str(workdir), "name": data["name"]}
+    out.update({f"env.{k}": v for k, v in (data.get("env") or {}).items()})
+    out.update({f"datasets.{n}": str(p) for n, p in dataset_paths(data, out).items()})
+    for name, spec in (data.get("services") or {}).items():
+        for o in service_kind(spec.get("kind"), f"services.{name}").outputs:
+            out[f"services.{name}.{o}"] = f"<services.{name}.{o}>"
+    return out
+
+
+def dataset_paths(data: dict[str, Any], variables: dict[str, Any]) -> dict[str, Path]:
+    """Each named dataset's directory: its path (a plain string or `path:`), else ${workdir}/NAME."""
+    from curate.services import dataset_kind
+
+    out = {}
+    for name, spec in (data.get("datasets") or {}).items():
+        if isinstance(spec, dict):
+            dataset_kind(spec.get("kind"), f"datasets.{name}")  # an unknown kind fails before anything runs
+        raw = spec if isinstance(spec, str) else spec.get("path", f"{variables['workdir']}/{name}")
+        out[name] = Path(str(substitute(raw, variables))).expanduser()
+    return out
+
+
 @contextlib.contextmanager
-def _demo_web(data: dict[str, Any], workdir: Path, dry_run: bool) -> Iterator[dict[str, Any]]:
-    settings = data.get("demo_web")
-    if settings is None:
+def _services(data: dict[str, Any], workdir: Path, variables: dict[str, Any], dry_run: bool) -> Iterator[dict[str, Any]]:
+    """Start every service (each keeps its state under ${workdir}/NAME); yields their outputs as variables."""
+    from curate.services import start_service
+
+    if dry_run or not data.get("services"):
         yield {}
         return
-    if dry_run:
-        yield {f"demo_web.{k}": f"<demo_web.{k}>" for k in _WEB_VARS}
-        return
-    from curate.config import from_dict
-    from curate.demo.web import DemoWeb, WebConfig
-
-    with DemoWeb(from_dict(WebConfig, dict(settings)), workdir / "web") as web:
-        yield {"demo_web.url_list": str(web.url_list), "demo_web.ground_truth": str(web.ground_truth),
-               "demo_web.allow_hosts": list(web.allow_hosts)}
+    with contextlib.ExitStack() as stack:
+        out: dict[str, Any] = {}
+        for name, spec in data["services"].items():
+            got = stack.enter_context(start_service(name, substitute(spec, variables), workdir / name))
+            out.update({f"services.{name}.{k}": v for k, v in got.items()})
+        yield out
 
 
-def _demo_splits(data: dict[str, Any], workdir: Path, dry_run: bool) -> dict[str, Any]:
-    """Materialise the demo corpus's trusted seed / eval splits as dataset dirs: ${demo.seed}, ${demo.eval}."""
-    names = data.get("demo_splits") or []
-    out = {f"demo.{n}": str(workdir / f"demo-{n}") for n in names}
-    if not dry_run:
-        from curate.demo.corpus import write_split_dataset
+def _make_datasets(data: dict[str, Any], variables: dict[str, Any]) -> None:
+    """Write every dataset that has a kind (each kind leaves a complete dataset as it is)."""
+    from curate.services import make_dataset
 
-        for n in names:
-            write_split_dataset(n, workdir / f"demo-{n}")
-    return out
+    paths = dataset_paths(data, variables)
+    for name, spec in (data.get("datasets") or {}).items():
+        if isinstance(spec, dict):
+            make_dataset(name, substitute(spec, variables), paths[name])
 
 
 def run(path: str | os.PathLike, *, sets: tuple[str, ...] = (), dry_run: bool = False, redo: bool = False,
@@ -257,10 +298,12 @@ def run(path: str | os.PathLike, *, sets: tuple[str, ...] = (), dry_run: bool = 
 
     data = load(path, sets)
     workdir = Path(str(data["workdir"])).expanduser()
-    plan(data, redo=redo, variables={f"demo_web.{k}": f"<demo_web.{k}>" for k in _WEB_VARS})  # check first
-    with _environment(data.get("env") or {}), _demo_web(data, workdir, dry_run) as web_vars:
-        split_vars = _demo_splits(data, workdir, dry_run)
-        steps = plan(data, redo=redo, variables={**web_vars, **split_vars})
+    variables = base_variables(data)
+    plan(data, redo=redo, variables=variables)  # check every stage before starting anything
+    with _environment(data.get("env") or {}), _services(data, workdir, variables, dry_run) as service_vars:
+        if not dry_run:
+            _make_datasets(data, variables)
+        steps = plan(data, redo=redo, variables={**variables, **service_vars})
         if dry_run:
             echo(f"pipeline {data['name']}: {len(steps)} stage(s), workdir {workdir}")
             for s in steps:

@@ -93,8 +93,9 @@ def test_shipped_pipelines_resolve(name, capsys):
 
 def test_demo_pipeline_wires_the_demo_web_into_download():
     data = load(REPO / "pipelines" / "demo.yaml")
-    steps = plan(data, variables={"demo_web.url_list": "/w/urls.parquet", "demo_web.ground_truth": "/w/gt.parquet",
-                                  "demo_web.allow_hosts": ["127.0.0.1:4001", "127.0.0.1:4002"]})
+    steps = plan(data, variables={"services.web.url_list": "/w/urls.parquet",
+                                  "services.web.ground_truth": "/w/gt.parquet",
+                                  "services.web.allow_hosts": ["127.0.0.1:4001", "127.0.0.1:4002"]})
     download = next(s for s in steps if s.stage == "download")
     assert download.argv[-1] == "/w/urls.parquet"
     assert download.argv.count("--allow-host") == 2 and "127.0.0.1:4002" in download.argv

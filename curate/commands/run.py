@@ -10,7 +10,7 @@ import click
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan (one curate command per stage) and exit.")
 @click.option("--redo", is_flag=True, help="Pass --redo to every stage (recompute instead of resuming).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a field: workdir=..., demo_web.seed=1, score.batch_size=64 (stage id or name).")
+              help="Override a field: workdir=..., services.web.seed=1, score.batch_size=64 (stage id or name).")
 @click.option("--engine", type=click.Choice(["local", "spark"]), default=None,
               help="Engine for every stage that has --engine (same as --set defaults.engine=...).")
 @click.option("--spark-master", default=None, help="Spark master URL for every stage that has --spark-master.")

@@ -109,3 +109,14 @@ def write_split_dataset(name: str, out_dir: str | os.PathLike,
     record_stage(ds, MARKER_STAGE, config=config, fingerprint=fp,
                  inputs={"corpus": str(split_path(name))}, counts={"rows": table.num_rows, "success": table.num_rows})
     return ds.root
+
+
+def pipeline_dataset(settings: dict[str, Any], path: Path) -> None:
+    """The `demo-split` dataset kind of pipelines (curate.services): `split` (seed | eval | pool) and an
+    optional `samples_per_shard`, written at `path` once."""
+    unknown = sorted(set(settings) - {"split", "samples_per_shard"})
+    if unknown:
+        raise InputError(f"demo-split dataset: unknown field(s) {', '.join(unknown)}; known: split, samples_per_shard")
+    if "split" not in settings:
+        raise InputError(f"demo-split dataset: 'split' is required ({', '.join(SPLITS)})")
+    write_split_dataset(str(settings["split"]), path, int(settings.get("samples_per_shard", SAMPLES_PER_SHARD)))

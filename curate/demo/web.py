@@ -39,6 +39,7 @@ file://, ftp://, "", null: invalid_url or blocked_scheme) and one exact repeat o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -47,6 +48,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -573,3 +575,14 @@ class DemoWeb:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def pipeline_service(settings: dict[str, Any], state_dir: Path) -> Iterator[dict[str, Any]]:
+    """The `demo-web` service kind of pipelines (curate.services): settings are WebConfig fields; the URL
+    list and ground truth are written under `state_dir`."""
+    from curate.config import from_dict
+
+    with DemoWeb(from_dict(WebConfig, dict(settings)), state_dir) as web:
+        yield {"url_list": str(web.url_list), "ground_truth": str(web.ground_truth),
+               "allow_hosts": list(web.allow_hosts), "base_url": web.base_url}
