@@ -90,12 +90,20 @@ def iter_raw(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     The headers are indexed first (index_tar), so a truncated, corrupt or unsafe tar raises ShardError
     naming the file before any sample is yielded; nothing is extracted to disk.
     """
-    entries = index_tar(str(path))
+    yield from read_entries(path, index_tar(str(path)))
+
+
+def read_entries(path: str | Path, entries: list[IndexEntry],
+                 exts: tuple[str, ...] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) of the indexed samples `entries` (all of a tar, or a chosen few), reading only
+    their members (only those with an extension in `exts`, if given)."""
     try:
         with open(path, "rb") as fh:
             for key, members, _start, _end in entries:
                 out: dict[str, bytes] = {}
                 for ext, offset, size in members:
+                    if exts is not None and ext not in exts:
+                        continue
                     fh.seek(offset)
                     data = fh.read(size)
                     if len(data) != size:  # the file shrank after it was indexed

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from curate.errors import ShardError
 from curate.io.layout import DatasetDir
-from curate.io.shards import IMAGE_EXTS, index_tar
+from curate.io.shards import IMAGE_EXTS, index_tar, read_entries
 
 log = logging.getLogger(__name__)
 
@@ -19,18 +19,8 @@ def image_members(path: Path, keys: set[str]) -> dict[str, bytes]:
     """The image bytes of `keys` found in the tar at `path`, read through curate.io.shards' tar index
     (headers only, then one read per wanted image): a few dozen samples from a big shard cost a header
     scan, not a full read. The index refuses what every reader refuses (unsafe names, truncation)."""
-    found: dict[str, bytes] = {}
-    entries = [e for e in index_tar(str(path)) if e[0] in keys]
-    try:
-        with open(path, "rb") as fh:
-            for key, members, _start, _end in entries:
-                for ext, offset, size in members:
-                    if ext in IMAGE_EXTS:
-                        fh.seek(offset)
-                        found[key] = fh.read(size)
-    except OSError as e:
-        raise ShardError(f"{path}: unreadable tar ({e})") from e
-    return found
+    wanted = [e for e in index_tar(str(path)) if e[0] in keys]
+    return {key: next(iter(members.values())) for key, members in read_entries(path, wanted, IMAGE_EXTS) if members}
 
 
 def thumbnail(data: bytes, size: int = 112, quality: int = 70) -> str | None:
