@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,12 +37,15 @@ def marker_service(settings, state_dir):
 def test_a_small_demo_pipeline_runs_with_its_web_service_and_split_dataset(tmp_path, capsys):
     """The demo's mechanism end to end on a small config: the demo web (40 rows, no slow faults) feeds
     download, the eval split is written as a named dataset, and a user-declared service runs beside them."""
+    with socket.socket() as sock:  # a fixed port: the URLs (and so download's fingerprint) hold it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     p = tmp_path / "mini.yaml"
     p.write_text(f"""
 name: mini
 workdir: {tmp_path / 'work'}
 services:
-  web: {{kind: demo-web, seed: 3, n: 40, faults: ["404", html], slow_seconds: 1}}
+  web: {{kind: demo-web, seed: 3, n: 40, faults: ["404", html], slow_seconds: 1, port: {port}}}
   side: {{kind: "test_pipeline_services:marker_service", greeting: hello}}
 datasets:
   eval: {{kind: demo-split, split: eval, samples_per_shard: 500}}
