@@ -1,0 +1,133 @@
+"""One declaration per option: a config field gives the flag, the pipeline YAML check and the reference entry."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from curate.cli import cli, main
+from curate.commands import download
+from curate.config import fingerprint
+from curate.errors import InputError
+from curate.options import REFERENCE, ConfigCommand, check_step, option, reference_markdown
+from curate.pipeline import plan
+from curate.stages.download import DownloadConfig
+
+
+@dataclass(frozen=True)
+class CaptionRuleConfig(DownloadConfig):
+    """A test-only download config with one option more."""
+
+    min_caption_words: int = option(0, help="Captions with fewer words than this are marked short.")
+
+
+def _pipeline(tmp_path: Path, step: str) -> Path:
+    p = tmp_path / "p.yaml"
+    p.write_text(f"name: t\nworkdir: {tmp_path / 'w'}\nstages:\n  - stage: download\n    args: [urls.csv]\n"
+                 f"    out: {tmp_path / 'ds'}\n{step}")
+    return p
+
+
+def test_a_subclass_field_is_a_flag_a_yaml_key_and_a_reference_entry(tmp_path, monkeypatch, capsys):
+    cmd = download.command.with_config(CaptionRuleConfig)
+
+    # --help of the generated command shows the new option with its help and default
+    out = CliRunner().invoke(cmd, ["--help"], terminal_width=200).output
+    assert "--min-caption-words INTEGER" in out and "Captions with fewer words" in out and "[default: 0]" in out
+    assert "--min-caption-words" not in CliRunner().invoke(download.command, ["--help"]).output
+
+    # the parsed command line builds the subclass, the value type-checked by the declared type
+    ctx = cmd.make_context("download", ["urls.csv", "--out", "ds", "--min-caption-words", "3", "--threads", "2"])
+    cfg = cmd.collect(ctx).build(input="urls.csv")
+    assert type(cfg) is CaptionRuleConfig and cfg.min_caption_words == 3 and cfg.threads == 2
+    with pytest.raises(click.BadParameter, match="not a valid integer"):
+        cmd.make_context("download", ["urls.csv", "--out", "ds", "--min-caption-words", "three"])
+
+    # the pipeline YAML accepts it under its key, as the flag, and refuses a wrong type naming key and step
+    monkeypatch.setitem(cli.commands, "download", cmd)
+    ok = {"name": "t", "workdir": str(tmp_path), "stages": [
+        {"stage": "download", "args": ["urls.csv"], "out": "ds", "min_caption_words": 3}]}
+    assert plan(ok)[0].argv[-4:-2] == ["--min-caption-words", "3"]
+    assert main(["run", str(_pipeline(tmp_path, "    min_caption_words: three\n")), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "stages[0] (download)" in err and "field 'min_caption_words' must be an integer" in err
+
+    # the options reference documents it, with the config field it sets
+    ref = reference_markdown({"download": cmd})
+    line = next(ln for ln in ref.splitlines() if ln.startswith("| `--min-caption-words`"))
+    assert "`min_caption_words`" in line and "`0`" in line and "CaptionRuleConfig.min_caption_words" in line
+    assert "Captions with fewer words" in line
+
+
+def test_the_committed_reference_is_up_to_date():
+    assert REFERENCE.read_text(encoding="utf-8") == reference_markdown(), \
+        "docs/OPTIONS.md is stale: run `python -m curate.options`"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("imag_size", 64, "unknown field(s) imag_size"),
+    ("image_size", "big", "field 'image_size' must be an integer, not 'big'"),
+    ("image_size", True, "field 'image_size' must be an integer"),
+    ("max_aspect_ratio", "wide", "field 'max_aspect_ratio' must be a number"),
+    ("allow_private", "yes", "field 'allow_private' must be true or false"),
+    ("resize_mode", "stretch", "field 'resize_mode': 'stretch' is not one of no, border, keep_ratio"),
+    ("keep_col", [["a"]], "field 'keep_col' must be a string or a list of them"),
+    ("input_format", "xml", "'xml' is not one of auto, parquet"),
+    ("workers", "two", "field 'workers' must be an integer"),  # an engine option: checked by its click type
+    ("preset", "yfcc", "'yfcc' is not one of laion, cc3m"),  # a command-only option with choices
+])
+def test_yaml_fields_are_checked_against_the_declarations(field, value, message):
+    where = "pipeline t: stages[0] (download)"
+    with pytest.raises(InputError) as e:
+        check_step(cli.commands["download"], {"stage": "download", "args": ["u"], field: value}, where)
+    assert str(e.value).startswith(where) and message in str(e.value)
+
+
+def test_yaml_values_that_fit_pass():
+    check_step(cli.commands["download"], {
+        "stage": "download", "id": "d", "args": ["u"], "out": "o", "image_size": 64, "max_aspect_ratio": 3,
+        "keep_col": ["a", "b"], "allow_host": "127.0.0.1:80", "caption_col": None, "allow_private": True,
+        "threads": "${env.THREADS}", "url_col": 7, "resize_mode": "center_crop", "progress": False}, "w")
+
+
+def test_a_preset_fills_only_the_fields_not_given(tmp_path):
+    src = tmp_path / "urls.csv"
+    src.write_text("link,TEXT\nhttp://127.0.0.1:9/a.jpg,a cat\n")
+    # laion's URL column is 'URL'; the explicit --url-col wins, the caption column comes from the preset
+    assert main(["download", str(src), "--out", str(tmp_path / "ds"), "--preset", "laion", "--url-col", "link",
+                 "--plan-only", "--no-progress"]) == 0
+    config = json.loads((tmp_path / "ds" / "manifest.json").read_text())["stages"]["download"]["config"]
+    assert (config["url_col"], config["caption_col"]) == ("link", "TEXT")
+    assert main(["download", str(src), "--out", str(tmp_path / "ds2"), "--preset", "laion", "--plan-only"]) == 2
+
+
+def test_deny_domain_files_and_repeated_keep_cols_are_converted(tmp_path):
+    (tmp_path / "deny.txt").write_text("Bad.example.  # a comment\n\nworse.example\n")
+    cmd = download.command
+    ctx = cmd.make_context("download", ["u", "--out", "o", "--deny-domain", f"@{tmp_path / 'deny.txt'}",
+                                        "--deny-domain", "x.example", "--keep-col", "b", "--keep-col", "a",
+                                        "--keep-col", "b"])
+    opts = cmd.collect(ctx)
+    assert opts["deny_domains"] == ("bad.example", "worse.example", "x.example")
+    assert opts["keep_cols"] == ("b", "a") and opts.explicit >= {"deny_domains", "keep_cols"}
+    assert "threads" not in opts.explicit
+
+
+def test_download_fingerprints_are_those_of_the_flat_config_before_the_groups():
+    """The config was split into declared groups; a dataset downloaded before must still resume."""
+    c = DownloadConfig(input="/x", url_col="URL", keep_cols=("a",), threads=3, deny_domains=("b.com",),
+                       allow_hosts=("127.0.0.1:5",))
+    assert fingerprint(c) == "231d9fe006c39e35"
+
+
+def test_no_command_declares_a_flag_twice():
+    for name, cmd in cli.commands.items():
+        opts = [o for p in cmd.params for o in (*p.opts, *getattr(p, "secondary_opts", ()))]
+        assert len(opts) == len(set(opts)), name
+        if isinstance(cmd, ConfigCommand):
+            assert cmd.callback is not None and "options" not in {p.name for p in cmd.params}
