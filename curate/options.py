@@ -50,15 +50,17 @@ class Opt:
     cli_type: Any = None  # the CLI value's type when `convert` turns it into another (e.g. 'auto' -> 0)
     convert: Callable[[Any], Any] | None = None  # the parsed CLI value -> the field's value
     metavar: str | None = None
+    click_type: Any = None  # a click type for the flag, e.g. click.Path(exists=True) (the YAML check uses `type`)
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None,  # noqa: A002 - click's name
            choices: Iterable[str] | None = None, runtime: bool = False, cli: bool = True,
            cli_default: Any = _SAME, cli_type: Any = None, convert: Callable[[Any], Any] | None = None,
-           metavar: str | None = None) -> Any:
+           metavar: str | None = None, click_type: Any = None) -> Any:
     """A config field declared once: its default, help, flag and choices (`runtime`: not in the fingerprint)."""
     opt = Opt(help=help, flag=flag, choices=tuple(choices) if choices is not None else None, cli=cli,
-              cli_default=cli_default, cli_type=cli_type, convert=convert, metavar=metavar)
+              cli_default=cli_default, cli_type=cli_type, convert=convert, metavar=metavar,
+              click_type=click_type)
     return dataclasses.field(default=default, metadata={"runtime": runtime, _KEY: opt})
 
 
@@ -137,7 +139,8 @@ def click_option(d: Declared) -> DeclaredOption:
         decls = [f"{flag}/--no-{d.flag}" if default else flag, d.name]
         return DeclaredOption(decls, is_flag=True, default=bool(default), show_default=bool(default),
                               help=d.opt.help, declaration=d)
-    ptype = click.Choice(d.opt.choices) if d.opt.choices else {int: click.INT, float: click.FLOAT}.get(base, click.STRING)
+    ptype = d.opt.click_type or (click.Choice(d.opt.choices) if d.opt.choices else
+                                 {int: click.INT, float: click.FLOAT}.get(base, click.STRING))
     return DeclaredOption([flag, d.name], type=ptype, default=default, multiple=multiple, help=d.opt.help,
                           show_default=default is not None and default != (), metavar=d.opt.metavar,
                           declaration=d)
