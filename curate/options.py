@@ -48,7 +48,7 @@ class Opt:
     cli: bool = True  # False: not a flag (the command sets it, e.g. from a positional argument or a preset)
     cli_default: Any = _SAME  # the flag's default when it differs from the field's (None: "decided later")
     cli_type: Any = None  # the CLI value's type when `convert` turns it into another (e.g. 'auto' -> 0)
-    convert: Callable[[Any], Any] | None = None  # the parsed CLI value -> the field's value
+    convert: Callable[[Any], Any] | None = None  # the parsed CLI value (None too) -> the field's value
     metavar: str | None = None
     click_type: Any = None  # a click type for the flag, e.g. click.Path(exists=True) (the YAML check uses `type`)
 
@@ -150,16 +150,19 @@ def click_option(d: Declared) -> DeclaredOption:
 class Options:
     """A command's parsed declared options: field values (converted) and the names the user gave explicitly."""
 
-    config: type
+    configs: tuple[type, ...]
     values: dict[str, Any]
     explicit: frozenset[str]
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
 
-    def build(self, **overrides: Any) -> Any:
-        """The config: the parsed values, then `overrides` (fields the command decides)."""
-        return self.config(**{**self.values, **overrides})
+    def build(self, config: type | None = None, **overrides: Any) -> Any:
+        """A config (the command's first, or the one that is `config` or its subclass): its parsed values,
+        then `overrides` (fields the command decides)."""
+        cls = self.configs[0] if config is None else next(c for c in self.configs if issubclass(c, config))
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in self.values.items() if k in names}, **overrides})
 
 
 def _resolve(config: type | str) -> type:
@@ -169,6 +172,9 @@ def _resolve(config: type | str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+ConfigRef = type | str  # a config class, or "module:Class" imported on first use
+
+
 class ConfigCommand(click.Command):
     """A click command whose declared options come from a config class, generated on first use.
 
@@ -176,7 +182,8 @@ class ConfigCommand(click.Command):
     config with one `options.build(...)` call. `with_config(Sub)` is the same command for a subclass.
     """
 
-    def __init__(self, *args: Any, config: type | str, after: str | None = None, **kw: Any):
+    def __init__(self, *args: Any, config: ConfigRef | tuple[ConfigRef, ...], after: str | None = None,
+                 **kw: Any):
         self._config_ref = config
         self._after = after
         self._generated: list[click.Parameter] | None = None
@@ -190,7 +197,7 @@ class ConfigCommand(click.Command):
             names = [p.name for p in explicit]
             at = names.index(self._after) + 1 if self._after in names else \
                 sum(1 for p in explicit if isinstance(p, click.Argument))
-            gen = [click_option(d) for d in declarations(self.config) if d.opt.cli]
+            gen = [click_option(d) for c in self.configs for d in declarations(c) if d.opt.cli]
             self._generated = explicit[:at] + gen + explicit[at:]
         return self._generated
 
@@ -200,11 +207,12 @@ class ConfigCommand(click.Command):
         self._generated = None
 
     @property
-    def config(self) -> type:
-        return _resolve(self._config_ref)
+    def configs(self) -> tuple[type, ...]:
+        refs = self._config_ref if isinstance(self._config_ref, tuple) else (self._config_ref,)
+        return tuple(_resolve(r) for r in refs)
 
-    def with_config(self, config: type | str) -> ConfigCommand:
-        """This command with another config class (e.g. a subclass adding fields)."""
+    def with_config(self, config: ConfigRef | tuple[ConfigRef, ...]) -> ConfigCommand:
+        """This command with other config classes (e.g. a subclass adding fields)."""
         other = copy.copy(self)
         other._config_ref, other._generated = config, None
         return other
@@ -219,18 +227,20 @@ class ConfigCommand(click.Command):
                 v = ctx.params.pop(p.name)
                 if ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
                     explicit.add(d.name)
-                values[d.name] = d.opt.convert(v) if d.opt.convert and v is not None else v
-        return Options(self.config, values, frozenset(explicit))
+                values[d.name] = d.opt.convert(v) if d.opt.convert else v
+        return Options(self.configs, values, frozenset(explicit))
 
     def invoke(self, ctx: click.Context) -> Any:
         ctx.params["options"] = self.collect(ctx)
         return super().invoke(ctx)
 
 
-def options_from(config: type | str, name: str, *, after: str | None = None) -> Callable[[Callable], ConfigCommand]:
+def options_from(config: ConfigRef | tuple[ConfigRef, ...], name: str, *,
+                 after: str | None = None) -> Callable[[Callable], ConfigCommand]:
     """`@options_from("curate.stages.download:DownloadConfig", "download")`: a command with the config's options.
 
-    `config` may be a dotted "module:Class" so the stage module is imported only when the command is used;
+    `config` may be a dotted "module:Class" so the stage module is imported only when the command is used,
+    or several (a command that builds two configs); each config's declared fields become options;
     the generated options go after the parameter named `after` (default: after the positional arguments).
     """
     return click.command(name, cls=ConfigCommand, config=config, after=after)  # type: ignore[return-value]
@@ -349,7 +359,6 @@ def command_markdown(name: str, cmd: click.Command) -> list[str]:
     if args:
         out += ["Arguments: " + " ".join(f"`{a}`" for a in args) + " (in a pipeline step: `args: [...]`).", ""]
     out += ["| option | YAML key | type | default | sets | help |", "|---|---|---|---|---|---|"]
-    config = cmd.config.__name__ if isinstance(cmd, ConfigCommand) else None
     ctx = click.Context(cmd, info_name=name)
     for p in cmd.params:
         if not isinstance(p, click.Option) or not any(o.startswith("--") for o in p.opts):
@@ -359,7 +368,7 @@ def command_markdown(name: str, cmd: click.Command) -> list[str]:
         sets = ""
         if isinstance(p, DeclaredOption):
             d = p.declaration
-            sets = f"`{config}.{d.name}`" + (" (runtime)" if d.runtime else "")
+            sets = f"`{d.owner}.{d.name}`" + (" (runtime)" if d.runtime else "")
         out.append(f"| `{shown}` | `{flag[2:].replace('-', '_')}` | {_type_words(p)} | {_default_words(p, ctx)} | "
                    f"{sets} | {_cell(p.help or '')} |")
     return out + [""]

@@ -51,10 +51,10 @@ def _clusters(value: str) -> int:
     return parse_k(value)
 
 
-def _abspath(path: str) -> str:
+def _abspath(path: str | None) -> str | None:
     import os
 
-    return os.path.abspath(path)
+    return os.path.abspath(path) if path else None
 
 
 @dataclass(frozen=True)
