@@ -141,6 +141,9 @@ def click_option(d: Declared) -> DeclaredOption:
                               help=d.opt.help, declaration=d)
     ptype = d.opt.click_type or (click.Choice(d.opt.choices) if d.opt.choices else
                                  {int: click.INT, float: click.FLOAT}.get(base, click.STRING))
+    if default is dataclasses.MISSING:  # a field without a default: the flag is required
+        return DeclaredOption([flag, d.name], type=ptype, required=True, multiple=multiple, help=d.opt.help,
+                              metavar=d.opt.metavar, declaration=d)
     return DeclaredOption([flag, d.name], type=ptype, default=default, multiple=multiple, help=d.opt.help,
                           show_default=default is not None and default != (), metavar=d.opt.metavar,
                           declaration=d)

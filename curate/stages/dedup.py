@@ -45,7 +45,8 @@ SAMPLE_PER_CENTROID = 64
 PHASES = ("assign", "pairs", "decide", "write")
 
 
-def _clusters(value: str) -> int:
+def clusters(value: str) -> int:
+    """--k: 'auto' (0) or a positive number of clusters."""
     from curate.commands.common import parse_k  # shared with target-filter's --k
 
     return parse_k(value)
@@ -63,7 +64,7 @@ class DedupConfig:
     threshold: float = 0.95  # cosine at or above which two images are near duplicates
     auto_target: float = option(0.95, help="With --threshold auto: the share of augmented copies the threshold must "
                                            "find.")
-    k: int = option(0, cli_type=str, cli_default="auto", convert=_clusters,
+    k: int = option(0, cli_type=str, cli_default="auto", convert=clusters,
                     help="k-means clusters, or 'auto' (about 2 sqrt(N): 1M samples -> 2000 clusters).")
     probes: int = option(2, help="Nearest clusters each sample searches, so pairs split by a cluster border are "
                                  "found.")
