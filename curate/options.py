@@ -321,6 +321,20 @@ def check_step(cmd: click.Command, fields: Mapping[str, Any], where: str) -> Non
         check_value(k, flags[k], fields[k], where)
 
 
+def negate_flags(cmd: click.Command, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`key: false` for an on/off flag that defaults to on (`--progress/--no-progress`) as `no_key: true`,
+    since a false field gives no flag at all (the default)."""
+    flags = flag_params(cmd)
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        p = flags.get(k)
+        if v is False and isinstance(p, click.Option) and p.is_flag and p.secondary_opts:
+            out[p.secondary_opts[0][2:].replace("-", "_")] = True
+        else:
+            out[k] = v
+    return out
+
+
 # ---- the options reference ----------------------------------------------------------------------------------
 
 def _cell(text: Any) -> str:

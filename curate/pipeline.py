@@ -178,7 +178,7 @@ def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] 
         cmd = _command(stage)
         fields = dict(entry)
         if cmd is not None:
-            from curate.options import check_step, flag_params
+            from curate.options import check_step, flag_params, negate_flags
 
             flags = flag_params(cmd)
             for k, v in defaults.items():
@@ -187,6 +187,7 @@ def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] 
             if redo and "redo" in flags:
                 fields["redo"] = True
             check_step(cmd, fields, where)  # the options' declarations: unknown keys, types, choices (exit 2)
+            fields = negate_flags(cmd, fields)  # `progress: false` -> --no-progress
         fields = substitute(fields, variables)
         label = entry.get("id") or stage
         steps.append(Step(i, stage, label, to_argv(stage, fields, where), cmd is not None))

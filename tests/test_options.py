@@ -151,3 +151,12 @@ def test_no_command_declares_a_flag_twice():
         assert len(opts) == len(set(opts)), name
         if isinstance(cmd, ConfigCommand):
             assert cmd.callback is not None and "options" not in {p.name for p in cmd.params}
+
+
+def test_false_turns_an_on_by_default_flag_off_in_a_pipeline(tmp_path):
+    data = {"name": "t", "workdir": str(tmp_path), "stages": [
+        {"stage": "download", "args": ["u"], "out": "o", "progress": False, "allow_private": False},
+        {"stage": "train-probe", "eval": "e", "out": "p", "augment": False, "subset": ["a=b"]}]}
+    download_step, probe_step = plan(data)
+    assert "--no-progress" in download_step.argv and "--allow-private" not in download_step.argv
+    assert "--no-augment" in probe_step.argv
