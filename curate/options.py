@@ -69,6 +69,13 @@ def unique(values: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def absolute(path: str | None) -> str | None:
+    """A path option made absolute (shard tasks may run in other directories or on other machines)."""
+    import os
+
+    return os.path.abspath(path) if path else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Declared:
     """One declared field of one config class, resolved (annotation evaluated)."""

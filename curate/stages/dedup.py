@@ -33,7 +33,7 @@ from curate.config import output_fields, runtime
 from curate.errors import InputError
 from curate.io.atomic import read_json, write_json
 from curate.io.layout import DatasetDir, task_id
-from curate.options import option
+from curate.options import absolute, option
 from curate.semdedup import DEVICES, KEEP_POLICIES
 
 log = logging.getLogger("curate.dedup")
@@ -52,12 +52,6 @@ def clusters(value: str) -> int:
     return parse_k(value)
 
 
-def _abspath(path: str | None) -> str | None:
-    import os
-
-    return os.path.abspath(path) if path else None
-
-
 @dataclass(frozen=True)
 class DedupConfig:
     # --threshold (a cosine or 'auto') sets threshold and threshold_auto: the command reads it
@@ -70,7 +64,7 @@ class DedupConfig:
                                  "found.")
     keep: str = option("best-clip-score", choices=KEEP_POLICIES,
                        help="Which sample of a duplicate group is kept (ties: lowest key).")
-    against: str | None = option(None, convert=_abspath, click_type=click.Path(exists=True, file_okay=False),
+    against: str | None = option(None, convert=absolute, click_type=click.Path(exists=True, file_okay=False),
                                  help="A scored evaluation dataset dir: flag samples close to (or byte-equal to) "
                                       "its images.")
     eval_threshold: float = option(0.95, help="Cosine to an evaluation image at or above which a sample is "

@@ -27,7 +27,8 @@ from curate.config import output_fields, runtime
 from curate.errors import InputError
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
-from curate.options import option
+from curate.options import absolute, option
+from curate.stages.dedup import clusters
 
 log = logging.getLogger("curate.target")
 
@@ -36,25 +37,13 @@ PLAN_VERSION = 1
 POINTS_PER_CLUSTER = 256  # k-means training rows per cluster (faiss's own default cap)
 
 
-def _abspath(path: str) -> str:
-    import os
-
-    return os.path.abspath(path)
-
-
-def _clusters(value: str) -> int:
-    from curate.stages.dedup import clusters
-
-    return clusters(value)
-
-
 @dataclass(frozen=True)
 class TargetConfig:
     target: str = option(  # the target dataset dir (absolute path), scored with the same model as the pool
-        convert=_abspath, click_type=click.Path(exists=True, file_okay=False),
+        convert=absolute, click_type=click.Path(exists=True, file_okay=False),
         help="A scored dataset dir of target images (e.g. a trusted seed set; DataComp used ImageNet's training "
              "images), embedded with the same model as DATASET. Not your evaluation set.")
-    k: int = option(0, cli_type=str, cli_default="auto", convert=_clusters,
+    k: int = option(0, cli_type=str, cli_default="auto", convert=clusters,
                     help="k-means clusters of the pool's image embeddings, or 'auto' (about 2 sqrt(N), at least 40 "
                          "samples each). DataComp used 100,000 for pools of 12.8M to 12.8B.")
     seed: int = option(0, help="k-means sample and init seed.")

@@ -24,7 +24,7 @@ from curate.errors import InputError
 from curate.io.atomic import clean_tmp, read_json, write_json
 from curate.io.layout import DatasetDir
 from curate.io.manifest import check_fingerprint, record_stage
-from curate.options import option
+from curate.options import absolute, option
 from curate.train_probe.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,6 @@ def _subsets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 
 def _budgets(text: str | None) -> tuple[int, ...]:
     return parse_budgets(text) if text else ()
-
-
-def _abspath(path: str | None) -> str | None:
-    import os
-
-    return os.path.abspath(path) if path else None
 
 
 @dataclass(frozen=True)
@@ -71,7 +65,7 @@ class ProbeConfig:
                                       help="A scored dataset dir (signals/score) the sweep selects from (default: the "
                                            "first --subset).")
     save_model: str | None = option(
-        None, runtime=True, convert=_abspath, click_type=click.Path(),
+        None, runtime=True, convert=absolute, click_type=click.Path(),
         help="Write the trained model (seed 0 of the single --subset): X.safetensors + X.json, or for a directory "
              "X/model.safetensors + X/model_config.json; `curate score --model CONFIG.json --pretrained "
              "WEIGHTS.safetensors` loads them. Holds out --holdout of the pairs, stops early on their retrieval and "
