@@ -14,7 +14,7 @@ from curate.cli import cli, main
 from curate.commands import download
 from curate.config import fingerprint
 from curate.errors import InputError
-from curate.options import REFERENCE, ConfigCommand, check_step, option, reference_markdown
+from curate.options import REFERENCE, ConfigCommand, DeclaredOption, check_step, option, reference_markdown
 from curate.pipeline import plan
 from curate.search.build import IndexConfig
 from curate.stages.dedup import DedupConfig
@@ -150,7 +150,8 @@ def test_no_command_declares_a_flag_twice():
         opts = [o for p in cmd.params for o in (*p.opts, *getattr(p, "secondary_opts", ()))]
         assert len(opts) == len(set(opts)), name
         if isinstance(cmd, ConfigCommand):
-            assert cmd.callback is not None and "options" not in {p.name for p in cmd.params}
+            assert "options" not in {p.name for p in cmd.params}
+            assert all(p.help for p in cmd.params if isinstance(p, DeclaredOption)), name
 
 
 def test_false_turns_an_on_by_default_flag_off_in_a_pipeline(tmp_path):
