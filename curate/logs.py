@@ -1,9 +1,12 @@
 """curate's logging and process-wide settings, applied by the CLI and by each task process, never on import.
 
-Every module logs to `logging.getLogger(__name__)`, so all of curate's loggers sit under the `curate` root
-logger. The CLI's -v/-q set that root's level (info by default, -v debug, -q warning, -qq error) and give it
-one stderr handler; other libraries' loggers keep Python's defaults. Task processes that an engine spawns
-take the level from the environment the CLI set, so -v reaches the workers too.
+Every module logs to `logging.getLogger(__name__)`, so all of curate's loggers sit under the `curate`
+logger. The CLI's -v/-q set that logger's level (info by default, -v debug, -q warning, -qq error); one
+stderr handler sits on the root logger, which stays at WARNING, so other libraries (open_clip logs its
+chatter with the root `logging.info`) show warnings only. The handler is on the root, not on `curate`,
+because a library's root-level `logging.info` call would otherwise install a second handler
+(`logging.basicConfig`) and print every curate line twice. Task processes that an engine spawns take the
+level from the environment the CLI set, so -v reaches the workers too.
 """
 
 from __future__ import annotations
@@ -25,19 +28,20 @@ def level_for(verbose: int = 0, quiet: int = 0) -> int:
 
 
 def configure(level: int, stream: Any = None) -> None:
-    """Set curate's log level and (re)attach its one stderr handler; called once per CLI invocation.
+    """Set curate's log level and (re)attach the one stderr handler; called once per CLI invocation.
 
     The handler is replaced rather than added, so tests that call `curate.cli.main` many times do not
-    print each line many times; records still propagate to the root logger (pytest's caplog sees them).
+    print each line many times.
     """
-    logger = logging.getLogger(ROOT)
-    logger.setLevel(level)
-    for h in [h for h in logger.handlers if getattr(h, "_curate", False)]:
-        logger.removeHandler(h)
+    logging.getLogger(ROOT).setLevel(level)
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_curate", False)]:
+        root.removeHandler(h)
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler._curate = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)  # other libraries: warnings only, whatever -v says
     os.environ[LEVEL_ENV] = logging.getLevelName(level)
     process_settings()
 
@@ -46,8 +50,7 @@ def configure_task_process() -> None:
     """In a task process an engine started (spawned pool worker, Spark executor): the CLI's level, if known."""
     name = os.environ.get(LEVEL_ENV)
     level = logging.getLevelName(name) if name else None
-    logger = logging.getLogger(ROOT)
-    if isinstance(level, int) and not any(getattr(h, "_curate", False) for h in logger.handlers):
+    if isinstance(level, int) and not any(getattr(h, "_curate", False) for h in logging.getLogger().handlers):
         configure(level)
     else:
         process_settings()

@@ -50,6 +50,23 @@ def test_verbose_shows_debug_and_quiet_hides_info(capsys, small_pool):
     assert logging.getLogger("curate").level == logging.WARNING
 
 
+def test_a_library_logging_on_the_root_logger_neither_doubles_nor_shows(small_pool):
+    """open_clip logs with the root `logging.info`, which would install a second handler if the root had
+    none: every curate line would then print twice. Run as a plain process (pytest puts its own handlers
+    on the root logger)."""
+    root, meta = small_pool
+    args = ["balance", str(root), "--metadata", str(meta), "--no-progress", "--redo"]
+    code = ("import logging, sys\nfrom curate.cli import main\n"
+            f"assert main({args!r}) == 0\n"
+            "logging.info('third-party chatter')\n"  # as open_clip does, between two runs in one process
+            f"assert main({args!r}) == 0\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count("curate.runner: balance on") == 2, out.stderr  # once per run
+    assert "third-party chatter" not in out.stderr and "INFO:curate" not in out.stderr
+
+
 def test_every_module_logs_under_its_own_name():
     """`logging.getLogger(__name__)` everywhere: no logger named by hand, so -v/-q reach every module."""
     named = []
