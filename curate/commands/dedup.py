@@ -38,6 +38,9 @@ def _threshold(value: str) -> float:
 @click.option("--eval-threshold", type=float, default=0.95, show_default=True,
               help="Cosine to an evaluation image at or above which a sample is eval_contaminated.")
 @click.option("--phash", is_flag=True, help="Also group images with equal perceptual hashes (reads the tars).")
+@click.option("--phash-distance", type=int, default=-1, show_default=True,
+              help="With --phash: a near (embedding) pair counts only when the two images' 256-bit pHashes "
+                   "differ in at most this many bits (-1: no check; the demo uses 8).")
 @click.option("--seed", type=int, default=0, show_default=True, help="k-means sample and init seed.")
 @click.option("--tasks", type=int, default=0, show_default=True,
               help="Pair-search tasks (groups of clusters) for the engine (0 = one per ~65k samples).")
@@ -49,7 +52,7 @@ def _threshold(value: str) -> float:
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @engine_options
 def command(dataset: str, threshold: str, auto_target: float, k: str, probes: int, keep: str, against: str | None,
-            eval_threshold: float, phash: bool, seed: int, tasks: int, scorer: str, device: str, progress: bool, engine_spec: Any,
+            eval_threshold: float, phash: bool, phash_distance: int, seed: int, tasks: int, scorer: str, device: str, progress: bool, engine_spec: Any,
             redo: bool) -> None:
     """Find duplicate groups in the scored samples of DATASET and pick one sample to keep per group."""
     from curate.io.layout import DatasetDir
@@ -59,7 +62,7 @@ def command(dataset: str, threshold: str, auto_target: float, k: str, probes: in
     auto = threshold.strip().lower() == "auto"
     cfg = DedupConfig(threshold=0.95 if auto else _threshold(threshold), threshold_auto=auto,
                       auto_target=auto_target, k=parse_k(k), probes=probes, keep=keep, seed=seed, against=os.path.abspath(against) if against else None, eval_threshold=eval_threshold,
-                      phash=phash, tasks=tasks, scorer=scorer, device=device)
+                      phash=phash, phash_distance=phash_distance, tasks=tasks, scorer=scorer, device=device)
     check_config(cfg)
     extra = {"dataset": input_digest(DatasetDir.at(dataset), cfg.scorer)}
     if cfg.against:

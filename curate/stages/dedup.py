@@ -37,7 +37,7 @@ from curate.semdedup import DEVICES, KEEP_POLICIES
 log = logging.getLogger("curate.dedup")
 
 WORK = ("_work", "dedup")
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: phash tables carry phash256
 ROWS_PER_TASK = 65536  # with tasks=0: about this many rows' clusters per pair task
 SAMPLE_PER_CENTROID = 64
 PHASES = ("assign", "pairs", "decide", "write")
@@ -53,6 +53,9 @@ class DedupConfig:
     against: str | None = None  # evaluation dataset dir (absolute path)
     eval_threshold: float = 0.95
     phash: bool = False
+    # with phash: a near (embedding) pair is a duplicate only when the two images' 256-bit pHashes differ in at
+    # most this many bits (-1: no check). A small model's embedding packs look-alike drawings together
+    phash_distance: int = -1
     tasks: int = 0  # cluster-group pair tasks (0 = auto: one per ~65k rows)
     batch_rows: int = runtime(65536)
     scorer: str = "score"  # the score stage (signals/{scorer}/) whose image embeddings are compared
@@ -70,6 +73,8 @@ def check_config(cfg: DedupConfig) -> None:
         raise InputError(f"--eval-threshold: {cfg.eval_threshold} is not a cosine in [-1, 1]")
     if cfg.k < 0:
         raise InputError("--k: must be 'auto' or a positive number of clusters")
+    if not -1 <= cfg.phash_distance <= 256 or (cfg.phash_distance >= 0 and not cfg.phash):
+        raise InputError(f"--phash-distance: {cfg.phash_distance} must be -1 (no check) or 0..256 bits with --phash")
     if cfg.probes < 1:
         raise InputError("--probes: must be at least 1")
     if cfg.tasks < 0:
