@@ -148,6 +148,8 @@ def main() -> None:
     rules: dict[str, np.ndarray] = {
         "sha256 only": same_sha,
         "curate v1 (demo): sha256 | pHash64 equal | cos >= 0.999": same_sha | (ph == 0) | (cos >= 0.999),
+        "curate v2 (demo): sha256 | pHash256 equal | (cos >= 0.99 & pHash256 <= 8)":
+            same_sha | (p256 == 0) | ((cos >= 0.99) & (p256 <= 8)),
     }
     for t in (0.999, 0.99, 0.98, 0.95):
         rules[f"sha256 | cos >= {t}"] = same_sha | (cos >= t)
