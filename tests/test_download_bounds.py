@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,15 +40,15 @@ def ledger(out: Path) -> list[dict]:
 def test_writer_gives_up_on_a_stuck_row_and_the_shard_completes(server, tmp_path, monkeypatch):
     urls = [server.image(f"/ok{i}.jpg", jpeg(40, 30)) for i in range(8)]
     urls[2] = server.url("/stuck.jpg")
-    real = dl._process_row
+    real = dl._fetch_row
     release = threading.Event()
 
-    def process(row, fetcher, opt, budget=None):
+    def fetch(row, fetcher):
         if row["url"].endswith("/stuck.jpg"):
             release.wait(60)  # stands for a hang no deadline reaches (a bug, a stuck system call)
-        return real(row, fetcher, opt, budget)
+        return real(row, fetcher)
 
-    monkeypatch.setattr(dl, "_process_row", process)
+    monkeypatch.setattr(dl, "_fetch_row", fetch)
     monkeypatch.setattr(dl, "WRITER_GRACE", 0.5)
     inp = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"url": urls}), inp)
@@ -61,6 +62,36 @@ def test_writer_gives_up_on_a_stuck_row_and_the_shard_completes(server, tmp_path
     rows = ledger(tmp_path / "ds")
     assert [r["status"] for r in rows] == ["success"] * 2 + ["deadline_exceeded"] + ["success"] * 5
     assert "went on without it" in rows[2]["error_message"]
+    assert took < 15
+
+
+def test_writer_gives_up_on_a_row_stuck_in_decoding_and_the_shard_completes(server, tmp_path, monkeypatch):
+    # the decode threads are few (default 2, here 1): one that hangs must not hold back the rows after it
+    urls = [server.image(f"/ok{i}.jpg", jpeg(40, 30)) for i in range(8)]
+    urls[3] = server.image("/stuck.jpg", jpeg(40, 30))
+    real = dl._decode_row
+    release = threading.Event()
+
+    def decode(res, body, opt, budget=None):
+        if res.ledger["url"].endswith("/stuck.jpg"):
+            release.wait(60)  # a hang inside the pixel work (a decoder bug)
+        return real(res, body, opt, budget)
+
+    monkeypatch.setattr(dl, "_decode_row", decode)
+    monkeypatch.setattr(dl, "WRITER_GRACE", 0.5)
+    real_shard = dl.run_shard
+    monkeypatch.setattr(dl, "run_shard", lambda cfg, ds, task: real_shard(replace(cfg, decode_threads=1), ds, task))
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls}), inp)
+    t0 = time.monotonic()
+    try:
+        assert run(inp, tmp_path / "ds", "--allow-host", server.endpoint, "--deadline", "0.5",
+                   "--threads", "2", "--per-host", "2") == 0
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+    rows = ledger(tmp_path / "ds")
+    assert [r["status"] for r in rows] == ["success"] * 3 + ["deadline_exceeded"] + ["success"] * 4
     assert took < 15
 
 
@@ -117,5 +148,6 @@ def test_profile_reports_every_phase(server, tmp_path):
     (stats_file,) = (tmp_path / "ds" / "stats" / "download").glob("*.json")
     stats = json.loads(stats_file.read_text())
     phases = stats["phases"]
-    assert set(phases) == {"connect", "headers", "body", "decode", "resize", "encode", "hash", "write"}
+    assert set(phases) == {"connect", "headers", "body", "decode", "resize", "encode", "hash", "write", "ledger"}
+    assert all(v["cpu"] >= 0 for v in phases.values()) and stats["cpu_seconds"] > 0
     assert phases["decode"]["count"] == 6 and phases["write"]["count"] == 6 and phases["connect"]["count"] >= 1
