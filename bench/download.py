@@ -9,12 +9,18 @@ median PSNR of draft-mode (reduced-scale JPEG decoding) vs full-decode resizes.
 
     flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --hostile
 
-    flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --web --profile --n 2000
-
 --web: #15's web-like mix (long side 500/800/1200/2000/4000 px at 25/30/25/15/5%, 10% PNG, 10% WebP)
-served by one process on 4 loopback addresses, curate with its default per-host limit; prints images/s,
-peak RSS, CPU per image against the pure image work on the same images, and draft-vs-full PSNR.
---profile adds per-phase timers (connect, headers, body, hash, decode, resize, encode, write).
+served by one process on 4 loopback addresses; curate with its default per-host limit, then (with
+--img2dataset-python) img2dataset with matched settings (2 processes x 16 threads, 256 keep_ratio, q95)
+and with its own defaults, in the same run (--rounds N: best of N each). Prints images/s, peak RSS, CPU
+per image (process tree, and the download tasks at steady state) against the pure image work on the
+same images, and each tool's median PSNR, read back from its tars, against a full-decode Lanczos
+reference. --profile adds per-phase timers (wall and thread CPU: connect, headers, body, hash, decode,
+resize, encode, write, ledger); --py-spy FILE first runs curate once under py-spy and prints its top
+frames.
+
+    flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --web --profile --n 4000 \
+        --img2dataset-python .venv-bench/bin/python
 
 --hostile: one download task (1 process, 16 threads, per-host limit lifted so all 16 are in flight,
 every other setting at its default) against hostile but legal images -- 36 MP PNGs (RGB and
