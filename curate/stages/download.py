@@ -552,16 +552,28 @@ def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions,
     return _finish_row(res)
 
 
+# _await_row's answer for a row that has waited `limit` seconds for a decode thread (all of them stuck)
+_STALLED = _Result({})
+
+
 def _await_row(cond: threading.Condition, results: list[_Result | None], taken: list[float], i: int,
                limit: float) -> _Result | None:
-    """Row i's result, or None once it has been in a worker for `limit` seconds (call holding `cond`).
+    """Row i's result; None once it has been in a worker for `limit` seconds; _STALLED once it has
+    waited `limit` seconds for a decode thread (call holding `cond`).
 
-    A row not taken yet is waited for without a bound: every taken row ends or is given up on within
-    `limit`, and its thread replaced, so free workers always reach it.
+    taken[i] > 0: in a fetch or decode thread since then; < 0: fetched and waiting for a decode thread
+    since -taken[i]; 0: not taken yet, waited for without a bound: every taken row ends or is given up
+    on within `limit`, and its thread replaced, so free workers always reach it. A row waiting for a
+    decode thread is not given up on: the decode threads are replaced instead (the bodies are queued in
+    fetch order, not row order, so the rows ahead of it in the queue may be later rows).
     """
     while results[i] is None:
-        if taken[i] and time.monotonic() - taken[i] > limit:
+        t = taken[i]
+        now = time.monotonic()
+        if t > 0 and now - t > limit:
             return None
+        if t < 0 and now + t > limit:
+            return _STALLED
         cond.wait(timeout=1.0)
     return results[i]
 
@@ -626,8 +638,8 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 deliver(i, _finish_row(r))
                 continue
             # waiting for a decode thread is not the row's fault: the writer's clock restarts when a
-            # decode thread takes it (rows ahead of it are each decoded or given up on, within the limit)
-            taken[i] = 0.0
+            # decode thread takes it (see _await_row)
+            taken[i] = -time.monotonic()
             while True:  # a put that gives up when the shard is stopped (the decoders may be gone)
                 try:
                     to_decode.put((i, r, body), timeout=0.5)
@@ -643,7 +655,8 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 return
             i, r, body = item
             del item
-            taken[i] = time.monotonic()
+            with cond:  # the writer reads and resets a waiting row's clock under cond
+                taken[i] = time.monotonic()
             deliver(i, _finish_row(_decode_row(r, body, opt, budget)))
             del body, r
 
@@ -662,6 +675,12 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
             for i in range(n):
                 with cond:
                     r = _await_row(cond, results, taken, i, wait_limit)
+                    while r is _STALLED:  # every decode thread is stuck: add one, the row waits on
+                        spare_dec = threading.Thread(target=decode_worker, daemon=True, name=f"decode-{shard}-s{i}")
+                        decoders.append(spare_dec)
+                        spare_dec.start()
+                        taken[i] = -time.monotonic()
+                        r = _await_row(cond, results, taken, i, wait_limit)
                     if r is None:
                         # the thread stuck in row i is left behind (a daemon) and replaced, so the
                         # rows after it still get their full thread count
