@@ -65,12 +65,24 @@ def test_writer_gives_up_on_a_stuck_row_and_the_shard_completes(server, tmp_path
     assert took < 15
 
 
-def test_writer_gives_up_on_a_row_stuck_in_decoding_and_the_shard_completes(server, tmp_path, monkeypatch):
-    # the decode threads are few (default 2, here 1): one that hangs must not hold back the rows after it
+@pytest.mark.parametrize("slow_row", [None, 2])
+def test_writer_gives_up_on_a_row_stuck_in_decoding_and_the_shard_completes(server, tmp_path, monkeypatch,
+                                                                           slow_row):
+    # the decode threads are few (default 2, here 1): one that hangs must not hold back the rows after it.
+    # slow_row=2: row 2's fetch is slow, so row 3 reaches the only decode thread (and hangs there) first
+    # and row 2 waits in the queue behind it: the writer, waiting for row 2, must add a decode thread
     urls = [server.image(f"/ok{i}.jpg", jpeg(40, 30)) for i in range(8)]
     urls[3] = server.image("/stuck.jpg", jpeg(40, 30))
     real = dl._decode_row
+    real_fetch = dl._fetch_row
     release = threading.Event()
+
+    def fetch(row, fetcher):
+        if slow_row is not None and row["row"] == slow_row:
+            time.sleep(0.4)
+        return real_fetch(row, fetcher)
+
+    monkeypatch.setattr(dl, "_fetch_row", fetch)
 
     def decode(res, body, opt, budget=None):
         if res.ledger["url"].endswith("/stuck.jpg"):
