@@ -445,3 +445,16 @@ if __name__ == "__main__":
     from curate.options import main as _main
 
     sys.exit(_main())
+
+
+def parse_k(value: str) -> int:
+    """--k of the k-means stages (dedup, target-filter): 'auto' (0) or a positive integer."""
+    if value == "auto":
+        return 0
+    try:
+        k = int(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not 'auto' or an integer", param_hint="--k") from None
+    if k < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--k")
+    return k

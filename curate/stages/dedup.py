@@ -33,7 +33,7 @@ from curate.config import output_fields, runtime
 from curate.errors import InputError
 from curate.io.atomic import read_json, write_json
 from curate.io.layout import DatasetDir, task_id
-from curate.options import absolute, option
+from curate.options import absolute, option, parse_k
 from curate.semdedup import DEVICES, KEEP_POLICIES
 
 log = logging.getLogger("curate.dedup")
@@ -45,11 +45,6 @@ SAMPLE_PER_CENTROID = 64
 PHASES = ("assign", "pairs", "decide", "write")
 
 
-def clusters(value: str) -> int:
-    """--k: 'auto' (0) or a positive number of clusters."""
-    from curate.commands.common import parse_k  # shared with target-filter's --k
-
-    return parse_k(value)
 
 
 @dataclass(frozen=True)
@@ -58,7 +53,7 @@ class DedupConfig:
     threshold: float = 0.95  # cosine at or above which two images are near duplicates
     auto_target: float = option(0.95, help="With --threshold auto: the share of augmented copies the threshold must "
                                            "find.")
-    k: int = option(0, cli_type=str, cli_default="auto", convert=clusters,
+    k: int = option(0, cli_type=str, cli_default="auto", convert=parse_k,
                     help="k-means clusters, or 'auto' (about 2 sqrt(N): 1M samples -> 2000 clusters).")
     probes: int = option(2, help="Nearest clusters each sample searches, so pairs split by a cluster border are "
                                  "found.")

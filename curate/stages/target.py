@@ -27,8 +27,7 @@ from curate.config import output_fields, runtime
 from curate.errors import InputError
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
-from curate.options import absolute, option
-from curate.stages.dedup import clusters
+from curate.options import absolute, option, parse_k
 
 log = logging.getLogger("curate.target")
 
@@ -43,7 +42,7 @@ class TargetConfig:
         convert=absolute, click_type=click.Path(exists=True, file_okay=False),
         help="A scored dataset dir of target images (e.g. a trusted seed set; DataComp used ImageNet's training "
              "images), embedded with the same model as DATASET. Not your evaluation set.")
-    k: int = option(0, cli_type=str, cli_default="auto", convert=clusters,
+    k: int = option(0, cli_type=str, cli_default="auto", convert=parse_k,
                     help="k-means clusters of the pool's image embeddings, or 'auto' (about 2 sqrt(N), at least 40 "
                          "samples each). DataComp used 100,000 for pools of 12.8M to 12.8B.")
     seed: int = option(0, help="k-means sample and init seed.")
