@@ -17,21 +17,14 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from loopback import LoopServer, jpeg
 from PIL import Image
-from test_fetch import LoopServer, jpeg
 
 from curate.cli import main
 from curate.imaging import ImageOptions, ImageRejected, process_image
 from curate.io.layout import DatasetDir, sample_key, shard_name
 from curate.io.shards import iter_samples
 from curate.io.tables import read_tables
-
-
-@pytest.fixture
-def server():
-    s = LoopServer()
-    yield s
-    s.close()
 
 
 def write_urls(path: Path, urls: list[str | None], **extra: list) -> Path:

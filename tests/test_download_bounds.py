@@ -9,23 +9,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from hostile_server import RawServer
+from loopback import jpeg
 from test_deadline import PHASES
-from test_fetch import LoopServer, jpeg
 from test_imaging import png
 
 import curate.stages.download as dl
 from curate.cli import main
 from curate.io.layout import DatasetDir
 from curate.io.tables import read_tables
-
-
-@pytest.fixture
-def server():
-    s = LoopServer()
-    yield s
-    s.close()
 
 
 def run(inp: Path, out: Path, *args: str) -> int:

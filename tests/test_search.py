@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from dataset_factory import color_image, jpeg_bytes
-from test_fetch import LoopServer
+from loopback import LoopServer
 from test_score import TINY
 
 from curate.cli import main

@@ -1,0 +1,47 @@
+"""Shared fixtures: the loopback server, the tiny open_clip config and tiny datasets made by the real stages.
+
+- `server` / `canary`: a fresh LoopServer (tests/loopback.py) on 127.0.0.1 / 127.0.0.2 per test.
+- `tiny_model`: the tiny open_clip config (random init, 32 px) as a file, once per session.
+- `pipeline_dataset`: a dataset dir made once per session by `curate download` from a loopback web,
+  `curate score` with the tiny config and `curate dedup` (see tests/pipeline_data.py for what it holds).
+  Session data is shared: a test that writes into it must work on `copy_dataset(...)` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from loopback import LoopServer
+
+
+@pytest.fixture
+def server() -> Iterator[LoopServer]:
+    s = LoopServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def canary() -> Iterator[LoopServer]:
+    """A second server on another loopback address, with a secret that no redirect may reach."""
+    s = LoopServer("127.0.0.2")
+    s.routes["/secret"] = lambda h, n: h.send(200, b"secret", "text/plain")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from pipeline_data import write_tiny_config
+
+    return write_tiny_config(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="session")
+def pipeline_dataset(tmp_path_factory, tiny_model) -> Path:
+    """Read-only: downloaded, scored and deduplicated by the real stages (copy it before writing)."""
+    from pipeline_data import build_pipeline_dataset
+
+    return build_pipeline_dataset(tmp_path_factory.mktemp("pipeline"), tiny_model)
