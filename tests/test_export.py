@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from export_fixtures import key_of, make_export_source, truth
+from helpers import crash_env
 
 from curate.cli import main
 from curate.io.atomic import read_json
@@ -195,17 +196,13 @@ def _outputs(root):
 def test_a_killed_export_task_then_a_rerun_equals_a_clean_run(source, tmp_path):
     """A real CLI process dies (os._exit, from the test-only hook in tests/crash_hook) after its first tar
     is in place and before its ledger; the rerun redoes that shard and the result equals a clean run."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     args = ["--policy", "dedup", "--top-fraction", "0.7", "--by", "clip_score", "--samples-per-shard", "4"]
     assert main(["export", str(source), "--out", str(tmp_path / "clean"), *args]) == 0
     out = tmp_path / "killed"
-    hook = Path(__file__).parent / "crash_hook"
-    env = {**os.environ, "CURATE_TEST_CRASH_ONCE": str(tmp_path / "flags"),
-           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = crash_env(CURATE_TEST_CRASH_ONCE=str(tmp_path / "flags"))
     proc = subprocess.run([sys.executable, "-m", "curate.cli", "export", str(source), "--out", str(out), *args],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 17, proc.stderr[-2000:]

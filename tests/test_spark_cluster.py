@@ -19,13 +19,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from export_fixtures import make_export_source
+from helpers import crash_env
 
 from curate.cli import main
 from curate.io.shards import iter_raw
 
 pytestmark = pytest.mark.spark
 REPO = Path(__file__).resolve().parents[1]
-CRASH_HOOK = REPO / "tests" / "crash_hook"  # test-only crash injection (see its sitecustomize.py)
 
 
 def _free_port() -> int:
@@ -63,12 +63,11 @@ def cluster(tmp_path_factory):
     home = Path(pyspark.__file__).parent
     work = tmp_path_factory.mktemp("spark")
     crash_dir = work / "crash-flags"
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_HOME": str(home), "PYSPARK_PYTHON": sys.executable,
-           "SPARK_LOG_DIR": str(work / "logs"), "SPARK_WORKER_DIR": str(work / "worker"),
-           # executors inherit the worker's environment: the test-only hook in tests/crash_hook (on their
-           # PYTHONPATH) makes the first export shard task to write its tar die
-           "PYTHONPATH": os.pathsep.join(p for p in (str(CRASH_HOOK), os.environ.get("PYTHONPATH", "")) if p),
-           "CURATE_TEST_CRASH_ONCE": str(crash_dir)}
+    # executors inherit the worker's environment: the test-only hook in tests/crash_hook (on their
+    # PYTHONPATH) makes the first export shard task to write its tar die
+    env = {**crash_env(CURATE_TEST_CRASH_ONCE=str(crash_dir)), "SPARK_LOCAL_IP": "127.0.0.1",
+           "SPARK_HOME": str(home), "PYSPARK_PYTHON": sys.executable, "SPARK_LOG_DIR": str(work / "logs"),
+           "SPARK_WORKER_DIR": str(work / "worker")}
     port, ui = _free_port(), _free_port()
     procs = []
     try:
