@@ -39,9 +39,19 @@ def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_config(tmp_path_factory.mktemp("model"))
 
 
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
 @pytest.fixture(scope="session")
-def pipeline_dataset(tmp_path_factory, tiny_model) -> Path:
-    """Read-only: downloaded, scored and deduplicated by the real stages (copy it before writing)."""
+def pipeline_dataset(tmp_path_factory, tiny_model) -> Iterator[Path]:
+    """Read-only: downloaded, scored and deduplicated by the real stages (copy it before writing).
+
+    Checked at the end of the session: a test that wrote into it (even a lock or work file) fails there."""
     from pipeline_data import build_pipeline_dataset
 
-    return build_pipeline_dataset(tmp_path_factory.mktemp("pipeline"), tiny_model)
+    root = build_pipeline_dataset(tmp_path_factory.mktemp("pipeline"), tiny_model)
+    before = _snapshot(root)
+    yield root
+    changed = set(before.items()) ^ set(_snapshot(root).items())
+    assert not changed, f"a test changed the shared pipeline_dataset (use helpers.copy_dataset): {sorted(changed)[:5]}"
