@@ -47,3 +47,12 @@ class Concurrency:
         finally:
             with self._lock:
                 self.now -= 1
+
+
+def run_threads(calls: list) -> None:
+    """Run each zero-argument callable in its own thread, all at once, and wait for them all."""
+    threads = [threading.Thread(target=c) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

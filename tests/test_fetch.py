@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import ipaddress
-import threading
 import time
 from typing import Any
 
 import pytest
+from helpers import Concurrency, run_threads
 from loopback import LoopServer, jpeg
 
 from curate.fetch import Fetcher, FetchFailed, FetchPolicy, is_public_address, optout_directive
@@ -249,24 +250,15 @@ def test_robots_txt_read_once_per_host(server):
 
 
 def test_per_host_limit(server):
-    active = {"now": 0, "max": 0}
-    lock = threading.Lock()
+    active = Concurrency()
 
     def route(h, n):
-        with lock:
-            active["now"] += 1
-            active["max"] = max(active["max"], active["now"])
-        time.sleep(0.1)
-        with lock:
-            active["now"] -= 1
+        with active.hold(0.1):
+            pass
         h.send(200, jpeg())
 
     for i in range(12):
         server.routes[f"/p{i}"] = route
     f = fetcher(server, per_host=2)
-    threads = [threading.Thread(target=f.fetch, args=(server.url(f"/p{i}"),)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert active["max"] == 2
+    run_threads([functools.partial(f.fetch, server.url(f"/p{i}")) for i in range(12)])
+    assert active.max == 2
