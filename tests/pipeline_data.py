@@ -8,8 +8,8 @@ score or dedup write reaches them. What the input plants, and what the stages ma
 27 rows in shards of 9 (00000000 .. 00000002):
   row 3: 404                          -> http_4xx
   row 9: an ftp:// URL                -> blocked_scheme
-  row 17: bytes that are no image     -> a download failure (no tar member)
-  row 20: a JPEG cut short            -> downloaded (download only reads the header), score: decode_error
+  row 17: bytes that are no image     -> decode_error
+  row 20: a JPEG cut short            -> decode_error (download decodes every image it keeps)
   rows 8 and 16 serve row 0's bytes, row 10 row 2's -> exact duplicates for dedup
   row 12's image is in the evaluation set         -> eval_contaminated
   captions: English except rows 5, 13, 21, 22 (German) and 23 (Spanish); 6, 14, 15 short; 11 and 24 no words
@@ -55,6 +55,8 @@ CAPTIONS = {
     11: "IMG_1234.JPG", 24: "DSC_0042.JPG",
 }
 SIZES = {7: (150, 300), 11: (900, 250), 19: (200, 200)}
+FAULT_CODES = {3: "http_4xx", 9: "blocked_scheme", 17: "decode_error", 20: "decode_error"}  # what each fault is
+CAPTION_KINDS = {**{r: "non_english" for r in (5, 13, 21, 22, 23)}, 11: "boilerplate", 24: "boilerplate"}
 DOWNLOAD_ARGS = ("--resize-mode", "no", "--samples-per-shard", str(SHARD_SIZE), "--timeout", "2", "--deadline", "4",
                  "--no-progress")
 
@@ -147,3 +149,13 @@ def plant(root: Path, stage: str, column: str, values: dict[str, Any]) -> None:
         new = [values.get(k, v) for k, v in zip(table.column("key").to_pylist(), col, strict=True)]
         i = table.schema.get_field_index(column)
         write_table(path, table.set_column(i, table.schema.field(i), pa.array(new, table.schema.field(i).type)))
+
+
+def write_ground_truth(path: Path) -> Path:
+    """What the input planted, in the demo web's ground-truth format (`curate report --ground-truth`)."""
+    recs = [{"SAMPLE_ID": f"s{r:03d}", "TEXT": caption_of(r), "expected_error_code": FAULT_CODES.get(r),
+             "dup_of": f"s{SAME_BYTES[r]:03d}" if r in SAME_BYTES else None,
+             "dup_kind": "exact" if r in SAME_BYTES else None, "caption_kind": CAPTION_KINDS.get(r, "clean")}
+            for r in range(N_ROWS)]
+    write_table(path, pa.Table.from_pylist(recs))
+    return path
