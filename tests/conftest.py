@@ -4,7 +4,8 @@
 - `tiny_model`: the tiny open_clip config (random init, 32 px) as a file, once per session.
 - `pipeline_dataset`: a dataset dir made once per session by `curate download` from a loopback web,
   `curate score` with the tiny config and `curate dedup` (see tests/pipeline_data.py for what it holds).
-  Session data is shared: a test that writes into it must work on `copy_dataset(...)` instead.
+  Session data is shared: a test that writes into it must work on `helpers.copy_dataset(...)` instead
+  (checked when the session ends).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ score or dedup write reaches them. What the input plants, and what the stages ma
   row 12's image is in the evaluation set         -> eval_contaminated
   captions: English except rows 5, 13, 21, 22 (German) and 23 (Spanish); 6, 14, 15 short; 11 and 24 no words
   sizes: 256x240 except 7 (150x300), 11 (900x250) and 19 (200x200), for DataComp's size rules
+dedup runs with --threshold 0.9999: the random tiny model puts every pair of these images above 0.97
+cosine, so only byte-equal images (cosine 1) group. Its clip_scores are deterministic but meaningless:
+tests derive thresholds from them, and plant values (`plant`) where a policy's fixed cut needs them.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from export_fixtures import make_export_source
 from helpers import crash_env
 
 from curate.cli import main
@@ -107,8 +106,8 @@ def _outputs(root: Path) -> tuple[dict, list]:
     return tars, pq.read_table(root / "ledger").to_pylist()
 
 
-def test_export_on_a_standalone_cluster_equals_local_and_survives_a_killed_task(cluster, tmp_path):
-    src = make_export_source(tmp_path / "src").root
+def test_export_on_a_standalone_cluster_equals_local_and_survives_a_killed_task(cluster, pipeline_dataset, tmp_path):
+    src = pipeline_dataset  # read-only: the exports write elsewhere
     args = ["--policy", "datacomp-basic", "--policy", "dedup", "--samples-per-shard", "4", "--write-dropped"]
     assert main(["export", str(src), "--out", str(tmp_path / "local"), *args]) == 0
     out = tmp_path / "spark"
@@ -129,9 +128,9 @@ def test_export_on_a_standalone_cluster_equals_local_and_survives_a_killed_task(
 
 
 @pytest.mark.slow  # a second Spark application: about a minute on 2 cores
-def test_submit_script_runs_a_command_as_a_spark_application(cluster, tmp_path):
+def test_submit_script_runs_a_command_as_a_spark_application(cluster, pipeline_dataset, tmp_path):
     _stop_active_session()  # the worker's one core goes to the submitted application
-    src = make_export_source(tmp_path / "src").root
+    src = pipeline_dataset
     env = {**cluster["env"], "SPARK_MASTER": cluster["master"], "EXECUTOR_CORES": "1", "EXECUTOR_MEMORY": "512m",
            "DRIVER_MEMORY": "512m", "PYTHON": sys.executable, "CURATE_TEST_CRASH_ONCE": ""}
     out = tmp_path / "submitted"
@@ -167,17 +166,15 @@ def test_download_on_a_standalone_cluster_equals_local(cluster, tmp_path):
     assert all(r["status"] == "success" for r in local_ledger)
 
 
-def test_score_and_dedup_on_a_standalone_cluster_equal_local(cluster, tmp_path):
+def test_score_and_dedup_on_a_standalone_cluster_equal_local(cluster, tiny_model, tmp_path):
     """Score (tiny open_clip, loader workers inside Spark's Python workers) and every dedup phase run as
     Spark tasks on the cluster and write exactly what the local engine writes."""
-    import json
 
     import numpy as np
     from dataset_factory import color_image, make_dataset
-    from test_score import CAPTIONS, TINY
+    from test_score import CAPTIONS
 
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg = tiny_model
     rows = [(color_image(i % 9), CAPTIONS[i % 4], "success") for i in range(12)]  # 3 byte-identical repeats
     dirs = {}
     for name, engine in (("local", []), ("spark", ["--engine", "spark", "--spark-master", cluster["master"]])):
