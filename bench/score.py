@@ -152,6 +152,7 @@ def components(lm, ds: DatasetDir, device: str, batch: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # long because it is a flat script: arguments, dataset build, warm-up, timed runs, one print
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="curate-tiny")
     ap.add_argument("--pretrained", default="none")

@@ -86,6 +86,7 @@ def exact_topk(emb: np.ndarray, q: np.ndarray, k: int, chunk: int = 65536) -> tu
 
 
 def main() -> None:
+    # long because it is a flat script: arguments, synthetic vectors, index build, timed queries, print
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", default="1M")
     ap.add_argument("--dim", type=int, default=512)

@@ -48,7 +48,11 @@ def _tiny_jpeg() -> bytes:
 
 def generate(out: Path, rows: int, rows_per_shard: int = 10_000, tars: bool = False, seed: int = 0,
              dup_share: float = 0.1) -> dict[str, int]:
-    """Write the dataset under `out`; returns {"rows", "shards", "planted"}."""
+    """Write the dataset under `out`; returns {"rows", "shards", "planted"}.
+
+    Long because each shard's ledger, tar, score table and embeddings are written in one pass so that the
+    planted duplicates stay consistent across the four files.
+    """
     from curate.io import manifest
     from curate.io.atomic import write_json
     from curate.io.layout import DatasetDir, sample_key, shard_name

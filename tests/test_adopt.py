@@ -274,6 +274,7 @@ def _img2dataset_python(tmp_path_factory) -> Path:
 
 @pytest.mark.slow  # img2dataset's run, a curate download and two tiny-model score runs: about a minute
 def test_real_img2dataset_output_adopted_every_row_and_scores_equal_curate_downloads(tmp_path, tmp_path_factory):
+    # long because the point is one real img2dataset run adopted end to end: web, download, adopt, score, compare
     from pipeline_data import TINY
 
     from curate.demo.web import DemoWeb, WebConfig

@@ -238,7 +238,11 @@ class Encoded:
 
 
 def encode_shard(cfg: ScoreConfig, lm: Any, device: str, tar: str, ledger: list[dict[str, Any]]) -> Encoded:
-    """Read, decode and encode one shard's successful samples; caption signals for every ledger row."""
+    """Read, decode and encode one shard's successful samples; caption signals for every ledger row.
+
+    Long because the loader, the staging thread and the encode loop share one timing counter and one
+    shutdown order on failure (staging thread, then loader workers); split apart they would pass both around.
+    """
     import torch
 
     from curate import langid
