@@ -1,6 +1,7 @@
 """Shared fixtures: the loopback server, the tiny open_clip config and tiny datasets made by the real stages.
 
-- `server` / `canary`: a fresh LoopServer (tests/loopback.py) on 127.0.0.1 / 127.0.0.2 per test.
+- `server` / `canary`: a fresh LoopServer (tests/loopback.py) on 127.0.0.1 / 127.0.0.2 per test;
+  `raw`: a RawServer (tests/hostile_server.py) for byte-level misbehaviour.
 - `tiny_model`: the tiny open_clip config (random init, 32 px) as a file, once per session.
 - `pipeline_dataset`: a dataset dir made once per session by `curate download` from a loopback web,
   `curate score` with the tiny config and `curate dedup` (see tests/pipeline_data.py for what it holds).
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hostile_server import RawServer
 from loopback import LoopServer
 
 
@@ -29,6 +31,14 @@ def canary() -> Iterator[LoopServer]:
     """A second server on another loopback address, with a secret that no redirect may reach."""
     s = LoopServer("127.0.0.2")
     s.routes["/secret"] = lambda h, n: h.send(200, b"secret", "text/plain")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def raw() -> Iterator[RawServer]:
+    """A raw-socket loopback server for byte-level misbehaviour (tests/hostile_server.py)."""
+    s = RawServer()
     yield s
     s.close()
 
