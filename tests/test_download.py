@@ -487,7 +487,7 @@ def test_spark_reports_a_dead_shard_as_one_failed_result(server, tmp_path, monke
     inp = write_urls(tmp_path / "urls.parquet", [server.image(f"/e{i}.jpg") for i in range(6)])
     out = tmp_path / "ds"
     sc = get_session("local[2]").sparkContext
-    # Python workers get sc.environment (Spark puts its PYTHONPATH before the workers'), so they load the hook
+    # Python workers get sc.environment (Spark merges this PYTHONPATH into theirs), so they load the hook
     hooks = crash_env({}, CURATE_TEST_CRASH_TASK="download:00000001")
     sc.environment.update(hooks)
     try:
