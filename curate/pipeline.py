@@ -135,19 +135,6 @@ def _command(stage: str) -> Any:
     return cli.commands.get(stage)
 
 
-def _flags(cmd: Any) -> dict[str, Any]:
-    """field name -> click option, for every --long option of a command."""
-    import click
-
-    out = {}
-    for p in cmd.params:
-        if isinstance(p, click.Option):
-            for opt in p.opts:
-                if opt.startswith("--"):
-                    out[opt[2:].replace("-", "_")] = p
-    return out
-
-
 def to_argv(stage: str, fields: dict[str, Any], where: str) -> list[str]:
     """A stage entry's fields as CLI arguments: key -> --key-with-dashes, True -> flag, list -> repeated."""
     argv = [stage]
@@ -191,16 +178,16 @@ def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] 
         cmd = _command(stage)
         fields = dict(entry)
         if cmd is not None:
-            flags = _flags(cmd)
-            unknown = sorted(k for k in fields if k not in ("stage", "id", "args") and k not in flags)
-            if unknown:
-                raise InputError(f"{where}: unknown field(s) {', '.join(unknown)}; "
-                                 f"`curate {stage}` has: {', '.join(sorted(flags))}")
+            from curate.options import check_step, flag_params, negate_flags
+
+            flags = flag_params(cmd)
             for k, v in defaults.items():
                 if k in flags and k not in fields:
                     fields[k] = v
             if redo and "redo" in flags:
                 fields["redo"] = True
+            check_step(cmd, fields, where)  # the options' declarations: unknown keys, types, choices (exit 2)
+            fields = negate_flags(cmd, fields)  # `progress: false` -> --no-progress
         fields = substitute(fields, variables)
         label = entry.get("id") or stage
         steps.append(Step(i, stage, label, to_argv(stage, fields, where), cmd is not None))

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from curate.commands.common import engine_options, finish
+from curate.options import Options, options_from
 
 
-@click.command("adopt")
+@options_from("curate.stages.adopt:AdoptConfig", "adopt", after="out")
 @click.argument("source", metavar="SRC", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The new curate dataset directory.")
-@click.option("--link", type=click.Choice(["auto", "hardlink", "copy"]), default="auto", show_default=True,
-              help="auto: hard-link each tar (no image bytes copied), copying only where the filesystem refuses; "
-                   "hardlink: fail a shard rather than copy; copy: always copy.")
 @engine_options
-def command(source: str, out: str, link: str, engine_spec, redo: bool) -> None:
+def command(source: str, out: str, options: Options, engine_spec: Any, redo: bool) -> None:
     """SRC is img2dataset's output folder ({shard}.tar + {shard}.parquet + {shard}_stats.json, or its files
     and parquet output formats) or a folder of webdataset .tar files. Every source row gets a ledger row;
     score, dedup, export, report and train-probe then work on DIR as on a downloaded one."""
@@ -22,9 +22,8 @@ def command(source: str, out: str, link: str, engine_spec, redo: bool) -> None:
 
     from curate.errors import CurateError
     from curate.runner import run_stage
-    from curate.stages.adopt import AdoptConfig
 
-    cfg = AdoptConfig(source=os.path.abspath(source), link=link)
+    cfg = options.build(source=os.path.abspath(source))
     # the source's file fingerprint is recorded (manifest inputs) but not part of the config fingerprint:
     # a shard fixed or added in the source is adopted by a rerun, while done shards stay done
     summary = run_stage("adopt", cfg, out, engine_spec, redo=redo)

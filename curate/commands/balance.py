@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import click
 
 from curate.commands.common import engine_options, finish
+from curate.options import Options, options_from
 
 
-@click.command("balance")
+@options_from("curate.stages.balance:BalanceConfig", "balance")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@click.option("--metadata", default="wordfreq:en:50000", show_default=True, metavar="FILE|wordfreq:LANG:N",
-              help="Metadata entries: a text file (one entry a line) or a JSON list of strings, like MetaCLIP's "
-                   "metadata.json; or wordfreq:LANG:N, the N most frequent words of LANG from the wordfreq "
-                   "package (offline).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the per-(pair, entry) draws that decide which pairs an over-full entry keeps.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @engine_options
-def command(dataset: str, metadata: str, seed: int, progress: bool, engine_spec: Any, redo: bool) -> None:
+def command(dataset: str, progress: bool, options: Options, engine_spec: Any, redo: bool) -> None:
     """Match the captions of DATASET against metadata entries and write signals/balance: a pair is kept by
     MetaCLIP balancing with cap t when `balance_rank < t` (each entry keeps at most t of its pairs, chosen
     at random for the seed; entries with at most t pairs keep them all). Then e.g.
     `curate export DATASET --out OUT --policy metaclip` or `--where "balance_rank < 100"`."""
     from curate.io.layout import DatasetDir
     from curate.runner import run_stage
-    from curate.stages.balance import BalanceConfig, fingerprint_extra
+    from curate.stages.balance import fingerprint_extra
 
-    if not metadata.startswith("wordfreq:"):
-        metadata = os.path.abspath(metadata)
-    cfg = BalanceConfig(metadata=metadata, seed=seed, query_engine=engine_spec.name,
-                        spark_master=engine_spec.spark_master)
+    cfg = options.build(query_engine=engine_spec.name, spark_master=engine_spec.spark_master)
     extra = fingerprint_extra(cfg, DatasetDir.at(dataset))
     summary = run_stage("balance", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)
     c = summary.counts

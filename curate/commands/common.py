@@ -65,16 +65,3 @@ def resolve_shard_index(shard_index: int | None, num_shards: int) -> int:
         return int(env) if env else 0
     except ValueError:
         raise InputError(f"--shard-index: SLURM_ARRAY_TASK_ID='{env}' is not an integer") from None
-
-
-def parse_k(value: str) -> int:
-    """--k of the k-means stages (dedup, target-filter): 'auto' (0) or a positive integer."""
-    if value == "auto":
-        return 0
-    try:
-        k = int(value)
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not 'auto' or an integer", param_hint="--k") from None
-    if k < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--k")
-    return k

@@ -27,6 +27,7 @@ from curate.config import output_fields, runtime
 from curate.errors import InputError
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
+from curate.options import option
 
 log = logging.getLogger("curate.index")
 
@@ -38,18 +39,26 @@ PQ_CODE_SIZES = (64, 48, 32, 24, 16, 12, 8, 4)  # bytes per vector tried, larges
 RECALL_K = 10
 
 
+def _bytes(text: str) -> int:
+    return parse_bytes(text)  # defined below, with the other size helpers
+
+
 @dataclass(frozen=True)
 class IndexConfig:
-    scorer: str = "score"  # the score stage whose signals/<scorer>/ embeddings are indexed
-    kind: str = "auto"
-    memory_budget: int = 4 << 30  # bytes one modality's index may take in memory
-    exact_below: int = 100_000  # rows under which the index is exact (Flat)
-    nlist: int = 0  # IVF lists (0 = auto, a power of two near sqrt(N))
-    train_size: int = 0  # training sample rows (0 = auto, 64 per list)
-    seed: int = 0
-    target_recall: float = 0.97  # recall@10 vs brute force the chosen nprobe must reach on held-out rows
-    queries: int = 256  # held-out rows used as queries for the recall estimate
-    text: bool = True  # also index text embeddings when the scorer saved them
+    scorer: str = option("score", help="The score stage whose embeddings (signals/NAME/) are indexed.")
+    kind: str = option("auto", choices=KINDS,
+                       help="auto: exact Flat under --exact-below rows; above, IVF with float16 lists when they fit "
+                            "--memory-budget, else IVF with product quantization sized to it.")
+    memory_budget: int = option(4 << 30, cli_type=str, cli_default="4G", convert=_bytes,  # bytes
+                                help="Memory one modality's index may take (e.g. 512M, 4G).")
+    exact_below: int = option(100_000, help="Rows under which the index is exact (brute force).")
+    nlist: int = option(0, help="IVF lists (0: a power of two near sqrt(N)).")
+    train_size: int = option(0, help="Rows of the seeded training sample (0: 64 per IVF list).")
+    target_recall: float = option(0.97, help="recall@10 against brute force (held-out rows) the chosen nprobe must "
+                                             "reach.")
+    queries: int = option(256, help="Held-out rows for the recall estimate.")
+    text: bool = option(True, help="Also index text embeddings when the scorer saved them (--save-text-embeddings).")
+    seed: int = option(0, help="Seed of the training sample and the held-out queries.")
     batch_rows: int = runtime(65536)
 
 

@@ -34,6 +34,7 @@ from curate.io.layout import MAX_SHARDS, DatasetDir, shard_index, shard_name
 from curate.io.ledger import LEDGER_FIELDS
 from curate.io.shards import IMAGE_EXTS, ShardWriter, iter_raw
 from curate.io.tables import write_table
+from curate.options import option
 
 NAME = "adopt"
 LINK_MODES = ("auto", "hardlink", "copy")
@@ -48,7 +49,9 @@ _LEDGER_NAMES = {f.name for f in LEDGER_FIELDS}
 @dataclass(frozen=True)
 class AdoptConfig:
     source: str
-    link: str = "auto"  # auto: hard link, copy where the filesystem refuses; hardlink: never copy; copy
+    link: str = option("auto", choices=LINK_MODES,
+                       help="auto: hard-link each tar (no image bytes copied), copying only where the filesystem "
+                            "refuses; hardlink: fail a shard rather than copy; copy: always copy.")
 
 
 # ------------------------------------------------------------------------------------- status mapping

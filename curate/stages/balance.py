@@ -30,6 +30,7 @@ from curate.config import output_fields, runtime
 from curate.errors import InputError
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, task_id
+from curate.options import option
 
 log = logging.getLogger("curate.balance")
 
@@ -40,10 +41,21 @@ PHASES = ("match", "write")
 REPORT_CAPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 170000)
 
 
+def _metadata(value: str) -> str:
+    import os
+
+    return value if value.startswith("wordfreq:") else os.path.abspath(value)
+
+
 @dataclass(frozen=True)
 class BalanceConfig:
-    metadata: str = DEFAULT_METADATA  # wordfreq:LANG:N, or an absolute path to a .txt/.json entry list
-    seed: int = 0
+    metadata: str = option(  # wordfreq:LANG:N, or an absolute path to a .txt/.json entry list
+        DEFAULT_METADATA, convert=_metadata, metavar="FILE|wordfreq:LANG:N",
+        help="Metadata entries: a text file (one entry a line) or a JSON list of strings, like MetaCLIP's "
+             "metadata.json; or wordfreq:LANG:N, the N most frequent words of LANG from the wordfreq package "
+             "(offline).")
+    seed: int = option(0, help="Seed of the per-(pair, entry) draws that decide which pairs an over-full entry "
+                               "keeps.")
     query_engine: str = runtime("local")
     spark_master: str = runtime("local[*]")
 

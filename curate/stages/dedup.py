@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 from curate.config import output_fields, runtime
 from curate.errors import InputError
 from curate.io.atomic import read_json, write_json
 from curate.io.layout import DatasetDir, task_id
+from curate.options import absolute, option, parse_k
 from curate.semdedup import DEVICES, KEEP_POLICIES
 
 log = logging.getLogger("curate.dedup")
@@ -43,22 +45,35 @@ SAMPLE_PER_CENTROID = 64
 PHASES = ("assign", "pairs", "decide", "write")
 
 
+
+
 @dataclass(frozen=True)
 class DedupConfig:
+    # --threshold (a cosine or 'auto') sets threshold and threshold_auto: the command reads it
     threshold: float = 0.95  # cosine at or above which two images are near duplicates
-    k: int = 0  # k-means clusters (0 = auto, about 2 sqrt(N))
-    probes: int = 2  # clusters each row searches (its nearest `probes` centroids)
-    keep: str = "best-clip-score"
-    seed: int = 0
-    against: str | None = None  # evaluation dataset dir (absolute path)
-    eval_threshold: float = 0.95
-    phash: bool = False
-    tasks: int = 0  # cluster-group pair tasks (0 = auto: one per ~65k rows)
+    auto_target: float = option(0.95, help="With --threshold auto: the share of augmented copies the threshold must "
+                                           "find.")
+    k: int = option(0, cli_type=str, cli_default="auto", convert=parse_k,
+                    help="k-means clusters, or 'auto' (about 2 sqrt(N): 1M samples -> 2000 clusters).")
+    probes: int = option(2, help="Nearest clusters each sample searches, so pairs split by a cluster border are "
+                                 "found.")
+    keep: str = option("best-clip-score", choices=KEEP_POLICIES,
+                       help="Which sample of a duplicate group is kept (ties: lowest key).")
+    against: str | None = option(None, convert=absolute, click_type=click.Path(exists=True, file_okay=False),
+                                 help="A scored evaluation dataset dir: flag samples close to (or byte-equal to) "
+                                      "its images.")
+    eval_threshold: float = option(0.95, help="Cosine to an evaluation image at or above which a sample is "
+                                              "eval_contaminated.")
+    phash: bool = option(False, help="Also group images with equal perceptual hashes (reads the tars).")
+    seed: int = option(0, help="k-means sample and init seed.")
+    tasks: int = option(0, help="Pair-search tasks (groups of clusters) for the engine (0 = one per ~65k samples).")
     batch_rows: int = runtime(65536)
-    scorer: str = "score"  # the score stage (signals/{scorer}/) whose image embeddings are compared
-    device: str = runtime("auto")  # auto | cpu | cuda: where k-means, assignment and pair search run
+    scorer: str = option("score", help="The score stage whose image embeddings are compared (signals/SCORER/, "
+                                       "`curate score --name`).")
+    device: str = option("auto", runtime=True, choices=DEVICES,
+                         help="Where k-means, assignment and pair search run: cuda uses torch matrix products on the "
+                              "GPU (same decisions as cpu, which uses faiss/numpy).")
     threshold_auto: bool = False  # calibrate the threshold on augmented copies of the dataset's images
-    auto_target: float = 0.95  # with threshold_auto: the share of augmented copies the threshold finds
 
 
 def check_config(cfg: DedupConfig) -> None:

@@ -30,7 +30,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.config import runtime
 from curate.errors import InputError
 from curate.fetch import Fetcher, FetchFailed, FetchPolicy
 from curate.imaging import (
@@ -44,6 +43,7 @@ from curate.imaging import (
     return_freed_memory_to_os,
 )
 from curate.io.atomic import read_json, write_json
+from curate.io.inputs import FORMATS as INPUT_FORMATS
 from curate.io.inputs import InputSpec, list_files
 from curate.io.layout import (
     MAX_ROWS_PER_SHARD,
@@ -56,6 +56,7 @@ from curate.io.layout import (
 from curate.io.ledger import LEDGER_FIELDS, TRANSIENT_CODES, check_code
 from curate.io.shards import ShardWriter
 from curate.io.tables import write_table
+from curate.options import option, unique
 from curate.phases import ENABLED as PROFILE_ENABLED
 from curate.phases import PHASES
 
@@ -65,43 +66,81 @@ _NOT_IN_TAR = frozenset({"elapsed", "superseded_by"})
 _LEDGER_NAMES = [f.name for f in LEDGER_FIELDS]
 
 
+def read_deny_domains(values: tuple[str, ...]) -> tuple[str, ...]:
+    """--deny-domain values; '@FILE' reads one domain a line (# comments allowed)."""
+    out: list[str] = []
+    for v in values:
+        if v.startswith("@"):
+            path = Path(v[1:])
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as e:
+                raise InputError(f"--deny-domain {v}: cannot read {path} ({e.strerror})") from None
+            out += [ln.split("#", 1)[0].strip() for ln in lines]
+        else:
+            out.append(v)
+    return tuple(sorted({d.lower().strip(".") for d in out if d.strip(".")}))
+
+
+# DownloadConfig is flat (one JSON object, one fingerprint, YAML keys = flags) but declared in groups, each
+# with the object it builds; the groups' fields come first in the config, in the order of these classes.
 @dataclass(frozen=True)
-class DownloadConfig:
-    input: str
-    input_format: str = "auto"
-    url_col: str = "url"
-    caption_col: str | None = None
-    keep_cols: tuple[str, ...] = ()
-    header: bool = True
-    image_size: int = 256
-    resize_mode: str = "keep_ratio"
-    encode_format: str = "jpg"
-    encode_quality: int = 95
-    min_image_size: int = 0
-    max_aspect_ratio: float = 0.0
-    max_pixels: int = 40_000_000
-    max_bytes: int = 32 * 1024 * 1024
-    max_redirects: int = 5
-    allow_private: bool = False
-    deny_domains: tuple[str, ...] = ()
-    ignore_optout: bool = False
-    respect_robots: bool = False
-    samples_per_shard: int = 10_000
-    ua_token: str = "curatebot"
-    # how the work is done, not what it produces: a resume may change these
-    timeout: float = runtime(10.0)
-    deadline: float = runtime(30.0)
-    retries: int = runtime(2)
-    threads: int = runtime(16)
-    per_host: int = runtime(4)
-    # the demo web gets a new port every run; the endpoints let through are not part of the output
-    allow_hosts: tuple[str, ...] = runtime(())
-    retry_failed: bool = runtime(False)
-    shard_index: int = runtime(0)
-    num_shards: int = runtime(1)
+class InputFields:
+    """Which file(s) to read and which columns hold the URL, the caption and the kept values."""
+
+    input: str  # the INPUT argument (a file, a folder or an fsspec URL)
+    input_format: str = option("auto", choices=("auto", *INPUT_FORMATS),
+                               help="Format of INPUT (auto: from the file name; .gz allowed).")
+    url_col: str = option("url", help="URL column.")
+    caption_col: str | None = option(None, help="Caption column (default: none).")
+    keep_cols: tuple[str, ...] = option((), flag="keep-col", convert=unique,
+                                        help="Column carried into the ledger and the sample json (repeatable).")
+    header: bool = True  # csv/tsv have a header row (set by --preset)
 
     def input_spec(self) -> InputSpec:
         return InputSpec(self.input, self.input_format, self.url_col, self.caption_col, self.keep_cols, self.header)
+
+
+@dataclass(frozen=True)
+class ImageFields:
+    """How a fetched image is checked, resized and encoded into the tar."""
+
+    image_size: int = option(256, help="Target size (px) of the resize.")
+    resize_mode: str = option("keep_ratio", choices=RESIZE_MODES, help="As img2dataset's resize modes.")
+    encode_format: str = option("jpg", choices=tuple(ENCODE_FORMATS), help="Image format in the tar.")
+    encode_quality: int = option(95, help="jpg/webp quality; png compression level 0-9.")
+    min_image_size: int = option(0, help="Smaller side below this: too_small.")
+    max_aspect_ratio: float = option(0.0, help="max/min side above this: bad_aspect_ratio (0: no limit).")
+    max_pixels: int = option(40_000_000,
+                             help="Header pixel count above this: decompression_bomb (checked before decoding).")
+
+    def image_options(self) -> ImageOptions:
+        return ImageOptions(self.image_size, self.resize_mode, self.encode_format, self.encode_quality,
+                            self.min_image_size, self.max_aspect_ratio, self.max_pixels)
+
+
+@dataclass(frozen=True)
+class FetchFields:
+    """How a URL is fetched: limits, the address guard, opt-outs, timing and politeness."""
+
+    max_bytes: int = option(32 * 1024 * 1024, help="Body size cap (decoded bytes): too_large.")
+    max_redirects: int = option(5, help="Redirects followed (each hop passes the address guard).")
+    # how the work is done, not what it produces: a resume may change these
+    timeout: float = option(10.0, runtime=True, help="Connect and read timeout (s).")
+    deadline: float = option(30.0, runtime=True,
+                             help="Whole-sample time limit (s): all attempts, redirects and body bytes.")
+    retries: int = option(2, runtime=True, help="Extra attempts for transient failures (connect, timeout, 429, 5xx).")
+    threads: int = option(16, runtime=True, help="Fetch threads per shard task.")
+    per_host: int = option(4, runtime=True, help="Concurrent requests per host, per task.")
+    # the demo web gets a new port every run; the endpoints let through are not part of the output
+    allow_hosts: tuple[str, ...] = option((), flag="allow-host", runtime=True,
+                                          help="HOST[:PORT] let through the address guard (repeatable).")
+    allow_private: bool = option(False, help="Turn the address guard off (loopback/private allowed).")
+    deny_domains: tuple[str, ...] = option((), flag="deny-domain", convert=read_deny_domains,
+                                           help="Domain (and subdomains) never fetched; @FILE: one a line.")
+    ignore_optout: bool = option(False, help="Fetch even when X-Robots-Tag says noai/noimageai.")
+    respect_robots: bool = option(False, help="Honour robots.txt (read once per host) for our UA token.")
+    ua_token: str = "curatebot"  # the robots.txt user agent token
 
     def fetch_policy(self) -> FetchPolicy:
         return FetchPolicy(
@@ -111,9 +150,18 @@ class DownloadConfig:
             respect_optout=not self.ignore_optout, respect_robots=self.respect_robots, ua_token=self.ua_token,
         )
 
-    def image_options(self) -> ImageOptions:
-        return ImageOptions(self.image_size, self.resize_mode, self.encode_format, self.encode_quality,
-                            self.min_image_size, self.max_aspect_ratio, self.max_pixels)
+
+@dataclass(frozen=True)
+class DownloadConfig(FetchFields, ImageFields, InputFields):
+    """`curate download`: the input groups above, then sharding and this run's slice."""
+
+    samples_per_shard: int = option(10_000, help="Rows per shard (the last shard may have fewer).")
+    retry_failed: bool = option(False, runtime=True,
+                                help="Re-attempt the transient failures of completed shards as new shards.")
+    shard_index: int = option(0, runtime=True, cli_default=None,
+                              help="This task's slice: shards[INDEX::NUM] (default: $SLURM_ARRAY_TASK_ID with "
+                                   "--num-shards).")
+    num_shards: int = option(1, runtime=True, help="How many slices there are.")
 
 
 def check_config(cfg: DownloadConfig) -> None:

@@ -33,6 +33,7 @@ from curate.io.atomic import TMP_PREFIX, atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, shard_name
 from curate.io.shards import ShardWriter, iter_raw
 from curate.io.tables import write_table
+from curate.options import option
 from curate.query import Clause, Sources, check_clauses, open_query, parquet_files, selection_sql
 
 NAME = "export"
@@ -42,18 +43,25 @@ LAYOUTS = ("curate", "img2dataset")
 
 @dataclass(frozen=True)
 class ExportConfig:
-    source: str
-    where: tuple[str, ...] = ()
-    policy: tuple[str, ...] = ()
-    top_fraction: float | None = None
-    by: str | None = None
-    samples_per_shard: int = 10000
-    write_dropped: bool = False
-    layout: str = "curate"
-    query_engine: str = runtime("local")
+    source: str  # the DIR argument (absolute)
+    where: tuple[str, ...] = option((), metavar="SQL", help="A SQL predicate over the samples view (ledger + score + "
+                                    "dedup columns); repeatable.")
+    policy: tuple[str, ...] = option((), metavar="NAME|FILE",
+                                     help="A built-in policy (laion, datacomp-basic, clip-top30, dedup, demo) or a "
+                                          "policy YAML file; repeatable, applied in order.")
+    top_fraction: float | None = option(None, help="Keep this fraction of the rows left, ranked by --by.")
+    by: str | None = option(None, metavar="COLUMN", help="The column (SQL expression) --top-fraction ranks by.")
+    samples_per_shard: int = option(10000, help="Samples per output tar.")
+    layout: str = option("curate", choices=LAYOUTS,
+                         help="curate: shards/ + ledger/ (a curate dataset dir). img2dataset: flat {shard}.tar, "
+                              "{shard}.parquet and {shard}_stats.json as img2dataset writes them (readable by its "
+                              "tools, and by `curate adopt`).")
+    write_dropped: bool = option(False, help="Write OUT/dropped.parquet: every dropped key and its clause.")
+    query_engine: str = runtime("local")  # --engine: DuckDB (local) or Spark SQL
     spark_master: str = runtime("local[*]")
-    shard_index: int = runtime(0)
-    num_shards: int = runtime(1)
+    shard_index: int = option(0, runtime=True, help="With --num-shards: write only output shards i with i % "
+                                                    "num_shards == shard-index (Slurm arrays).")
+    num_shards: int = option(1, runtime=True, help="Number of slices (see --shard-index).")
 
 
 @dataclass

@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from curate.config import runtime
 from curate.errors import InputError, ShardError
 from curate.io.layout import DatasetDir
 from curate.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from curate.options import option
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -41,21 +41,40 @@ RESERVED_NAMES = frozenset({
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    model: str = DEFAULT_MODEL  # open_clip name or config .json path
-    pretrained: str = DEFAULT_PRETRAINED  # open_clip tag, checkpoint path, or "none"
-    checksum: str | None = None  # SHA-256 the checkpoint must have
-    precision: str = "fp32"
-    save_text_embeddings: bool = False
+    model: str = option(DEFAULT_MODEL, help="open_clip architecture name (e.g. ViT-B-32, curate-tiny) or a model "
+                                            "config .json path.")
+    pretrained: str = option(DEFAULT_PRETRAINED,
+                             help="open_clip pretrained tag (downloaded by open_clip), a local .safetensors/.pt "
+                                  "checkpoint (offline), or 'none' for seeded random init.")
+    checksum: str | None = option(None, help="SHA-256 the checkpoint file must have.")
     # the stage key: signals/NAME/, _done/NAME/, stats/NAME/, manifest["stages"][NAME]; each name has its
     # own fingerprint there, so it is left out of this one (and "score" fingerprints stay as they were)
-    name: str = runtime(DEFAULT_NAME)
-    device: str = runtime("auto")
-    decoder: str = runtime("auto")  # auto | cpu (Pillow in loader workers) | device (decode_jpeg on --device)
-    batch_size: int = runtime(0)  # 0 = chosen for the device (auto_batch_size)
-    loader_workers: int = runtime(-1)  # DataLoader worker processes per task (0 = in-process, -1 = auto)
-    threads: int = runtime(0)  # torch intra-op threads per task process (0 = auto, see auto_threads)
-    shard_index: int = runtime(0)  # this task's slice of shards: shards[shard_index::num_shards]
-    num_shards: int = runtime(1)
+    name: str = option(DEFAULT_NAME, runtime=True,
+                       help="Scorer name: outputs go to signals/NAME/ with their own manifest entry and fingerprint, "
+                            "so several models can score one dataset (lowercase identifier; not a stage name).")
+    device: str = option("auto", runtime=True,
+                         help="auto, cpu, cuda or cuda:N. cuda with the local engine uses every visible GPU (one "
+                              "worker process each, unless --workers is given); on Spark each task uses the GPU "
+                              "Spark assigned it.")
+    decoder: str = option("auto", runtime=True, choices=DECODERS,
+                          help="JPEG decoding: cpu = Pillow in the loader workers; device = torchvision/nvjpeg on "
+                               "the GPU, batched (other formats still decode on the CPU); auto = device on CUDA "
+                               "when nvjpeg works.")
+    precision: str = option("fp32", choices=PRECISIONS,
+                            help="Autocast dtype for the encoders (fp16/bf16 are meant for GPUs).")
+    batch_size: int = option(0, runtime=True,
+                             help="Images per forward pass (0 = by device: 256 on the CPU, up to 1024 by GPU memory).")
+    loader_workers: int = option(-1, runtime=True,
+                                 help="DataLoader processes per task, each reading a disjoint part of the tar (0 = in "
+                                      "the task's process; -1 = 1 on the CPU, the cores per GPU minus 2 (max 8) on a "
+                                      "GPU).")
+    threads: int = option(0, runtime=True, help="torch intra-op threads per task process (0 = on CPU, the cores left "
+                                                "after --loader-workers).")
+    save_text_embeddings: bool = option(False, help="Also write signals/score/{shard}.txt_emb.npy.")
+    shard_index: int = option(0, runtime=True, cli_default=None,
+                              help="This task's slice: shards[INDEX::NUM] (default: $SLURM_ARRAY_TASK_ID when "
+                                   "--num-shards is given, else 0).")
+    num_shards: int = option(1, runtime=True, help="How many slices there are.")
 
 
 def check_name(name: str) -> None:

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 from curate.config import output_fields, runtime
 from curate.errors import InputError
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
+from curate.options import absolute, option, parse_k
 
 log = logging.getLogger("curate.target")
 
@@ -36,11 +38,18 @@ POINTS_PER_CLUSTER = 256  # k-means training rows per cluster (faiss's own defau
 
 @dataclass(frozen=True)
 class TargetConfig:
-    target: str  # the target dataset dir (absolute path), scored with the same model as the pool
-    k: int = 0  # clusters (0 = auto: about 2 sqrt(N), at least 40 rows each)
-    seed: int = 0
-    niter: int = 20
-    sample: int = 1_000_000  # most pool rows k-means trains on (the driver holds them: 3 GB at 768-d)
+    target: str = option(  # the target dataset dir (absolute path), scored with the same model as the pool
+        convert=absolute, click_type=click.Path(exists=True, file_okay=False),
+        help="A scored dataset dir of target images (e.g. a trusted seed set; DataComp used ImageNet's training "
+             "images), embedded with the same model as DATASET. Not your evaluation set.")
+    k: int = option(0, cli_type=str, cli_default="auto", convert=parse_k,
+                    help="k-means clusters of the pool's image embeddings, or 'auto' (about 2 sqrt(N), at least 40 "
+                         "samples each). DataComp used 100,000 for pools of 12.8M to 12.8B.")
+    seed: int = option(0, help="k-means sample and init seed.")
+    niter: int = option(20, help="k-means iterations.")
+    sample: int = option(1_000_000,  # the driver holds them: 3 GB at 768-d
+                         help="At most this many pool samples (a seeded sample, ~256 per cluster) train the k-means; "
+                              "the driver holds them in memory (about 3 GB at 768-d).")
     batch_rows: int = runtime(65536)
 
 

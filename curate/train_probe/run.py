@@ -17,11 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curate.config import fingerprint, output_fields, runtime, to_dict
+import click
+
+from curate.config import fingerprint, output_fields, to_dict
 from curate.errors import InputError
 from curate.io.atomic import clean_tmp, read_json, write_json
 from curate.io.layout import DatasetDir
 from curate.io.manifest import check_fingerprint, record_stage
+from curate.options import absolute, option
 from curate.train_probe.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -29,21 +32,49 @@ STAGE = "train-probe"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def _subsets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple(parse_subset(v) for v in values)
+
+
+def _budgets(text: str | None) -> tuple[int, ...]:
+    return parse_budgets(text) if text else ()
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
-    subsets: tuple[tuple[str, str], ...] = ()  # (name, absolute dataset dir)
-    eval_dir: str = ""
-    label_column: str = "label"
-    seeds: int = 1
-    sweep_seeds: int | None = None  # None: --seeds (sweep points are compared paired by seed too)
-    sweep: str | None = None  # "COLUMN=F1,F2,..."
-    sweep_source: str | None = None
-    budgets: tuple[int, ...] = ()  # extra samples-seen budgets for the sweep's kept fractions
-    templates: str = "auto"  # zero-shot template set: a shipped name, a file, or auto (eval manifest)
-    holdout: float = 0.2  # --save-model: share of the trusted pairs held out for early stopping and the check
-    patience: int = 3  # --save-model: evaluation points without a better held-out score before stopping
-    save_model: str | None = runtime(None)
-    workers: int = runtime(2)  # decode threads
+    subsets: tuple[tuple[str, str], ...] = option(  # (name, absolute dataset dir)
+        (), flag="subset", cli_type=tuple[str, ...], convert=_subsets, metavar="NAME=DIR",
+        help="A dataset dir to train on, under a name (repeatable), e.g. raw=pool curated=export.")
+    eval_dir: str = ""  # --eval (absolute)
+    label_column: str = option("label", help="The eval ledger's class column.")
+    seeds: int = option(1, help="Runs per subset (seeds 0..K-1).")
+    sweep: str | None = option(None, metavar="COLUMN=F1,F2,...",
+                               help="Also train on the top fraction F by COLUMN of --sweep-source, and random subsets "
+                                    "of the same sizes, e.g. clip_score=0.1,0.3,0.5,1.0.")
+    sweep_seeds: int | None = option(None, help="Seeds per sweep subset (default: --seeds, so sweep points are "
+                                                "compared paired by seed too).")
+    budgets: tuple[int, ...] = option(
+        (), cli_type=str, cli_default=None, convert=_budgets, metavar="N1,N2,...",
+        help="Quality-vs-quantity study: also train each --sweep top fraction (and 100%) at these samples-seen "
+             "budgets, fit the repetition-decay law (Goyal et al. 2024) and recommend a kept fraction per budget.")
+    templates: str = option("auto", metavar="NAME|FILE",
+                            help="Zero-shot prompts: a shipped set (photo, clipart, icon, generic), a file with one "
+                                 "prompt per line using {c}, or auto (the eval manifest's zero_shot_templates, else "
+                                 "generic).")
+    sweep_source: str | None = option(None, click_type=click.Path(file_okay=False),
+                                      help="A scored dataset dir (signals/score) the sweep selects from (default: the "
+                                           "first --subset).")
+    save_model: str | None = option(
+        None, runtime=True, convert=absolute, click_type=click.Path(),
+        help="Write the trained model (seed 0 of the single --subset): X.safetensors + X.json, or for a directory "
+             "X/model.safetensors + X/model_config.json; `curate score --model CONFIG.json --pretrained "
+             "WEIGHTS.safetensors` loads them. Holds out --holdout of the pairs, stops early on their retrieval and "
+             "records it against chance in the checkpoint's metadata.")
+    holdout: float = option(0.2, help="--save-model: share of the trusted pairs held out (0: no check, no early "
+                                      "stopping).")
+    patience: int = option(3, help="--save-model: evaluation points without a better held-out retrieval before "
+                                   "stopping.")
+    workers: int = option(2, runtime=True, help="Image decoding threads.")
 
     @property
     def sweep_seed_count(self) -> int:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curate.config import runtime
 from curate.errors import InputError
+from curate.options import option
 from curate.train_probe.data import Samples, normalize
 
 log = logging.getLogger(__name__)
@@ -25,18 +25,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "curate-tiny"  # open_clip name or config .json path
-    image_size: int = 64
-    samples_seen: int = 4096  # ~45 s per run on 2 CPU cores at ~95 samples/s (bench/train_probe.py)
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup: float = 0.1  # share of the steps with a linear warmup, then cosine decay to 0
-    augment: bool = True  # random horizontal flip
-    crop: float = 0.0  # random square crops of (1 - crop)..100% of the area, resized back (0: off)
-    curve_points: int = 3  # evaluations during training (the last one is the final result)
-    device: str = runtime("auto")
-    threads: int = runtime(0)  # torch intra-op threads (0 = all cores)
+    samples_seen: int = option(4096,  # ~45 s per run on 2 CPU cores at ~95 samples/s (bench/train_probe.py)
+                               help="Training samples seen per run, equal for every subset (smaller subsets repeat "
+                                    "more epochs).")
+    batch_size: int = option(128, help="Contrastive batch size.")
+    lr: float = option(1e-3, help="Peak AdamW learning rate.")
+    weight_decay: float = option(0.1, help="AdamW weight decay.")
+    warmup: float = option(0.1, help="Share of the steps with linear warmup (cosine decay after).")
+    augment: bool = option(True, help="Random horizontal flips.")
+    crop: float = option(0.0, help="Random square crops of (1 - CROP)..100% of the image area (0: off; --save-model "
+                                   "uses 0.3 when 0).")
+    curve_points: int = option(3, help="Evaluations per run (for the quality-vs-samples-seen plot); the last is the "
+                                       "result.")
+    model: str = option("curate-tiny", help="open_clip architecture name or model config .json (random init).")
+    image_size: int = option(64, help="Input resolution of the model (px).")
+    device: str = option("auto", runtime=True, help="auto, cpu, cuda or cuda:N.")
+    threads: int = option(0, runtime=True, help="torch intra-op threads (0 = torch's default, all cores).")
 
 
 def check_config(cfg: TrainConfig) -> None:
