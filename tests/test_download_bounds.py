@@ -11,22 +11,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hostile_server import RawServer
+from loopback import jpeg
 from test_deadline import PHASES
-from test_fetch import LoopServer, jpeg
 from test_imaging import png
 
 import curate.stages.download as dl
 from curate.cli import main
 from curate.io.layout import DatasetDir
 from curate.io.tables import read_tables
-
-
-@pytest.fixture
-def server():
-    s = LoopServer()
-    yield s
-    s.close()
 
 
 def run(inp: Path, out: Path, *args: str) -> int:
@@ -107,19 +99,15 @@ def test_writer_gives_up_on_a_row_stuck_in_decoding_and_the_shard_completes(serv
     assert took < 15
 
 
-def test_hostile_servers_in_a_real_download_end_by_the_deadline(tmp_path):
-    raw = RawServer()
-    try:
-        for path, route in PHASES.items():
-            raw.routes[path] = route
-        inp = tmp_path / "urls.parquet"
-        pq.write_table(pa.table({"url": [raw.url(p) for p in sorted(PHASES)]}), inp)
-        t0 = time.monotonic()
-        assert run(inp, tmp_path / "ds", "--allow-host", raw.endpoint, "--deadline", "1.5", "--timeout", "5",
-                   "--threads", "16", "--per-host", "16") == 0
-        took = time.monotonic() - t0
-    finally:
-        raw.close()
+def test_hostile_servers_in_a_real_download_end_by_the_deadline(raw, tmp_path):
+    for path, route in PHASES.items():
+        raw.routes[path] = route
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [raw.url(p) for p in sorted(PHASES)]}), inp)
+    t0 = time.monotonic()
+    assert run(inp, tmp_path / "ds", "--allow-host", raw.endpoint, "--deadline", "1.5", "--timeout", "5",
+               "--threads", "16", "--per-host", "16") == 0
+    took = time.monotonic() - t0
     rows = ledger(tmp_path / "ds")
     assert {r["status"] for r in rows} == {"deadline_exceeded"}
     assert all(r["elapsed"] < 1.5 + 2 for r in rows)
