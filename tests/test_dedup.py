@@ -59,7 +59,10 @@ def key_of(i: int) -> str:
 def write_scored(root: Path, emb: np.ndarray, clip: np.ndarray | None = None, sha: list[str | None] | None = None,
                  placement: list[str] | None = None) -> DatasetDir:
     """A downloaded + scored dataset dir: row i has key key_of(i) and lives in shard placement[i] (default: the
-    shard its key names); ledger, score table, float16 embeddings and markers as the real stages write them."""
+    shard its key names); ledger, score table, float16 embeddings and markers as the real stages write them.
+
+    The embeddings are planted, not scored: dedup's keep rule and pair search are tested on chosen geometry
+    (near pairs, chains, cluster borders) that no model gives on demand; the tables use score's own schema."""
     ds = DatasetDir.at(root)
     n = len(emb)
     clip = np.linspace(0.2, 0.3, n) if clip is None else clip
@@ -500,15 +503,11 @@ def test_spark_engine_equals_local(tmp_path, monkeypatch):
     assert got[20] == got[30] == 31 and 31 not in got  # equal bytes: the best clip_score is kept
 
 
-def test_dedup_of_what_real_score_wrote(tmp_path):
+def test_dedup_of_what_real_score_wrote(tiny_model, tmp_path):
     """Tars and ledgers from the real writers, embeddings from `curate score` (tiny random-init model): the
     byte-identical image and the re-encoded copy are the only duplicates, and 1 vs 2 workers agree."""
-    import json
 
-    from test_score import TINY
-
-    conf = tmp_path / "curate-test-tiny.json"
-    conf.write_text(json.dumps(TINY))
+    conf = tiny_model
     images = [color_image(i, (64, 64)) for i in range(9)]
     images += [images[2], images[5].resize((48, 48)).resize((64, 64))]  # rows 9 (same bytes), 10 (re-encoded)
     samples = [(im, f"caption {i}", "success") for i, im in enumerate(images)]
@@ -534,15 +533,11 @@ def test_dedup_of_what_real_score_wrote(tmp_path):
     assert manifest.load(ds)["stages"]["dedup"]["status"] == "complete"
 
 
-def test_threshold_auto_on_a_random_init_model_does_not_flag_the_pool(tmp_path):
+def test_threshold_auto_on_a_random_init_model_does_not_flag_the_pool(tiny_model, tmp_path):
     """Issue 14: a random-init model puts unrelated images close together; the calibrated threshold stays above
     every random pair of the sample, so most of the pool is kept, and the evidence is in the manifest."""
-    import json
 
-    from test_score import TINY
-
-    conf = tmp_path / "curate-test-tiny.json"
-    conf.write_text(json.dumps(TINY))
+    conf = tiny_model
     images = [color_image(i, (64, 64)) for i in range(40)]
     ds = make_dataset(tmp_path / "ds", [(im, f"c {i}", "success") for i, im in enumerate(images + [images[7]])],
                       shard_size=8)
