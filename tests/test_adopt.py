@@ -226,15 +226,12 @@ def test_keys_reused_across_tars_are_refused_by_name(tmp_path, capsys):
     assert main(["adopt", str(tmp_path / "empty"), "--out", str(tmp_path / "y")]) == 2
 
 
-def test_score_a_second_scorer_and_export_work_on_an_adopted_dir(tmp_path):
-    from test_score import TINY
-
+def test_score_a_second_scorer_and_export_work_on_an_adopted_dir(tiny_model, tmp_path):
     src = tmp_path / "i2d"
     images = {**write_i2d_shard(src, "00000", 6), **write_i2d_shard(src, "00001", 5, seed=1)}
     out = tmp_path / "ds"
     assert main(["adopt", str(src), "--out", str(out)]) == 0
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg = tiny_model
     assert main(["score", str(out), "--model", str(cfg), "--pretrained", "none", "--no-progress",
                  "--batch-size", "4"]) == 0
     sig = score_rows(out)
@@ -278,7 +275,7 @@ def _img2dataset_python(tmp_path_factory) -> Path:
 @pytest.mark.slow  # img2dataset's run, a curate download and two tiny-model score runs: about a minute
 def test_real_img2dataset_output_adopted_every_row_and_scores_equal_curate_downloads(tmp_path, tmp_path_factory):
     # long because the point is one real img2dataset run adopted end to end: web, download, adopt, score, compare
-    from test_score import TINY
+    from pipeline_data import TINY
 
     from curate.demo.web import DemoWeb, WebConfig
 

@@ -19,13 +19,6 @@ DEADLINE = 1.5
 MARGIN = 2.0
 
 
-@pytest.fixture
-def raw():
-    s = RawServer()
-    yield s
-    s.close()
-
-
 def fetcher(server: RawServer, **kw) -> Fetcher:
     kw.setdefault("allow_hosts", (server.endpoint,))
     kw.setdefault("timeout", 5.0)  # longer than the deadline: the deadline, not a recv timeout, must end it

@@ -59,7 +59,10 @@ def key_of(i: int) -> str:
 def write_scored(root: Path, emb: np.ndarray, clip: np.ndarray | None = None, sha: list[str | None] | None = None,
                  placement: list[str] | None = None) -> DatasetDir:
     """A downloaded + scored dataset dir: row i has key key_of(i) and lives in shard placement[i] (default: the
-    shard its key names); ledger, score table, float16 embeddings and markers as the real stages write them."""
+    shard its key names); ledger, score table, float16 embeddings and markers as the real stages write them.
+
+    The embeddings are planted, not scored: dedup's keep rule and pair search are tested on chosen geometry
+    (near pairs, chains, cluster borders) that no model gives on demand; the tables use score's own schema."""
     ds = DatasetDir.at(root)
     n = len(emb)
     clip = np.linspace(0.2, 0.3, n) if clip is None else clip
@@ -364,6 +367,41 @@ def test_phash_joins_reencoded_images(tmp_path):
     assert sum(g >= 0 for g in groups.values()) == 2
 
 
+def test_phash_distance_confirms_near_pairs(tmp_path, capsys):
+    """A model that packs every image close together (all embeddings within cosine 0.99) makes every pair a near
+    pair; with --phash-distance only the pair whose pictures match (a downscaled copy) stays a duplicate."""
+    import imagehash
+
+    images = [color_image(i, (128, 128)) for i in range(6)]
+    images.append(images[2].resize((100, 100)).resize((128, 128)))  # a resized copy: pHash close, not equal
+    ph = [imagehash.phash(im, hash_size=16) for im in images]
+    assert imagehash.phash(images[6]) != imagehash.phash(images[2])  # no equal-pHash edge: the near edge decides
+    assert 0 < ph[6] - ph[2] <= 16 and min(ph[i] - ph[j] for i in range(6) for j in range(i)) > 64  # the premise
+    ds = make_dataset(tmp_path / "ds", [(im, "c", "success") for im in images], shard_size=4)
+    rng = np.random.default_rng(0)
+    base = unit(rng.standard_normal(D))
+    emb = np.stack([near_copy(base, 0.995, rng) for _ in images])
+    for shard in ds.shards():
+        keys = pq.read_table(ds.ledger(shard))["key"].to_pylist()
+        idx = [shard_index(shard_of_key(k)) * 4 + row_of_key(k) for k in keys]
+        save_npy(ds.signals("score", shard, ".img_emb.npy"), np.asarray(emb[idx], np.float16))
+        score = [{"key": k, "scored": True, "clip_score": 0.3, "emb_row": r} for r, k in enumerate(keys)]
+        write_table(ds.signals("score", shard), pa.Table.from_pylist(score, schema=signal_schema()))
+        write_json(ds.marker("score", shard), {"shard": shard})
+    assert run(ds, "--threshold", "0.98") == 0
+    assert int(dedup_table(ds)["is_duplicate"].to_numpy().sum()) == len(images) - 1  # one kept, the rest dropped
+    assert run(ds, "--threshold", "0.98", "--phash", "--phash-distance", "16", "--redo") == 0
+    rows = {r["key"]: r for r in dedup_table(ds).to_pylist()}
+    dropped = {k: (r["kept_key"], r["dup_evidence"]) for k, r in rows.items() if r["is_duplicate"]}
+    assert dropped == {"0000000100002": ("0000000000002", "near")}
+    counts = manifest.load(ds)["stages"]["dedup"]["counts"]
+    assert counts["near_pairs_without_phash_match"] == 20  # 21 pairs, one confirmed
+    assert counts["drops_by_evidence"] == {"exact": 0, "phash": 0, "near": 1}
+    capsys.readouterr()
+    assert run(ds, "--phash-distance", "8") == 2  # needs --phash
+    assert "--phash-distance" in capsys.readouterr().err
+
+
 def test_greedy_rule_on_a_chain_and_a_star():
     from curate import semdedup as sd
 
@@ -465,15 +503,11 @@ def test_spark_engine_equals_local(tmp_path, monkeypatch):
     assert got[20] == got[30] == 31 and 31 not in got  # equal bytes: the best clip_score is kept
 
 
-def test_dedup_of_what_real_score_wrote(tmp_path):
+def test_dedup_of_what_real_score_wrote(tiny_model, tmp_path):
     """Tars and ledgers from the real writers, embeddings from `curate score` (tiny random-init model): the
     byte-identical image and the re-encoded copy are the only duplicates, and 1 vs 2 workers agree."""
-    import json
 
-    from test_score import TINY
-
-    conf = tmp_path / "curate-test-tiny.json"
-    conf.write_text(json.dumps(TINY))
+    conf = tiny_model
     images = [color_image(i, (64, 64)) for i in range(9)]
     images += [images[2], images[5].resize((48, 48)).resize((64, 64))]  # rows 9 (same bytes), 10 (re-encoded)
     samples = [(im, f"caption {i}", "success") for i, im in enumerate(images)]
@@ -499,15 +533,11 @@ def test_dedup_of_what_real_score_wrote(tmp_path):
     assert manifest.load(ds)["stages"]["dedup"]["status"] == "complete"
 
 
-def test_threshold_auto_on_a_random_init_model_does_not_flag_the_pool(tmp_path):
+def test_threshold_auto_on_a_random_init_model_does_not_flag_the_pool(tiny_model, tmp_path):
     """Issue 14: a random-init model puts unrelated images close together; the calibrated threshold stays above
     every random pair of the sample, so most of the pool is kept, and the evidence is in the manifest."""
-    import json
 
-    from test_score import TINY
-
-    conf = tmp_path / "curate-test-tiny.json"
-    conf.write_text(json.dumps(TINY))
+    conf = tiny_model
     images = [color_image(i, (64, 64)) for i in range(40)]
     ds = make_dataset(tmp_path / "ds", [(im, f"c {i}", "success") for i, im in enumerate(images + [images[7]])],
                       shard_size=8)

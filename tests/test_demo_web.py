@@ -303,3 +303,18 @@ def test_cli_serve_help_is_registered(capsys):
     assert main(["demo", "serve", "--help"]) == 0
     assert "--seed" in capsys.readouterr().out
 
+
+
+def test_english_titles_are_never_served_as_non_english_captions():
+    """The corpus marks titles by their uploader's language; "Various Cliparts" is English text all the same,
+    so the audited web (the default) never serves an ENGLISH_TITLES title as a non-English caption."""
+    from curate.demo.web import ENGLISH_TITLES, plan_rows
+
+    def non_english(audited: bool) -> list[str]:
+        rows = plan_rows(WebConfig(seed=0, audited_titles=audited), "http://127.0.0.1:1")
+        return [r.text for r in rows if r.caption_kind == "non_english" and r.dup_kind is None]  # originals
+
+    before, audited = non_english(False), non_english(True)
+    assert any(t.startswith(ENGLISH_TITLES) for t in before)  # the audit has something to do on this web
+    assert audited and not any(t.startswith(ENGLISH_TITLES) for t in audited)
+    assert len(audited) == len(before)  # the same share of non-English captions, from other real titles

@@ -17,21 +17,15 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import crash_env
+from loopback import LoopServer, jpeg
 from PIL import Image
-from test_fetch import LoopServer, jpeg
 
 from curate.cli import main
 from curate.imaging import ImageOptions, ImageRejected, process_image
 from curate.io.layout import DatasetDir, sample_key, shard_name
 from curate.io.shards import iter_samples
 from curate.io.tables import read_tables
-
-
-@pytest.fixture
-def server():
-    s = LoopServer()
-    yield s
-    s.close()
 
 
 def write_urls(path: Path, urls: list[str | None], **extra: list) -> Path:
@@ -469,7 +463,9 @@ def test_local_workers_die_with_their_driver(server, tmp_path):
 def test_a_task_whose_worker_dies_is_a_failed_result_and_the_others_finish(server, tmp_path, monkeypatch):
     inp = write_urls(tmp_path / "urls.parquet", [server.image(f"/d{i}.jpg") for i in range(6)])
     out = tmp_path / "ds"
-    monkeypatch.setenv("CURATE_TEST_CRASH_TASK", "download:00000001")
+    # the pool's worker processes start with the crash hook armed (the driver, this process, does not)
+    for name, value in crash_env(CURATE_TEST_CRASH_TASK="download:00000001").items():
+        monkeypatch.setenv(name, value)
     assert download(inp, out, server, "--samples-per-shard", "2", "--workers", "2") == 3
     ds = DatasetDir.at(out)
     assert ds.done_tasks("download") == ["00000000", "00000002"]
@@ -491,11 +487,14 @@ def test_spark_reports_a_dead_shard_as_one_failed_result(server, tmp_path, monke
     inp = write_urls(tmp_path / "urls.parquet", [server.image(f"/e{i}.jpg") for i in range(6)])
     out = tmp_path / "ds"
     sc = get_session("local[2]").sparkContext
-    sc.environment["CURATE_TEST_CRASH_TASK"] = "download:00000001"  # python workers get sc.environment
+    # Python workers get sc.environment (Spark merges this PYTHONPATH into theirs), so they load the hook
+    hooks = crash_env({}, CURATE_TEST_CRASH_TASK="download:00000001")
+    sc.environment.update(hooks)
     try:
         rc = download(inp, out, server, "--samples-per-shard", "2", "--engine", "spark", "--spark-master", "local[2]")
     finally:
-        sc.environment.pop("CURATE_TEST_CRASH_TASK", None)
+        for name in hooks:
+            sc.environment.pop(name, None)
     assert rc == 3
     ds = DatasetDir.at(out)
     assert ds.done_tasks("download") == ["00000000", "00000002"]

@@ -7,11 +7,12 @@ import tarfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from export_fixtures import key_of, make_export_source, truth
+from helpers import copy_dataset, crash_env
+from pipeline_data import N_ROWS, rows
 
 from curate.cli import main
 from curate.io.atomic import read_json
-from curate.io.layout import shard_name, shard_of_key
+from curate.io.layout import DatasetDir, shard_name, shard_of_key
 from curate.io.shards import iter_raw
 
 
@@ -42,19 +43,33 @@ def raw_members(root):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return make_export_source(tmp_path_factory.mktemp("src") / "ds").root
+def source(pipeline_dataset):
+    """Downloaded, scored and deduplicated by the real stages (conftest.py); read-only."""
+    return pipeline_dataset
 
 
-def test_export_keeps_the_right_samples_with_original_bytes_and_lineage(source, tmp_path):
+@pytest.fixture(scope="module")
+def truth(source):
+    """Every ledger row with the signals score and dedup wrote for it."""
+    return rows(source)
+
+
+def median_score(truth) -> float:
+    """A threshold that splits the scored rows (the tiny random model's scores sit anywhere in [-1, 1])."""
+    return round(float(np.median([t["clip_score"] for t in truth if t["clip_score"] is not None])), 3)
+
+
+def test_export_keeps_the_right_samples_with_original_bytes_and_lineage(source, truth, tmp_path):
     out = tmp_path / "out"
-    rc = main(["export", str(source), "--out", str(out), "--where", "clip_score >= 0.25",
+    low = round(median_score(truth) - 0.05, 3)
+    clause = f"clip_score >= {low}"
+    rc = main(["export", str(source), "--out", str(out), "--where", clause,
                "--where", "lang = 'en'", "--samples-per-shard", "4", "--write-dropped"])
     assert rc == 0
-    kept, dropped = expected(truth(), ("clip_score >= 0.25", lambda t: t["clip_score"] is not None
-                                       and f32(t["clip_score"]) >= 0.25),
+    kept, dropped = expected(truth, (clause, lambda t: t["clip_score"] is not None
+                                     and f32(t["clip_score"]) >= low),
                              ("lang = 'en'", lambda t: t["lang"] == "en"))
-    assert 4 < len(kept) < 20  # the fixture makes both clauses bite
+    assert 4 < len(kept) < 20 and set(dropped.values()) == {"downloaded", clause, "lang = 'en'"}  # all bite
 
     # shards: sorted keys, 4 per shard, member bytes identical to the source's
     src = raw_members(source)
@@ -69,7 +84,7 @@ def test_export_keeps_the_right_samples_with_original_bytes_and_lineage(source, 
     # ledger: kept rows with their signals, output shard and source lineage
     led = pq.read_table(out / "ledger").to_pylist()
     assert [r["key"] for r in led] == kept
-    by_key = {t["key"]: t for t in truth()}
+    by_key = {t["key"]: t for t in truth}
     for r in led:
         assert r["source_key"] == r["key"] and r["source_shard"] == shard_of_key(r["key"])
         assert r["clip_score"] == pytest.approx(by_key[r["key"]]["clip_score"], abs=1e-6)
@@ -83,41 +98,47 @@ def test_export_keeps_the_right_samples_with_original_bytes_and_lineage(source, 
     man = read_json(out / "manifest.json")["stages"]["export"]
     assert man["status"] == "complete"
     assert man["inputs"]["source"] == str(source)
-    assert man["inputs"]["source_stages"] == {"dedup": "dedup000", "download": "d0wn10ad", "score": "5c0re000"}
+    stages = read_json(source / "manifest.json")["stages"]
+    assert man["inputs"]["source_stages"] == {s: stages[s]["fingerprint"] for s in ("dedup", "download", "score")}
     counts = man["counts"]
-    assert counts["input"] == 27 and counts["kept"] == len(kept)
-    assert [c["clause"] for c in counts["clauses"]] == ["downloaded", "clip_score >= 0.25", "lang = 'en'"]
+    assert counts["input"] == N_ROWS and counts["kept"] == len(kept)
+    assert [c["clause"] for c in counts["clauses"]] == ["downloaded", clause, "lang = 'en'"]
     assert [c["removed"] for c in counts["clauses"]] == [
-        sum(1 for v in dropped.values() if v == c) for c in ("downloaded", "clip_score >= 0.25", "lang = 'en'")]
+        sum(1 for v in dropped.values() if v == c) for c in ("downloaded", clause, "lang = 'en'")]
 
 
-def test_dry_run_prints_counts_per_clause_and_writes_nothing(source, tmp_path, capsys):
+def test_dry_run_prints_counts_per_clause_and_writes_nothing(source, truth, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["export", str(source), "--out", str(out), "--policy", "dedup", "--top-fraction", "0.5",
                "--by", "clip_score", "--dry-run"])
     assert rc == 0
     assert not out.exists()
     lines = {ln.split()[0]: ln.split()[1:] for ln in capsys.readouterr().out.splitlines()[1:]}
-    assert lines["input"] == ["27"]
-    assert lines["downloaded"] == ["3", "24"]
-    assert lines["dedup:not_duplicate"] == ["3", "21"]  # 8, 16 (group of 0) and 10 (group of 2)
-    assert lines["dedup:not_eval_contaminated"] == ["1", "20"]
-    # 19 of the 20 left have a clip_score (row 20 was not scored): round(0.5 * 19) = 10 kept
-    assert lines["top"] == ["0.5", "by", "clip_score", "10", "10"]
-    assert lines["kept"] == ["10"]
+    ok = [t for t in truth if t["status"] == "success"]
+    not_dup = [t for t in ok if not t["is_duplicate"]]
+    clean = [t for t in not_dup if not t["eval_contaminated"]]
+    assert 0 < len(clean) < len(not_dup) < len(ok) < N_ROWS  # every clause bites
+    assert lines["input"] == [str(N_ROWS)]
+    assert lines["downloaded"] == [str(N_ROWS - len(ok)), str(len(ok))]
+    assert lines["dedup:not_duplicate"] == [str(len(ok) - len(not_dup)), str(len(not_dup))]
+    assert lines["dedup:not_eval_contaminated"] == [str(len(not_dup) - len(clean)), str(len(clean))]
+    top = int(np.floor(0.5 * sum(t["clip_score"] is not None for t in clean) + 0.5))  # removed, then remaining
+    assert lines["top"] == ["0.5", "by", "clip_score", str(len(clean) - top), str(top)]
+    assert lines["kept"] == [str(top)]
 
 
-def test_top_fraction_ranks_the_rows_left_with_ties_to_the_lower_key(source, tmp_path):
+def test_top_fraction_ranks_the_rows_left_with_ties_to_the_lower_key(source, truth, tmp_path):
     out = tmp_path / "out"
     assert main(["export", str(source), "--out", str(out), "--top-fraction", "0.3", "--by", "clip_score"]) == 0
-    scored = [t for t in truth() if t["clip_score"] is not None]
+    scored = [t for t in truth if t["clip_score"] is not None]
     k = int(np.floor(0.3 * len(scored) + 0.5))
     best = sorted(scored, key=lambda t: (-f32(t["clip_score"]), t["key"]))[:k]
     assert [r["key"] for r in pq.read_table(out / "ledger").to_pylist()] == sorted(t["key"] for t in best)
 
 
-def test_missing_stage_column_is_an_input_error_naming_column_and_stage(tmp_path, capsys):
-    src = make_export_source(tmp_path / "src", with_dedup=False).root
+def test_missing_stage_column_is_an_input_error_naming_column_and_stage(source, tmp_path, capsys):
+    src = copy_dataset(source, tmp_path / "src")
+    DatasetDir.at(src).discard("dedup")
     rc = main(["export", str(src), "--out", str(tmp_path / "out"), "--policy", "dedup"])
     err = capsys.readouterr().err
     assert rc == 2
@@ -130,7 +151,7 @@ def test_missing_stage_column_is_an_input_error_naming_column_and_stage(tmp_path
     assert not (tmp_path / "out" / "shards").exists()
 
 
-def test_rerun_resumes_refuses_another_policy_and_redo_replaces(source, tmp_path, capsys):
+def test_rerun_resumes_refuses_another_policy_and_redo_replaces(source, truth, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["export", str(source), "--out", str(out), "--policy", "dedup", "--samples-per-shard", "5"]
     assert main(args) == 0
@@ -146,20 +167,22 @@ def test_rerun_resumes_refuses_another_policy_and_redo_replaces(source, tmp_path
     assert "fingerprint" in capsys.readouterr().err
     assert main([*args, "--where", "lang = 'en'", "--redo"]) == 0
     keys = [r["key"] for r in pq.read_table(out / "ledger").to_pylist()]
-    kept, _ = expected(truth(), ("dedup:not_duplicate", lambda t: not t["is_duplicate"]),
+    kept, _ = expected(truth, ("dedup:not_duplicate", lambda t: not t["is_duplicate"]),
                        ("dedup:not_eval_contaminated", lambda t: not t["eval_contaminated"]),
                        ("lang = 'en'", lambda t: t["lang"] == "en"))
     assert keys == kept
 
 
-def test_export_of_an_export_and_empty_selection(source, tmp_path):
+def test_export_of_an_export_and_empty_selection(source, truth, tmp_path):
     first = tmp_path / "first"
     assert main(["export", str(source), "--out", str(first), "--policy", "dedup"]) == 0
     second = tmp_path / "second"
     # the export's ledger carries the signals, so it can be filtered again without score/dedup dirs
     assert main(["export", str(first), "--out", str(second), "--where", "lang NOT IN ('en', 'und')"]) == 0
     keys = [r["key"] for r in pq.read_table(second / "ledger").to_pylist()]
-    assert keys == [key_of(r) for r in (5, 13, 21, 22, 23)]
+    want, _ = expected(truth, ("dedup", lambda t: not t["is_duplicate"] and not t["eval_contaminated"]),
+                       ("foreign", lambda t: t["lang"] not in ("en", "und")))
+    assert keys == want and len(want) >= 3  # the German and Spanish captions
     assert raw_members(second) == {k: v for k, v in raw_members(source).items() if k in keys}
     empty = tmp_path / "empty"
     assert main(["export", str(source), "--out", str(empty), "--where", "FALSE"]) == 0
@@ -195,17 +218,13 @@ def _outputs(root):
 def test_a_killed_export_task_then_a_rerun_equals_a_clean_run(source, tmp_path):
     """A real CLI process dies (os._exit, from the test-only hook in tests/crash_hook) after its first tar
     is in place and before its ledger; the rerun redoes that shard and the result equals a clean run."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     args = ["--policy", "dedup", "--top-fraction", "0.7", "--by", "clip_score", "--samples-per-shard", "4"]
     assert main(["export", str(source), "--out", str(tmp_path / "clean"), *args]) == 0
     out = tmp_path / "killed"
-    hook = Path(__file__).parent / "crash_hook"
-    env = {**os.environ, "CURATE_TEST_CRASH_ONCE": str(tmp_path / "flags"),
-           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = crash_env(CURATE_TEST_CRASH_ONCE=str(tmp_path / "flags"))
     proc = subprocess.run([sys.executable, "-m", "curate.cli", "export", str(source), "--out", str(out), *args],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 17, proc.stderr[-2000:]
@@ -237,14 +256,14 @@ def test_local_one_and_two_workers_and_spark_local_give_identical_bytes(source, 
             read_json(tmp_path / "one" / "manifest.json")["stages"]["export"]["counts"]
 
 
-def test_every_signal_table_joins_the_view_other_scorers_prefixed(tmp_path):
+def test_every_signal_table_joins_the_view_other_scorers_prefixed(source, truth, tmp_path):
     """A second scorer's table (signals/dfn/) joins `samples` as dfn_<column>; score and dedup stay unprefixed."""
     import pyarrow as pa
 
     from curate.io.atomic import write_json
     from curate.io.tables import write_table
 
-    src = make_export_source(tmp_path / "src")
+    src = DatasetDir.at(copy_dataset(source, tmp_path / "src"))
     for shard in src.done_shards("score"):
         score = pq.read_table(src.signals("score", shard))
         # the second scorer ranks in the opposite order: 1 - clip_score
@@ -253,22 +272,23 @@ def test_every_signal_table_joins_the_view_other_scorers_prefixed(tmp_path):
         write_table(src.signals("dfn", shard), other)
         write_json(src.marker("dfn", shard), {"shard": shard, "stats": {}})
     out = tmp_path / "out"
+    high = round(1 - median_score(truth), 3)  # keeps the rows whose clip_score is under the median
     assert main(["export", str(src.root), "--out", str(out), "--where", "dfn_clip_score > 1 - clip_score - 1e-6",
-                 "--where", "dfn_clip_score >= 0.7", "--write-dropped"]) == 0
+                 "--where", f"dfn_clip_score >= {high}", "--write-dropped"]) == 0
     led = pq.read_table(out / "ledger").to_pylist()
-    want = [t["key"] for t in truth() if t["status"] == "success" and t["clip_score"] is not None
-            and 1 - f32(t["clip_score"]) >= 0.7 - 1e-6]
+    want = [t["key"] for t in truth if t["status"] == "success" and t["clip_score"] is not None
+            and 1 - f32(t["clip_score"]) >= high - 1e-6]
     assert [r["key"] for r in led] == want and want
     assert all(r["dfn_clip_score"] == pytest.approx(1 - r["clip_score"], abs=1e-6) for r in led)
     # top fraction by the second scorer: the lowest clip_score rows
     top = tmp_path / "top"
     assert main(["export", str(src.root), "--out", str(top), "--top-fraction", "0.25", "--by", "dfn_clip_score"]) == 0
-    scored = sorted((t for t in truth() if t["clip_score"] is not None), key=lambda t: (f32(t["clip_score"]), t["key"]))
+    scored = sorted((t for t in truth if t["clip_score"] is not None), key=lambda t: (f32(t["clip_score"]), t["key"]))
     k = int(np.floor(0.25 * len(scored) + 0.5))
     assert [r["key"] for r in pq.read_table(top / "ledger").to_pylist()] == sorted(t["key"] for t in scored[:k])
 
 
-def test_img2dataset_layout_reads_back_with_webdataset_and_img2dataset_conventions(source, tmp_path):
+def test_img2dataset_layout_reads_back_with_webdataset_and_img2dataset_conventions(source, truth, tmp_path):
     import json
 
     import webdataset as wds
@@ -276,13 +296,13 @@ def test_img2dataset_layout_reads_back_with_webdataset_and_img2dataset_conventio
     out = tmp_path / "i2d"
     assert main(["export", str(source), "--out", str(out), "--policy", "dedup", "--samples-per-shard", "5",
                  "--layout", "img2dataset"]) == 0
-    kept, _ = expected(truth(), ("dedup:not_duplicate", lambda t: not t["is_duplicate"]),
+    kept, _ = expected(truth, ("dedup:not_duplicate", lambda t: not t["is_duplicate"]),
                        ("dedup:not_eval_contaminated", lambda t: not t["eval_contaminated"]))
     tars = sorted(out.glob("*.tar"))
     assert [t.stem for t in tars] == [shard_name(i) for i in range((len(kept) + 4) // 5)]
     assert not (out / "shards").exists() and not (out / "ledger").exists()
     src = raw_members(source)
-    by_key = {t["key"]: t for t in truth()}
+    by_key = {t["key"]: t for t in truth}
     # webdataset reads every sample: the image bytes are the source's, the caption and json img2dataset's
     seen = []
     for sample in wds.WebDataset([str(t) for t in tars], shardshuffle=False):
@@ -291,7 +311,7 @@ def test_img2dataset_layout_reads_back_with_webdataset_and_img2dataset_conventio
         assert sample["jpg"] == src[key]["jpg"]
         assert sample["txt"].decode() == by_key[key]["caption"]
         meta = json.loads(sample["json"])
-        assert meta["key"] == key and meta["status"] == "success" and meta["url"].startswith("http://127.0.0.1/")
+        assert meta["key"] == key and meta["status"] == "success" and meta["url"].startswith("http://127.0.0.1:")
         assert set(meta) >= {"url", "caption", "key", "status", "error_message", "width", "height",
                              "original_width", "original_height", "exif", "sha256"}
     assert seen == kept

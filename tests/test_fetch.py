@@ -2,115 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
-import io
 import ipaddress
-import threading
 import time
-from collections import Counter
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from PIL import Image
+from helpers import Concurrency, run_threads
+from loopback import LoopServer, jpeg
 
 from curate.fetch import Fetcher, FetchFailed, FetchPolicy, is_public_address, optout_directive
-
-
-def jpeg(w: int = 64, h: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), color).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        srv: LoopServer = self.server.owner  # type: ignore[attr-defined]
-        path = self.path.split("?", 1)[0]
-        with srv.lock:
-            srv.hits[path] += 1
-            n = srv.hits[path]
-        route = srv.routes.get(path)
-        try:
-            if route is None:
-                self.send(404, b"nope", "text/plain")
-            else:
-                route(self, n)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def send(self, status: int, body: bytes = b"", ctype: str = "image/jpeg", headers: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class LoopServer:
-    """A loopback HTTP server whose routes are functions (handler, nth hit of the path)."""
-
-    def __init__(self, host: str = "127.0.0.1"):
-        self.routes: dict[str, Callable[[Any, int], None]] = {}
-        self.hits: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        self.sent: Counter[str] = Counter()  # bytes written by streaming routes
-        self.stop = threading.Event()
-        self.httpd = ThreadingHTTPServer((host, 0), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.httpd.owner = self  # type: ignore[attr-defined]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def host(self) -> str:
-        return self.httpd.server_address[0]
-
-    @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def url(self, path: str) -> str:
-        return f"http://{self.endpoint}{path}"
-
-    def image(self, path: str, body: bytes | None = None, headers: dict | None = None,
-              ctype: str = "image/jpeg") -> str:
-        data = body if body is not None else jpeg()
-        self.routes[path] = lambda h, n: h.send(200, data, ctype, headers)
-        return self.url(path)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    s = LoopServer()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def canary():
-    s = LoopServer("127.0.0.2")
-    s.routes["/secret"] = lambda h, n: h.send(200, b"secret", "text/plain")
-    yield s
-    s.close()
 
 
 def fetcher(server: LoopServer, **kw: Any) -> Fetcher:
@@ -348,24 +250,15 @@ def test_robots_txt_read_once_per_host(server):
 
 
 def test_per_host_limit(server):
-    active = {"now": 0, "max": 0}
-    lock = threading.Lock()
+    active = Concurrency()
 
     def route(h, n):
-        with lock:
-            active["now"] += 1
-            active["max"] = max(active["max"], active["now"])
-        time.sleep(0.1)
-        with lock:
-            active["now"] -= 1
+        with active.hold(0.1):
+            pass
         h.send(200, jpeg())
 
     for i in range(12):
         server.routes[f"/p{i}"] = route
     f = fetcher(server, per_host=2)
-    threads = [threading.Thread(target=f.fetch, args=(server.url(f"/p{i}"),)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert active["max"] == 2
+    run_threads([functools.partial(f.fetch, server.url(f"/p{i}")) for i in range(12)])
+    assert active.max == 2

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import struct
-import threading
 import time
 import zlib
 
 import pytest
+from helpers import Concurrency, run_threads
 from PIL import Image
 
 from curate.imaging import (
@@ -136,24 +136,14 @@ def test_decode_budget_bounds_bytes_in_flight():
     cost = decode_cost(img)
     assert cost == 1000 * 1000 * (3 + 7)
     budget = DecodeBudget(int(cost * 2.5))  # room for two at a time
-    active = {"now": 0, "max": 0}
-    lock = threading.Lock()
+    active = Concurrency()
 
     def one() -> None:
-        with budget.reserve(cost):
-            with lock:
-                active["now"] += 1
-                active["max"] = max(active["max"], active["now"])
-            time.sleep(0.05)
-            with lock:
-                active["now"] -= 1
+        with budget.reserve(cost), active.hold(0.05):
+            pass
 
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert active["max"] == 2 and budget.peak <= budget.total and budget.used == 0
+    run_threads([one] * 8)
+    assert active.max == 2 and budget.peak <= budget.total and budget.used == 0
     # one image larger than the whole budget still runs, alone
     with budget.reserve(cost * 10):
         assert budget.used == budget.total

@@ -1,24 +1,33 @@
-"""`curate inspect`: exact counts on a small dataset whose every figure is known (tests/report_fixtures.py)."""
+"""`curate inspect`: exact counts on the dataset the real stages made (conftest.py), recounted here from its tables."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-import report_fixtures as F
+from helpers import copy_dataset
+from pipeline_data import N_ROWS, rows
 
 from curate.cli import main
 from curate.errors import InputError
 from curate.inspect import summarize
+from curate.io.atomic import read_json, write_json
 from curate.io.layout import DatasetDir
 from curate.io.tables import write_table
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return F.make_report_dataset(tmp_path_factory.mktemp("inspect") / "ds")
+def dataset(pipeline_dataset):
+    """Downloaded, scored and deduplicated by the real stages; read-only."""
+    return pipeline_dataset
+
+
+def counts(values) -> dict:
+    return dict(Counter(v for v in values if v is not None))
 
 
 def _inspect_json(capsys, path) -> dict:
@@ -29,58 +38,80 @@ def _inspect_json(capsys, path) -> dict:
 
 def test_inspect_json_exact_counts(dataset, capsys):
     s = _inspect_json(capsys, dataset)
+    truth = rows(dataset)
+    man = read_json(dataset / "manifest.json")["stages"]
     assert list(s["stages"]) == ["download", "score", "dedup"]
-    dl = s["stages"]["download"]
-    assert dl["shards"] == {"done": 2, "failed": [], "planned": 3, "pending": 1, "pending_shards": ["00000002"]}
-    assert dl["config"] == {"image_size": 48, "url_col": "URL"} and dl["fingerprint"] == "d0wn10ad"
-    assert s["stages"]["score"]["shards"]["pending"] == 0
+    for name, st in s["stages"].items():  # dedup's pair and assign task markers are not shards
+        assert st["shards"] == {"done": 3, "failed": [], "planned": 3, "pending": 0, "pending_shards": []}, name
+        assert st["config"] == man[name]["config"] and st["fingerprint"] == man[name]["fingerprint"]
 
     led = s["ledger"]
-    assert led["rows"] == 24 and led["success"] == 19 and led["superseded"] == 0
-    assert led["status"] == {"success": 19, "http_4xx": 2, "blocked_scheme": 1, "decode_error": 1, "timeout": 1}
-    assert led["error_code"] == {"http_4xx": 2, "blocked_scheme": 1, "decode_error": 1, "timeout": 1}
+    status = counts(t["status"] for t in truth)
+    assert led["rows"] == N_ROWS and led["superseded"] == 0 and led["files"] == 3
+    assert led["success"] == status["success"] and led["status"] == status
+    assert led["error_code"] == counts(t["error_code"] for t in truth)
+    assert len(status) >= 3  # the input's faults end as more than one error code
 
     sc = s["score"]
-    assert sc["rows"] == 24 and sc["scored"] == 18
-    # 5 download failures carry their status, plus the one per-sample decode error of row 21
-    assert sc["skip_reason"] == {"decode_error": 2, "http_4xx": 2, "blocked_scheme": 1, "timeout": 1}
-    scores = [F.clip_score(r) for r in range(F.N_ROWS) if r not in F.FAILURES and r not in F.NOT_SCORED]
+    scored = [t for t in truth if t["scored"]]
+    assert sc["rows"] == N_ROWS and sc["scored"] == len(scored) == status["success"]
+    assert sc["skip_reason"] == counts(t["skip_reason"] for t in truth)
+    scores = [t["clip_score"] for t in scored]
     for name, q in (("min", 0), ("p25", 0.25), ("p50", 0.5), ("p95", 0.95), ("max", 1)):
         assert sc["clip_score"][name] == pytest.approx(np.quantile(scores, q), abs=1e-4)
     assert sc["clip_score"]["mean"] == pytest.approx(np.mean(scores), abs=1e-4)
-    assert sc["lang"] == {"en": {"count": 15, "share": 0.8333}, "it": {"count": 2, "share": 0.1111},
-                          "de": {"count": 1, "share": 0.0556}}
-    assert sc["boilerplate"] == 2
+    langs = counts(t["lang"] for t in scored)
+    assert sc["lang"] == {k: {"count": n, "share": round(n / len(scored), 4)} for k, n in langs.items()}
+    assert list(sc["lang"]) == sorted(langs, key=lambda k: (-langs[k], k)) and len(langs) >= 3
+    assert sc["boilerplate"] == sum(bool(t["caption_boilerplate"]) for t in truth)
 
-    assert s["dedup"] == {"files": 2, "rows": 18, "duplicates": 3, "duplicate_share": 0.1667, "exact_dup": 2,
-                          "groups": 2, "largest_group": 3, "eval_contaminated": 1}
+    dd = [t for t in truth if t["dup_group"] is not None]
+    groups = Counter(t["dup_group"] for t in dd if t["dup_group"] >= 0)
+    dups = sum(t["is_duplicate"] for t in dd)
+    assert s["dedup"] == {"files": 3, "rows": len(scored), "duplicates": dups,
+                          "duplicate_share": round(dups / len(scored), 4),
+                          "exact_dup": sum(t["exact_dup"] for t in dd), "groups": len(groups),
+                          "largest_group": max(groups.values()),
+                          "eval_contaminated": sum(t["eval_contaminated"] for t in dd)}
+    assert dups and s["dedup"]["eval_contaminated"]  # the input's copies and evaluation image were found
 
 
 def test_inspect_text(dataset, capsys):
-    capsys.readouterr()
+    s = _inspect_json(capsys, dataset)
     assert main(["inspect", str(dataset)]) == 0
     out = capsys.readouterr().out
-    assert "download" in out and "2 done, 1 pending" in out and "pending: 00000002" in out
-    assert "24 rows in 2 shard(s), 19 success" in out
-    assert "3 duplicates (16.7%)" in out and "en 83.3%" in out
+    assert "download" in out and "3 done, 0 pending" in out and "pending:" not in out
+    assert f"{N_ROWS} rows in 3 shard(s), {s['ledger']['success']} success" in out
+    dd = s["dedup"]
+    assert f"{dd['duplicates']} duplicates ({100 * dd['duplicate_share']:.1f}%)" in out
+    assert f"en {100 * s['score']['lang']['en']['share']:.1f}%" in out
 
 
-def test_inspect_counts_only_done_shards_and_current_rows(tmp_path, capsys):
+def test_inspect_counts_only_done_shards_and_current_rows(dataset, tmp_path, capsys):
     """A ledger without a marker is not counted; rows superseded by --retry-failed are counted once."""
-    root = F.make_report_dataset(tmp_path / "ds")
+    root = copy_dataset(dataset, tmp_path / "ds")
     ds = DatasetDir.at(root)
-    # shard 00000002 has a ledger file but no marker (a crash before the marker): not done, not counted
-    write_table(ds.ledger("00000002"), F._ledger_table([0, 1]))
-    # a retry shard 00000003 re-attempted row 10 (timeout) successfully; the old row is marked superseded
-    old = pa.Table.from_pylist([dict(F._ledger_row(r), superseded_by="0000000300000" if r == 10 else None)
-                                for r in range(12)], schema=F._ledger_table([0]).schema)
-    write_table(ds.ledger("00000000"), old)
-    retry = dict(F._ledger_row(10), key="0000000300000", shard="00000003", status="success", error_code=None)
+    # shard 00000002 lost its marker (a crash before the marker): not done, its ledger not counted
+    ds.marker("download", "00000002").unlink()
+    in_two = pq.read_table(ds.ledger("00000002")).num_rows
+    # a retry shard 00000003 re-attempted shard 00000000's first failed row successfully: the old row is
+    # marked superseded (what --retry-failed writes; a loopback 404 or ftp:// URL never succeeds on retry)
+    old = pq.read_table(ds.ledger("00000000"))
+    failed = next(r for r in old.to_pylist() if r["status"] != "success")
+    retry_key = "0000000300000"
+    marked = [retry_key if k == failed["key"] else v
+              for k, v in zip(old["key"].to_pylist(), old["superseded_by"].to_pylist(), strict=True)]
+    i = old.schema.get_field_index("superseded_by")
+    write_table(ds.ledger("00000000"), old.set_column(i, old.schema.field(i), pa.array(marked, pa.string())))
+    retry = dict(failed, key=retry_key, shard="00000003", status="success", error_code=None, error_message=None)
     write_table(ds.ledger("00000003"), pa.Table.from_pylist([retry], schema=old.schema))
-    F._mark(ds, "download", "00000003")
+    write_json(ds.marker("download", "00000003"), {"task": "00000003", "stats": {}})
     s = _inspect_json(capsys, root)
-    assert s["ledger"]["rows"] == 24 and s["ledger"]["superseded"] == 1
-    assert s["ledger"]["success"] == 20 and "timeout" not in s["ledger"]["status"]
+    want = Counter(t["status"] for t in rows(dataset) if t["shard"] != "00000002")
+    want[failed["status"]] -= 1
+    want["success"] += 1
+    assert s["ledger"]["rows"] == N_ROWS - in_two and s["ledger"]["superseded"] == 1
+    assert s["ledger"]["status"] == {k: n for k, n in want.items() if n}
     assert s["stages"]["download"]["shards"]["pending_shards"] == ["00000002"]
 
 

@@ -8,7 +8,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-from export_fixtures import make_export_source
 
 from curate.cli import cli, main
 
@@ -35,8 +34,8 @@ def expand(line: str, env: dict[str, str]) -> list[str]:
     return shlex.split(_PARAM.sub(sub, line))
 
 
-def test_export_array_slices_union_equals_a_local_run(tmp_path):
-    source = make_export_source(tmp_path / "src").root
+def test_export_array_slices_union_equals_a_local_run(pipeline_dataset, tmp_path):
+    source = pipeline_dataset  # read-only: the exports write elsewhere
     common = "--policy dedup --samples-per-shard 3"
     assert main(["export", str(source), "--out", str(tmp_path / "local"), *common.split()]) == 0
     line = command_line(SLURM / "export.sbatch")
@@ -119,10 +118,9 @@ def test_download_plan_job_then_array_indices_as_concurrent_processes(tmp_path):
 
 
 @pytest.mark.slow  # three CLI processes that each load torch and open_clip
-def test_score_array_indices_as_concurrent_processes_and_a_killed_run_equal_a_local_run(tmp_path):
+def test_score_array_indices_as_concurrent_processes_and_a_killed_run_equal_a_local_run(tiny_model, tmp_path):
     """score.sbatch's command for every index at once (as Slurm would), and a run SIGKILLed once its first
     shard is done then rerun, both write exactly the local run's tables and embeddings."""
-    import json
     import os
     import signal
     import subprocess
@@ -132,10 +130,9 @@ def test_score_array_indices_as_concurrent_processes_and_a_killed_run_equal_a_lo
     import numpy as np
     import pyarrow.parquet as pq
     from dataset_factory import color_image, make_dataset
-    from test_score import CAPTIONS, TINY
+    from test_score import CAPTIONS
 
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg = tiny_model
     rows = [(color_image(i), CAPTIONS[i % 4], "success") for i in range(12)]
     extra = ["--device", "cpu", "--model", str(cfg), "--pretrained", "none", "--batch-size", "2", "--no-progress"]
     local = make_dataset(tmp_path / "local", rows, shard_size=2)

@@ -36,6 +36,16 @@ def test_short_foreign_captions_are_named(caption, lang):
     assert got.label == lang and got.prob >= 0.5
 
 
+@pytest.mark.parametrize("caption", ["Cavalletta", "Pattino", "Ramarro", "Pattinatrice"])
+def test_a_word_absent_from_the_large_english_list_is_evidence(caption):
+    """Italian words that English's 321k-word list lacks: version 1 gave an absent word the list's lowest
+    frequency, and the English prior outvoted Italian; an absent word is now rarer than anything listed."""
+    lexicon = langid.load_lexicon()
+    assert lexicon.log_freqs(caption.lower())[lexicon.langs.index("en")] < lexicon.lowest[0]
+    assert langid.detect(caption).label == "it"
+    assert langid.decide_latin(caption, lexicon, below_list=1.0)[0] == "en"  # what version 1 said
+
+
 @pytest.mark.parametrize("caption", ["x", "12345", "gramastar", "!!!", "qzxvbn", "Lucertolona"])
 def test_no_evidence_is_undetermined(caption):
     got = langid.detect(caption)

@@ -16,7 +16,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_fetch import LoopServer
 
 from curate.io.layout import DatasetDir
 from curate.io.tables import read_tables
@@ -95,20 +94,16 @@ def test_score_decoder_never_runs_gs(fake_gs, tmp_path):
     assert not canary.exists()
 
 
-def test_download_of_eps_named_jpg_never_runs_gs(fake_gs, tmp_path):
+def test_download_of_eps_named_jpg_never_runs_gs(fake_gs, server, tmp_path):
     env, canary = fake_gs
-    server = LoopServer()
-    try:
-        server.image("/photo.jpg", EPS, ctype="image/jpeg")
-        server.image("/photo.ppm.jpg", b"P6\n4 4\n255\n" + b"\0" * 48, ctype="image/jpeg")
-        inp = tmp_path / "urls.parquet"
-        pq.write_table(pa.table({"url": [server.url("/photo.jpg"), server.url("/photo.ppm.jpg")]}), inp)
-        out = tmp_path / "ds"
-        r = subprocess.run([sys.executable, "-m", "curate.cli", "download", str(inp), "--out", str(out),
-                            "--allow-host", server.endpoint, "--no-progress", "--image-size", "32"],
-                           env=env, capture_output=True, text=True, timeout=120)
-    finally:
-        server.close()
+    server.image("/photo.jpg", EPS, ctype="image/jpeg")
+    server.image("/photo.ppm.jpg", b"P6\n4 4\n255\n" + b"\0" * 48, ctype="image/jpeg")
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [server.url("/photo.jpg"), server.url("/photo.ppm.jpg")]}), inp)
+    out = tmp_path / "ds"
+    r = subprocess.run([sys.executable, "-m", "curate.cli", "download", str(inp), "--out", str(out),
+                        "--allow-host", server.endpoint, "--no-progress", "--image-size", "32"],
+                       env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = read_tables(DatasetDir.at(out).ledger_files()).to_pylist()
     assert [x["status"] for x in rows] == ["format_not_allowed", "format_not_allowed"]

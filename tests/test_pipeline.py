@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from export_fixtures import make_export_source
 
 from curate.cli import main
 from curate.errors import InputError
@@ -38,8 +37,8 @@ stages:
     return p
 
 
-def test_pipeline_runs_stages_in_order_like_the_cli_and_resumes(tmp_path, capsys):
-    source = make_export_source(tmp_path / "src").root
+def test_pipeline_runs_stages_in_order_like_the_cli_and_resumes(pipeline_dataset, tmp_path, capsys):
+    source = pipeline_dataset  # read-only: the pipeline writes under tmp_path
     p = _write(tmp_path, source)
     assert main(["run", str(p)]) == 0
     work = tmp_path / "work"

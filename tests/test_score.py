@@ -17,20 +17,14 @@ from curate.cli import main
 from curate.hashing import file_sha256
 from curate.io.layout import DatasetDir
 
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 CAPTIONS = ["a red square on a blue background", "Ein Hund spielt im Park mit einem Ball",
             "IMG_1234.JPG", "a small photo of a striped cat"]
 
 
 @pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "curate-test-tiny.json"
-    path.write_text(json.dumps(TINY))
-    return path
+def tiny_config(tiny_model):
+    """The tiny open_clip config (tests/pipeline_data.py's TINY), one file for the session."""
+    return tiny_model
 
 
 def samples(n=10):

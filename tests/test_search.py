@@ -17,8 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from dataset_factory import color_image, jpeg_bytes
-from test_fetch import LoopServer
-from test_score import TINY
+from loopback import LoopServer
 
 from curate.cli import main
 from curate.io.layout import DatasetDir, shard_name
@@ -38,11 +37,10 @@ def caption(i: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(tiny_model, tmp_path_factory):
     """Download N_IMAGES images from a loopback server (3 shards), score with the tiny config, index (exact)."""
     tmp = tmp_path_factory.mktemp("search")
-    cfg = tmp / "curate-search-tiny.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg = tiny_model
     server = LoopServer()
     try:
         urls = [server.image(f"/img{i}.jpg", jpeg_bytes(color_image(i, (64, 56)))) for i in range(N_IMAGES)]

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from export_fixtures import make_export_source
+from helpers import crash_env
 
 from curate.cli import main
 from curate.io.shards import iter_raw
 
 pytestmark = pytest.mark.spark
 REPO = Path(__file__).resolve().parents[1]
-CRASH_HOOK = REPO / "tests" / "crash_hook"  # test-only crash injection (see its sitecustomize.py)
 
 
 def _free_port() -> int:
@@ -63,12 +62,11 @@ def cluster(tmp_path_factory):
     home = Path(pyspark.__file__).parent
     work = tmp_path_factory.mktemp("spark")
     crash_dir = work / "crash-flags"
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_HOME": str(home), "PYSPARK_PYTHON": sys.executable,
-           "SPARK_LOG_DIR": str(work / "logs"), "SPARK_WORKER_DIR": str(work / "worker"),
-           # executors inherit the worker's environment: the test-only hook in tests/crash_hook (on their
-           # PYTHONPATH) makes the first export shard task to write its tar die
-           "PYTHONPATH": os.pathsep.join(p for p in (str(CRASH_HOOK), os.environ.get("PYTHONPATH", "")) if p),
-           "CURATE_TEST_CRASH_ONCE": str(crash_dir)}
+    # executors inherit the worker's environment: the test-only hook in tests/crash_hook (on their
+    # PYTHONPATH) makes the first export shard task to write its tar die
+    env = {**crash_env(CURATE_TEST_CRASH_ONCE=str(crash_dir)), "SPARK_LOCAL_IP": "127.0.0.1",
+           "SPARK_HOME": str(home), "PYSPARK_PYTHON": sys.executable, "SPARK_LOG_DIR": str(work / "logs"),
+           "SPARK_WORKER_DIR": str(work / "worker")}
     port, ui = _free_port(), _free_port()
     procs = []
     try:
@@ -108,8 +106,8 @@ def _outputs(root: Path) -> tuple[dict, list]:
     return tars, pq.read_table(root / "ledger").to_pylist()
 
 
-def test_export_on_a_standalone_cluster_equals_local_and_survives_a_killed_task(cluster, tmp_path):
-    src = make_export_source(tmp_path / "src").root
+def test_export_on_a_standalone_cluster_equals_local_and_survives_a_killed_task(cluster, pipeline_dataset, tmp_path):
+    src = pipeline_dataset  # read-only: the exports write elsewhere
     args = ["--policy", "datacomp-basic", "--policy", "dedup", "--samples-per-shard", "4", "--write-dropped"]
     assert main(["export", str(src), "--out", str(tmp_path / "local"), *args]) == 0
     out = tmp_path / "spark"
@@ -130,9 +128,9 @@ def test_export_on_a_standalone_cluster_equals_local_and_survives_a_killed_task(
 
 
 @pytest.mark.slow  # a second Spark application: about a minute on 2 cores
-def test_submit_script_runs_a_command_as_a_spark_application(cluster, tmp_path):
+def test_submit_script_runs_a_command_as_a_spark_application(cluster, pipeline_dataset, tmp_path):
     _stop_active_session()  # the worker's one core goes to the submitted application
-    src = make_export_source(tmp_path / "src").root
+    src = pipeline_dataset
     env = {**cluster["env"], "SPARK_MASTER": cluster["master"], "EXECUTOR_CORES": "1", "EXECUTOR_MEMORY": "512m",
            "DRIVER_MEMORY": "512m", "PYTHON": sys.executable, "CURATE_TEST_CRASH_ONCE": ""}
     out = tmp_path / "submitted"
@@ -168,17 +166,15 @@ def test_download_on_a_standalone_cluster_equals_local(cluster, tmp_path):
     assert all(r["status"] == "success" for r in local_ledger)
 
 
-def test_score_and_dedup_on_a_standalone_cluster_equal_local(cluster, tmp_path):
+def test_score_and_dedup_on_a_standalone_cluster_equal_local(cluster, tiny_model, tmp_path):
     """Score (tiny open_clip, loader workers inside Spark's Python workers) and every dedup phase run as
     Spark tasks on the cluster and write exactly what the local engine writes."""
-    import json
 
     import numpy as np
     from dataset_factory import color_image, make_dataset
-    from test_score import CAPTIONS, TINY
+    from test_score import CAPTIONS
 
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg = tiny_model
     rows = [(color_image(i % 9), CAPTIONS[i % 4], "success") for i in range(12)]  # 3 byte-identical repeats
     dirs = {}
     for name, engine in (("local", []), ("spark", ["--engine", "spark", "--spark-master", cluster["master"]])):

@@ -9,17 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from dataset_factory import color_image, make_dataset
+from pipeline_data import TINY
 
 from curate.cli import main
 from curate.io import manifest
 from curate.io.layout import DatasetDir, sample_key, shard_name
 from curate.stages.export import ExportConfig, select
 
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 N_POOL = 60
 TARGET_SEEDS = [3, 17, 41]  # the target set holds copies of these pool images
 
@@ -30,10 +26,9 @@ def score(ds: DatasetDir, cfg, *extra) -> int:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("target")
-    cfg = root / "target-tiny.json"
-    cfg.write_text(json.dumps(TINY))
+    cfg = tiny_model
     samples = [(color_image(i), f"picture {i}", "success") for i in range(N_POOL)]
     samples.insert(5, (None, "timed out", "timeout"))
     samples.insert(9, (b"\xff\xd8 not a jpeg", "corrupt", "success"))  # scored row without an embedding

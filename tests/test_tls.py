@@ -9,55 +9,24 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import trustme
+from loopback import LoopServer
 
 from curate.fetch import Fetcher, FetchFailed, FetchPolicy
 
 BODY = b"\xff\xd8\xff" + b"tls-body"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self.server.hosts.append(self.headers.get("Host"))  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-
-
-class TLSServer:
-    """HTTPS on 127.0.0.1 with a certificate for `names`, recording the SNI names clients sent."""
-
-    def __init__(self, ca: trustme.CA, names: list[str], host: str = "127.0.0.1"):
-        self.sni: list[str | None] = []
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert(*names).configure_cert(ctx)
-        ctx.sni_callback = lambda sock, name, c: self.sni.append(name)
-        self.httpd = ThreadingHTTPServer((host, 0), _Handler)
-        self.httpd.hosts = []  # type: ignore[attr-defined]
-        self.httpd.daemon_threads = True
-        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def tls_server(ca: trustme.CA, names: list[str]) -> LoopServer:
+    """HTTPS on 127.0.0.1 with a certificate for `names`, serving BODY at /a.jpg (records SNI and Host)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(ctx)
+    server = LoopServer(ssl_context=ctx)
+    server.image("/a.jpg", BODY)
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +43,7 @@ def ca_file(ca, tmp_path) -> str:
 
 @pytest.fixture
 def tls(ca):
-    s = TLSServer(ca, ["img.test"])
+    s = tls_server(ca, ["img.test"])
     yield s
     s.close()
 
@@ -99,11 +68,11 @@ def test_https_connects_to_the_checked_address_with_sni_and_verification(tls, ca
     got = f.fetch(f"https://img.test:{tls.port}/a.jpg")
     assert got.body == BODY and got.http_status == 200
     assert tls.sni == ["img.test"]
-    assert tls.httpd.hosts == [f"img.test:{tls.port}"]
+    assert tls.hosts == [f"img.test:{tls.port}"]
 
 
 def test_certificate_for_another_name_is_refused(ca, ca_file):
-    other = TLSServer(ca, ["other.test"])
+    other = tls_server(ca, ["other.test"])
     try:
         f = fetcher(other.port, ca_file, {"img.test": ["127.0.0.1"]})
         with pytest.raises(FetchFailed) as ei:
@@ -112,7 +81,7 @@ def test_certificate_for_another_name_is_refused(ca, ca_file):
         other.close()
     assert ei.value.code == "connect_error"
     assert "certificate" in ei.value.message.lower() or "hostname" in ei.value.message.lower()
-    assert other.httpd.hosts == []  # no request went out over the unverified connection
+    assert other.hosts == []  # no request went out over the unverified connection
 
 
 def test_untrusted_ca_is_refused(tls):
@@ -120,7 +89,7 @@ def test_untrusted_ca_is_refused(tls):
     with pytest.raises(FetchFailed) as ei:
         f.fetch(f"https://img.test:{tls.port}/a.jpg")
     assert ei.value.code == "connect_error" and "certificate" in ei.value.message.lower()
-    assert tls.httpd.hosts == []
+    assert tls.hosts == []
 
 
 def test_next_checked_address_after_a_connect_failure(tls, ca_file):
@@ -145,19 +114,13 @@ def test_every_address_is_checked_before_any_connect(tls, ca_file):
     with pytest.raises(FetchFailed) as ei:
         f.fetch(f"https://img.test:{tls.port}/a.jpg")
     assert ei.value.code == "blocked_address"
-    assert tls.sni == [] and tls.httpd.hosts == []
+    assert tls.sni == [] and tls.hosts == []
 
 
 def test_redirect_from_https_to_a_name_with_another_address_is_checked_again(ca, ca_file):
-    class Redirect(_Handler):
-        def do_GET(self) -> None:
-            self.send_response(302)
-            self.send_header("Location", f"https://second.test:{self.server.server_address[1]}/b.jpg")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-    srv = TLSServer(ca, ["first.test", "second.test"])
-    srv.httpd.RequestHandlerClass = Redirect
+    srv = tls_server(ca, ["first.test", "second.test"])
+    srv.routes["/a.jpg"] = lambda h, n: h.send(302, b"", "text/plain",
+                                               {"Location": f"https://second.test:{srv.port}/b.jpg"})
     try:
         # second.test resolves to an address the guard refuses: the hop is blocked before connecting
         f = fetcher(srv.port, ca_file, {"first.test": ["127.0.0.1"], "second.test": ["127.0.0.1"]},

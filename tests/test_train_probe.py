@@ -221,15 +221,16 @@ def test_eval_without_label_column_is_an_input_error(data, tmp_path):
 
 
 def add_scores(root: Path, values: dict[str, float]) -> None:
-    """Score signal tables as `curate score` writes them (only the columns the sweep reads)."""
+    """Score signal tables in `curate score`'s schema with planted clip_score values: the sweep's ranking
+    and ties need chosen values, which a tiny random model cannot give (other columns stay null)."""
     from curate.io.atomic import write_json
+    from curate.stages.score import signal_schema
 
     ds = DatasetDir.at(root)
     for shard in ds.shards():
         keys = pq.read_table(ds.ledger(shard), columns=["key"]).column("key").to_pylist()
-        write_table(ds.signals("score", shard), pa.table({
-            "key": keys, "scored": [k in values for k in keys],
-            "clip_score": pa.array([values.get(k) for k in keys], pa.float32())}))
+        recs = [{"key": k, "scored": k in values, "clip_score": values.get(k)} for k in keys]
+        write_table(ds.signals("score", shard), pa.Table.from_pylist(recs, schema=signal_schema()))
         write_json(ds.marker("score", shard), {"shard": shard, "stats": {}})
 
 

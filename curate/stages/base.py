@@ -7,7 +7,6 @@ pickled state crosses process or machine boundaries.
 
 from __future__ import annotations
 
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -16,8 +15,6 @@ from typing import Any, Protocol
 from curate.config import from_dict
 from curate.io.atomic import remove_shard_tmp, write_json
 from curate.io.layout import DatasetDir, task_id
-
-CRASH_ENV = "CURATE_TEST_CRASH_TASK"  # "stage:task": tests make that task's worker process die
 
 
 class Stage(Protocol):
@@ -65,8 +62,6 @@ def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[
     stage = get_stage(stage_name)
     ds = DatasetDir.at(root)
     tid = task_id(task)
-    if os.environ.get(CRASH_ENV) == f"{stage_name}:{tid}":
-        os._exit(17)  # test hook: this task's process dies (engines must report it, not lose the others)
     try:
         cfg = from_dict(stage.config_cls, config)
         key = output_key(stage, cfg, stage_name)

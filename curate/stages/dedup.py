@@ -38,7 +38,7 @@ from curate.semdedup import DEVICES, KEEP_POLICIES
 log = logging.getLogger(__name__)
 
 WORK = ("_work", "dedup")
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: phash tables carry phash256
 ROWS_PER_TASK = 65536  # with tasks=0: about this many rows' clusters per pair task
 SAMPLE_PER_CENTROID = 64
 PHASES = ("assign", "pairs", "decide", "write")
@@ -64,6 +64,10 @@ class DedupConfig:
     eval_threshold: float = option(0.95, help="Cosine to an evaluation image at or above which a sample is "
                                               "eval_contaminated.")
     phash: bool = option(False, help="Also group images with equal perceptual hashes (reads the tars).")
+    # a small model's embedding packs look-alike drawings together: the pixels confirm its pairs
+    phash_distance: int = option(-1, help="With --phash: a near (embedding) pair counts only when the two images' "
+                                          "256-bit pHashes differ in at most this many bits, and equal pHashes "
+                                          "are compared at 256 bits (-1: no check; the demo uses 8).")
     seed: int = option(0, help="k-means sample and init seed.")
     tasks: int = option(0, help="Pair-search tasks (groups of clusters) for the engine (0 = one per ~65k samples).")
     batch_rows: int = runtime(65536)
@@ -84,6 +88,8 @@ def check_config(cfg: DedupConfig) -> None:
         raise InputError(f"--eval-threshold: {cfg.eval_threshold} is not a cosine in [-1, 1]")
     if cfg.k < 0:
         raise InputError("--k: must be 'auto' or a positive number of clusters")
+    if not -1 <= cfg.phash_distance <= 256 or (cfg.phash_distance >= 0 and not cfg.phash):
+        raise InputError(f"--phash-distance: {cfg.phash_distance} must be -1 (no check) or 0..256 bits with --phash")
     if cfg.probes < 1:
         raise InputError("--probes: must be at least 1")
     if cfg.tasks < 0:

@@ -29,6 +29,7 @@ from curate.stages.dedup import (
 )
 
 log = logging.getLogger(__name__)
+PHASH_FINE_SIZE = 16  # phash256: imagehash.phash(hash_size=16), 256 bits
 UID_SHIFT = 32  # uid = shard ordinal << 32 | row position in the shard's key order (routing only, never ties)
 
 
@@ -231,20 +232,24 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
 
     t, _ = read_shard(ds, task["source"], with_sha=False, scorer=cfg.scorer)
     wanted = set(t["key"].to_pylist())
-    keys, hashes = [], []
+    keys, hashes, fine = [], [], []
     for s in iter_samples(ds.shard_tar(task["source"])):
         if s["key"] not in wanted or not s["image"]:
             continue
         try:
             # adopted shards hold bytes nobody re-encoded: the safe decoder (allowlist, pixel cap)
             with safe_open(s["image"]) as im:
-                h = str(imagehash.phash(im))
+                # 64 bits for equality (the GROUP BY); 256 bits (a 16x16 DCT) for --phash-distance: 64 bits
+                # cannot tell two clock faces apart, 256 can (bench/dedup_evidence.py)
+                h, h256 = str(imagehash.phash(im)), str(imagehash.phash(im, hash_size=PHASH_FINE_SIZE))
         except Exception:  # noqa: BLE001 - an undecodable image has no hash, and no hash match
             continue
         keys.append(s["key"])
         hashes.append(h)
+        fine.append(h256)
     write_table(_paths(ds, task)[0], pa.table({"key": pa.array(keys, pa.string()),
-                                               "phash": pa.array(hashes, pa.string())}))
+                                               "phash": pa.array(hashes, pa.string()),
+                                               "phash256": pa.array(fine, pa.string())}))
     return {"hashed": len(keys)}
 
 
@@ -345,15 +350,18 @@ def _active_spark() -> Any:
 
 
 def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
-    """Rows with equal sha256 (and, with --phash, equal perceptual hash), each linked to the first row of its
-    value in keep order: `exact_edges.parquet`. A GROUP BY over the per-shard meta tables in DuckDB, spilling
+    """Rows with equal sha256 (and, with --phash, equal perceptual hash: 256-bit with --phash-distance, else
+    64-bit), each linked to the first row of its value in keep order: `exact_edges.parquet`. A GROUP BY over the per-shard meta tables in DuckDB, spilling
     to disk past 1 GB; on Spark (an active session in the driver) the same query in Spark SQL."""
     wd = work_dir(ds)
     out = wd / "exact_edges.parquet"
     sources = ["SELECT key, uid, prio, sha256 AS v, 4 AS kind FROM meta WHERE sha256 IS NOT NULL AND sha256 <> ''"]
     if cfg.phash:
-        sources.append("SELECT m.key, m.uid, m.prio, p.phash AS v, 2 AS kind FROM meta m JOIN phash p "
-                       "ON m.key = p.key WHERE p.phash IS NOT NULL")
+        # with --phash-distance the 256-bit hash: equal 64-bit pHashes join blank images and look-alike
+        # drawings (two clock faces), equal 256-bit ones far fewer (bench/dedup_evidence.py)
+        col = "phash256" if cfg.phash_distance >= 0 else "phash"
+        sources.append(f"SELECT m.key, m.uid, m.prio, p.{col} AS v, 2 AS kind FROM meta m JOIN phash p "
+                       f"ON m.key = p.key WHERE p.{col} IS NOT NULL")
     sql = (f"WITH m AS ({' UNION ALL '.join(sources)}), "
            "r AS (SELECT *, row_number() OVER (PARTITION BY kind, v ORDER BY prio DESC, key) AS rn FROM m) "
            "SELECT h.key AS a_key, o.key AS b_key, h.uid AS a_uid, o.uid AS b_uid, h.prio AS a_prio, "
@@ -419,6 +427,44 @@ def _edge_arrays(ds: DatasetDir, plan: dict[str, Any]) -> tuple[dict[str, np.nda
     return out, n_near
 
 
+def _phash_of(wd: Path, shards: list[str], keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(256-bit pHash as 4 uint64 words (n, 4), found) for each key (bytes), read from the phash tables for
+    those keys only; a key without a hash (undecodable image) has found False."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    want = pa.array(np.char.decode(keys, "utf-8").astype(object), pa.string())
+    uniq = pc.unique(want)
+    found_keys, found_hash = [], []
+    for s in shards:
+        t = pq.read_table(wd / "phash" / f"{s}.parquet")
+        t = t.filter(pc.is_in(t["key"], value_set=uniq))
+        found_keys += t["key"].to_pylist()
+        found_hash += t["phash256"].to_pylist()
+    pos = pc.index_in(want, value_set=pa.array(found_keys, pa.string())).to_numpy(zero_copy_only=False)
+    has = ~np.isnan(pos.astype(np.float64))
+    words = PHASH_FINE_SIZE * PHASH_FINE_SIZE // 64
+    hashes = np.frombuffer(bytes.fromhex("".join(found_hash)), ">u8").astype(np.uint64).reshape(-1, words) \
+        if found_hash else np.zeros((1, words), np.uint64)
+    return np.where(has[:, None], hashes[np.where(has, pos, 0).astype(np.int64)], 0).astype(np.uint64), has
+
+
+def confirm_near(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any], e: dict[str, np.ndarray],
+                 n_near: int) -> tuple[dict[str, np.ndarray], int, int]:
+    """With --phash-distance D: keep a near (embedding) edge only when both images have a pHash and their
+    256-bit pHashes differ in at most D bits (exact and equal-pHash edges always stay). Returns the edges, how
+    many near edges remain and how many the check removed."""
+    if cfg.phash_distance < 0 or n_near == 0:
+        return e, n_near, 0
+    wd = work_dir(ds)
+    ha, fa = _phash_of(wd, plan["shards"], e["a_key"][:n_near])
+    hb, fb = _phash_of(wd, plan["shards"], e["b_key"][:n_near])
+    ok = fa & fb & (np.bitwise_count(ha ^ hb).sum(axis=1) <= cfg.phash_distance)
+    keep = np.r_[ok, np.ones(len(e["kind"]) - n_near, bool)]
+    return {f: v[keep] for f, v in e.items()}, int(ok.sum()), int((~ok).sum())
+
+
 def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
     """SemDeDup's rule over the rows that have any duplicate edge (never over all rows): rank them by the keep
     policy (ties: lowest key), keep a row unless it duplicates a kept higher row; per-shard decision files."""
@@ -427,6 +473,7 @@ def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
     e, n_near = _edge_arrays(ds, plan)
+    e, n_near, unconfirmed = confirm_near(cfg, ds, plan, e, n_near)
     m = len(e["kind"])
     keys, first, inv = np.unique(np.concatenate([e["a_key"], e["b_key"]]), return_index=True,
                                  return_inverse=True)
@@ -458,6 +505,7 @@ def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
     counts = {
         "exact_duplicates": int(exact.sum()),  # rows sharing their sha256 with another row
         "near_duplicate_pairs": int(len(near_pairs)),
+        "near_pairs_without_phash_match": unconfirmed,  # embedding pairs --phash-distance did not confirm
         "near_duplicates": int(len(np.unique(np.r_[a[:n_near], b[:n_near]]))),  # rows in a near pair
         "groups": int(group.max() + 1) if n else 0,
         "duplicates": int(len(dropped)),

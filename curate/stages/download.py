@@ -17,8 +17,10 @@ that want one row per input row take the rows whose `superseded_by` is null.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import queue
 import threading
 import time
 import traceback
@@ -30,6 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.config import runtime
 from curate.errors import InputError
 from curate.fetch import Fetcher, FetchFailed, FetchPolicy
 from curate.imaging import (
@@ -131,6 +134,10 @@ class FetchFields:
                              help="Whole-sample time limit (s): all attempts, redirects and body bytes.")
     retries: int = option(2, runtime=True, help="Extra attempts for transient failures (connect, timeout, 429, 5xx).")
     threads: int = option(16, runtime=True, help="Fetch threads per shard task.")
+    # threads per task that decode, resize and encode (the fetch threads hand them the bodies); two per
+    # task keep two cores busy with one task per core. A plain field, not a flag yet (#15): the options
+    # owner decides whether it becomes one.
+    decode_threads: int = runtime(2)
     per_host: int = option(4, runtime=True, help="Concurrent requests per host, per task.")
     # the demo web gets a new port every run; the endpoints let through are not part of the output
     allow_hosts: tuple[str, ...] = option((), flag="allow-host", runtime=True,
@@ -182,7 +189,7 @@ def check_config(cfg: DownloadConfig) -> None:
     if not 1 <= cfg.samples_per_shard <= MAX_ROWS_PER_SHARD:
         bad("--samples-per-shard", f"must be within 1..{MAX_ROWS_PER_SHARD}")
     for flag, v in (("--threads", cfg.threads), ("--per-host", cfg.per_host), ("--max-pixels", cfg.max_pixels),
-                    ("--max-bytes", cfg.max_bytes)):
+                    ("--max-bytes", cfg.max_bytes), ("decode_threads", cfg.decode_threads)):
         if v < 1:
             bad(flag, "must be at least 1")
     for flag, v in (("--timeout", cfg.timeout), ("--deadline", cfg.deadline)):
@@ -516,34 +523,56 @@ def _row_wait_limit(cfg: DownloadConfig) -> float:
     return cfg.deadline * (waves + 1) + WRITER_GRACE
 
 
-def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions,
-                 budget: DecodeBudget | None = None) -> _Result:
-    t0 = time.monotonic()
-    led: dict[str, Any] = {name: None for name in _LEDGER_NAMES}
+def _new_result(row: dict[str, Any]) -> _Result:
+    led: dict[str, Any] = dict.fromkeys(_LEDGER_NAMES)
     led.update(key=row["key"], row=row["row"], url=row["url"], caption=row["caption"], attempts=0)
-    res = _Result(led)
+    return _Result(led)
+
+
+def _internal_error(res: _Result, e: Exception) -> None:
+    tb = traceback.format_exc(limit=3).replace("\n", " | ")
+    res.ledger.update(status="internal_error", error_code="internal_error",
+                      error_message=f"{type(e).__name__}: {e} [{tb}]"[:1000])
+    res.image = None
+
+
+def _fetch_row(row: dict[str, Any], fetcher: Fetcher) -> tuple[_Result, bytes | None]:
+    """The network half of a row: its result (final unless the body is not None) and the body to decode."""
+    res = _new_result(row)
+    led = res.ledger
+    led["elapsed"] = time.monotonic()  # the start, until _finish_row turns it into seconds
     try:
         if row.get("input_error"):  # text that was not valid UTF-8: repaired for the ledger, not fetched
             led.update(status=row["input_error"], error_code=row["input_error"],
                        error_message=row.get("input_error_message"))
-            return res
+            return res, None
         if row.get("duplicate_of"):
             led.update(status="duplicate_url", error_code="duplicate_url",
                        error_message=f"same URL as {row['duplicate_of']}", duplicate_of=row["duplicate_of"])
-            return res
+            return res, None
         try:
             got = fetcher.fetch(row["url"])
         except FetchFailed as e:
             led.update(status=e.code, error_code=e.code, error_message=e.message, attempts=e.attempts,
                        http_status=e.http_status, final_url=e.final_url)
-            return res
+            return res, None
         with PHASES.timed("hash"):
             digest = hashlib.sha256(got.body).hexdigest()
         led.update(attempts=got.attempts, http_status=got.http_status, final_url=got.final_url,
                    bytes=len(got.body), sha256=digest,
                    mime=(got.content_type or "").split(";")[0].strip() or None)
+        return res, got.body
+    except Exception as e:  # noqa: BLE001 - a bug in one row must not lose the others
+        _internal_error(res, e)
+        return res, None
+
+
+def _decode_row(res: _Result, body: bytes, opt: ImageOptions, budget: DecodeBudget | None = None) -> _Result:
+    """The image half of a row: decode, resize and encode the fetched body into `res`."""
+    led = res.ledger
+    try:
         try:
-            img = process_image(got.body, opt, budget)
+            img = process_image(body, opt, budget)
         except ImageRejected as e:
             led.update(status=e.code, error_code=e.code, error_message=e.message, mime=e.mime or led["mime"])
             if e.orig_size:
@@ -552,28 +581,49 @@ def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions,
         led.update(status="success", mime=img.mime, orig_width=img.orig_width, orig_height=img.orig_height,
                    width=img.width, height=img.height)
         res.image, res.ext = img.data, img.ext
-        return res
     except Exception as e:  # noqa: BLE001 - a bug in one row must not lose the others
-        tb = traceback.format_exc(limit=3).replace("\n", " | ")
-        led.update(status="internal_error", error_code="internal_error",
-                   error_message=f"{type(e).__name__}: {e} [{tb}]"[:1000])
-        res.image = None
-        return res
-    finally:
-        check_code(led["error_code"])
-        led["elapsed"] = round(time.monotonic() - t0, 4)
+        _internal_error(res, e)
+    return res
+
+
+def _finish_row(res: _Result) -> _Result:
+    led = res.ledger
+    check_code(led["error_code"])
+    led["elapsed"] = round(time.monotonic() - led["elapsed"], 4)
+    return res
+
+
+def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions,
+                 budget: DecodeBudget | None = None) -> _Result:
+    """One row start to end in the calling thread (run_shard splits it over fetch and decode threads)."""
+    res, body = _fetch_row(row, fetcher)
+    if body is not None:
+        _decode_row(res, body, opt, budget)
+    return _finish_row(res)
+
+
+# _await_row's answer for a row that has waited `limit` seconds for a decode thread (all of them stuck)
+_STALLED = _Result({})
 
 
 def _await_row(cond: threading.Condition, results: list[_Result | None], taken: list[float], i: int,
                limit: float) -> _Result | None:
-    """Row i's result, or None once it has been in a worker for `limit` seconds (call holding `cond`).
+    """Row i's result; None once it has been in a worker for `limit` seconds; _STALLED once it has
+    waited `limit` seconds for a decode thread (call holding `cond`).
 
-    A row not taken yet is waited for without a bound: every taken row ends or is given up on within
-    `limit`, and its thread replaced, so free workers always reach it.
+    taken[i] > 0: in a fetch or decode thread since then; < 0: fetched and waiting for a decode thread
+    since -taken[i]; 0: not taken yet, waited for without a bound: every taken row ends or is given up
+    on within `limit`, and its thread replaced, so free workers always reach it. A row waiting for a
+    decode thread is not given up on: the decode threads are replaced instead (the bodies are queued in
+    fetch order, not row order, so the rows ahead of it in the queue may be later rows).
     """
     while results[i] is None:
-        if taken[i] and time.monotonic() - taken[i] > limit:
+        t = taken[i]
+        now = time.monotonic()
+        if t > 0 and now - t > limit:
             return None
+        if t < 0 and now + t > limit:
+            return _STALLED
         cond.wait(timeout=1.0)
     return results[i]
 
@@ -587,13 +637,17 @@ def _abandoned(row: dict[str, Any], limit: float) -> _Result:
 
 
 def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
-    """Fetch and process one shard's rows with a thread pool; write the tar (row order) and the ledger.
+    """Fetch and process one shard's rows; write the tar (row order) and the ledger.
 
-    Long because the worker closure and the in-order writer share one condition and its state; split
-    apart they would pass the same six objects back and forth.
+    `cfg.threads` fetch threads do the network half of each row and hand the bodies over a bounded
+    queue to `cfg.decode_threads` decode threads (decode, resize, encode): the pixel work runs in few
+    threads, so their allocator arenas are reused instead of growing in every fetch thread, and the
+    GIL is not handed around among 16 threads mid-decode. Long because the workers and the in-order
+    writer share one condition and its state; split apart they would pass the same objects around.
     """
     shard = task["shard"]
     t0 = time.time()
+    cpu0 = time.process_time()
     rows = read_slice(ds, shard)
     n = len(rows)
     fetcher = Fetcher(cfg.fetch_policy())
@@ -608,8 +662,18 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     wait_limit = _row_wait_limit(cfg)
     state = {"next": 0, "written": 0, "stop": False}
     cond = threading.Condition()
+    n_decode = max(1, cfg.decode_threads)
+    # bodies waiting for a decode thread: bounded, so a slow decode holds the fetch threads back
+    # (bodies in memory: at most threads + this many)
+    to_decode: queue.Queue[tuple[int, _Result, bytes] | None] = queue.Queue(maxsize=2 * n_decode)
 
-    def worker() -> None:
+    def deliver(i: int, r: _Result) -> None:
+        with cond:
+            if state["written"] <= i:  # not given up on by the writer
+                results[i] = r
+            cond.notify_all()
+
+    def fetch_worker() -> None:
         while True:
             with cond:
                 while not state["stop"] and state["next"] < n and state["next"] - state["written"] >= window:
@@ -619,15 +683,38 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 i = state["next"]
                 state["next"] += 1
                 taken[i] = time.monotonic()
-            r = _process_row(rows[i], fetcher, opt, budget)
-            with cond:
-                if state["written"] <= i:  # not given up on by the writer
-                    results[i] = r
-                cond.notify_all()
+            r, body = _fetch_row(rows[i], fetcher)
+            if body is None:
+                deliver(i, _finish_row(r))
+                continue
+            # waiting for a decode thread is not the row's fault: the writer's clock restarts when a
+            # decode thread takes it (see _await_row)
+            taken[i] = -time.monotonic()
+            while True:  # a put that gives up when the shard is stopped (the decoders may be gone)
+                try:
+                    to_decode.put((i, r, body), timeout=0.5)
+                    break
+                except queue.Full:
+                    if state["stop"]:
+                        return
 
-    threads = [threading.Thread(target=worker, daemon=True, name=f"fetch-{shard}-{k}")
+    def decode_worker() -> None:
+        while True:
+            item = to_decode.get()
+            if item is None:
+                return
+            i, r, body = item
+            del item
+            with cond:  # the writer reads and resets a waiting row's clock under cond
+                taken[i] = time.monotonic()
+            deliver(i, _finish_row(_decode_row(r, body, opt, budget)))
+            del body, r
+
+    threads = [threading.Thread(target=fetch_worker, daemon=True, name=f"fetch-{shard}-{k}")
                for k in range(min(cfg.threads, max(n, 1)))]
-    for th in threads:
+    decoders = [threading.Thread(target=decode_worker, daemon=True, name=f"decode-{shard}-{k}")
+                for k in range(n_decode)]
+    for th in threads + decoders:
         th.start()
     ledger_rows: list[dict[str, Any]] = []
     status: Counter[str] = Counter()
@@ -638,13 +725,23 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
             for i in range(n):
                 with cond:
                     r = _await_row(cond, results, taken, i, wait_limit)
+                    while r is _STALLED:  # every decode thread is stuck: add one, the row waits on
+                        spare_dec = threading.Thread(target=decode_worker, daemon=True, name=f"decode-{shard}-s{i}")
+                        decoders.append(spare_dec)
+                        spare_dec.start()
+                        taken[i] = -time.monotonic()
+                        r = _await_row(cond, results, taken, i, wait_limit)
                     if r is None:
                         # the thread stuck in row i is left behind (a daemon) and replaced, so the
                         # rows after it still get their full thread count
                         r = _abandoned(rows[i], wait_limit)
-                        spare = threading.Thread(target=worker, daemon=True, name=f"fetch-{shard}-r{i}")
+                        # the row may be stuck in a fetch or in a decode: replace one of each
+                        spare = threading.Thread(target=fetch_worker, daemon=True, name=f"fetch-{shard}-r{i}")
+                        spare_dec = threading.Thread(target=decode_worker, daemon=True, name=f"decode-{shard}-r{i}")
                         threads.append(spare)
+                        decoders.append(spare_dec)
                         spare.start()
+                        spare_dec.start()
                     results[i] = None
                     state["written"] = i + 1
                     cond.notify_all()
@@ -670,11 +767,17 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         join_until = time.monotonic() + cfg.deadline + 5
         for th in threads:
             th.join(timeout=max(0.0, join_until - time.monotonic()))
+        for _ in decoders:  # the fetch threads are done putting: one end mark per decode thread
+            with contextlib.suppress(queue.Full):
+                to_decode.put(None, timeout=max(0.0, join_until - time.monotonic()))
+        for th in decoders:
+            th.join(timeout=max(0.0, join_until - time.monotonic()))
         fetcher.close()
     fields = list(LEDGER_FIELDS) + [pa.field(c, pa.string()) for c in cfg.keep_cols]
     schema = pa.schema(fields)
-    table = pa.Table.from_pylist(ledger_rows, schema=schema) if ledger_rows else schema.empty_table()
-    write_table(ds.ledger(shard), table)
+    with PHASES.timed("ledger"):
+        table = pa.Table.from_pylist(ledger_rows, schema=schema) if ledger_rows else schema.empty_table()
+        write_table(ds.ledger(shard), table)
     seconds = time.time() - t0
     write_json(progress_path(ds, shard), {"done": n, "success": status["success"]})
     stats: dict[str, Any] = {
@@ -683,6 +786,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     }
     if PROFILE_ENABLED:  # CURATE_PROFILE=1: per-phase timers (bench/download.py --profile)
         stats["phases"] = PHASES.snapshot()
+        stats["cpu_seconds"] = round(time.process_time() - cpu0, 3)  # the whole task process, every thread
     return stats
 
 
