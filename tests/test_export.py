@@ -338,3 +338,24 @@ def test_dropped_list_has_one_schema(source, tmp_path):
     schema = pq.read_schema(tmp_path / "o" / "dropped.parquet")
     assert [(f.name, str(f.type), f.nullable) for f in schema] == [
         ("key", "string", True), ("source_shard", "string", True), ("clause", "string", True)]
+
+
+def test_a_stage_run_later_on_the_source_refuses_only_the_exports_that_read_it(source, tmp_path, capsys):
+    """`make demo` balances the pool after the curated export: rerunning the pipeline must resume that
+    export, while an export that reads balance_rank must see a rebalanced source as a change."""
+    src = copy_dataset(source, tmp_path / "src")
+    meta = tmp_path / "metadata.txt"
+    meta.write_text("cat\ndog\nphoto\npicture\nred\n")
+    plain = ["export", str(src), "--out", str(tmp_path / "plain"), "--policy", "dedup"]
+    assert main(plain) == 0
+    assert main(["balance", str(src), "--metadata", str(meta), "--seed", "7", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(plain) == 0  # balance is not read: resumes
+    assert "fingerprint" not in capsys.readouterr().err
+    balanced = ["export", str(src), "--out", str(tmp_path / "balanced"), "--where", "balance_rank < 2"]
+    assert main(balanced) == 0
+    assert main(["balance", str(src), "--metadata", str(meta), "--seed", "8", "--redo", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(balanced) == 2  # it reads balance_rank, whose stage changed
+    assert "fingerprint" in capsys.readouterr().err
+    assert main(plain) == 0

@@ -13,6 +13,7 @@ the source tars and writes their ledger rows (ledger + signals) beside them.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -33,7 +34,16 @@ from curate.io.layout import DatasetDir, shard_name
 from curate.io.shards import ShardWriter, iter_raw
 from curate.io.tables import write_table
 from curate.options import option
-from curate.query import Clause, Sources, check_clauses, open_query, parquet_files, selection_sql
+from curate.query import (
+    SIGNAL_STAGES,
+    Clause,
+    Sources,
+    check_clauses,
+    column_prefix,
+    open_query,
+    parquet_files,
+    selection_sql,
+)
 
 NAME = "export"
 DOWNLOADED = Clause("downloaded", where="status = 'success'")
@@ -122,8 +132,14 @@ def source_dir(cfg: ExportConfig) -> DatasetDir:
 
 
 def source_fingerprints(cfg: ExportConfig) -> dict[str, str]:
+    """The fingerprints of the source stages this export reads: the ledger's and the unprefixed signal
+    tables' always, any other stage's only when its `<name>_` columns appear in the clauses or --by.
+    A stage that runs later on the source (balance, index) then does not refuse a resumed export."""
     stages = manifest.load(source_dir(cfg)).get("stages", {})
-    return {name: entry.get("fingerprint") for name, entry in sorted(stages.items())}
+    text = json.dumps([c.to_dict() for c in resolve_clauses(cfg)]) + (cfg.by or "")
+    always = {"download", "adopt", *SIGNAL_STAGES}
+    return {name: entry.get("fingerprint") for name, entry in sorted(stages.items())
+            if name in always or column_prefix(name) in text}
 
 
 def fingerprint_extra(cfg: ExportConfig) -> dict[str, Any]:
