@@ -208,7 +208,8 @@ def hostile(args: argparse.Namespace) -> None:
 
 def web(args: argparse.Namespace) -> None:
     """#15's web-like mix from 4 loopback hosts: curate (default per-host limit) against img2dataset with
-    matched settings and with its defaults, in the same run; quality against a reference resize."""
+    matched settings and with its defaults, in the same run; quality against a reference resize.
+    Long because it is one flat benchmark script: serve, run each tool, read the tars back, print."""
     out = Path(args.out) / "web"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

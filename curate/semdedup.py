@@ -396,7 +396,9 @@ def dedup_arrays(emb: Any, threshold: float, *, k: int | None = None, probes: in
                  sha256: np.ndarray | None = None, keep: str = "first", clip_score: np.ndarray | None = None,
                  device: str = "cpu", sample_per_centroid: int = 64) -> DedupResult:
     """The whole algorithm on rows in key order in one process (the benchmark and library use); the stage
-    runs the same functions as map/reduce tasks over files. `emb` may be a torch tensor on the GPU."""
+    runs the same functions as map/reduce tasks over files. `emb` may be a torch tensor on the GPU.
+    Long because it is the stage's four phases (assign, pairs, decide, write) in one readable sequence, with a
+    timer around each for the benchmark."""
     import time
 
     t = [time.perf_counter()]

@@ -88,6 +88,18 @@ def write_scored(root: Path, emb: np.ndarray, clip: np.ndarray | None = None, sh
     return ds
 
 
+def plant_scores(ds: DatasetDir, emb: np.ndarray, shard_size: int) -> None:
+    """Score tables and embeddings for a make_dataset dir's real tars: image i gets emb[i] (the picture's pixels
+    are real, for the pHash evidence; the geometry is chosen, as no tiny model gives it on demand)."""
+    for shard in ds.shards():
+        keys = pq.read_table(ds.ledger(shard))["key"].to_pylist()
+        idx = [shard_index(shard_of_key(k)) * shard_size + row_of_key(k) for k in keys]
+        save_npy(ds.signals("score", shard, ".img_emb.npy"), np.asarray(emb[idx], np.float16))
+        score = [{"key": k, "scored": True, "clip_score": 0.3, "emb_row": r} for r, k in enumerate(keys)]
+        write_table(ds.signals("score", shard), pa.Table.from_pylist(score, schema=signal_schema()))
+        write_json(ds.marker("score", shard), {"shard": shard})
+
+
 def dedup_table(ds: DatasetDir) -> pa.Table:
     files = sorted((ds.root / "signals" / "dedup").glob("*.parquet"))
     return pa.concat_tables([pq.read_table(p) for p in files]).sort_by("key")
@@ -352,13 +364,7 @@ def test_phash_joins_reencoded_images(tmp_path):
     ds = make_dataset(tmp_path / "ds", [(im, "c", "success") for im in images], shard_size=4)
     rng = np.random.default_rng(0)
     emb = unit(rng.standard_normal((len(images), D)))
-    for shard in ds.shards():
-        keys = pq.read_table(ds.ledger(shard))["key"].to_pylist()
-        idx = [shard_index(shard_of_key(k)) * 4 + row_of_key(k) for k in keys]
-        save_npy(ds.signals("score", shard, ".img_emb.npy"), np.asarray(emb[idx], np.float16))
-        score = [{"key": k, "scored": True, "clip_score": 0.3, "emb_row": r} for r, k in enumerate(keys)]
-        write_table(ds.signals("score", shard), pa.Table.from_pylist(score, schema=signal_schema()))
-        write_json(ds.marker("score", shard), {"shard": shard})
+    plant_scores(ds, emb, shard_size=4)
     assert run(ds) == 0
     assert (dedup_table(ds)["dup_group"].to_numpy() == -1).all()
     assert run(ds, "--phash", "--redo") == 0
@@ -381,13 +387,7 @@ def test_phash_distance_confirms_near_pairs(tmp_path, capsys):
     rng = np.random.default_rng(0)
     base = unit(rng.standard_normal(D))
     emb = np.stack([near_copy(base, 0.995, rng) for _ in images])
-    for shard in ds.shards():
-        keys = pq.read_table(ds.ledger(shard))["key"].to_pylist()
-        idx = [shard_index(shard_of_key(k)) * 4 + row_of_key(k) for k in keys]
-        save_npy(ds.signals("score", shard, ".img_emb.npy"), np.asarray(emb[idx], np.float16))
-        score = [{"key": k, "scored": True, "clip_score": 0.3, "emb_row": r} for r, k in enumerate(keys)]
-        write_table(ds.signals("score", shard), pa.Table.from_pylist(score, schema=signal_schema()))
-        write_json(ds.marker("score", shard), {"shard": shard})
+    plant_scores(ds, emb, shard_size=4)
     assert run(ds, "--threshold", "0.98") == 0
     assert int(dedup_table(ds)["is_duplicate"].to_numpy().sum()) == len(images) - 1  # one kept, the rest dropped
     assert run(ds, "--threshold", "0.98", "--phash", "--phash-distance", "16", "--redo") == 0

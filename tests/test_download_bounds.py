@@ -29,6 +29,20 @@ def ledger(out: Path) -> list[dict]:
     return read_tables(DatasetDir.at(out).ledger_files()).to_pylist()
 
 
+def run_with_a_hang(server, tmp_path: Path, urls: list[str], release: threading.Event) -> tuple[list[dict], float]:
+    """Download `urls` while a patched step hangs until `release` (set however the run ends): (ledger, seconds)."""
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls}), inp)
+    t0 = time.monotonic()
+    try:
+        assert run(inp, tmp_path / "ds", "--allow-host", server.endpoint, "--deadline", "0.5",
+                   "--threads", "2", "--per-host", "2") == 0
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+    return ledger(tmp_path / "ds"), took
+
+
 def test_writer_gives_up_on_a_stuck_row_and_the_shard_completes(server, tmp_path, monkeypatch):
     urls = [server.image(f"/ok{i}.jpg", jpeg(40, 30)) for i in range(8)]
     urls[2] = server.url("/stuck.jpg")
@@ -42,16 +56,7 @@ def test_writer_gives_up_on_a_stuck_row_and_the_shard_completes(server, tmp_path
 
     monkeypatch.setattr(dl, "_fetch_row", fetch)
     monkeypatch.setattr(dl, "WRITER_GRACE", 0.5)
-    inp = tmp_path / "urls.parquet"
-    pq.write_table(pa.table({"url": urls}), inp)
-    t0 = time.monotonic()
-    try:
-        assert run(inp, tmp_path / "ds", "--allow-host", server.endpoint, "--deadline", "0.5",
-                   "--threads", "2", "--per-host", "2") == 0
-        took = time.monotonic() - t0
-    finally:
-        release.set()
-    rows = ledger(tmp_path / "ds")
+    rows, took = run_with_a_hang(server, tmp_path, urls, release)
     assert [r["status"] for r in rows] == ["success"] * 2 + ["deadline_exceeded"] + ["success"] * 5
     assert "went on without it" in rows[2]["error_message"]
     assert took < 15
@@ -85,16 +90,7 @@ def test_writer_gives_up_on_a_row_stuck_in_decoding_and_the_shard_completes(serv
     monkeypatch.setattr(dl, "WRITER_GRACE", 0.5)
     real_shard = dl.run_shard
     monkeypatch.setattr(dl, "run_shard", lambda cfg, ds, task: real_shard(replace(cfg, decode_threads=1), ds, task))
-    inp = tmp_path / "urls.parquet"
-    pq.write_table(pa.table({"url": urls}), inp)
-    t0 = time.monotonic()
-    try:
-        assert run(inp, tmp_path / "ds", "--allow-host", server.endpoint, "--deadline", "0.5",
-                   "--threads", "2", "--per-host", "2") == 0
-        took = time.monotonic() - t0
-    finally:
-        release.set()
-    rows = ledger(tmp_path / "ds")
+    rows, took = run_with_a_hang(server, tmp_path, urls, release)
     assert [r["status"] for r in rows] == ["success"] * 3 + ["deadline_exceeded"] + ["success"] * 4
     assert took < 15
 

@@ -245,7 +245,11 @@ def _pick(weights: list[tuple[str, float]], u: float) -> str | None:
 
 
 def plan_rows(cfg: WebConfig, base_url: str) -> list[Row]:
-    """Every row of the URL list in order, with its ground truth, from the pool and the seed alone."""
+    """Every row of the URL list in order, with its ground truth, from the pool and the seed alone.
+
+    Long because every draw (order, faults, captions, duplicates, repeated URLs) reads the same seeded
+    `draw` and the rows built before it; split up, each part would need the whole state passed along.
+    """
     from curate.demo.corpus import load_split
 
     cfg.check()
