@@ -62,10 +62,10 @@ def test_expand_refuses_a_missing_required_variable():
         expand(command_line(SLURM / "score.sbatch"), {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"})
 
 
-@pytest.mark.parametrize("name", ["score", "download", "download_plan", "dedup", "export"])
+@pytest.mark.parametrize("name", ["score", "download", "download_plan", "dedup", "export", "adopt"])
 def test_template_flags_exist_on_the_command(name):
     line = command_line(SLURM / f"{name}.sbatch")
-    argv = expand(line, {"DATASET": "/d", "OUT": "/o", "URL_LIST": "/u.parquet", "SLURM_ARRAY_TASK_ID": "1",
+    argv = expand(line, {"DATASET": "/d", "SRC": "/s", "OUT": "/o", "URL_LIST": "/u.parquet", "SLURM_ARRAY_TASK_ID": "1",
                          "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_CPUS_PER_TASK": "8"})
     cmd = cli.commands.get(argv[1])
     if cmd is None:
@@ -171,3 +171,23 @@ def test_score_array_indices_as_concurrent_processes_and_a_killed_run_equal_a_lo
                                   np.load(local.signals("score", s, ".img_emb.npy")))
             assert pq.read_table(ds.signals("score", s)).to_pylist() == pq.read_table(local.signals("score", s)).to_pylist()
         assert not list(ds.root.rglob(".tmp-*"))
+
+
+def test_adopt_template_adopts_an_img2dataset_folder_like_a_plain_run(tmp_path):
+    """adopt.sbatch's exact command (one job; its workers are the task's CPUs) equals `curate adopt` run here."""
+    import pyarrow.parquet as pq
+    from test_adopt import write_i2d_shard
+
+    src = tmp_path / "i2d"
+    for s in range(2):
+        write_i2d_shard(src, f"{s:05d}", n_ok=4, seed=s)
+    assert main(["adopt", str(src), "--out", str(tmp_path / "plain")]) == 0
+    argv = expand(command_line(SLURM / "adopt.sbatch"),
+                  {"SRC": str(src), "OUT": str(tmp_path / "job"), "SLURM_CPUS_PER_TASK": "2"})
+    assert argv[:2] == ["curate", "adopt"] and argv[argv.index("--workers") + 1] == "2"
+    assert main(argv[1:]) == 0
+    for sub in ("ledger", "shards"):
+        names = sorted(p.name for p in (tmp_path / "plain" / sub).iterdir())
+        assert names and sorted(p.name for p in (tmp_path / "job" / sub).iterdir()) == names
+    plain, job = (pq.read_table(tmp_path / d / "ledger").to_pylist() for d in ("plain", "job"))
+    assert len(job) == 2 * (4 + 6) and job == plain
