@@ -593,15 +593,6 @@ def _finish_row(res: _Result) -> _Result:
     return res
 
 
-def _process_row(row: dict[str, Any], fetcher: Fetcher, opt: ImageOptions,
-                 budget: DecodeBudget | None = None) -> _Result:
-    """One row start to end in the calling thread (run_shard splits it over fetch and decode threads)."""
-    res, body = _fetch_row(row, fetcher)
-    if body is not None:
-        _decode_row(res, body, opt, budget)
-    return _finish_row(res)
-
-
 # _await_row's answer for a row that has waited `limit` seconds for a decode thread (all of them stuck)
 _STALLED = _Result({})
 
@@ -710,12 +701,17 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
             deliver(i, _finish_row(_decode_row(r, body, opt, budget)))
             del body, r
 
-    threads = [threading.Thread(target=fetch_worker, daemon=True, name=f"fetch-{shard}-{k}")
-               for k in range(min(cfg.threads, max(n, 1)))]
-    decoders = [threading.Thread(target=decode_worker, daemon=True, name=f"decode-{shard}-{k}")
-                for k in range(n_decode)]
-    for th in threads + decoders:
+    def spawn(target: Any, name: str, pool: list[threading.Thread]) -> None:
+        th = threading.Thread(target=target, daemon=True, name=name)
+        pool.append(th)
         th.start()
+
+    threads: list[threading.Thread] = []
+    decoders: list[threading.Thread] = []
+    for k in range(min(cfg.threads, max(n, 1))):
+        spawn(fetch_worker, f"fetch-{shard}-{k}", threads)
+    for k in range(n_decode):
+        spawn(decode_worker, f"decode-{shard}-{k}", decoders)
     ledger_rows: list[dict[str, Any]] = []
     status: Counter[str] = Counter()
     total_bytes = 0
@@ -726,9 +722,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 with cond:
                     r = _await_row(cond, results, taken, i, wait_limit)
                     while r is _STALLED:  # every decode thread is stuck: add one, the row waits on
-                        spare_dec = threading.Thread(target=decode_worker, daemon=True, name=f"decode-{shard}-s{i}")
-                        decoders.append(spare_dec)
-                        spare_dec.start()
+                        spawn(decode_worker, f"decode-{shard}-s{i}", decoders)
                         taken[i] = -time.monotonic()
                         r = _await_row(cond, results, taken, i, wait_limit)
                     if r is None:
@@ -736,12 +730,8 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                         # rows after it still get their full thread count
                         r = _abandoned(rows[i], wait_limit)
                         # the row may be stuck in a fetch or in a decode: replace one of each
-                        spare = threading.Thread(target=fetch_worker, daemon=True, name=f"fetch-{shard}-r{i}")
-                        spare_dec = threading.Thread(target=decode_worker, daemon=True, name=f"decode-{shard}-r{i}")
-                        threads.append(spare)
-                        decoders.append(spare_dec)
-                        spare.start()
-                        spare_dec.start()
+                        spawn(fetch_worker, f"fetch-{shard}-r{i}", threads)
+                        spawn(decode_worker, f"decode-{shard}-r{i}", decoders)
                     results[i] = None
                     state["written"] = i + 1
                     cond.notify_all()
