@@ -131,12 +131,12 @@ def source_dir(cfg: ExportConfig) -> DatasetDir:
     return src
 
 
-def source_fingerprints(cfg: ExportConfig) -> dict[str, str]:
+def source_fingerprints(cfg: ExportConfig, clauses: list[dict[str, Any]]) -> dict[str, str]:
     """The fingerprints of the source stages this export reads: the ledger's and the unprefixed signal
     tables' always, any other stage's only when its `<name>_` columns appear in the clauses or --by.
     A stage that runs later on the source (balance, index) then does not refuse a resumed export."""
     stages = manifest.load(source_dir(cfg)).get("stages", {})
-    text = json.dumps([c.to_dict() for c in resolve_clauses(cfg)]) + (cfg.by or "")
+    text = json.dumps(clauses) + (cfg.by or "")
     always = {"download", "adopt", *SIGNAL_STAGES}
     return {name: entry.get("fingerprint") for name, entry in sorted(stages.items())
             if name in always or column_prefix(name) in text}
@@ -145,7 +145,8 @@ def source_fingerprints(cfg: ExportConfig) -> dict[str, str]:
 def fingerprint_extra(cfg: ExportConfig) -> dict[str, Any]:
     """What the output depends on beyond the config: resolved clause text (policy files can change)
     and the fingerprints of the source's stages."""
-    return {"clauses": [c.to_dict() for c in resolve_clauses(cfg)], "source_stages": source_fingerprints(cfg)}
+    clauses = [c.to_dict() for c in resolve_clauses(cfg)]
+    return {"clauses": clauses, "source_stages": source_fingerprints(cfg, clauses)}
 
 
 def _counts(q: Any, clauses: list[Clause], table: str) -> tuple[int, list[dict[str, Any]]]:
