@@ -369,3 +369,68 @@ def test_index_a_named_scorer(dataset, tmp_path, capsys):
     hits = search_json(ds, capsys, caption(1), "-k", "3")["queries"][0]["hits"]
     order = np.argsort(-(img @ txt[target]), kind="stable")[:3]
     assert [h["key"] for h in hits] == [keys[i] for i in order]
+
+
+def rrf_order(lists: list[np.ndarray], ids: dict[str, int], keys: list[str], exclude: str) -> list[str]:
+    """Reciprocal rank fusion by brute force: each similarity vector ranked (1 = best), 1/(60 + rank)
+    summed, ties to the lower index id, `exclude` left out after ranking (as the searcher does)."""
+    score = np.zeros(len(keys))
+    for sims in lists:
+        ranks = np.empty(len(keys))
+        ranks[np.argsort(-sims, kind="stable")] = np.arange(1, len(keys) + 1)
+        score += 1.0 / (60 + ranks)
+    order = sorted(range(len(keys)), key=lambda i: (-score[i], ids[keys[i]]))
+    return [keys[i] for i in order if keys[i] != exclude]
+
+
+def test_both_modalities_fuse_image_and_caption_hits_by_reciprocal_rank(dataset, capsys):
+    ds = dataset
+    keys, img, _ = embeddings(ds)
+    _, txt, _ = embeddings(ds, ".txt_emb.npy")
+    ids = {k: i for i, k in enumerate(pq.read_table(ds.root / "index" / "ids.parquet")["key"].to_pylist())}
+    # a key query: its image vector against the image index, its caption vector against the caption index
+    doc = search_json(ds, capsys, "--key", keys[3], "-k", "6", "--modality", "both")
+    hits = doc["queries"][0]["hits"]
+    assert [h["key"] for h in hits] == rrf_order([img @ img[3], txt @ txt[3]], ids, keys, keys[3])[:6]
+    assert doc["modality"] == "both" and all(h["score"] > 0 for h in hits)
+    first = keys.index(hits[0]["key"])
+    assert hits[0]["scores"]["image"] == pytest.approx(float(img[first] @ img[3]), abs=2e-3)
+    assert hits[0]["scores"]["text"] == pytest.approx(float(txt[first] @ txt[3]), abs=2e-3)
+    # --where still applies to fused hits
+    clip = {r["key"]: r["clip_score"] for s in ds.done_shards("score") for r in pq.read_table(ds.signals("score", s)).to_pylist()}
+    cut = float(np.median([clip[k] for k in keys]))
+    doc = search_json(ds, capsys, "--key", keys[3], "-k", "4", "--modality", "both", "--where", f"clip_score > {cut}")
+    want = [k for k in rrf_order([img @ img[3], txt @ txt[3]], ids, keys, keys[3]) if clip[k] > cut][:4]
+    assert [h["key"] for h in doc["queries"][0]["hits"]] == want
+
+
+def test_text_queries_as_prompt_ensembles(dataset, capsys, tmp_path):
+    """--templates: the query's vector is the renormalised mean of its prompts' vectors."""
+    from curate.search.searcher import Searcher
+
+    ds = dataset
+    keys, img, _ = embeddings(ds)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na photo of {c}.\n{c} on a mat\n")
+    s = Searcher(ds.root)
+    try:
+        each = s.text_vectors(["a photo of cat.", "cat on a mat"])
+    finally:
+        s.close()
+    vec = each.mean(axis=0)
+    vec /= np.linalg.norm(vec)
+    doc = search_json(ds, capsys, "cat", "-k", "5", "--templates", str(prompts))
+    order = np.argsort(-(img @ vec), kind="stable")[:5]
+    assert [h["key"] for h in doc["queries"][0]["hits"]] == [keys[i] for i in order]
+    assert doc["templates"] == str(prompts)
+    plain = search_json(ds, capsys, "cat", "-k", "5")
+    assert [h["score"] for h in plain["queries"][0]["hits"]] != [h["score"] for h in doc["queries"][0]["hits"]]
+    assert main(["search", str(ds.root), "cat", "--templates", "no-such-set"]) == 2
+
+
+def test_api_offers_both_modalities(served, dataset):
+    status, _, body = get(f"{served}/api/info")
+    assert status == 200 and json.loads(body)["modalities"] == ["image", "text", "both"]
+    status, _, body = get(f"{served}/api/search?q=cat&k=3&modality=both")
+    hits = json.loads(body)["hits"]
+    assert status == 200 and len(hits) == 3 and set(hits[0]["scores"]) == {"image", "text"}

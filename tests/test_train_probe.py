@@ -491,3 +491,90 @@ def test_a_filter_model_trained_on_a_few_hundred_pairs_is_flagged_weak(few_hundr
     report = tmp_path / "r.html"
     assert main(["report", str(target), "--out", str(report)]) == 0
     assert "near chance on its own held-out pairs" in report.read_text()
+
+
+# ------------------------------------------------------------------ augmentation for small trusted sets
+
+
+def test_caption_augmentation_draws_non_empty_keyword_subsets_in_random_order():
+    import random
+
+    from curate.train_probe.train import augment_caption
+
+    caption = "Hen, chicken, animal, farm, bird"
+    parts = set(caption.split(", "))
+    rng = random.Random(0)
+    seen = [augment_caption(caption, rng) for _ in range(400)]
+    for s in seen:
+        got = s.split(", ")
+        assert got and len(set(got)) == len(got) and set(got) <= parts  # a non-empty subset, no repeats
+    assert len(set(seen)) > 50  # subsets and orders vary
+    assert any(s.split(", ")[0] != "Hen" and "Hen" in s for s in seen)  # order changes, not only membership
+    assert sum(len(s.split(", ")) for s in seen) / len(seen) == pytest.approx(2.5, abs=0.3)  # each part kept at 1/2
+    assert augment_caption("a single phrase", rng) == "a single phrase"
+    assert [augment_caption(caption, random.Random(7)) for _ in range(3)] == \
+        [augment_caption(caption, random.Random(7)) for _ in range(3)]  # seeded: repeatable
+
+
+def test_number_switching_follows_plain_english_rules():
+    import random
+
+    from curate.train_probe.train import augment_caption, switch_number
+
+    pairs = [("bird", "birds"), ("box", "boxes"), ("city", "cities"), ("church", "churches"), ("day", "days"),
+             ("traffic sign", "traffic signs")]
+    for one, many in pairs:
+        assert switch_number(one) == many and switch_number(many) == one
+    for same in ("glass", "x1", "of", "3d"):  # -ss, non-alphabetic, too short: left alone
+        assert switch_number(same) == same
+    rng = random.Random(0)
+    out = {augment_caption("bird", rng, inflect=1.0) for _ in range(5)}
+    assert out == {"birds"}
+
+
+def test_colour_jitter_keeps_shape_and_range_and_is_off_at_zero():
+    from curate.train_probe.train import augment_batch, jitter_batch
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 16, 16), generator=g, dtype=torch.uint8)
+    out = jitter_batch(images, 0.4, torch.Generator().manual_seed(1))
+    assert out.shape == images.shape and out.dtype == torch.uint8 and not torch.equal(out, images)
+    assert torch.equal(jitter_batch(images, 0.0, torch.Generator().manual_seed(1)), images)
+    # the defaults (jitter 0) draw nothing extra: the flips are exactly those of before
+    cfg = TrainConfig(**FAST)
+    a = augment_batch(images, cfg, torch.Generator().manual_seed(3))
+    flip = torch.rand(6, generator=torch.Generator().manual_seed(3)) < 0.5
+    assert torch.equal(a, torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images))
+
+
+def test_caption_augmented_training_runs_is_deterministic_and_differs(data, tokenizer):
+    train = load_samples(data["big"], 32, tokenizer)
+    train.captions = [f"{c}, square, colour swatch" for c in train.captions]
+    cfg = TrainConfig(samples_seen=8 * 4, caption_augment=True, caption_inflect=0.5, jitter=0.2, **FAST)
+    _, a = train_run(train, cfg, seed=0)
+    _, b = train_run(train, cfg, seed=0)
+    _, plain = train_run(train, TrainConfig(samples_seen=8 * 4, jitter=0.2, **FAST), seed=0)
+    assert a["loss_last"] == b["loss_last"] and a["loss_last"] != plain["loss_last"]
+
+
+def test_new_train_options_at_their_defaults_keep_old_fingerprints(data):
+    """Probe outputs made before --jitter/--caption-augment existed still resume: at their defaults the
+    new fields are left out of the fingerprint; set, they change it."""
+    from dataclasses import replace
+
+    from curate.config import fingerprint, output_fields
+    from curate.train_probe.run import ProbeConfig, probe_fingerprint
+
+    cfg = ProbeConfig(subsets=(("a", str(data["big"])),), eval_dir=str(data["eval"]))
+    train = TrainConfig(**FAST)
+    fp, inputs = probe_fingerprint(cfg, train)
+    old = {k: v for k, v in output_fields(train).items() if k not in ("jitter", "caption_augment", "caption_inflect")}
+    assert fp == fingerprint(cfg, extra={"train": old, "inputs": inputs, "templates": []})
+    assert probe_fingerprint(cfg, replace(train, caption_augment=True))[0] != fp
+    assert probe_fingerprint(cfg, replace(train, jitter=0.1))[0] != fp
+
+
+def test_caption_inflect_needs_caption_augment(data, tmp_path, capsys):
+    assert main(["train-probe", "--subset", f"a={data['big']}", "--eval", str(data["eval"]), "--caption-inflect",
+                 "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "--caption-inflect" in capsys.readouterr().err

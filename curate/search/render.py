@@ -13,8 +13,8 @@ from typing import Any
 Results = list[tuple[str, list[dict[str, Any]]]]  # (query label, hits)
 
 
-def as_json(results: Results, k: int, modality: str, where: str | None) -> str:
-    doc = {"k": k, "modality": modality, "where": where,
+def as_json(results: Results, k: int, modality: str, where: str | None, templates: str | None = None) -> str:
+    doc = {"k": k, "modality": modality, "where": where, "templates": templates,
            "queries": [{"query": label, "hits": hits} for label, hits in results]}
     return json.dumps(doc, indent=2, default=str)
 

@@ -23,6 +23,9 @@ from curate.search.build import index_dir, open_embeddings
 # columns of the samples view shown with each hit (those present in the dataset)
 HIT_COLUMNS = ("caption", "url", "status", "clip_score", "lang", "is_duplicate", "eval_contaminated")
 MAX_CANDIDATES = 1 << 16  # widening stops here: a --where that keeps almost nothing is reported, not scanned
+BOTH = "both"  # --modality both: image and caption hits fused by reciprocal rank
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): score = sum over lists of 1 / (RRF_K + rank)
+RRF_DEPTH = 100  # candidates read from each index before fusing (at least; more when --where drops hits)
 
 
 @dataclass(frozen=True)
@@ -95,13 +98,23 @@ class Searcher:
             self._model = load_model(resolve_model(model, pretrained, checksum), "cpu")
         return self._model
 
-    def text_vectors(self, texts: list[str]) -> np.ndarray:
+    def text_vectors(self, texts: list[str], templates: tuple[str, ...] = ()) -> np.ndarray:
+        """One unit vector per text; with `templates` ('a clip art of {c}.'), the renormalised mean of the
+        text's prompts, as zero-shot classification builds a class embedding (train-probe's shipped sets)."""
         import torch
 
         lm = self.model()
+        prompts = [t.format(c=x) for x in texts for t in templates] if templates else texts
         with torch.no_grad():
-            feats = lm.model.encode_text(lm.tokenizer(texts).to(lm.device)).float()
-        return _normalise(feats.cpu().numpy())
+            feats = lm.model.encode_text(lm.tokenizer(prompts).to(lm.device)).float()
+        feats = _normalise(feats.cpu().numpy())
+        if templates:
+            feats = _normalise(feats.reshape(len(texts), len(templates), -1).mean(axis=1))
+        return feats
+
+    def modalities(self) -> list[str]:
+        """What --modality may name here: the built indexes, and `both` when image and text are built."""
+        return [*self.indexes, *([BOTH] if {"image", "text"} <= set(self.indexes) else [])]
 
     def image_vector(self, path: str | Path) -> np.ndarray:
         import torch
@@ -133,9 +146,9 @@ class Searcher:
         emb = open_embeddings(self.ds, self.scorer, str(self.shards[i]), modality)
         return np.asarray(emb[int(self.emb_rows[i])], np.float32)
 
-    def vector(self, q: Query, modality: str = "image") -> np.ndarray:
+    def vector(self, q: Query, modality: str = "image", templates: tuple[str, ...] = ()) -> np.ndarray:
         if q.kind == "text":
-            return self.text_vectors([q.value])[0]
+            return self.text_vectors([q.value], templates)[0]
         if q.kind == "image":
             return self.image_vector(q.value)
         return self.key_vector(q.value, modality)
@@ -170,9 +183,51 @@ class Searcher:
             out.append({"rank": rank, "key": key, "shard": str(self.shards[i]), "score": round(s, 6), **rows[key]})
         return out
 
-    def query(self, q: Query, k: int = 10, modality: str = "image") -> list[dict[str, Any]]:
+    def query(self, q: Query, k: int = 10, modality: str = "image",
+              templates: tuple[str, ...] = ()) -> list[dict[str, Any]]:
         exclude = q.value if q.kind == "key" else None
-        return self.search(self.vector(q, modality), k, modality, exclude=exclude)
+        if modality == BOTH:
+            self._check_modality(BOTH)
+            # a key query uses the sample's own vector of each modality; text and image queries one vector
+            vecs = {m: self.vector(q, m, templates) for m in ("image", "text")} if q.kind == "key" else \
+                dict.fromkeys(("image", "text"), self.vector(q, "image", templates))
+            return self.search_fused(vecs, k, exclude=exclude)
+        return self.search(self.vector(q, modality, templates), k, modality, exclude=exclude)
+
+    def _check_modality(self, modality: str) -> None:
+        if modality not in self.modalities():
+            raise InputError(f"--modality: no {modality} index in {index_dir(self.ds)} "
+                             f"(have {', '.join(self.modalities())}); text and both need score --save-text-embeddings")
+
+    def search_fused(self, vecs: dict[str, np.ndarray], k: int = 10,
+                     exclude: str | None = None) -> list[dict[str, Any]]:
+        """Hits of several indexes fused by reciprocal rank (RRF): each index's top candidates are ranked,
+        a sample scores sum(1 / (RRF_K + rank)) over the lists it is in, ties go to the lower id. Ranks,
+        not cosines, are fused because image-text and text-text cosines live on different scales. Each
+        hit's `scores` holds its cosine in each list (null where it was not a candidate)."""
+        if k < 1:
+            raise InputError("-k: must be at least 1")
+        ntotal = min(self.indexes[m].ntotal for m in vecs)
+        n_cand = max(RRF_DEPTH, (k + 1) * (4 if self.where else 1))
+        while True:
+            n_cand = min(n_cand, ntotal, MAX_CANDIDATES)
+            fused: dict[int, float] = {}
+            cos: dict[int, dict[str, float]] = {}
+            for m, vec in vecs.items():
+                sims, ids = self.indexes[m].search(np.ascontiguousarray(vec.reshape(1, -1), np.float32), n_cand)
+                for rank, (i, sim) in enumerate(((int(i), float(x)) for i, x in zip(ids[0], sims[0], strict=True)
+                                                 if i >= 0), 1):
+                    fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank)
+                    cos.setdefault(i, {})[m] = round(sim, 6)
+            order = sorted((i for i in fused if self.keys[i] != exclude), key=lambda i: (-fused[i], i))
+            rows = self.rows([self.keys[i] for i in order], self.where)
+            hits = [i for i in order if self.keys[i] in rows]
+            if len(hits) >= k or n_cand >= min(ntotal, MAX_CANDIDATES):
+                break
+            n_cand *= 4
+        return [{"rank": rank, "key": str(self.keys[i]), "shard": str(self.shards[i]), "score": round(fused[i], 6),
+                 "scores": {m: cos[i].get(m) for m in vecs}, **rows[str(self.keys[i])]}
+                for rank, i in enumerate(hits[:k], 1)]
 
     def rows(self, keys: list[str], where: str | None = None) -> dict[str, dict[str, Any]]:
         """{key: HIT_COLUMNS} for those of `keys` that pass `where` (the server-side --where, never user text)."""

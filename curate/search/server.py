@@ -73,13 +73,13 @@ class Handler(BaseHTTPRequestHandler):
         s = self.searcher
         if path == "/api/info":
             return {"dataset": s.ds.root.name, "rows": s.meta["rows"], "kind": s.meta["kind"],
-                    "factory": s.meta["factory"], "modalities": list(s.indexes), "where": s.where}
+                    "factory": s.meta["factory"], "modalities": s.modalities(), "where": s.where}
         if path == "/api/sample":
             return s.sample(_required(params, "key"))
         k = _int(params.get("k", "24"), 1, MAX_K)
         modality = params.get("modality", "image")
-        if modality not in s.indexes:
-            raise ApiError(400, f"modality must be one of {', '.join(s.indexes)}")
+        if modality not in s.modalities():
+            raise ApiError(400, f"modality must be one of {', '.join(s.modalities())}")
         if path == "/api/search":
             q = _required(params, "q")
             if len(q) > MAX_QUERY_CHARS:

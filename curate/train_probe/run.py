@@ -30,6 +30,7 @@ from curate.train_probe.train import TrainConfig
 log = logging.getLogger(__name__)
 STAGE = "train-probe"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_LATER_FIELDS = ("jitter", "caption_augment", "caption_inflect")  # TrainConfig fields newer than existing probe outputs
 
 
 def _subsets(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -189,7 +190,11 @@ def probe_fingerprint(cfg: ProbeConfig, train: TrainConfig,
     }
     if cfg.sweep_source:
         inputs["sweep_source"] = dataset_summary(cfg.sweep_source, ("score",))
-    extra = {"train": output_fields(train), "inputs": inputs, "templates": list(templates)}
+    fields = output_fields(train)
+    for name in _LATER_FIELDS:  # fields added later are left out at their default, so old runs still resume
+        if fields.get(name) == getattr(TrainConfig, name):
+            fields.pop(name)
+    extra = {"train": fields, "inputs": inputs, "templates": list(templates)}
     return fingerprint(cfg, extra=extra), inputs
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 from curate.devices import cuda_count, require_cuda, torch_settings
 from curate.errors import InputError
 from curate.options import option
-from curate.train_probe.data import Samples, normalize
+from curate.train_probe.data import Samples, normalize, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,14 @@ class TrainConfig:
     augment: bool = option(True, help="Random horizontal flips.")
     crop: float = option(0.0, help="Random square crops of (1 - CROP)..100% of the image area (0: off; --save-model "
                                    "uses 0.3 when 0).")
+    jitter: float = option(0.0, help="Random brightness, contrast and saturation factors in [1 - JITTER, 1 + JITTER] "
+                                     "per image (0: off).")
+    caption_augment: bool = option(False, help="Each time a caption is drawn, train on a random non-empty subset of "
+                                               "its comma-separated parts in random order (keyword captions of a "
+                                               "small trusted set; off by default).")
+    caption_inflect: float = option(0.0, help="With --caption-augment: the chance that a part's last word switches "
+                                              "grammatical number (bird <-> birds), so a word seen in one form is "
+                                              "learnt in both (0: off).")
     curve_points: int = option(3, help="Evaluations per run (for the quality-vs-samples-seen plot); the last is the "
                                        "result.")
     model: str = option("curate-tiny", help="open_clip architecture name or model config .json (random init).")
@@ -58,6 +67,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise InputError(f"--curve-points: must be at least 1 (got {cfg.curve_points})")
     if not 0 <= cfg.crop < 1:
         raise InputError(f"--crop: must be in [0, 1) (got {cfg.crop})")
+    if not 0 <= cfg.caption_inflect <= 1:
+        raise InputError(f"--caption-inflect: must be in [0, 1] (got {cfg.caption_inflect})")
+    if cfg.caption_inflect and not cfg.caption_augment:
+        raise InputError("--caption-inflect: needs --caption-augment")
+    if not 0 <= cfg.jitter < 1:
+        raise InputError(f"--jitter: must be in [0, 1) (got {cfg.jitter})")
     require_cuda(cfg.device)
 
 
@@ -146,7 +161,63 @@ def augment_batch(images: Any, cfg: TrainConfig, generator: Any) -> Any:
                                                        align_corners=False))
         images = torch.cat(out).round().clamp(0, 255).to(torch.uint8)
     flip = torch.rand(b, generator=generator) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    if cfg.jitter > 0:
+        images = jitter_batch(images, cfg.jitter, generator)
+    return images
+
+
+def jitter_batch(images: Any, strength: float, generator: Any) -> Any:
+    """uint8 (B, 3, S, S) -> uint8: brightness, contrast and saturation each scaled by a factor drawn from
+    [1 - strength, 1 + strength] per image (torchvision's ColorJitter without hue, on the whole batch)."""
+    import torch
+
+    b = images.shape[0]
+    f = 1 + strength * (2 * torch.rand(3, b, 1, 1, 1, generator=generator) - 1)
+    x = images.float() * f[0]
+    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = grey.mean(dim=(2, 3), keepdim=True) + f[1] * (x - grey.mean(dim=(2, 3), keepdim=True))
+    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    x = grey + f[2] * (x - grey)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def augment_caption(caption: str, rng: random.Random, inflect: float = 0.0) -> str:
+    """A random non-empty subset of the caption's comma-separated parts, in random order ("Hen, chicken,
+    farm" -> "farm, Hen"): a keyword caption is a set, and a few hundred pairs otherwise teach the text
+    tower one fixed string per image. With `inflect`, each kept part's last word switches number with
+    that chance ("farm" -> "farms"). A caption without commas keeps its one part (and may be inflected)."""
+    parts = [p.strip() for p in caption.split(",") if p.strip()]
+    if not parts:
+        return caption
+    kept = [p for p in parts if rng.random() < 0.5] or [rng.choice(parts)]
+    rng.shuffle(kept)
+    if inflect > 0:
+        kept = [switch_number(p) if rng.random() < inflect else p for p in kept]
+    return ", ".join(kept)
+
+
+def switch_number(phrase: str) -> str:
+    """The phrase with its last word's grammatical number switched by plain English rules (bird <-> birds,
+    box <-> boxes, city <-> cities); words under 3 letters, non-alphabetic or ending in -ss are left alone.
+    The rules are approximate (bus -> bu): it is an augmentation, a wrong form costs one noisy caption."""
+    head, _, word = phrase.rpartition(" ")
+    low = word.lower()
+    if len(low) < 3 or not low.isalpha() or low.endswith("ss"):
+        return phrase
+    if low.endswith("ies") and len(low) > 4:
+        new = word[:-3] + "y"
+    elif low.endswith(("ches", "shes", "xes", "zes", "sses")):
+        new = word[:-2]
+    elif low.endswith("s"):
+        new = word[:-1]
+    elif low.endswith(("ch", "sh", "x", "z")):
+        new = word + "es"
+    elif low.endswith("y") and low[-2] not in "aeiou":
+        new = word[:-1] + "ies"
+    else:
+        new = word + "s"
+    return f"{head} {new}" if head else new
 
 
 def lr_at(step: int, steps: int, base_lr: float, warmup_steps: int) -> float:
@@ -207,6 +278,7 @@ def train_run(train: Samples, cfg: TrainConfig, seed: int, *,
         mean, std = model.visual.image_mean, model.visual.image_std
         order = torch.Generator().manual_seed(seed)
         flips = torch.Generator().manual_seed(seed + 1_000_003)
+        captions_rng = random.Random(seed + 2_000_003)
         sizes = batch_plan(cfg.samples_seen, cfg.batch_size)
         steps = len(sizes)
         warmup_steps = max(1, round(cfg.warmup * steps)) if cfg.warmup > 0 else 0
@@ -225,7 +297,12 @@ def train_run(train: Samples, cfg: TrainConfig, seed: int, *,
             if cfg.augment:
                 images = augment_batch(images, cfg, flips)
             images = normalize(images.to(device), mean, std)
-            tokens = train.tokens.index_select(0, idx).to(device)
+            if cfg.caption_augment:
+                tokens = tokenize(tokenizer, [augment_caption(train.captions[i], captions_rng, cfg.caption_inflect)
+                                             for i in idx.tolist()])
+            else:
+                tokens = train.tokens.index_select(0, idx)
+            tokens = tokens.to(device)
             out = model(images, tokens)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
             optimizer.zero_grad(set_to_none=True)
