@@ -1,13 +1,14 @@
 """Demo acceptance for search: each eval-split class name as a text query, precision@10 of that class,
 measured with the demo's filter model, against the class's share of the split.
 
-    python bench/search_demo.py [--out bench-out/search-demo] [--samples-seen 12288]
+    python bench/search_demo.py [--out bench-out/search-demo] [--recipe NAME]
 
-Runs only the demo steps search needs, with the same settings as pipelines/demo.yaml: the trusted seed and
-labelled eval splits as dataset dirs, the filter model trained on the seed split (`curate train-probe
---save-model`), the eval split scored with it (`curate score`), indexed (`curate index`) and searched
-(`curate search --json`, so the query goes through the CLI and the scorer's own tokenizer). Resumable:
-every step skips what is already done.
+Runs only the demo steps search needs: the trusted seed and labelled eval splits as dataset dirs, the filter
+model trained on the seed split with pipelines/demo.yaml's filter-model step (read from the file; `--recipe`
+overrides fields with one of bench/filter_recipes.py's recipes), the eval split scored with it (`curate
+score`), indexed (`curate index`) and searched (`curate search --json`, so the query goes through the CLI
+and the scorer's own tokenizer) through image embeddings, caption embeddings and both fused, plain and with
+`--templates clipart`. Resumable: every step skips what is already done.
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ def run(argv: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from filter_recipes import RECIPES
+
     ap.add_argument("--out", default="bench-out/search-demo")
-    ap.add_argument("--samples-seen", type=int, default=12288, help="As pipelines/demo.yaml's filter-model step.")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                    help="Train the filter model with this recipe of bench/filter_recipes.py instead of the "
+                         "pipeline's (its fields override the filter-model step's).")
+    ap.add_argument("--pipeline", default="pipelines/demo.yaml")
     ap.add_argument("-k", type=int, default=10)
     args = ap.parse_args()
     import pyarrow.parquet as pq
@@ -47,13 +53,16 @@ def main() -> None:
     from curate.io.layout import DatasetDir
     from curate.train_probe.evaluate import class_prompt_name
 
-    out = Path(args.out)
+    out = Path(args.out) / (args.recipe or "pipeline")
     seed, evalset = write_split_dataset("seed", out / "demo-seed"), write_split_dataset("eval", out / "demo-eval")
     model = out / "filter-model"
+    step = filter_model_step(args.pipeline, RECIPES[args.recipe] if args.recipe else {})
     if not (model / "model.safetensors").exists():
-        run(["train-probe", "--subset", f"trusted={seed}", "--eval", str(evalset), "--save-model", str(model),
-             "--templates", "clipart", "--samples-seen", str(args.samples_seen),
-             "--out", str(out / "filter-model-probe")])
+        from curate.pipeline import to_argv
+
+        fields = {**step, "subset": [f"trusted={seed}"], "eval": str(evalset), "save_model": str(model),
+                  "out": str(out / "filter-model-probe")}
+        run(to_argv("train-probe", fields, args.pipeline))
     weights = ["--model", str(model / "model_config.json"), "--pretrained", str(model / "model.safetensors")]
     # text embeddings too (the demo pipeline does not save them): they add the caption-search column and
     # change nothing in the image embeddings or clip scores
@@ -66,33 +75,49 @@ def main() -> None:
     counts = Counter(label.values())
     classes = sorted(counts)
     queries = [class_prompt_name(c) for c in classes]
-    image_hits = json.loads(run(["search", str(evalset), *queries, "-k", str(args.k), "--json"]))["queries"]
-    text_hits = json.loads(run(["search", str(evalset), *queries, "-k", str(args.k), "--json",
-                                "--modality", "text"]))["queries"]
-    example_hits = seed_example_hits(Path(seed), Path(evalset), classes, args.k)
+    hits: dict[str, list[dict]] = {}
+    for modality, name in (("image", "images"), ("text", "captions"), ("both", "both")):
+        for tpl in ((), ("--templates", "clipart")):
+            doc = json.loads(run(["search", str(evalset), *queries, "-k", str(args.k), "--json",
+                                  "--modality", modality, *tpl]))
+            hits[name + (" +clipart" if tpl else "")] = doc["queries"]
+    hits["seed images of the class -> images"] = [{"hits": h} for h in
+                                                 seed_example_hits(Path(seed), Path(evalset), classes, args.k)]
     n = len(label)
 
-    def precision(c: str, hits: list[dict]) -> float:
-        return sum(label[h["key"]] == c for h in hits) / max(1, len(hits))
+    def precision(c: str, found: list[dict]) -> float:
+        return sum(label[h["key"]] == c for h in found) / max(1, len(found))
 
-    print(f"\neval split: {n} images, {len(classes)} classes; filter model: curate-tiny trained on the seed split "
-          f"({args.samples_seen} samples seen), as pipelines/demo.yaml trains it")
-    print(f"| class | share | 3x share | p@{args.k} class name -> images | p@{args.k} class name -> captions "
-          f"| p@{args.k} seed images of the class -> images |")
-    print("|---|---:|---:|---:|---:|---:|")
-    cols = {"image": [], "text": [], "examples": []}
-    for c, qi, qt in zip(classes, image_hits, text_hits, strict=True):
+    recipe = {k: v for k, v in step.items() if k not in ("stage", "id")}
+    print(f"\neval split: {n} images, {len(classes)} classes; filter model: trained on the seed split by "
+          f"{args.pipeline}'s filter-model step{f' with recipe {args.recipe}' if args.recipe else ''}: {recipe}")
+    print(f"p@{args.k} of each class name as a text query, through: " + "; ".join(hits))
+    print("| class | share | 3x share | " + " | ".join(hits) + " |")
+    print("|---|---:|---:|" + "---:|" * len(hits))
+    passed = {name: 0 for name in hits}
+    for i, c in enumerate(classes):
         share = counts[c] / n
-        row = {"image": precision(c, qi["hits"]), "text": precision(c, qt["hits"]),
-               "examples": precision(c, example_hits.get(c, []))}
-        for key, v in row.items():
-            cols[key].append(v >= 3 * share)
-        marks = {key: f"{v:.2f}{' ✓' if v >= 3 * share else ''}" for key, v in row.items()}
-        print(f"| {c} | {share:.3f} | {3 * share:.2f} | {marks['image']} | {marks['text']} | {marks['examples']} |")
-    print("| classes at >= 3x share | | | " + " | ".join(f"{sum(v)}/{len(classes)}" for v in cols.values()) + " |")
+        cells = []
+        for name, per_query in hits.items():
+            v = precision(c, per_query[i]["hits"])
+            passed[name] += v >= 3 * share
+            cells.append(f"{v:.2f}{' ✓' if v >= 3 * share else ''}")
+        print(f"| {c} | {share:.3f} | {3 * share:.2f} | " + " | ".join(cells) + " |")
+    print("| **classes at >= 3x share** | | | " + " | ".join(f"**{v}/{len(classes)}**" for v in passed.values())
+          + " |")
 
 
-def seed_example_hits(seed: Path, evalset: Path, classes: list[str], k: int) -> dict[str, list[dict]]:
+def filter_model_step(pipeline: str, recipe: dict) -> dict:
+    """The pipeline's filter-model step fields (paths left out), with the recipe's fields over them."""
+    import yaml
+
+    stages = yaml.safe_load(Path(pipeline).read_text())["stages"]
+    step = next(s for s in stages if s.get("id") == "filter-model")
+    fields = {k: v for k, v in step.items() if k not in ("stage", "id", "subset", "eval", "save_model", "out")}
+    return {**fields, **recipe}
+
+
+def seed_example_hits(seed: Path, evalset: Path, classes: list[str], k: int) -> list[list[dict]]:
     """Query by example: the normalised mean of the class's seed-split image embeddings (the same model)."""
     import numpy as np
     import pyarrow.parquet as pq
@@ -110,11 +135,10 @@ def seed_example_hits(seed: Path, evalset: Path, classes: list[str], k: int) -> 
                 vecs.setdefault(lab[r["key"]], []).append(emb[r["emb_row"]])
     s = Searcher(evalset)
     try:
-        out = {}
+        out = []
         for c in classes:
-            if c in vecs:
-                q = np.mean(vecs[c], axis=0)
-                out[c] = s.search(q / np.linalg.norm(q), k)
+            q = np.mean(vecs[c], axis=0) if c in vecs else None
+            out.append(s.search(q / np.linalg.norm(q), k) if q is not None else [])
         return out
     finally:
         s.close()

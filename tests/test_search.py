@@ -224,7 +224,7 @@ def test_serve_command_binds_loopback_and_answers(dataset):
         url = line.split()[1]
         status, _, body = get(url + "api/info")
         info = json.loads(body)
-        assert status == 200 and info["rows"] == N_IMAGES and info["modalities"] == ["image", "text"]
+        assert status == 200 and info["rows"] == N_IMAGES and info["modalities"] == ["image", "text", "both"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
