@@ -25,14 +25,18 @@ import numpy as np
 
 from curate.search.searcher import RRF_DEPTH, RRF_K
 
-# name -> TrainConfig fields over the demo's filter-model step (pipelines/demo.yaml: 12,288 samples seen)
+# name -> TrainConfig fields (the rest at train-probe's defaults, plus what --save-model adds: crops, 10
+# evaluation points); bench/search_demo.py --recipe lays them over pipelines/demo.yaml's filter-model step
 RECIPES: dict[str, dict[str, Any]] = {
-    "demo": {},
-    "caption-aug": {"caption_augment": True},
+    "before": {"samples_seen": 12288, "caption_augment": False},  # the demo's filter model before issue 17's work
+    "caption-aug": {"caption_augment": True, "samples_seen": 12288},
     "caption-aug-24k": {"caption_augment": True, "samples_seen": 24576},
     "caption-aug-49k": {"caption_augment": True, "samples_seen": 49152},
+    "caption-aug-98k": {"caption_augment": True, "samples_seen": 98304},
     "caption-aug-inflect-24k": {"caption_augment": True, "caption_inflect": 0.5, "samples_seen": 24576},
+    "caption-aug-inflect-49k": {"caption_augment": True, "caption_inflect": 0.5, "samples_seen": 49152},
     "caption-aug-jitter-24k": {"caption_augment": True, "jitter": 0.3, "samples_seen": 24576},
+    "caption-aug-49k-batch64": {"caption_augment": True, "samples_seen": 49152, "batch_size": 64},
 }
 MODES = ("image", "caption", "both", "image+tpl", "caption+tpl", "both+tpl")
 
@@ -67,18 +71,24 @@ def main() -> None:
     labels = np.array(ev.labels)
     classes = sorted(set(ev.labels))
     share = np.array([(labels == c).mean() for c in classes])
+    done = json.loads((out / "results.json").read_text())["runs"] if (out / "results.json").exists() else {}
     results: dict[str, list[dict[str, Any]]] = {}
     for name in args.recipe or list(RECIPES):
         results[name] = []
         for s in range(args.seeds):
+            prev = [r for r in done.get(name, []) if r["seed"] == s and r.get("recipe") == RECIPES[name]]
+            if prev:  # resumed: each finished run is written as it ends
+                results[name].append(prev[0])
+                continue
             t0 = time.time()
-            model, check = train_filter(seed, replace(TrainConfig(samples_seen=12288, threads=2), **RECIPES[name]), s)
+            model, check = train_filter(seed, replace(TrainConfig(threads=2), **RECIPES[name]), s)
             p = precision_at_k(model, tok, ev, classes, labels, args.k)
-            results[name].append({"seed": s, "check_r5": check, "p": p})
+            results[name].append({"seed": s, "recipe": RECIPES[name], "check_r5": check, "p": p})
+            done.setdefault(name, []).append(results[name][-1])
+            (out / "results.json").write_text(json.dumps({"classes": classes, "share": share.tolist(), "runs": done}))
             passed = {m: int((np.array(v) >= 3 * share).sum()) for m, v in p.items()}
             print(f"{name} seed {s}: held-out R@5 {check:.3f}, classes at >= 3x share {passed} "
                   f"({time.time() - t0:.0f}s)", flush=True)
-    (out / "results.json").write_text(json.dumps({"classes": classes, "share": share.tolist(), "runs": results}))
     print_tables(results, classes, share, args.seeds)
 
 
