@@ -23,8 +23,8 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterator
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
