@@ -151,3 +151,15 @@ def test_corrupt_bytes_are_decode_error_on_both_paths(fmt):
     with pytest.raises(ImageRejected) as e:
         process_image(good[: len(good) * 2 // 3], ImageOptions(image_size=32))
     assert e.value.code == "decode_error"
+
+
+@pytest.mark.parametrize("size", [(801, 601), (4000, 2250), (300, 200), (257, 2000)])
+def test_shrink_gives_the_size_and_pillows_colours(size):
+    from curate.imaging import shrink
+
+    img = Image.fromarray(noise(size[1], size[0], 3)).filter(ImageFilter.GaussianBlur(2))
+    tw, th = max(1, size[0] * 256 // max(size)), max(1, size[1] * 256 // max(size))
+    out = shrink(img, tw, th)
+    assert out.mode == "RGB" and out.size == (tw, th)
+    ref = img.resize((tw, th), Image.Resampling.LANCZOS)
+    assert psnr(np.asarray(out), np.asarray(ref)) >= 35
