@@ -22,6 +22,9 @@ frames.
     flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --web --profile --n 4000 \
         --img2dataset-python .venv-bench/bin/python
 
+--formats: process_image per format (JPEG, PNG, WebP) on the --web images, one thread: Pillow's
+decoders and Hamming shrink against Wuffs (PNG) / libwebp (WebP) and the box-then-bilinear shrink.
+
 --hostile: one download task (1 process, 16 threads, per-host limit lifted so all 16 are in flight,
 every other setting at its default) against hostile but legal images -- 36 MP PNGs (RGB and
 palette-with-transparency), 36 MP JPEGs, a 40 MP RGBA PNG, and extreme aspect ratios (1x100000,
@@ -357,6 +360,46 @@ def web(args: argparse.Namespace) -> None:
         print_phases(best_stats, ok)
 
 
+def formats(args: argparse.Namespace) -> None:
+    """process_image per format on the --web mix's distinct images, one thread: Pillow's decoders and
+    Hamming shrink (fast_decode=False, imaging.shrink swapped for Pillow's resize: the code before #15's
+    second round), the Wuffs/libwebp decoders alone, and the code as it is; weighted as served."""
+    import curate.imaging as imaging
+    from curate.imaging import ImageOptions, process_image, return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # the allocator limits of a download task
+    images = make_images(min(args.n, 80), "web")
+    fmts = [Image.open(io.BytesIO(b)).format for b in images]
+    shrink = imaging.shrink
+
+    def pillow_shrink(img: Image.Image, tw: int, th: int) -> Image.Image:
+        return img.resize((tw, th), imaging.SHRINK_FILTER, reducing_gap=imaging.SHRINK_REDUCING_GAP)
+
+    variants = (("Pillow decoders + Hamming", False, pillow_shrink), ("Wuffs/libwebp + Hamming", True, pillow_shrink),
+                ("Wuffs/libwebp + box+bilinear", True, shrink))
+    per: dict[tuple[str, str], float] = {}
+    try:
+        for fmt in ("JPEG", "PNG", "WEBP"):
+            subset = [b for b, f in zip(images, fmts, strict=True) if f == fmt]
+            for name, fast, fn in variants:
+                imaging.shrink = fn
+                opt = ImageOptions(image_size=args.image_size, fast_decode=fast)
+                process_image(subset[0], opt)
+                best = float("inf")
+                for _ in range(3):
+                    t = time.process_time()
+                    for b in subset:
+                        process_image(b, opt)
+                    best = min(best, (time.process_time() - t) / len(subset))
+                per[(fmt, name)] = best
+                print(f"{fmt:<5} x{len(subset):<3} {name:<30} {1000 * best:7.2f} ms per image (best of 3)")
+    finally:
+        imaging.shrink = shrink
+    for name, _, _ in variants:
+        mean = sum(per[(f, name)] for f in fmts) / len(fmts)
+        print(f"all {len(fmts)} as served: {name:<30} {1000 * mean:7.2f} ms per image")
+
+
 def img2dataset_commands(args: argparse.Namespace, url_list: Path, out: Path, per_shard: int) -> dict[str, list[str]]:
     """img2dataset with the settings curate runs with, and with its own defaults (webdataset output)."""
     base = [args.img2dataset_python, "-m", "img2dataset.main", "--url_list", str(url_list),
@@ -553,7 +596,12 @@ def main() -> None:
                          "http.server, the server of the earlier figures)")
     ap.add_argument("--py-spy", default=None, metavar="FILE",
                     help="with --web: first one curate run under py-spy (raw stacks to FILE, summary printed)")
+    ap.add_argument("--formats", action="store_true",
+                    help="process_image per format on the --web images (Pillow's decoders vs Wuffs/libwebp)")
     args = ap.parse_args()
+    if args.formats:
+        formats(args)
+        return
     if args.hostile:
         hostile(args)
         return
