@@ -380,13 +380,13 @@ def process_image(data: bytes, opt: ImageOptions, budget: DecodeBudget | None = 
             # ask for at least the target size in stored orientation; libjpeg picks the 1/2, 1/4, 1/8 scale
             req = (math.ceil(tw), math.ceil(th)) if orientation < 5 else (math.ceil(th), math.ceil(tw))
             img.draft("RGB", req)
-        with budget.reserve(decode_cost(img)) if budget is not None else contextlib.nullcontext():
+        use_fast = opt.fast_decode and img.format in ("PNG", "WEBP")
+        # shrink during the decode where the decoder can (libwebp); the size is in stored orientation
+        shrink_to = ((tw, th) if orientation < 5 else (th, tw)) if tw < w and th < h else None
+        cost = max(decode_cost(img), fast_decode_cost(img, data, shrink_to)) if use_fast else decode_cost(img)
+        with budget.reserve(cost) if budget is not None else contextlib.nullcontext():
             with PHASES.timed("decode"):
-                fast = None
-                if opt.fast_decode and img.format in ("PNG", "WEBP"):
-                    # shrink during the decode where the decoder can (libwebp); the size is in stored orientation
-                    shrink_to = ((tw, th) if orientation < 5 else (th, tw)) if tw < w and th < h else None
-                    fast = decode_fast(img, data, shrink_to)
+                fast = decode_fast(img, data, shrink_to) if use_fast else None
                 if fast is not None:
                     img = fast
                 else:
@@ -441,6 +441,25 @@ def decode_fast(img: Image.Image, data: bytes, shrink_to: tuple[int, int] | None
     if img.format == "WEBP":
         return _decode_webp(img, data, shrink_to)
     return None
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
+
+
+def fast_decode_cost(img: Image.Image, data: bytes, shrink_to: tuple[int, int] | None = None) -> int:
+    """Bytes decode_fast may hold at its peak, for the DecodeBudget (decode_cost counts Pillow's decode).
+
+    PNG: Wuffs's buffer of the stored pixels at their bit depth (16-bit PNGs: twice Pillow's), its RGB
+    output and Pillow's 4-byte copy. WebP: libwebp's full-size ARGB (lossless) and the output with its
+    copies (premultiplied RGBA, the composited RGB, Pillow's copy).
+    """
+    w, h = img.size
+    if img.format == "PNG":
+        depth, ctype = (data[24], data[25]) if len(data) > 25 else (16, 6)
+        stored = max(1, _PNG_CHANNELS.get(ctype, 4) * depth // 8)  # sub-byte depths: at most one byte
+        return w * h * (stored + 3 + 4)  # (and Wuffs's one filter byte per row)
+    ow, oh = shrink_to if shrink_to is not None and img.mode != "RGBA" else (w, h)
+    return w * h * 4 + ow * oh * (4 + 3 + 4)
 
 
 def _decode_png_wuffs(img: Image.Image, data: bytes) -> Image.Image | None:

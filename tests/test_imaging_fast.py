@@ -163,3 +163,17 @@ def test_shrink_gives_the_size_and_pillows_colours(size):
     assert out.mode == "RGB" and out.size == (tw, th)
     ref = img.resize((tw, th), Image.Resampling.LANCZOS)
     assert psnr(np.asarray(out), np.asarray(ref)) >= 35
+
+
+def test_the_budget_covers_the_fast_decoders():
+    from curate.imaging import DecodeBudget, decode_cost, fast_decode_cost
+
+    rgb16 = PNGS["rgb16"]()
+    img = safe_open(rgb16)
+    # Wuffs holds the 6-byte stored pixels, its RGB output and Pillow's copy: more than Pillow's decode
+    assert fast_decode_cost(img, rgb16) == 70 * 50 * (6 + 3 + 4) > decode_cost(img)
+    budget = DecodeBudget()
+    process_image(rgb16, ImageOptions(image_size=32), budget)
+    assert budget.peak == fast_decode_cost(img, rgb16) and budget.used == 0
+    rgb8 = PNGS["rgb"]()
+    assert fast_decode_cost(safe_open(rgb8), rgb8) == 70 * 50 * 10 == decode_cost(safe_open(rgb8))
