@@ -169,6 +169,7 @@ def test_doctor_reports_each_stage_and_why(capsys):
     else:
         assert sc["device"] == "cpu" and sc["batch_size"] == 256 and "Pillow" in sc["jpeg_decoder"]
         assert sc["jpeg_decoder_why"] and info["torch"]["why"]
+    assert ("torch" in info["dedup"]["device_why"]) == torch.cuda.is_available()  # says which library and why
     faiss = info["dedup"]["faiss"]
     assert faiss["distributions"], "no package provides faiss"
     assert len(faiss["distributions"]) == 1 or "problem" in faiss  # two providers are flagged
