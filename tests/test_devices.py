@@ -26,14 +26,17 @@ import pytest
 from curate.devices import pick_device, process_facts
 
 
-def _facts_after(seconds: float) -> dict:
-    """In a pool worker: this process's facts, after holding the worker long enough that the pool starts
-    one process per submitted task."""
-    time.sleep(seconds)
+def _facts_when_all_run(rendezvous: str, n: int) -> dict:
+    """In a pool worker: this process's facts, returned only once n tasks run at the same time, so each
+    of the n tasks is held by its own worker process (however slowly the machine spawns them)."""
+    Path(rendezvous, str(os.getpid())).touch()
+    t0 = time.time()
+    while len(os.listdir(rendezvous)) < n and time.time() - t0 < 120:
+        time.sleep(0.05)
     return {"pid": os.getpid(), **process_facts()}
 
 
-def test_local_pool_workers_each_take_their_own_gpu():
+def test_local_pool_workers_each_take_their_own_gpu(tmp_path):
     import multiprocessing as mp
 
     from curate.engines.local import _watch_parent
@@ -41,7 +44,7 @@ def test_local_pool_workers_each_take_their_own_gpu():
     gpus = 3
     with ProcessPoolExecutor(max_workers=gpus, mp_context=mp.get_context("spawn"), initializer=_watch_parent,
                              initargs=(os.getpid(),)) as pool:
-        facts = list(pool.map(_facts_after, [2.0] * gpus))
+        facts = list(pool.map(_facts_when_all_run, [str(tmp_path)] * gpus, [gpus] * gpus))
     assert len({f["pid"] for f in facts}) == gpus  # one task per worker process
     devices = sorted(pick_device("cuda", cuda_count=gpus, **{k: v for k, v in f.items() if k != "pid"})
                      for f in facts)
