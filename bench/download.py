@@ -22,6 +22,9 @@ frames.
     flock /tmp/curate-heavy.lock .venv/bin/python bench/download.py --web --profile --n 4000 \
         --img2dataset-python .venv-bench/bin/python
 
+--formats: process_image per format (JPEG, PNG, WebP) on the --web images, one thread: Pillow's
+decoders and Hamming shrink against Wuffs (PNG) / libwebp (WebP) and the box-then-bilinear shrink.
+
 --hostile: one download task (1 process, 16 threads, per-host limit lifted so all 16 are in flight,
 every other setting at its default) against hostile but legal images -- 36 MP PNGs (RGB and
 palette-with-transparency), 36 MP JPEGs, a 40 MP RGBA PNG, and extreme aspect ratios (1x100000,
@@ -144,6 +147,51 @@ def serve(images: list[bytes], n: int, port_q: mp.Queue, hosts: tuple[str, ...] 
     servers[0].serve_forever()
 
 
+def serve_lean(images: list[bytes], n: int, port_q: mp.Queue, hosts: tuple[str, ...] = ("127.0.0.1",)) -> None:
+    """serve()'s responses from one asyncio loop with every response prebuilt (same status, headers, bodies).
+
+    The benchmark's server shares the 2 cores with the tool it serves, so its CPU per request is taken
+    from the client; a real crawl's servers run elsewhere. Requests are parsed only as far as the path
+    and `Connection: close`; keep-alive and pipelining work as with http.server.
+    """
+    import asyncio
+
+    def response(body: bytes, status: bytes) -> bytes:
+        return (b"HTTP/1.1 " + status + b"\r\nServer: bench\r\nContent-Type: image/jpeg\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    ready = [response(b, b"200 OK") for b in images]
+    missing = response(b"", b"404 Not Found")
+
+    class Conn(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.t = transport
+            self.buf = b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+                head, self.buf = self.buf[:end], self.buf[end + 4:]
+                line = head.split(b"\r\n", 1)[0].split(b" ")
+                try:
+                    out = ready[int(line[1].strip(b"/").split(b".")[0]) % len(ready)]
+                except (IndexError, ValueError):
+                    out = missing
+                self.t.write(out)
+                if b"connection: close" in head.lower() or line[-1] == b"HTTP/1.0":
+                    self.t.close()
+                    return
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        servers = [await loop.create_server(Conn, host, 0, backlog=256) for host in hosts]
+        ports = [srv.sockets[0].getsockname()[1] for srv in servers]
+        port_q.put(ports[0] if len(hosts) == 1 else list(zip(hosts, ports, strict=True)))
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
 def hostile_images() -> list[tuple[str, bytes]]:
     """(name, bytes) of legal images that are expensive to decode or to resize."""
     from curate.imaging import DEFAULT_MAX_PIXELS
@@ -219,9 +267,20 @@ def web(args: argparse.Namespace) -> None:
     print(f"made {distinct} distinct web-like images (mean {statistics.mean(len(b) for b in images) / 1024:.0f} KB) "
           f"in {time.time() - t0:.1f}s")
     q: mp.Queue = mp.Queue()
-    server = mp.Process(target=serve, args=(images, args.n, q, WEB_HOSTS), daemon=True)
+    server = mp.Process(target=serve_lean if args.server == "asyncio" else serve, args=(images, args.n, q, WEB_HOSTS),
+                        daemon=True)
     server.start()
     endpoints = q.get(timeout=30)
+    server_ps = psutil.Process(server.pid)
+    server_cpu: dict[str, float] = {}
+
+    def timed_run(name: str, argv: list[str], env: dict | None) -> tuple[float, int, int, float]:
+        """run_cpu, and the server's CPU seconds per request during the run (one request per URL)."""
+        c0 = sum(server_ps.cpu_times()[:2])
+        res = run_cpu(argv, env)
+        per_req = (sum(server_ps.cpu_times()[:2]) - c0) / args.n
+        server_cpu[name] = min(server_cpu.get(name, per_req), per_req)
+        return res
     urls = [f"http://{endpoints[i % len(endpoints)][0]}:{endpoints[i % len(endpoints)][1]}/{i}.jpg"
             for i in range(args.n)]
     url_list = out / "urls.parquet"
@@ -245,7 +304,7 @@ def web(args: argparse.Namespace) -> None:
             print_py_spy(args.py_spy)
         for rnd in range(args.rounds):
             shutil.rmtree(out / "curate", ignore_errors=True)
-            secs, rss, rc, cpu = run_cpu(cmd, env)
+            secs, rss, rc, cpu = timed_run("curate", cmd, env)
             stats = [json.loads(Path(p).read_text())
                      for p in glob.glob(str(out / "curate" / "stats" / "download" / "*.json"))]
             ok = sum(st.get("success", 0) for st in stats)
@@ -257,7 +316,7 @@ def web(args: argparse.Namespace) -> None:
             if args.img2dataset_python:
                 for name, argv in img2dataset_commands(args, url_list, out, per_shard).items():
                     shutil.rmtree(out / _folder(name), ignore_errors=True)
-                    secs, rss, rc, cpu = run_cpu(argv, dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
+                    secs, rss, rc, cpu = timed_run(name, argv, dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"))
                     ok = sum(json.loads(Path(p).read_text()).get("successes", 0)
                              for p in glob.glob(str(out / _folder(name) / "*_stats.json")))
                     print(f"round {rnd + 1}: {name} {ok} ok in {secs:.1f} s, peak RSS {rss / 2**20:.0f} MB, rc={rc}")
@@ -269,10 +328,14 @@ def web(args: argparse.Namespace) -> None:
     print(f"\n{args.n} URLs from {len(endpoints)} loopback hosts (curate: per-host limit at its default), "
           f"{args.processes} processes x {args.threads} threads, -> {args.image_size} keep_ratio, q95, "
           f"{os.cpu_count()} CPUs; best of {args.rounds} round(s)")
-    print(f"{'tool':<22} {'ok':>6} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12} {'CPU ms/img':>11}")
+    print(f"server: {args.server} ({'one asyncio loop, prebuilt responses' if args.server == 'asyncio' else 'http.server ThreadingHTTPServer'}); "
+          "its CPU per request is the lowest over the rounds of each tool")
+    print(f"{'tool':<22} {'ok':>6} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12} {'CPU ms/img':>11} "
+          f"{'server ms/req':>14}")
     for tool, (ok, secs, rss, rc, cpu) in results.items():
         print(f"{tool:<22} {ok:>6} {secs:>8.1f} {ok / secs:>9.1f} {rss / 2**20:>12.0f} "
-              f"{1000 * cpu / max(ok, 1):>11.2f}" + ("" if rc == 0 else f"  rc={rc}"))
+              f"{1000 * cpu / max(ok, 1):>11.2f} {1000 * server_cpu.get(tool, 0.0):>14.3f}"
+              + ("" if rc == 0 else f"  rc={rc}"))
     c = results["curate"]
     for name in ("img2dataset (matched)", "img2dataset (defaults)"):
         if name in results and results[name][0]:
@@ -295,6 +358,46 @@ def web(args: argparse.Namespace) -> None:
     report_quality(out, images, urls, args.image_size, [n for n in results if n != "img2dataset (defaults)"])
     if args.profile and best_stats:
         print_phases(best_stats, ok)
+
+
+def formats(args: argparse.Namespace) -> None:
+    """process_image per format on the --web mix's distinct images, one thread: Pillow's decoders and
+    Hamming shrink (fast_decode=False, imaging.shrink swapped for Pillow's resize: the code before #15's
+    second round), the Wuffs/libwebp decoders alone, and the code as it is; weighted as served."""
+    import curate.imaging as imaging
+    from curate.imaging import ImageOptions, process_image, return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # the allocator limits of a download task
+    images = make_images(min(args.n, 80), "web")
+    fmts = [Image.open(io.BytesIO(b)).format for b in images]
+    shrink = imaging.shrink
+
+    def pillow_shrink(img: Image.Image, tw: int, th: int) -> Image.Image:
+        return img.resize((tw, th), imaging.SHRINK_FILTER, reducing_gap=imaging.SHRINK_REDUCING_GAP)
+
+    variants = (("Pillow decoders + Hamming", False, pillow_shrink), ("Wuffs/libwebp + Hamming", True, pillow_shrink),
+                ("Wuffs/libwebp + box+bilinear", True, shrink))
+    per: dict[tuple[str, str], float] = {}
+    try:
+        for fmt in ("JPEG", "PNG", "WEBP"):
+            subset = [b for b, f in zip(images, fmts, strict=True) if f == fmt]
+            for name, fast, fn in variants:
+                imaging.shrink = fn
+                opt = ImageOptions(image_size=args.image_size, fast_decode=fast)
+                process_image(subset[0], opt)
+                best = float("inf")
+                for _ in range(3):
+                    t = time.process_time()
+                    for b in subset:
+                        process_image(b, opt)
+                    best = min(best, (time.process_time() - t) / len(subset))
+                per[(fmt, name)] = best
+                print(f"{fmt:<5} x{len(subset):<3} {name:<30} {1000 * best:7.2f} ms per image (best of 3)")
+    finally:
+        imaging.shrink = shrink
+    for name, _, _ in variants:
+        mean = sum(per[(f, name)] for f in fmts) / len(fmts)
+        print(f"all {len(fmts)} as served: {name:<30} {1000 * mean:7.2f} ms per image")
 
 
 def img2dataset_commands(args: argparse.Namespace, url_list: Path, out: Path, per_shard: int) -> dict[str, list[str]]:
@@ -488,9 +591,17 @@ def main() -> None:
     ap.add_argument("--web", action="store_true", help="#15's web-like mix from 4 loopback hosts")
     ap.add_argument("--profile", action="store_true", help="with --web: per-phase timers (CURATE_PROFILE=1)")
     ap.add_argument("--rounds", type=int, default=1, help="with --web: rounds of each tool, best one reported")
+    ap.add_argument("--server", choices=("asyncio", "threading"), default="asyncio",
+                    help="with --web: the loopback server (asyncio: prebuilt responses in one loop; threading: "
+                         "http.server, the server of the earlier figures)")
     ap.add_argument("--py-spy", default=None, metavar="FILE",
                     help="with --web: first one curate run under py-spy (raw stacks to FILE, summary printed)")
+    ap.add_argument("--formats", action="store_true",
+                    help="process_image per format on the --web images (Pillow's decoders vs Wuffs/libwebp)")
     args = ap.parse_args()
+    if args.formats:
+        formats(args)
+        return
     if args.hostile:
         hostile(args)
         return

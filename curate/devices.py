@@ -100,17 +100,26 @@ def torch_settings(threads: int = 0, deterministic: bool | None = None, warn_onl
         torch.use_deterministic_algorithms(prev[1], warn_only=prev[2])
 
 
+def process_facts() -> dict:
+    """What pick_device needs from this process besides torch's GPU count: the GPUs a cluster scheduler
+    assigned this task (TASK_GPUS_ENV), CUDA_VISIBLE_DEVICES and the local pool worker's 1-based index.
+    Kept apart from `current_device` so that tests on machines without a GPU read the very same facts
+    from real Spark tasks and real pool workers."""
+    task = [a.strip() for a in os.environ.get(TASK_GPUS_ENV, "").split(",") if a.strip()]
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [v.strip() for v in vis.split(",")] if vis else None
+    # multiprocessing numbers the processes a parent starts 1, 2, ... and appends that to the parent's own
+    # identity: (k,) in a pool worker of a top-level driver, (.., k) when the driver is itself a child, ()
+    # in the driver. Consecutive within one pool, so (k - 1) mod GPUs spreads a pool over distinct GPUs.
+    ident = mp.current_process()._identity
+    return {"task_gpus": task or None, "visible": visible, "worker_index": ident[-1] if ident else None}
+
+
 def current_device(requested: str) -> str:
     """pick_device with this process's facts: torch's GPU count, the Spark task's GPUs, the pool index."""
     if requested == "cpu":
         return "cpu"
-    count = cuda_count()
-    task = [a for a in os.environ.get(TASK_GPUS_ENV, "").split(",") if a.strip()]
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    visible = [v.strip() for v in vis.split(",")] if vis else None
-    ident = mp.current_process()._identity  # (k,) in a pool worker, () in the main process
-    return pick_device(requested, cuda_count=count, task_gpus=task or None, visible=visible,
-                       worker_index=ident[0] if ident else None)
+    return pick_device(requested, cuda_count=cuda_count(), **process_facts())
 
 
 def spark_task_gpus(resources: dict) -> list[str]:

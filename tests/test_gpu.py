@@ -128,6 +128,10 @@ def _has_device_flag(command: str) -> bool:
 @pytest.mark.gpu
 def test_dedup_decisions_on_the_device_equal_the_cpu_decisions(tmp_path):
     dev = need_device()
+    if dev == "cpu":
+        # --device cpu against --device cpu would compare the CPU path with itself; the torch code path run on
+        # the CPU is tests/test_dedup.py::test_torch_path_gives_the_numpy_faiss_decisions
+        pytest.skip("CURATE_TEST_DEVICE=cpu: both runs would take dedup's CPU path (see test_dedup's torch test)")
     if not _has_device_flag("dedup"):
         pytest.skip("`curate dedup` has no --device flag in this build yet (engineer dedup's GPU path)")
     for module, why in (("faiss", "the CPU reference path"), ("duckdb", "dedup's exact-duplicate SQL")):
@@ -165,6 +169,7 @@ def test_doctor_reports_each_stage_and_why(capsys):
     else:
         assert sc["device"] == "cpu" and sc["batch_size"] == 256 and "Pillow" in sc["jpeg_decoder"]
         assert sc["jpeg_decoder_why"] and info["torch"]["why"]
+    assert ("torch" in info["dedup"]["device_why"]) == torch.cuda.is_available()  # says which library and why
     faiss = info["dedup"]["faiss"]
     assert faiss["distributions"], "no package provides faiss"
     assert len(faiss["distributions"]) == 1 or "problem" in faiss  # two providers are flagged

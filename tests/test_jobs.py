@@ -191,3 +191,17 @@ def test_adopt_template_adopts_an_img2dataset_folder_like_a_plain_run(tmp_path):
         assert names and sorted(p.name for p in (tmp_path / "job" / sub).iterdir()) == names
     plain, job = (pq.read_table(tmp_path / d / "ledger").to_pylist() for d in ("plain", "job"))
     assert len(job) == 2 * (4 + 6) and job == plain
+
+
+@pytest.mark.parametrize("name", ["score", "dedup"])
+def test_gpu_templates_request_gpus_per_task(name):
+    """The GPU stages' templates ask Slurm for GPUs per task (so each array task owns its GPU, and `--device
+    cuda` with N GPUs per task runs one local worker per GPU) and cores beside it for the loader workers."""
+    text = (SLURM / f"{name}.sbatch").read_text()
+    sbatch = dict(ln[len("#SBATCH "):].partition("=")[::2] for ln in text.splitlines() if ln.startswith("#SBATCH --"))
+    assert sbatch.get("--ntasks") == "1" and int(sbatch["--gpus-per-task"]) >= 1
+    assert int(sbatch["--cpus-per-task"]) >= 2 + 1  # the task process, the pin-memory thread, a loader worker
+    argv = expand(command_line(SLURM / f"{name}.sbatch"), {"DATASET": "/d", "SLURM_ARRAY_TASK_ID": "0",
+                                                           "SLURM_ARRAY_TASK_COUNT": "2"})
+    device = argv[argv.index("--device") + 1] if "--device" in argv else "auto"
+    assert device in ("cuda", "auto")  # auto takes the GPU where torch sees one

@@ -492,3 +492,54 @@ def test_only_complete_baseline_jpegs_go_to_the_device_decoder():
     im.convert("CMYK").save(cmyk, format="JPEG")
     assert device_jpeg_size(prog.getvalue()) is None and device_jpeg_size(cmyk.getvalue()) is None
     assert device_jpeg_size(jpeg_bytes(im.convert("L"))) == (40, 30)
+
+
+def refused_by_the_decoder_jpegs() -> list[bytes]:
+    """JPEGs whose headers pass the device path's checks (complete, baseline, RGB, small) but whose data
+    torchvision's decode_jpeg refuses: no scan at all, and an impossible Huffman table."""
+    good = jpeg_bytes(color_image(7, (64, 48)))
+    sos, dht = good.find(b"\xff\xda"), good.find(b"\xff\xc4")
+    no_scan = good[:sos] + b"\xff\xd9"
+    bad_dht = bytearray(good)
+    bad_dht[dht + 5:dht + 21] = bytes([255] * 16)
+    return [no_scan, bytes(bad_dht)]
+
+
+def test_a_jpeg_the_device_decoder_refuses_falls_back_to_the_cpu_rules(tmp_path, tiny_config):
+    """nvjpeg's fallback, run here with the same code on the CPU: a batch call that fails is retried image by
+    image, each image it cannot decode goes to the Pillow path, which gives the CPU path's skip reason."""
+    from curate.stages import score_loader as sl
+
+    refused = refused_by_the_decoder_jpegs()
+    good = jpeg_bytes(color_image(3, (64, 48)))
+    assert all(sl.device_jpeg_size(b) == (64, 48) for b in refused)  # they do reach the device decoder
+    datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in (good, refused[0], good, refused[1])]
+    out = sl.decode_jpegs(datas, [64 * 48] * 4, "cpu")
+    assert [o is None for o in out] == [False, True, False, True]
+    assert tuple(out[0].shape) == (3, 48, 64) and torch.equal(out[0], out[2])
+
+    rows = [(color_image(i, (64, 48)), CAPTIONS[i % 4], "success") for i in range(6)]
+    rows[1] = (refused[0], "no scan", "success")
+    rows[4] = (refused[1], "bad huffman table", "success")
+    for name in ("cpu", "dev"):
+        make_dataset(tmp_path / name, rows, shard_size=10)
+    a, b = DatasetDir.at(tmp_path / "cpu"), DatasetDir.at(tmp_path / "dev")
+    assert score(a, tiny_config, "--device", "cpu") == 0
+    assert score(b, tiny_config, "--device", "cpu", "--decoder", "device", "--loader-workers", "2") == 0
+    ta, tb = table(a, "00000000"), table(b, "00000000")
+    assert [r["skip_reason"] for r in tb] == [r["skip_reason"] for r in ta]
+    assert [r["skip_reason"] for r in tb] == [None, "decode_error", None, None, "decode_error", None]
+    st = json.loads(ds_stats(b))
+    assert st["decoder"] == "device" and st["decoded_on_device"] == 4  # the refused two are not counted
+
+
+def test_batch_size_and_loader_workers_follow_the_device():
+    from curate.stages.score import auto_batch_size, auto_loader_workers, batch_size_for, loader_workers_for
+
+    assert auto_batch_size(0, "cpu") == batch_size_for(None) == 256 and auto_batch_size(96, "cuda:0") == 96
+    # H100/H200/A100-80G, A100-40G: 1024; 24 GB cards: 512; 8-12 GB cards: 256
+    assert [batch_size_for(g) for g in (79.2, 139.8, 39.4, 23.6, 11.0)] == [1024, 1024, 512, 512, 256]
+    assert auto_loader_workers(-1, "cpu") == 1 and auto_loader_workers(3, "cuda") == 3
+    # a GPU task's share of the cores minus the task process and the pin-memory thread, 1..8
+    assert [loader_workers_for(c, g) for c, g in ((16, 1), (16, 2), (10, 1), (2, 1), (128, 8), (0, 0))] == \
+        [8, 6, 8, 1, 8, 1]

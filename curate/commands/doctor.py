@@ -130,8 +130,11 @@ def collect() -> dict[str, Any]:
         info["score"] = _score(info["torch"])
     except Exception as e:  # noqa: BLE001
         info["torch"] = {"problem": f"import torch failed: {type(e).__name__}: {e}"}
-    info["dedup"] = {"faiss": _faiss(),
-                     "device": "cuda (torch)" if info["torch"].get("cuda_available") else "cpu (faiss)"}
+    cuda = bool(info["torch"].get("cuda_available"))
+    info["dedup"] = {"faiss": _faiss(), "device": "cuda (torch)" if cuda else "cpu (faiss)",
+                     "device_why": ("--device auto: assignment and pair search as torch matrix products on the GPU; "
+                                    "k-means by faiss on the CPU, so the decisions equal a CPU run's") if cuda else
+                                   ("--device auto: no GPU; k-means and assignment by faiss, pair search by numpy")}
     info["langid"] = _langid()
     info["spark"] = _spark()
     return info
@@ -148,7 +151,7 @@ def _lines(info: dict[str, Any]) -> list[str]:
         out += [f"score: device {s['device']} ({s['device_why']}); batch {s['batch_size']}, "
                 f"loader workers {s['loader_workers']}",
                 f"score: JPEG decoder {s['jpeg_decoder']} ({s['jpeg_decoder_why']})"]
-    out.append(f"dedup: device {info['dedup']['device']}; faiss {f.get('version')} from "
+    out.append(f"dedup: device {info['dedup']['device']} ({info['dedup']['device_why']}); faiss {f.get('version')} from "
                f"{', '.join(f['distributions']) or 'no package'} (GPU build: {f.get('gpu_build')})"
                + (f" -- PROBLEM: {f['problem']}" if f.get("problem") else ""))
     out.append(f"language ID: {lg.get('file')} sha256 {lg.get('sha256', '?')[:16]}... "

@@ -127,11 +127,17 @@ def auto_batch_size(requested: int, device: str) -> int:
     if requested > 0:
         return requested
     if not device.startswith("cuda"):
-        return 256
+        return batch_size_for(None)
     import torch
 
-    mem_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return 1024 if mem_gib >= 40 else 512 if mem_gib >= 16 else 256
+    return batch_size_for(torch.cuda.get_device_properties(device).total_memory / 2**30)
+
+
+def batch_size_for(gpu_mem_gib: float | None) -> int:
+    """The auto batch size for a GPU with this much memory (None: the CPU)."""
+    if gpu_mem_gib is None:
+        return 256
+    return 1024 if gpu_mem_gib >= 40 else 512 if gpu_mem_gib >= 16 else 256
 
 
 def auto_loader_workers(requested: int, device: str) -> int:
@@ -142,8 +148,12 @@ def auto_loader_workers(requested: int, device: str) -> int:
         return requested
     if not device.startswith("cuda"):
         return 1
-    per_gpu = usable_cpus() // max(1, cuda_count())
-    return max(1, min(8, per_gpu - 2))
+    return loader_workers_for(usable_cpus(), cuda_count())
+
+
+def loader_workers_for(cpus: int, gpus: int) -> int:
+    """Auto loader workers per GPU task: its share of the cores minus two, at least 1, at most 8."""
+    return max(1, min(8, cpus // max(1, gpus) - 2))
 
 
 def choose_decoder(requested: str, device: str, model: Any) -> tuple[str, str]:
