@@ -37,6 +37,7 @@ def run(argv: list[str]) -> str:
 
 
 def main() -> None:
+    # long because it is the bench's script: build, train, score, index, query, then one printed table
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     from filter_recipes import RECIPES
 

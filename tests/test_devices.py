@@ -86,6 +86,7 @@ def _spark_task(i: int) -> dict:
 @pytest.mark.spark
 @pytest.mark.slow  # a master, a worker and an application: about 30 s on 2 cores
 def test_spark_tasks_score_on_the_gpu_spark_assigned_them(tmp_path):
+    # long because a real standalone cluster (resources file, master, worker, session) is set up inline
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.skip("needs Java for Spark")
     import pyspark
