@@ -2,13 +2,16 @@
 measured with the demo's filter model, against the class's share of the split.
 
     python bench/search_demo.py [--out bench-out/search-demo] [--recipe NAME]
+    python bench/search_demo.py --model ViT-B-32 --pretrained /path/to/weights   # a model you bring
 
 Runs only the demo steps search needs: the trusted seed and labelled eval splits as dataset dirs, the filter
 model trained on the seed split with pipelines/demo.yaml's filter-model step (read from the file; `--recipe`
 overrides fields with one of bench/filter_recipes.py's recipes), the eval split scored with it (`curate
 score`), indexed (`curate index`) and searched (`curate search --json`, so the query goes through the CLI
 and the scorer's own tokenizer) through image embeddings, caption embeddings and both fused, plain and with
-`--templates clipart`. Resumable: every step skips what is already done.
+`--templates clipart`. With `--model`/`--pretrained` the same splits and queries go through that open_clip
+model instead (no training): the check to run with a pretrained CLIP, which this offline machine cannot
+download. Resumable: every step skips what is already done.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ def main() -> None:
                     help="Train the filter model with this recipe of bench/filter_recipes.py instead of the "
                          "pipeline's (its fields override the filter-model step's).")
     ap.add_argument("--pipeline", default="pipelines/demo.yaml")
+    ap.add_argument("--model", default=None,
+                    help="Score with this open_clip model (a name such as ViT-B-32, or a model_config.json) "
+                         "instead of training the filter model: the same queries through a model you bring.")
+    ap.add_argument("--pretrained", default=None, help="Weights for --model (a file, or an open_clip tag).")
     ap.add_argument("-k", type=int, default=10)
     args = ap.parse_args()
     import pyarrow.parquet as pq
@@ -54,17 +61,20 @@ def main() -> None:
     from curate.io.layout import DatasetDir
     from curate.train_probe.evaluate import class_prompt_name
 
-    out = Path(args.out) / (args.recipe or "pipeline")
+    if args.model and (args.recipe or not args.pretrained):
+        ap.error("--model needs --pretrained and replaces the filter model, so it takes no --recipe")
+    out = Path(args.out) / (args.recipe or ("model-" + Path(args.model).stem if args.model else "pipeline"))
     seed, evalset = write_split_dataset("seed", out / "demo-seed"), write_split_dataset("eval", out / "demo-eval")
     model = out / "filter-model"
     step = filter_model_step(args.pipeline, RECIPES[args.recipe] if args.recipe else {})
-    if not (model / "model.safetensors").exists():
+    if not args.model and not (model / "model.safetensors").exists():
         from curate.pipeline import to_argv
 
         fields = {**step, "subset": [f"trusted={seed}"], "eval": str(evalset), "save_model": str(model),
                   "out": str(out / "filter-model-probe")}
         run(to_argv("train-probe", fields, args.pipeline))
-    weights = ["--model", str(model / "model_config.json"), "--pretrained", str(model / "model.safetensors")]
+    weights = (["--model", args.model, "--pretrained", args.pretrained] if args.model else
+               ["--model", str(model / "model_config.json"), "--pretrained", str(model / "model.safetensors")])
     # text embeddings too (the demo pipeline does not save them): they add the caption-search column and
     # change nothing in the image embeddings or clip scores
     run(["score", str(evalset), *weights, "--save-text-embeddings", "--no-progress"])
@@ -90,8 +100,10 @@ def main() -> None:
         return sum(label[h["key"]] == c for h in found) / max(1, len(found))
 
     recipe = {k: v for k, v in step.items() if k not in ("stage", "id")}
-    print(f"\neval split: {n} images, {len(classes)} classes; filter model: trained on the seed split by "
-          f"{args.pipeline}'s filter-model step{f' with recipe {args.recipe}' if args.recipe else ''}: {recipe}")
+    source = (f"{args.model} with {args.pretrained}" if args.model else
+              f"trained on the seed split by {args.pipeline}'s filter-model step"
+              f"{f' with recipe {args.recipe}' if args.recipe else ''}: {recipe}")
+    print(f"\neval split: {n} images, {len(classes)} classes; model: {source}")
     print(f"p@{args.k} of each class name as a text query, through: " + "; ".join(hits))
     print("| class | share | 3x share | " + " | ".join(hits) + " |")
     print("|---|---:|---:|" + "---:|" * len(hits))
