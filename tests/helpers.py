@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -56,3 +59,72 @@ def run_threads(calls: list) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_active_spark_session() -> None:
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+
+
+def _until(what: str, ok, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    t0 = time.time()
+    while not ok():
+        if proc.poll() is not None or time.time() - t0 > timeout:
+            raise RuntimeError(f"spark {what} did not come up: {log.read_text()[-2000:]}")
+        time.sleep(0.3)
+
+
+@contextmanager
+def standalone_spark(work: Path, env: dict[str, str], cores: int = 1) -> Iterator[tuple[str, dict[str, str]]]:
+    """A standalone Spark master and one worker (`cores`, 1 GB) on 127.0.0.1; yields (master URL, the env).
+
+    `env` is the processes' environment on top of which SPARK_HOME, SPARK_LOCAL_IP, PYSPARK_PYTHON and the
+    log/work dirs (under `work`) are set; worker options (resources) go in env's SPARK_WORKER_OPTS. Any
+    active session is stopped before and after; both processes are stopped on exit.
+    """
+    import pyspark
+
+    home = Path(pyspark.__file__).parent
+    env = {**env, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_HOME": str(home), "PYSPARK_PYTHON": sys.executable,
+           "SPARK_LOG_DIR": str(work / "logs"), "SPARK_WORKER_DIR": str(work / "worker")}
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    mlog, wlog = work / "master.log", work / "worker.log"
+
+    def master_up() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        procs.append(subprocess.Popen(
+            [str(home / "bin" / "spark-class"), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+             "--port", str(port), "--webui-port", str(free_port())], env=env, stdout=mlog.open("w"),
+            stderr=subprocess.STDOUT))
+        _until("master", master_up, procs[0], mlog)
+        procs.append(subprocess.Popen(
+            [str(home / "bin" / "spark-class"), "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
+             "--host", "127.0.0.1", "--cores", str(cores), "--memory", "1g", "--webui-port", str(free_port())],
+            env=env, stdout=wlog.open("w"), stderr=subprocess.STDOUT))
+        _until("worker", lambda: "Successfully registered with master" in wlog.read_text(), procs[1], wlog)
+        stop_active_spark_session()
+        os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+        yield f"spark://127.0.0.1:{port}", env
+    finally:
+        stop_active_spark_session()
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import standalone_spark
 
 from curate.devices import pick_device, process_facts
 
@@ -56,22 +55,6 @@ def test_local_pool_workers_each_take_their_own_gpu(tmp_path):
 # --- Spark: a worker with GPU addresses -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _until(what: str, ok, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    t0 = time.time()
-    while not ok():
-        if proc.poll() is not None or time.time() - t0 > timeout:
-            raise RuntimeError(f"spark {what} failed: {log.read_text()[-2000:]}")
-        time.sleep(0.3)
-
-
 def _spark_task(i: int) -> dict:
     """One Spark task: the engine's hand-over of TaskContext resources, then this process's facts."""
     from curate.engines.spark import _publish_task_gpus
@@ -86,48 +69,20 @@ def _spark_task(i: int) -> dict:
 @pytest.mark.spark
 @pytest.mark.slow  # a master, a worker and an application: about 30 s on 2 cores
 def test_spark_tasks_score_on_the_gpu_spark_assigned_them(tmp_path):
-    # long because a real standalone cluster (resources file, master, worker, session) is set up inline
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.skip("needs Java for Spark")
-    import pyspark
     from pyspark.sql import SparkSession
 
-    home = Path(pyspark.__file__).parent
     resources = tmp_path / "gpus.json"  # what spark.worker.resourcesFile expects
     resources.write_text(json.dumps([{"id": {"componentName": "spark.worker", "resourceName": "gpu"},
                                       "addresses": ["0", "1"]}]))
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_HOME": str(home), "PYSPARK_PYTHON": sys.executable,
-           "SPARK_LOG_DIR": str(tmp_path / "logs"), "SPARK_WORKER_DIR": str(tmp_path / "worker"),
+    env = {**os.environ,
            "SPARK_WORKER_OPTS": f"-Dspark.worker.resource.gpu.amount=2 -Dspark.worker.resourcesFile={resources}",
            # executors unpickle _spark_task by reference: they import this file's module
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
-    port = _free_port()
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        active.stop()
-    procs: list[subprocess.Popen] = []
-    try:
-        mlog, wlog = tmp_path / "master.log", tmp_path / "worker.log"
-        procs.append(subprocess.Popen(
-            [str(home / "bin" / "spark-class"), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-             "--port", str(port), "--webui-port", str(_free_port())], env=env, stdout=mlog.open("w"),
-            stderr=subprocess.STDOUT))
-
-        def master_up() -> bool:
-            import socket
-
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        _until("master", master_up, procs[0], mlog)
-        procs.append(subprocess.Popen(
-            [str(home / "bin" / "spark-class"), "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
-             "--host", "127.0.0.1", "--cores", "2", "--memory", "1g", "--webui-port", str(_free_port())],
-            env=env, stdout=wlog.open("w"), stderr=subprocess.STDOUT))
-        _until("worker", lambda: "Successfully registered with master" in wlog.read_text(), procs[1], wlog)
-        os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+    with standalone_spark(tmp_path, env, cores=2) as (master, _):
         # what jobs/spark/submit.sh sets with GPUS_PER_EXECUTOR=2 GPU_PER_TASK=1
-        spark = (SparkSession.builder.master(f"spark://127.0.0.1:{port}").appName("curate-gpu-test")
+        spark = (SparkSession.builder.master(master).appName("curate-gpu-test")
                  .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
                  .config("spark.ui.enabled", "false").config("spark.executor.cores", "2")
                  .config("spark.executor.memory", "512m")
@@ -137,14 +92,6 @@ def test_spark_tasks_score_on_the_gpu_spark_assigned_them(tmp_path):
             got = spark.sparkContext.parallelize(range(6), 6).map(_spark_task).collect()
         finally:
             spark.stop()
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
     assert len(got) == 6
     for t in got:
         assert t["env"] in ("0", "1") and t["task_gpus"] == [t["env"]], t  # exactly the one GPU Spark gave it

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import crash_env
+from helpers import crash_env, standalone_spark, stop_active_spark_session
 
 from curate.cli import main
 from curate.io.shards import iter_raw
@@ -27,76 +25,16 @@ pytestmark = pytest.mark.spark
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 40) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"spark process exited: {log.read_text()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"port {port} not open after {timeout}s: {log.read_text()[-2000:]}")
-
-
-def _stop_active_session() -> None:
-    from pyspark.sql import SparkSession
-
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        active.stop()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.skip("needs Java for Spark")
-    import pyspark
-
-    home = Path(pyspark.__file__).parent
     work = tmp_path_factory.mktemp("spark")
     crash_dir = work / "crash-flags"
     # executors inherit the worker's environment: the test-only hook in tests/crash_hook (on their
     # PYTHONPATH) makes the first export shard task to write its tar die
-    env = {**crash_env(CURATE_TEST_CRASH_ONCE=str(crash_dir)), "SPARK_LOCAL_IP": "127.0.0.1",
-           "SPARK_HOME": str(home), "PYSPARK_PYTHON": sys.executable, "SPARK_LOG_DIR": str(work / "logs"),
-           "SPARK_WORKER_DIR": str(work / "worker")}
-    port, ui = _free_port(), _free_port()
-    procs = []
-    try:
-        mlog = work / "master.log"
-        procs.append(subprocess.Popen(
-            [str(home / "bin" / "spark-class"), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-             "--port", str(port), "--webui-port", str(ui)], env=env, stdout=mlog.open("w"), stderr=subprocess.STDOUT))
-        _wait_port(port, procs[0], mlog)
-        wlog = work / "worker.log"
-        procs.append(subprocess.Popen(
-            [str(home / "bin" / "spark-class"), "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
-             "--host", "127.0.0.1", "--cores", "1", "--memory", "1g", "--webui-port", str(_free_port())],
-            env=env, stdout=wlog.open("w"), stderr=subprocess.STDOUT))
-        t0 = time.time()
-        while "Successfully registered with master" not in wlog.read_text():
-            if time.time() - t0 > 40 or procs[1].poll() is not None:
-                raise RuntimeError(f"worker did not register: {wlog.read_text()[-2000:]}")
-            time.sleep(0.3)
-        _stop_active_session()
-        os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
-        yield {"master": f"spark://127.0.0.1:{port}", "crash_dir": crash_dir, "env": env}
-    finally:
-        _stop_active_session()
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    with standalone_spark(work, crash_env(CURATE_TEST_CRASH_ONCE=str(crash_dir))) as (master, env):
+        yield {"master": master, "crash_dir": crash_dir, "env": env}
 
 
 def _outputs(root: Path) -> tuple[dict, list]:
@@ -129,7 +67,7 @@ def test_export_on_a_standalone_cluster_equals_local_and_survives_a_killed_task(
 
 @pytest.mark.slow  # a second Spark application: about a minute on 2 cores
 def test_submit_script_runs_a_command_as_a_spark_application(cluster, pipeline_dataset, tmp_path):
-    _stop_active_session()  # the worker's one core goes to the submitted application
+    stop_active_spark_session()  # the worker's one core goes to the submitted application
     src = pipeline_dataset
     env = {**cluster["env"], "SPARK_MASTER": cluster["master"], "EXECUTOR_CORES": "1", "EXECUTOR_MEMORY": "512m",
            "DRIVER_MEMORY": "512m", "PYTHON": sys.executable, "CURATE_TEST_CRASH_ONCE": ""}
