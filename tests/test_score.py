@@ -278,6 +278,17 @@ def png_bytes(im):
     return buf.getvalue()
 
 
+def _score_with_both_decoders(tmp_path, rows, tiny_config, shard_size):
+    """The same rows as two datasets, scored on the CPU with Pillow (a) and with the device decoder (b);
+    returns (a, b, shard 0's score table of a, of b)."""
+    for name in ("a", "b"):
+        make_dataset(tmp_path / name, rows, shard_size=shard_size)
+    a, b = DatasetDir.at(tmp_path / "a"), DatasetDir.at(tmp_path / "b")
+    assert score(a, tiny_config, "--device", "cpu") == 0
+    assert score(b, tiny_config, "--device", "cpu", "--decoder", "device", "--loader-workers", "2") == 0
+    return a, b, table(a, "00000000"), table(b, "00000000")
+
+
 def test_device_decoder_on_the_cpu_matches_the_pillow_path_and_keeps_the_safety_rules(tmp_path, tiny_config):
     """--decoder device runs torchvision's decode_jpeg + tensor resize on --device; with --device cpu the
     same code runs here. Non-JPEG members take the Pillow path; the allowlist and pixel cap apply to both."""
@@ -290,12 +301,7 @@ def test_device_decoder_on_the_cpu_matches_the_pillow_path_and_keeps_the_safety_
     rows = [(color_image(i, (96 + 8 * i, 80)), CAPTIONS[i % 4], "success") for i in range(9)]
     rows += [(png_bytes(color_image(50)), "a png", "success"), (bytes(big_jpeg), "a bomb", "success"),
              (tiff.getvalue(), "a tiff", "success"), (color_image(51).convert("L"), "grey", "success")]
-    for name in ("a", "b"):
-        make_dataset(tmp_path / name, rows, shard_size=20)
-    a, b = DatasetDir.at(tmp_path / "a"), DatasetDir.at(tmp_path / "b")
-    assert score(a, tiny_config, "--device", "cpu") == 0
-    assert score(b, tiny_config, "--device", "cpu", "--decoder", "device", "--loader-workers", "2") == 0
-    ta, tb = table(a, "00000000"), table(b, "00000000")
+    a, b, ta, tb = _score_with_both_decoders(tmp_path, rows, tiny_config, shard_size=20)
     reasons = {r["key"][-2:]: r["skip_reason"] for r in tb}
     assert reasons["10"] == "decompression_bomb" and reasons["11"] == "format_not_allowed"
     assert [r["skip_reason"] for r in ta] == [r["skip_reason"] for r in tb]
@@ -521,12 +527,7 @@ def test_a_jpeg_the_device_decoder_refuses_falls_back_to_the_cpu_rules(tmp_path,
     rows = [(color_image(i, (64, 48)), CAPTIONS[i % 4], "success") for i in range(6)]
     rows[1] = (refused[0], "no scan", "success")
     rows[4] = (refused[1], "bad huffman table", "success")
-    for name in ("cpu", "dev"):
-        make_dataset(tmp_path / name, rows, shard_size=10)
-    a, b = DatasetDir.at(tmp_path / "cpu"), DatasetDir.at(tmp_path / "dev")
-    assert score(a, tiny_config, "--device", "cpu") == 0
-    assert score(b, tiny_config, "--device", "cpu", "--decoder", "device", "--loader-workers", "2") == 0
-    ta, tb = table(a, "00000000"), table(b, "00000000")
+    a, b, ta, tb = _score_with_both_decoders(tmp_path, rows, tiny_config, shard_size=10)
     assert [r["skip_reason"] for r in tb] == [r["skip_reason"] for r in ta]
     assert [r["skip_reason"] for r in tb] == [None, "decode_error", None, None, "decode_error", None]
     st = json.loads(ds_stats(b))
