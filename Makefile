@@ -12,7 +12,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,spark]'
+	$(BIN)/pip install -q -e '.[all,wuffs,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -48,6 +48,7 @@ import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -361,28 +362,35 @@ def web(args: argparse.Namespace) -> None:
 
 
 def formats(args: argparse.Namespace) -> None:
-    """process_image per format on the --web mix's distinct images, one thread: Pillow's decoders and
-    Hamming shrink (fast_decode=False, imaging.shrink swapped for Pillow's resize: the code before #15's
-    second round), the Wuffs/libwebp decoders alone, and the code as it is; weighted as served."""
+    """process_image per format on the --web mix's distinct images, one thread, for each combination of
+    the optional fast paths (Wuffs/libwebp decoders: the `[fast]`/`[wuffs]` extras; the last step of a
+    shrink by OpenCV's bilinear or by Pillow after the same box reduce); weighted as served. Also the
+    median PSNR of the 256 px output against a full decode resized once with Lanczos (reference_resize)."""
     import curate.imaging as imaging
     from curate.imaging import ImageOptions, process_image, return_freed_memory_to_os
 
     return_freed_memory_to_os()  # the allocator limits of a download task
     images = make_images(min(args.n, 80), "web")
     fmts = [Image.open(io.BytesIO(b)).format for b in images]
-    shrink = imaging.shrink
+    have_cv2 = imaging._cv2()
+    shrinks: dict[str, Any] = {"Pillow Hamming": False, "Pillow bilinear": "bilinear"}
+    if have_cv2 is not None:
+        shrinks["OpenCV bilinear"] = have_cv2
+    filt = imaging.SHRINK_FILTER
+    variants = [(f"{dec} decoders, box + {sname}", fast, cv)
+                for dec, fast in (("Pillow", False), ("Wuffs/libwebp", True)) for sname, cv in shrinks.items()]
 
-    def pillow_shrink(img: Image.Image, tw: int, th: int) -> Image.Image:
-        return img.resize((tw, th), imaging.SHRINK_FILTER, reducing_gap=imaging.SHRINK_REDUCING_GAP)
+    def use(cv: Any) -> None:
+        imaging._CV2 = False if cv == "bilinear" else cv
+        imaging.SHRINK_FILTER = Image.Resampling.BILINEAR if cv == "bilinear" else filt
 
-    variants = (("Pillow decoders + Hamming", False, pillow_shrink), ("Wuffs/libwebp + Hamming", True, pillow_shrink),
-                ("Wuffs/libwebp + box+bilinear", True, shrink))
     per: dict[tuple[str, str], float] = {}
+    quality: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     try:
         for fmt in ("JPEG", "PNG", "WEBP"):
             subset = [b for b, f in zip(images, fmts, strict=True) if f == fmt]
-            for name, fast, fn in variants:
-                imaging.shrink = fn
+            for name, fast, cv in variants:
+                use(cv)
                 opt = ImageOptions(image_size=args.image_size, fast_decode=fast)
                 process_image(subset[0], opt)
                 best = float("inf")
@@ -392,12 +400,23 @@ def formats(args: argparse.Namespace) -> None:
                         process_image(b, opt)
                     best = min(best, (time.process_time() - t) / len(subset))
                 per[(fmt, name)] = best
-                print(f"{fmt:<5} x{len(subset):<3} {name:<30} {1000 * best:7.2f} ms per image (best of 3)")
+                for b in subset:
+                    ref = reference_resize(b, args.image_size)
+                    out = np.asarray(Image.open(io.BytesIO(process_image(b, opt).data)).convert("RGB"), np.float64)
+                    if out.shape == ref.shape:
+                        mse = float(np.mean((out - ref) ** 2))
+                        quality[name].append(99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse))
+                print(f"{fmt:<5} x{len(subset):<3} {name:<44} {1000 * best:7.2f} ms per image (best of 3)")
     finally:
-        imaging.shrink = shrink
+        imaging._CV2 = None
+        imaging.SHRINK_FILTER = filt
+    if have_cv2 is None:
+        print("OpenCV is not installed: no OpenCV rows")
     for name, _, _ in variants:
         mean = sum(per[(f, name)] for f in fmts) / len(fmts)
-        print(f"all {len(fmts)} as served: {name:<30} {1000 * mean:7.2f} ms per image")
+        q = quality[name]
+        med = f"{float(np.median(q)):.1f} dB over {len(q)}" if q else "-"
+        print(f"all {len(fmts)} as served: {name:<44} {1000 * mean:7.2f} ms per image, median PSNR {med}")
 
 
 def img2dataset_commands(args: argparse.Namespace, url_list: Path, out: Path, per_shard: int) -> dict[str, list[str]]:

@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
 
 import click
 
-from curate import __version__
+from curate import __version__, extras
 from curate.errors import CurateError
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,25 @@ def cli(verbose: int, quiet: int) -> None:
               logging.getLevelName(logs.level_for(verbose, quiet)))
 
 
+def _checking_extras(cmd: click.Command) -> click.Command:
+    """Run `cmd` only when its extras are installed (exit 2 naming the extra), after click has parsed its
+    arguments, so `--help` works without them."""
+    callback = cmd.callback
+    if callback is None or cmd.name not in extras.NEEDS:
+        return cmd
+
+    @functools.wraps(callback)
+    def checked(*args, **kwargs):
+        extras.require_for(cmd.name)
+        return callback(*args, **kwargs)
+
+    cmd.callback = checked
+    return cmd
+
+
 for _mod in COMMANDS:
     _m = importlib.import_module(_mod)
-    cli.add_command(_m.command)
+    cli.add_command(_checking_extras(_m.command))
 
 
 def main(argv: list[str] | None = None) -> int:

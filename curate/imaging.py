@@ -429,8 +429,16 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
 
 
+def fast_decoders() -> dict[str, bool]:
+    """Which optional fast paths this process has: `png` (pywuffs), `webp` (the webp package), `shrink`
+    (OpenCV). Each is an optional package (the `[fast]` and `[wuffs]` extras); without it Pillow does the
+    work, with the same error codes and outputs within a grey level or two."""
+    return {"png": _wuffs() is not None, "webp": _webp_lib() is not None, "shrink": _cv2() is not None}
+
+
 def decode_fast(img: Image.Image, data: bytes, shrink_to: tuple[int, int] | None = None) -> Image.Image | None:
-    """RGB pixels of a PNG (Wuffs) or WebP (libwebp) that `safe_open` has checked; None: use Pillow.
+    """RGB pixels of a PNG (Wuffs) or WebP (libwebp) that `safe_open` has checked; None: use Pillow
+    (also when the decoder's package is not installed).
 
     `img` is the lazily opened Pillow image of `data` (its header's size and mode decide the output);
     `shrink_to` (stored orientation, smaller than the image on both sides) lets libwebp shrink while
@@ -462,12 +470,29 @@ def fast_decode_cost(img: Image.Image, data: bytes, shrink_to: tuple[int, int] |
     return w * h * 4 + ow * oh * (4 + 3 + 4)
 
 
-def _decode_png_wuffs(img: Image.Image, data: bytes) -> Image.Image | None:
-    from pywuffs import ImageDecoderType, PixelBlend, PixelFormat
-    from pywuffs.aux import ImageDecoder, ImageDecoderConfig
+_WUFFS: Any = None
 
-    if not _png_chunks_intact(data):
+
+def _wuffs() -> Any:
+    """pywuffs's (ImageDecoderType, PixelBlend, PixelFormat, ImageDecoder, ImageDecoderConfig), or None
+    when the package is not installed (it builds from source: the optional `[wuffs]` extra)."""
+    global _WUFFS
+    if _WUFFS is None:
+        try:
+            from pywuffs import ImageDecoderType, PixelBlend, PixelFormat
+            from pywuffs.aux import ImageDecoder, ImageDecoderConfig
+        except ImportError:
+            _WUFFS = False
+        else:
+            _WUFFS = (ImageDecoderType, PixelBlend, PixelFormat, ImageDecoder, ImageDecoderConfig)
+    return _WUFFS or None
+
+
+def _decode_png_wuffs(img: Image.Image, data: bytes) -> Image.Image | None:
+    wuffs = _wuffs()
+    if wuffs is None or not _png_chunks_intact(data):
         return None
+    ImageDecoderType, PixelBlend, PixelFormat, ImageDecoder, ImageDecoderConfig = wuffs
     w, h = img.size
     cfg = ImageDecoderConfig()
     cfg.enabled_decoders = [ImageDecoderType.PNG]
@@ -506,21 +531,27 @@ def _png_chunks_intact(data: bytes) -> bool:
 def _webp_lib() -> Any:
     """The `webp` package's cffi handle of libwebp, once checked: its WebPDecoderOptions must have
     libwebp's layout, since use_scaling and scaled_width/height are set by their int offsets (the
-    package's declarations name only use_threads)."""
+    package's declarations name only use_threads). None when the package is not installed."""
     global _WEBP_LIB
     if _WEBP_LIB is None:
-        from webp import ffi, lib
-
+        try:
+            from webp import ffi, lib
+        except ImportError:
+            _WEBP_LIB = False
+            return None
         # libwebp's struct: 10 ints, use_threads, 3 more ints, 5 uint32 of padding
         if ffi.offsetof("struct WebPDecoderOptions", "use_threads") != 40 or \
                 ffi.sizeof("struct WebPDecoderOptions") != 76:
             raise RuntimeError("the webp package's WebPDecoderOptions is not libwebp's layout")
         _WEBP_LIB = (ffi, lib)
-    return _WEBP_LIB
+    return _WEBP_LIB or None
 
 
 def _decode_webp(img: Image.Image, data: bytes, shrink_to: tuple[int, int] | None) -> Image.Image | None:
-    ffi, lib = _webp_lib()
+    handle = _webp_lib()
+    if handle is None:
+        return None
+    ffi, lib = handle
     cfg = ffi.new("WebPDecoderConfig*")
     if not lib.WebPInitDecoderConfig(cfg):
         return None
@@ -593,19 +624,23 @@ _CV2: Any = None
 
 def _cv2() -> Any:
     """OpenCV, imported once and kept to the calling thread (its own thread pool would compete with
-    the decode threads and the other download processes for the same cores)."""
+    the decode threads and the other download processes for the same cores); None when no OpenCV
+    distribution (opencv-python-headless from the `[fast]` extra, or opencv-python) is installed."""
     global _CV2
     if _CV2 is None:
-        import cv2
-
+        try:
+            import cv2
+        except ImportError:
+            _CV2 = False
+            return None
         cv2.setNumThreads(1)
         _CV2 = cv2
-    return _CV2
+    return _CV2 or None
 
 
 def shrink(img: Image.Image, tw: int, th: int) -> Image.Image:
     """Shrink an RGB image to (tw, th), smaller on both sides: an integer box reduce (Image.reduce) to
-    within 2x, then OpenCV's SIMD bilinear for the rest.
+    within 2x, then OpenCV's SIMD bilinear for the rest (Pillow's Hamming where OpenCV is not installed).
 
     The bilinear step's scale is under 2 (after the reduce, or after a JPEG draft decode), where its
     2 taps still see every source pixel once at least. On #15's web-like mix (8 PNGs, 13 WebPs, 59 JPEGs)
@@ -617,6 +652,8 @@ def shrink(img: Image.Image, tw: int, th: int) -> Image.Image:
     if k >= 2:
         img = img.reduce(k)
     cv2 = _cv2()
+    if cv2 is None:
+        return img.resize((tw, th), SHRINK_FILTER)
     return Image.fromarray(cv2.resize(np.asarray(img), (tw, th), interpolation=cv2.INTER_LINEAR), "RGB")
 
 

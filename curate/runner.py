@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from curate import extras
 from curate.config import fingerprint, to_dict
 from curate.engines import EngineSpec, make_engine
 from curate.errors import InputError
@@ -74,6 +75,7 @@ def run_stage(
     left "interrupted", never "running". (Long because lock, fingerprint, plan and manifest must stay
     in this one order inside the lock; the task loop itself is run_tasks.)
     """
+    extras.require_for(stage_name)  # a missing extra: exit 2 naming it, before any lock or file
     stage = get_stage(stage_name)
     ds = DatasetDir.at(root)
     part = array_slice_of(cfg)

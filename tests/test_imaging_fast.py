@@ -1,10 +1,14 @@
-"""The faster PNG (Wuffs) and WebP (libwebp) decoders behind the safe decoder give Pillow's sizes and colours."""
+"""The faster PNG (Wuffs) and WebP (libwebp) decoders behind the safe decoder give Pillow's sizes and colours.
+
+They are optional packages (the `[wuffs]` and `[fast]` extras, both installed by `make setup`); a test of a
+decoder is skipped where its package is absent, and tests/test_extras.py checks the Pillow fallback."""
 
 from __future__ import annotations
 
 import io
 import struct
 import zlib
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ from PIL import Image, ImageFilter
 from curate.imaging import ImageOptions, ImageRejected, decode_fast, process_image, safe_open, to_rgb
 
 RNG = np.random.default_rng(7)
+needs_wuffs = pytest.mark.skipif(find_spec("pywuffs") is None, reason="pywuffs (the [wuffs] extra) is not installed")
+needs_webp = pytest.mark.skipif(find_spec("webp") is None, reason="webp (the [fast] extra) is not installed")
 
 
 def noise(h: int, w: int, bands: int, dtype: type = np.uint8) -> np.ndarray:
@@ -74,6 +80,7 @@ PNGS = {
 }
 
 
+@needs_wuffs
 @pytest.mark.parametrize("kind", sorted(PNGS))
 def test_png_through_wuffs_has_pillows_size_and_colours(kind):
     data = PNGS[kind]()
@@ -83,6 +90,7 @@ def test_png_through_wuffs_has_pillows_size_and_colours(kind):
     assert np.abs(got - ref).max() <= 1, kind
 
 
+@needs_webp
 def test_webp_through_libwebp_has_pillows_size_and_colours():
     lossy = saved(Image.fromarray(noise(60, 80, 3)), "WEBP", quality=80)
     lossless = saved(Image.fromarray(noise(60, 80, 3)), "WEBP", lossless=True)
@@ -93,6 +101,7 @@ def test_webp_through_libwebp_has_pillows_size_and_colours():
         assert np.abs(got - ref).max() <= tol
 
 
+@needs_webp
 def test_webp_shrinks_while_decoding_and_keeps_the_quality():
     big = Image.fromarray(noise(600, 800, 3)).filter(ImageFilter.SMOOTH)
     data = saved(big, "WEBP", quality=85)
@@ -165,6 +174,7 @@ def test_shrink_gives_the_size_and_pillows_colours(size):
     assert psnr(np.asarray(out), np.asarray(ref)) >= 35
 
 
+@needs_wuffs
 def test_the_budget_covers_the_fast_decoders():
     from curate.imaging import DecodeBudget, decode_cost, fast_decode_cost
 

@@ -22,7 +22,9 @@ from curate.io.layout import LAYOUT_VERSION, DatasetDir
 
 _VERSIONED = (
     "pyarrow", "numpy", "pillow", "urllib3", "duckdb", "pyspark", "torch", "open_clip_torch",
-    "faiss-cpu", "fasttext-predict", "webdataset",
+    "faiss-cpu", "faiss-gpu", "fasttext-predict", "webdataset",
+    # download's optional fast paths (outputs differ from Pillow's by a grey level or two)
+    "pywuffs", "webp", "opencv-python-headless", "opencv-python",
 )
 
 

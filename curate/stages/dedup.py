@@ -98,6 +98,10 @@ def check_config(cfg: DedupConfig) -> None:
         raise InputError(f"--keep: '{cfg.keep}' (choose {', '.join(KEEP_POLICIES)})")
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", cfg.scorer):
         raise InputError(f"--scorer: '{cfg.scorer}' is not a scorer name (lower-case letters, digits, '_', '-')")
+    if cfg.threshold_auto:  # calibrates through the scorer's model
+        from curate import extras
+
+        extras.require("score", "curate dedup --threshold auto", ("torch", "open_clip", "safetensors"))
     if cfg.device not in DEVICES:
         raise InputError(f"--device: '{cfg.device}' (choose {', '.join(DEVICES)})")
     if cfg.against is not None and not Path(cfg.against).is_dir():
