@@ -1,7 +1,9 @@
 """Declarative pipelines: a YAML file lists stages with the same fields as their CLI flags; `curate run` runs them.
 
-Each stage entry becomes a `curate <stage> ...` argv and goes through `curate.cli.main`, so a pipeline
-field means exactly what the flag means, and each stage resumes (and refuses another config) by itself.
+Each stage entry's fields are checked and turned into a `curate <stage> ...` command line by the same code
+as the Python API's (`curate.api.resolve`), and run by it (`curate.api.Pipeline`), so a pipeline field means
+exactly what the flag and the keyword argument mean, and each stage resumes (and refuses another config)
+by itself.
 
     name: demo
     workdir: demo-out                 # relative to the current directory; ${workdir} in values
@@ -50,6 +52,7 @@ class Step:
     label: str
     argv: list[str]
     available: bool
+    summary: Any = None  # the stage's StageSummary once it ran
 
     def command_line(self) -> str:
         import shlex
@@ -192,21 +195,20 @@ def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] 
         stage = entry["stage"]
         where = f"pipeline {data['name']}: stages[{i}] ({stage})"
         cmd = _command(stage)
-        fields = dict(entry)
-        if cmd is not None:
-            from curate.options import check_step, flag_params, negate_flags
-
-            flags = flag_params(cmd)
-            for k, v in defaults.items():
-                if k in flags and k not in fields:
-                    fields[k] = v
-            if redo and "redo" in flags:
-                fields["redo"] = True
-            check_step(cmd, fields, where)  # the options' declarations: unknown keys, types, choices (exit 2)
-            fields = negate_flags(cmd, fields)  # `progress: false` -> --no-progress
-        fields = substitute(fields, variables)
+        fields = {k: v for k, v in entry.items() if k not in ("stage", "id")}
         label = entry.get("id") or stage
-        steps.append(Step(i, stage, label, to_argv(stage, fields, where), cmd is not None))
+        if cmd is None:  # listed by --dry-run; refused before anything runs
+            argv = to_argv(stage, substitute(fields, variables), where)
+        else:
+            from curate.api import resolve
+
+            # the options' declarations check unknown keys, types and choices (exit 2) before substitution
+            resolve(stage, [], {k: v for k, v in fields.items() if k != "args"}, where, defaults=defaults, redo=redo)
+            fields = substitute(fields, variables)
+            args = fields.pop("args", [])
+            argv = resolve(stage, args if isinstance(args, list) else [args], fields, where, defaults=defaults,
+                           redo=redo)
+        steps.append(Step(i, stage, label, argv, cmd is not None))
     return steps
 
 
@@ -281,12 +283,19 @@ def _make_datasets(data: dict[str, Any], variables: dict[str, Any]) -> None:
 def run(path: str | os.PathLike, *, sets: tuple[str, ...] = (), dry_run: bool = False, redo: bool = False,
         echo: Any = print) -> list[Step]:
     """Run (or with dry_run, print) every stage in order; stops at the first stage that fails."""
-    from curate.cli import main
+    from curate.api import Pipeline
+    from curate.extras import require_for
 
     data = load(path, sets)
     workdir = Path(str(data["workdir"])).expanduser()
     variables = base_variables(data)
-    plan(data, redo=redo, variables=variables)  # check every stage before starting anything
+    steps = plan(data, redo=redo, variables=variables)  # check every stage before starting anything
+    if not dry_run:
+        missing = [s.stage for s in steps if not s.available]
+        if missing:
+            raise InputError(f"pipeline {data['name']}: command(s) not available: {', '.join(missing)}")
+        for s in steps:  # a missing extra stops the run before its first stage, not halfway through
+            require_for(s.stage, f"pipeline {data['name']}: stage {s.label} (curate {s.stage})")
     with _environment(data.get("env") or {}), _services(data, workdir, variables, dry_run) as service_vars:
         if not dry_run:
             _make_datasets(data, variables)
@@ -297,14 +306,14 @@ def run(path: str | os.PathLike, *, sets: tuple[str, ...] = (), dry_run: bool = 
                 note = "" if s.available else "   # command not available in this build"
                 echo(f"  [{s.index + 1}] {s.label}: {s.command_line()}{note}")
             return steps
-        missing = [s.stage for s in steps if not s.available]
-        if missing:
-            raise InputError(f"pipeline {data['name']}: command(s) not available: {', '.join(missing)}")
         workdir.mkdir(parents=True, exist_ok=True)
+        runner = Pipeline()
         for s in steps:
             echo(f"[{s.index + 1}/{len(steps)}] {s.label}: {s.command_line()}")
-            rc = main(s.argv)
-            if rc != 0:
-                raise StepFailed(f"pipeline {data['name']}: stage [{s.index + 1}] {s.label} exited with code {rc}; "
-                                 f"fix it and rerun `curate run {path}` to resume", rc)
+            try:
+                s.summary = runner.run_argv(s.argv)
+            except CurateError as e:
+                echo(f"curate {s.stage}: error: {e}")
+                raise StepFailed(f"pipeline {data['name']}: stage [{s.index + 1}] {s.label} exited with code "
+                                 f"{e.exit_code}; fix it and rerun `curate run {path}` to resume", e.exit_code) from e
     return steps

@@ -39,14 +39,21 @@ def finish(summary: Any, extra_lines: list[str] | None = None) -> None:
     )
     for line in extra_lines or []:
         click.echo(line, err=True)
+    from curate.api import record_summary
+
+    record_summary(summary)  # a call through the Python API returns it
     if summary.failed:
         for shard, err in sorted(summary.failed.items()):
             click.echo(f"  shard {shard} FAILED: {(err or '').splitlines()[0]}", err=True)
-        raise ShardsFailed(f"{len(summary.failed)} shard(s) of stage '{summary.stage}' failed")
+        raise ShardsFailed(f"{len(summary.failed)} shard(s) of stage '{summary.stage}' failed", summary)
 
 
 class ShardsFailed(CurateError):
     exit_code = 3
+
+    def __init__(self, msg: str, summary: Any = None):
+        super().__init__(msg)
+        self.summary = summary  # the stage's StageSummary: which shards failed, and why
 
 
 def echo_err(msg: str) -> None:
