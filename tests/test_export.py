@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tarfile
 
 import numpy as np
@@ -71,20 +73,32 @@ def test_export_keeps_the_right_samples_with_original_bytes_and_lineage(source, 
                              ("lang = 'en'", lambda t: t["lang"] == "en"))
     assert 4 < len(kept) < 20 and set(dropped.values()) == {"downloaded", clause, "lang = 'en'"}  # all bite
 
-    # shards: sorted keys, 4 per shard, member bytes identical to the source's
+    # shards: sorted keys, 4 per shard, image and caption bytes identical to the source's; the json is the
+    # source's with a uid (32 hex digits of SHA-256 over URL and caption, DataComp's tools match it)
     src = raw_members(source)
     got = raw_members(out)
     assert sorted(got) == kept
-    assert all(got[k] == src[k] for k in kept)
+    by_key = {t["key"]: t for t in truth}
+    for k in kept:
+        assert {e: b for e, b in got[k].items() if e != "json"} == {e: b for e, b in src[k].items() if e != "json"}
+        meta = json.loads(got[k]["json"])
+        row = by_key[k]
+        uid = hashlib.sha256(f"{row['url']}\n{row['caption']}".encode()).hexdigest()[:32]
+        assert meta == {**json.loads(src[k]["json"]), "uid": uid}
     tars = sorted((out / "shards").glob("*.tar"))
     assert [t.stem for t in tars] == [shard_name(i) for i in range((len(kept) + 3) // 4)]
+    # what training code reads beside the tars: open_clip's and DataComp's shard table, DataComp's stats
+    sizes = read_json(out / "shards" / "sizes.json")
+    assert sizes == {t.name: len({n.split(".")[0] for n in tarfile.open(t).getnames()}) for t in tars}
+    assert sum(sizes.values()) == len(kept)
+    for t in tars:
+        assert read_json(t.with_name(f"{t.stem}_stats.json")) == {"count": sizes[t.name], "successes": sizes[t.name]}
     first = [n.split(".")[0] for n in tarfile.open(tars[0]).getnames()]
     assert sorted(set(first)) == kept[:4]
 
     # ledger: kept rows with their signals, output shard and source lineage
     led = pq.read_table(out / "ledger").to_pylist()
     assert [r["key"] for r in led] == kept
-    by_key = {t["key"]: t for t in truth}
     for r in led:
         assert r["source_key"] == r["key"] and r["source_shard"] == shard_of_key(r["key"])
         assert r["clip_score"] == pytest.approx(by_key[r["key"]]["clip_score"], abs=1e-6)
@@ -183,7 +197,8 @@ def test_export_of_an_export_and_empty_selection(source, truth, tmp_path):
     want, _ = expected(truth, ("dedup", lambda t: not t["is_duplicate"] and not t["eval_contaminated"]),
                        ("foreign", lambda t: t["lang"] not in ("en", "und")))
     assert keys == want and len(want) >= 3  # the German and Spanish captions
-    assert raw_members(second) == {k: v for k, v in raw_members(source).items() if k in keys}
+    # an export of an export copies the first export's members, uid included, byte for byte
+    assert raw_members(second) == {k: v for k, v in raw_members(first).items() if k in keys}
     empty = tmp_path / "empty"
     assert main(["export", str(source), "--out", str(empty), "--where", "FALSE"]) == 0
     assert read_json(empty / "manifest.json")["stages"]["export"]["counts"]["kept"] == 0
@@ -199,6 +214,9 @@ def test_export_to_an_fsspec_url_publishes_every_shard_marker_last(source, tmp_p
     fs = fsspec.filesystem("memory")
     local = sorted(p.name for p in (tmp_path / "local" / "shards").glob("*.tar"))
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.glob("/curate-test/exported/shards/*.tar")) == local
+    for name in ("sizes.json", *(n.replace(".tar", "_stats.json") for n in local)):
+        with fs.open(f"/curate-test/exported/shards/{name}", "rb") as f:
+            assert f.read() == (tmp_path / "local" / "shards" / name).read_bytes(), name
     for name in local:  # byte-identical to a local export, and each published shard has its marker
         assert fs.cat(f"/curate-test/exported/shards/{name}") == (tmp_path / "local" / "shards" / name).read_bytes()
         assert fs.exists(f"/curate-test/exported/_done/export/{name[:-4]}.json")
@@ -313,8 +331,11 @@ def test_img2dataset_layout_reads_back_with_webdataset_and_img2dataset_conventio
         meta = json.loads(sample["json"])
         assert meta["key"] == key and meta["status"] == "success" and meta["url"].startswith("http://127.0.0.1:")
         assert set(meta) >= {"url", "caption", "key", "status", "error_message", "width", "height",
-                             "original_width", "original_height", "exif", "sha256"}
+                             "original_width", "original_height", "exif", "sha256", "uid"}
+        assert meta["uid"] == hashlib.sha256(f"{meta['url']}\n{meta['caption']}".encode()).hexdigest()[:32]
     assert seen == kept
+    sizes = read_json(out / "sizes.json")  # open_clip's shard table, flat beside the tars here
+    assert sizes == {t.name: len(list(iter_raw(t))) for t in tars} and sum(sizes.values()) == len(kept)
     # img2dataset's conventions: {shard}.parquet lists the shard's rows, {shard}_stats.json counts them
     for tar in tars:
         table = pq.read_table(out / f"{tar.stem}.parquet")

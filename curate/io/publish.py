@@ -38,13 +38,16 @@ def publish(ds: DatasetDir, url: str, stage: str) -> int:
         remote_marker = f"{root}/_done/{stage}/{shard}.json"
         if fs.exists(remote_marker):
             continue
-        for local in (ds.shard_tar(shard), ds.ledger(shard), ds.stats(stage, shard), ds.marker(stage, shard)):
+        tar = ds.shard_tar(shard)
+        stats_beside = tar.with_name(f"{shard}_stats.json")  # an export's, for DataComp's tools
+        for local in (tar, stats_beside, ds.ledger(shard), ds.stats(stage, shard), ds.marker(stage, shard)):
             if local.exists():
                 rel = local.relative_to(ds.root).as_posix()
                 fs.makedirs(f"{root}/{rel.rsplit('/', 1)[0]}", exist_ok=True)
                 fs.put_file(str(local), f"{root}/{rel}")
         copied += 1
-    for extra in ("manifest.json", "dropped.parquet"):
+    for extra in ("manifest.json", "dropped.parquet", "shards/sizes.json"):
         if (ds.root / extra).exists():
+            fs.makedirs(f"{root}/{extra.rsplit('/', 1)[0]}" if "/" in extra else root, exist_ok=True)
             fs.put_file(str(ds.root / extra), f"{root}/{extra}")
     return copied

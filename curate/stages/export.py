@@ -332,16 +332,23 @@ class ExportStage:
 
             write_img2dataset_shard(ds.root, shard, rows, found)
         else:
+            from curate.io.trainable import sample_uid, with_uid, write_shard_stats
+
+            uids = {r["key"]: sample_uid(r) for r in rows.select(
+                [c for c in ("key", "url", "caption", "uid") if c in rows.column_names]).to_pylist()}
             with ShardWriter(ds.shard_tar(shard)) as w:
                 for key in sorted(found):
-                    w.write_raw(key, found[key])
+                    # image and caption bytes as the source's; the json gains the uid DataComp's tools match
+                    w.write_raw(key, {**found[key], "json": with_uid(found[key].get("json"), uids[key])})
             write_table(ds.ledger(shard), rows)
+            write_shard_stats(ds.shard_tar(shard), len(found))  # DataComp's resharder reads `successes`
         return {"kept": len(found), "source_shards": len(sources)}
 
     def finalize(self, cfg: ExportConfig, ds: DatasetDir) -> dict[str, Any]:
         p = _work_dir(ds) / "selection.json"
         if not p.exists():
             return {}
+        write_sizes_table(cfg, ds)
         out = read_json(p)
         out.pop("folder", None)
         return out
@@ -356,6 +363,19 @@ class ExportStage:
         for sub in ("shards", "ledger", "_done/export", "stats/export", "_work/export"):
             shutil.rmtree(ds.root / sub, ignore_errors=True)
         (ds.root / "dropped.parquet").unlink(missing_ok=True)
+
+
+def write_sizes_table(cfg: ExportConfig, ds: DatasetDir) -> None:
+    """sizes.json beside the tars (open_clip's and DataComp's shard table) over every completed shard."""
+    from curate.io.trainable import write_sizes
+
+    sizes = {}
+    for shard in ds.done_shards(NAME):
+        stats = ds.stats(NAME, shard)
+        if stats.exists():
+            sizes[f"{shard}.tar"] = int(read_json(stats).get("kept", 0))
+    if sizes:
+        write_sizes(ds.root if cfg.layout == "img2dataset" else ds.root / "shards", sizes)
 
 
 def _ledger_rows(src: DatasetDir, source_shards: list[str], want: pa.Table, shard: str) -> pa.Table:

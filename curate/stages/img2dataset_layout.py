@@ -56,8 +56,13 @@ def img2dataset_table(rows: pa.Table) -> pa.Table:
 
 
 def sample_json(row: dict[str, Any]) -> bytes:
-    """The {key}.json member: img2dataset's meta fields for one sample."""
+    """The {key}.json member: img2dataset's meta fields for one sample, and the uid DataComp's tools match."""
+    from curate.io.trainable import is_uid, sample_uid
+
     meta = {name: row.get(name) for name in COLUMNS}
+    if row.get("uid") is not None and not is_uid(row.get("uid")):
+        meta["source_uid"] = row["uid"]
+    meta["uid"] = sample_uid(row)
     return json.dumps(meta, indent=4, default=str).encode("utf-8")
 
 
@@ -83,6 +88,7 @@ def discard_img2dataset_files(root: Path, shards: list[str]) -> None:
     for shard in shards:
         for p in shard_files(root, shard):
             p.unlink(missing_ok=True)
+    (root / "sizes.json").unlink(missing_ok=True)
 
 
 def publish_img2dataset(root: Path, url: str, shards: list[str]) -> None:
@@ -97,3 +103,5 @@ def publish_img2dataset(root: Path, url: str, shards: list[str]) -> None:
             continue
         for local in files:
             fs.put_file(str(local), f"{base}/{local.name}")
+    if (root / "sizes.json").exists():
+        fs.put_file(str(root / "sizes.json"), f"{base}/sizes.json")
