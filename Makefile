@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # img2dataset (bench, adopt test) imports albumentations, which would check PyPI for updates: never
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup test test-slow test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance \
+.PHONY: setup test test-slow test-install test-all lint demo bench bench-download bench-score bench-dedup bench-train bench-balance \
 	bench-adopt bench-export gpu-wheels gpu-smoke clean
 
 $(STAMP): pyproject.toml
@@ -25,6 +25,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/pytest -x -m slow --durations=10; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+# fresh virtualenvs: `pip install .` (no torch), then [score], then [all] (torch: several GB from the registry)
+test-install: setup
+	$(BIN)/pytest -x -m install --durations=10 tests/test_install.py
 
 demo: setup
 	$(BIN)/curate run pipelines/demo.yaml
