@@ -203,3 +203,15 @@ def test_download_fast_paths_fall_back_to_pillow():
         b = np.asarray(Image.open(io.BytesIO(here.data)), dtype=np.float64)
         mse = float(np.mean((a - b) ** 2))
         assert mse == 0 or 10 * np.log10(255.0**2 / mse) >= 35, fmt
+
+
+def test_doctor_says_which_extras_are_missing():
+    res = run_py("""
+        import sys
+        from curate.cli import main
+        sys.exit(main(["doctor", "--json"]))
+    """, hide=HEAVY + ("cv2", "pywuffs", "webp"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout)
+    assert info["extras"] == {"score": False, "dedup": False, "search": False, "spark": False}
+    assert info["download"] == {"png": "Pillow", "webp": "Pillow", "shrink": "box reduce + Pillow Hamming"}

@@ -16,6 +16,8 @@ from typing import Any
 
 import click
 
+from curate.extras import EXTRAS, missing
+
 
 def _torch() -> dict[str, Any]:
     import torch
@@ -137,7 +139,22 @@ def collect() -> dict[str, Any]:
                                    ("--device auto: no GPU; k-means and assignment by faiss, pair search by numpy")}
     info["langid"] = _langid()
     info["spark"] = _spark()
+    info["download"] = _download()
+    info["extras"] = {name: not missing(mods) for name, mods in EXTRAS.items()}
     return info
+
+
+def _download() -> dict[str, Any]:
+    """download's optional fast paths (the [fast] and [wuffs] extras); Pillow does the work without them."""
+    from curate.imaging import fast_decoders
+
+    try:
+        fast = fast_decoders()
+    except Exception as e:  # noqa: BLE001 -- a broken optional package: say so, download falls back
+        return {"problem": f"{type(e).__name__}: {e}"}
+    return {"png": "Wuffs (pywuffs)" if fast["png"] else "Pillow",
+            "webp": "libwebp WebPDecode (webp)" if fast["webp"] else "Pillow",
+            "shrink": "box reduce + OpenCV bilinear" if fast["shrink"] else "box reduce + Pillow Hamming"}
 
 
 def _lines(info: dict[str, Any]) -> list[str]:
@@ -158,6 +175,10 @@ def _lines(info: dict[str, Any]) -> list[str]:
                + ("(checksum ok)" if lg.get("checksum_ok") else f"-- PROBLEM: {lg.get('problem')}"))
     out.append(f"spark: pyspark {sp.get('pyspark')}, java {sp.get('java_version') or sp.get('java')}"
                + (f" -- PROBLEM: {sp['problem']}" if sp.get("problem") else ""))
+    d = info["download"]
+    out.append(f"download: PNG {d.get('png')}, WebP {d.get('webp')}, shrink {d.get('shrink')}"
+               + (f" -- PROBLEM: {d['problem']}" if d.get("problem") else ""))
+    out.append("extras: " + ", ".join(f"[{k}] {'installed' if v else 'missing'}" for k, v in info["extras"].items()))
     return out
 
 
