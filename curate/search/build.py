@@ -45,6 +45,9 @@ KINDS = ("auto", "flat", "ivf-fp16", "ivf-pq")
 PQ_CODE_SIZES = (64, 48, 32, 24, 16, 12, 8, 4)  # bytes per vector tried, largest (most accurate) first
 RECALL_K = 10
 QUERY_KINDS = ("image", "text")  # the encoder a query vector came from
+# PQ distances are approximate: an IVF-PQ search takes this many candidates and reranks them by their exact
+# cosine, read from the score stage's embedding files (memory-mapped, so they stay on disk)
+REFINE_DEPTH = 200
 TEXT_LIKE_COSINE = 0.3  # a CLIP caption's cosine to its own image, roughly: the weakly aligned probes' cosine
 
 
@@ -128,7 +131,8 @@ def choose_index(n: int, d: int, cfg: IndexConfig) -> dict[str, Any]:
         raise InputError(f"--memory-budget: {cfg.memory_budget} bytes cannot hold {n} vectors even as "
                          f"{min(PQ_CODE_SIZES)}-byte PQ codes plus ids; raise it")
     m = fits[0]
-    return {"kind": "ivf-pq", "factory": f"IVF{nlist},PQ{m}", "nlist": nlist, "bytes": n * (m + 8)}
+    return {"kind": "ivf-pq", "factory": f"IVF{nlist},PQ{m}", "nlist": nlist, "bytes": n * (m + 8),
+            "refine": REFINE_DEPTH}
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -308,7 +312,7 @@ class IndexStage:
             return {"incomplete_tasks": sum(not ds.marker(self.name, t["shard"]).exists() for t in plan["tasks"])}
         meta = {"format": "curate-index/1", "scorer": cfg.scorer, "rows": plan["rows"], "dim": plan["dim"],
                 "kind": plan["kind"], "factory": plan["factory"], "nlist": plan["nlist"], "metric": "inner_product",
-                "train_rows": plan["train_rows"], "score_fingerprint": plan["digest"]["inputs"]["fingerprint"],
+                "refine": plan.get("refine", 0), "train_rows": plan["train_rows"], "score_fingerprint": plan["digest"]["inputs"]["fingerprint"],
                 "modalities": {}}
         held = self._tuning_queries(cfg, ds, plan)
         for m in plan["modalities"]:
@@ -363,7 +367,7 @@ class IndexStage:
             gt = brute_force(ds, cfg.scorer, m, shard_col, emb_row, q, RECALL_K)
             nprobe, recall, curve = tune_nprobe(
                 index, plan["nlist"], q, gt, cfg.target_recall,
-                lambda ids, q=q: exact_sims(ds, cfg.scorer, m, shard_col, emb_row, q, ids))
+                lambda ids, q=q: exact_sims(ds, cfg.scorer, m, shard_col, emb_row, q, ids), plan.get("refine", 0))
             search[kind] = {"nprobe": nprobe, "recall": recall, "recall_curve": curve, "queries": held["n"],
                             "source": source}
             log.info("index: %s %s, %d vectors, %s queries: nprobe %d, recall@%d %.4f", m, plan["factory"],
@@ -438,8 +442,10 @@ def weak_probes(x: np.ndarray, cosine: float, seed: int = 0) -> np.ndarray:
 
 
 def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: float,
-                true_sims: Callable[[np.ndarray], np.ndarray]) -> tuple[int, float, list[list[float]]]:
-    """The smallest nprobe of probe_steps() whose recall@k reaches `target` (exact indexes: 0, measured once)."""
+                true_sims: Callable[[np.ndarray], np.ndarray], refine: int = 0) -> tuple[int, float, list[list[float]]]:
+    """The smallest nprobe of probe_steps() whose recall@k reaches `target` (exact indexes: 0, measured once).
+    With `refine`, each search takes that many candidates and keeps the k of highest exact cosine, as the
+    searcher does for IVF-PQ."""
     import faiss
 
     k = gt.shape[1]
@@ -449,8 +455,11 @@ def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: f
     for p in probes:
         if ivf is not None:
             ivf.nprobe = p
-        _, ids = index.search(q, k)
-        rec = recall_at_k(true_sims(ids), gt)
+        _, ids = index.search(q, max(k, refine))
+        sims = true_sims(ids)
+        if refine:
+            sims = -np.sort(-sims, axis=1)[:, :k]
+        rec = recall_at_k(sims, gt)
         curve.append([p, round(rec, 5)])
         if rec >= target:
             break

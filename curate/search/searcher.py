@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from curate.search.rowstore import HIT_COLUMNS, RowStore, allow_list, is_current
 
 log = logging.getLogger(__name__)
 
+MAX_OPEN_SHARDS = 64  # memory-mapped embedding files kept open for IVF-PQ reranking
 MAX_CANDIDATES = 1 << 16  # widening stops here: a --where that keeps almost nothing is reported, not scanned
 BOTH = "both"  # --modality both: image and caption hits fused by reciprocal rank
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): score = sum over lists of 1 / (RRF_K + rank)
@@ -59,13 +61,17 @@ class Searcher:
         self.scorer = self.meta["scorer"]
         ids = pq.read_table(wd / "ids.parquet")
         self.keys = np.asarray(ids["key"].to_numpy(zero_copy_only=False), dtype=object)
-        self.shards = np.asarray(ids["shard"].to_numpy(zero_copy_only=False), dtype=object)
+        shards = ids["shard"].combine_chunks().dictionary_encode()  # one str object per shard, not per row
+        self.shards = np.asarray(shards.dictionary.to_pylist(), dtype=object)[shards.indices.to_numpy()]
         self.emb_rows = ids["emb_row"].to_numpy()
         self._key_to_id: dict[str, int] | None = None
         self.indexes: dict[str, Any] = {}
         for m, info in self.meta["modalities"].items():
             self.indexes[m] = faiss.read_index(str(wd / info["file"]))
         self.nlist = int(self.meta["nlist"])
+        self.refine = int(self.meta.get("refine", 0))  # IVF-PQ: candidates reranked by exact cosine
+        self._maps: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock_maps = threading.Lock()
         self.where = where
         sources = Sources.of(self.ds)
         if where:
@@ -217,11 +223,35 @@ class Searcher:
                 params = faiss.SearchParametersIVF(nprobe=max(1, nprobe), sel=sel)
             else:
                 params = faiss.SearchParameters(sel=sel) if sel is not None else None
-            sims, ids = index.search(q, n, params=params)
-            found = [(int(i), float(x)) for i, x in zip(ids[0], sims[0], strict=True) if i >= 0]
-            if len(found) >= n or not self.nlist or nprobe >= self.nlist:
-                return found
+            sims, ids = index.search(q, max(n, self.refine), params=params)
+            got = ids[0][ids[0] >= 0]
+            if len(got) >= n or not self.nlist or nprobe >= self.nlist:
+                break
             nprobe = min(self.nlist, max(1, nprobe) * 4)
+        if not self.refine:
+            return [(int(i), float(x)) for i, x in zip(ids[0], sims[0], strict=True) if i >= 0][:n]
+        exact = self.vectors_of(modality, got) @ q[0]
+        order = np.argsort(-exact, kind="stable")[:n]
+        return [(int(got[j]), float(exact[j])) for j in order]
+
+    def vectors_of(self, modality: str, ids: np.ndarray) -> np.ndarray:
+        """float32 stored vectors of `ids`, read from the score stage's memory-mapped embedding files (the
+        last MAX_OPEN_SHARDS kept open)."""
+        out = np.empty((len(ids), int(self.meta["dim"])), np.float32)
+        shards = self.shards[ids]
+        for shard in dict.fromkeys(shards.tolist()):
+            sel = np.flatnonzero(shards == shard)
+            with self._lock_maps:
+                emb = self._maps.pop((modality, shard), None)
+                if emb is None:
+                    emb = open_embeddings(self.ds, self.scorer, shard, modality)
+                self._maps[(modality, shard)] = emb
+                while len(self._maps) > MAX_OPEN_SHARDS:
+                    self._maps.popitem(last=False)
+            rows = self.emb_rows[ids[sel]]
+            o = np.argsort(rows)
+            out[sel[o]] = emb[rows[o]]
+        return out
 
     def query(self, q: Query, k: int = 10, modality: str = "image",
               templates: tuple[str, ...] = ()) -> list[dict[str, Any]]:
