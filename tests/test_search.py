@@ -469,6 +469,15 @@ def test_row_store_holds_each_ids_row_in_id_order(dataset):
             assert row["key"] == ids[i]
             for c in store.columns:
                 assert row[c] == pytest.approx(truth[ids[i]][c]) if isinstance(row[c], float) else row[c] == truth[ids[i]][c]
+        # each row knows where its image lies in its shard's tar: the bytes there are the sample's image
+        from curate.io.shards import iter_samples
+
+        images = {smp["key"]: smp["image"] for shard in dataset.shards() for smp in iter_samples(dataset.shard_tar(shard))}
+        shards = pq.read_table(dataset.root / "index" / "ids.parquet")["shard"].to_pylist()
+        for i, row in enumerate(store.rows(list(range(N_IMAGES)))):
+            with open(dataset.shard_tar(shards[i]), "rb") as fh:
+                fh.seek(row["image_offset"])
+                assert fh.read(row["image_size"]) == images[ids[i]]
     finally:
         store.close()
     meta = json.loads((dataset.root / "index" / "rows.json").read_text())

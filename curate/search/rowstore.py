@@ -2,7 +2,9 @@
 
     index/rows.arrow   Arrow IPC file, id-ordered, record batches of exactly ROW_BATCH rows (the last one
                        shorter): id i is row i % ROW_BATCH of batch i // ROW_BATCH. Memory-mapped, so a hit's
-                       caption, url and signals cost one batch lookup, whatever the number of shards.
+                       caption, url and signals cost one batch lookup, whatever the number of shards. It also
+                       holds where each sample's image lies in its tar (image_offset, image_size), so the
+                       page's thumbnails read those bytes and never scan a tar's headers per query.
     index/rows.json    written after rows.arrow: its columns, batch size and the digest of the ledger and
                        signal files it was read from (a changed file makes it stale, see is_current)
     index/allow/*.npy  one --where clause evaluated once over the samples view: a bit per index id
@@ -34,7 +36,8 @@ log = logging.getLogger(__name__)
 ROW_BATCH = 4096
 # columns of the samples view shown with each hit (those present in the dataset)
 HIT_COLUMNS = ("caption", "url", "status", "clip_score", "lang", "is_duplicate", "eval_contaminated")
-FORMAT = "curate-rows/1"
+IMAGE_COLUMNS = ("image_offset", "image_size")  # the image member's data in shards/{shard}.tar
+FORMAT = "curate-rows/2"
 
 
 def _sources(ds: DatasetDir) -> Any:
@@ -47,7 +50,8 @@ def _sources(ds: DatasetDir) -> Any:
 
 
 def sources_digest(sources: Any) -> str:
-    """Size and mtime of every ledger and signal file the samples view reads: O(files) stat calls."""
+    """Size and mtime of every ledger and signal file the samples view reads, and of each ledger shard's
+    tar (the stored image offsets point into it): O(files) stat calls."""
     if sources is None:
         return "no-ledger"
     files = []
@@ -55,6 +59,10 @@ def sources_digest(sources: Any) -> str:
         for p in sorted(sources.files[name]):
             st = os.stat(p)
             files.append([name, str(p), st.st_size, st.st_mtime_ns])
+            if name == "ledger":
+                tar = Path(p).parents[1] / "shards" / f"{Path(p).stem}.tar"
+                st = tar.stat() if tar.exists() else None
+                files.append(["tar", str(tar), st and st.st_size, st and st.st_mtime_ns])
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
@@ -96,6 +104,9 @@ def write_row_store(ds: DatasetDir, wd: Path, rows: int, memory_limit: str = "1G
         sql = (f"SELECT i.key{sel} FROM {_ids_sql(wd)} i LEFT JOIN samples s ON s.key = i.key "
                f"ORDER BY i.file_row_number")
         reader = db.con.sql(sql).to_arrow_reader(ROW_BATCH)
+    shard_col = pq.read_table(wd / "ids.parquet", columns=["shard"])["shard"].combine_chunks().dictionary_encode()
+    shard_names, shard_codes = shard_col.dictionary.to_pylist(), shard_col.indices.to_numpy()
+    tars: dict[str, dict[str, tuple[int, int]]] = {}
     written = 0
     try:
         with atomic_path(wd / "rows.arrow") as tmp:
@@ -105,6 +116,8 @@ def write_row_store(ds: DatasetDir, wd: Path, rows: int, memory_limit: str = "1G
 
             def emit(batch: Any) -> None:
                 nonlocal writer, written
+                batch = with_image_offsets(ds, batch, shard_names, shard_codes[written:written + batch.num_rows],
+                                           tars)
                 if writer is None:
                     writer = pa.ipc.new_file(str(tmp), batch.schema)
                 writer.write_batch(batch)
@@ -134,6 +147,51 @@ def write_row_store(ds: DatasetDir, wd: Path, rows: int, memory_limit: str = "1G
     return meta
 
 
+def tar_images(ds: DatasetDir, shard: str) -> dict[str, tuple[int, int]]:
+    """{key: (offset, size)} of each sample's first image member in shards/{shard}.tar ({} without a tar)."""
+    from curate.errors import ShardError
+    from curate.io.shards import IMAGE_EXTS, index_tar
+
+    path = ds.shard_tar(shard)
+    if not path.exists():
+        return {}
+    try:
+        entries = index_tar(str(path))
+    except ShardError as e:  # thumbnails are then read the slow way, by a header scan, or not at all
+        log.warning("index: %s", e)
+        return {}
+    out = {}
+    for key, members, _start, _end in entries:
+        image = next(((off, size) for ext, off, size in members if ext in IMAGE_EXTS), None)
+        if image is not None:
+            out[key] = image
+    return out
+
+
+def with_image_offsets(ds: DatasetDir, batch: Any, shard_names: list[str], codes: np.ndarray,
+                       tars: dict[str, dict[str, tuple[int, int]]]) -> Any:
+    """`batch` plus IMAGE_COLUMNS; rows are in id order, so each shard's tar headers are read once (`tars`
+    keeps only the shard being written)."""
+    import pyarrow as pa
+
+    offsets = np.full(batch.num_rows, -1, np.int64)
+    sizes = np.full(batch.num_rows, -1, np.int64)
+    keys = batch.column(0).to_pylist()
+    for code in np.unique(codes):
+        shard = shard_names[int(code)]
+        if shard not in tars:
+            tars.clear()
+            tars[shard] = tar_images(ds, shard)
+        found = tars[shard]
+        for j in np.flatnonzero(codes == code):
+            hit = found.get(keys[j])
+            if hit is not None:
+                offsets[j], sizes[j] = hit
+    valid = offsets >= 0
+    return (batch.append_column("image_offset", pa.array(offsets, mask=~valid))
+            .append_column("image_size", pa.array(sizes, mask=~valid)))
+
+
 class RowStore:
     """The memory-mapped rows.arrow: rows(ids) costs one batch lookup per id, no SQL, no shard scan."""
 
@@ -144,7 +202,7 @@ class RowStore:
         self._file = pa.memory_map(str(path))
         reader = pa.ipc.open_file(self._file)
         self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]  # zero-copy views
-        self.columns = [c for c in reader.schema.names if c != "key"]
+        self.columns = [c for c in reader.schema.names if c != "key" and c not in IMAGE_COLUMNS]
         self.rows_count = sum(b.num_rows for b in self._batches)
 
     def rows(self, ids: list[int]) -> list[dict[str, Any]]:

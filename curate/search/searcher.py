@@ -354,9 +354,31 @@ class Searcher:
         return out
 
     def thumbnails(self, hits: list[dict[str, Any]], size: int = 160) -> dict[str, str]:
-        from curate.report.thumbs import load_thumbnails
+        """{key: data URI}: each image read at the offset the row store keeps for it (no tar header scan);
+        hits without a stored offset go through the report's reader (a header scan of their shard)."""
+        from curate.report.thumbs import load_thumbnails, thumbnail
 
-        return load_thumbnails(self.ds, [(h["key"], h["shard"]) for h in hits], size)
+        out: dict[str, str] = {}
+        rest = hits
+        if self.store is not None and hits:
+            rows = self.store.rows([self.id_of(h["key"]) for h in hits])
+            rest = []
+            for h, r in zip(hits, rows, strict=True):
+                if r.get("image_offset") is None:
+                    rest.append(h)
+                    continue
+                try:
+                    with open(self.ds.shard_tar(h["shard"]), "rb") as fh:
+                        fh.seek(r["image_offset"])
+                        data = fh.read(r["image_size"])
+                except OSError:
+                    data = b""
+                uri = thumbnail(data, size) if len(data) == r["image_size"] else None
+                if uri:
+                    out[h["key"]] = uri
+        if rest:
+            out.update(load_thumbnails(self.ds, [(h["key"], h["shard"]) for h in rest], size))
+        return out
 
     def close(self) -> None:
         if self.store is not None:
