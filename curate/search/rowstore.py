@@ -73,13 +73,13 @@ def _ids_sql(wd: Path) -> str:
     return f"read_parquet({_sql_str(str(wd / 'ids.parquet'))}, file_row_number=true)"
 
 
-def is_current(ds: DatasetDir, wd: Path, sources: Any = None) -> bool:
+def is_current(ds: DatasetDir, wd: Path, digest: str | None = None) -> bool:
+    """Is index/rows.arrow complete and read from the dataset's present files (`digest`: theirs, if known)?"""
     meta_path = wd / "rows.json"
     if not (meta_path.exists() and (wd / "rows.arrow").exists()):
         return False
     meta = read_json(meta_path)
-    return meta.get("format") == FORMAT and meta.get("sources") == sources_digest(
-        sources if sources is not None else _sources(ds))
+    return meta.get("format") == FORMAT and meta.get("sources") == (digest or sources_digest(_sources(ds)))
 
 
 def write_row_store(ds: DatasetDir, wd: Path, rows: int, memory_limit: str = "1GB") -> dict[str, Any]:

@@ -86,9 +86,15 @@ class Searcher:
             self.export_views = self.export.register(self.db.con)
         self._lock = threading.Lock()  # DuckDB connection and the torch model are used one request at a time
         self._model: Any = None
+        self._open_rows(wd, sources, where)
+
+    def _open_rows(self, wd: Path, sources: Any, where: str | None) -> None:
+        """The row store (when current) and --where's allow-list, with the faiss selector that tests it."""
+        import faiss
+
         digest = sources_digest(sources)
         self.store: RowStore | None = None
-        if is_current(self.ds, wd, sources):
+        if is_current(self.ds, wd, digest=digest):
             self.store = RowStore(wd / "rows.arrow")
         else:
             log.warning("search: %s is missing or older than the dataset's ledger/signal files; hits are read "
