@@ -116,6 +116,23 @@ def measure(s: object, qs: dict[str, np.ndarray], gt: dict[str, np.ndarray],
     return out
 
 
+def row_lookup(s: object, n: int) -> dict[str, str]:
+    """ms to fetch 10 random ids' hit rows: from the row store (what a search does) and by a query over the
+    samples view (the fallback when the store is stale; it reads every shard's files)."""
+    rng = np.random.default_rng(7)
+    store, view = [], []
+    for i in range(min(n, 100)):
+        ids = rng.choice(len(s.keys), 10, replace=False).tolist()  # type: ignore[attr-defined]
+        t = time.perf_counter()
+        s.rows_by_id(ids)  # type: ignore[attr-defined]
+        store.append((time.perf_counter() - t) * 1e3)
+        if i < 20:
+            t = time.perf_counter()
+            s.rows([s.keys[j] for j in ids])  # type: ignore[attr-defined]
+            view.append((time.perf_counter() - t) * 1e3)
+    return {"store_ms": pct(store), "samples_view_ms": pct(view)}
+
+
 def main() -> None:
     # long because it is a flat script: arguments, data, build, ground truth, timed queries, print
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -169,7 +186,7 @@ def main() -> None:
     gt = dict(zip(qs, np.split(gs, len(qs)), strict=True))
     print(f"searcher opened in {open_s:.1f}s; brute force for {3 * args.queries} queries {time.time() - t0:.1f}s")
     results = {"n": n, "factory": meta["factory"], "build_s": round(build_s, 1), "task_peak_rss_mb": round(child_rss),
-               "all": measure(s, qs, gt, filtered=False)}
+               "all": measure(s, qs, gt, filtered=False), "rows": row_lookup(s, args.queries)}
     s.close()
     if args.where:
         s = Searcher(root, where=args.where)
@@ -196,6 +213,9 @@ def main() -> None:
         for name in qs:
             r = results[run][name]
             print(f"{label:<22} {name:<10} {r['nprobe']:>6} {r['recall']:>9.4f}  {r['e2e_ms']:>27}  {r['index_ms']:>27}")
+    r = results["rows"]
+    print(f"hit rows for 10 ids, p50/p95/p99 ms: row store {r['store_ms']}; samples-view query over "
+          f"{len(set(s.shards.tolist()))} shards (the stale-store fallback) {r['samples_view_ms']}")
     print(f"peak RSS of this process (searcher + one shard at a time for brute force): {rss:.0f} MB")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
