@@ -634,3 +634,29 @@ def test_ivf_pq_hits_are_reranked_by_exact_cosine(tmp_path):
         assert all(h["caption"].startswith("a photo number") for h in hits)
     finally:
         s.close()
+
+
+def test_tuning_stops_at_a_recall_plateau_and_takes_its_cheapest_nprobe():
+    """A compressed index whose codes cap recall below the target: tuning stops once more lists stop helping
+    and picks the smallest nprobe within 0.002 of the best recall seen, not every list."""
+    import faiss
+
+    from curate.search.build import PLATEAU_GAIN, probe_steps, tune_nprobe
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((200, 32)).astype(np.float32)
+    x = np.repeat(centres, 40, axis=0) + 0.3 * rng.standard_normal((8000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # tight clusters: the neighbours sit in a few lists
+    index = faiss.index_factory(32, "IVF128,PQ4", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    q = x[::80] + 0.1 * rng.standard_normal((100, 32)).astype(np.float32)
+    gt = -np.sort(-(q @ x.T), axis=1)[:, :10]
+
+    def true_sims(ids):
+        return np.where(ids >= 0, np.einsum("qkd,qd->qk", x[np.maximum(ids, 0)], q), -np.inf)
+
+    nprobe, rec, curve = tune_nprobe(index, 128, q, gt, 1.0, true_sims)
+    best = max(r for _, r in curve)
+    assert rec < 1.0 and len(curve) < len(probe_steps(128))  # stopped early
+    assert nprobe == next(p for p, r in curve if r >= best - PLATEAU_GAIN) and rec >= best - PLATEAU_GAIN

@@ -48,7 +48,8 @@ QUERY_KINDS = ("image", "text")  # the encoder a query vector came from
 # PQ distances are approximate: an IVF-PQ search takes this many candidates and reranks them by their exact
 # cosine, read from the score stage's embedding files (memory-mapped, so they stay on disk)
 REFINE_DEPTH = 200
-TEXT_LIKE_COSINE = 0.3  # a CLIP caption's cosine to its own image, roughly: the weakly aligned probes' cosine
+TEXT_LIKE_COSINE = 0.3
+PLATEAU_STEPS, PLATEAU_GAIN = 3, 0.002  # tuning stops when 3 more nprobe steps gain under 0.002 recall  # a CLIP caption's cosine to its own image, roughly: the weakly aligned probes' cosine
 
 
 def _bytes(text: str) -> int:
@@ -445,7 +446,9 @@ def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: f
                 true_sims: Callable[[np.ndarray], np.ndarray], refine: int = 0) -> tuple[int, float, list[list[float]]]:
     """The smallest nprobe of probe_steps() whose recall@k reaches `target` (exact indexes: 0, measured once).
     With `refine`, each search takes that many candidates and keeps the k of highest exact cosine, as the
-    searcher does for IVF-PQ."""
+    searcher does for IVF-PQ. A compressed index may never reach the target (its codes, not the lists
+    probed, limit recall): once PLATEAU_STEPS more steps gain less than PLATEAU_GAIN the search stops, and
+    the smallest nprobe within PLATEAU_GAIN of the best recall is chosen, not the most expensive one."""
     import faiss
 
     k = gt.shape[1]
@@ -463,7 +466,12 @@ def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: f
         curve.append([p, round(rec, 5)])
         if rec >= target:
             break
+        if len(curve) > PLATEAU_STEPS and rec - curve[-1 - PLATEAU_STEPS][1] < PLATEAU_GAIN:
+            break
     nprobe, rec = curve[-1]
+    if rec < target:
+        best = max(r for _, r in curve)
+        nprobe, rec = next((p, r) for p, r in curve if r >= best - PLATEAU_GAIN)
     if ivf is not None:
         ivf.nprobe = int(nprobe)
     return int(nprobe), float(rec), curve
