@@ -1,21 +1,29 @@
-"""Benchmark the search index: 1M x 512 synthetic CLIP-like embeddings through `curate index`'s stage, then
-recall@10 against brute force and single-query latency on held-out queries.
+"""Benchmark search as users see it: recall@10 and single-query latency for the queries users send.
 
-    python bench/search.py [--n 1M] [--data clustered|continuum] [--queries 1000] [--shard-rows 100k]
+    python bench/search.py [--n 1M] [--queries 300] [--rows-per-shard 10000] [--kind auto] [--reuse]
 
-The embeddings are bench/dedup.py's CLIP-like generator (a cone around one direction, ~1000-row topics,
-10% near-copies), written as a scored dataset dir (signals/score/{shard}.parquet + .img_emb.npy float16,
-markers), so the index is built by the real stage: seeded training sample, one task per shard, merge,
-nprobe tuned on held-out rows. The queries are fresh rows from the same generator, never indexed.
-Prints the build time, the chosen index and nprobe, recall@10 (exact top-10 set overlap, and with ties
-counted), p50/p95 single-query latency (one query per call, one thread, as a search page sends them),
-the index size and peak RSS.
+Writes a synthetic scored dataset in the real layout (bench/synth_scored.py: ledger, score table, float16
+512-d CLIP-like embeddings in topics, shard by shard), builds the index with the stage itself (`curate index`'s
+run_stage: training, one task per shard, merge, nprobe tuned per query kind, row store), then opens
+`curate.search.searcher.Searcher` as `curate search` and `curate serve` do, and measures three query kinds:
+
+    near-row   an indexed row plus noise (cosine ~0.97): an image or key query     -> the image setting
+    text-like  cosine 0.3 to an indexed row, the rest random (a caption to its image) -> the text setting
+    random     random unit directions (no row near them)                          -> the text setting
+
+recall@10 is against exact brute force over every indexed vector (ties counted: a hit whose true cosine reaches
+the 10th exact one is found). End-to-end latency is one query per call through `Searcher.search` (the index
+with the kind's nprobe, the row lookup for the hits' caption, url and signals) and `render.as_json`, which is
+`curate search --json` and the page's /api/search less the query's encoding by the model; index-only latency
+is the index's own search at the same nprobe. With --where, the same for a filtered search (the clause
+evaluated once into an allow-list, then applied by the index while it scans).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import sys
@@ -25,138 +33,192 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dedup import parse_size, synth  # noqa: E402 - the project's CLIP-like generator, shared with bench/dedup.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from synth_scored import generate, parse_count  # noqa: E402 - the project's synthetic scored dataset writer
+
+K = 10
+KINDS = {"near-row": "image", "text-like": "text", "random": "text"}  # query -> the encoder it stands for
 
 
-def continuum(n: int, d: int, seed: int = 0, rank: int = 64, chunk: int = 100_000) -> np.ndarray:
-    """Harder data without topics: a cone around one direction, spread over a rank-64 subspace with a
-    power-law spectrum (CLIP embeddings' effective rank is low) plus a little isotropic noise. No cluster
-    lines up with an IVF list, so nprobe has to grow to reach the same recall."""
+def queries_of(s: object, n: int, seed: int) -> dict[str, np.ndarray]:
+    """{kind: query vectors}; the source rows are drawn with another seed than the index's tuning rows."""
+    from curate.search.build import TEXT_LIKE_COSINE, weak_probes
+
     rng = np.random.default_rng(seed)
-    basis = np.linalg.qr(rng.standard_normal((d, rank)))[0].astype(np.float32)
-    scales = (1.0 / np.sqrt(np.arange(1, rank + 1))).astype(np.float32)
-    mean = rng.standard_normal(d).astype(np.float32)
-    mean /= np.linalg.norm(mean)
-    out = np.empty((n, d), np.float16)
-    for s in range(0, n, chunk):
-        m = min(chunk, n - s)
-        x = (rng.standard_normal((m, rank), dtype=np.float32) * scales) @ basis.T
-        x += 0.15 * rng.standard_normal((m, d), dtype=np.float32) / np.sqrt(d)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        x = 0.6 * mean + 0.8 * x
-        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    src = rng.choice(len(s.keys), size=2 * n, replace=False)  # type: ignore[attr-defined]
+    x = s.vectors_of("image", np.sort(src[:n]))  # type: ignore[attr-defined]
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    noise -= np.sum(noise * x, axis=1, keepdims=True) * x
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    near = 0.97 * x + np.sqrt(1 - 0.97 ** 2) * noise
+    text = weak_probes(s.vectors_of("image", np.sort(src[n:])), TEXT_LIKE_COSINE, seed=seed + 100)  # type: ignore[attr-defined]
+    rand = rng.standard_normal((n, x.shape[1])).astype(np.float32)
+    rand /= np.linalg.norm(rand, axis=1, keepdims=True)
+    return {"near-row": near.astype(np.float32), "text-like": text, "random": rand}
+
+
+def exact_kth(s: object, q: np.ndarray, k: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """Exact top-k cosines (descending) of each query over every indexed vector (those in `mask`), one
+    shard file at a time, read whole (not memory-mapped) so this process never holds more than a shard."""
+    shards, rows = s.shards, s.emb_rows  # type: ignore[attr-defined]
+    best = np.full((len(q), k), -np.inf, np.float32)
+    for shard in dict.fromkeys(shards.tolist()):
+        sel = np.flatnonzero(shards == shard)
+        if mask is not None:
+            sel = sel[mask[sel]]
+        emb = np.load(s.ds.signals(s.scorer, shard, ".img_emb.npy"))  # type: ignore[attr-defined]
+        for c in range(0, len(sel), 65536):
+            part = emb[rows[sel[c:c + 65536]]].astype(np.float32)
+            best = np.partition(np.concatenate([best, q @ part.T], axis=1), -k, axis=1)[:, -k:]
+        del emb
+    return -np.sort(-best, axis=1)
+
+
+def pct(ms: list[float]) -> str:
+    a = np.array(ms)
+    return f"{np.percentile(a, 50):.2f} / {np.percentile(a, 95):.2f} / {np.percentile(a, 99):.2f}"
+
+
+def measure(s: object, qs: dict[str, np.ndarray], gt: dict[str, np.ndarray],
+            filtered: bool) -> dict[str, dict[str, object]]:
+    """Per query kind: recall@10 of the end-to-end hits, end-to-end and index-only latency (ms)."""
+    import faiss
+
+    from curate.search import render
+
+    index = s.indexes["image"]  # type: ignore[attr-defined]
+    out = {}
+    for name, q in qs.items():
+        kind = KINDS[name]
+        nprobe = s.nprobe("image", kind)  # type: ignore[attr-defined]
+        sel = s._selector if filtered else None  # type: ignore[attr-defined]
+        params = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel) if s.nlist else (  # type: ignore[attr-defined]
+            faiss.SearchParameters(sel=sel) if sel is not None else None)
+        e2e, idx, sims = [], [], []
+        for i in range(len(q)):
+            t = time.perf_counter()
+            hits = s.search(q[i], K, "image", kind=kind)  # type: ignore[attr-defined]
+            render.as_json([(f"q{i}", hits)], K, "image", s.where)  # type: ignore[attr-defined]
+            e2e.append((time.perf_counter() - t) * 1e3)
+            t = time.perf_counter()
+            index.search(q[i:i + 1], K, params=params)
+            idx.append((time.perf_counter() - t) * 1e3)
+            # the hits' true cosines, recomputed from the stored vectors (untimed; same ids as the hits)
+            found = s.ann(q[i], K, "image", kind, filtered=filtered)  # type: ignore[attr-defined]
+            assert [s.keys[j] for j, _ in found] == [h["key"] for h in hits]  # type: ignore[attr-defined]
+            ids = np.array([j for j, _ in found], np.int64)
+            row = np.full(K, -np.inf, np.float32)
+            row[:len(ids)] = s.vectors_of("image", ids) @ q[i]  # type: ignore[attr-defined]
+            sims.append(row)
+        recall = float(np.mean(np.stack(sims) >= gt[name][:, -1:] - 1e-4))
+        out[name] = {"nprobe": nprobe, "recall": round(recall, 4), "e2e_ms": pct(e2e), "index_ms": pct(idx),
+                     "e2e_p95": float(np.percentile(e2e, 95))}
     return out
 
 
-def write_dataset(root: Path, emb: np.ndarray, shard_rows: int) -> None:
-    """A scored dataset dir holding `emb` (what `curate score` writes, minus the tars and ledgers)."""
-    import pyarrow as pa
-
-    from curate.io.atomic import write_json
-    from curate.io.layout import DatasetDir, sample_key, shard_name
-    from curate.io.manifest import record_stage
-    from curate.io.tables import write_table
-    from curate.stages.score import write_npy
-
-    ds = DatasetDir.at(root)
-    for i, s in enumerate(range(0, len(emb), shard_rows)):
-        shard = shard_name(i)
-        part = emb[s:s + shard_rows]
-        keys = [sample_key(shard, j) for j in range(len(part))]
-        write_table(ds.signals("score", shard), pa.table({
-            "key": pa.array(keys, pa.string()), "scored": pa.array(np.ones(len(part), bool)),
-            "emb_row": pa.array(np.arange(len(part), dtype=np.int32))}))
-        write_npy(ds.signals("score", shard, ".img_emb.npy"), np.ascontiguousarray(part))
-        write_json(ds.marker("score", shard), {"shard": shard, "stats": {"rows": len(part)}})
-    record_stage(ds, "score", config={"bench": "synthetic"}, fingerprint="bench-search")
-
-
-def exact_topk(emb: np.ndarray, q: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, ids) of the exact top-k, streamed over row blocks."""
-    best_s = np.full((len(q), k), -np.inf, np.float32)
-    best_i = np.full((len(q), k), -1, np.int64)
-    for s in range(0, len(emb), chunk):
-        sims = q @ emb[s:s + chunk].astype(np.float32).T
-        cat_s = np.concatenate([best_s, sims], axis=1)
-        cat_i = np.concatenate([best_i, np.arange(s, s + sims.shape[1])[None, :].repeat(len(q), 0)], axis=1)
-        top = np.argpartition(-cat_s, k - 1, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
-    o = np.argsort(-best_s, axis=1)
-    return np.take_along_axis(best_s, o, 1), np.take_along_axis(best_i, o, 1)
+def row_lookup(s: object, n: int) -> dict[str, str]:
+    """ms to fetch 10 random ids' hit rows: from the row store (what a search does) and by a query over the
+    samples view (the fallback when the store is stale; it reads every shard's files)."""
+    rng = np.random.default_rng(7)
+    store, view = [], []
+    for i in range(min(n, 100)):
+        ids = rng.choice(len(s.keys), 10, replace=False).tolist()  # type: ignore[attr-defined]
+        t = time.perf_counter()
+        s.rows_by_id(ids)  # type: ignore[attr-defined]
+        store.append((time.perf_counter() - t) * 1e3)
+        if i < 20:
+            t = time.perf_counter()
+            s.rows([s.keys[j] for j in ids])  # type: ignore[attr-defined]
+            view.append((time.perf_counter() - t) * 1e3)
+    return {"store_ms": pct(store), "samples_view_ms": pct(view)}
 
 
 def main() -> None:
-    # long because it is a flat script: arguments, synthetic vectors, index build, timed queries, print
+    # long because it is a flat script: arguments, data, build, ground truth, timed queries, print
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", default="1M")
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--shard-rows", default="100k")
+    ap.add_argument("--queries", type=int, default=300, help="Queries of each kind.")
+    ap.add_argument("--rows-per-shard", type=int, default=10_000)
     ap.add_argument("--memory-budget", default="4G")
     ap.add_argument("--kind", default="auto")
-    ap.add_argument("--data", choices=["clustered", "continuum"], default="clustered",
-                    help="clustered: bench/dedup.py's topics and near-copies; continuum: see continuum().")
+    ap.add_argument("--nlist", type=int, default=0)
+    ap.add_argument("--where", default="lang = 'en'", help="A clause for the filtered run ('' skips it).")
     ap.add_argument("--out", default="bench-out/search")
-    ap.add_argument("--keep", action="store_true", help="Keep the dataset dir (1M x 512: ~1 GB of embeddings).")
+    ap.add_argument("--reuse", action="store_true", help="Reuse --out's dataset (and its index when complete).")
+    ap.add_argument("--keep", action="store_true", help="Keep the dataset dir (1M x 512: ~1.2 GB).")
+    ap.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     args = ap.parse_args()
-    import faiss
-
     from curate.engines import EngineSpec
     from curate.runner import run_stage
     from curate.search.build import IndexConfig, parse_bytes
+    from curate.search.searcher import Searcher
 
-    n, k = parse_size(args.n), 10
-    out = Path(args.out)
-    root = out / "ds"
-    shutil.rmtree(root, ignore_errors=True)
-    t0 = time.time()
-    if args.data == "clustered":
-        emb, _, _ = synth(n + args.queries, args.dim, seed=0)
-    else:
-        emb = continuum(n + args.queries, args.dim, seed=0)
-    perm = np.random.default_rng(1).permutation(len(emb))
-    queries = emb[perm[n:]].astype(np.float32)
-    emb = emb[np.sort(perm[:n])]  # held-out queries: fresh rows, base rows and near-copies alike
-    write_dataset(root, emb, parse_size(args.shard_rows))
-    print(f"data ({args.data}): {n} x {args.dim} float16 in {time.time() - t0:.1f}s")
-
-    cfg = IndexConfig(kind=args.kind, memory_budget=parse_bytes(args.memory_budget))
+    n = parse_count(args.n)
+    root = Path(args.out) / "ds"
+    if not (args.reuse and (root / "_done" / "score").is_dir()):
+        shutil.rmtree(root, ignore_errors=True)
+        t0 = time.time()
+        generate(root, n, args.rows_per_shard)
+        print(f"data: {n:,} x 512 float16 in {n // args.rows_per_shard} shards, {time.time() - t0:.1f}s")
+    cfg = IndexConfig(kind=args.kind, memory_budget=parse_bytes(args.memory_budget), nlist=args.nlist)
     t0 = time.time()
     summary = run_stage("index", cfg, str(root), EngineSpec("local", 1), progress=False)
     build_s = time.time() - t0
     assert summary.ok, summary.failed
     meta = json.loads((root / "index" / "index.json").read_text())
     info = meta["modalities"]["image"]
-    index = faiss.read_index(str(root / "index" / info["file"]))
-    if meta["nlist"]:
-        faiss.extract_index_ivf(index).nprobe = info["nprobe"]
+    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"index: {meta['factory']} ({meta['kind']}), {meta['rows']:,} rows, build {build_s:.1f}s "
+          f"(train + {summary.shards_total} shard tasks + merge + tuning + row store; "
+          f"{summary.shards_skipped} tasks reused), task peak RSS {child_rss:.0f} MB")
+    for kind, t in info["search"].items():
+        print(f"  tuned for {kind} queries on {t['queries']} {t['source']}: nprobe {t['nprobe']}, "
+              f"recall@10 {t['recall']}; curve {t['recall_curve']}")
+    size = sum((root / "index" / f).stat().st_size for f in (info["file"], "rows.arrow"))
+    print(f"  index + row store on disk: {size / 1e6:.0f} MB")
 
     t0 = time.time()
-    gt_s, gt_i = exact_topk(emb, queries, k)
-    brute_s = time.time() - t0
-    faiss.omp_set_num_threads(1)  # one query per call: threads only add overhead
-    lat, found = [], []
-    for i in range(len(queries)):
-        t = time.perf_counter()
-        _, ids = index.search(queries[i:i + 1], k)
-        lat.append(time.perf_counter() - t)
-        found.append(ids[0])
-    found_i = np.stack(found)
-    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(found_i, gt_i, strict=True)])
-    found_s = np.einsum("qkd,qd->qk", emb[np.maximum(found_i, 0)].astype(np.float32), queries)
-    with_ties = np.mean(found_s >= gt_s[:, -1:] - 1e-4)
-    lat_ms = np.array(lat) * 1e3
+    s = Searcher(root)
+    open_s = time.time() - t0
+    qs = queries_of(s, args.queries, seed=12345)
+    t0 = time.time()
+    gs = exact_kth(s, np.concatenate(list(qs.values())), K)
+    gt = dict(zip(qs, np.split(gs, len(qs)), strict=True))
+    print(f"searcher opened in {open_s:.1f}s; brute force for {3 * args.queries} queries {time.time() - t0:.1f}s")
+    results = {"n": n, "factory": meta["factory"], "build_s": round(build_s, 1), "task_peak_rss_mb": round(child_rss),
+               "all": measure(s, qs, gt, filtered=False), "rows": row_lookup(s, args.queries)}
+    s.close()
+    if args.where:
+        s = Searcher(root, where=args.where)
+        mask = s.allowed
+        assert mask is not None
+        gs = exact_kth(s, np.concatenate(list(qs.values())), K, mask)
+        gtw = dict(zip(qs, np.split(gs, len(qs)), strict=True))
+        results["where"] = {"clause": args.where, "share": round(float(mask.mean()), 3),
+                            **measure(s, qs, gtw, filtered=True)}
+        s.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    size = (root / "index" / info["file"]).stat().st_size
-    print(f"index: {meta['factory']} ({meta['kind']}), nlist {meta['nlist']}, nprobe {info['nprobe']} "
-          f"(tuned on {info['queries']} held-out rows to recall {info['recall']}), trained on {meta['train_rows']} rows")
-    print(f"build (train + {summary.shards_total} shard tasks + merge + tune): {build_s:.1f}s; brute force for "
-          f"{len(queries)} queries: {brute_s:.1f}s")
-    print(f"recall@10 vs brute force, {len(queries)} held-out queries: {overlap:.4f} (set overlap), "
-          f"{with_ties:.4f} (ties counted)")
-    print(f"single-query latency: p50 {np.percentile(lat_ms, 50):.2f} ms, p95 {np.percentile(lat_ms, 95):.2f} ms, "
-          f"p99 {np.percentile(lat_ms, 99):.2f} ms")
-    print(f"index size: {size / 1e6:.1f} MB ({size / n:.0f} bytes/vector); peak RSS {rss:.0f} MB")
+    results["search_peak_rss_mb"] = round(rss)
+    if meta.get("refine"):
+        print(f"IVF-PQ: the index's best {meta['refine']} candidates reranked by exact cosine from the embedding "
+              f"files (end-to-end includes it; index-only does not)")
+    print(f"\n{args.queries} queries of each kind, k={K}, one query per call, {os.cpu_count()} CPUs "
+          f"(faiss threads {__import__('faiss').omp_get_max_threads()})")
+    print(f"{'run':<22} {'query':<10} {'nprobe':>6} {'recall@10':>9}  {'end-to-end p50/p95/p99 ms':>27}  "
+          f"{'index only p50/p95/p99 ms':>27}")
+    for run in ("all", "where"):
+        if run not in results:
+            continue
+        label = "no filter" if run == "all" else f"--where {results['where']['clause']}"[:22]
+        for name in qs:
+            r = results[run][name]
+            print(f"{label:<22} {name:<10} {r['nprobe']:>6} {r['recall']:>9.4f}  {r['e2e_ms']:>27}  {r['index_ms']:>27}")
+    r = results["rows"]
+    print(f"hit rows for 10 ids, p50/p95/p99 ms: row store {r['store_ms']}; samples-view query over "
+          f"{len(set(s.shards.tolist()))} shards (the stale-store fallback) {r['samples_view_ms']}")
+    print(f"peak RSS of this process (searcher + one shard at a time for brute force): {rss:.0f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

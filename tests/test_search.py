@@ -434,3 +434,229 @@ def test_api_offers_both_modalities(served, dataset):
     status, _, body = get(f"{served}/api/search?q=cat&k=3&modality=both")
     hits = json.loads(body)["hits"]
     assert status == 200 and len(hits) == 3 and set(hits[0]["scores"]) == {"image", "text"}
+
+
+# --- the row store, --where allow-lists and per-query-kind tuning --------------------------------------
+
+
+def samples_rows(ds: DatasetDir) -> dict[str, dict]:
+    """Every sample's HIT_COLUMNS straight from the ledger and score files (what the samples view joins)."""
+    from curate.search.rowstore import HIT_COLUMNS
+
+    out: dict[str, dict] = {}
+    for shard in ds.shards():
+        for r in pq.read_table(ds.ledger(shard)).to_pylist():
+            out[r["key"]] = {c: r[c] for c in HIT_COLUMNS if c in r}
+    for shard in ds.done_shards("score"):
+        for r in pq.read_table(ds.signals("score", shard)).to_pylist():
+            out[r["key"]].update({c: r[c] for c in HIT_COLUMNS if c in r})
+    return out
+
+
+def test_row_store_holds_each_ids_row_in_id_order(dataset):
+    """rows.arrow: row i is index id i's sample (key from ids.parquet), with the same caption, url and signals
+    as the ledger and score files; RowStore.rows answers any ids in the order asked, across batches."""
+    from curate.search import rowstore
+    from curate.search.rowstore import RowStore
+
+    ids = pq.read_table(dataset.root / "index" / "ids.parquet")["key"].to_pylist()
+    truth = samples_rows(dataset)
+    store = RowStore(dataset.root / "index" / "rows.arrow")
+    try:
+        assert store.rows_count == len(ids) and {"caption", "url", "status", "clip_score"} <= set(store.columns)
+        order = [7, 0, 39, 7, 12]
+        for i, row in zip(order, store.rows(order), strict=True):
+            assert row["key"] == ids[i]
+            for c in store.columns:
+                assert row[c] == pytest.approx(truth[ids[i]][c]) if isinstance(row[c], float) else row[c] == truth[ids[i]][c]
+        # each row knows where its image lies in its shard's tar: the bytes there are the sample's image
+        from curate.io.shards import iter_samples
+
+        images = {smp["key"]: smp["image"] for shard in dataset.shards() for smp in iter_samples(dataset.shard_tar(shard))}
+        shards = pq.read_table(dataset.root / "index" / "ids.parquet")["shard"].to_pylist()
+        for i, row in enumerate(store.rows(list(range(N_IMAGES)))):
+            with open(dataset.shard_tar(shards[i]), "rb") as fh:
+                fh.seek(row["image_offset"])
+                assert fh.read(row["image_size"]) == images[ids[i]]
+    finally:
+        store.close()
+    meta = json.loads((dataset.root / "index" / "rows.json").read_text())
+    assert meta["rows"] == len(ids) and meta["batch_rows"] == rowstore.ROW_BATCH
+
+
+def test_row_store_batches_are_addressable_by_id(dataset, tmp_path, monkeypatch):
+    """With batches of 16 rows the 40 ids span three batches; every id's row is still its own."""
+    from curate.search import rowstore
+
+    monkeypatch.setattr(rowstore, "ROW_BATCH", 16)
+    wd = tmp_path / "index"
+    wd.mkdir()
+    shutil.copy(dataset.root / "index" / "ids.parquet", wd / "ids.parquet")
+    rowstore.write_row_store(dataset, wd, N_IMAGES)
+    store = rowstore.RowStore(wd / "rows.arrow")
+    try:
+        assert [b.num_rows for b in store._batches] == [16, 16, 8]
+        ids = pq.read_table(wd / "ids.parquet")["key"].to_pylist()
+        assert [r["key"] for r in store.rows(list(range(N_IMAGES))[::-1])] == ids[::-1]
+    finally:
+        store.close()
+
+
+def add_signal(ds: DatasetDir, table: str, values: dict[str, int]) -> None:
+    """A new signal table (one column `tag`) with done markers: the samples view gains column <table>_tag."""
+    for shard in ds.done_shards("score"):
+        keys = [r["key"] for r in pq.read_table(ds.signals("score", shard), columns=["key"]).to_pylist()]
+        path = ds.signals(table, shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"key": keys, "tag": [values.get(k, 0) for k in keys]}), path)
+        ds.marker(table, shard).parent.mkdir(parents=True, exist_ok=True)
+        ds.marker(table, shard).write_text(json.dumps({"shard": shard}))
+
+
+def test_where_is_an_allow_list_and_a_stale_store_falls_back(dataset, tmp_path, capsys, caplog):
+    """--where on a signal written after the index: the allow-list is evaluated once and cached; the row
+    store is stale, so hits come from the samples view (with a warning) until `curate index` refreshes it."""
+    from curate.search.searcher import Query, Searcher
+
+    ds = DatasetDir.at(tmp_path / "copy")
+    shutil.copytree(dataset.root, ds.root, ignore=shutil.ignore_patterns("allow"))  # other tests' cached clauses
+    keys, img, _ = embeddings(ds)
+    tagged = {k: 1 for k in keys[::3]}
+    add_signal(ds, "extra", tagged)
+    exact = [k for k in (keys[i] for i in np.argsort(-(img @ img[4]), kind="stable")) if k in tagged and k != keys[4]]
+    s = Searcher(ds.root, where="extra_tag = 1")
+    try:
+        assert s.store is None and "older than" in caplog.text
+        hits = s.query(Query("key", keys[4]), k=5)
+        assert [h["key"] for h in hits] == exact[:5] and all(h["caption"] for h in hits)
+        assert int(s.allowed.sum()) == len(tagged)
+    finally:
+        s.close()
+    cached = list((ds.root / "index" / "allow").glob("*.npy"))
+    assert len(cached) == 1
+    bits = np.unpackbits(np.load(cached[0]), count=N_IMAGES, bitorder="little").astype(bool)
+    ids = pq.read_table(ds.root / "index" / "ids.parquet")["key"].to_pylist()
+    assert {ids[i] for i in np.flatnonzero(bits)} == set(tagged)
+    # a rerun of the index stage has no shard to redo, and rewrites only the stale row store
+    capsys.readouterr()
+    assert main(["index", str(ds.root), "--no-progress"]) == 0
+    assert "0 shard(s) done, 3 already done" in capsys.readouterr().err
+    doc = search_json(ds, capsys, "--key", keys[4], "-k", "5", "--where", "extra_tag = 1")
+    assert [h["key"] for h in doc["queries"][0]["hits"]] == exact[:5]
+    s = Searcher(ds.root)
+    try:
+        assert s.store is not None
+    finally:
+        s.close()
+
+
+def test_weak_probes_sit_at_the_asked_cosine():
+    from curate.search.build import probe_steps, weak_probes
+
+    x = np.random.default_rng(0).standard_normal((50, 64)).astype(np.float32)
+    p = weak_probes(x, 0.3, seed=1)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert np.allclose(np.linalg.norm(p, axis=1), 1, atol=1e-5)
+    assert np.allclose(np.sum(p * unit, axis=1), 0.3, atol=1e-5)
+    assert probe_steps(64) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64] and probe_steps(1) == [1]
+    assert probe_steps(100) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 100]
+
+
+def test_ivf_tuned_per_query_kind_and_text_queries_use_the_text_setting(dataset, tmp_path, capsys):
+    """index.json keeps a setting per modality and query kind (captions tune text queries here); a text query
+    is searched with the text setting, a key query with the image one."""
+    import faiss
+
+    from curate.search.searcher import Searcher
+
+    ds = DatasetDir.at(tmp_path / "ivf")
+    shutil.copytree(dataset.root, ds.root)
+    assert main(["index", str(ds.root), "--kind", "ivf-fp16", "--nlist", "8", "--redo", "--no-progress"]) == 0
+    path = ds.root / "index" / "index.json"
+    meta = json.loads(path.read_text())
+    for m in ("image", "text"):
+        search = meta["modalities"][m]["search"]
+        assert set(search) == {"image", "text"} and all(v["recall"] >= 0.97 for v in search.values())
+    assert "caption" in meta["modalities"]["image"]["search"]["text"]["source"]
+    # pin the settings apart: text queries probe every list (exact), image/key queries one list
+    meta["modalities"]["image"]["search"]["text"]["nprobe"] = 8
+    meta["modalities"]["image"]["search"]["image"]["nprobe"] = 1
+    path.write_text(json.dumps(meta))
+    keys, img, captions = embeddings(ds)
+    _, txt, _ = embeddings(ds, ".txt_emb.npy")
+    target = keys.index(next(k for k in keys if captions[k] == caption(2)))
+    exact = [keys[i] for i in np.argsort(-(img @ txt[target]), kind="stable")[:8]]
+    index = faiss.read_index(str(ds.root / "index" / "image.faiss"))
+    ids = pq.read_table(ds.root / "index" / "ids.parquet")["key"].to_pylist()
+    _, one = index.search(txt[target:target + 1], 8, params=faiss.SearchParametersIVF(nprobe=1))
+    assert [ids[i] for i in one[0] if i >= 0] != exact  # one list is not enough for this query
+    doc = search_json(ds, capsys, caption(2), "-k", "8")
+    assert [h["key"] for h in doc["queries"][0]["hits"]] == exact
+    s = Searcher(ds.root)
+    try:
+        assert s.nprobe("image", "image") == 1 and s.nprobe("image", "text") == 8
+    finally:
+        s.close()
+
+
+def test_ivf_pq_hits_are_reranked_by_exact_cosine(tmp_path):
+    """A compressed (IVF-PQ) index: the index's candidates are reranked with the stored float16 embeddings,
+    so hit scores are the exact cosines and text-like queries reach the tuned recall against brute force."""
+    import importlib.util
+
+    from curate.search.build import weak_probes
+    from curate.search.searcher import Searcher
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "synth_scored.py"
+    spec = importlib.util.spec_from_file_location("synth_scored", bench)
+    synth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(synth)
+    ds = DatasetDir.at(tmp_path / "pq")
+    synth.generate(ds.root, 3000, rows_per_shard=1000)
+    assert main(["index", str(ds.root), "--kind", "ivf-pq", "--memory-budget", "200K", "--nlist", "8",
+                 "--no-progress"]) == 0
+    meta = json.loads((ds.root / "index" / "index.json").read_text())
+    assert meta["factory"] == "IVF8,PQ32" and meta["refine"] > 10
+    keys = pq.read_table(ds.root / "index" / "ids.parquet")["key"].to_pylist()
+    emb = np.concatenate([np.load(ds.signals("score", s, ".img_emb.npy")) for s in ds.done_shards("score")])
+    emb = emb.astype(np.float32)
+    q = weak_probes(emb[[5, 1500, 2999]], 0.3, seed=3)
+    s = Searcher(ds.root)
+    try:
+        found = 0.0
+        for v in q:
+            hits = s.search(v, 10, kind="text")
+            exact = emb @ v
+            got = np.array([exact[keys.index(h["key"])] for h in hits])
+            assert [h["score"] for h in hits] == pytest.approx(got.tolist(), abs=1e-4)  # exact, not PQ's
+            found += float(np.mean(got >= np.sort(exact)[-10] - 1e-4))
+        assert found / len(q) >= meta["modalities"]["image"]["search"]["text"]["recall"] - 0.1
+        assert all(h["caption"].startswith("a photo number") for h in hits)
+    finally:
+        s.close()
+
+
+def test_tuning_stops_at_a_recall_plateau_and_takes_its_cheapest_nprobe():
+    """A compressed index whose codes cap recall below the target: tuning stops once more lists stop helping
+    and picks the smallest nprobe within 0.002 of the best recall seen, not every list."""
+    import faiss
+
+    from curate.search.build import PLATEAU_GAIN, probe_steps, tune_nprobe
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((200, 32)).astype(np.float32)
+    x = np.repeat(centres, 40, axis=0) + 0.3 * rng.standard_normal((8000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # tight clusters: the neighbours sit in a few lists
+    index = faiss.index_factory(32, "IVF128,PQ4", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    q = x[::80] + 0.1 * rng.standard_normal((100, 32)).astype(np.float32)
+    gt = -np.sort(-(q @ x.T), axis=1)[:, :10]
+
+    def true_sims(ids):
+        return np.where(ids >= 0, np.einsum("qkd,qd->qk", x[np.maximum(ids, 0)], q), -np.inf)
+
+    nprobe, rec, curve = tune_nprobe(index, 128, q, gt, 1.0, true_sims)
+    best = max(r for _, r in curve)
+    assert rec < 1.0 and len(curve) < len(probe_steps(128))  # stopped early
+    assert nprobe == next(p for p, r in curve if r >= best - PLATEAU_GAIN) and rec >= best - PLATEAU_GAIN

@@ -25,6 +25,7 @@ def command(dataset: str, progress: bool, options: Options, engine_spec: Any, re
     extra = {"dataset": input_digest(DatasetDir.at(dataset), cfg.scorer)}
     summary = run_stage("index", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)
     c = summary.counts
-    line = (f"  rows {c.get('rows', 0)}, {c.get('factory', '?')} ({c.get('kind', '?')}), nprobe {c.get('nprobe')}, "
-            f"recall@10 {c.get('recall_at_10')}, {c.get('index_bytes', 0) / 1e6:.1f} MB")
+    line = (f"  rows {c.get('rows', 0)}, {c.get('factory', '?')} ({c.get('kind', '?')}), image queries: nprobe "
+            f"{c.get('nprobe')} recall@10 {c.get('recall_at_10')}; text queries: nprobe {c.get('nprobe_text')} "
+            f"recall@10 {c.get('text_recall_at_10')}; {c.get('index_bytes', 0) / 1e6:.1f} MB")
     finish(summary, [line])

@@ -7,5 +7,7 @@ text, image or key (`curate search`) and a loopback search page (`curate serve`)
       trained-{modality}.faiss      the trained, empty index (IVF centroids; a Flat index needs none)
       parts/{shard}.{modality}.faiss  one shard's vectors added to a copy of the trained index (tasks)
       {modality}.faiss              all parts merged (finalize)
-      index.json                    kind, nprobe, dimensions and recall estimate; written last
+      rows.arrow, rows.json         id-ordered row store: what a hit shows, and its image's place in its tar
+      allow/{digest}.npy            a --where clause evaluated once: one bit per id
+      index.json                    kind, nprobe per modality and query kind, recall estimates; written last
 """

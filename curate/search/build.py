@@ -5,7 +5,15 @@ The index kind is chosen by size, the way autofaiss does: an exact inner-product
 probed lists) when they fit the memory budget, else IVF with product quantization sized to the budget.
 plan() (driver) writes the id -> key table and trains the index on a seeded sample; each task adds one
 scored shard's vectors to a copy of the trained index; finalize() merges the parts in id order, picks the
-smallest nprobe that reaches `target_recall` against brute force on held-out rows, and writes index.json last.
+smallest nprobe that reaches `target_recall` against brute force for each kind of query a user sends (below),
+writes the id-ordered row store (curate/search/rowstore.py) and writes index.json last.
+
+Query kinds: an *image* query (an image file, or a sample's own vector: `--key`) sits inside the indexed
+image clusters, while a *text* query (a caption through the text tower) sits across the modality gap and needs
+many more lists probed for the same recall. Each modality's index is therefore tuned twice: on held-out rows'
+image embeddings and on their caption embeddings when the scorer saved them, else on weakly aligned probes
+(cosine TEXT_LIKE_COSINE to a held-out row, what a CLIP caption is to its image); index.json keeps both
+settings and the searcher picks one by the query's encoder.
 """
 
 from __future__ import annotations
@@ -36,6 +44,12 @@ MODALITIES = {"image": ".img_emb.npy", "text": ".txt_emb.npy"}
 KINDS = ("auto", "flat", "ivf-fp16", "ivf-pq")
 PQ_CODE_SIZES = (64, 48, 32, 24, 16, 12, 8, 4)  # bytes per vector tried, largest (most accurate) first
 RECALL_K = 10
+QUERY_KINDS = ("image", "text")  # the encoder a query vector came from
+# PQ distances are approximate: an IVF-PQ search takes this many candidates and reranks them by their exact
+# cosine, read from the score stage's embedding files (memory-mapped, so they stay on disk)
+REFINE_DEPTH = 200
+TEXT_LIKE_COSINE = 0.3
+PLATEAU_STEPS, PLATEAU_GAIN = 3, 0.002  # tuning stops when 3 more nprobe steps gain under 0.002 recall  # a CLIP caption's cosine to its own image, roughly: the weakly aligned probes' cosine
 
 
 def _bytes(text: str) -> int:
@@ -53,8 +67,9 @@ class IndexConfig:
     exact_below: int = option(100_000, help="Rows under which the index is exact (brute force).")
     nlist: int = option(0, help="IVF lists (0: a power of two near sqrt(N)).")
     train_size: int = option(0, help="Rows of the seeded training sample (0: 64 per IVF list).")
-    target_recall: float = option(0.97, help="recall@10 against brute force (held-out rows) the chosen nprobe must "
-                                             "reach.")
+    target_recall: float = option(0.97, help="recall@10 against brute force the chosen nprobe must reach, for "
+                                             "image queries (held-out rows) and for text queries (their captions, "
+                                             "else weakly aligned probes) alike.")
     queries: int = option(256, help="Held-out rows for the recall estimate.")
     text: bool = option(True, help="Also index text embeddings when the scorer saved them (--save-text-embeddings).")
     seed: int = option(0, help="Seed of the training sample and the held-out queries.")
@@ -117,7 +132,8 @@ def choose_index(n: int, d: int, cfg: IndexConfig) -> dict[str, Any]:
         raise InputError(f"--memory-budget: {cfg.memory_budget} bytes cannot hold {n} vectors even as "
                          f"{min(PQ_CODE_SIZES)}-byte PQ codes plus ids; raise it")
     m = fits[0]
-    return {"kind": "ivf-pq", "factory": f"IVF{nlist},PQ{m}", "nlist": nlist, "bytes": n * (m + 8)}
+    return {"kind": "ivf-pq", "factory": f"IVF{nlist},PQ{m}", "nlist": nlist, "bytes": n * (m + 8),
+            "refine": REFINE_DEPTH}
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -297,19 +313,45 @@ class IndexStage:
             return {"incomplete_tasks": sum(not ds.marker(self.name, t["shard"]).exists() for t in plan["tasks"])}
         meta = {"format": "curate-index/1", "scorer": cfg.scorer, "rows": plan["rows"], "dim": plan["dim"],
                 "kind": plan["kind"], "factory": plan["factory"], "nlist": plan["nlist"], "metric": "inner_product",
-                "train_rows": plan["train_rows"], "score_fingerprint": plan["digest"]["inputs"]["fingerprint"],
+                "refine": plan.get("refine", 0), "train_rows": plan["train_rows"], "score_fingerprint": plan["digest"]["inputs"]["fingerprint"],
                 "modalities": {}}
+        held = self._tuning_queries(cfg, ds, plan)
         for m in plan["modalities"]:
-            meta["modalities"][m] = self._merge_and_tune(cfg, ds, plan, m)
+            meta["modalities"][m] = self._merge_and_tune(cfg, ds, plan, m, held)
+        from curate.search.rowstore import is_current, write_row_store
+
+        if not is_current(ds, wd):  # missing, or a ledger/signal file changed since: (re)written here
+            write_row_store(ds, wd, plan["rows"])
         write_json(wd / "index.json", meta)  # last: the searcher reads only a complete index
         img = meta["modalities"]["image"]
         return {"rows": plan["rows"], "kind": plan["kind"], "factory": plan["factory"], "nprobe": img["nprobe"],
-                f"recall_at_{RECALL_K}": img["recall"], "index_bytes": sum(v["bytes"] for v in meta["modalities"].values()),
+                f"recall_at_{RECALL_K}": img["recall"], "nprobe_text": img["search"]["text"]["nprobe"],
+                f"text_recall_at_{RECALL_K}": img["search"]["text"]["recall"],
+                "index_bytes": sum(v["bytes"] for v in meta["modalities"].values()),
                 "modalities": len(plan["modalities"])}
 
-    def _merge_and_tune(self, cfg: IndexConfig, ds: DatasetDir, plan: dict[str, Any], m: str) -> dict[str, Any]:
-        import faiss
+    def _tuning_queries(self, cfg: IndexConfig, ds: DatasetDir, plan: dict[str, Any]) -> dict[str, Any]:
+        """{kind: (vectors, what they are)} of the held-out rows: image embeddings for image queries; caption
+        embeddings for text queries when the scorer saved them, else weakly aligned probes of the images."""
         import pyarrow.parquet as pq
+
+        wd = index_dir(ds)
+        ids = pq.read_table(wd / "ids.parquet", columns=["shard", "emb_row"])
+        shard_col = np.asarray(ids["shard"].to_numpy(zero_copy_only=False))
+        emb_row = ids["emb_row"].to_numpy()
+        queries = np.load(wd / "queries.npy")
+        img = gather(ds, cfg.scorer, "image", shard_col, emb_row, queries)
+        if "text" in plan["modalities"]:
+            text = (gather(ds, cfg.scorer, "text", shard_col, emb_row, queries), "held-out rows' caption embeddings")
+        else:
+            text = (weak_probes(img, TEXT_LIKE_COSINE, cfg.seed),
+                    f"weakly aligned probes (cosine {TEXT_LIKE_COSINE} to held-out image rows)")
+        return {"image": (img, "held-out rows' image embeddings"), "text": text,
+                "ids": (shard_col, emb_row), "n": len(queries)}
+
+    def _merge_and_tune(self, cfg: IndexConfig, ds: DatasetDir, plan: dict[str, Any], m: str,
+                        held: dict[str, Any]) -> dict[str, Any]:
+        import faiss
 
         wd = index_dir(ds)
         index = faiss.read_index(str(wd / f"trained-{m}.faiss"))
@@ -319,21 +361,24 @@ class IndexStage:
             index.merge_from(part, 0 if plan["kind"] == "flat" else index.ntotal)
         if index.ntotal != plan["rows"]:
             raise InputError(f"{wd}: merged {index.ntotal} vectors for {m}, the id table has {plan['rows']}")
-        ids = pq.read_table(wd / "ids.parquet", columns=["shard", "emb_row"])
-        shard_col = np.asarray(ids["shard"].to_numpy(zero_copy_only=False))
-        emb_row = ids["emb_row"].to_numpy()
-        queries = np.load(wd / "queries.npy")
-        q = gather(ds, cfg.scorer, m, shard_col, emb_row, queries)
-        gt = brute_force(ds, cfg.scorer, m, shard_col, emb_row, q, RECALL_K)
-        nprobe, recall, curve = tune_nprobe(
-            index, plan["nlist"], q, gt, cfg.target_recall,
-            lambda ids: exact_sims(ds, cfg.scorer, m, shard_col, emb_row, q, ids))
+        shard_col, emb_row = held["ids"]
+        search: dict[str, dict[str, Any]] = {}
+        for kind in QUERY_KINDS:
+            q, source = held[kind]
+            gt = brute_force(ds, cfg.scorer, m, shard_col, emb_row, q, RECALL_K)
+            nprobe, recall, curve = tune_nprobe(
+                index, plan["nlist"], q, gt, cfg.target_recall,
+                lambda ids, q=q: exact_sims(ds, cfg.scorer, m, shard_col, emb_row, q, ids), plan.get("refine", 0))
+            search[kind] = {"nprobe": nprobe, "recall": recall, "recall_curve": curve, "queries": held["n"],
+                            "source": source}
+            log.info("index: %s %s, %d vectors, %s queries: nprobe %d, recall@%d %.4f", m, plan["factory"],
+                     index.ntotal, kind, nprobe, RECALL_K, recall)
         path = wd / f"{m}.faiss"
         _write_index(path, index)
-        log.info("index: %s %s, %d vectors, nprobe %d, recall@%d %.4f", m, plan["factory"], index.ntotal, nprobe,
-                 RECALL_K, recall)
-        return {"file": path.name, "nprobe": nprobe, "recall": recall, "recall_curve": curve,
-                "bytes": path.stat().st_size, "queries": int(len(queries))}
+        own = search["text" if m == "text" else "image"]  # queries of the index's own modality
+        return {"file": path.name, "nprobe": own["nprobe"], "recall": own["recall"],
+                "recall_curve": own["recall_curve"], "bytes": path.stat().st_size, "queries": held["n"],
+                "search": search}
 
     def inputs(self, cfg: IndexConfig) -> dict[str, Any]:
         return {"scorer": cfg.scorer}
@@ -377,24 +422,56 @@ def recall_at_k(found_sims: np.ndarray, gt_sims: np.ndarray, tol: float = 1e-4) 
     return float(np.mean(found_sims >= kth - tol))
 
 
+def probe_steps(nlist: int) -> list[int]:
+    """nprobe values tried, ascending: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (half steps between powers of two,
+    so text queries, which need many lists, do not pay up to twice the latency they need), then nlist."""
+    steps = {nlist}
+    for i in range(int(math.log2(max(nlist, 1))) + 1):
+        steps.update(s for s in (2 ** i, 3 * 2 ** i // 2) if 0 < s <= nlist)
+    return sorted(steps)
+
+
+def weak_probes(x: np.ndarray, cosine: float, seed: int = 0) -> np.ndarray:
+    """Unit vectors at exactly `cosine` to each row of x, the rest of their length in a random direction
+    orthogonal to it: stand-ins for text queries (a caption sits across the modality gap from its image)."""
+    rng = np.random.default_rng(seed + 1)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    u = rng.standard_normal(x.shape).astype(np.float32)
+    u -= np.sum(u * x, axis=1, keepdims=True) * x
+    u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(cosine * x + math.sqrt(1.0 - cosine ** 2) * u, dtype=np.float32)
+
+
 def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: float,
-                true_sims: Callable[[np.ndarray], np.ndarray]) -> tuple[int, float, list[list[float]]]:
-    """The smallest power-of-two nprobe whose recall@k reaches `target` (exact indexes: 0, measured once)."""
+                true_sims: Callable[[np.ndarray], np.ndarray], refine: int = 0) -> tuple[int, float, list[list[float]]]:
+    """The smallest nprobe of probe_steps() whose recall@k reaches `target` (exact indexes: 0, measured once).
+    With `refine`, each search takes that many candidates and keeps the k of highest exact cosine, as the
+    searcher does for IVF-PQ. A compressed index may never reach the target (its codes, not the lists
+    probed, limit recall): once PLATEAU_STEPS more steps gain less than PLATEAU_GAIN the search stops, and
+    the smallest nprobe within PLATEAU_GAIN of the best recall is chosen, not the most expensive one."""
     import faiss
 
     k = gt.shape[1]
     ivf = faiss.extract_index_ivf(index) if nlist else None
     curve: list[list[float]] = []
-    probes = [0] if ivf is None else sorted({min(2 ** i, nlist) for i in range(int(math.log2(nlist)) + 2)})
+    probes = [0] if ivf is None else probe_steps(nlist)
     for p in probes:
         if ivf is not None:
             ivf.nprobe = p
-        _, ids = index.search(q, k)
-        rec = recall_at_k(true_sims(ids), gt)
+        _, ids = index.search(q, max(k, refine))
+        sims = true_sims(ids)
+        if refine:
+            sims = -np.sort(-sims, axis=1)[:, :k]
+        rec = recall_at_k(sims, gt)
         curve.append([p, round(rec, 5)])
         if rec >= target:
             break
+        if len(curve) > PLATEAU_STEPS and rec - curve[-1 - PLATEAU_STEPS][1] < PLATEAU_GAIN:
+            break
     nprobe, rec = curve[-1]
+    if rec < target:
+        best = max(r for _, r in curve)
+        nprobe, rec = next((p, r) for p, r in curve if r >= best - PLATEAU_GAIN)
     if ivf is not None:
         ivf.nprobe = int(nprobe)
     return int(nprobe), float(rec), curve

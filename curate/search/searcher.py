@@ -2,13 +2,18 @@
 
 Text and image queries are encoded with the scorer's own open_clip model, rebuilt from what the score stage
 recorded in the manifest (config path, checkpoint path and its SHA-256), so a query lands in the same
-embedding space as the indexed vectors. `--where` is bound against export's `samples` view (curate/query.py)
-and applied to the hits; the widening loop asks the index for more candidates until k hits pass or none are left.
+embedding space as the indexed vectors. Each query is searched with the nprobe `curate index` tuned for its
+kind (text queries need more lists than image and key queries; see build.py). `--where` is bound against
+export's `samples` view (curate/query.py), evaluated once into a bit per index id (rowstore.allow_list) that the
+index applies while it scans; a hit's caption, url and signals come from the memory-mapped row store by id.
+So a query's cost does not grow with the number of shards: no SQL runs per query.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +23,12 @@ import numpy as np
 from curate.errors import InputError
 from curate.io.atomic import read_json
 from curate.io.layout import DatasetDir
-from curate.search.build import index_dir, open_embeddings
+from curate.search.build import QUERY_KINDS, index_dir, open_embeddings
+from curate.search.rowstore import HIT_COLUMNS, RowStore, allow_list, is_current, sources_digest
 
-# columns of the samples view shown with each hit (those present in the dataset)
-HIT_COLUMNS = ("caption", "url", "status", "clip_score", "lang", "is_duplicate", "eval_contaminated")
+log = logging.getLogger(__name__)
+
+MAX_OPEN_SHARDS = 64  # memory-mapped embedding files kept open for IVF-PQ reranking
 MAX_CANDIDATES = 1 << 16  # widening stops here: a --where that keeps almost nothing is reported, not scanned
 BOTH = "both"  # --modality both: image and caption hits fused by reciprocal rank
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): score = sum over lists of 1 / (RRF_K + rank)
@@ -54,15 +61,17 @@ class Searcher:
         self.scorer = self.meta["scorer"]
         ids = pq.read_table(wd / "ids.parquet")
         self.keys = np.asarray(ids["key"].to_numpy(zero_copy_only=False), dtype=object)
-        self.shards = np.asarray(ids["shard"].to_numpy(zero_copy_only=False), dtype=object)
+        shards = ids["shard"].combine_chunks().dictionary_encode()  # one str object per shard, not per row
+        self.shards = np.asarray(shards.dictionary.to_pylist(), dtype=object)[shards.indices.to_numpy()]
         self.emb_rows = ids["emb_row"].to_numpy()
         self._key_to_id: dict[str, int] | None = None
         self.indexes: dict[str, Any] = {}
         for m, info in self.meta["modalities"].items():
-            index = faiss.read_index(str(wd / info["file"]))
-            if self.meta["nlist"]:
-                faiss.extract_index_ivf(index).nprobe = int(info["nprobe"])
-            self.indexes[m] = index
+            self.indexes[m] = faiss.read_index(str(wd / info["file"]))
+        self.nlist = int(self.meta["nlist"])
+        self.refine = int(self.meta.get("refine", 0))  # IVF-PQ: candidates reranked by exact cosine
+        self._maps: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock_maps = threading.Lock()
         self.where = where
         sources = Sources.of(self.ds)
         if where:
@@ -77,6 +86,33 @@ class Searcher:
             self.export_views = self.export.register(self.db.con)
         self._lock = threading.Lock()  # DuckDB connection and the torch model are used one request at a time
         self._model: Any = None
+        self._open_rows(wd, sources, where)
+
+    def _open_rows(self, wd: Path, sources: Any, where: str | None) -> None:
+        """The row store (when current) and --where's allow-list, with the faiss selector that tests it."""
+        import faiss
+
+        digest = sources_digest(sources)
+        self.store: RowStore | None = None
+        if is_current(self.ds, wd, digest=digest):
+            self.store = RowStore(wd / "rows.arrow")
+        else:
+            log.warning("search: %s is missing or older than the dataset's ledger/signal files; hits are read "
+                        "from the samples view instead (slower; rerun `curate index %s` to refresh it)",
+                        wd / "rows.arrow", self.ds.root)
+        self.allowed: np.ndarray | None = None  # a bool per id under --where
+        self._selector: Any = None
+        if where:
+            self.allowed = allow_list(self.db, wd, where, len(self.keys), digest)
+            self._allowed_count = int(self.allowed.sum())
+            # faiss reads these bits while scanning; the packed array must outlive the selector
+            self._allow_bits = np.packbits(self.allowed, bitorder="little")
+            self._selector = faiss.IDSelectorBitmap(len(self.keys), faiss.swig_ptr(self._allow_bits))
+
+    def nprobe(self, modality: str, kind: str) -> int:
+        """The tuned nprobe of `modality`'s index for a query vector from the `kind` encoder (0: exact index)."""
+        info = self.meta["modalities"][modality]
+        return int(info.get("search", {}).get(kind, {}).get("nprobe", info["nprobe"]))
 
     # --- query vectors ---------------------------------------------------------------------------
 
@@ -156,31 +192,71 @@ class Searcher:
     # --- search ----------------------------------------------------------------------------------
 
     def search(self, vec: np.ndarray, k: int = 10, modality: str = "image",
-               exclude: str | None = None) -> list[dict[str, Any]]:
-        """Hits [{rank, key, shard, score, <HIT_COLUMNS>}] passing --where, best first."""
+               exclude: str | None = None, kind: str = "image") -> list[dict[str, Any]]:
+        """Hits [{rank, key, shard, score, <HIT_COLUMNS>}] passing --where, best first. `kind` is the
+        encoder the vector came from (text or image), which picks the index's tuned nprobe."""
         if modality not in self.indexes:
             raise InputError(f"--modality: no {modality} index in {index_dir(self.ds)} "
                              f"(have {', '.join(self.indexes)}); text needs score --save-text-embeddings")
         if k < 1:
             raise InputError("-k: must be at least 1")
-        index = self.indexes[modality]
-        q = np.ascontiguousarray(vec.reshape(1, -1), np.float32)
         want = k + (exclude is not None)
-        n_cand = want if not self.where else want * 4
+        found = self.ann(vec, want, modality, kind, filtered=True)
+        hits = [(i, s) for i, s in found if self.keys[i] != exclude][:k]
+        rows = self.rows_by_id([i for i, _ in hits])
+        return [{"rank": rank, "key": str(self.keys[i]), "shard": str(self.shards[i]), "score": round(s, 6), **row}
+                for rank, ((i, s), row) in enumerate(zip(hits, rows, strict=True), 1)]
+
+    def ann(self, vec: np.ndarray, n: int, modality: str, kind: str = "image",
+            filtered: bool = False) -> list[tuple[int, float]]:
+        """The index's best `n` (id, cosine), with the nprobe tuned for `kind`; `filtered`: only ids passing
+        --where, tested by the index as it scans. When the probed lists hold fewer than n (passing) vectors,
+        nprobe is widened (x4) until they do or every list is probed."""
+        import faiss
+
+        if kind not in QUERY_KINDS:
+            raise ValueError(f"query kind {kind!r} is not one of {QUERY_KINDS}")
+        index = self.indexes[modality]
+        sel = self._selector if filtered else None
+        available = self._allowed_count if filtered and self.allowed is not None else index.ntotal
+        n = min(n, available)
+        if n <= 0:
+            return []
+        q = np.ascontiguousarray(vec.reshape(1, -1), np.float32)
+        nprobe = self.nprobe(modality, kind)
         while True:
-            n_cand = min(n_cand, index.ntotal, MAX_CANDIDATES)
-            sims, ids = index.search(q, n_cand)
-            found = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
-            found = [(i, s) for i, s in found if self.keys[i] != exclude]
-            rows = self.rows([self.keys[i] for i, _ in found], self.where)
-            hits = [(i, s) for i, s in found if self.keys[i] in rows]
-            if len(hits) >= k or n_cand >= min(index.ntotal, MAX_CANDIDATES):
+            if self.nlist:
+                params = faiss.SearchParametersIVF(nprobe=max(1, nprobe), sel=sel)
+            else:
+                params = faiss.SearchParameters(sel=sel) if sel is not None else None
+            sims, ids = index.search(q, max(n, self.refine), params=params)
+            got = ids[0][ids[0] >= 0]
+            if len(got) >= n or not self.nlist or nprobe >= self.nlist:
                 break
-            n_cand *= 4
-        out = []
-        for rank, (i, s) in enumerate(hits[:k], 1):
-            key = str(self.keys[i])
-            out.append({"rank": rank, "key": key, "shard": str(self.shards[i]), "score": round(s, 6), **rows[key]})
+            nprobe = min(self.nlist, max(1, nprobe) * 4)
+        if not self.refine:
+            return [(int(i), float(x)) for i, x in zip(ids[0], sims[0], strict=True) if i >= 0][:n]
+        exact = self.vectors_of(modality, got) @ q[0]
+        order = np.argsort(-exact, kind="stable")[:n]
+        return [(int(got[j]), float(exact[j])) for j in order]
+
+    def vectors_of(self, modality: str, ids: np.ndarray) -> np.ndarray:
+        """float32 stored vectors of `ids`, read from the score stage's memory-mapped embedding files (the
+        last MAX_OPEN_SHARDS kept open)."""
+        out = np.empty((len(ids), int(self.meta["dim"])), np.float32)
+        shards = self.shards[ids]
+        for shard in dict.fromkeys(shards.tolist()):
+            sel = np.flatnonzero(shards == shard)
+            with self._lock_maps:
+                emb = self._maps.pop((modality, shard), None)
+                if emb is None:
+                    emb = open_embeddings(self.ds, self.scorer, shard, modality)
+                self._maps[(modality, shard)] = emb
+                while len(self._maps) > MAX_OPEN_SHARDS:
+                    self._maps.popitem(last=False)
+            rows = self.emb_rows[ids[sel]]
+            o = np.argsort(rows)
+            out[sel[o]] = emb[rows[o]]
         return out
 
     def query(self, q: Query, k: int = 10, modality: str = "image",
@@ -189,24 +265,32 @@ class Searcher:
         if modality == BOTH:
             self._check_modality(BOTH)
             # a key query uses the sample's own vector of each modality; text and image queries one vector
-            vecs = {m: self.vector(q, m, templates) for m in ("image", "text")} if q.kind == "key" else \
-                dict.fromkeys(("image", "text"), self.vector(q, "image", templates))
-            return self.search_fused(vecs, k, exclude=exclude)
-        return self.search(self.vector(q, modality, templates), k, modality, exclude=exclude)
+            if q.kind == "key":
+                vecs = {m: self.vector(q, m, templates) for m in ("image", "text")}
+                kinds = {"image": "image", "text": "text"}
+            else:
+                vecs = dict.fromkeys(("image", "text"), self.vector(q, "image", templates))
+                kinds = dict.fromkeys(("image", "text"), q.kind)
+            return self.search_fused(vecs, k, exclude=exclude, kinds=kinds)
+        return self.search(self.vector(q, modality, templates), k, modality, exclude=exclude,
+                           kind=query_kind(q, modality))
 
     def _check_modality(self, modality: str) -> None:
         if modality not in self.modalities():
             raise InputError(f"--modality: no {modality} index in {index_dir(self.ds)} "
                              f"(have {', '.join(self.modalities())}); text and both need score --save-text-embeddings")
 
-    def search_fused(self, vecs: dict[str, np.ndarray], k: int = 10,
-                     exclude: str | None = None) -> list[dict[str, Any]]:
+    def search_fused(self, vecs: dict[str, np.ndarray], k: int = 10, exclude: str | None = None,
+                     kinds: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """Hits of several indexes fused by reciprocal rank (RRF): each index's top candidates are ranked,
         a sample scores sum(1 / (RRF_K + rank)) over the lists it is in, ties go to the lower id. Ranks,
         not cosines, are fused because image-text and text-text cosines live on different scales. Each
-        hit's `scores` holds its cosine in each list (null where it was not a candidate)."""
+        hit's `scores` holds its cosine in each list (null where it was not a candidate). `kinds` names
+        the encoder of each vector (default: image). --where filters the fused list, widening the lists
+        until k hits pass or none are left."""
         if k < 1:
             raise InputError("-k: must be at least 1")
+        kinds = kinds or {}
         ntotal = min(self.indexes[m].ntotal for m in vecs)
         n_cand = max(RRF_DEPTH, (k + 1) * (4 if self.where else 1))
         while True:
@@ -214,23 +298,33 @@ class Searcher:
             fused: dict[int, float] = {}
             cos: dict[int, dict[str, float]] = {}
             for m, vec in vecs.items():
-                sims, ids = self.indexes[m].search(np.ascontiguousarray(vec.reshape(1, -1), np.float32), n_cand)
-                for rank, (i, sim) in enumerate(((int(i), float(x)) for i, x in zip(ids[0], sims[0], strict=True)
-                                                 if i >= 0), 1):
+                for rank, (i, sim) in enumerate(self.ann(vec, n_cand, m, kinds.get(m, "image")), 1):
                     fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank)
                     cos.setdefault(i, {})[m] = round(sim, 6)
             order = sorted((i for i in fused if self.keys[i] != exclude), key=lambda i: (-fused[i], i))
-            rows = self.rows([self.keys[i] for i in order], self.where)
-            hits = [i for i in order if self.keys[i] in rows]
+            hits = [i for i in order if self.allowed is None or self.allowed[i]]
             if len(hits) >= k or n_cand >= min(ntotal, MAX_CANDIDATES):
                 break
             n_cand *= 4
+        hits = hits[:k]
+        rows = self.rows_by_id(hits)
         return [{"rank": rank, "key": str(self.keys[i]), "shard": str(self.shards[i]), "score": round(fused[i], 6),
-                 "scores": {m: cos[i].get(m) for m in vecs}, **rows[str(self.keys[i])]}
-                for rank, i in enumerate(hits[:k], 1)]
+                 "scores": {m: cos[i].get(m) for m in vecs}, **row}
+                for rank, (i, row) in enumerate(zip(hits, rows, strict=True), 1)]
+
+    def rows_by_id(self, ids: list[int]) -> list[dict[str, Any]]:
+        """HIT_COLUMNS of each index id, in order: from the row store (one batch lookup per id), or from
+        the samples view when the store is missing or stale."""
+        if not ids:
+            return []
+        if self.store is not None:
+            return [_jsonable({c: r.get(c) for c in self.store.columns}) for r in self.store.rows(ids)]
+        found = self.rows([self.keys[i] for i in ids])
+        return [found.get(str(self.keys[i]), {}) for i in ids]
 
     def rows(self, keys: list[str], where: str | None = None) -> dict[str, dict[str, Any]]:
-        """{key: HIT_COLUMNS} for those of `keys` that pass `where` (the server-side --where, never user text)."""
+        """{key: HIT_COLUMNS} for those of `keys` that pass `where`, by a query over the samples view (every
+        shard's files): the fallback of rows_by_id, and what a caller outside the search path may use."""
         if not keys:
             return {}
         cols = ", ".join(c for c in HIT_COLUMNS if c in self.columns)
@@ -266,12 +360,44 @@ class Searcher:
         return out
 
     def thumbnails(self, hits: list[dict[str, Any]], size: int = 160) -> dict[str, str]:
-        from curate.report.thumbs import load_thumbnails
+        """{key: data URI}: each image read at the offset the row store keeps for it (no tar header scan);
+        hits without a stored offset go through the report's reader (a header scan of their shard)."""
+        from curate.report.thumbs import load_thumbnails, thumbnail
 
-        return load_thumbnails(self.ds, [(h["key"], h["shard"]) for h in hits], size)
+        out: dict[str, str] = {}
+        rest = hits
+        if self.store is not None and hits:
+            rows = self.store.rows([self.id_of(h["key"]) for h in hits])
+            rest = []
+            for h, r in zip(hits, rows, strict=True):
+                if r.get("image_offset") is None:
+                    rest.append(h)
+                    continue
+                try:
+                    with open(self.ds.shard_tar(h["shard"]), "rb") as fh:
+                        fh.seek(r["image_offset"])
+                        data = fh.read(r["image_size"])
+                except OSError:
+                    data = b""
+                uri = thumbnail(data, size) if len(data) == r["image_size"] else None
+                if uri:
+                    out[h["key"]] = uri
+        if rest:
+            out.update(load_thumbnails(self.ds, [(h["key"], h["shard"]) for h in rest], size))
+        return out
 
     def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
         self.db.close()
+
+
+def query_kind(q: Query, modality: str) -> str:
+    """The encoder behind q's vector: text for a text query (and a key query against captions, which uses
+    the sample's caption vector), image for an image file or a key query against images."""
+    if q.kind == "key":
+        return "text" if modality == "text" else "image"
+    return q.kind
 
 
 def _records(result: Any) -> list[dict[str, Any]]:
