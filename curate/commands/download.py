@@ -93,10 +93,13 @@ class _Monitor:
 @click.option("--plan-only", is_flag=True,
               help="Read the list and write the plan (input slices, duplicates), then stop: run this once "
                    "before a Slurm array, whose tasks never plan.")
+@click.option("--redo-shard", "redo_shards", multiple=True, metavar="SHARD",
+              help="Download this shard again (its 8-digit id), keeping every other shard; repeatable. Later "
+                   "stages then recompute exactly the shards that changed.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @engine_options
 def command(input_path: str, out: str, preset: str | None, plan_only: bool, progress: bool, options: Options,
-            engine_spec: Any, redo: bool) -> None:
+            engine_spec: Any, redo: bool, redo_shards: tuple[str, ...]) -> None:
     """Download the images of the URL list INPUT into OUT (resumable per shard)."""
     from curate.io.inputs import PRESETS, check_columns
     from curate.io.layout import DatasetDir
@@ -120,7 +123,7 @@ def command(input_path: str, out: str, preset: str | None, plan_only: bool, prog
     ds = DatasetDir.at(out)
     with _Monitor(ds, progress and not plan_only):
         summary = run_stage("download", cfg, out, engine_spec, redo=redo, fingerprint_extra=extra,
-                            progress=False, plan_only=plan_only)
+                            progress=False, plan_only=plan_only, redo_tasks=redo_shards)
     if plan_only:
         from curate.stages.download import load_plan
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from curate.config import from_dict
 from curate.io.atomic import remove_shard_tmp, write_json
 from curate.io.layout import DatasetDir, task_id
+from curate.io.lineage import read_identities, stage_reads
 
 
 class Stage(Protocol):
@@ -66,10 +68,14 @@ def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[
         cfg = from_dict(stage.config_cls, config)
         key = output_key(stage, cfg, stage_name)
         remove_shard_tmp(ds.stage_paths(key), tid)
+        # the identities of the upstream task runs this task reads, taken before it reads them: an upstream
+        # rerun while this task runs leaves this marker stale, never falsely current
+        reads = read_identities(ds, stage_reads(stage, cfg, ds, task))
         stats = stage.run_shard(cfg, ds, task)
         stats = dict(stats or {})
         write_json(ds.stats(key, tid), stats)
-        write_json(ds.marker(key, tid), {"task": tid, "stats": stats})
+        # "run" makes each completion's marker (and so its identity) unique, even with equal stats
+        write_json(ds.marker(key, tid), {"task": tid, "stats": stats, "run": uuid.uuid4().hex, "reads": reads})
         return TaskResult(tid, True, stats, seconds=time.time() - t0).to_dict()
     except Exception as e:  # reported in the summary and the exit code
         msg = f"{type(e).__name__}: {e}"
