@@ -290,6 +290,11 @@ class DedupStage:
         if plan.get("calibration"):
             counts["threshold_calibration"] = plan["calibration"]
         counts.update(read_json(ds.stats(self.name, "decide")))
+        if cfg.phash:
+            st = [read_json(ds.stats(self.name, f"phash.{s}")) for s in plan["shards"]
+                  if ds.stats(self.name, f"phash.{s}").exists()]
+            counts["phash_hashed"] = sum(x.get("hashed", 0) for x in st)
+            counts["phash_failed"] = sum(x.get("phash_failed", 0) for x in st)
         if cfg.against:
             counts["eval_contaminated"] = sum(read_json(ds.stats(self.name, s)).get("eval_contaminated", 0)
                                               for s in plan["shards"])

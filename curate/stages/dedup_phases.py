@@ -233,6 +233,7 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     t, _ = read_shard(ds, task["source"], with_sha=False, scorer=cfg.scorer)
     wanted = set(t["key"].to_pylist())
     keys, hashes, fine = [], [], []
+    failed: dict[str, int] = {}  # an image with no hash matches nothing: counted, never silently skipped
     for s in iter_samples(ds.shard_tar(task["source"])):
         if s["key"] not in wanted or not s["image"]:
             continue
@@ -242,7 +243,10 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
                 # 64 bits for equality (the GROUP BY); 256 bits (a 16x16 DCT) for --phash-distance: 64 bits
                 # cannot tell two clock faces apart, 256 can (bench/dedup_evidence.py)
                 h, h256 = str(imagehash.phash(im)), str(imagehash.phash(im, hash_size=PHASH_FINE_SIZE))
-        except Exception:  # noqa: BLE001 - an undecodable image has no hash, and no hash match
+        except Exception as e:  # noqa: BLE001 - an undecodable image has no hash, and no hash match
+            code = getattr(e, "code", None) or type(e).__name__
+            failed[code] = failed.get(code, 0) + 1
+            log.warning("phash: %s: no perceptual hash (%s: %s)", s["key"], code, str(e)[:200])
             continue
         keys.append(s["key"])
         hashes.append(h)
@@ -250,7 +254,7 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     write_table(_paths(ds, task)[0], pa.table({"key": pa.array(keys, pa.string()),
                                                "phash": pa.array(hashes, pa.string()),
                                                "phash256": pa.array(fine, pa.string())}))
-    return {"hashed": len(keys)}
+    return {"hashed": len(keys), "phash_failed": sum(failed.values()), "phash_failed_by": failed}
 
 
 # --- pairs -------------------------------------------------------------------------------------------
