@@ -171,6 +171,8 @@ def _pending(stage: Any, cfg: Any, ds: DatasetDir, key: str, tasks: list[dict[st
                     "%s%s", key, len(stale), ", ".join(f"{t} ({', '.join(stale[t][:2])})" for t in first),
                     " ..." if len(stale) > len(first) else "")
         done -= set(stale)
+        for tid in stale:  # not done: a run that stops before it reruns them leaves them not done either
+            ds.marker(key, tid).unlink(missing_ok=True)
     return [t for t in tasks if task_id(t) not in done]
 
 
@@ -184,9 +186,12 @@ def run_tasks(eng: Any, stage_name: str, config: dict[str, Any], ds: DatasetDir,
     attempts: Counter[str] = Counter()
     while todo:
         payloads = [(stage_name, config, str(ds.root), t) for t in todo]
-        for t in todo:
-            attempts[task_id(t)] += 1
         results = eng.run(payloads, lambda r: bar.update(1) if r["ok"] else None)
+        # an engine that retries inside (Spark with spark.task.maxFailures > 1) used that many attempts:
+        # one retry policy, whoever owns it, never the product of two
+        per_run = max(1, int(getattr(eng, "attempts_per_run", 1)))
+        for t in todo:
+            attempts[task_id(t)] += per_run
         retry = []
         for t, r in zip(todo, results, strict=True):
             tid = task_id(t)

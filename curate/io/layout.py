@@ -161,6 +161,10 @@ class DatasetDir:
     def dropped(self, shard: str | None = None) -> Path:
         return self.root / "dropped.parquet" if shard is None else self.root / "dropped" / f"{shard}.parquet"
 
+    def task_tmp(self, stage: str, task: str) -> Path:
+        """The temp folder of one task of `stage` (see curate.io.atomic)."""
+        return self.root / "_work" / "_tmp" / stage / task
+
     @property
     def locks_dir(self) -> Path:
         return self.root / "_locks"
@@ -171,7 +175,7 @@ class DatasetDir:
     def stage_paths(self, stage: str) -> list[Path]:
         """Every file and folder that holds output of `stage` in this directory."""
         own = [self.root / "_done" / stage, self.root / "stats" / stage, self.root / "signals" / stage,
-               self.work(stage), self.manifest_fragments_dir(stage)]
+               self.work(stage), self.manifest_fragments_dir(stage), self.root / "_work" / "_tmp" / stage]
         return own + [self.root / p for p in _STAGE_OUTPUTS.get(stage, ())]
 
     def discard(self, stage: str) -> None:
