@@ -237,6 +237,12 @@ class DedupStage:
                 tasks += [{"task": f"phash.{s}", "kind": "phash", "source": s} for s in plan["shards"]]
         else:
             plan = read_json(work_dir(ds) / "plan.json")
+            if phase in ("pairs", "write"):  # the previous phase's offsets, gathered into one file per phase
+                folder, names, suffix = ((work_dir(ds) / "bucket", plan["shards"], ".offsets.npy") if phase == "pairs"
+                                         else (work_dir(ds) / "pairs", [f"{g:05d}" for g in
+                                                                        range(len(plan["group_bounds"]) - 1)],
+                                               ".nn_offsets.npy"))
+                ph.gather_offsets(folder, names, suffix)
             if phase == "pairs":
                 b = plan["group_bounds"]
                 tasks = [{"task": f"pairs.{g:05d}", "kind": "pairs", "group": g, "lo": b[g], "hi": b[g + 1]}

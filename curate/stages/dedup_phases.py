@@ -260,17 +260,40 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
 # --- pairs -------------------------------------------------------------------------------------------
 
 
+ALL_OFFSETS = "offsets-all.npy"  # every shard's (or group's) offsets, one row each, gathered on the driver
+
+
+def gather_offsets(folder: Path, names: list[str], suffix: str) -> None:
+    """One [len(names), k] array of the offsets files folder/{name}{suffix}, written on the driver between two
+    phases, so a task reads its column from one file instead of opening one file per shard or group (a
+    metadata storm on a shared filesystem: pair tasks x shards opens)."""
+    rows = [np.load(folder / f"{n}{suffix}") for n in names]
+    table = np.stack(rows) if rows else np.zeros((0, 1), np.int64)
+    path = folder / ALL_OFFSETS
+    if path.exists() and np.array_equal(np.load(path), table):
+        return  # a resume: unchanged, left as it is
+    _save(path, table)
+
+
+def _offsets_column(folder: Path, names: list[str], suffix: str, col: int) -> np.ndarray:
+    """[offsets[col], offsets[col + 1]] of every name: from the gathered file, else each name's own file."""
+    path = folder / ALL_OFFSETS
+    if path.exists():
+        return np.asarray(np.load(path, mmap_mode="r")[:, col:col + 2])
+    return np.stack([np.load(folder / f"{n}{suffix}")[col:col + 2] for n in names]) if names else np.zeros((0, 2))
+
+
 def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
     """Group g's slice of every shard's bucket, copied straight from the memory maps into one array per field
     (no intermediate copies: this is the largest allocation of a pair task)."""
     slices, dtype, width = [], None, 1
-    for s in shards:  # first pass: sizes and dtypes only (one memory map open at a time)
-        off = np.load(wd / "bucket" / f"{s}.offsets.npy")
-        if off[g + 1] > off[g]:
+    offsets = _offsets_column(wd / "bucket", shards, ".offsets.npy", g)
+    for s, (a, b) in zip(shards, offsets, strict=True):  # sizes and dtypes only (one memory map open at a time)
+        if b > a:
             path = wd / "bucket" / f"{s}.npy"
             dtype = np.load(path, mmap_mode="r").dtype
             width = max(width, dtype["key"].itemsize)
-            slices.append((path, int(off[g]), int(off[g + 1])))
+            slices.append((path, int(a), int(b)))
     if not slices:
         return {}
     total = sum(b - a for _, a, b in slices)
@@ -525,10 +548,10 @@ def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
 def _nearest(wd: Path, plan: dict[str, Any], ordinal: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's best neighbour over every group it probed: (cosine (-inf if none), key bytes)."""
     parts = []
-    for g in range(len(plan["group_bounds"]) - 1):
-        off = np.load(wd / "pairs" / f"{g:05d}.nn_offsets.npy")
-        if off[ordinal + 1] > off[ordinal]:
-            parts.append(np.array(np.load(wd / "pairs" / f"{g:05d}.nn.npy", mmap_mode="r")[off[ordinal]:off[ordinal + 1]]))
+    groups = [f"{g:05d}" for g in range(len(plan["group_bounds"]) - 1)]
+    for g, (a, b) in zip(groups, _offsets_column(wd / "pairs", groups, ".nn_offsets.npy", ordinal), strict=True):
+        if b > a:
+            parts.append(np.array(np.load(wd / "pairs" / f"{g}.nn.npy", mmap_mode="r")[a:b]))
     sim = np.full(n, -np.inf, np.float32)
     key = np.zeros(n, "S1")
     if parts:
