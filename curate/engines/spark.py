@@ -101,6 +101,18 @@ def live_slots(sc: Any) -> int:
     return max(1, cores // per_task)
 
 
+def spark_task_attempts(conf: Any) -> int:
+    """How many times Spark itself runs a failing task: spark.task.maxFailures (default 4) on a cluster; in
+    local mode the F of local[N, F] (Spark ignores maxFailures there; plain local[N] never retries)."""
+    import re
+
+    master = conf.get("spark.master") or ""
+    if master.startswith("local"):
+        m = re.match(r"local\[[^,\]]+,\s*(\d+)\]", master)
+        return max(1, int(m.group(1))) if m else 1
+    return max(1, int(conf.get("spark.task.maxFailures", "4")))
+
+
 class SparkEngine:
     def __init__(self, master: str = "local[*]", workers: int = 1):
         self.master = master
@@ -118,7 +130,7 @@ class SparkEngine:
 
         spark = get_session(self.master)
         sc = spark.sparkContext
-        self.attempts_per_run = max(1, int(sc.getConf().get("spark.task.maxFailures", "4")))
+        self.attempts_per_run = spark_task_attempts(sc.getConf())
         results: list[dict[str, Any] | None] = [None] * len(payloads)
         pending = deque(range(len(payloads)))
         futs: dict[Any, list[int]] = {}
