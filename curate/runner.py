@@ -209,10 +209,14 @@ def run_tasks(eng: Any, stage_name: str, config: dict[str, Any], ds: DatasetDir,
 
 def clean_stage_tmp(ds: DatasetDir, stage_name: str) -> int:
     """Remove every temporary file under the stage's own paths (call only while holding its lock)."""
+    import shutil
+
     n = 0
     for p in ds.stage_paths(stage_name):
         if p.is_dir():
             n += clean_tmp(p, older_than_s=-1)
+    # the killed tasks' own temp folders (curate.io.atomic), emptied above
+    shutil.rmtree(ds.tasks_tmp(stage_name), ignore_errors=True)
     return n
 
 

@@ -161,9 +161,13 @@ class DatasetDir:
     def dropped(self, shard: str | None = None) -> Path:
         return self.root / "dropped.parquet" if shard is None else self.root / "dropped" / f"{shard}.parquet"
 
+    def tasks_tmp(self, stage: str) -> Path:
+        """The folder of `stage`'s task temp folders (see curate.io.atomic)."""
+        return self.root / "_work" / "_tmp" / stage
+
     def task_tmp(self, stage: str, task: str) -> Path:
         """The temp folder of one task of `stage` (see curate.io.atomic)."""
-        return self.root / "_work" / "_tmp" / stage / task
+        return self.tasks_tmp(stage) / task
 
     @property
     def locks_dir(self) -> Path:
@@ -175,7 +179,7 @@ class DatasetDir:
     def stage_paths(self, stage: str) -> list[Path]:
         """Every file and folder that holds output of `stage` in this directory."""
         own = [self.root / "_done" / stage, self.root / "stats" / stage, self.root / "signals" / stage,
-               self.work(stage), self.manifest_fragments_dir(stage), self.root / "_work" / "_tmp" / stage]
+               self.work(stage), self.manifest_fragments_dir(stage), self.tasks_tmp(stage)]
         return own + [self.root / p for p in _STAGE_OUTPUTS.get(stage, ())]
 
     def discard(self, stage: str) -> None:
