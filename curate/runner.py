@@ -73,9 +73,10 @@ def run_stage(
     (cfg.num_shards > 1) holds it shared with its siblings, writes its own manifest fragment, and may
     not --redo. `redo_tasks` (download --redo-shard) runs those tasks again whatever their markers say,
     keeping every other task's output. A done task whose marker records upstream task runs that have
-    changed since (curate.io.lineage) runs again too. Whatever ends the run (an exception, Ctrl-C, SIGTERM from Slurm), the manifest is
-    left "interrupted", never "running". (Long because lock, fingerprint, plan and manifest must stay
-    in this one order inside the lock; the task loop itself is run_tasks.)
+    changed since (curate.io.lineage) runs again too. Whatever ends the run (an exception, Ctrl-C,
+    SIGTERM from Slurm), the manifest is left "interrupted", never "running". (Long because lock,
+    fingerprint, plan and manifest must stay in this one order inside the lock; the task loop itself is
+    run_tasks.)
     """
     stage = get_stage(stage_name)
     ds = DatasetDir.at(root)
