@@ -20,11 +20,12 @@ from loopback import LoopServer, jpeg
 
 from curate.cli import main
 
-pytestmark = [pytest.mark.spark, pytest.mark.slow]
 SHARDS = 40
 FIRST, JOINING = 1, 5
 
 
+@pytest.mark.spark
+@pytest.mark.slow  # two JVM workers and 40 shard tasks: about two minutes on 2 cores
 def test_tasks_in_flight_rise_when_a_worker_joins(tmp_path):
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.skip("needs Java for Spark")
@@ -68,3 +69,13 @@ def test_tasks_in_flight_rise_when_a_worker_joins(tmp_path):
     assert before and max(before) == FIRST  # one core: one task at a time
     assert max(after) == FIRST + JOINING  # every core of the new worker took a task
     assert len(seen) == SHARDS
+
+
+def test_spark_attempts_per_runner_attempt():
+    """Who retries: Spark's own attempts per runner round (the runner counts a round as that many)."""
+    from curate.engines.spark import spark_task_attempts
+
+    assert spark_task_attempts({"spark.master": "local[4]", "spark.task.maxFailures": "4"}) == 1  # local never
+    assert spark_task_attempts({"spark.master": "local[4, 3]"}) == 3
+    assert spark_task_attempts({"spark.master": "spark://h:7077", "spark.task.maxFailures": "1"}) == 1
+    assert spark_task_attempts({"spark.master": "yarn"}) == 4  # Spark's default
