@@ -116,7 +116,9 @@ def _main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     results = []
     for n in [int(x) for x in args.shards.split(",")]:
-        results += _one(n, out / f"n{n}", args.stages.split(","))
+        got = _one(n, out / f"n{n}", args.stages.split(","))
+        results += got
+        print(json.dumps(got), flush=True)  # each size as it finishes
     print(f"\n{'stage/task kind':<16} {'shards':>7} {'tasks':>7} {'all mean':>9} {'all max':>8} "
           f"{'inputs max':>10} {'shared max':>10} {'lists max':>9} {'offsets opened max':>18}")
     for r in results:

@@ -48,8 +48,10 @@ def test_tasks_in_flight_rise_when_a_worker_joins(tmp_path):
     pq.write_table(pa.table({"URL": urls, "TEXT": [f"c{i}" for i in range(SHARDS)]}), inp)
     out = tmp_path / "ds"
     rc: list[int] = []
+    work = tmp_path / "spark"
+    work.mkdir()
     try:
-        with standalone_spark(tmp_path / "spark", dict(os.environ), cores=FIRST) as (master, env):
+        with standalone_spark(work, dict(os.environ), cores=FIRST) as (master, env):
             run = threading.Thread(target=lambda: rc.append(main([
                 "download", str(inp), "--out", str(out), "--url-col", "URL", "--caption-col", "TEXT",
                 "--allow-host", server.endpoint, "--samples-per-shard", "1", "--threads", "1", "--timeout", "20",
@@ -59,7 +61,7 @@ def test_tasks_in_flight_rise_when_a_worker_joins(tmp_path):
             while len(seen) < 3 and run.is_alive() and time.monotonic() - t0 < 180:
                 time.sleep(0.2)
             joined = time.monotonic()
-            with spark_worker(master, env, tmp_path / "spark", cores=JOINING):
+            with spark_worker(master, env, work, cores=JOINING):
                 run.join(timeout=600)
     finally:
         server.close()
