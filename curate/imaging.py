@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import logging
 import math
 import struct
 import threading
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from curate.phases import PHASES
+
+log = logging.getLogger(__name__)
 
 ALLOWED_FORMATS: dict[str, str] = {
     "JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp",
@@ -386,7 +390,7 @@ def process_image(data: bytes, opt: ImageOptions, budget: DecodeBudget | None = 
         cost = max(decode_cost(img), fast_decode_cost(img, data, shrink_to)) if use_fast else decode_cost(img)
         with budget.reserve(cost) if budget is not None else contextlib.nullcontext():
             with PHASES.timed("decode"):
-                fast = decode_fast(img, data, shrink_to) if use_fast else None
+                fast = decode_fast_or_pillow(img, data, shrink_to) if use_fast else None
                 if fast is not None:
                     img = fast
                 else:
@@ -449,6 +453,29 @@ def decode_fast(img: Image.Image, data: bytes, shrink_to: tuple[int, int] | None
     if img.format == "WEBP":
         return _decode_webp(img, data, shrink_to)
     return None
+
+
+# decode_fast raising (a bug or a missing library in pywuffs/webp), by exception type: read by download's
+# shard stats (fast_decoder_errors), so a fallback that happens is visible, never silent
+FAST_DECODER_ERRORS: Counter[str] = Counter()
+_FAST_LOCK = threading.Lock()
+
+
+def decode_fast_or_pillow(img: Image.Image, data: bytes, shrink_to: tuple[int, int] | None = None) -> Image.Image | None:
+    """decode_fast, where any error of the fast decoder itself means "use Pillow": Pillow then decodes the
+    same bytes (and rejects them with decode_error if they are bad), so the row never becomes
+    internal_error because of a decoder that is only an accelerator. MemoryError keeps its own meaning."""
+    try:
+        return decode_fast(img, data, shrink_to)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the accelerator falls back to the reference decoder
+        with _FAST_LOCK:
+            first = not FAST_DECODER_ERRORS
+            FAST_DECODER_ERRORS[type(e).__name__] += 1
+        (log.warning if first else log.debug)("fast %s decoder failed (%s: %s); decoding with Pillow",
+                                               img.format, type(e).__name__, str(e)[:200])
+        return None
 
 
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type

@@ -122,7 +122,10 @@ class Sources:
     def view_sql(self, quote: str = '"') -> str:
         """The view definition; `quote` is the identifier quote of the engine (only odd names need it)."""
         joins = "".join(f" LEFT JOIN {_alias(t)} ON {_alias(t)}.key = l.key" for t in self.tables)
-        return f"SELECT {self.select_list(quote)} FROM ledger l{joins}"
+        # one row per input row: a row that a download retry superseded is history (its retry is the row)
+        where = (" WHERE (l.superseded_by IS NULL OR l.superseded_by = '')"
+                 if "superseded_by" in self.columns["ledger"] else "")
+        return f"SELECT {self.select_list(quote)} FROM ledger l{joins}{where}"
 
     def all_columns(self) -> list[str]:
         out: list[str] = list(self.columns["ledger"])

@@ -66,20 +66,24 @@ def run_stage(
     fingerprint_extra: dict[str, Any] | None = None,
     progress: bool = True,
     plan_only: bool = False,
+    redo_tasks: tuple[str, ...] = (),
 ) -> StageSummary:
     """Plan `stage_name` on `root` and run its pending tasks on `engine`; the manifest records the outcome.
 
     Holds the stage's lock on the directory for the whole run (a second run exits 2). An array task
     (cfg.num_shards > 1) holds it shared with its siblings, writes its own manifest fragment, and may
-    not --redo. Whatever ends the run (an exception, Ctrl-C, SIGTERM from Slurm), the manifest is
-    left "interrupted", never "running". (Long because lock, fingerprint, plan and manifest must stay
-    in this one order inside the lock; the task loop itself is run_tasks.)
+    not --redo. `redo_tasks` (download --redo-shard) runs those tasks again whatever their markers say,
+    keeping every other task's output. A done task whose marker records upstream task runs that have
+    changed since (curate.io.lineage) runs again too. Whatever ends the run (an exception, Ctrl-C,
+    SIGTERM from Slurm), the manifest is left "interrupted", never "running". (Long because lock,
+    fingerprint, plan and manifest must stay in this one order inside the lock; the task loop itself is
+    run_tasks.)
     """
     extras.require_for(stage_name)  # a missing extra: exit 2 naming it, before any lock or file
     stage = get_stage(stage_name)
     ds = DatasetDir.at(root)
     part = array_slice_of(cfg)
-    if redo and part is not None:
+    if (redo or redo_tasks) and part is not None:
         raise InputError(f"--redo: refused inside an array task (--shard-index {part[0]} of {part[1]}): it would "
                          f"delete its siblings' output. Run the stage once with --redo outside the array "
                          f"(download: --redo --plan-only), then the array.")
@@ -100,8 +104,8 @@ def run_stage(
         # planned once the previous one completed, and its tasks take the same engine/task/marker path
         phases: list[str | None] = list(stage.phases(cfg, ds)) if hasattr(stage, "phases") else [None]
         tasks = _plan_phase(stage, cfg, ds, phases[0])
-        done = set(ds.done_tasks(key))
-        todo = [t for t in tasks if task_id(t) not in done]
+        _forget(ds, key, tasks, redo_tasks)
+        todo = _pending(stage, cfg, ds, key, tasks)
         summary = StageSummary(key, str(ds.root), fp, len(tasks), len(tasks) - len(todo))
         log.info("%s on %s: %d task(s), %d already done", key, ds.root, len(tasks), len(tasks) - len(todo))
         config = to_dict(cfg)
@@ -124,8 +128,7 @@ def run_stage(
                     if not summary.ok:
                         break  # a later phase reads this phase's outputs
                     tasks = _plan_phase(stage, cfg, ds, phase)
-                    done = set(ds.done_tasks(key))
-                    todo = [t for t in tasks if task_id(t) not in done]
+                    todo = _pending(stage, cfg, ds, key, tasks)
                     summary.shards_total += len(tasks)
                     summary.shards_skipped += len(tasks) - len(todo)
                 label = key if phase is None else f"{key} {phase}"
@@ -138,10 +141,42 @@ def run_stage(
             summary.seconds = time.time() - t0
             if status != "interrupted":
                 finalize = getattr(stage, "finalize", None)
-                summary.counts = finalize(cfg, ds) if finalize else _sum_stats(ds, key)
+                summary.counts = finalize(cfg, ds) if finalize else sum_stats(ds, key)
             record(status, counts=summary.counts,
                    extra={"shards": {"total": summary.shards_total, "failed": sorted(summary.failed)}})
     return summary
+
+
+def _forget(ds: DatasetDir, key: str, tasks: list[dict[str, Any]], redo_tasks: tuple[str, ...]) -> None:
+    """Remove the markers (and stats) of `redo_tasks`, so they run again; each must be a planned task."""
+    if not redo_tasks:
+        return
+    planned = {task_id(t) for t in tasks}
+    unknown = sorted(set(redo_tasks) - planned)
+    if unknown:
+        raise InputError(f"--redo-shard: {', '.join(unknown)} is not a shard of this {key} plan "
+                         f"({len(planned)} planned)")
+    for tid in redo_tasks:
+        ds.marker(key, tid).unlink(missing_ok=True)
+        ds.stats(key, tid).unlink(missing_ok=True)
+    log.info("%s: %d shard(s) will run again (--redo-shard): %s", key, len(redo_tasks), ", ".join(redo_tasks))
+
+
+def _pending(stage: Any, cfg: Any, ds: DatasetDir, key: str, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The planned tasks that must run: no marker, or a marker whose upstream inputs changed since."""
+    from curate.io.lineage import stale_tasks
+
+    done = set(ds.done_tasks(key))
+    stale = stale_tasks(stage, cfg, ds, key, tasks, done)
+    if stale:
+        first = sorted(stale)[:5]
+        log.warning("%s: %d done task(s) read upstream output that changed since they ran; running them again: "
+                    "%s%s", key, len(stale), ", ".join(f"{t} ({', '.join(stale[t][:2])})" for t in first),
+                    " ..." if len(stale) > len(first) else "")
+        done -= set(stale)
+        for tid in stale:  # not done: a run that stops before it reruns them leaves them not done either
+            ds.marker(key, tid).unlink(missing_ok=True)
+    return [t for t in tasks if task_id(t) not in done]
 
 
 def _plan_phase(stage: Any, cfg: Any, ds: DatasetDir, phase: str | None) -> list[dict[str, Any]]:
@@ -154,9 +189,12 @@ def run_tasks(eng: Any, stage_name: str, config: dict[str, Any], ds: DatasetDir,
     attempts: Counter[str] = Counter()
     while todo:
         payloads = [(stage_name, config, str(ds.root), t) for t in todo]
-        for t in todo:
-            attempts[task_id(t)] += 1
         results = eng.run(payloads, lambda r: bar.update(1) if r["ok"] else None)
+        # an engine that retries inside (Spark with spark.task.maxFailures > 1) used that many attempts:
+        # one retry policy, whoever owns it, never the product of two
+        per_run = max(1, int(getattr(eng, "attempts_per_run", 1)))
+        for t in todo:
+            attempts[task_id(t)] += per_run
         retry = []
         for t, r in zip(todo, results, strict=True):
             tid = task_id(t)
@@ -174,10 +212,14 @@ def run_tasks(eng: Any, stage_name: str, config: dict[str, Any], ds: DatasetDir,
 
 def clean_stage_tmp(ds: DatasetDir, stage_name: str) -> int:
     """Remove every temporary file under the stage's own paths (call only while holding its lock)."""
+    import shutil
+
     n = 0
     for p in ds.stage_paths(stage_name):
         if p.is_dir():
             n += clean_tmp(p, older_than_s=-1)
+    # the killed tasks' own temp folders (curate.io.atomic), emptied above
+    shutil.rmtree(ds.tasks_tmp(stage_name), ignore_errors=True)
     return n
 
 
@@ -203,7 +245,7 @@ def _inputs(stage: Any, cfg: Any) -> dict[str, Any]:
     return fn(cfg) if fn else {}
 
 
-def _sum_stats(ds: DatasetDir, stage_name: str) -> dict[str, Any]:
+def sum_stats(ds: DatasetDir, stage_name: str) -> dict[str, Any]:
     """Add up the numeric and dict-of-count fields of every done shard's stats."""
     from curate.io.atomic import read_json
 

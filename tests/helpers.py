@@ -128,3 +128,27 @@ def standalone_spark(work: Path, env: dict[str, str], cores: int = 1) -> Iterato
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+@contextmanager
+def spark_worker(master: str, env: dict[str, str], work: Path, cores: int, name: str = "worker2",
+                 wait: bool = True) -> Iterator[subprocess.Popen]:
+    """One more standalone worker (`cores`, 1 GB) joining `master` (from standalone_spark, with its `env`);
+    with `wait`, returns once the master registered it. Stopped on exit."""
+    home = Path(env["SPARK_HOME"])
+    log = work / f"{name}.log"
+    env = {**env, "SPARK_WORKER_DIR": str(work / name)}
+    proc = subprocess.Popen(
+        [str(home / "bin" / "spark-class"), "org.apache.spark.deploy.worker.Worker", master, "--host", "127.0.0.1",
+         "--cores", str(cores), "--memory", "1g", "--webui-port", str(free_port())],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        if wait:
+            _until(name, lambda: "Successfully registered with master" in log.read_text(), proc, log)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -30,14 +30,14 @@ def command(dataset: str, threshold: str, progress: bool, options: Options, engi
     """Find duplicate groups in the scored samples of DATASET and pick one sample to keep per group."""
     from curate.io.layout import DatasetDir
     from curate.runner import run_stage
-    from curate.stages.dedup import check_config, input_digest
+    from curate.stages.dedup import check_config, input_config
 
     auto = threshold.strip().lower() == "auto"
     cfg = options.build(threshold=0.95 if auto else _threshold(threshold), threshold_auto=auto)
     check_config(cfg)
-    extra = {"dataset": input_digest(DatasetDir.at(dataset), cfg.scorer)}
+    extra = {"dataset": input_config(DatasetDir.at(dataset), cfg.scorer)}
     if cfg.against:
-        extra["against"] = input_digest(DatasetDir.at(cfg.against), cfg.scorer)
+        extra["against"] = input_config(DatasetDir.at(cfg.against), cfg.scorer)
     summary = run_stage("dedup", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)
     c = summary.counts
     line = (f"  rows {c.get('rows', 0)}, threshold {c.get('threshold')}, clusters {c.get('clusters', 0)}, "

@@ -13,15 +13,27 @@ from curate.options import Options, options_from
 
 
 class _Monitor:
-    """Rows/s and success rate while shards run, from the per-shard progress and stats files."""
+    """Rows/s and success rate while shards run, from the per-shard progress files the tasks write.
 
-    def __init__(self, ds: Any, enabled: bool):
+    Each poll (once a second) looks at no more than WINDOW shards: the first ones of this run's slice that
+    were not seen finished yet (tasks start in plan order, so the running ones are among them). A shard seen
+    finished is never looked at again, and the plan is read once, so the files a poll touches do not grow
+    with the number of shards (on a shared filesystem, in every array task).
+    """
+
+    WINDOW = 64
+    INTERVAL_S = 1.0
+
+    def __init__(self, ds: Any, enabled: bool, part: tuple[int, int] = (0, 1)):
         self.ds = ds
         self.enabled = enabled
+        self.part = part
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._bar = None
-        self._finished: dict[str, tuple[int, int]] = {}
+        self._sizes: dict[str, int] | None = None
+        self._todo: list[str] = []  # this slice's shards not seen finished, in plan order
+        self._finished = [0, 0]  # rows, successes of the shards seen finished
 
     def __enter__(self) -> _Monitor:
         if self.enabled:
@@ -36,49 +48,56 @@ class _Monitor:
             self._poll()
             self._bar.close()
 
+    def _plan(self) -> bool:
+        from curate.io.atomic import read_json
+        from curate.stages.download import plan_path
+
+        if self._sizes is not None:
+            return True
+        try:
+            sizes = read_json(plan_path(self.ds))["shards"]
+        except (OSError, ValueError, KeyError):
+            return False
+        i, n = self.part
+        self._sizes = {s: sizes[s] for s in sorted(sizes)[i::n]}
+        self._todo = list(self._sizes)
+        return True
+
     def _poll(self) -> None:
         from curate.io.atomic import read_json
-        from curate.stages.download import plan_path, progress_path
+        from curate.stages.download import progress_path
 
-        pp = plan_path(self.ds)
-        if not pp.exists():
+        if not self._plan():
             return
-        try:
-            sizes = read_json(pp)["shards"]
-        except (OSError, ValueError, KeyError):
-            return
-        done = success = 0
-        finished = self._finished  # shards whose final stats were read once: never read again
-        for shard in sizes:
-            if shard in finished:
-                d, ok = finished[shard]
-                done, success = done + d, success + ok
-                continue
+        running = [0, 0]
+        still: list[str] = []
+        for shard in self._todo[:self.WINDOW]:
             final = self.ds.marker("download", shard).exists()
-            p = self.ds.stats("download", shard) if final else progress_path(self.ds, shard)
             try:
-                st = read_json(p)
+                st = read_json(self.ds.stats("download", shard) if final else progress_path(self.ds, shard))
             except (OSError, ValueError):
+                still.append(shard)
                 continue
             d, ok = int(st.get("rows", st.get("done", 0))), int(st.get("success", 0))
-            if final:
-                finished[shard] = (d, ok)
-            done += d
-            success += ok
+            acc = self._finished if final else running
+            acc[0], acc[1] = acc[0] + d, acc[1] + ok
+            if not final:
+                still.append(shard)
+        self._todo = still + self._todo[self.WINDOW:]
+        done, success = self._finished[0] + running[0], self._finished[1] + running[1]
         if self._bar is None:
             import sys
 
             from tqdm import tqdm
 
-            self._bar = tqdm(total=sum(sizes.values()), initial=done, desc="download", unit="img",
+            self._bar = tqdm(total=sum(self._sizes.values()), initial=done, desc="download", unit="img",
                              file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-            self._start = done
         else:
             self._bar.update(max(0, done - self._bar.n))
         self._bar.set_postfix({"ok": f"{success / done:.1%}" if done else "-"}, refresh=False)
 
     def _loop(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(self.INTERVAL_S):
             try:
                 self._poll()
             except Exception:  # noqa: BLE001 - progress display must never break the run
@@ -93,10 +112,13 @@ class _Monitor:
 @click.option("--plan-only", is_flag=True,
               help="Read the list and write the plan (input slices, duplicates), then stop: run this once "
                    "before a Slurm array, whose tasks never plan.")
+@click.option("--redo-shard", "redo_shards", multiple=True, metavar="SHARD",
+              help="Download this shard again (its 8-digit id), keeping every other shard; repeatable. Later "
+                   "stages then recompute exactly the shards that changed.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @engine_options
 def command(input_path: str, out: str, preset: str | None, plan_only: bool, progress: bool, options: Options,
-            engine_spec: Any, redo: bool) -> None:
+            engine_spec: Any, redo: bool, redo_shards: tuple[str, ...]) -> None:
     """Download the images of the URL list INPUT into OUT (resumable per shard)."""
     from curate.io.inputs import PRESETS, check_columns
     from curate.io.layout import DatasetDir
@@ -118,9 +140,9 @@ def command(input_path: str, out: str, preset: str | None, plan_only: bool, prog
                  "loopback, private and link-local addresses (cloud metadata included)")
     extra = {"inputs": [[os.path.basename(f), size] for f, size in files]}
     ds = DatasetDir.at(out)
-    with _Monitor(ds, progress and not plan_only):
+    with _Monitor(ds, progress and not plan_only, (cfg.shard_index, cfg.num_shards)):
         summary = run_stage("download", cfg, out, engine_spec, redo=redo, fingerprint_extra=extra,
-                            progress=False, plan_only=plan_only)
+                            progress=False, plan_only=plan_only, redo_tasks=redo_shards)
     if plan_only:
         from curate.stages.download import load_plan
 

@@ -11,10 +11,25 @@ from pathlib import Path
 from typing import Any
 
 TMP_PREFIX = ".tmp-"
+# While a shard task runs (curate.stages.base.execute_task), its temporary files go to one folder of its
+# own, DIR/_work/_tmp/{stage}/{task}/, and are renamed from there into place: so the files a killed attempt
+# left are found (and removed) by one look at that folder, never by listing the stage's output folders,
+# whose size grows with the number of shards. Outside a task (the driver) they sit beside their target.
+_TASK_TMP: Path | None = None
+
+
+def set_task_tmp(folder: Path | None) -> None:
+    """Where this process's task writes its temporary files (None: beside each target)."""
+    global _TASK_TMP
+    _TASK_TMP = folder
 
 
 def tmp_path_for(path: Path) -> Path:
-    return path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}")
+    name = f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}"
+    if _TASK_TMP is not None:
+        _TASK_TMP.mkdir(parents=True, exist_ok=True)
+        return _TASK_TMP / name
+    return path.with_name(name)
 
 
 @contextlib.contextmanager
@@ -27,11 +42,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """os.replace; a task's temp folder on another filesystem than the target (a symlinked folder) is copied
+    beside the target first, so the final step is still one rename."""
+    import errno
+    import shutil
+
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        beside = path.with_name(tmp.name)
+        try:
+            shutil.copyfile(tmp, beside)
+            with open(beside, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(beside, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                beside.unlink()
+            tmp.unlink()
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -69,17 +107,13 @@ def clean_tmp(folder: str | os.PathLike, older_than_s: float = 1800.0) -> int:
     return n
 
 
-def remove_shard_tmp(folders: list[Path], task: str) -> None:
-    """Remove the temporary files an earlier, killed attempt at `task` left in `folders` (and one level below).
+def remove_shard_tmp(folder: Path) -> None:
+    """Remove the temporary files an earlier, killed attempt at a task left in its own temp folder.
 
-    Unlike clean_tmp this needs no age limit: the engine runs one attempt per task at a time. Only the
-    stage's own folders are listed (never the whole dataset tree), so the cost per task does not grow with
-    the other stages' files.
+    No age limit is needed: the engine runs one attempt per task at a time. One stat when there is
+    nothing to remove, so the cost per task does not grow with the number of shards.
     """
-    pattern = f"{TMP_PREFIX}*-{task}.*"
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for p in [*folder.glob(pattern), *folder.glob(f"*/{pattern}")]:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+    import shutil
+
+    if folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)

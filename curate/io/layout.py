@@ -91,6 +91,8 @@ def task_id(task: dict[str, Any]) -> str:
     return str(task.get("task") or task["shard"])
 
 
+SOURCE_STAGES = ("download", "export", "adopt")  # the stages that write shards/ and ledger/
+
 # what each stage owns beside its _done/{stage}, stats/{stage}, signals/{stage}, _work/{stage} and
 # manifest fragments; discard() removes exactly these, so --redo of one stage never touches another's files
 _STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
@@ -159,6 +161,14 @@ class DatasetDir:
     def dropped(self, shard: str | None = None) -> Path:
         return self.root / "dropped.parquet" if shard is None else self.root / "dropped" / f"{shard}.parquet"
 
+    def tasks_tmp(self, stage: str) -> Path:
+        """The folder of `stage`'s task temp folders (see curate.io.atomic)."""
+        return self.root / "_work" / "_tmp" / stage
+
+    def task_tmp(self, stage: str, task: str) -> Path:
+        """The temp folder of one task of `stage` (see curate.io.atomic)."""
+        return self.tasks_tmp(stage) / task
+
     @property
     def locks_dir(self) -> Path:
         return self.root / "_locks"
@@ -169,7 +179,7 @@ class DatasetDir:
     def stage_paths(self, stage: str) -> list[Path]:
         """Every file and folder that holds output of `stage` in this directory."""
         own = [self.root / "_done" / stage, self.root / "stats" / stage, self.root / "signals" / stage,
-               self.work(stage), self.manifest_fragments_dir(stage)]
+               self.work(stage), self.manifest_fragments_dir(stage), self.tasks_tmp(stage)]
         return own + [self.root / p for p in _STAGE_OUTPUTS.get(stage, ())]
 
     def discard(self, stage: str) -> None:
@@ -193,11 +203,22 @@ class DatasetDir:
 
     def shards(self) -> list[str]:
         """Shards whose download (or export, or adopt) completed: they have a ledger and a marker."""
-        for stage in ("download", "export", "adopt"):
-            done = self.done_shards(stage)
-            if done:
-                return done
-        return []
+        stage = self.source_stage()
+        return self.done_shards(stage) if stage else []
+
+    def source_stage(self) -> str | None:
+        """The stage that wrote this directory's shards and ledger: download, export or adopt (None: none yet)."""
+        for stage in SOURCE_STAGES:
+            if self.done_shards(stage):
+                return stage
+        return None
+
+    def source_stage_of(self, shard: str) -> str:
+        """The stage whose marker says `shard` is done (O(1) paths, for a task); "download" when none is."""
+        for stage in SOURCE_STAGES:
+            if self.marker(stage, shard).exists():
+                return stage
+        return "download"
 
     def ledger_files(self) -> list[Path]:
         return [self.ledger(s) for s in self.shards() if self.ledger(s).exists()]

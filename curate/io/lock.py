@@ -9,12 +9,18 @@ into the file is only for the message. Linux NFS clients map flock to POSIX byte
 lock also holds across the nodes of a cluster on NFSv4 (not on NFSv3 without lockd).
 
 `manifest_lock` serialises the read-modify-write of manifest.json between the stages' drivers.
+
+A filesystem without flock (Lustre mounted without `flock`, some FUSE and old NFS mounts: ENOSYS,
+EOPNOTSUPP, ENOLCK) and a Lustre mount with `localflock` (flock that holds on one node only, which would
+let two nodes write one directory) are refused with a message naming the mount and the way out;
+CURATE_LOCK=none runs without the lock, leaving one run per directory and stage to the user.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
@@ -47,6 +53,57 @@ def _describe(path: Path) -> str:
     return "the tasks of a Slurm array (see the *-of-*.lock files beside it)"
 
 
+class LockUnsupported(CurateError):
+    """The dataset directory's filesystem cannot hold the lock across nodes. Exit code 2."""
+
+    exit_code = 2
+
+
+# flock(2) errors that mean "this filesystem does not do flock", not "someone holds it"
+_UNSUPPORTED = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL, getattr(errno, "ENOTSUP", -1)}
+LOCK_ENV = "CURATE_LOCK"  # "none": run without the lock
+
+
+def locking_disabled() -> bool:
+    return os.environ.get(LOCK_ENV, "").strip().lower() == "none"
+
+
+def _unsupported(path: Path, why: str) -> LockUnsupported:
+    return LockUnsupported(f"{path}: cannot lock this dataset directory: {why}. Two runs of one stage on one "
+                           f"directory would overwrite each other's shards, so curate stops here. Mount the "
+                           f"filesystem with cluster-wide flock (Lustre: -o flock; NFS: v4, or v3 with lockd), "
+                           f"use a directory on such a mount, or set {LOCK_ENV}=none to run without the lock "
+                           f"(then make sure yourself that one run at a time writes each stage of it).")
+
+
+def mount_of(path: Path, mounts_text: str | None = None) -> tuple[str, str, set[str]]:
+    """(mount point, filesystem type, options) of the mount holding `path`, from /proc/mounts."""
+    if mounts_text is None:
+        try:
+            mounts_text = Path("/proc/mounts").read_text()
+        except OSError:
+            return ("", "", set())
+    best = ("", "", set[str]())
+    target = str(path.resolve())
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, parts[2], set(parts[3].split(",")))
+    return best
+
+
+def check_cluster_lock(path: Path, mounts_text: str | None = None) -> None:
+    """Refuse a mount whose flock holds on this node only (Lustre `localflock`)."""
+    point, fstype, opts = mount_of(path, mounts_text)
+    if fstype == "lustre" and "localflock" in opts:
+        raise _unsupported(path, f"{point} is a Lustre mount with localflock, whose locks hold on this node "
+                                 f"only")
+
+
 def _try_flock(path: Path, mode: int) -> int | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -55,6 +112,14 @@ def _try_flock(path: Path, mode: int) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as e:
+        os.close(fd)
+        if e.errno in _UNSUPPORTED:
+            point, fstype, _ = mount_of(path.parent)
+            where = f" ({fstype} mounted at {point})" if point else ""
+            raise _unsupported(path, f"the filesystem does not support flock{where}: "
+                                     f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}") from None
+        raise
     return fd
 
 
@@ -71,6 +136,14 @@ def stage_lock(ds: DatasetDir, stage: str, array_slice: tuple[int, int] | None =
     """
     path = ds.lock(stage)
     held: list[int] = []
+    if locking_disabled():
+        import logging
+
+        logging.getLogger(__name__).warning("%s=none: running `curate %s` on %s without its lock", LOCK_ENV,
+                                            stage, ds.root)
+        yield array_slice is None
+        return
+    check_cluster_lock(ds.root)
     try:
         fd = _try_flock(path, fcntl.LOCK_SH if array_slice else fcntl.LOCK_EX)
         if fd is None:
@@ -101,10 +174,19 @@ def stage_lock(ds: DatasetDir, stage: str, array_slice: tuple[int, int] | None =
 def manifest_lock(ds: DatasetDir) -> Iterator[None]:
     """Block until this process alone may read-modify-write manifest.json."""
     path = ds.lock("manifest")
+    if locking_disabled():
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno in _UNSUPPORTED:
+                raise _unsupported(path, f"the filesystem does not support flock: "
+                                         f"{errno.errorcode.get(e.errno, e.errno)}: {e.strerror}") from None
+            raise
         yield
     finally:
         with contextlib.suppress(OSError):

@@ -140,14 +140,19 @@ def choose_index(n: int, d: int, cfg: IndexConfig) -> dict[str, Any]:
 
 
 def input_digest(ds: DatasetDir, scorer: str) -> dict[str, Any]:
-    """The scorer's fingerprint and each scored shard's file sizes (a rescored dataset is another input)."""
+    """The scorer's fingerprint, each scored shard's file sizes and the identity of each score run (its
+    marker, curate.io.lineage): a rescored dataset, or one shard scored again, is another input. Score
+    output computed from a download that changed since is refused (run score first)."""
     from curate.io import manifest
+    from curate.io.lineage import marker_identity, require_current
 
+    require_current(ds, scorer, "index")
     entry = manifest.load(ds)["stages"].get(scorer, {})
     files = {}
     for shard in ds.done_shards(scorer):
         paths = [ds.signals(scorer, shard)] + [ds.signals(scorer, shard, s) for s in MODALITIES.values()]
         files[shard] = [p.stat().st_size if p.exists() else None for p in paths]
+        files[shard].append(marker_identity(ds, scorer, shard))
     return {"scorer": scorer, "fingerprint": entry.get("fingerprint"), "shards": len(files),
             "files_sha256": json_digest(files)}
 

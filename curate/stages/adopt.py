@@ -389,9 +389,9 @@ class AdoptStage:
         return {"source": str(root), "kind": source_kind(root), "source_fingerprint": source_fingerprint(root)}
 
     def finalize(self, cfg: AdoptConfig, ds: DatasetDir) -> dict[str, Any]:
-        from curate.runner import _sum_stats
+        from curate.runner import sum_stats
 
-        counts = _sum_stats(ds, NAME)
+        counts = sum_stats(ds, NAME)
         counts["duplicate_keys"] = duplicate_keys(ds)
         return counts
 

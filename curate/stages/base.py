@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from curate.config import from_dict
-from curate.io.atomic import remove_shard_tmp, write_json
+from curate.io.atomic import remove_shard_tmp, set_task_tmp, write_json
 from curate.io.layout import DatasetDir, task_id
+from curate.io.lineage import read_identities, stage_reads
 
 
 class Stage(Protocol):
@@ -65,13 +67,22 @@ def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[
     try:
         cfg = from_dict(stage.config_cls, config)
         key = output_key(stage, cfg, stage_name)
-        remove_shard_tmp(ds.stage_paths(key), tid)
+        tmp = ds.task_tmp(key, tid)
+        remove_shard_tmp(tmp)
+        set_task_tmp(tmp)
+        # the identities of the upstream task runs this task reads, taken before it reads them: an upstream
+        # rerun while this task runs leaves this marker stale, never falsely current
+        reads = read_identities(ds, stage_reads(stage, cfg, ds, task))
         stats = stage.run_shard(cfg, ds, task)
         stats = dict(stats or {})
         write_json(ds.stats(key, tid), stats)
-        write_json(ds.marker(key, tid), {"task": tid, "stats": stats})
+        # "run" makes each completion's marker (and so its identity) unique, even with equal stats
+        write_json(ds.marker(key, tid), {"task": tid, "stats": stats, "run": uuid.uuid4().hex, "reads": reads})
+        remove_shard_tmp(tmp)  # empty now: leave no folder per task behind
         return TaskResult(tid, True, stats, seconds=time.time() - t0).to_dict()
     except Exception as e:  # reported in the summary and the exit code
         msg = f"{type(e).__name__}: {e}"
         tb = traceback.format_exc(limit=6)
         return TaskResult(tid, False, error=msg + "\n" + tb, seconds=time.time() - t0).to_dict()
+    finally:
+        set_task_tmp(None)

@@ -125,18 +125,34 @@ def work_dir(ds: DatasetDir) -> Path:
 
 
 def input_digest(ds: DatasetDir, scorer: str = "score") -> dict[str, Any]:
-    """What dedup reads from a dataset dir: the score fingerprint and each scored shard's file sizes.
+    """What dedup reads from a dataset dir: the score fingerprint, each scored shard's file sizes and the
+    identity of each score run (its marker, curate.io.lineage), so a shard scored again re-plans dedup.
 
-    Sizes, not mtimes, so a copied dataset dir still resumes; a rescored dataset has another fingerprint.
+    Sizes and marker bytes, not mtimes, so a copied dataset dir still resumes. Dedup compares every shard
+    with every other (k-means on a sample of all shards, pairs across shards), so one changed shard can
+    change any shard's duplicates: the plan, and every task after it, runs again. Score output computed
+    from a download that has changed since is refused (run score first).
     """
     from curate.io import manifest
+    from curate.io.lineage import marker_identity, require_current
 
+    require_current(ds, scorer, "dedup")
     score = manifest.load(ds)["stages"].get(scorer, {})
     files = {}
     for shard in ds.done_shards(scorer):
         paths = (ds.signals(scorer, shard), ds.signals(scorer, shard, ".img_emb.npy"), ds.ledger(shard))
         files[shard] = [p.stat().st_size if p.exists() else None for p in paths]
+        files[shard].append(marker_identity(ds, scorer, shard))
     return {"score_fingerprint": score.get("fingerprint"), "shards": len(files), "files_sha256": json_digest(files)}
+
+
+def input_config(ds: DatasetDir, scorer: str = "score") -> dict[str, Any]:
+    """The part of dedup's input that is configuration (its fingerprint): the score stage's fingerprint. Which
+    shards are scored, and which run of each, is in the plan's digest (input_digest): a shard scored again
+    re-plans dedup, a score run with another config is refused."""
+    from curate.io import manifest
+
+    return {"score_fingerprint": manifest.load(ds)["stages"].get(scorer, {}).get("fingerprint")}
 
 
 def read_shard(ds: DatasetDir, shard: str, with_sha: bool = True, scorer: str = "score") -> tuple[Any, np.ndarray]:
@@ -225,6 +241,12 @@ class DedupStage:
                 tasks += [{"task": f"phash.{s}", "kind": "phash", "source": s} for s in plan["shards"]]
         else:
             plan = read_json(work_dir(ds) / "plan.json")
+            if phase in ("pairs", "write"):  # the previous phase's offsets, gathered into one file per phase
+                folder, names, suffix = ((work_dir(ds) / "bucket", plan["shards"], ".offsets.npy") if phase == "pairs"
+                                         else (work_dir(ds) / "pairs", [f"{g:05d}" for g in
+                                                                        range(len(plan["group_bounds"]) - 1)],
+                                               ".nn_offsets.npy"))
+                ph.gather_offsets(folder, names, suffix)
             if phase == "pairs":
                 b = plan["group_bounds"]
                 tasks = [{"task": f"pairs.{g:05d}", "kind": "pairs", "group": g, "lo": b[g], "hi": b[g + 1]}
@@ -278,6 +300,11 @@ class DedupStage:
         if plan.get("calibration"):
             counts["threshold_calibration"] = plan["calibration"]
         counts.update(read_json(ds.stats(self.name, "decide")))
+        if cfg.phash:
+            st = [read_json(ds.stats(self.name, f"phash.{s}")) for s in plan["shards"]
+                  if ds.stats(self.name, f"phash.{s}").exists()]
+            counts["phash_hashed"] = sum(x.get("hashed", 0) for x in st)
+            counts["phash_failed"] = sum(x.get("phash_failed", 0) for x in st)
         if cfg.against:
             counts["eval_contaminated"] = sum(read_json(ds.stats(self.name, s)).get("eval_contaminated", 0)
                                               for s in plan["shards"])

@@ -233,6 +233,7 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     t, _ = read_shard(ds, task["source"], with_sha=False, scorer=cfg.scorer)
     wanted = set(t["key"].to_pylist())
     keys, hashes, fine = [], [], []
+    failed: dict[str, int] = {}  # an image with no hash matches nothing: counted, never silently skipped
     for s in iter_samples(ds.shard_tar(task["source"])):
         if s["key"] not in wanted or not s["image"]:
             continue
@@ -242,7 +243,10 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
                 # 64 bits for equality (the GROUP BY); 256 bits (a 16x16 DCT) for --phash-distance: 64 bits
                 # cannot tell two clock faces apart, 256 can (bench/dedup_evidence.py)
                 h, h256 = str(imagehash.phash(im)), str(imagehash.phash(im, hash_size=PHASH_FINE_SIZE))
-        except Exception:  # noqa: BLE001 - an undecodable image has no hash, and no hash match
+        except Exception as e:  # noqa: BLE001 - an undecodable image has no hash, and no hash match
+            code = getattr(e, "code", None) or type(e).__name__
+            failed[code] = failed.get(code, 0) + 1
+            log.warning("phash: %s: no perceptual hash (%s: %s)", s["key"], code, str(e)[:200])
             continue
         keys.append(s["key"])
         hashes.append(h)
@@ -250,23 +254,46 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     write_table(_paths(ds, task)[0], pa.table({"key": pa.array(keys, pa.string()),
                                                "phash": pa.array(hashes, pa.string()),
                                                "phash256": pa.array(fine, pa.string())}))
-    return {"hashed": len(keys)}
+    return {"hashed": len(keys), "phash_failed": sum(failed.values()), "phash_failed_by": failed}
 
 
 # --- pairs -------------------------------------------------------------------------------------------
+
+
+ALL_OFFSETS = "offsets-all.npy"  # every shard's (or group's) offsets, one row each, gathered on the driver
+
+
+def gather_offsets(folder: Path, names: list[str], suffix: str) -> None:
+    """One [len(names), k] array of the offsets files folder/{name}{suffix}, written on the driver between two
+    phases, so a task reads its column from one file instead of opening one file per shard or group (a
+    metadata storm on a shared filesystem: pair tasks x shards opens)."""
+    rows = [np.load(folder / f"{n}{suffix}") for n in names]
+    table = np.stack(rows) if rows else np.zeros((0, 1), np.int64)
+    path = folder / ALL_OFFSETS
+    if path.exists() and np.array_equal(np.load(path), table):
+        return  # a resume: unchanged, left as it is
+    _save(path, table)
+
+
+def _offsets_column(folder: Path, names: list[str], suffix: str, col: int) -> np.ndarray:
+    """[offsets[col], offsets[col + 1]] of every name: from the gathered file, else each name's own file."""
+    path = folder / ALL_OFFSETS
+    if path.exists():
+        return np.asarray(np.load(path, mmap_mode="r")[:, col:col + 2])
+    return np.stack([np.load(folder / f"{n}{suffix}")[col:col + 2] for n in names]) if names else np.zeros((0, 2))
 
 
 def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
     """Group g's slice of every shard's bucket, copied straight from the memory maps into one array per field
     (no intermediate copies: this is the largest allocation of a pair task)."""
     slices, dtype, width = [], None, 1
-    for s in shards:  # first pass: sizes and dtypes only (one memory map open at a time)
-        off = np.load(wd / "bucket" / f"{s}.offsets.npy")
-        if off[g + 1] > off[g]:
+    offsets = _offsets_column(wd / "bucket", shards, ".offsets.npy", g)
+    for s, (a, b) in zip(shards, offsets, strict=True):  # sizes and dtypes only (one memory map open at a time)
+        if b > a:
             path = wd / "bucket" / f"{s}.npy"
             dtype = np.load(path, mmap_mode="r").dtype
             width = max(width, dtype["key"].itemsize)
-            slices.append((path, int(off[g]), int(off[g + 1])))
+            slices.append((path, int(a), int(b)))
     if not slices:
         return {}
     total = sum(b - a for _, a, b in slices)
@@ -521,10 +548,10 @@ def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
 def _nearest(wd: Path, plan: dict[str, Any], ordinal: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's best neighbour over every group it probed: (cosine (-inf if none), key bytes)."""
     parts = []
-    for g in range(len(plan["group_bounds"]) - 1):
-        off = np.load(wd / "pairs" / f"{g:05d}.nn_offsets.npy")
-        if off[ordinal + 1] > off[ordinal]:
-            parts.append(np.array(np.load(wd / "pairs" / f"{g:05d}.nn.npy", mmap_mode="r")[off[ordinal]:off[ordinal + 1]]))
+    groups = [f"{g:05d}" for g in range(len(plan["group_bounds"]) - 1)]
+    for g, (a, b) in zip(groups, _offsets_column(wd / "pairs", groups, ".nn_offsets.npy", ordinal), strict=True):
+        if b > a:
+            parts.append(np.array(np.load(wd / "pairs" / f"{g}.nn.npy", mmap_mode="r")[a:b]))
     sim = np.full(n, -np.inf, np.float32)
     key = np.zeros(n, "S1")
     if parts:

@@ -38,6 +38,7 @@ from curate.fetch import Fetcher, FetchFailed, FetchPolicy
 from curate.imaging import (
     DECODE_BUDGET_BYTES,
     ENCODE_FORMATS,
+    FAST_DECODER_ERRORS,
     RESIZE_MODES,
     DecodeBudget,
     ImageOptions,
@@ -646,6 +647,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     budget = DecodeBudget(DECODE_BUDGET_BYTES)  # decoded bytes in flight in this task, all threads together
     return_freed_memory_to_os()  # or freed decode buffers stay in per-thread arenas (see imaging)
     PHASES.reset()
+    fast_errors0 = Counter(FAST_DECODER_ERRORS)
     # results are written in row order; the window bounds how far workers run ahead of the writer
     window = max(256, cfg.threads * 16)
     results: list[_Result | None] = [None] * n
@@ -774,6 +776,9 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         "rows": n, "success": status["success"], "failed": n - status["success"],
         "status": dict(sorted(status.items())), "bytes": total_bytes, "seconds": round(seconds, 3),
     }
+    fast_errors = Counter(FAST_DECODER_ERRORS) - fast_errors0
+    if fast_errors:  # rows the fast PNG/WebP decoder failed on, decoded (or rejected) by Pillow instead
+        stats["fast_decoder_errors"] = dict(sorted(fast_errors.items()))
     if PROFILE_ENABLED:  # CURATE_PROFILE=1: per-phase timers (bench/download.py --profile)
         stats["phases"] = PHASES.snapshot()
         stats["cpu_seconds"] = round(time.process_time() - cpu0, 3)  # the whole task process, every thread

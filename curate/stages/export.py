@@ -231,16 +231,44 @@ def read_keep_list(folder: Path, index: int) -> pa.Table:
     return t.sort_by([("source_shard", "ascending"), ("key", "ascending")])
 
 
-def selection_digest(cfg: ExportConfig) -> str:
-    """Names the selection folder: the same clauses over the same source stages give the same folder."""
-    what = {**fingerprint_extra(cfg), "samples_per_shard": cfg.samples_per_shard, "write_dropped": cfg.write_dropped}
+def source_state(cfg: ExportConfig) -> dict[str, dict[str, str]]:
+    """{stage: {shard: identity}} of the source stages the selection reads (curate.io.lineage): which shards
+    are done and which run of each. Signal shards computed from a ledger that changed since are refused."""
+    from curate.io.lineage import require_current, stage_state
+
+    src = source_dir(cfg)
+    clauses = [c.to_dict() for c in resolve_clauses(cfg)]
+    out = {}
+    for stage in source_fingerprints(cfg, clauses):
+        if stage not in ("download", "adopt", "export"):
+            require_current(src, stage, "export")
+        out[stage] = stage_state(src, stage)
+    return out
+
+
+def selection_digest(cfg: ExportConfig, state: dict[str, dict[str, str]] | None = None) -> str:
+    """Names the selection folder: the same clauses over the same source state (which shards are done, and
+    which run of each) give the same folder; a shard completed or recomputed since gives another."""
+    state = source_state(cfg) if state is None else state
+    what = {**fingerprint_extra(cfg), "samples_per_shard": cfg.samples_per_shard, "write_dropped": cfg.write_dropped,
+            "source_state": json_digest(state)}
     return json_digest(what)
 
 
-def ensure_selection(cfg: ExportConfig, ds: DatasetDir) -> tuple[Path, dict[str, Any]]:
-    """The selection folder for this config, written once: a resume (or a second Slurm array index)
-    finds summary.json, its marker, and reuses it; concurrent writers race on one rename."""
-    final = _work_dir(ds) / f"sel-{selection_digest(cfg)}"
+def _changed(old: dict[str, dict[str, str]], new: dict[str, dict[str, str]]) -> list[str]:
+    """"stage/shard" names that differ between two source states (added, removed or recomputed)."""
+    out = []
+    for stage in sorted(set(old) | set(new)):
+        a, b = old.get(stage, {}), new.get(stage, {})
+        out += [f"{stage}/{t}" for t in sorted(set(a) | set(b)) if a.get(t) != b.get(t)]
+    return out
+
+
+def ensure_selection(cfg: ExportConfig, ds: DatasetDir,
+                     state: dict[str, dict[str, str]] | None = None) -> tuple[Path, dict[str, Any]]:
+    """The selection folder for this config and source state, written once: a resume (or a second Slurm
+    array index) finds summary.json, its marker, and reuses it; concurrent writers race on one rename."""
+    final = _work_dir(ds) / f"sel-{selection_digest(cfg, state)}"
     if not (final / "summary.json").exists():
         tmp = _work_dir(ds) / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-sel"
         tmp.mkdir(parents=True)
@@ -302,8 +330,10 @@ class ExportStage:
             raise InputError(f"--layout {cfg.layout}: must be one of {', '.join(LAYOUTS)}")
         if source_dir(cfg).root == ds.root:
             raise InputError(f"--out {ds.root}: must differ from the source directory")
-        folder, summary = ensure_selection(cfg, ds)
-        write_json(_work_dir(ds) / "selection.json", {**summary, "folder": folder.name})
+        state = source_state(cfg)
+        _refuse_changed_source(ds, state)
+        folder, summary = ensure_selection(cfg, ds, state)
+        write_json(_work_dir(ds) / "selection.json", {**summary, "folder": folder.name, "source_state": state})
         tasks = []
         for i in range(summary["shards"]):
             if _in_slice(cfg, i):
@@ -351,6 +381,7 @@ class ExportStage:
         write_sizes_table(cfg, ds)
         out = read_json(p)
         out.pop("folder", None)
+        out.pop("source_state", None)
         return out
 
     def inputs(self, cfg: ExportConfig) -> dict[str, Any]:
@@ -376,6 +407,24 @@ def write_sizes_table(cfg: ExportConfig, ds: DatasetDir) -> None:
             sizes[f"{shard}.tar"] = int(read_json(stats).get("kept", 0))
     if sizes:
         write_sizes(ds.root if cfg.layout == "img2dataset" else ds.root / "shards", sizes)
+
+
+def _refuse_changed_source(ds: DatasetDir, state: dict[str, dict[str, str]]) -> None:
+    """An export whose shards were cut from another source state refuses to add shards cut from this one."""
+    from curate.errors import ConfigMismatchError
+
+    p = _work_dir(ds) / "selection.json"
+    if not p.exists() or not ds.done_tasks(NAME):
+        return
+    old = read_json(p).get("source_state")
+    if old is None or old == state:
+        return
+    changed = _changed(old, state)
+    raise ConfigMismatchError(
+        f"{ds.root}: this export's shards were selected from another state of the source: {len(changed)} source "
+        f"shard(s) completed, removed or recomputed since ({', '.join(changed[:8])}"
+        f"{' ...' if len(changed) > 8 else ''}). Refusing to mix two selections; rerun with --redo to export "
+        f"the source as it is now.")
 
 
 def _ledger_rows(src: DatasetDir, source_shards: list[str], want: pa.Table, shard: str) -> pa.Table:

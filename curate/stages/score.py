@@ -431,6 +431,10 @@ class ScoreStage:
                              f"run `curate download` first")
         return [{"shard": s} for s in shards[cfg.shard_index::cfg.num_shards]]
 
+    def reads(self, cfg: ScoreConfig, ds: DatasetDir, task: dict[str, Any]) -> list[tuple[str, str]]:
+        """The shard's tar and ledger: the run of the stage that wrote them (lineage, see curate.io.lineage)."""
+        return [(ds.source_stage_of(task["shard"]), task["shard"])]
+
     def run_shard(self, cfg: ScoreConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
         import pyarrow as pa
 
@@ -449,9 +453,47 @@ class ScoreStage:
         stats["t_write_s"] = round(time.perf_counter() - t1, 4)
         return stats
 
+    def finalize(self, cfg: ScoreConfig, ds: DatasetDir) -> dict[str, Any]:
+        """Every shard's stats added up, one row per input row: a failed row that `download --retry-failed`
+        retried in a later shard is counted there, so its old row (superseded_by set, possibly after this
+        shard was scored) is taken out of `rows` and `skipped` here and counted as `superseded`."""
+        from curate.runner import sum_stats
+
+        counts = sum_stats(ds, cfg.name)
+        sup = superseded_by_status(ds, ds.done_shards(cfg.name))
+        if sup:
+            counts["rows"] = counts.get("rows", 0) - sum(sup.values())
+            skipped = counts.setdefault("skipped", {})
+            for status, n in sup.items():
+                skipped[status] = skipped.get(status, 0) - n
+                if skipped[status] <= 0:
+                    skipped.pop(status)
+            counts["superseded"] = sum(sup.values())
+        return counts
+
     def inputs(self, cfg: ScoreConfig) -> dict[str, Any]:
         # "scorer" lets readers of the manifest find every score table (the default one is "score")
         return {**model_inputs(cfg), "scorer": cfg.name}
+
+
+def superseded_by_status(ds: DatasetDir, shards: list[str]) -> dict[str, int]:
+    """{ledger status: rows} of the rows of `shards`' ledgers that a download retry superseded (one DuckDB
+    aggregate reading one column pair, never the rows)."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    paths = [ds.ledger(s) for s in shards if ds.ledger(s).exists()]
+    if not paths or "superseded_by" not in pq.read_schema(paths[0]).names:
+        return {}
+    files = "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+    con = duckdb.connect()
+    try:
+        con.execute("SET memory_limit='256MB'")
+        got = con.execute(f"SELECT status, count(*) FROM read_parquet({files}, union_by_name=true) "
+                          f"WHERE superseded_by IS NOT NULL AND superseded_by <> '' GROUP BY 1").fetchall()
+    finally:
+        con.close()
+    return {str(st): int(n) for st, n in got}
 
 
 def model_inputs(cfg: ScoreConfig) -> dict[str, Any]:

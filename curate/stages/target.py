@@ -224,13 +224,13 @@ class TargetStage:
         return {"rows": len(order), "assigned": int(has.sum()), "selected": int(chosen.sum())}
 
     def finalize(self, cfg: TargetConfig, ds: DatasetDir) -> dict[str, Any]:
-        from curate.runner import _sum_stats
+        from curate.runner import sum_stats
 
         plan_path = work_dir(ds) / "plan.json"
         if not plan_path.exists():
             return {}
         plan = read_json(plan_path)
-        counts = {k: v for k, v in _sum_stats(ds, NAME).items()}
+        counts = {k: v for k, v in sum_stats(ds, NAME).items()}
         return {**counts, "clusters": plan["k"], "selected_clusters": len(plan["selected"]),
                 "target_images": plan["target_images"], "sampled": plan["sampled"]}
 

@@ -11,7 +11,11 @@
 # EXECUTOR_CORES (4), NUM_EXECUTORS (unset: the cluster decides), DRIVER_MEMORY (4g),
 # GPUS_PER_EXECUTOR / GPU_PER_TASK (unset: no GPU scheduling; a fraction such as 0.25 puts 4 tasks on a GPU),
 # GPU_DISCOVERY_SCRIPT, PYTHON (the interpreter with curate installed on every node; default: this one),
-# SPARK_SUBMIT (default: spark-submit on PATH, else the one pyspark carries), EXTRA_CONF ("k=v k=v").
+# SPARK_SUBMIT (default: spark-submit on PATH, else the one pyspark carries), EXTRA_CONF ("k=v k=v"),
+# TASK_MAX_FAILURES (1: curate's runner retries a failed task, 3 attempts; a larger value makes Spark retry
+# inside each of those attempts, and the runner then counts each round as that many attempts).
+# Dynamic allocation works as it is: curate re-reads the executors' cores every second and keeps twice
+# as many tasks queued, so the cluster grows to the work (EXTRA_CONF="spark.dynamicAllocation.enabled=true ...").
 # Paths must be on storage every node sees (NFS, or an fsspec URL where the stage supports it).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,7 +29,7 @@ conf=(
   --conf "spark.pyspark.python=$PYTHON"
   --conf "spark.pyspark.driver.python=$PYTHON"
   --conf spark.speculation=false
-  --conf spark.task.maxFailures="${TASK_MAX_FAILURES:-4}"
+  --conf spark.task.maxFailures="${TASK_MAX_FAILURES:-1}"
   --conf spark.ui.showConsoleProgress=false
 )
 if [ -n "${GPUS_PER_EXECUTOR:-}" ]; then
