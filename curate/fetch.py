@@ -469,9 +469,11 @@ class HostLimiter:
         """A 429/503 from `host`: halve its limit; pause it for Retry-After (or HOST_PAUSE)."""
         with self._cond:
             st = self._state(host)
-            st.limit = max(1.0, st.limit / 2)
+            now = time.monotonic()
+            if now >= st.paused_until:  # once per pause: the other answers of a burst say the same thing
+                st.limit = max(1.0, st.limit / 2)
             pause = HOST_PAUSE if retry_after is None else retry_after
-            st.paused_until = max(st.paused_until, time.monotonic() + pause)
+            st.paused_until = max(st.paused_until, now + pause)
             self.throttles += 1
 
     def paused_for(self, host: str) -> float:
