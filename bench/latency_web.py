@@ -100,7 +100,8 @@ def bind_all(addresses: list[str]) -> tuple[list[socket.socket], int]:
 
 
 def serve(images: list[bytes], plans: list[UrlPlan], shape: WebShape, instant: bool, port_q, samples_path: str) -> None:
-    """Run the web until killed; puts the port on port_q once every address listens."""
+    """Run the web until killed; puts the port on port_q once every address listens. Long because the
+    handlers share the plan, the rate limiters and the counters as closures of one event loop."""
     addresses = host_addresses(shape.hosts)
     addr_index = {a: k for k, a in enumerate(addresses)}
     rng = random.Random(shape.seed + 1)
