@@ -415,6 +415,7 @@ def latency_web(args: argparse.Namespace) -> None:
                     for st in stats:
                         for k, v in st.get("status", {}).items():
                             status[k] = status.get(k, 0) + v
+                        print(f"  curate task: {st.get('fetch')}")
                 else:
                     got = [json.loads(Path(p).read_text()) for p in glob.glob(str(dest / "*_stats.json"))]
                     ok = sum(g.get("successes", 0) for g in got)
