@@ -36,7 +36,7 @@ class WebShape:
     gone_share: float = 0.01
     redirect_share: float = 0.02  # chains of 1-3 hops, each to another host
     limited_ranks: tuple[int, ...] = (12, 24, 48)  # hosts (by Zipf rank, 1 = biggest) answering 429 past...
-    limited_rate: float = 20.0    # ... this many requests per second (a token bucket, burst of one second)
+    limited_rate: float = 8.0     # ... this many requests per second (a token bucket, burst of one second)
     retry_after: int = 1          # seconds, in the 429's Retry-After
     seed: int = 0
 
