@@ -380,7 +380,7 @@ def latency_web(args: argparse.Namespace) -> None:
           f"{sum(p.slow > 0 for p in plans)} slow bodies ({shape.slow_seconds[0]:.0f}-{shape.slow_seconds[1]:.0f} s), "
           f"TTFB lognormal median {1000 * shape.ttfb_median:.0f} ms sigma {shape.ttfb_sigma}, hosts of Zipf rank "
           f"{', '.join(map(str, shape.limited_ranks))} answer 429 (Retry-After {shape.retry_after}) past "
-          f"{shape.limited_rate:.0f} req/s")
+          f"{shape.limited_rate:.0f} req/s or {shape.limited_concurrency} requests at once")
     addresses = lw.host_addresses(shape.hosts)
     results: dict[str, dict] = {}
 

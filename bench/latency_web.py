@@ -5,7 +5,7 @@ each), one address per host. Each URL is planned once (`plan_urls`): its host (a
 holds a share proportional to 1/k^s), what it answers (an image of the bench's web-like mix, 404, 410,
 a redirect chain across hosts) and whether its body trickles over several seconds. Every request waits
 a time to first byte drawn from a lognormal distribution (a long tail); a few hosts rate-limit and
-answer 429 with Retry-After past their rate. `--instant` serves the same plan with no waiting, no
+answer 429 with Retry-After past their rate or past a few requests at once. `--instant` serves the same plan with no waiting, no
 trickle and no rate limits (the same images, the same statuses).
 
 The server samples, every SAMPLE_PERIOD seconds, the requests it is answering and the connections open,
@@ -35,8 +35,9 @@ class WebShape:
     not_found_share: float = 0.03
     gone_share: float = 0.01
     redirect_share: float = 0.02  # chains of 1-3 hops, each to another host
-    limited_ranks: tuple[int, ...] = (12, 24, 48)  # hosts (by Zipf rank, 1 = biggest) answering 429 past...
+    limited_ranks: tuple[int, ...] = (8, 16, 32)  # hosts (by Zipf rank, 1 = biggest) answering 429 past...
     limited_rate: float = 8.0     # ... this many requests per second (a token bucket, burst of one second)
+    limited_concurrency: int = 2  # ... or this many requests in progress at once (a CDN's per-client limit)
     retry_after: int = 1          # seconds, in the 429's Retry-After
     seed: int = 0
 
@@ -109,6 +110,7 @@ def serve(images: list[bytes], plans: list[UrlPlan], shape: WebShape, instant: b
     limited = {r - 1 for r in shape.limited_ranks if r - 1 < shape.hosts}
     buckets = {k: [shape.limited_rate, time.monotonic()] for k in limited}
     stats = {"in_flight": 0, "conns": 0}
+    busy = [0] * shape.hosts  # requests in progress per host (this one included)
     heads = {b: (b"HTTP/1.1 200 OK\r\nServer: latency-web\r\nContent-Type: image/jpeg\r\nContent-Length: "
                  + str(len(img)).encode() + b"\r\n\r\n") for b, img in enumerate(images)}
 
@@ -136,7 +138,7 @@ def serve(images: list[bytes], plans: list[UrlPlan], shape: WebShape, instant: b
             w.write(simple(b"404 Not Found"))
             return
         if not instant:
-            if host in limited and not take_token(host):
+            if host in limited and (busy[host] > shape.limited_concurrency or not take_token(host)):
                 await asyncio.sleep(0.02)
                 w.write(simple(b"429 Too Many Requests", f"Retry-After: {shape.retry_after}\r\n".encode()))
                 return
@@ -169,11 +171,13 @@ def serve(images: list[bytes], plans: list[UrlPlan], shape: WebShape, instant: b
                 head = await r.readuntil(b"\r\n\r\n")
                 line = head.split(b"\r\n", 1)[0].split(b" ")
                 stats["in_flight"] += 1
+                busy[host] += 1
                 try:
                     await answer(w, host, line[1] if len(line) > 1 else b"/")
                     await w.drain()
                 finally:
                     stats["in_flight"] -= 1
+                    busy[host] -= 1
                 if b"connection: close" in head.lower():
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
