@@ -344,10 +344,13 @@ class _GuardedHTTPSConnection(HTTPSConnection):
 # ---- per-host limits ----------------------------------------------------------------------------
 
 # a host's limit starts here (or at the ceiling when that is lower) and grows by about one per round of
-# successes up to the ceiling (--per-host); a 429 or 503 halves it and pauses the host (for its Retry-After)
+# successes up to the ceiling (--per-host); a 429 or 503 halves it, keeps it below the share that drew
+# the answer for a minute, and pauses the host (for its Retry-After)
 HOST_START = 4
 # answers that say the host is overloaded (a 500 is more often one broken URL than a busy host)
 OVERLOAD_STATUS = frozenset({429, 503})
+# how long a host's share stays below the share that drew its last 429/503 (seconds)
+HOST_CAP_SECONDS = 60.0
 # the pause after a 429/503 without Retry-After (seconds); a Retry-After longer than this is honoured as given
 HOST_PAUSE = 1.0
 
@@ -357,6 +360,8 @@ class _HostState:
     active: int = 0
     limit: float = 1.0
     paused_until: float = 0.0
+    cap: float = float("inf")  # below the share at the last 429/503, until cap_until
+    cap_until: float = 0.0
 
 
 class HostSlot:
@@ -462,7 +467,8 @@ class HostLimiter:
     def succeeded(self, host: str) -> None:
         with self._cond:
             st = self._state(host)
-            st.limit = min(float(self.ceiling), st.limit + 1.0 / max(1.0, st.limit))
+            cap = st.cap if time.monotonic() < st.cap_until else float(self.ceiling)
+            st.limit = min(float(self.ceiling), cap, st.limit + 1.0 / max(1.0, st.limit))
             self._cond.notify_all()
 
     def throttled(self, host: str, retry_after: float | None) -> None:
@@ -471,6 +477,10 @@ class HostLimiter:
             st = self._state(host)
             now = time.monotonic()
             if now >= st.paused_until:  # once per pause: the other answers of a burst say the same thing
+                # the share that drew the answer is too much: stay below it for a while (HOST_CAP_SECONDS),
+                # or the host is asked past its limit again a few answers later
+                st.cap = max(1.0, float(max(st.active, int(st.limit))) - 1.0)
+                st.cap_until = now + HOST_CAP_SECONDS
                 st.limit = max(1.0, st.limit / 2)
             pause = HOST_PAUSE if retry_after is None else retry_after
             st.paused_until = max(st.paused_until, now + pause)
