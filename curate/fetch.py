@@ -344,8 +344,8 @@ class _GuardedHTTPSConnection(HTTPSConnection):
 # ---- per-host limits ----------------------------------------------------------------------------
 
 # a host's limit starts here (or at the ceiling when that is lower) and grows by about one per round of
-# successes up to the ceiling (--per-host); a 429 or 503 halves it, keeps it below the share that drew
-# the answer for a minute, and pauses the host (for its Retry-After)
+# successes up to the ceiling (--per-host); a 429 or 503 sets it one below the requests in flight that drew
+# the answer (halves it when only one was), keeps it there for a minute, and pauses the host (Retry-After)
 HOST_START = 4
 # answers that say the host is overloaded (a 500 is more often one broken URL than a busy host)
 OVERLOAD_STATUS = frozenset({429, 503})
@@ -472,7 +472,8 @@ class HostLimiter:
             self._cond.notify_all()
 
     def throttled(self, host: str, retry_after: float | None) -> None:
-        """A 429/503 from `host`: halve its limit; pause it for Retry-After (or HOST_PAUSE)."""
+        """A 429/503 from `host`: one request fewer than drew it (at most half when one drew it), for
+        HOST_CAP_SECONDS; pause it for Retry-After (or HOST_PAUSE)."""
         with self._cond:
             st = self._state(host)
             now = time.monotonic()
@@ -481,7 +482,7 @@ class HostLimiter:
                 # or the host is asked past its limit again a few answers later
                 st.cap = max(1.0, float(max(st.active, int(st.limit))) - 1.0)
                 st.cap_until = now + HOST_CAP_SECONDS
-                st.limit = max(1.0, st.limit / 2)
+                st.limit = min(st.cap, max(1.0, st.limit / 2) if st.active <= 1 else st.cap)
             pause = HOST_PAUSE if retry_after is None else retry_after
             st.paused_until = max(st.paused_until, now + pause)
             self.throttles += 1
