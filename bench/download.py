@@ -361,6 +361,127 @@ def web(args: argparse.Namespace) -> None:
         print_phases(best_stats, ok)
 
 
+def latency_web(args: argparse.Namespace) -> None:
+    """bench/latency_web.py's web (TTFB long tail, slow bodies, 64 Zipf hosts, 404/410, 429, redirects):
+    curate at its defaults, img2dataset at its defaults and with matched settings, then curate at its
+    defaults on the same plan served instantly, in one run; images/s, peak RSS, CPU, requests in flight.
+    Long because it is one flat benchmark script: plan, serve, run each tool, print."""
+    import latency_web as lw  # bench/latency_web.py, beside this script
+
+    out = Path(args.out) / "latency-web"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    shape = lw.WebShape()
+    t0 = time.time()
+    images = make_images(min(args.n, 80), "web")
+    plans = lw.plan_urls(args.n, len(images), shape)
+    kinds = {k: sum(p.kind == k for p in plans) for k in ("image", "404", "410", "redirect")}
+    print(f"made {len(images)} distinct web-like images in {time.time() - t0:.1f}s; {args.n} URLs on {shape.hosts} "
+          f"hosts (Zipf s={shape.zipf_s}: the biggest host holds {lw.zipf_top_share(shape):.0%}), {kinds}, "
+          f"{sum(p.slow > 0 for p in plans)} slow bodies ({shape.slow_seconds[0]:.0f}-{shape.slow_seconds[1]:.0f} s), "
+          f"TTFB lognormal median {1000 * shape.ttfb_median:.0f} ms sigma {shape.ttfb_sigma}, hosts of Zipf rank "
+          f"{', '.join(map(str, shape.limited_ranks))} answer 429 (Retry-After {shape.retry_after}) past "
+          f"{shape.limited_rate:.0f} req/s or {shape.limited_concurrency} requests at once")
+    addresses = lw.host_addresses(shape.hosts)
+    results: dict[str, dict] = {}
+
+    def one_web(instant: bool, runs: list[tuple[str, str]]) -> None:
+        samples = str(out / f"samples-{'instant' if instant else 'latency'}.txt")
+        q: mp.Queue = mp.Queue()
+        server = mp.Process(target=lw.serve, args=(images, plans, shape, instant, q, samples), daemon=True)
+        server.start()
+        port = q.get(timeout=60)
+        try:
+            urls = [f"http://{addresses[p.host]}:{port}/{i}.jpg" for i, p in enumerate(plans)]
+            url_list = out / f"urls-{port}.parquet"
+            pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(args.n)]}), url_list)
+            for name, tool in runs:
+                dest = out / _folder(name).replace(" ", "-")
+                if tool == "curate":
+                    argv = [str(Path(sys.executable).with_name("curate")), "download", str(url_list), "--out",
+                            str(dest), "--caption-col", "caption", "--no-progress"]
+                    for a in addresses:
+                        argv += ["--allow-host", f"{a}:{port}"]
+                    env = None
+                else:
+                    argv = _i2d_latency_command(args, url_list, dest, tool)
+                    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+                w0 = time.time()
+                secs, rss, rc, cpu = run_cpu(argv, env)
+                w1 = time.time()
+                if tool == "curate":
+                    stats = [json.loads(Path(p).read_text()) for p in glob.glob(str(dest / "stats" / "download" / "*.json"))]
+                    ok = sum(st.get("success", 0) for st in stats)
+                    status: dict[str, int] = {}
+                    for st in stats:
+                        for k, v in st.get("status", {}).items():
+                            status[k] = status.get(k, 0) + v
+                        print(f"  curate task: {st.get('fetch')}")
+                else:
+                    got = [json.loads(Path(p).read_text()) for p in glob.glob(str(dest / "*_stats.json"))]
+                    ok = sum(g.get("successes", 0) for g in got)
+                    status = {}
+                    for g in got:
+                        for k, v in g.get("status_dict", {}).items():
+                            status[k[:40]] = status.get(k[:40], 0) + v
+                flight = lw.read_samples(samples, w0, w1)
+                results[name] = {"ok": ok, "secs": secs, "rss": rss, "rc": rc, "cpu": cpu, "flight": flight,
+                                 "status": status}
+                inflight = [a for _, a, _ in flight]
+                print(f"{name}: {ok} ok in {secs:.1f} s = {ok / secs:.1f} images/s, peak RSS {rss / 2**20:.0f} MB, "
+                      f"CPU {cpu:.0f} s, in flight mean {statistics.mean(inflight) if inflight else 0:.0f}, rc={rc}")
+                print(f"  statuses: {dict(sorted(status.items(), key=lambda kv: -kv[1])[:8])}")
+        finally:
+            server.terminate()
+            server.join(5)
+
+    latency_runs = [("curate (defaults)", "curate")]
+    if args.img2dataset_python:
+        latency_runs += [("img2dataset (defaults)", "defaults"), ("img2dataset (matched)", "matched")]
+    one_web(False, latency_runs)
+    one_web(True, [("curate (defaults, instant web)", "curate")])
+
+    ncpu = os.cpu_count() or 1
+    print(f"\n{args.n} URLs, latency web above; {ncpu} CPUs (shared with other work: see load); "
+          f"img2dataset matched = {args.processes} processes x {args.threads} threads, 256 keep_ratio q95")
+    print(f"{'run':<32} {'ok':>6} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12} {'CPU %':>6} "
+          f"{'in flight p50/p90/max':>22}")
+    for name, r in results.items():
+        fl = sorted(a for _, a, _ in r["flight"]) or [0]
+        pct = 100 * r["cpu"] / max(r["secs"], 1e-9) / ncpu
+        print(f"{name:<32} {r['ok']:>6} {r['secs']:>8.1f} {r['ok'] / r['secs']:>9.1f} {r['rss'] / 2**20:>12.0f} "
+              f"{pct:>6.0f} {fl[len(fl) // 2]:>8}/{fl[int(len(fl) * 0.9)]}/{fl[-1]}"
+              + ("" if r["rc"] == 0 else f"  rc={r['rc']}"))
+    print("\nrequests in flight over time (server side, mean per tenth of each run):")
+    for name, r in results.items():
+        fl = r["flight"]
+        if not fl:
+            continue
+        cuts = [[a for t, a, _ in fl if k * r["secs"] / 10 <= t < (k + 1) * r["secs"] / 10] for k in range(10)]
+        print(f"  {name:<32} " + " ".join(f"{statistics.mean(c) if c else 0:5.0f}" for c in cuts))
+    c = results["curate (defaults)"]
+    rate = c["ok"] / c["secs"]
+    inst = results["curate (defaults, instant web)"]
+    print(f"\ncurate latency / curate instant: x{rate / (inst['ok'] / inst['secs']):.2f} (acceptance: >= 0.75)")
+    for name in ("img2dataset (defaults)", "img2dataset (matched)"):
+        if name in results and results[name]["ok"]:
+            i = results[name]
+            print(f"curate (defaults) / {name}: images/s x{rate / (i['ok'] / i['secs']):.2f}, "
+                  f"peak RSS x{c['rss'] / max(i['rss'], 1):.2f}"
+                  + ("  (acceptance: >= 3x, lower peak RSS)" if "defaults" in name else ""))
+
+
+def _i2d_latency_command(args: argparse.Namespace, url_list: Path, dest: Path, kind: str) -> list[str]:
+    argv = [args.img2dataset_python, "-m", "img2dataset.main", "--url_list", str(url_list), "--input_format",
+            "parquet", "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
+            "--enable_wandb", "False", "--output_folder", str(dest)]
+    if kind == "matched":
+        argv += ["--processes_count", str(args.processes), "--thread_count", str(args.threads), "--image_size",
+                 str(args.image_size), "--resize_mode", "keep_ratio", "--distributor", "multiprocessing",
+                 "--encode_quality", "95"]
+    return argv
+
+
 def formats(args: argparse.Namespace) -> None:
     """process_image per format on the --web mix's distinct images, one thread, for each combination of
     the optional fast paths (Wuffs/libwebp decoders: the `[fast]`/`[wuffs]` extras; the last step of a
@@ -613,6 +734,9 @@ def main() -> None:
     ap.add_argument("--server", choices=("asyncio", "threading"), default="asyncio",
                     help="with --web: the loopback server (asyncio: prebuilt responses in one loop; threading: "
                          "http.server, the server of the earlier figures)")
+    ap.add_argument("--latency-web", action="store_true",
+                    help="bench/latency_web.py's real-web simulator: curate and img2dataset at their defaults, "
+                         "img2dataset matched, curate on the same plan served instantly")
     ap.add_argument("--py-spy", default=None, metavar="FILE",
                     help="with --web: first one curate run under py-spy (raw stacks to FILE, summary printed)")
     ap.add_argument("--formats", action="store_true",
@@ -623,6 +747,9 @@ def main() -> None:
         return
     if args.hostile:
         hostile(args)
+        return
+    if args.latency_web:
+        latency_web(args)
         return
     if args.web or args.profile:
         web(args)

@@ -93,7 +93,7 @@ class FetchPolicy:
     max_redirects: int = 5
     retries: int = 2               # extra attempts after the first, transient failures only
     backoff: float = 0.5           # first backoff in seconds; doubles per attempt, with jitter
-    per_host: int = 4              # concurrent requests per host name
+    per_host: int = 16             # most concurrent requests per host name (see HostLimiter)
     allow_hosts: tuple[str, ...] = ()
     allow_private: bool = False
     deny_domains: tuple[str, ...] = ()
@@ -341,6 +341,180 @@ class _GuardedHTTPSConnection(HTTPSConnection):
         super().request(*args, **kwargs)
 
 
+# ---- per-host limits ----------------------------------------------------------------------------
+
+# a host's limit starts here (or at the ceiling when that is lower) and grows by about one per round of
+# successes up to the ceiling (--per-host); a 429 or 503 sets it one below the requests in flight that drew
+# the answer (halves it when only one was), keeps it there for a minute, and pauses the host (Retry-After)
+HOST_START = 4
+# answers that say the host is overloaded (a 500 is more often one broken URL than a busy host)
+OVERLOAD_STATUS = frozenset({429, 503})
+# how long a host's share stays below the share that drew its last 429/503 (seconds)
+HOST_CAP_SECONDS = 60.0
+# the pause after a 429/503 without Retry-After (seconds); a Retry-After longer than this is honoured as given
+HOST_PAUSE = 1.0
+
+
+@dataclass
+class _HostState:
+    active: int = 0
+    limit: float = 1.0
+    paused_until: float = 0.0
+    cap: float = float("inf")  # below the share at the last 429/503, until cap_until
+    cap_until: float = 0.0
+
+
+class HostSlot:
+    """One held request slot of a host; `release` is idempotent (a shard that gives up on a stuck row
+    releases its slot, and the stuck thread's own release later does nothing)."""
+
+    __slots__ = ("held", "host")
+
+    def __init__(self, host: str):
+        self.host = host
+        self.held = True
+
+
+class HostLimiter:
+    """Concurrent requests per host name, with a limit that adapts (AIMD) between 1 and `ceiling`.
+
+    A scheduler that queues a busy host's work calls `try_acquire` (never waits); a direct caller of
+    `Fetcher.fetch` waits in `acquire`. Every slot is released once; `on_release` is called after each
+    release (outside the limiter's lock) so a scheduler can hand the slot to a queued row.
+    """
+
+    def __init__(self, ceiling: int, start: int = HOST_START,
+                 on_release: Callable[[], None] | None = None):
+        self.ceiling = max(1, int(ceiling))
+        self.start = float(min(self.ceiling, max(1, start)))
+        self.on_release = on_release
+        self._hosts: dict[str, _HostState] = {}
+        self._cond = threading.Condition()
+        self.throttles = 0  # 429/503 answers seen (pauses and halvings), for the task's stats
+
+    def _state(self, host: str) -> _HostState:
+        st = self._hosts.get(host)
+        if st is None:
+            st = self._hosts[host] = _HostState(limit=self.start)
+        return st
+
+    def _free(self, st: _HostState, now: float) -> bool:
+        return now >= st.paused_until and st.active < max(1, int(st.limit))
+
+    def try_acquire(self, host: str) -> HostSlot | None:
+        with self._cond:
+            st = self._state(host)
+            if not self._free(st, time.monotonic()):
+                return None
+            st.active += 1
+            return HostSlot(host)
+
+    def _wait_free(self, host: str, until: float | None, slot: HostSlot | None = None) -> bool:
+        """(holding the lock) wait until `host` has a free slot and take it; False when `until` passed
+        first, or when `slot` (being moved) was released meanwhile."""
+        st = self._state(host)
+        while True:
+            if slot is not None and not slot.held:
+                return False
+            now = time.monotonic()
+            if self._free(st, now):
+                st.active += 1
+                return True
+            if until is not None and now >= until:
+                return False
+            wake = st.paused_until - now if st.paused_until > now else 1.0
+            if until is not None:
+                wake = min(wake, until - now)
+            self._cond.wait(timeout=max(0.001, wake))
+
+    def acquire(self, host: str, until: float | None = None) -> HostSlot | None:
+        """Wait for a slot of `host` (until the monotonic time `until`, or for ever); None when it passed."""
+        with self._cond:
+            return HostSlot(host) if self._wait_free(host, until) else None
+
+    def move(self, slot: HostSlot, host: str, until: float | None) -> bool:
+        """Give up `slot`'s host and wait for one of `host` in the same slot (a redirect to another host)."""
+        if not slot.held or slot.host == host:
+            return slot.held
+        with self._cond:
+            old = self._state(slot.host)
+            old.active = max(0, old.active - 1)
+            self._cond.notify_all()
+            slot.host = host
+            got = self._wait_free(host, until, slot)
+            if not got and slot.held:
+                slot.held = False  # nothing is held any more: the slot is spent
+        if self.on_release is not None:
+            self.on_release()
+        return got
+
+    def release(self, slot: HostSlot) -> None:
+        with self._cond:
+            if not slot.held:
+                return
+            slot.held = False
+            st = self._state(slot.host)
+            st.active = max(0, st.active - 1)
+            self._cond.notify_all()
+        if self.on_release is not None:
+            self.on_release()
+
+    def active(self, host: str) -> int:
+        with self._cond:
+            st = self._hosts.get(host)
+            return st.active if st else 0
+
+    def succeeded(self, host: str) -> None:
+        with self._cond:
+            st = self._state(host)
+            cap = st.cap if time.monotonic() < st.cap_until else float(self.ceiling)
+            st.limit = min(float(self.ceiling), cap, st.limit + 1.0 / max(1.0, st.limit))
+            self._cond.notify_all()
+
+    def throttled(self, host: str, retry_after: float | None) -> None:
+        """A 429/503 from `host`: one request fewer than drew it (at most half when one drew it), for
+        HOST_CAP_SECONDS; pause it for Retry-After (or HOST_PAUSE)."""
+        with self._cond:
+            st = self._state(host)
+            now = time.monotonic()
+            if now >= st.paused_until:  # once per pause: the other answers of a burst say the same thing
+                # the share that drew the answer is too much: stay below it for a while (HOST_CAP_SECONDS),
+                # or the host is asked past its limit again a few answers later
+                st.cap = max(1.0, float(max(st.active, int(st.limit))) - 1.0)
+                st.cap_until = now + HOST_CAP_SECONDS
+                st.limit = min(st.cap, max(1.0, st.limit / 2) if st.active <= 1 else st.cap)
+            pause = HOST_PAUSE if retry_after is None else retry_after
+            st.paused_until = max(st.paused_until, now + pause)
+            self.throttles += 1
+
+    def paused_for(self, host: str) -> float:
+        """Seconds until `host` may be asked again (0 when not paused)."""
+        with self._cond:
+            st = self._hosts.get(host)
+            return max(0.0, st.paused_until - time.monotonic()) if st else 0.0
+
+    def limit(self, host: str) -> int:
+        with self._cond:
+            return max(1, int(self._state(host).limit))
+
+
+# ---- DNS --------------------------------------------------------------------------------------
+
+# getaddrinfo does not say how long an answer may be kept: answers are kept DNS_TTL seconds (a resolver
+# hook may return its own TTL), failures DNS_NEGATIVE_TTL seconds
+DNS_TTL = 300.0
+DNS_NEGATIVE_TTL = 30.0
+
+
+class _DnsEntry:
+    __slots__ = ("done", "expires", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: list[str] | str = "not resolved"
+        self.expires = 0.0
+
+
 @dataclass
 class _Target:
     url: str
@@ -363,28 +537,51 @@ class _Robots:
 class Fetcher:
     """Fetch URLs under a FetchPolicy. Thread-safe; one per shard worker (pools and caches inside).
 
-    `resolver(host, port) -> [address, ...]` replaces getaddrinfo (tests give a name several loopback
-    addresses); whatever it returns goes through the same address guard.
+    `resolver(host, port) -> [address, ...]` (or `([address, ...], ttl_seconds)`) replaces getaddrinfo
+    (tests give a name several loopback addresses); whatever it returns goes through the same address
+    guard. Answers are cached for their TTL, and one thread resolves a name while the others asking
+    for it wait (within their deadlines); different names resolve concurrently.
+
+    `limiter` holds the per-host slots: a scheduler that took a host's slot itself runs the fetch in
+    `with fetcher.holding(host):`; otherwise `fetch` waits for one.
     """
 
     def __init__(self, policy: FetchPolicy, max_pools: int = 256,
-                 resolver: Callable[[str, int], list[str]] | None = None):
+                 resolver: Callable[[str, int], Any] | None = None, limiter: HostLimiter | None = None):
         self.policy = policy
         self._resolver = resolver
         self.user_agent = user_agent(policy.ua_token)
         self._allow = [parse_endpoint(s) for s in policy.allow_hosts]
         self._deny = tuple(d.lower().strip(".") for d in policy.deny_domains if d.strip("."))
-        self._dns: dict[tuple[str, int], list[str] | str] = {}
+        self._dns: dict[tuple[str, int], _DnsEntry] = {}
         self._dns_lock = threading.Lock()
         self._pools: collections.OrderedDict[tuple, urllib3.HTTPConnectionPool] = collections.OrderedDict()
         self._pool_lock = threading.Lock()
         self._max_pools = max_pools
-        self._host_sems: dict[str, threading.BoundedSemaphore] = {}
-        self._sem_lock = threading.Lock()
+        self.limiter = limiter or HostLimiter(policy.per_host)
         self._robots: dict[tuple[str, str, int], _Robots] = {}
         self._robots_lock = threading.Lock()
 
     # ---- public -------------------------------------------------------------------------------
+
+    def host_of(self, url: str) -> str | None:
+        """The host name whose slot a fetch of `url` takes first; None when the URL fails before any request."""
+        try:
+            return self._parse(url).host
+        except FetchFailed:
+            return None
+
+    @contextlib.contextmanager
+    def holding(self, slot: HostSlot) -> Iterator[None]:
+        """Run fetches in this thread under a slot the caller took with `limiter.try_acquire`; released
+        at the end (whatever host a redirect moved it to)."""
+        prev = getattr(_local, "slot", None)
+        _local.slot = slot
+        try:
+            yield
+        finally:
+            _local.slot = prev
+            self.limiter.release(slot)
 
     def fetch(self, url: str) -> Fetched:
         """Fetch one URL: guards, per-host limit, retries with backoff, all within the sample deadline.
@@ -392,10 +589,38 @@ class Fetcher:
         Raises FetchFailed (with .attempts) on any failure.
         """
         target = self._parse(url)  # invalid_url / blocked_scheme before any waiting
-        with self._host_slot(target.host):
+        self._check_pause(target)
+        slot = getattr(_local, "slot", None)
+        own = slot is None
+        if own:
+            slot = _local.slot = self.limiter.acquire(target.host)
+        try:
             deadline = time.monotonic() + self.policy.deadline
             with _watchdog().watch(deadline) as guard:
                 return self._attempts(url, deadline, guard)
+        finally:
+            if own:
+                _local.slot = None
+                self.limiter.release(slot)
+
+    def too_long_paused(self, host: str) -> bool:
+        """True when `host` asked (Retry-After) for a pause that a new fetch could not wait out."""
+        pause = self.limiter.paused_for(host)
+        return pause > 0 and pause + min(self.policy.timeout, self.policy.deadline) > self.policy.deadline
+
+    def _check_pause(self, t: _Target) -> None:
+        if self.too_long_paused(t.host):
+            raise FetchFailed("http_5xx", f"{t.host} asked for a pause of {self.limiter.paused_for(t.host):.0f}s "
+                              f"(Retry-After), past the deadline: not asked again in it", final_url=t.url)
+
+    def _move_slot(self, host: str, deadline: float, url: str) -> None:
+        """Hold a slot of `host` instead of the one held now (a redirect or a retry changed hosts)."""
+        slot = getattr(_local, "slot", None)
+        if slot is None or slot.host == host:
+            return
+        if not self.limiter.move(slot, host, until=deadline):
+            raise FetchFailed("deadline_exceeded", f"deadline {self.policy.deadline}s passed waiting for a "
+                              f"connection slot of {host}", final_url=url)
 
     def _attempts(self, url: str, deadline: float, guard: _Guard) -> Fetched:
         attempt = 0
@@ -414,9 +639,15 @@ class Fetcher:
                                       http_status=getattr(e, "http_status", None),
                                       final_url=getattr(e, "final_url", None) or url) from None
                 got.attempts = attempt
+                held = getattr(_local, "slot", None)
+                if held is not None:
+                    self.limiter.succeeded(held.host)
                 return got
             except FetchFailed as e:
                 e.attempts = attempt
+                held = getattr(_local, "slot", None)
+                if e.http_status in OVERLOAD_STATUS and held is not None:
+                    self.limiter.throttled(held.host, e.retry_after)  # the host that answered (see _move_slot)
                 if e.code not in RETRYABLE or attempt > self.policy.retries:
                     raise
                 wait = e.retry_after
@@ -472,12 +703,12 @@ class Fetcher:
     def _allowed_endpoint(self, t: _Target) -> bool:
         return any(h == t.host and (p is None or p == t.port) for h, p in self._allow)
 
-    def _check(self, t: _Target) -> _Target:
+    def _check(self, t: _Target, deadline: float | None = None) -> _Target:
         """Deny-list, DNS, address guard; sets t.ip (the address we will connect to)."""
         for d in self._deny:
             if t.host == d or t.host.endswith("." + d):
                 raise FetchFailed("disallowed_domain", f"{t.host} is under denied domain {d}", final_url=t.url)
-        addrs = self._resolve(t.host, t.port)
+        addrs = self._resolve(t.host, t.port, deadline)
         if not (self.policy.allow_private or self._allowed_endpoint(t)):
             for a in addrs:
                 if not is_public_address(ipaddress.ip_address(a)):
@@ -490,38 +721,50 @@ class Fetcher:
         t.host_header = name if t.port == default else f"{name}:{t.port}"
         return t
 
-    def _resolve(self, host: str, port: int) -> list[str]:
+    def _resolve(self, host: str, port: int, deadline: float | None = None) -> list[str]:
         key = (host, port)
-        with self._dns_lock:
-            hit = self._dns.get(key)
-        if hit is None and self._resolver is not None:
-            try:
-                hit = list(dict.fromkeys(str(ipaddress.ip_address(a)) for a in self._resolver(host, port)))
-                hit = hit or "no addresses"
-            except (OSError, ValueError) as e:
-                hit = str(e)
-        if hit is None:
-            try:
+        while True:
+            with self._dns_lock:
+                entry = self._dns.get(key)
+                mine = entry is None or (entry.done.is_set() and time.monotonic() >= entry.expires)
+                if mine:
+                    entry = self._dns[key] = _DnsEntry()
+            if mine:
+                self._lookup(entry, host, port)
+            else:
+                left = None if deadline is None else deadline - time.monotonic()
+                if not entry.done.wait(timeout=None if left is None else max(0.0, left)):
+                    raise FetchFailed("deadline_exceeded", f"deadline {self.policy.deadline}s passed waiting "
+                                      f"for the DNS answer of {host}")
+            hit = entry.value
+            if isinstance(hit, str):
+                raise FetchFailed("dns_error", f"{host}: {hit}")
+            return hit
+
+    def _lookup(self, entry: _DnsEntry, host: str, port: int) -> None:
+        """Resolve into `entry` (the other threads asking for this name wait on entry.done)."""
+        ttl = DNS_TTL
+        try:
+            if self._resolver is not None:
+                got = self._resolver(host, port)
+                if isinstance(got, tuple) and len(got) == 2 and not isinstance(got[0], str):
+                    got, ttl = got[0], float(got[1])
+                hit: list[str] | str = list(dict.fromkeys(str(ipaddress.ip_address(a)) for a in got))
+            else:
                 # getaddrinfo applies inet_aton rules, so 2130706433, 0177.0.0.1, 127.1 and 0x7f.1
                 # all come back as 127.0.0.1 and are judged as such
                 infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
-                hit = list(dict.fromkeys(info[4][0] for info in infos)) or "no addresses"
-            except (socket.gaierror, UnicodeError, OSError) as e:
-                hit = str(e)
-            with self._dns_lock:
-                self._dns[key] = hit
-        if isinstance(hit, str):
-            raise FetchFailed("dns_error", f"{host}: {hit}")
-        return hit
-
-    @contextlib.contextmanager
-    def _host_slot(self, host: str) -> Iterator[None]:
-        with self._sem_lock:
-            sem = self._host_sems.get(host)
-            if sem is None:
-                sem = self._host_sems[host] = threading.BoundedSemaphore(max(1, self.policy.per_host))
-        with sem:
-            yield
+                hit = list(dict.fromkeys(info[4][0] for info in infos))
+            hit = hit or "no addresses"
+        except (socket.gaierror, UnicodeError, OSError, ValueError, TypeError) as e:
+            hit = str(e) or type(e).__name__
+        except BaseException:
+            entry.value, entry.expires = "resolver failed", 0.0
+            entry.done.set()
+            raise
+        entry.value = hit
+        entry.expires = time.monotonic() + (DNS_NEGATIVE_TTL if isinstance(hit, str) else max(0.0, ttl))
+        entry.done.set()
 
     # ---- one attempt ------------------------------------------------------------------------
 
@@ -553,7 +796,9 @@ class Fetcher:
         seen: set[str] = set()
         hops = 0
         while True:
-            t = self._check(self._parse(url))
+            t = self._parse(url)
+            self._move_slot(t.host, deadline, url)  # every hop within its own host's limit
+            t = self._check(t, deadline)
             if self.policy.respect_robots and not self._robots_allows(t, deadline):
                 raise FetchFailed("opted_out", f"robots.txt of {t.host} disallows {self.policy.ua_token}",
                                   final_url=url)

@@ -20,6 +20,35 @@ TOP_LANGS = 10
 STAGE_ORDER = ("download", "score", "dedup", "export", "train-probe")
 
 
+# a host column that survives userinfo, ports and IPv6 brackets
+HOST_SQL = ("coalesce(nullif(lower(regexp_extract(url, "
+            "'^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\\[[^]]*\\]|[^:/?#]*)', 1)), ''), '(no host)')")
+
+# why a ledger row failed, in the words a user looking at a low success rate needs: the error code, split
+# where the code covers several causes (429 from other 5xx, a refused connection from a reset one, a
+# 4xx by its status)
+CAUSES = ("timeout", "dns", "refused", "connection", "http 404", "http 410", "http 403", "http 4xx other",
+          "429 rate limited", "http 5xx", "redirects", "decode", "too large or small", "opted out",
+          "blocked", "input", "internal")
+CAUSE_SQL = """CASE
+  WHEN error_code IN ('timeout', 'deadline_exceeded') THEN 'timeout'
+  WHEN error_code = 'dns_error' THEN 'dns'
+  WHEN error_code = 'connect_error' AND lower(coalesce(error_message, '')) LIKE '%refused%' THEN 'refused'
+  WHEN error_code = 'connect_error' THEN 'connection'
+  WHEN error_code = 'http_4xx' AND http_status IN (403, 404, 410) THEN 'http ' || http_status
+  WHEN error_code = 'http_4xx' THEN 'http 4xx other'
+  WHEN error_code = 'http_5xx' AND (http_status = 429 OR error_message LIKE '%Retry-After%') THEN '429 rate limited'
+  WHEN error_code = 'http_5xx' THEN 'http 5xx'
+  WHEN error_code = 'too_many_redirects' THEN 'redirects'
+  WHEN error_code IN ('decode_error', 'format_not_allowed', 'decompression_bomb') THEN 'decode'
+  WHEN error_code IN ('too_large', 'empty_body', 'too_small', 'bad_aspect_ratio') THEN 'too large or small'
+  WHEN error_code = 'opted_out' THEN 'opted out'
+  WHEN error_code IN ('blocked_scheme', 'blocked_address', 'disallowed_domain') THEN 'blocked'
+  WHEN error_code IN ('invalid_url', 'invalid_text', 'duplicate_url') THEN 'input'
+  ELSE 'internal' END"""
+TOP_HOSTS = 10
+
+
 def sql_str(value: str | os.PathLike) -> str:
     """A SQL string literal (paths go into read_parquet lists this way: views take no parameters)."""
     return "'" + str(value).replace("'", "''") + "'"
@@ -159,7 +188,30 @@ def _ledger(t: Tables) -> dict[str, Any] | None:
         "success_share": _share(status.get("success", 0), total),
         "status": {str(k): v for k, v in status.items()},
         "error_code": codes,
+        **failures(t),
     }
+
+
+def failures(t: Tables, top: int = TOP_HOSTS) -> dict[str, Any]:
+    """Where the failed rows went: counts per cause (CAUSE_SQL), and the hosts with the most failures,
+    each with its rows, failures and failures per cause."""
+    if not t.has("ledger", "http_status"):
+        return {"causes": {}, "hosts": {}}
+    t.con.execute(f"""CREATE OR REPLACE TEMP VIEW failed AS SELECT {HOST_SQL} AS host, {CAUSE_SQL} AS cause
+                      FROM ledger WHERE status <> 'success'""")
+    causes = dict(t.rows("SELECT cause, count(*) FROM failed GROUP BY 1 ORDER BY 2 DESC, 1"))
+    worst = t.rows(f"SELECT host, count(*) FROM failed GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT {int(top)}")
+    hosts: dict[str, Any] = {}
+    if worst:
+        names = ", ".join(sql_str(h) for h, _ in worst)
+        rows = dict(t.rows(f"SELECT host, count(*) FROM (SELECT {HOST_SQL} AS host FROM ledger) "
+                           f"WHERE host IN ({names}) GROUP BY 1"))
+        per = t.rows(f"SELECT host, cause, count(*) FROM failed WHERE host IN ({names}) GROUP BY 1, 2 "
+                     "ORDER BY 3 DESC, 2")
+        for h, n in worst:
+            hosts[h] = {"rows": rows.get(h, n), "failed": n, "failure_share": _share(n, rows.get(h, n)),
+                        "causes": {c: k for hh, c, k in per if hh == h}}
+    return {"causes": causes, "hosts": hosts}
 
 
 def _share(n: int, total: int) -> float:
@@ -241,6 +293,13 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"({led['success_share']:.1%})" + (f", {led['superseded']} superseded" if led["superseded"] else ""))
         for code, n in led["error_code"].items():
             lines.append(f"  {code:<20} {n:>10}")
+        if led.get("causes"):
+            lines.append("failures by cause: " + ", ".join(f"{c} {n}" for c, n in led["causes"].items()))
+        if led.get("hosts"):
+            lines.append("hosts with the most failures (rows, failed, by cause):")
+            for h, st in led["hosts"].items():
+                why = ", ".join(f"{c} {n}" for c, n in st["causes"].items())
+                lines.append(f"  {h:<30} {st['rows']:>8} {st['failed']:>8} ({st['failure_share']:.1%})  {why}")
     sc = s["score"]
     if sc:
         lines.append(f"score: {sc['scored']} of {sc['rows']} rows scored")

@@ -262,3 +262,51 @@ def test_per_host_limit(server):
     f = fetcher(server, per_host=2)
     run_threads([functools.partial(f.fetch, server.url(f"/p{i}")) for i in range(12)])
     assert active.max == 2
+
+
+def test_dns_answers_cached_for_their_ttl_one_lookup_per_name_names_in_parallel(server):
+    calls: list[str] = []
+    lookups = Concurrency()
+
+    def resolver(host: str, port: int):
+        calls.append(host)
+        with lookups.hold(0.5):  # a slow resolver
+            pass
+        return ["127.0.0.1"], (0.0 if host.startswith("short") else 300.0)
+
+    server.image("/a.jpg")
+    f = Fetcher(FetchPolicy(allow_private=True, timeout=2.0, deadline=5.0, per_host=16), resolver=resolver)
+    names = [f"cdn{k}.test" for k in range(4)]
+    run_threads([functools.partial(f.fetch, f"http://{names[i % 4]}:{server.port}/a.jpg") for i in range(24)])
+    # 24 fetches of 4 names: one lookup per name, the four at once (not one after another)
+    assert sorted(calls) == names and lookups.max == 4
+    f.fetch(f"http://{names[0]}:{server.port}/a.jpg")
+    assert len(calls) == 4  # still cached
+    f.fetch(f"http://short.test:{server.port}/a.jpg")
+    f.fetch(f"http://short.test:{server.port}/a.jpg")
+    assert calls.count("short.test") == 2  # a TTL of 0: asked again
+
+
+def test_a_429_pauses_its_host_for_the_retry_after_and_halves_its_share(server):
+    arrivals: list[float] = []
+
+    def route(h, n):
+        arrivals.append(time.monotonic())
+        if n == 1:
+            h.send(429, b"", "text/plain", {"Retry-After": "1"})
+        else:
+            h.send(200, jpeg())
+
+    for i in range(3):
+        server.routes[f"/r{i}"] = route
+    f = fetcher(server, per_host=8)
+    first = f.fetch(server.url("/r0"))  # 429, waits the Retry-After, then 200
+    assert first.attempts == 2 and arrivals[1] - arrivals[0] >= 0.95
+    assert f.limiter.limit(server.host) == 2  # 4 at the start, halved once
+    arrivals.clear()
+    t0 = time.monotonic()
+    f.limiter.throttled(server.host, 1.0)  # as another row's 429 would
+    f.limiter.throttled(server.host, 1.0)  # ... and a third in the same burst: halved once, not twice
+    assert f.limiter.limit(server.host) == 1 and f.limiter.paused_for(server.host) > 0.9
+    run_threads([functools.partial(f.fetch, server.url(f"/r{i}")) for i in range(1, 3)])
+    assert min(arrivals) - t0 >= 0.95  # nobody asked the host during the pause

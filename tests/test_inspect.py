@@ -130,3 +130,47 @@ def test_inspect_empty_and_bad_dirs(tmp_path, capsys):
     (ds.root / "_done").mkdir()
     s = _inspect_json(capsys, ds.root)
     assert s["ledger"] is None and s["score"] is None and s["dedup"] is None and s["stages"] == {}
+
+
+def test_inspect_and_report_say_where_the_failures_went(server, canary, tmp_path, capsys):
+    """Failures by cause and by host, from a real download of a loopback web that fails in known ways."""
+    import socket
+    import time
+    from html import unescape
+
+    from loopback import jpeg
+
+    from curate.report.report import render_report
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: connections are refused
+    server.routes["/gone"] = lambda h, n: h.send(410, b"", "text/plain")
+    server.routes["/busy"] = lambda h, n: h.send(429, b"", "text/plain", {"Retry-After": "1"})
+    server.routes["/oops"] = lambda h, n: h.send(500, b"", "text/plain")
+    server.routes["/slow"] = lambda h, n: (time.sleep(2.5), h.send(200, jpeg()))
+    canary.routes["/html.jpg"] = lambda h, n: h.send(200, b"<html>not an image</html>", "text/html")
+    urls = ([server.image(f"/ok{i}.jpg") for i in range(3)] + [server.url(f"/missing{i}.jpg") for i in range(3)]
+            + [server.url("/gone"), server.url("/busy"), server.url("/oops"), server.url("/slow")]
+            + [canary.url("/html.jpg"), canary.url("/nothing.jpg"), f"http://127.0.0.1:{refused_port}/a.jpg"])
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls}), inp)
+    out = tmp_path / "ds"
+    assert main(["download", str(inp), "--out", str(out), "--no-progress", "--allow-private", "--retries", "0",
+                 "--timeout", "1", "--image-size", "16"]) == 0
+    led = summarize(out)["ledger"]
+    assert led["causes"] == {"http 404": 4, "decode": 1, "http 410": 1, "http 5xx": 1, "refused": 1,
+                             "timeout": 1, "429 rate limited": 1}
+    assert list(led["hosts"]) == ["127.0.0.1", "127.0.0.2"]
+    assert led["hosts"]["127.0.0.1"] == {
+        "rows": 11, "failed": 8, "failure_share": round(8 / 11, 4),
+        "causes": {"http 404": 3, "429 rate limited": 1, "http 410": 1, "http 5xx": 1, "refused": 1, "timeout": 1}}
+    assert led["hosts"]["127.0.0.2"]["causes"] == {"decode": 1, "http 404": 1}
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "failures by cause: http 404 4, " in text and "429 rate limited 1" in text
+    assert "127.0.0.2" in text and "decode 1, http 404 1" in text
+    html = unescape(render_report(out))
+    assert "Failures by cause" in html and "429 rate limited" in html and "decode 1, http 404 1" in html

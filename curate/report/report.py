@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from curate.errors import InputError
-from curate.inspect import Tables, open_dataset, parquet_source, sql_str, summarize
+from curate.inspect import Tables, failures, open_dataset, parquet_source, sql_str, summarize
 from curate.io.atomic import write_bytes
 from curate.io.ledger import ERROR_CODES
 from curate.report import svg
@@ -33,9 +33,6 @@ from curate.report.thumbs import load_thumbnails
 
 log = logging.getLogger(__name__)
 
-# a host column that survives userinfo, ports and IPv6 brackets
-HOST_SQL = ("coalesce(nullif(lower(regexp_extract(url, "
-            "'^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?(\\[[^]]*\\]|[^:/?#]*)', 1)), ''), '(no host)')")
 MAX_PNG_BYTES = 1_500_000
 
 
@@ -450,21 +447,20 @@ def _download_health(ctx: Context) -> str:
                           [[c, n, _pct(n, led["rows"]), ERROR_CODES.get(c, "")] for c, n in codes.items()], {1, 2}))
         out.append("</div><div>" + svg.hbars(list(codes), {"rows": list(codes.values())}, width=460,
                                             label_width=150) + "</div></div>")
-    # the host regex runs over the failed rows only; totals then look at rows that mention a top host
-    top = t.rows(f"SELECT {HOST_SQL} AS host, count(*) AS failed, mode(error_code) AS code FROM ledger "
-                 f"WHERE status <> 'success' GROUP BY 1 ORDER BY failed DESC, host LIMIT {int(ctx.opts.top_hosts)}")
-    totals: dict[str, int] = {}
-    named = [h for h, _, _ in top if h != "(no host)"]
-    if named:
-        mention = " OR ".join(f"contains(lower(url), {sql_str(h)})" for h in named)
-        totals = dict(t.rows(f"SELECT host, count(*) FROM (SELECT {HOST_SQL} AS host FROM ledger WHERE {mention}) "
-                             f"WHERE host IN ({', '.join(sql_str(h) for h in named)}) GROUP BY 1"))
-    if any(h == "(no host)" for h, _, _ in top):
-        totals["(no host)"] = t.scalar(f"SELECT count(*) FROM ledger WHERE {HOST_SQL} = '(no host)'")
-    hosts = [(h, totals.get(h, f), f, c) for h, f, c in top]
+    # the failures by cause (the error code, split where it covers several: 429, refused, 404/410...)
+    # and the hosts with the most failures, each by cause: where a low success rate comes from
+    fails = failures(t, top=int(ctx.opts.top_hosts))
+    if fails["causes"]:
+        out.append("<h3>Failures by cause</h3>")
+        out.append(_table(["cause", "rows", "share of failures"],
+                          [[c, n, _pct(n, led["rows"] - led["success"])] for c, n in fails["causes"].items()],
+                          {1, 2}))
+    hosts = fails["hosts"]
     out.append("<h3>Hosts with the most failures</h3>")
-    out.append(_table(["host", "rows", "failed", "failure rate", "most common error"],
-                      [[h, n, f, _pct(f, n), c or ""] for h, n, f, c in hosts], {1, 2, 3})
+    out.append(_table(["host", "rows", "failed", "failure rate", "by cause"],
+                      [[h, st["rows"], st["failed"], _pct(st["failed"], st["rows"]),
+                        ", ".join(f"{c} {n:,}" for c, n in st["causes"].items())] for h, st in hosts.items()],
+                      {1, 2, 3})
                if hosts else '<p class="empty">no failures</p>')
     return "\n".join(out)
 

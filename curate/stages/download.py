@@ -17,9 +17,9 @@ that want one row per input row take the rows whose `superseded_by` is null.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
-import math
 import queue
 import threading
 import time
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from curate.config import runtime
 from curate.errors import InputError
-from curate.fetch import Fetcher, FetchFailed, FetchPolicy
+from curate.fetch import Fetcher, FetchFailed, FetchPolicy, HostLimiter, HostSlot
 from curate.imaging import (
     DECODE_BUDGET_BYTES,
     ENCODE_FORMATS,
@@ -134,12 +134,16 @@ class FetchFields:
     deadline: float = option(30.0, runtime=True,
                              help="Whole-sample time limit (s): all attempts, redirects and body bytes.")
     retries: int = option(2, runtime=True, help="Extra attempts for transient failures (connect, timeout, 429, 5xx).")
-    threads: int = option(16, runtime=True, help="Fetch threads per shard task.")
+    threads: int = option(256, runtime=True,
+                          help="Most fetch threads (requests in flight) per shard task; the task starts with 16 "
+                               "and adds more while the decode side waits for bodies.")
     # threads per task that decode, resize and encode (the fetch threads hand them the bodies); two per
     # task keep two cores busy with one task per core. A plain field, not a flag yet (#15): the options
     # owner decides whether it becomes one.
     decode_threads: int = runtime(2)
-    per_host: int = option(4, runtime=True, help="Concurrent requests per host, per task.")
+    per_host: int = option(16, runtime=True,
+                           help="Most concurrent requests per host, per task: a host starts at 4 and gets more "
+                                "while it answers; a 429/503 halves its share and pauses it (Retry-After).")
     # the demo web gets a new port every run; the endpoints let through are not part of the output
     allow_hosts: tuple[str, ...] = option((), flag="allow-host", runtime=True,
                                           help="HOST[:PORT] let through the address guard (repeatable).")
@@ -518,10 +522,115 @@ WRITER_GRACE = 60.0
 
 
 def _row_wait_limit(cfg: DownloadConfig) -> float:
-    """Seconds the writer waits for one row: its own deadline, the deadlines of the rows that can be
-    ahead of it for the same host slot, and a grace for decoding."""
-    waves = math.ceil(max(1, cfg.threads) / max(1, cfg.per_host))
-    return cfg.deadline * (waves + 1) + WRITER_GRACE
+    """Seconds the writer waits for a row a worker took: its deadline (a row never waits for a host slot
+    in a worker, it is queued until one is free; a redirect to a busy host waits within the deadline),
+    once more for the decode side, and a grace."""
+    return cfg.deadline * 2 + WRITER_GRACE
+
+
+class _Dispatch:
+    """Which row a fetch thread takes next; every method is called holding the shard's lock.
+
+    Rows are scanned in order, within `window` rows of the writer. A row whose host is at its limit (or
+    paused by a Retry-After) is queued under its host, and never holds a thread: the next free thread
+    takes the next row instead, and a queued row is taken (lowest row first, as the writer waits for
+    rows in order) as soon as its host has a slot. A row of a host paused past what a fetch could wait
+    out is taken at once and fails fast in the fetcher, without a request.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], fetcher: Fetcher, window: int):
+        self.rows = rows
+        self.fetcher = fetcher
+        self.limiter = fetcher.limiter
+        self.window = window
+        self.scan = 0
+        self.queued: dict[str, collections.deque[int]] = {}
+        self.n_queued = 0
+        self.max_queued = 0
+
+    def exhausted(self) -> bool:
+        return self.scan >= len(self.rows) and not self.n_queued
+
+    def _host(self, i: int) -> str | None:
+        row = self.rows[i]
+        if row.get("input_error") or row.get("duplicate_of"):
+            return None
+        return self.fetcher.host_of(row["url"])
+
+    def take(self, written: int) -> tuple[int, HostSlot | None] | None:
+        """(row, the host slot taken for it) or None when no row can start now."""
+        if self.queued:
+            for _, host in sorted((dq[0], h) for h, dq in self.queued.items()):
+                slot = None if self.fetcher.too_long_paused(host) else self.limiter.try_acquire(host)
+                if slot is not None or self.fetcher.too_long_paused(host):
+                    return self._unqueue(host), slot
+        while self.scan < len(self.rows) and self.scan - written < self.window:
+            i = self.scan
+            self.scan += 1
+            host = self._host(i)
+            if host is None or self.fetcher.too_long_paused(host):
+                return i, None
+            slot = self.limiter.try_acquire(host)
+            if slot is not None:
+                return i, slot
+            self.queued.setdefault(host, collections.deque()).append(i)
+            self.n_queued += 1
+            self.max_queued = max(self.max_queued, self.n_queued)
+        return None
+
+    def _unqueue(self, host: str) -> int:
+        dq = self.queued[host]
+        i = dq.popleft()
+        if not dq:
+            del self.queued[host]
+        self.n_queued -= 1
+        return i
+
+    def wake_in(self) -> float:
+        """How long an idle thread may sleep: a release wakes it, a pause ending does not."""
+        pauses = [self.limiter.paused_for(h) for h in self.queued]
+        return min([p for p in pauses if p > 0] + [1.0]) + 0.001
+
+
+# the adaptive number of fetch threads of a task: it starts here (or at --threads when lower) ...
+PACE_START = 16
+PACE_PERIOD = 0.25  # seconds between decisions
+
+
+class _Pace:
+    """How many fetch threads a task runs, between PACE_START and --threads (the ceiling).
+
+    Every PACE_PERIOD: more threads (a quarter more) while the decode threads sat idle part of the time
+    and every fetch thread was busy; a quarter fewer when the share of transient failures (timeouts,
+    refused connections, 5xx) jumped. Called holding the shard's lock.
+    """
+
+    def __init__(self, ceiling: int, n_decode: int):
+        self.ceiling = max(1, ceiling)
+        self.target = min(self.ceiling, PACE_START)
+        self.n_decode = n_decode
+        self.t0 = time.monotonic()
+        self.rows = self.errors = 0
+        self.decode_idle = 0.0  # seconds the decode threads waited for a body, summed, this period
+        self.prev_error_rate: float | None = None
+        self.peak = self.target
+
+    def row_done(self, transient: bool, idle_threads: int) -> None:
+        self.rows += 1
+        self.errors += transient
+        now = time.monotonic()
+        period = now - self.t0
+        if period < PACE_PERIOD:
+            return
+        rate = self.errors / self.rows
+        idle_share = self.decode_idle / (period * self.n_decode)
+        if self.prev_error_rate is not None and rate > 0.1 and rate > self.prev_error_rate + 0.1:
+            self.target = max(min(self.ceiling, PACE_START), self.target * 3 // 4)
+        elif idle_share > 0.1 and idle_threads == 0:
+            self.target = min(self.ceiling, self.target + max(2, self.target // 4))
+        self.peak = max(self.peak, self.target)
+        self.prev_error_rate = rate
+        self.t0, self.rows, self.errors, self.decode_idle = now, 0, 0, 0.0
 
 
 def _new_result(row: dict[str, Any]) -> _Result:
@@ -631,18 +740,28 @@ def _abandoned(row: dict[str, Any], limit: float) -> _Result:
 def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
     """Fetch and process one shard's rows; write the tar (row order) and the ledger.
 
-    `cfg.threads` fetch threads do the network half of each row and hand the bodies over a bounded
-    queue to `cfg.decode_threads` decode threads (decode, resize, encode): the pixel work runs in few
-    threads, so their allocator arenas are reused instead of growing in every fetch thread, and the
-    GIL is not handed around among 16 threads mid-decode. Long because the workers and the in-order
-    writer share one condition and its state; split apart they would pass the same objects around.
+    Fetch threads (their number adapts, see _Pace, up to `cfg.threads`) do the network half of each row
+    and hand the bodies over a bounded queue to `cfg.decode_threads` decode threads (decode, resize,
+    encode): the pixel work runs in few threads, so their allocator arenas are reused instead of
+    growing in every fetch thread, and the GIL is not handed around among many threads mid-decode. A
+    row whose host is at its limit is queued under its host (_Dispatch), so a waiting thread is never
+    a blocked one. Long because the workers and the in-order writer share one lock and its state; split
+    apart they would pass the same objects around.
     """
     shard = task["shard"]
     t0 = time.time()
     cpu0 = time.process_time()
     rows = read_slice(ds, shard)
     n = len(rows)
-    fetcher = Fetcher(cfg.fetch_policy())
+    lock = threading.Lock()
+    cond = threading.Condition(lock)  # the writer waits here for results
+    work = threading.Condition(lock)  # idle fetch threads wait here for a row they can start
+
+    def slot_freed() -> None:
+        with lock:
+            work.notify()
+
+    fetcher = Fetcher(cfg.fetch_policy(), limiter=HostLimiter(cfg.per_host, on_release=slot_freed))
     opt = cfg.image_options()
     budget = DecodeBudget(DECODE_BUDGET_BYTES)  # decoded bytes in flight in this task, all threads together
     return_freed_memory_to_os()  # or freed decode buffers stay in per-thread arenas (see imaging)
@@ -652,12 +771,14 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     window = max(256, cfg.threads * 16)
     results: list[_Result | None] = [None] * n
     taken: list[float] = [0.0] * n  # when a worker took row i (monotonic)
+    slots: list[HostSlot | None] = [None] * n  # the host slot row i's worker holds
     wait_limit = _row_wait_limit(cfg)
-    state = {"next": 0, "written": 0, "stop": False}
-    cond = threading.Condition()
+    state = {"written": 0, "stop": False, "workers": 0, "idle": 0, "in_flight": 0, "peak_in_flight": 0}
+    dispatch = _Dispatch(rows, fetcher, window)
     n_decode = max(1, cfg.decode_threads)
+    pace = _Pace(cfg.threads, n_decode)
     # bodies waiting for a decode thread: bounded, so a slow decode holds the fetch threads back
-    # (bodies in memory: at most threads + this many)
+    # (bodies in memory: at most the fetch threads + this many)
     to_decode: queue.Queue[tuple[int, _Result, bytes] | None] = queue.Queue(maxsize=2 * n_decode)
 
     def deliver(i: int, r: _Result) -> None:
@@ -666,17 +787,44 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 results[i] = r
             cond.notify_all()
 
+    def next_row() -> tuple[int, HostSlot | None] | None:
+        """(holding the lock) the next row this thread fetches; None: the thread ends."""
+        while True:
+            if state["stop"] or dispatch.exhausted() or state["workers"] > pace.target:
+                state["workers"] -= 1
+                work.notify()  # pass on the wake-up this thread may have taken
+                return None
+            got = dispatch.take(state["written"])
+            if got is not None:
+                work.notify()  # another idle thread may find a row too
+                return got
+            state["idle"] += 1
+            work.wait(timeout=dispatch.wake_in())
+            state["idle"] -= 1
+
     def fetch_worker() -> None:
         while True:
-            with cond:
-                while not state["stop"] and state["next"] < n and state["next"] - state["written"] >= window:
-                    cond.wait()
-                if state["stop"] or state["next"] >= n:
+            with lock:
+                got = next_row()
+                if got is None:
                     return
-                i = state["next"]
-                state["next"] += 1
+                i, slot = got
                 taken[i] = time.monotonic()
-            r, body = _fetch_row(rows[i], fetcher)
+                slots[i] = slot
+                state["in_flight"] += 1
+                state["peak_in_flight"] = max(state["peak_in_flight"], state["in_flight"])
+            if slot is None:
+                r, body = _fetch_row(rows[i], fetcher)
+            else:
+                with fetcher.holding(slot):
+                    r, body = _fetch_row(rows[i], fetcher)
+            with lock:
+                state["in_flight"] -= 1
+                pace.row_done(r.ledger["error_code"] in TRANSIENT_CODES, state["idle"])
+                grow = max(0, min(pace.target - state["workers"], 64))
+                state["workers"] += grow
+            for _ in range(grow):
+                spawn(fetch_worker, f"fetch-{shard}-{len(threads)}", threads)
             if body is None:
                 deliver(i, _finish_row(r))
                 continue
@@ -693,6 +841,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
 
     def decode_worker() -> None:
         while True:
+            w0 = time.monotonic()
             item = to_decode.get()
             if item is None:
                 return
@@ -700,6 +849,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
             del item
             with cond:  # the writer reads and resets a waiting row's clock under cond
                 taken[i] = time.monotonic()
+                pace.decode_idle += taken[i] - w0
             deliver(i, _finish_row(_decode_row(r, body, opt, budget)))
             del body, r
 
@@ -710,7 +860,9 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
 
     threads: list[threading.Thread] = []
     decoders: list[threading.Thread] = []
-    for k in range(min(cfg.threads, max(n, 1))):
+    with lock:
+        state["workers"] = min(pace.target, max(n, 1))
+    for k in range(state["workers"]):
         spawn(fetch_worker, f"fetch-{shard}-{k}", threads)
     for k in range(n_decode):
         spawn(decode_worker, f"decode-{shard}-{k}", decoders)
@@ -727,16 +879,22 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                         spawn(decode_worker, f"decode-{shard}-s{i}", decoders)
                         taken[i] = -time.monotonic()
                         r = _await_row(cond, results, taken, i, wait_limit)
+                    replace_fetch = r is None
                     if r is None:
                         # the thread stuck in row i is left behind (a daemon) and replaced, so the
-                        # rows after it still get their full thread count
+                        # rows after it still get their full thread count; its host slot is freed
                         r = _abandoned(rows[i], wait_limit)
-                        # the row may be stuck in a fetch or in a decode: replace one of each
-                        spawn(fetch_worker, f"fetch-{shard}-r{i}", threads)
-                        spawn(decode_worker, f"decode-{shard}-r{i}", decoders)
+                        state["workers"] += 1
                     results[i] = None
                     state["written"] = i + 1
-                    cond.notify_all()
+                    work.notify()  # the window moved on by one row
+                if replace_fetch:
+                    if slots[i] is not None:
+                        fetcher.limiter.release(slots[i])
+                    # the row may be stuck in a fetch or in a decode: replace one of each
+                    spawn(fetch_worker, f"fetch-{shard}-r{i}", threads)
+                    spawn(decode_worker, f"decode-{shard}-r{i}", decoders)
+                slots[i] = None
                 led = r.ledger
                 led["shard"] = shard
                 for c in cfg.keep_cols:
@@ -755,9 +913,10 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         with cond:
             state["stop"] = True
             cond.notify_all()
+            work.notify_all()
         # one bound for all threads together: a thread stuck past it is a daemon and is left behind
         join_until = time.monotonic() + cfg.deadline + 5
-        for th in threads:
+        for th in list(threads):
             th.join(timeout=max(0.0, join_until - time.monotonic()))
         for _ in decoders:  # the fetch threads are done putting: one end mark per decode thread
             with contextlib.suppress(queue.Full):
@@ -775,6 +934,10 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     stats: dict[str, Any] = {
         "rows": n, "success": status["success"], "failed": n - status["success"],
         "status": dict(sorted(status.items())), "bytes": total_bytes, "seconds": round(seconds, 3),
+        # how the fetch side ran: the most requests in flight at once, fetch threads at most, rows that
+        # were queued behind a busy host at most, 429/503 answers that paused a host
+        "fetch": {"peak_in_flight": state["peak_in_flight"], "peak_threads": pace.peak,
+                  "peak_queued": dispatch.max_queued, "throttled": fetcher.limiter.throttles},
     }
     fast_errors = Counter(FAST_DECODER_ERRORS) - fast_errors0
     if fast_errors:  # rows the fast PNG/WebP decoder failed on, decoded (or rejected) by Pillow instead
