@@ -68,7 +68,7 @@ def main() -> None:
     model = out / "filter-model"
     step = filter_model_step(args.pipeline, RECIPES[args.recipe] if args.recipe else {})
     if not args.model and not (model / "model.safetensors").exists():
-        from curate.pipeline import to_argv
+        from curate.api import to_argv
 
         fields = {**step, "subset": [f"trusted={seed}"], "eval": str(evalset), "save_model": str(model),
                   "out": str(out / "filter-model-probe")}

@@ -9,4 +9,8 @@ def __getattr__(name: str):
         from curate import api
 
         return getattr(api, name)
+    if name == "run_yaml":
+        from curate import pipeline
+
+        return pipeline.run_yaml
     raise AttributeError(f"module 'curate' has no attribute {name!r}")

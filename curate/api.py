@@ -62,7 +62,6 @@ def resolve(name: str, args: list[Any], fields: dict[str, Any], where: str, *, d
     """A step's fields as checked `curate NAME ...` arguments: the one translation the API and pipeline YAML
     share (defaults apply to the flags the command has; `False` of an on/off flag is its `--no-` form)."""
     from curate.options import check_step, flag_params, negate_flags
-    from curate.pipeline import to_argv
 
     cmd = command(name)
     flags = flag_params(cmd)
@@ -159,14 +158,6 @@ class Pipeline:
         call.__doc__ = f"`curate {name}`: " + (cli.commands[name].help or "")
         return call
 
-    @staticmethod
-    def run_yaml(path: str | os.PathLike, *, sets: tuple[str, ...] = (), redo: bool = False,
-                 echo: Any = None) -> list[Any]:
-        """Run a pipeline YAML as `curate run` does (services, datasets, resume); returns each step's summary."""
-        from curate.pipeline import run
-
-        return [s.summary for s in run(path, sets=sets, redo=redo, echo=echo or (lambda msg: None))]
-
 
 def run_stage(name: str, *args: Any, **fields: Any) -> Any:
     """Run one stage as `curate NAME ARGS --field value ...` would, in this process; returns its StageSummary."""
@@ -185,3 +176,29 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def to_argv(stage: str, fields: dict[str, Any], where: str) -> list[str]:
+    """A stage entry's fields as CLI arguments: key -> --key-with-dashes, True -> flag, list -> repeated."""
+    argv = [stage]
+    args = fields.get("args", [])
+    if not isinstance(args, list):
+        args = [args]
+    for k, v in fields.items():
+        if k in ("stage", "id", "args") or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            argv.append(flag)
+        elif isinstance(v, list):
+            for item in v:
+                argv += [flag, _scalar(item, where, k)]
+        else:
+            argv += [flag, _scalar(v, where, k)]
+    return argv + ["--"] + [_scalar(a, where, "args") for a in args] if args else argv
+
+
+def _scalar(v: Any, where: str, field: str) -> str:
+    if isinstance(v, (dict, list)):
+        raise InputError(f"{where}: field '{field}' must be a scalar or a list of scalars")
+    return str(v)

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from curate.api import Pipeline, resolve, to_argv
 from curate.errors import CurateError, InputError
 
 _TOP_FIELDS = {"name", "workdir", "env", "defaults", "services", "datasets", "stages", "description"}
@@ -160,32 +161,6 @@ def _command(stage: str) -> Any:
     return cli.commands.get(stage)
 
 
-def to_argv(stage: str, fields: dict[str, Any], where: str) -> list[str]:
-    """A stage entry's fields as CLI arguments: key -> --key-with-dashes, True -> flag, list -> repeated."""
-    argv = [stage]
-    args = fields.get("args", [])
-    if not isinstance(args, list):
-        args = [args]
-    for k, v in fields.items():
-        if k in ("stage", "id", "args") or v is None or v is False:
-            continue
-        flag = "--" + k.replace("_", "-")
-        if v is True:
-            argv.append(flag)
-        elif isinstance(v, list):
-            for item in v:
-                argv += [flag, _scalar(item, where, k)]
-        else:
-            argv += [flag, _scalar(v, where, k)]
-    return argv + ["--"] + [_scalar(a, where, "args") for a in args] if args else argv
-
-
-def _scalar(v: Any, where: str, field: str) -> str:
-    if isinstance(v, (dict, list)):
-        raise InputError(f"{where}: field '{field}' must be a scalar or a list of scalars")
-    return str(v)
-
-
 def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] | None = None) -> list[Step]:
     """The resolved steps; fields of commands that exist are checked against their flags."""
     variables = {**base_variables(data), **(variables or {})}
@@ -200,7 +175,6 @@ def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] 
         if cmd is None:  # listed by --dry-run; refused before anything runs
             argv = to_argv(stage, substitute(fields, variables), where)
         else:
-            from curate.api import resolve
 
             # the options' declarations check unknown keys, types and choices (exit 2) before substitution
             resolve(stage, [], {k: v for k, v in fields.items() if k != "args"}, where, defaults=defaults, redo=redo)
@@ -283,7 +257,6 @@ def _make_datasets(data: dict[str, Any], variables: dict[str, Any]) -> None:
 def run(path: str | os.PathLike, *, sets: tuple[str, ...] = (), dry_run: bool = False, redo: bool = False,
         echo: Any = print) -> list[Step]:
     """Run (or with dry_run, print) every stage in order; stops at the first stage that fails."""
-    from curate.api import Pipeline
     from curate.extras import require_for
 
     data = load(path, sets)
@@ -317,3 +290,9 @@ def run(path: str | os.PathLike, *, sets: tuple[str, ...] = (), dry_run: bool = 
                 raise StepFailed(f"pipeline {data['name']}: stage [{s.index + 1}] {s.label} exited with code "
                                  f"{e.exit_code}; fix it and rerun `curate run {path}` to resume", e.exit_code) from e
     return steps
+
+
+def run_yaml(path: str | os.PathLike, *, sets: tuple[str, ...] = (), redo: bool = False,
+             echo: Any = None) -> list[Any]:
+    """Run a pipeline YAML as `curate run` does (services, datasets, resume); returns each step's summary."""
+    return [s.summary for s in run(path, sets=sets, redo=redo, echo=echo or (lambda msg: None))]

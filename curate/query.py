@@ -248,7 +248,7 @@ class SparkQuery:
     """The same SQL on Spark: rows are written by the executors, never collected to the driver."""
 
     def __init__(self, sources: Sources, master: str = "local[*]"):
-        from curate.engines.spark import get_session
+        from curate.spark_session import get_session
 
         self.spark = get_session(master)
         for name, paths in sources.files.items():

@@ -27,7 +27,7 @@ from curate.io.layout import DatasetDir, task_id
 from curate.io.lock import stage_lock
 from curate.progress import Progress
 from curate.stages import get_stage
-from curate.stages.base import output_key
+from curate.stages.base import output_key, sum_stats
 
 log = logging.getLogger(__name__)
 
@@ -245,23 +245,3 @@ def _inputs(stage: Any, cfg: Any) -> dict[str, Any]:
     return fn(cfg) if fn else {}
 
 
-def sum_stats(ds: DatasetDir, stage_name: str) -> dict[str, Any]:
-    """Add up the numeric and dict-of-count fields of every done shard's stats."""
-    from curate.io.atomic import read_json
-
-    total: dict[str, Any] = {}
-    for tid in ds.done_tasks(stage_name):
-        p = ds.stats(stage_name, tid)
-        if not p.exists():
-            continue
-        for k, v in read_json(p).items():
-            if isinstance(v, bool):
-                continue
-            if isinstance(v, (int, float)):
-                total[k] = total.get(k, 0) + v
-            elif isinstance(v, dict):
-                sub = total.setdefault(k, {})
-                for kk, vv in v.items():
-                    if isinstance(vv, (int, float)) and not isinstance(vv, bool):
-                        sub[kk] = sub.get(kk, 0) + vv
-    return total

@@ -87,7 +87,7 @@ def test_cli_and_yaml_share_the_api_fingerprints(tmp_path, web, tiny_model):
                           for k, v in fields.items()}} for name, args, fields in plan]}
     yml = tmp_path / "same.yaml"
     yml.write_text(yaml.safe_dump(doc))
-    summaries = curate.Pipeline.run_yaml(yml)
+    summaries = curate.run_yaml(yml)
     assert [s.stage for s in summaries] == ["download", "score", "dedup", "export"]
     assert all(s.shards_done == 0 and s.shards_skipped == s.shards_total > 0 for s in summaries), summaries
 

@@ -6,11 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from curate.spark_session import SPARK_EXTRA_HINT
+
 Payload = tuple[str, dict[str, Any], str, dict[str, Any]]  # (stage, config, dataset root, task)
 OnResult = Callable[[dict[str, Any]], None]
 
-
-SPARK_EXTRA_HINT = "pip install 'curate[spark]'"
 
 
 def require_pyspark() -> None:

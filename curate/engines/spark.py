@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 from curate.engines.base import OnResult, Payload
+from curate.spark_session import get_session
 
 
 def _run_json(payload_json: str) -> str:
@@ -50,35 +50,6 @@ def _publish_task_gpus() -> None:
         os.environ[TASK_GPUS_ENV] = ",".join(gpus)
     else:
         os.environ.pop(TASK_GPUS_ENV, None)
-
-
-def get_session(master: str = "local[*]", app_name: str = "curate"):
-    """The active SparkSession (spark-submit), or a new one on `master`."""
-    from curate.engines.base import require_pyspark
-
-    require_pyspark()  # a missing backend raises; it never silently runs locally
-    from pyspark.sql import SparkSession
-
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        return active
-    if master.startswith("local"):
-        # a local run never needs the machine's interface address
-        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    builder = (
-        SparkSession.builder.master(master)
-        .appName(app_name)
-        .config("spark.speculation", "false")
-        .config("spark.task.maxFailures", "1")  # the runner owns retries (module docstring)
-        .config("spark.ui.enabled", "false")
-        .config("spark.python.worker.reuse", "true")
-    )
-    if os.environ.get("SPARK_LOCAL_IP"):
-        builder = builder.config("spark.driver.host", os.environ["SPARK_LOCAL_IP"])
-        builder = builder.config("spark.driver.bindAddress", os.environ["SPARK_LOCAL_IP"])
-    return builder.getOrCreate()
 
 
 IN_FLIGHT_PER_SLOT = 2  # tasks handed to Spark per task slot: the slots, plus a backlog as large

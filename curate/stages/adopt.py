@@ -389,7 +389,7 @@ class AdoptStage:
         return {"source": str(root), "kind": source_kind(root), "source_fingerprint": source_fingerprint(root)}
 
     def finalize(self, cfg: AdoptConfig, ds: DatasetDir) -> dict[str, Any]:
-        from curate.runner import sum_stats
+        from curate.stages.base import sum_stats
 
         counts = sum_stats(ds, NAME)
         counts["duplicate_keys"] = duplicate_keys(ds)

@@ -256,7 +256,7 @@ def _run_reduce(cfg: BalanceConfig, match_files: list[Path], out: Path) -> tuple
     src = "(SELECT * FROM matches WHERE entry IS NOT NULL)"
     caps = ", ".join(f"SUM(CASE WHEN rank < {t} THEN 1 ELSE 0 END) AS t{t}" for t in REPORT_CAPS)
     if cfg.query_engine == "spark":
-        from curate.engines.spark import get_session
+        from curate.spark_session import get_session
 
         spark = get_session(cfg.spark_master)
         spark.read.parquet(*[str(p) for p in match_files]).createOrReplaceTempView("matches")

@@ -86,3 +86,25 @@ def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[
         return TaskResult(tid, False, error=msg + "\n" + tb, seconds=time.time() - t0).to_dict()
     finally:
         set_task_tmp(None)
+
+
+def sum_stats(ds: DatasetDir, stage_name: str) -> dict[str, Any]:
+    """Add up the numeric and dict-of-count fields of every done shard's stats."""
+    from curate.io.atomic import read_json
+
+    total: dict[str, Any] = {}
+    for tid in ds.done_tasks(stage_name):
+        p = ds.stats(stage_name, tid)
+        if not p.exists():
+            continue
+        for k, v in read_json(p).items():
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, (int, float)):
+                total[k] = total.get(k, 0) + v
+            elif isinstance(v, dict):
+                sub = total.setdefault(k, {})
+                for kk, vv in v.items():
+                    if isinstance(vv, (int, float)) and not isinstance(vv, bool):
+                        sub[kk] = sub.get(kk, 0) + vv
+    return total

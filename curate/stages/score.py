@@ -457,7 +457,7 @@ class ScoreStage:
         """Every shard's stats added up, one row per input row: a failed row that `download --retry-failed`
         retried in a later shard is counted there, so its old row (superseded_by set, possibly after this
         shard was scored) is taken out of `rows` and `skipped` here and counted as `superseded`."""
-        from curate.runner import sum_stats
+        from curate.stages.base import sum_stats
 
         counts = sum_stats(ds, cfg.name)
         sup = superseded_by_status(ds, ds.done_shards(cfg.name))

@@ -224,7 +224,7 @@ class TargetStage:
         return {"rows": len(order), "assigned": int(has.sum()), "selected": int(chosen.sum())}
 
     def finalize(self, cfg: TargetConfig, ds: DatasetDir) -> dict[str, Any]:
-        from curate.runner import sum_stats
+        from curate.stages.base import sum_stats
 
         plan_path = work_dir(ds) / "plan.json"
         if not plan_path.exists():
