@@ -171,6 +171,11 @@ def ci95(std: float, n: int) -> float:
     return float(t.ppf(0.975, n - 1) * std / math.sqrt(n))
 
 
+def _at(values: dict[Any, Any], fraction: float) -> Any:
+    """A per-fraction value, keyed by the float (in memory) or by its text (read back from results.json)."""
+    return values[fraction] if fraction in values else values.get(str(float(fraction)), values.get(str(fraction)))
+
+
 def study_lines(study: dict[str, Any]) -> list[str]:
     """results.md lines: the recommendation per budget with the fit's error."""
     out = [f"## Quality vs quantity ({study['metric']}; {study['model']})", "",
@@ -182,7 +187,7 @@ def study_lines(study: dict[str, Any]) -> list[str]:
     for b in study["per_budget"]:
         f = b["recommended_fraction"]
         note = "within the fit's error" if b["within_fit_error"] else "larger than the fit's RMSE"
-        out.append(f"| {b['budget']} | {f:g} | {b['predicted'][f]:.4f} | {b['measured_best_fraction']:g} | "
+        out.append(f"| {b['budget']} | {f:g} | {_at(b['predicted'], f):.4f} | {b['measured_best_fraction']:g} | "
                    f"{b['margin_over_runner_up']:.4f} ({note}) |")
     fractions = study["fractions"]
     out += ["", "Measured, mean ± 95% CI half-width over seeds (Student's t):", "",
@@ -192,7 +197,7 @@ def study_lines(study: dict[str, Any]) -> list[str]:
         ci = b.get("measured_ci95") or {}
         cells = []
         for f in fractions:
-            m, h = b["measured"].get(f), ci.get(f, math.nan)
+            m, h = _at(b["measured"], f), _at(ci, f)
             cells.append("-" if m is None else f"{m:.4f}" + ("" if h is None or math.isnan(h) else f" ± {h:.4f}"))
         out.append(f"| {b['budget']} | {b.get('seeds', '')} | " + " | ".join(cells) + " |")
     return out
