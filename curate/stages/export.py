@@ -74,11 +74,13 @@ class ExportConfig:
         help="Keep this fraction of the rows left, ranked by --by. auto: the fraction a train-probe --budgets "
              "study (--study) recommends at --budget samples seen (--by defaults to the study's sweep column).")
     by: str | None = option(None, metavar="COLUMN", help="The column (SQL expression) --top-fraction ranks by.")
-    study: str | None = option(None, convert=absolute, metavar="DIR",
+    # study and budget are runtime fields: what they decide (the fraction, the study's digest) is in the
+    # fingerprint's extra (fingerprint_extra), and exports made before them keep their fingerprints
+    study: str | None = option(None, convert=absolute, metavar="DIR", runtime=True,
                                help="--top-fraction auto: a train-probe output dir whose results.json holds a "
                                     "--budgets study (sweep it over what the clauses before --top-fraction leave, "
                                     "e.g. an export of them, so its fractions mean the same rows).")
-    budget: int | None = option(None, metavar="N", help="--top-fraction auto: the samples-seen budget the "
+    budget: int | None = option(None, metavar="N", runtime=True, help="--top-fraction auto: the samples-seen budget the "
                                                         "training run will have.")
     samples_per_shard: int = option(10000, help="Samples per output tar.")
     layout: str = option("curate", choices=LAYOUTS,
