@@ -123,7 +123,7 @@ def build_pipeline_dataset(folder: Path, model: Path) -> Path:
     for root in (out, evalset):
         assert main(score_args(root, model)) == 0
     assert main(["dedup", str(out), "--against", str(evalset), "--device", "cpu", "--threshold", "0.9999",
-                 "--eval-threshold", "0.9999", "--no-progress"]) == 0
+                 "--eval-threshold", "0.9999", "--no-phash", "--no-progress"]) == 0
     return out
 
 

@@ -276,7 +276,7 @@ def test_real_img2dataset_output_adopted_every_row_and_scores_equal_curate_downl
 
     py = _img2dataset_python()
     cfg = tmp_path / "tiny64.json"
-    # input 64 px: score's JPEG draft decoding (at >= 2x the input size) then leaves the demo's <= 128 px
+    # input 64 px: score's JPEG draft decoding (at >= 2x the input size) then leaves the demo's <= 64 px
     # JPEGs at full scale, so the original JPEG and curate's lossless PNG of it give the same pixels
     cfg.write_text(json.dumps({**TINY, "vision_cfg": {**TINY["vision_cfg"], "image_size": 64}}))
     web_cfg = WebConfig(seed=3, n=40, faults=("404", "500", "noai", "html"), fault_rate=0.25)

@@ -28,8 +28,9 @@ def meta() -> dict[str, pa.Table]:
     return {s: load_split(s, columns=cols) for s in SPLITS}
 
 
-def test_package_share_under_25_mb():
-    assert corpus_bytes() < 25_000_000
+def test_package_share_under_7_mb_and_every_file_under_5_mb():
+    assert corpus_bytes() < 7_000_000
+    assert all(p.stat().st_size < 5_000_000 for p in CORPUS_DIR.iterdir())
     assert sorted(p.name for p in CORPUS_DIR.iterdir()) == ["eval.parquet", "pool.parquet", "seed.parquet"]
     # the parquet files ship in the wheel only if package-data names them
     assert '"demo/corpus/*"' in (ROOT / "pyproject.toml").read_text()
@@ -38,8 +39,10 @@ def test_package_share_under_25_mb():
 def test_splits_are_disjoint_and_sized(meta):
     ids = {s: set(t["image_id"].to_pylist()) for s, t in meta.items()}
     assert not ids["pool"] & ids["seed"] and not ids["pool"] & ids["eval"] and not ids["seed"] & ids["eval"]
-    total = sum(len(v) for v in ids.values())
-    assert total > 7000
+    # the pool ships a share of its rows (a second hash of the image_id); the split shares are of the whole
+    assert all(bc.in_pool_share(i, bc.POOL_SHARE) for i in ids["pool"])
+    total = len(ids["seed"]) + len(ids["eval"]) + len(ids["pool"]) / bc.POOL_SHARE
+    assert total > 7000 and len(ids["pool"]) > 4000
     assert 0.10 <= len(ids["seed"]) / total <= 0.15
     assert 0.07 <= len(ids["eval"]) / total <= 0.11
     for s, t in meta.items():
@@ -49,8 +52,10 @@ def test_splits_are_disjoint_and_sized(meta):
 def test_split_rule_is_reproduced_from_the_image_id(meta):
     """The stored split is what the hash rule gives, so a rebuild puts every image in the same split."""
     rows = [r for t in meta.values() for r in t.to_pylist()]
-    counts = collections.Counter(r["category"] for r in rows)
-    eval_cats = {c for c, n in counts.items() if n >= bc.EVAL_MIN_CATEGORY and c not in bc.EVAL_EXCLUDED}
+    # the category counts are taken before the pool is thinned, so they cannot be recounted here; the eval
+    # split's categories are the ones the rule admitted
+    eval_cats = set(meta["eval"]["category"].to_pylist())
+    assert not eval_cats & bc.EVAL_EXCLUDED
     for r in rows:
         seed_ok = r["lang_hint"] == "en" and len(r["caption"].split()) >= 2
         assert bc.assign_split(r["image_id"], r["category"], seed_ok, eval_cats) == r["split"], r["image_id"]
@@ -80,7 +85,7 @@ def test_images_are_small_rgb_jpegs():
     for r in t.to_pylist():
         im = Image.open(io.BytesIO(r["image"]))
         assert im.format == "JPEG" and im.mode == "RGB"
-        assert im.size == (r["width"], r["height"]) and max(im.size) <= 128
+        assert im.size == (r["width"], r["height"]) and max(im.size) <= bc.DEFAULT_MAX_SIDE
 
 
 def test_unknown_split_is_an_input_error():
@@ -160,3 +165,14 @@ def test_rebuild_from_a_tiny_tree_is_deterministic(tmp_path):
     assert set(sizes) == {"pool.parquet", "seed.parquet", "eval.parquet"}
     back = pa.concat_tables([pq.read_table(tmp_path / "out" / n) for n in sizes])
     assert back.num_rows == 3 and back.schema.equals(bc.SCHEMA)
+    # --from-corpus: downscaled again, and pool rows outside the share dropped by the same rule
+    small = bc.shrink(back, max_side=32, quality=80, pool_share=0.5)
+    assert small.equals(bc.shrink(back, max_side=32, quality=80, pool_share=0.5))
+    kept = {r["image_id"]: r for r in small.to_pylist()}
+    assert set(kept) == {r["image_id"] for r in back.to_pylist()
+                         if r["split"] != "pool" or bc.in_pool_share(r["image_id"], 0.5)}
+    for r in kept.values():
+        im = Image.open(io.BytesIO(r["image"]))
+        assert im.size == (r["width"], r["height"]) and max(im.size) == 32
+    assert bc.build(src, max_side=64, quality=80, workers=1, pool_share=0.5).num_rows == \
+        sum(1 for r in back.to_pylist() if r["split"] != "pool" or bc.in_pool_share(r["image_id"], 0.5))

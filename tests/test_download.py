@@ -204,7 +204,8 @@ def test_resume_refuses_other_config(server, tmp_path):
 def test_demo_web_every_fault_accounted_for(tmp_path):
     from curate.demo.web import DemoWeb, WebConfig
 
-    cfg = WebConfig(seed=0, n=120, fault_rate=0.4, slow_seconds=20, drip_interval=0.2)
+    # a seed whose first 120 rows hold every fault asserted below (the draw depends on the shipped corpus)
+    cfg = WebConfig(seed=2, n=120, fault_rate=0.4, slow_seconds=20, drip_interval=0.2)
     with DemoWeb(cfg, tmp_path / "web") as web:
         argv = ["download", str(web.url_list), "--out", str(tmp_path / "ds"), "--preset", "laion",
                 "--keep-col", "SAMPLE_ID", "--timeout", "1", "--deadline", "4", "--image-size", "64",

@@ -98,8 +98,15 @@ def test_demo_pipeline_wires_the_demo_web_into_download():
     download = next(s for s in steps if s.stage == "download")
     assert download.argv[-1] == "/w/urls.parquet"
     assert download.argv.count("--allow-host") == 2 and "127.0.0.1:4002" in download.argv
-    assert [s.stage for s in steps] == ["download", "train-probe", "score", "score", "dedup", "export", "balance",
-                                        "export", "train-probe", "report"]
+    assert [s.stage for s in steps] == ["download", "train-probe", "score", "score", "dedup", "export", "train-probe",
+                                        "export", "balance", "export", "train-probe", "report"]
+    # the curated export keeps the fraction the study (a train-probe with --budgets) recommends at the probe's budget
+    study, curated, probe = (next(s for s in steps if s.label == name) for name in ("study", "export", "probe"))
+    assert "--budgets" in study.argv and study.argv[study.argv.index("--seeds") + 1] == "3"
+    assert curated.argv[curated.argv.index("--top-fraction") + 1] == "auto"
+    assert curated.argv[curated.argv.index("--study") + 1] == study.argv[study.argv.index("--out") + 1]
+    assert curated.argv[curated.argv.index("--budget") + 1] == probe.argv[probe.argv.index("--samples-seen") + 1]
+    assert probe.argv[probe.argv.index("--seeds") + 1] == "5"
     # the trusted seed and eval splits are materialised under the workdir and wired into the stages
     probe = next(s for s in steps if s.label == "filter-model")
     assert any(a.endswith("demo-out/demo-seed") for a in probe.argv)

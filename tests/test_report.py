@@ -342,3 +342,31 @@ def test_report_of_an_export_dir_stands_for_its_source(demo, tmp_path):
     assert f"kept ({len(demo['kept'])})" in _section(html, "histograms")
     via_export = curation_accuracy(demo["export"], demo["truth"])
     assert via_export["steps"] == curation_accuracy(demo["ds"], demo["truth"], demo["export"])["steps"]
+
+
+def test_two_probe_dirs_one_section_each_and_the_study_recommendation(demo, tmp_path):
+    """--probe-dir is repeatable: a comparison and a --budgets study each get a section; the study's
+    recommendation per budget and its figure are shown (the study object as quality_quantity writes it)."""
+    from curate.train_probe.study import predicted_error, quality_quantity
+
+    summary = []
+    for f, b in zip((0.1, 0.3, 1.0), (-0.20, -0.17, -0.15), strict=True):
+        for n in (2000, 8000, 32000, 128000):
+            summary.append({"subset": f"top-{f}@{n}", "kind": "top" if f < 1 else "all", "fraction": f, "budget": n,
+                            "subset_size": 20000 * f, "seeds": 3, "samples_seen": n, "epochs": n / (20000 * f),
+                            "retrieval_r5_mean": 1 - predicted_error(n, 20000 * f, 1e-2, b, 2.0, 0.2),
+                            "retrieval_r5_std": 0.01})
+    study = quality_quantity(summary, "retrieval_r5")
+    sdir = tmp_path / "study"
+    sdir.mkdir()
+    (sdir / "results.json").write_text(json.dumps({"summary": summary, "study": study, "comparisons": [],
+                                                   "config": {"train": {"model": "curate-tiny", "samples_seen": 2000}}}))
+    html = build_report(demo["ds"], tmp_path / "r.html", probe_dir=[demo["probe"], sdir]).read_text()
+    assert "Train-probe: probe" in html and "Train-probe: study" in html
+    text = _text(_section(html, "train-probe-2"))
+    assert "Quality vs quantity" in text and "| 128000 | 1 |" in text and "| 2000 | 0.1 |" in text
+    assert "95% CI" in text
+    from curate.commands.report import one_screen_summary
+
+    screen = one_screen_summary({}, str(demo["ds"]), None, (str(demo["probe"]), str(sdir)), None)
+    assert "== train-probe (study) ==" in screen and "| 128000 | 1 |" in screen

@@ -428,6 +428,74 @@ def test_budgets_command_trains_each_fraction_per_budget_and_writes_the_study(da
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_export_top_fraction_auto_keeps_the_fraction_a_real_study_recommends(data, tmp_path, capsys):
+    """A study written by the real train-probe stage over an export of the clauses, then `export --top-fraction
+    auto` with the same clauses: the kept rows are the study's top subset at the recommended fraction."""
+    from curate.io.manifest import load
+    from curate.pipeline import run as run_pipeline
+    from curate.train_probe.study import recommend
+
+    src = make_colour_dataset(tmp_path / "src", 40, offset=700)
+    keys = [k for f in DatasetDir.at(src).ledger_files() for k in pq.read_table(f).column("key").to_pylist()]
+    add_scores(src, {k: float(i) for i, k in enumerate(keys)})
+    clause = "clip_score >= 8"  # what a policy's clauses leave: 32 rows
+    assert main(["export", str(src), "--where", clause, "--out", str(tmp_path / "filtered")]) == 0
+    study_dir = tmp_path / "study"  # the sweep reads the export's ledger (it carries clip_score)
+    assert main(["train-probe", "--sweep-source", str(tmp_path / "filtered"), "--sweep", "clip_score=0.25,0.5,1",
+                 "--budgets", "8,16,32", "--eval", str(data["eval"]), "--samples-seen", "8", "--batch-size", "8",
+                 "--image-size", "32", "--curve-points", "1", "--out", str(study_dir)]) == 0
+    results = json.loads((study_dir / "results.json").read_text())
+    assert {s["subset_size"] for s in results["summary"] if s["kind"] == "all"} == {32}
+    for budget in (16, 32):
+        rec = recommend(results["study"], budget)
+        out = tmp_path / f"auto{budget}"
+        capsys.readouterr()
+        assert main(["export", str(src), "--where", clause, "--top-fraction", "auto", "--study", str(study_dir),
+                     "--budget", str(budget), "--out", str(out)]) == 0
+        assert f"--top-fraction auto -> {rec['fraction']:g} by clip_score at {budget}" in capsys.readouterr().err
+        kept = sorted(k for f in DatasetDir.at(out).ledger_files() for k in pq.read_table(f).column("key").to_pylist())
+        name = "all-100%" if rec["fraction"] == 1.0 else f"top-{rec['fraction'] * 100:g}%"
+        sub = next(s for s in results["subsets"] if s["subset"] == name and s["budget"] in (None, 8))
+        assert len(kept) == sub["selected"]
+        assert kept == sorted(keys[40 - len(kept):])  # the best rows by clip_score
+        entry = load(DatasetDir.at(out))["stages"]["export"]
+        auto = entry["inputs"]["top_fraction_auto"]
+        assert entry["config"]["top_fraction"] == "auto" and entry["config"]["budget"] == budget
+        assert auto["budget"] == budget and auto["fraction"] == rec["fraction"] and auto["column"] == "clip_score"
+        assert auto["study"] == str(study_dir / "results.json") and len(auto["study_sha256"]) == 64
+        assert auto["fit"]["params"]["tau_epochs"] > 0 and auto["fit"]["rmse"] >= 0 and not auto["extrapolated"]
+    assert recommend(results["study"], 1000)["extrapolated"]
+    # the same in a pipeline's YAML: the fields are the flags
+    yml = tmp_path / "p.yaml"
+    yml.write_text(f"workdir: {tmp_path}\nstages:\n  - stage: export\n    args: [{src}]\n    where: ['{clause}']\n"
+                   f"    top_fraction: auto\n    study: {study_dir}\n    budget: 16\n    out: {tmp_path}/yaml-out\n")
+    run_pipeline(yml, echo=lambda _msg: None)
+    assert sorted(k for f in DatasetDir.at(tmp_path / "yaml-out").ledger_files()
+                  for k in pq.read_table(f).column("key").to_pylist()) == sorted(
+        k for f in DatasetDir.at(tmp_path / "auto16").ledger_files() for k in pq.read_table(f).column("key").to_pylist())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-fraction", "auto", "--budget", "16"], "needs --study DIR"),
+    (["--top-fraction", "auto", "--study", "STUDY"], "needs --study DIR"),
+    (["--study", "STUDY", "--budget", "16"], "only with --top-fraction auto"),
+    (["--top-fraction", "most"], "a number in (0, 1] or auto"),
+    (["--top-fraction", "auto", "--study", "PLAIN", "--budget", "16"], "no quality-vs-quantity study"),
+    (["--top-fraction", "auto", "--study", "NOWHERE", "--budget", "16"], "no results.json"),
+])
+def test_export_top_fraction_auto_bad_arguments_exit_2(data, tmp_path, capsys, args, message):
+    src = make_colour_dataset(tmp_path / "src", 12, offset=300)
+    keys = [k for f in DatasetDir.at(src).ledger_files() for k in pq.read_table(f).column("key").to_pylist()]
+    add_scores(src, {k: float(i) for i, k in enumerate(keys)})
+    plain = tmp_path / "plain"  # a probe without --budgets: results.json but no study
+    if "PLAIN" in args:
+        assert main(_probe_args(data, plain)) == 0
+    subst = {"STUDY": str(tmp_path), "PLAIN": str(plain), "NOWHERE": str(tmp_path / "nowhere")}
+    assert main(["export", str(src), "--by", "clip_score", "--out", str(tmp_path / "o"),
+                 *[subst.get(a, a) for a in args]]) == 2
+    assert message in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ zero-shot templates
 
 

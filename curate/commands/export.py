@@ -29,6 +29,16 @@ def command(directory: str, out: str, staging: str | None, dry_run: bool, option
 
     cfg = options.build(source=os.path.abspath(directory), query_engine=engine_spec.name,
                         spark_master=engine_spec.spark_master)
+    if cfg.top_fraction == "auto":
+        from curate.stages.export import auto_fraction
+
+        a = auto_fraction(cfg)
+        note = "within the fit's error" if a["within_fit_error"] else "beyond the fit's RMSE"
+        click.echo(f"export: --top-fraction auto -> {a['fraction']:g} by {cfg.by or a['column']} at {cfg.budget} "
+                   f"samples seen (predicted {a['fit']['metric']} {a['predicted'][str(a['fraction'])]:.4f}; margin "
+                   f"over {a['runner_up']:g}: {a['margin_over_runner_up']:.4f}, {note}"
+                   f"{'; extrapolated beyond the studied budgets' if a['extrapolated'] else ''}; study {a['study']})",
+                   err=True)
     if dry_run:
         click.echo(format_counts(select(cfg)))
         return

@@ -2,10 +2,14 @@
 
     apt-get install openclipart-png openclipart-svg
     python -m curate.demo.build_corpus [--source /usr/share/openclipart] [--out curate/demo/corpus]
+    python -m curate.demo.build_corpus --from-corpus DIR [--max-side 64] [--pool-share 0.7]
 
 Each PNG with a matching SVG becomes one row: metadata from the SVG's RDF block (dc:title,
 dc:description, dc:subject keywords), the top-level folder as its category, and the PNG flattened
-onto white, downscaled to at most --max-side px and stored as JPEG. The output is deterministic.
+onto white, downscaled to at most --max-side px and stored as JPEG. Pool rows are kept when a second
+hash of their image_id falls below --pool-share (seed and eval rows are all kept), which bounds the
+size of pool.parquet. The output is deterministic. `--from-corpus` makes a smaller corpus from a built
+one (its JPEGs downscaled again, its pool thinned by the same rule) without the openclipart packages.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "corpus"
 SPLITS = ("pool", "seed", "eval")
 EVAL_SHARE = 0.10
 SEED_SHARE = 0.13
+# share of the pool rows shipped: the repository keeps every file under 5 MB, and the pool's JPEGs are
+# most of the bytes (64 px JPEGs are ~1.3 kB each, about half of it tables and headers)
+POOL_SHARE = 0.7
+DEFAULT_MAX_SIDE = 64  # the probe and the filter model train at 64 px
 # eval needs labels a probe can learn: a category with fewer images, or one that names no subject
 # ("unsorted", "special": gradients and page templates), is left out of eval
 EVAL_MIN_CATEGORY = 60
@@ -44,7 +52,7 @@ EVAL_EXCLUDED = frozenset({"unsorted", "special"})
 GENERIC_TITLE_MIN = 10
 MAX_KEYWORDS = 5
 # a handful of openclipart PNGs are rendered at poster size (up to 623 Mpx); decoding one takes
-# minutes and gigabytes for a 128 px thumbnail, so they are left out
+# minutes and gigabytes for a small thumbnail, so they are left out
 MAX_SOURCE_PIXELS = 16_000_000
 
 _WORK = re.compile(r"<cc:Work\b.*?</cc:Work>", re.S)
@@ -187,6 +195,22 @@ def assign_split(image_id: str, category: str, seed_ok: bool, eval_categories: s
     return "pool"
 
 
+def in_pool_share(image_id: str, share: float) -> bool:
+    """Whether a pool row ships: a hash independent of the split's keeps `share` of the pool."""
+    return share >= 1 or unit_hash(f"curate-demo-pool:{image_id}") < share
+
+
+def _flat_jpeg(rgba: Any, max_side: int, quality: int) -> tuple[bytes, int, int]:
+    from PIL import Image
+
+    rgba.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    flat = Image.new("RGB", rgba.size, (255, 255, 255))
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    buf = io.BytesIO()
+    flat.save(buf, format="JPEG", quality=quality, optimize=True)
+    return buf.getvalue(), flat.width, flat.height
+
+
 def encode_image(path: str, max_side: int, quality: int) -> tuple[bytes, int, int] | None:
     """PNG -> RGB on white, long side <= max_side, JPEG (deterministic for a Pillow version);
     None for a source above MAX_SOURCE_PIXELS."""
@@ -203,19 +227,30 @@ def encode_image(path: str, max_side: int, quality: int) -> tuple[bytes, int, in
             return None
         im.load()
         rgba = im.convert("RGBA")
-    rgba.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    flat = Image.new("RGB", rgba.size, (255, 255, 255))
-    flat.paste(rgba, mask=rgba.getchannel("A"))
-    buf = io.BytesIO()
-    flat.save(buf, format="JPEG", quality=quality, optimize=True)
-    return buf.getvalue(), flat.width, flat.height
+    return _flat_jpeg(rgba, max_side, quality)
+
+
+def shrink(table: pa.Table, max_side: int, quality: int, pool_share: float = 1.0) -> pa.Table:
+    """A built corpus made smaller: pool rows outside `pool_share` dropped, every JPEG larger than
+    `max_side` downscaled and re-encoded (others kept byte for byte); deterministic for a Pillow version."""
+    from PIL import Image
+
+    rows = []
+    for r in table.to_pylist():
+        if r["split"] == "pool" and not in_pool_share(r["image_id"], pool_share):
+            continue
+        if max(r["width"], r["height"]) > max_side:
+            with Image.open(io.BytesIO(r["image"])) as im:
+                r["image"], r["width"], r["height"] = _flat_jpeg(im.convert("RGBA"), max_side, quality)
+        rows.append(r)
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 def _encode_job(args: tuple[str, int, int]) -> tuple[bytes, int, int] | None:
     return encode_image(*args)
 
 
-def build(source: Path, max_side: int, quality: int, workers: int) -> pa.Table:
+def build(source: Path, max_side: int, quality: int, workers: int, pool_share: float = 1.0) -> pa.Table:
     from curate.langid import detect
 
     entries = scan(source)
@@ -239,11 +274,14 @@ def build(source: Path, max_side: int, quality: int, workers: int) -> pa.Table:
         caption = caption_of(e, subject, lang)
         # seed rows train the filter model: English captions that say more than one word
         seed_ok = lang == "en" and len(caption.split()) >= 2
+        split = assign_split(e.image_id, e.category, seed_ok, eval_categories)
+        if split == "pool" and not in_pool_share(e.image_id, pool_share):
+            continue
         for k, v in (("image_id", e.image_id), ("category", e.category), ("folder", e.folder),
                      ("title", e.title), ("description", e.description),
                      ("keywords", clean_keywords(e.keywords, e.creator)), ("caption", caption), ("lang_hint", lang),
                      ("image", jpeg), ("width", w), ("height", h),
-                     ("split", assign_split(e.image_id, e.category, seed_ok, eval_categories))):
+                     ("split", split)):
             cols[k].append(v)
     return pa.table(cols, schema=SCHEMA)
 
@@ -271,12 +309,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m curate.demo.build_corpus", description=__doc__.splitlines()[0])
     p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="openclipart root (png/ and svg/)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder for {pool,seed,eval}.parquet")
-    p.add_argument("--max-side", type=int, default=128, help="long side of the stored JPEG, px")
+    p.add_argument("--from-corpus", type=Path, default=None,
+                   help="shrink a built corpus folder ({pool,seed,eval}.parquet) instead of reading --source")
+    p.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="long side of the stored JPEG, px")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality")
+    p.add_argument("--pool-share", type=float, default=POOL_SHARE, help="share of the pool rows kept (0, 1]")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    table = build(a.source, a.max_side, a.quality, a.workers)
+    if not 0 < a.pool_share <= 1:
+        p.error(f"--pool-share: must be in (0, 1], got {a.pool_share}")
+    if a.from_corpus is not None:
+        import pyarrow.parquet as pq
+
+        table = pa.concat_tables([pq.read_table(a.from_corpus / f"{s}.parquet") for s in SPLITS])
+        table = shrink(table.cast(SCHEMA), a.max_side, a.quality, a.pool_share)
+    else:
+        table = build(a.source, a.max_side, a.quality, a.workers, a.pool_share)
     sizes = write_corpus(table, a.out)
     for name, size in sizes.items():
         log.info("%s: %.2f MB", a.out / name, size / 1e6)

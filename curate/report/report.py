@@ -63,8 +63,11 @@ class Context:
         return "kept" in self.views
 
 
+ProbeDirs = str | os.PathLike | list[str | os.PathLike] | tuple[str | os.PathLike, ...] | None
+
+
 def build_report(dataset_dir: str | os.PathLike, out: str | os.PathLike, *,
-                 export_dir: str | os.PathLike | None = None, probe_dir: str | os.PathLike | None = None,
+                 export_dir: str | os.PathLike | None = None, probe_dir: ProbeDirs = None,
                  ground_truth: str | os.PathLike | None = None,
                  options: ReportOptions = ReportOptions(), collect: dict[str, Any] | None = None) -> Path:
     """Write the report to `out` (atomically) and return its path; `collect` receives the funnel steps."""
@@ -76,12 +79,15 @@ def build_report(dataset_dir: str | os.PathLike, out: str | os.PathLike, *,
 
 
 def render_report(dataset_dir: str | os.PathLike, *, export_dir: str | os.PathLike | None = None,
-                  probe_dir: str | os.PathLike | None = None, ground_truth: str | os.PathLike | None = None,
+                  probe_dir: ProbeDirs = None, ground_truth: str | os.PathLike | None = None,
                   options: ReportOptions = ReportOptions(), collect: dict[str, Any] | None = None) -> str:
+    """The report's HTML; `probe_dir` is one train-probe output folder or several (one section each)."""
     dataset_dir, export_dir = resolve_dirs(dataset_dir, export_dir)
     ds = open_dataset(dataset_dir)
-    if probe_dir is not None and not Path(probe_dir).is_dir():
-        raise InputError(f"--probe-dir: {probe_dir} is not a directory")
+    probe_dirs = [Path(probe_dir)] if isinstance(probe_dir, (str, os.PathLike)) else [Path(p) for p in probe_dir or []]
+    for p in probe_dirs:
+        if not p.is_dir():
+            raise InputError(f"--probe-dir: {p} is not a directory")
     if ground_truth is not None and not Path(ground_truth).is_file():
         raise InputError(f"--ground-truth: {ground_truth} does not exist")
     export = read_export(export_dir) if export_dir is not None else None
@@ -102,8 +108,9 @@ def render_report(dataset_dir: str | os.PathLike, *, export_dir: str | os.PathLi
             ("duplicates", "Duplicate groups", _duplicates(ctx)),
             ("download-health", "Download health", _download_health(ctx)),
         ]
-        if probe_dir is not None:
-            sections.append(("train-probe", "Train-probe", _train_probe(Path(probe_dir))))
+        for i, p in enumerate(probe_dirs):
+            sections.append((f"train-probe{f'-{i + 1}' if i else ''}",
+                             f"Train-probe: {p.name}" if len(probe_dirs) > 1 else "Train-probe", _train_probe(p)))
         if ground_truth is not None:
             sections.append(("ground-truth", "Curation accuracy vs ground truth",
                              _ground_truth(ds.root, Path(ground_truth), export_dir)))
@@ -525,6 +532,10 @@ def _train_probe(probe: Path) -> str:
     if rj.is_file():
         try:
             data = json.loads(rj.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and data.get("study"):
+                from curate.train_probe.study import study_lines
+
+                out.append(f'<pre class="study">{escape(chr(10).join(study_lines(data["study"])))}</pre>')
             tables = _json_tables(data)
             out += tables or [f"<pre>{escape(json.dumps(data, indent=2)[:20000])}</pre>"]
         except (ValueError, OSError) as e:

@@ -42,6 +42,13 @@ PLAN_VERSION = 3  # 3: phash tables carry phash256
 ROWS_PER_TASK = 65536  # with tasks=0: about this many rows' clusters per pair task
 SAMPLE_PER_CENTROID = 64
 PHASES = ("assign", "pairs", "decide", "write")
+# 8 of 256 bits: re-encoded and downscaled copies stay within it, distinct look-alike drawings do not
+# (bench/dedup_evidence.py on the demo web; bench/dedup_planted.py on drawings the demo never saw)
+DEFAULT_PHASH_DISTANCE = 8
+# the over-flagging warning: flagged rows above this share of the rows AND this many times the share of
+# rows that are byte-identical copies (near copies of web data run at a few times the exact ones)
+OVERFLAG_MIN_SHARE = 0.05
+OVERFLAG_EXACT_RATIO = 5.0
 
 
 
@@ -63,11 +70,15 @@ class DedupConfig:
                                       "its images.")
     eval_threshold: float = option(0.95, help="Cosine to an evaluation image at or above which a sample is "
                                               "eval_contaminated.")
-    phash: bool = option(False, help="Also group images with equal perceptual hashes (reads the tars).")
-    # a small model's embedding packs look-alike drawings together: the pixels confirm its pairs
-    phash_distance: int = option(-1, help="With --phash: a near (embedding) pair counts only when the two images' "
-                                          "256-bit pHashes differ in at most this many bits, and equal pHashes "
-                                          "are compared at 256 bits (-1: no check; the demo uses 8).")
+    # on by default: a model the project has never seen (a small or weakly trained one above all) packs
+    # look-alike pictures together, and an embedding threshold alone then flags far more than the copies
+    phash: bool = option(True, help="Perceptual hashes of the pictures (reads the tars): near (embedding) pairs "
+                                    "count only when the pixels agree (--phash-distance), and equal pHashes "
+                                    "group. --no-phash: the embeddings alone decide.")
+    phash_distance: int | None = option(
+        None, help=f"With --phash: a near (embedding) pair counts only when the two images' 256-bit pHashes "
+                   f"differ in at most this many bits, and equal pHashes are compared at 256 bits (default: "
+                   f"{DEFAULT_PHASH_DISTANCE}; -1: no check, equal 64-bit pHashes group).")
     seed: int = option(0, help="k-means sample and init seed.")
     tasks: int = option(0, help="Pair-search tasks (groups of clusters) for the engine (0 = one per ~65k samples).")
     batch_rows: int = runtime(65536)
@@ -77,6 +88,10 @@ class DedupConfig:
                          help="Where k-means, assignment and pair search run: cuda uses torch matrix products on the "
                               "GPU (same decisions as cpu, which uses faiss/numpy).")
     threshold_auto: bool = False  # calibrate the threshold on augmented copies of the dataset's images
+
+    def __post_init__(self) -> None:
+        if self.phash_distance is None:  # the default: the pixel check whenever there are pHashes
+            object.__setattr__(self, "phash_distance", DEFAULT_PHASH_DISTANCE if self.phash else -1)
 
 
 def check_config(cfg: DedupConfig) -> None:
@@ -305,6 +320,10 @@ class DedupStage:
                   if ds.stats(self.name, f"phash.{s}").exists()]
             counts["phash_hashed"] = sum(x.get("hashed", 0) for x in st)
             counts["phash_failed"] = sum(x.get("phash_failed", 0) for x in st)
+        warning = overflag_warning(counts, cfg)
+        if warning:
+            counts["overflag_warning"] = warning
+            log.warning("dedup: %s", warning)
         if cfg.against:
             counts["eval_contaminated"] = sum(read_json(ds.stats(self.name, s)).get("eval_contaminated", 0)
                                               for s in plan["shards"])
@@ -312,6 +331,24 @@ class DedupStage:
 
     def inputs(self, cfg: DedupConfig) -> dict[str, Any]:
         return {"against": cfg.against} if cfg.against else {}
+
+
+def overflag_warning(counts: dict[str, Any], cfg: DedupConfig) -> str | None:
+    """A warning when dedup flags far more rows than the byte-identical copies suggest (OVERFLAG_*): the
+    sign of a threshold the embedding model does not support, as with a small model on unseen data."""
+    rows, flagged = counts.get("rows") or 0, counts.get("duplicates") or 0
+    if rows <= 0:
+        return None
+    exact = (counts.get("drops_by_evidence") or {}).get("exact", 0)
+    share, exact_share = flagged / rows, exact / rows
+    if share <= OVERFLAG_MIN_SHARE or share <= OVERFLAG_EXACT_RATIO * exact_share:
+        return None
+    check = (f"pHash check at {cfg.phash_distance} bits" if cfg.phash and cfg.phash_distance >= 0
+             else "no pixel check (--phash off or --phash-distance -1)")
+    return (f"{flagged} of {rows} rows ({share:.1%}) flagged as duplicates, more than {OVERFLAG_EXACT_RATIO:g}x the "
+            f"byte-identical copies ({exact_share:.1%}); threshold {counts.get('threshold')}, {check}. Check the "
+            f"duplicate groups (curate report) before dropping them; --threshold auto calibrates the threshold for "
+            f"this model, and --phash with --phash-distance confirms pairs by their pixels")
 
 
 def groups_for(n: int, k: int, tasks: int, cluster_entries: np.ndarray | None = None) -> list[int]:

@@ -33,7 +33,7 @@ from curate.io.atomic import TMP_PREFIX, atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, shard_name
 from curate.io.shards import ShardWriter, iter_raw
 from curate.io.tables import write_table
-from curate.options import option
+from curate.options import absolute, option
 from curate.query import (
     SIGNAL_STAGES,
     Clause,
@@ -48,6 +48,17 @@ from curate.query import (
 NAME = "export"
 DOWNLOADED = Clause("downloaded", where="status = 'success'")
 LAYOUTS = ("curate", "img2dataset")
+AUTO = "auto"
+
+
+def parse_top_fraction(value: Any) -> float | str | None:
+    """--top-fraction: a number (checked by the top clause) or 'auto'."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None if value is None else AUTO
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"--top-fraction: expected a number in (0, 1] or auto, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,19 @@ class ExportConfig:
     policy: tuple[str, ...] = option((), metavar="NAME|FILE",
                                      help="A built-in policy (laion, datacomp-basic, clip-top30, dedup, demo) or a "
                                           "policy YAML file; repeatable, applied in order.")
-    top_fraction: float | None = option(None, help="Keep this fraction of the rows left, ranked by --by.")
+    top_fraction: float | str | None = option(
+        None, cli_type=str, convert=parse_top_fraction, metavar="F|auto",
+        help="Keep this fraction of the rows left, ranked by --by. auto: the fraction a train-probe --budgets "
+             "study (--study) recommends at --budget samples seen (--by defaults to the study's sweep column).")
     by: str | None = option(None, metavar="COLUMN", help="The column (SQL expression) --top-fraction ranks by.")
+    # study and budget are runtime fields: what they decide (the fraction, the study's digest) is in the
+    # fingerprint's extra (fingerprint_extra), and exports made before them keep their fingerprints
+    study: str | None = option(None, convert=absolute, metavar="DIR", runtime=True,
+                               help="--top-fraction auto: a train-probe output dir whose results.json holds a "
+                                    "--budgets study (sweep it over what the clauses before --top-fraction leave, "
+                                    "e.g. an export of them, so its fractions mean the same rows).")
+    budget: int | None = option(None, metavar="N", runtime=True, help="--top-fraction auto: the samples-seen budget the "
+                                                        "training run will have.")
     samples_per_shard: int = option(10000, help="Samples per output tar.")
     layout: str = option("curate", choices=LAYOUTS,
                          help="curate: shards/ + ledger/ (a curate dataset dir). img2dataset: flat {shard}.tar, "
@@ -115,13 +137,52 @@ def resolve_clauses(cfg: ExportConfig) -> list[Clause]:
         if not w.strip():
             raise InputError("--where: empty predicate")
         clauses.append(Clause(w, where=w))
-    if cfg.top_fraction is not None or cfg.by is not None:
+    if cfg.top_fraction == AUTO:
+        auto = auto_fraction(cfg)
+        clauses.append(top_clause(auto["fraction"], cfg.by or auto["column"]))
+    elif cfg.study is not None or cfg.budget is not None:
+        raise InputError("--study/--budget: only with --top-fraction auto")
+    elif cfg.top_fraction is not None or cfg.by is not None:
         clauses.append(top_clause(cfg.top_fraction, cfg.by))
     names = [c.name for c in clauses]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise InputError(f"--policy/--where: clause(s) {', '.join(dup)} given twice")
     return clauses
+
+
+def auto_fraction(cfg: ExportConfig) -> dict[str, Any]:
+    """--top-fraction auto: the study's recommendation at --budget, with what it rests on (the study's
+    results.json path and digest, its sweep column and source, the fit); recorded in the manifest."""
+    from curate.hashing import file_sha256
+    from curate.train_probe.study import recommend
+
+    if not cfg.study or cfg.budget is None:
+        raise InputError("--top-fraction auto: needs --study DIR (a train-probe --budgets output) and --budget N "
+                         "(samples seen)")
+    if cfg.budget < 1:
+        raise InputError(f"--budget: must be a positive number of samples seen (got {cfg.budget})")
+    path = Path(cfg.study) / "results.json"
+    if not path.is_file():
+        raise InputError(f"--study {cfg.study}: no results.json; run `curate train-probe --sweep ... --budgets ...` "
+                         f"with --out {cfg.study} first")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"--study {path}: unreadable ({e})") from None
+    study = results.get("study") if isinstance(results, dict) else None
+    if not study:
+        raise InputError(f"--study {path}: no quality-vs-quantity study in it (train-probe needs --sweep with "
+                         f"--budgets at two or more budgets, and enough points to fit)")
+    sweep = results.get("sweep") or {}
+    column = sweep.get("column")
+    if cfg.by is not None and column is not None and cfg.by.strip() != column:
+        raise InputError(f"--by {cfg.by}: the study ranked by '{column}'; its fractions mean nothing for another "
+                         f"column (leave --by out, or give --by {column})")
+    rec = recommend(study, cfg.budget)
+    probe = (results.get("config") or {}).get("probe") or {}
+    return {**rec, "column": column, "study": str(path), "study_sha256": file_sha256(path),
+            "sweep_source": probe.get("sweep_source")}
 
 
 def source_dir(cfg: ExportConfig) -> DatasetDir:
@@ -146,7 +207,10 @@ def fingerprint_extra(cfg: ExportConfig) -> dict[str, Any]:
     """What the output depends on beyond the config: resolved clause text (policy files can change)
     and the fingerprints of the source's stages."""
     clauses = [c.to_dict() for c in resolve_clauses(cfg)]
-    return {"clauses": clauses, "source_stages": source_fingerprints(cfg, clauses)}
+    extra = {"clauses": clauses, "source_stages": source_fingerprints(cfg, clauses)}
+    if cfg.top_fraction == AUTO:
+        extra["top_fraction_auto"] = auto_fraction(cfg)
+    return extra
 
 
 def _counts(q: Any, clauses: list[Clause], table: str) -> tuple[int, list[dict[str, Any]]]:

@@ -123,10 +123,12 @@ def quality_quantity(summary: Sequence[dict[str, Any]], metric: str) -> dict[str
     for n in budgets:
         pred = {f: 1 - predicted_error(n, pool_sizes[i], p.a, p.b[i], p.tau, p.d) for i, f in enumerate(fractions)}
         measured = {r["fraction"]: r[f"{metric}_mean"] for r in grid if r["budget"] == n}
+        ci = {r["fraction"]: ci95(r.get(f"{metric}_std", math.nan), r.get("seeds", 1)) for r in grid if r["budget"] == n}
         ranked = sorted(pred, key=lambda f: -pred[f])
         margin = pred[ranked[0]] - pred[ranked[1]]
         per_budget.append({
             "budget": n, "recommended_fraction": ranked[0], "predicted": pred, "measured": measured,
+            "measured_ci95": ci, "seeds": min((r.get("seeds", 1) for r in grid if r["budget"] == n), default=0),
             "measured_best_fraction": max(measured, key=measured.__getitem__) if measured else None,
             "margin_over_runner_up": margin, "within_fit_error": bool(margin < fit["rmse"]),
         })
@@ -137,6 +139,41 @@ def quality_quantity(summary: Sequence[dict[str, Any]], metric: str) -> dict[str
                    "d": p.d},
         "stderr": fit["stderr"], "rmse": fit["rmse"], "dof": fit["dof"], "per_budget": per_budget,
     }
+
+
+def recommend(study: dict[str, Any], budget: int) -> dict[str, Any]:
+    """The kept fraction a fitted study (the `study` object of a results.json) recommends at `budget` samples
+    seen: the fraction with the best predicted metric under the fit, at any budget (a budget outside the
+    studied range is an extrapolation, flagged). The margin over the runner-up is compared with the fit's
+    RMSE, as per studied budget."""
+    p = study["params"]
+    fractions = [float(f) for f in study["fractions"]]
+    pred = {f: 1 - predicted_error(float(budget), float(size), p["a"], p["b"][str(f)], p["tau_epochs"], p["d"])
+            for f, size in zip(fractions, study["pool_sizes"], strict=True)}
+    ranked = sorted(pred, key=lambda f: (-pred[f], f))
+    margin = pred[ranked[0]] - pred[ranked[1]] if len(ranked) > 1 else math.inf
+    budgets = study["budgets"]
+    return {"budget": int(budget), "fraction": ranked[0], "predicted": {str(f): v for f, v in pred.items()},
+            "margin_over_runner_up": margin, "runner_up": ranked[1] if len(ranked) > 1 else None,
+            "within_fit_error": bool(margin < study["rmse"]),
+            "extrapolated": not min(budgets) <= budget <= max(budgets),
+            "fit": {"metric": study["metric"], "model": study["model"], "params": p, "rmse": study["rmse"],
+                    "dof": study["dof"], "fractions": fractions, "budgets": budgets,
+                    "pool_sizes": study["pool_sizes"]}}
+
+
+def ci95(std: float, n: int) -> float:
+    """Half-width of the 95% confidence interval of a mean over n seeds (Student's t); nan for one seed."""
+    from scipy.stats import t
+
+    if n < 2 or std is None or math.isnan(std):
+        return math.nan
+    return float(t.ppf(0.975, n - 1) * std / math.sqrt(n))
+
+
+def _at(values: dict[Any, Any], fraction: float) -> Any:
+    """A per-fraction value, keyed by the float (in memory) or by its text (read back from results.json)."""
+    return values[fraction] if fraction in values else values.get(str(float(fraction)), values.get(str(fraction)))
 
 
 def study_lines(study: dict[str, Any]) -> list[str]:
@@ -150,13 +187,25 @@ def study_lines(study: dict[str, Any]) -> list[str]:
     for b in study["per_budget"]:
         f = b["recommended_fraction"]
         note = "within the fit's error" if b["within_fit_error"] else "larger than the fit's RMSE"
-        out.append(f"| {b['budget']} | {f:g} | {b['predicted'][f]:.4f} | {b['measured_best_fraction']:g} | "
+        out.append(f"| {b['budget']} | {f:g} | {_at(b['predicted'], f):.4f} | {b['measured_best_fraction']:g} | "
                    f"{b['margin_over_runner_up']:.4f} ({note}) |")
+    fractions = study["fractions"]
+    out += ["", "Measured, mean ± 95% CI half-width over seeds (Student's t):", "",
+            "| budget | seeds | " + " | ".join(f"{f:g}" for f in fractions) + " |",
+            "|---:|---:|" + "---:|" * len(fractions)]
+    for b in study["per_budget"]:
+        ci = b.get("measured_ci95") or {}
+        cells = []
+        for f in fractions:
+            m, h = _at(b["measured"], f), _at(ci, f)
+            cells.append("-" if m is None else f"{m:.4f}" + ("" if h is None or math.isnan(h) else f" ± {h:.4f}"))
+        out.append(f"| {b['budget']} | {b.get('seeds', '')} | " + " | ".join(cells) + " |")
     return out
 
 
 def plot_study(summary: Sequence[dict[str, Any]], study: dict[str, Any], path: Any) -> Any:
-    """Metric vs kept fraction, one line per budget: measured mean ± std and the fitted model (dashed)."""
+    """Metric vs kept fraction, one line per budget: measured mean with its 95% CI over seeds (Student's t;
+    none for a single seed) and the fitted model (dashed), the recommended fraction starred."""
     from curate.train_probe.report import _pyplot, _save_figure
 
     plt = _pyplot()
@@ -167,8 +216,9 @@ def plot_study(summary: Sequence[dict[str, Any]], study: dict[str, Any], path: A
         recs = sorted([r for r in summary if r.get("budget") == b["budget"] and r["kind"] in ("top", "all")],
                       key=lambda r: r["fraction"])
         ax.errorbar([r["fraction"] for r in recs], [r[f"{metric}_mean"] for r in recs],
-                    yerr=[r[f"{metric}_std"] for r in recs], marker="o", capsize=3, color=color, linestyle="none",
-                    label=f"{b['budget']} samples seen")
+                    yerr=[0.0 if math.isnan(h) else h for h in (ci95(r[f"{metric}_std"], r["seeds"]) for r in recs)],
+                    marker="o", capsize=3, color=color, linestyle="none",
+                    label=f"{b['budget']} samples seen (best: {b['recommended_fraction']:g})")
         fs = study["fractions"]
         ax.plot(fs, [b["predicted"][f] for f in fs], color=color, linestyle="--", linewidth=1)
         ax.scatter([b["recommended_fraction"]], [b["predicted"][b["recommended_fraction"]]], marker="*", s=140,
@@ -181,7 +231,9 @@ def plot_study(summary: Sequence[dict[str, Any]], study: dict[str, Any], path: A
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("quality vs quantity: measured (points), repetition-decay fit (dashed), best (star)", fontsize=9)
+    seeds = sorted({r["seeds"] for r in summary if r.get("budget") is not None and r["kind"] in ("top", "all")})
+    ax.set_title(f"quality vs quantity: measured mean, 95% CI over {'/'.join(map(str, seeds))} seeds (points), "
+                 "repetition-decay fit (dashed), recommended (star)", fontsize=8)
     _save_figure(fig, path)
     plt.close(fig)
     return path

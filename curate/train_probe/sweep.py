@@ -39,23 +39,36 @@ def subset_name(kind: str, fraction: float) -> str:
     return f"{kind}-{fraction * 100:g}%"
 
 
+def _ledger_files_with(ds: DatasetDir, column: str) -> list:
+    """An export's ledger files when they carry `column` (export joins the score signals into its ledger)."""
+    import pyarrow.parquet as pq
+
+    files = ds.ledger_files()
+    return files if files and all(column in pq.read_schema(f).names for f in files) else []
+
+
 def read_column(ds: DatasetDir, column: str) -> tuple[list[str], list[float]]:
-    """(keys, values) of the scored rows of the score signal tables; InputError naming file/column."""
+    """(keys, values) of the scored rows of the score signal tables, or of an export's ledger (which holds
+    the source's score columns), so a study can sweep what an export's clauses left; InputError naming
+    file/column."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    files = ds.signal_files("score")
+    files = ds.signal_files("score") or _ledger_files_with(ds, column)
     if not files:
         raise InputError(f"--sweep-source: {ds.root} has no score signals (signals/score/*.parquet with "
-                         f"_done/score markers); run `curate score` on it first")
+                         f"_done/score markers) and no ledger column '{column}'; run `curate score` on it first")
     keys: list[str] = []
     values: list[float] = []
     for f in files:
         names = pq.read_schema(f).names
         if column not in names:
             raise InputError(f"--sweep: {f} has no column '{column}' (columns: {', '.join(names)})")
-        t = pq.read_table(f, columns=["key", "scored", column])
-        t = t.filter(pc.and_(pc.fill_null(t.column("scored"), False), pc.is_valid(t.column(column))))
+        t = pq.read_table(f, columns=["key", *(["scored"] if "scored" in names else []), column])
+        ok = pc.is_valid(t.column(column))
+        if "scored" in names:
+            ok = pc.and_(pc.fill_null(t.column("scored"), False), ok)
+        t = t.filter(ok)
         keys += t.column("key").to_pylist()
         try:
             values += [float(v) for v in t.column(column).to_pylist()]
