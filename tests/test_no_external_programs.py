@@ -62,7 +62,7 @@ def test_report_train_probe_and_adopt_decoders_never_run_gs(fake_gs, tmp_path):
     env, canary = fake_gs
     r = run_py("""
         from curate.imaging import ImageRejected, process_image, safe_decode_rgb, ImageOptions
-        from curate.report.thumbs import thumbnail
+        from curate.thumbs import thumbnail
         from curate.train_probe.data import decode_image
         from curate.stages.adopt import _describe
         assert thumbnail(DATA) is None

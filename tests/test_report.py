@@ -28,7 +28,7 @@ from curate.io.shards import iter_raw
 from curate.io.tables import write_table
 from curate.report.ground_truth import curation_accuracy
 from curate.report.report import ReportOptions, build_report
-from curate.report.thumbs import image_members, load_thumbnails
+from curate.thumbs import image_members, load_thumbnails
 
 SECTIONS = ("overview", "funnel", "histograms", "grids", "duplicates", "download-health", "train-probe",
             "ground-truth")

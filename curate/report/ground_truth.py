@@ -58,7 +58,7 @@ def _read_truth(t: Tables, path: Path) -> None:
 def curation_accuracy(dataset_dir: str | os.PathLike, ground_truth_path: str | os.PathLike,
                       export_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Per-step precision/recall against the demo web's ground truth (see the module doc for definitions)."""
-    from curate.report.export_info import resolve_dirs
+    from curate.export_info import resolve_dirs
 
     dataset_dir, export_dir = resolve_dirs(dataset_dir, export_dir)
     ds = open_dataset(dataset_dir)
@@ -110,7 +110,7 @@ def _duplicates(t: Tables, steps: dict[str, Any]) -> None:
 
 
 def _captions(t: Tables, steps: dict[str, Any], export_dir: str | os.PathLike) -> None:
-    from curate.report.export_info import read_export
+    from curate.export_info import read_export
 
     info = read_export(export_dir)
     if "kept" not in info.register(t.con):

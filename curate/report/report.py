@@ -24,12 +24,12 @@ from typing import Any
 import pyarrow as pa
 
 from curate.errors import InputError
+from curate.export_info import ExportInfo, read_export, resolve_dirs
 from curate.inspect import Tables, failures, open_dataset, parquet_source, sql_str, summarize
 from curate.io.atomic import write_bytes
 from curate.io.ledger import ERROR_CODES
 from curate.report import svg
-from curate.report.export_info import ExportInfo, read_export, resolve_dirs
-from curate.report.thumbs import load_thumbnails
+from curate.thumbs import load_thumbnails
 
 log = logging.getLogger(__name__)
 

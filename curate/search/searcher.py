@@ -80,7 +80,7 @@ class Searcher:
         self.columns = set(sources.all_columns())
         self.export = None
         if export_dir is not None:
-            from curate.report.export_info import read_export
+            from curate.export_info import read_export
 
             self.export = read_export(export_dir)
             self.export_views = self.export.register(self.db.con)
@@ -362,7 +362,7 @@ class Searcher:
     def thumbnails(self, hits: list[dict[str, Any]], size: int = 160) -> dict[str, str]:
         """{key: data URI}: each image read at the offset the row store keeps for it (no tar header scan);
         hits without a stored offset go through the report's reader (a header scan of their shard)."""
-        from curate.report.thumbs import load_thumbnails, thumbnail
+        from curate.thumbs import load_thumbnails, thumbnail
 
         out: dict[str, str] = {}
         rest = hits

@@ -150,3 +150,12 @@ def chance_level(eval_set: Samples) -> dict[str, float]:
         "i2t_r1": 1 / n, "i2t_r5": min(5, n) / n, "t2i_r1": 1 / n, "t2i_r5": min(5, n) / n,
         "retrieval_r1": 1 / n, "retrieval_r5": min(5, n) / n,
     }
+
+
+def with_derived(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = dict(metrics)
+    if "i2t_r1" in out and "t2i_r1" in out:
+        out["retrieval_r1"] = (out["i2t_r1"] + out["t2i_r1"]) / 2
+    if "i2t_r5" in out and "t2i_r5" in out:
+        out["retrieval_r5"] = (out["i2t_r5"] + out["t2i_r5"]) / 2
+    return out

@@ -9,34 +9,17 @@ Plots show the mean over seeds with the standard deviation as error bars: metric
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from curate.io.atomic import atomic_path, write_bytes, write_json
-from curate.train_probe.evaluate import METRICS
+from curate.io.atomic import atomic_path, write_json
+from curate.train_probe.evaluate import METRICS, with_derived
+from curate.train_probe.figures import plot_curves, plot_study, plot_sweep
+from curate.train_probe.stats import HEADLINE, HEADLINE_WHY, compare, mean_std
+from curate.train_probe.study import quality_quantity, study_lines
 
-PLOTTED = (("zeroshot_balanced", "zero-shot mean per-class acc."), ("zeroshot_top1", "zero-shot top-1"),
-           ("retrieval_r5", "retrieval R@5 (mean of i2t, t2i; headline)"),
-           ("retrieval_r1", "retrieval R@1 (mean of i2t, t2i)"))
 RUN_FIELDS = ("subset", "seed", "subset_size", "samples_seen", "steps", "epochs", "train_seconds",
               "samples_per_second", "loss_first", "loss_last", *METRICS)
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def with_derived(metrics: dict[str, Any]) -> dict[str, Any]:
-    out = dict(metrics)
-    if "i2t_r1" in out and "t2i_r1" in out:
-        out["retrieval_r1"] = (out["i2t_r1"] + out["t2i_r1"]) / 2
-    if "i2t_r5" in out and "t2i_r5" in out:
-        out["retrieval_r5"] = (out["i2t_r5"] + out["t2i_r5"]) / 2
-    return out
 
 
 def summarize(runs: list[dict[str, Any]], subsets: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -51,7 +34,7 @@ def summarize(runs: list[dict[str, Any]], subsets: list[dict[str, Any]]) -> list
                                "subset_size": rs[0]["subset_size"],
                                "seeds": len(rs), "samples_seen": rs[0]["samples_seen"], "epochs": rs[0]["epochs"]}
         for m in (*METRICS, "retrieval_r1", "retrieval_r5", "loss_last", "train_seconds"):
-            mean, std = _mean_std([r[m] for r in rs if m in r])
+            mean, std = mean_std([r[m] for r in rs if m in r])
             rec[f"{m}_mean"], rec[f"{m}_std"] = mean, std
         out.append(rec)
     return out
@@ -101,84 +84,6 @@ def markdown(summary: list[dict[str, Any]], chance: dict[str, float] | None, hea
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    write_bytes(path, buf.getvalue())
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_curves(runs: list[dict[str, Any]], subsets: list[dict[str, Any]], path: Path,
-                chance: dict[str, float] | None = None) -> Path:
-    """Metric vs samples seen, one line per subset: mean over seeds with std error bars."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 3.8))
-    for ax, (metric, title) in zip(axes, PLOTTED, strict=True):
-        for sub in subsets:
-            curves = [[with_derived(p) for p in r.get("curve", [])] for r in runs if r["subset"] == sub["name"]]
-            curves = [c for c in curves if c]
-            if not curves:
-                continue
-            points = min(len(c) for c in curves)
-            xs = [curves[0][i]["samples_seen"] for i in range(points)]
-            stats = [_mean_std([c[i][metric] for c in curves]) for i in range(points)]
-            size = next(r["subset_size"] for r in runs if r["subset"] == sub["name"])
-            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
-                        label=f"{sub['name']} ({size} samples)")
-        if chance and metric in chance:
-            ax.axhline(chance[metric], color="grey", linestyle=":", linewidth=1, label="chance")
-        elif chance and metric == "retrieval_r1":
-            ax.axhline(chance["i2t_r1"], color="grey", linestyle=":", linewidth=1, label="chance")
-        ax.set_title(title)
-        ax.set_xlabel("samples seen")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("train-probe: quality vs samples seen (mean ± std over seeds)")
-    _save_figure(fig, path)
-    plt.close(fig)
-    return path
-
-
-def plot_sweep(summary: list[dict[str, Any]], column: str, path: Path,
-               chance: dict[str, float] | None = None) -> Path:
-    """Metric vs kept fraction: top-by-column and the random control (the 100% point is shared)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(5 * len(PLOTTED), 3.8))
-    full = [r for r in summary if r["kind"] == "all"]
-    for ax, (metric, title) in zip(axes, PLOTTED, strict=True):
-        for kind, label in (("top", f"top by {column}"), ("random", "random (control)")):
-            recs = sorted([r for r in summary if r["kind"] == kind] + full, key=lambda r: r["fraction"])
-            if not recs:
-                continue
-            ax.errorbar([r["fraction"] for r in recs], [r[f"{metric}_mean"] for r in recs],
-                        yerr=[r[f"{metric}_std"] for r in recs], marker="o", capsize=3, label=label)
-        if chance:
-            ax.axhline(chance.get(metric, chance["i2t_r1"]), color="grey", linestyle=":", linewidth=1,
-                       label="chance")
-        ax.set_title(title)
-        ax.set_xlabel("kept fraction")
-        ax.set_xscale("log")
-        ax.set_xticks([r["fraction"] for r in summary if r["fraction"]])
-        ax.set_xticklabels([f"{r['fraction']:g}" for r in summary if r["fraction"]], fontsize=8)
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"train-probe sweep: quality vs kept fraction by {column} (equal samples seen)")
-    _save_figure(fig, path)
-    plt.close(fig)
-    return path
-
-
 def write_outputs(out: Path, *, config: dict[str, Any], runs: list[dict[str, Any]], subsets: list[dict[str, Any]],
                   chance: dict[str, float] | None, sweep_column: str | None,
                   labels: list[int] | None = None) -> dict[str, Any]:
@@ -186,9 +91,6 @@ def write_outputs(out: Path, *, config: dict[str, Any], runs: list[dict[str, Any
 
     `labels` are the eval items' class indices (for the bootstrap of mean per-class accuracy).
     """
-    from curate.train_probe.stats import HEADLINE, HEADLINE_WHY, compare
-    from curate.train_probe.study import plot_study, quality_quantity
-
     summary = summarize(runs, subsets)
     main_budget = config["train"]["samples_seen"]
     sweep = [s for s in summary if s["kind"] != "subset" and s.get("budget") in (None, main_budget)]
@@ -231,7 +133,6 @@ def write_outputs(out: Path, *, config: dict[str, Any], runs: list[dict[str, Any
 
 def results_markdown(results: dict[str, Any]) -> str:
     """results.md: the results object (what results.json holds) as markdown, rendered from the data alone."""
-    from curate.train_probe.study import study_lines
 
     train = results["config"]["train"]
     header = f"# train-probe: {train['model']}, {train['samples_seen']} samples seen per run"

@@ -11,6 +11,8 @@ sensitive choice; zero-shot mean per-class accuracy is compared beside it.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,3 +114,10 @@ def compare(pairs: Sequence[tuple[str, str]], runs_by_subset: dict[str, list[dic
             d = paired_difference(runs_by_subset.get(a, []), runs_by_subset.get(b, []), m, labels)
             out.append({"subset": a, "baseline": b, **d, "verdict": verdict(a, b, d)})
     return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value, NaN for none)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0

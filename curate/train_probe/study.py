@@ -203,37 +203,3 @@ def study_lines(study: dict[str, Any]) -> list[str]:
     return out
 
 
-def plot_study(summary: Sequence[dict[str, Any]], study: dict[str, Any], path: Any) -> Any:
-    """Metric vs kept fraction, one line per budget: measured mean with its 95% CI over seeds (Student's t;
-    none for a single seed) and the fitted model (dashed), the recommended fraction starred."""
-    from curate.train_probe.report import _pyplot, _save_figure
-
-    plt = _pyplot()
-    metric = study["metric"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, b in enumerate(study["per_budget"]):
-        color = f"C{i}"
-        recs = sorted([r for r in summary if r.get("budget") == b["budget"] and r["kind"] in ("top", "all")],
-                      key=lambda r: r["fraction"])
-        ax.errorbar([r["fraction"] for r in recs], [r[f"{metric}_mean"] for r in recs],
-                    yerr=[0.0 if math.isnan(h) else h for h in (ci95(r[f"{metric}_std"], r["seeds"]) for r in recs)],
-                    marker="o", capsize=3, color=color, linestyle="none",
-                    label=f"{b['budget']} samples seen (best: {b['recommended_fraction']:g})")
-        fs = study["fractions"]
-        ax.plot(fs, [b["predicted"][f] for f in fs], color=color, linestyle="--", linewidth=1)
-        ax.scatter([b["recommended_fraction"]], [b["predicted"][b["recommended_fraction"]]], marker="*", s=140,
-                   color=color, zorder=5)
-    ax.set_xscale("log")
-    ax.set_xticks(study["fractions"])
-    ax.set_xticklabels([f"{f:g}" for f in study["fractions"]])
-    ax.minorticks_off()
-    ax.set_xlabel("kept fraction (top by score)")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    seeds = sorted({r["seeds"] for r in summary if r.get("budget") is not None and r["kind"] in ("top", "all")})
-    ax.set_title(f"quality vs quantity: measured mean, 95% CI over {'/'.join(map(str, seeds))} seeds (points), "
-                 "repetition-decay fit (dashed), recommended (star)", fontsize=8)
-    _save_figure(fig, path)
-    plt.close(fig)
-    return path
