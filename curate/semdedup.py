@@ -494,6 +494,7 @@ class Candidates:
     best_sim: np.ndarray  # float32 per entry, as Hits.best_sim
     best_m: np.ndarray  # int64 per entry, as Hits.best_m
     near: np.ndarray  # bool per entry: the entry is in some pair >= threshold in this search (before any bound)
+    more: np.ndarray  # bool per entry: it had more than per_row higher partners (the rest were not returned)
 
 
 def _lowest_per_row(mask: np.ndarray, key: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -546,6 +547,7 @@ def search_candidates(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident:
     best_sim = np.full(n, -np.inf, np.float32)
     best_m = np.full(n, -1, np.int64)
     near = np.zeros(n, bool)
+    partners = np.zeros(n, np.int64)
     out_lo, out_hi, out_s = [], [], []
     # the blocks come back to the host for the selection: a GPU gets 4x the CPU block, not the 1 GB one
     cells = block_cells or (4 * BLOCK_CELLS if torch_path else BLOCK_CELLS)
@@ -565,13 +567,16 @@ def search_candidates(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident:
             near[q] |= hit.any(axis=1)
             near[mem] |= hit.any(axis=0)
             # a query and its higher members
-            r, m = _lowest_per_row(hit & (rank[mem][None, :] < rank[q][:, None]), rank[mem], per_row)
+            down = hit & (rank[mem][None, :] < rank[q][:, None])
+            partners[q] += down.sum(axis=1)
+            r, m = _lowest_per_row(down, rank[mem], per_row)
             out_lo.append(q[r])
             out_hi.append(mem[m])
             out_s.append(sim[r, m])
             # a member and its higher non-member queries (member queries are found by the line above)
             up = hit & (rank[q][:, None] < rank[mem][None, :]) & ~member[q][:, None]
             if up.any():
+                partners[mem] += up.sum(axis=0)
                 m2, r2 = _lowest_per_row(up.T, rank[q], per_row)
                 acc_lo.append(mem[m2])
                 acc_hi.append(q[r2])
@@ -589,7 +594,7 @@ def search_candidates(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident:
     hi = cat(out_hi).astype(np.int64) if out_hi else np.empty(0, np.int64)
     s = cat(out_s).astype(np.float32) if out_s else np.empty(0, np.float32)
     lo, hi, s = _compact(lo, hi, s, rank, per_row)
-    return Candidates(lo, hi, s, best_sim, best_m, near)
+    return Candidates(lo, hi, s, best_sim, best_m, near, partners > per_row)
 
 
 def _compact_lists(lo: list, hi: list, s: list, rank: np.ndarray, k: int) -> tuple[list, list, list]:

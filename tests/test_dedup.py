@@ -692,3 +692,21 @@ def test_bounded_pair_search_is_the_lowest_ranked_partners_of_every_pair():
         assert got == want and len(want) > 30
         assert max(len(v) for v in got.values()) <= 3
         assert np.array_equal(c.best_m, full.best_m) and np.allclose(c.best_sim, full.best_sim)
+
+
+def test_a_row_beyond_pairs_per_row_is_counted(tmp_path):
+    """x ~ h1 ~ r ~ h2 at 15 degrees apart on a circle (cosine 0.966; 30 degrees is 0.866), keep order x, h1, h2,
+    r: h1 is dropped by x, h2 is kept, and r is dropped by h2, its second partner. With --pairs-per-row 1 only
+    h1 is listed for r: r is kept, and the count of such rows says so."""
+    rng = np.random.default_rng(2)
+    emb = unit(rng.standard_normal((60, D)))
+    angles = np.radians([0, 15, 45, 30])
+    emb[:4] = 0
+    emb[:4, 0], emb[:4, 1] = np.cos(angles), np.sin(angles)
+    ds = write_scored(tmp_path / "ds", emb)
+    assert run(ds, "--keep", "first", "--k", "1") == 0
+    assert decisions(dedup_table(ds)) == reference(emb, np.zeros(len(emb)), None) == {1: 0, 3: 2}
+    assert manifest.load(ds)["stages"]["dedup"]["counts"]["kept_beyond_pairs_per_row"] == 0
+    assert run(ds, "--keep", "first", "--k", "1", "--pairs-per-row", "1", "--redo") == 0
+    assert decisions(dedup_table(ds)) == {1: 0}
+    assert manifest.load(ds)["stages"]["dedup"]["counts"]["kept_beyond_pairs_per_row"] == 1

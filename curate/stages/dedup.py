@@ -299,6 +299,8 @@ class DedupStage:
         counts["drops_by_evidence"] = {name: sum(c.get("drops_by_evidence", {}).get(name, 0) for c in per_shard)
                                        for name in ("exact", "phash", "near")}
         counts["resolve_rounds"] = decide["resolve_rounds"]
+        # rows kept although they had more partners than --pairs-per-row, all listed ones dropped (0: exact rule)
+        counts["kept_beyond_pairs_per_row"] = decide.get("kept_beyond_pairs_per_row", 0)
         if cfg.against:
             counts["eval_contaminated"] = sum(c.get("eval_contaminated", 0) for c in per_shard)
         return counts

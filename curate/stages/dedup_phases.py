@@ -415,7 +415,7 @@ def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
     return out
 
 
-EDGE = [("lo_uid", np.int64), ("hi_uid", np.int64), ("hi_prio", np.float64), ("sim", np.float32)]
+EDGE = [("lo_uid", np.int64), ("hi_uid", np.int64), ("hi_prio", np.float64), ("sim", np.float32), ("more", np.bool_)]
 
 
 def _empty_pairs(paths: list[Path], n_shards: int) -> None:
@@ -452,6 +452,7 @@ def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     edges = np.empty(len(c.lo), [*EDGE, ("hi_key", e["key"].dtype), ("lo_key", e["key"].dtype)])
     edges["lo_uid"], edges["hi_uid"], edges["hi_prio"] = e["uid"][c.lo], e["uid"][c.hi], e["prio"][c.hi]
     edges["sim"], edges["hi_key"], edges["lo_key"] = c.sim, e["key"][c.hi], e["key"][c.lo]
+    edges["more"] = c.more[c.lo]
     edges = edges[np.argsort(edges["lo_uid"], kind="stable")]
     _save(paths[1], np.searchsorted(edges["lo_uid"], ordinals).astype(np.int64))
     _save(paths[0], edges)
@@ -473,7 +474,9 @@ def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
 
 # --- resolve: SemDeDup's rule in rounds, one task per shard and round -------------------------------------
 
-STATUS = [("status", np.int8), ("kept_uid", np.int64), ("evidence", np.int8)]
+# more: the row had more partners than --pairs-per-row; kept with every listed partner dropped, an unlisted
+# partner might have been kept (counted as kept_beyond_pairs_per_row: 0 means the rule was applied exactly)
+STATUS = [("status", np.int8), ("kept_uid", np.int64), ("evidence", np.int8), ("more", np.bool_)]
 UNDECIDED, KEPT, DROPPED, COPIED = 0, 1, 2, 3  # COPIED: an exact copy, decided by its representative
 
 
@@ -527,10 +530,11 @@ def last_round(ds: DatasetDir, plan: dict[str, Any]) -> int:
 
 
 def _gather_candidates(cfg: DedupConfig, wd: Path, plan: dict[str, Any], task: dict[str, Any]
-                       ) -> tuple[dict[str, np.ndarray], int, int]:
+                       ) -> tuple[dict[str, np.ndarray], int, int, np.ndarray]:
     """Shard `task`'s candidate edges from every pair task and its pHash edges, checked by --phash-distance,
     at most --pairs-per-row per row (the highest-priority partners): (edges sorted by row then partner
-    priority, confirmed near edges, near edges the pHash check removed)."""
+    priority, confirmed near edges, near edges the pHash check removed, positions of the rows that had more
+    partners than were kept)."""
     from curate import semdedup as sd
 
     o = task["ordinal"]
@@ -554,6 +558,7 @@ def _gather_candidates(cfg: DedupConfig, wd: Path, plan: dict[str, Any], task: d
     ph = rows[rows["kind"] == PHASH_EDGE]
     w = max(width, ph.dtype["a_key"].itemsize)
     pos = np.r_[near["lo_uid"] & ((1 << UID_SHIFT) - 1), ph["pos"]]
+    more = np.unique(np.r_[(near["lo_uid"] & ((1 << UID_SHIFT) - 1))[near["more"]]])
     hi_uid, hi_prio = np.r_[near["hi_uid"], ph["a_uid"]], np.r_[near["hi_prio"], ph["a_prio"]]
     hi_key = np.r_[near["hi_key"].astype(f"S{w}"), ph["a_key"].astype(f"S{w}")]
     kind = np.r_[np.full(len(near["lo_uid"]), sd.NEAR, np.int8), np.full(len(ph), sd.PHASH, np.int8)]
@@ -566,8 +571,9 @@ def _gather_candidates(cfg: DedupConfig, wd: Path, plan: dict[str, Any], task: d
     first = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]]) if len(pos) else np.zeros(0, np.int64)
     nth = np.arange(len(pos)) - np.repeat(first, np.diff(np.r_[first, len(pos)]))
     keep = nth < cfg.pairs_per_row
+    more = np.union1d(more, pos[~keep])
     n_near = int(((kind[keep] & sd.NEAR) > 0).sum())
-    return {"pos": pos[keep], "hi_uid": hi_uid[keep], "kind": kind[keep]}, n_near, unconfirmed
+    return {"pos": pos[keep], "hi_uid": hi_uid[keep], "kind": kind[keep]}, n_near, unconfirmed, more
 
 
 def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
@@ -583,13 +589,14 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
     src, r = task["source"], task["round"]
     paths = _paths(ds, task)
     if r == 0:
-        edges, n_near, unconfirmed = _gather_candidates(cfg, wd, plan, task)
+        edges, n_near, unconfirmed, more = _gather_candidates(cfg, wd, plan, task)
         n = len(np.load(wd / "keys" / f"{src}.npy", mmap_mode="r"))
         st = np.zeros(n, STATUS)
         st["status"], st["kept_uid"] = KEPT, -1
         st["status"][edges["pos"]] = UNDECIDED
         copy = np.load(wd / "collapse" / f"{src}.mask.npy")
         st["status"][copy == 1] = COPIED
+        st["more"][more] = True
         e = np.empty(len(edges["pos"]), [("pos", np.int64), ("hi_uid", np.int64), ("kind", np.int8)])
         e["pos"], e["hi_uid"], e["kind"] = edges["pos"], edges["hi_uid"], edges["kind"]
         _save(paths[2], e)
@@ -651,7 +658,7 @@ def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
     r = task["round"]
-    heads, near_pairs, unconfirmed = [], 0, 0
+    heads, near_pairs, unconfirmed, beyond = [], 0, 0, 0
     for s in plan["shards"]:
         st = np.load(_round_dir(wd, r) / f"{s}.npy", mmap_mode="r")
         kept_by = np.unique(st["kept_uid"][st["status"] == DROPPED])
@@ -660,6 +667,7 @@ def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
         ordinal = plan["shards"].index(s)
         kept_reps = reps[st["status"][reps] == KEPT] + (np.int64(ordinal) << UID_SHIFT)
         heads.append(np.unique(np.r_[kept_by, kept_reps]))
+        beyond += int((st["more"] & (st["status"] == KEPT)).sum())
         c = read_json(_round_dir(wd, 0) / f"{s}.json")
         near_pairs += c["near_pairs"]
         unconfirmed += c["unconfirmed"]
@@ -668,7 +676,7 @@ def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
     _save(wd / "decide" / "heads.npy", keys)
     counts = {"near_duplicate_pairs": near_pairs,  # candidate pairs (at most --pairs-per-row per row)
               "near_pairs_without_phash_match": unconfirmed,  # embedding pairs --phash-distance did not confirm
-              "groups": len(keys), "resolve_rounds": r + 1}
+              "groups": len(keys), "resolve_rounds": r + 1, "kept_beyond_pairs_per_row": beyond}
     write_json(wd / "decide" / "summary.json", counts)
     return counts
 
