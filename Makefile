@@ -23,7 +23,7 @@ lint: setup
 test: setup
 	$(BIN)/pytest -x --durations=10
 
-test-slow: setup
+test-slow: setup .venv-bench/.installed
 	$(BIN)/pytest -x -m slow --durations=10; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 demo: setup

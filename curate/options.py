@@ -440,13 +440,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    # run the imported module's main: this file as __main__ has its own DeclaredOption class
-    from curate.options import main as _main
-
-    sys.exit(_main())
-
-
 def parse_k(value: str) -> int:
     """--k of the k-means stages (dedup, target-filter): 'auto' (0) or a positive integer."""
     if value == "auto":
@@ -458,3 +451,11 @@ def parse_k(value: str) -> int:
     if k < 1:
         raise click.BadParameter("must be at least 1", param_hint="--k")
     return k
+
+
+if __name__ == "__main__":
+    # run the imported module's main: this file as __main__ has its own DeclaredOption class
+    from curate.options import main as _main
+
+    sys.exit(_main())
+

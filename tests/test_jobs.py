@@ -68,8 +68,7 @@ def test_template_flags_exist_on_the_command(name):
     argv = expand(line, {"DATASET": "/d", "SRC": "/s", "OUT": "/o", "URL_LIST": "/u.parquet", "SLURM_ARRAY_TASK_ID": "1",
                          "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_CPUS_PER_TASK": "8"})
     cmd = cli.commands.get(argv[1])
-    if cmd is None:
-        pytest.skip(f"`curate {argv[1]}` is not in this build yet")
+    assert cmd is not None, f"{name}.sbatch runs `curate {argv[1]}`, which is no command"
     opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
     flags = [a for a in argv[2:] if a.startswith("--")]
     assert set(flags) <= opts, f"{name}.sbatch uses flags `curate {argv[1]}` lacks: {set(flags) - opts}"

@@ -54,7 +54,6 @@ def test_scores_tiny_shards_through_the_cli(tmp_path, tiny_config):
     assert by_key["0000000100001"]["skip_reason"] == "decode_error" and by_key["0000000100001"]["emb_row"] == -1
     scored = [r for r in rows if r["scored"]]
     assert len(scored) == 10 and all(r["skip_reason"] is None for r in scored)
-    assert all(-1.0 <= r["clip_score"] <= 1.0 for r in scored)
     r0 = by_key["0000000000000"]
     assert (r0["width"], r0["height"], r0["orig_width"], r0["orig_height"]) == (96, 80, 96, 80)
     assert r0["aspect_ratio"] == pytest.approx(1.2) and r0["bytes"] > 0 and r0["lang"] == "en"

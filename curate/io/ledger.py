@@ -1,7 +1,7 @@
 """The ledger: one row per input row, always, with a status and an error code from a fixed vocabulary.
 
 `status` is "success" or the error code itself; `error_code` is null on success. The vocabulary is
-documented in the README ("Error codes") and checked here, so a typo cannot invent a new code.
+documented in docs/download.md ("The ledger and its error codes") and checked here, so a typo cannot invent a new code.
 """
 
 from __future__ import annotations
