@@ -5,7 +5,7 @@ duplicates, SemDeDup's keep rule, and contamination against an evaluation set, a
     assign   one task per score shard: nearest `probes` clusters of each row;      -> meta/{shard}.parquet,
              per-cluster-group buckets (embedding, key, keep priority)               bucket/{shard}.npy + offsets
              (+ with --phash, one task per tar: perceptual hashes)                  phash/{shard}.parquet
-    driver   GROUP BY sha256 (and pHash with --phash) in DuckDB (Spark SQL on Spark) -> exact.parquet
+    driver   GROUP BY sha256 (and pHash with --phash) in DuckDB (Spark SQL on Spark) -> exact_edges.parquet
     collapse one task per shard: a mask of its exact copies, its exact/pHash rows  -> collapse/{shard}.*
     pairs    one task per group of clusters, reading its slice of each bucket less the exact copies: for each
              row at most --pairs-per-row higher-priority partners above the threshold, and the nearest
@@ -234,7 +234,8 @@ class DedupStage:
             if phase == "collapse":
                 tasks = [{"task": f"collapse.{s}", "kind": "collapse", "source": s, "ordinal": o}
                          for o, s in enumerate(plan["shards"])]
-                if not all(ph.task_done(ds, t) for t in tasks) and not (work_dir(ds) / "exact.parquet").exists():
+                pending = not all(ph.task_done(ds, t) for t in tasks)
+                if pending and not (work_dir(ds) / "exact_edges.parquet").exists():
                     ph.exact_edges(cfg, ds, plan)  # on the driver: a GROUP BY in DuckDB or Spark SQL
             elif phase == "pairs":
                 b = plan["group_bounds"]

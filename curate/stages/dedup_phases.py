@@ -283,7 +283,7 @@ def _active_spark() -> Any:
     return SparkSession.getActiveSession()
 
 
-COPY, REP, PHASH_EDGE = 4, 0, 2  # kinds of exact.parquet rows (COPY and PHASH_EDGE are evidence bits too)
+COPY, REP, PHASH_EDGE = 4, 0, 2  # kinds of exact_edges.parquet rows (COPY and PHASH_EDGE are evidence bits too)
 
 
 def exact_sql(cfg: DedupConfig) -> str:
@@ -315,19 +315,19 @@ def exact_sql(cfg: DedupConfig) -> str:
 
 
 def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
-    """`exact.parquet` (see exact_sql) from the per-shard meta tables: DuckDB on the driver, spilling to disk past
+    """`exact_edges.parquet` (see exact_sql) from the per-shard meta tables: DuckDB on the driver, spilling to disk past
     its memory limit; on Spark (an active session in the driver) the same query in Spark SQL."""
     from curate.machine import sql_memory_limit
 
     wd = work_dir(ds)
-    out = wd / "exact.parquet"
+    out = wd / "exact_edges.parquet"
     sql = exact_sql(cfg)
     # the planned files by name, never a glob: a killed writer's temporary file may lie beside them
     meta = [str(wd / "meta" / f"{s}.parquet") for s in plan["shards"]]
     phash = [str(wd / "phash" / f"{s}.parquet") for s in plan["shards"]]
     spark = _active_spark()
     if spark is not None:
-        tmp = wd / "exact.spark-tmp"
+        tmp = wd / "exact_edges.spark-tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         spark.read.parquet(*meta).createOrReplaceTempView("meta")
         if cfg.phash:
@@ -353,10 +353,10 @@ def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
 
 
 def _exact_rows(wd: Path, ordinal: int) -> Any:
-    """The rows of exact.parquet whose b is in shard `ordinal` (b_uid is sorted: row groups are skipped)."""
+    """The rows of exact_edges.parquet whose b is in shard `ordinal` (b_uid is sorted: row groups are skipped)."""
     import pyarrow.dataset as pds
 
-    path = wd / "exact.parquet"
+    path = wd / "exact_edges.parquet"
     dset = pds.dataset(sorted(path.glob("*.parquet")) if path.is_dir() else path, format="parquet")
     f = pds.field("b_uid")
     return dset.to_table(filter=(f >= (ordinal << UID_SHIFT)) & (f < ((ordinal + 1) << UID_SHIFT)))
@@ -364,7 +364,7 @@ def _exact_rows(wd: Path, ordinal: int) -> Any:
 
 def run_collapse(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
     """One shard's part of the GROUP BY: a byte mask of its copies (read by the pair tasks) and its rows of
-    exact.parquet as an array sorted by position (read by resolve and write)."""
+    exact_edges.parquet as an array sorted by position (read by resolve and write)."""
     wd = work_dir(ds)
     n = len(np.load(wd / "keys" / f"{task['source']}.npy", mmap_mode="r"))
     t = _exact_rows(wd, task["ordinal"])
