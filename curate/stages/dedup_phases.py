@@ -317,7 +317,7 @@ def exact_sql(cfg: DedupConfig) -> str:
 def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
     """`exact_edges.parquet` (see exact_sql) from the per-shard meta tables: DuckDB on the driver, spilling to disk past
     its memory limit; on Spark (an active session in the driver) the same query in Spark SQL."""
-    from curate.machine import sql_memory_limit
+    from curate.machine import cores, sql_memory_limit
 
     wd = work_dir(ds)
     out = wd / "exact_edges.parquet"
@@ -339,7 +339,7 @@ def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
     import duckdb
 
     con = duckdb.connect()
-    con.execute(f"SET memory_limit='{sql_memory_limit()}'; SET threads=2; "
+    con.execute(f"SET memory_limit='{sql_memory_limit()}'; SET threads={min(4, cores())}; "
                 f"SET temp_directory='{wd / 'duckdb-tmp'}'; SET preserve_insertion_order=false")
     con.execute(f"CREATE VIEW meta AS SELECT * FROM read_parquet({meta!r})")
     if cfg.phash:
