@@ -495,6 +495,7 @@ class Candidates:
     best_m: np.ndarray  # int64 per entry, as Hits.best_m
     near: np.ndarray  # bool per entry: the entry is in some pair >= threshold in this search (before any bound)
     more: np.ndarray  # bool per entry: it had more than per_row higher partners (the rest were not returned)
+    unconfirmed: int = 0  # pairs above the threshold that `confirm` rejected (per cluster they were found in)
 
 
 def _lowest_per_row(mask: np.ndarray, key: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -532,13 +533,14 @@ def _compact(lo: np.ndarray, hi: np.ndarray, sim: np.ndarray, rank: np.ndarray, 
 
 def search_candidates(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident: np.ndarray, rank: np.ndarray,
                       threshold: float, per_row: int, device: str = "cpu", rows: np.ndarray | None = None,
-                      block_cells: int | None = None) -> Candidates:
+                      block_cells: int | None = None, confirm: Any = None) -> Candidates:
     """Like search_clusters (entries grouped by cluster, each querying the members of its cluster), but instead of
     every pair above the threshold it returns, for each entry, at most `per_row` higher-ranked partners per cluster
     (`rank`: per entry, lower = kept first, equal for the entries of one row). Both directions of a block are
     read: a query finds its higher members, and a member finds its higher non-member queries, so a pair found
     only from its higher end still reaches its lower end. Memory is O(entries * per_row) whatever the number of
-    pairs: a cluster of 10^4 look-alikes yields 10^4 * per_row candidates, not 10^8 pairs."""
+    pairs: a cluster of 10^4 look-alikes yields 10^4 * per_row candidates, not 10^8 pairs. `confirm(a, b)`, given
+    entry arrays, says which pairs above the threshold count (the pHash check), before any bound is applied."""
     n = len(cluster)
     rows = np.arange(n) if rows is None else rows
     rank = np.asarray(rank, np.int64)
@@ -548,6 +550,7 @@ def search_candidates(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident:
     best_m = np.full(n, -1, np.int64)
     near = np.zeros(n, bool)
     partners = np.zeros(n, np.int64)
+    unconfirmed = 0
     out_lo, out_hi, out_s = [], [], []
     # the blocks come back to the host for the selection: a GPU gets 4x the CPU block, not the 1 GB one
     cells = block_cells or (4 * BLOCK_CELLS if torch_path else BLOCK_CELLS)
@@ -564,6 +567,13 @@ def search_candidates(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident:
             best_sim[q] = sim[np.arange(len(q)), b]
             best_m[q] = mem[b]
             hit = sim >= threshold
+            if confirm is not None:
+                r, m = np.nonzero(hit & (rank[mem][None, :] != rank[q][:, None]))
+                ok = confirm(q[r], mem[m])
+                hit[r[~ok], m[~ok]] = False
+                # each pair once: from its lower end as a query, or as a member with a non-member higher query
+                lower = (rank[mem][m] < rank[q][r]) | ~member[q][r]
+                unconfirmed += int((~ok & lower).sum())
             near[q] |= hit.any(axis=1)
             near[mem] |= hit.any(axis=0)
             # a query and its higher members
@@ -594,7 +604,7 @@ def search_candidates(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident:
     hi = cat(out_hi).astype(np.int64) if out_hi else np.empty(0, np.int64)
     s = cat(out_s).astype(np.float32) if out_s else np.empty(0, np.float32)
     lo, hi, s = _compact(lo, hi, s, rank, per_row)
-    return Candidates(lo, hi, s, best_sim, best_m, near, partners > per_row)
+    return Candidates(lo, hi, s, best_sim, best_m, near, partners > per_row, unconfirmed)
 
 
 def _compact_lists(lo: list, hi: list, s: list, rank: np.ndarray, k: int) -> tuple[list, list, list]:

@@ -444,7 +444,7 @@ def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     n_shards = len(plan["shards"])
     if not e:
         _empty_pairs(paths, n_shards)
-        return {"entries": 0, "candidates": 0}
+        return {"entries": 0, "candidates": 0, "unconfirmed": 0}
     o = np.lexsort((e["key"], e["cluster"]))  # by cluster, then key: ties go to the lowest key
     emb = e.pop("emb")  # the big array stays in place; entries reach it through `rows`
     e = {f: v[o] for f, v in e.items()}
@@ -452,8 +452,18 @@ def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     new = np.r_[True, e["key"][by_rank][1:] != e["key"][by_rank][:-1]]
     rank = np.empty(len(o), np.int64)
     rank[by_rank] = np.cumsum(new) - 1  # a row's entries (one per probed cluster here) share a rank
+    confirm = None
+    if cfg.phash_distance >= 0:
+        # the pixels confirm a pair before the bound per row: a row's confirmed partner is never cut by
+        # unconfirmed ones (the demo's tiny model puts dozens of look-alikes above its threshold)
+        hashes, found = _phash_of(wd, plan["shards"], e["key"])
+
+        def confirm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            close = np.bitwise_count(hashes[a] ^ hashes[b]).sum(axis=1) <= cfg.phash_distance
+            return found[a] & found[b] & close
+
     c = sd.search_candidates(emb, e["cluster"], e["member"], e["uid"], rank, plan["threshold"], cfg.pairs_per_row,
-                             task_device(plan, cfg), rows=o)
+                             task_device(plan, cfg), rows=o, confirm=confirm)
     del emb
     ordinals = np.arange(n_shards + 1, dtype=np.int64) << UID_SHIFT
     edges = np.empty(len(c.lo), [*EDGE, ("hi_key", e["key"].dtype), ("lo_key", e["key"].dtype)])
@@ -476,7 +486,7 @@ def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     nn = nn[np.argsort(nn["uid"], kind="stable")]
     _save(paths[2], np.searchsorted(nn["uid"], ordinals).astype(np.int64))
     _save(paths[3], nn)
-    return {"entries": len(o), "candidates": len(edges)}
+    return {"entries": len(o), "candidates": len(edges), "unconfirmed": c.unconfirmed}
 
 
 # --- resolve: SemDeDup's rule in rounds, one task per shard and round -------------------------------------
@@ -537,11 +547,10 @@ def last_round(ds: DatasetDir, plan: dict[str, Any]) -> int:
 
 
 def _gather_candidates(cfg: DedupConfig, wd: Path, plan: dict[str, Any], task: dict[str, Any]
-                       ) -> tuple[dict[str, np.ndarray], int, int, np.ndarray]:
-    """Shard `task`'s candidate edges from every pair task and its pHash edges, checked by --phash-distance,
-    at most --pairs-per-row per row (the highest-priority partners): (edges sorted by row then partner
-    priority, confirmed near edges, near edges the pHash check removed, positions of the rows that had more
-    partners than were kept)."""
+                       ) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+    """Shard `task`'s candidate edges from every pair task (already checked by --phash-distance there) and its
+    pHash edges, at most --pairs-per-row per row (the highest-priority partners): (edges sorted by row then
+    partner priority, near edges among them, positions of the rows that had more partners than were kept)."""
     from curate import semdedup as sd
 
     o = task["ordinal"]
@@ -553,14 +562,6 @@ def _gather_candidates(cfg: DedupConfig, wd: Path, plan: dict[str, Any], task: d
     width = max([p.dtype["hi_key"].itemsize for p in parts] + [1])
     near = {f: np.concatenate([p[f] for p in parts]) if parts else np.zeros(0, t) for f, t in EDGE}
     near["hi_key"] = np.concatenate([p["hi_key"].astype(f"S{width}") for p in parts]) if parts else np.zeros(0, "S1")
-    unconfirmed = 0
-    if cfg.phash_distance >= 0 and len(near["lo_uid"]):
-        lo_key = np.concatenate([p["lo_key"] for p in parts])
-        ha, fa = _phash_of(wd, plan["shards"], lo_key)
-        hb, fb = _phash_of(wd, plan["shards"], near["hi_key"])
-        ok = fa & fb & (np.bitwise_count(ha ^ hb).sum(axis=1) <= cfg.phash_distance)
-        unconfirmed = int((~ok).sum())
-        near = {f: v[ok] for f, v in near.items()}
     rows = np.load(wd / "collapse" / f"{task['source']}.npy")
     ph = rows[rows["kind"] == PHASH_EDGE]
     w = max(width, ph.dtype["a_key"].itemsize)
@@ -580,7 +581,7 @@ def _gather_candidates(cfg: DedupConfig, wd: Path, plan: dict[str, Any], task: d
     keep = nth < cfg.pairs_per_row
     more = np.union1d(more, pos[~keep])
     n_near = int(((kind[keep] & sd.NEAR) > 0).sum())
-    return {"pos": pos[keep], "hi_uid": hi_uid[keep], "kind": kind[keep]}, n_near, unconfirmed, more
+    return {"pos": pos[keep], "hi_uid": hi_uid[keep], "kind": kind[keep]}, n_near, more
 
 
 def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
@@ -596,7 +597,7 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
     src, r = task["source"], task["round"]
     paths = _paths(ds, task)
     if r == 0:
-        edges, n_near, unconfirmed, more = _gather_candidates(cfg, wd, plan, task)
+        edges, n_near, more = _gather_candidates(cfg, wd, plan, task)
         n = len(np.load(wd / "keys" / f"{src}.npy", mmap_mode="r"))
         st = np.zeros(n, STATUS)
         st["status"], st["kept_uid"] = KEPT, -1
@@ -607,7 +608,7 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
         e = np.empty(len(edges["pos"]), [("pos", np.int64), ("hi_uid", np.int64), ("kind", np.int8)])
         e["pos"], e["hi_uid"], e["kind"] = edges["pos"], edges["hi_uid"], edges["kind"]
         _save(paths[2], e)
-        counts = {"near_pairs": n_near, "unconfirmed": unconfirmed, "candidates": len(e)}
+        counts = {"near_pairs": n_near, "candidates": len(e)}
     else:
         st = np.load(_round_dir(wd, r - 1) / f"{src}.npy")
         e = np.load(wd / "resolve" / f"{src}.edges.npy")
@@ -675,9 +676,9 @@ def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
         kept_reps = reps[st["status"][reps] == KEPT] + (np.int64(ordinal) << UID_SHIFT)
         heads.append(np.unique(np.r_[kept_by, kept_reps]))
         beyond += int((st["more"] & (st["status"] == KEPT)).sum())
-        c = read_json(_round_dir(wd, 0) / f"{s}.json")
-        near_pairs += c["near_pairs"]
-        unconfirmed += c["unconfirmed"]
+        near_pairs += read_json(_round_dir(wd, 0) / f"{s}.json")["near_pairs"]
+    for g in range(len(plan["group_bounds"]) - 1):
+        unconfirmed += read_json(ds.stats("dedup", f"pairs.{g:05d}")).get("unconfirmed", 0)
     uid = np.unique(np.concatenate(heads)) if heads else np.zeros(0, np.int64)
     keys = np.sort(_keys_of(wd, plan["shards"], uid))
     _save(wd / "decide" / "heads.npy", keys)
