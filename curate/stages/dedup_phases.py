@@ -139,25 +139,22 @@ def _sample(ds: DatasetDir, shards: list[str], n: int, size: int, seed: int, d: 
     if n == 0:
         return np.zeros((0, d), np.float32)
     cut = np.uint64(min(2**64 - 1, int(size / n * 2**64))) if size < n else np.uint64(2**64 - 1)
-    hashes, keys, shas, parts = [], [], [], []
+    hashes, keys, parts = [], [], []
     for shard in shards:
-        t, emb = read_shard(ds, shard, scorer=scorer)
+        t, emb = read_shard(ds, shard, with_sha=False, scorer=scorer)
         k = np.asarray(t["key"].to_numpy(zero_copy_only=False)).astype("S")
         h = sd.key_hash(k, seed)
         sel = np.flatnonzero(h <= cut)
         hashes.append(h[sel])
         keys.append(k[sel])
-        shas.append(np.asarray(t["sha256"].to_numpy(zero_copy_only=False), object)[sel])
         parts.append(gather(emb, t["emb_row"].to_numpy()[sel]))
     h = np.concatenate(hashes)
     o = np.lexsort((np.concatenate(keys), h))
-    # one sample row per sha256: exact copies (a placeholder behind 10^5 URLs) would pull centroids onto one
-    # point, and split its near copies over several clusters
-    sha = np.concatenate(shas)[o] if o.size else np.zeros(0, object)
-    named = np.array([v is not None and v != "" for v in sha], bool)
-    _, first = np.unique(sha[named].astype(str), return_index=True)
-    keep = np.sort(np.r_[np.flatnonzero(~named), np.flatnonzero(named)[first]])
-    return np.concatenate(parts)[o[keep]]
+    sample = np.ascontiguousarray(np.concatenate(parts)[o])
+    # one sample row per embedding: exact copies (a placeholder behind 10^5 URLs, byte-equal images embed
+    # equally) would pull centroids onto one point and split its near copies over several clusters
+    _, first = np.unique(sample.view(np.dtype((np.void, sample.dtype.itemsize * d))).ravel(), return_index=True)
+    return sample[np.sort(first)]
 
 
 def _gather_eval(eval_ds: DatasetDir, wd: Path, dim: int | None, scorer: str) -> None:
