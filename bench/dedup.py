@@ -391,6 +391,7 @@ def _one(a: argparse.Namespace, out: Path, job: str) -> dict[str, object]:
 
 
 def main() -> None:
+    # long: the options, the one-job-per-process dispatch (--one) and the summary table of the default mode
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100k,300k,1M", help="core sizes ('' to skip)")
     ap.add_argument("--stage-size", default="1M", help="size to run through the stage too ('' to skip)")

@@ -540,7 +540,9 @@ def search_candidates(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident:
     read: a query finds its higher members, and a member finds its higher non-member queries, so a pair found
     only from its higher end still reaches its lower end. Memory is O(entries * per_row) whatever the number of
     pairs: a cluster of 10^4 look-alikes yields 10^4 * per_row candidates, not 10^8 pairs. `confirm(a, b)`, given
-    entry arrays, says which pairs above the threshold count (the pHash check), before any bound is applied."""
+    entry arrays, says which pairs above the threshold count (the pHash check), before any bound is applied.
+    Long because both directions of a block, their bounds and the running compaction share one loop over blocks
+    (a block is computed once)."""
     n = len(cluster)
     rows = np.arange(n) if rows is None else rows
     rank = np.asarray(rank, np.int64)
