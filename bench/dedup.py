@@ -273,7 +273,7 @@ def run_stage_once(n: int, seed: int, root: Path, per: int, device: str, workers
 
     t0 = time.time()
     summary = run_stage("dedup", DedupConfig(threshold=THRESHOLD, seed=seed, device=device), str(root),
-                        EngineSpec(workers=workers), progress=False)
+                        EngineSpec(workers=workers), redo=True, progress=False)
     wall = time.time() - t0
     done = root / "_done" / "dedup"
     ends = {}
