@@ -49,7 +49,8 @@ def _paths(ds: DatasetDir, task: dict[str, Any]) -> list[Path]:
         return [wd / "phash" / f"{task['source']}.parquet"]
     if kind == "collapse":
         s = task["source"]
-        return [wd / "collapse" / f"{s}.mask.npy", wd / "collapse" / f"{s}.npy"]
+        return [wd / "collapse" / f"{s}.mask.npy", wd / "collapse" / f"{s}.npy",
+                wd / "collapse" / f"{s}.reps.offsets.npy", wd / "collapse" / f"{s}.reps.npy"]
     if kind == "pairs":
         g = f"{task['group']:05d}"
         return [wd / "pairs" / f"{g}.edges.npy", wd / "pairs" / f"{g}.edge_offsets.npy",
@@ -220,11 +221,17 @@ def run_assign(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
 
 
 def _write_bucket(wd: Path, shard: str, x: np.ndarray, ids: np.ndarray, uid: np.ndarray, prio: np.ndarray,
-                  keys: Any, bounds: list[int]) -> None:
+                  keys: Any, bounds: list[int], prefix: Path | None = None, members: bool = True) -> None:
     """One entry per (row, probed cluster), sorted by cluster (rows in key order within it), and the offsets
-    of each cluster group: a pair task memory-maps only entries[offsets[g]:offsets[g + 1]]."""
+    of each cluster group: a pair task memory-maps only entries[offsets[g]:offsets[g + 1]]. A row is stored
+    (member) in its first cluster; with members=False in none (extra probes)."""
     n, p = ids.shape
-    key = np.asarray(keys.to_numpy(zero_copy_only=False)).astype("S") if n else np.zeros(0, "S1")
+    prefix = prefix or wd / "bucket" / shard
+    if isinstance(keys, np.ndarray):
+        key = keys if n else np.zeros(0, "S1")
+    else:
+        key = np.asarray(keys.to_numpy(zero_copy_only=False)).astype("S") if n else np.zeros(0, "S1")
+    p = max(p, 1)
     cluster = ids.reshape(-1)
     o = np.argsort(cluster, kind="stable")  # entry e = row * p + probe; stable keeps key order in a cluster
     row = o // p
@@ -233,9 +240,9 @@ def _write_bucket(wd: Path, shard: str, x: np.ndarray, ids: np.ndarray, uid: np.
     out = np.empty(len(o), dt)
     out["emb"] = x[row]
     out["uid"], out["prio"], out["cluster"] = uid[row], prio[row], cluster[o]
-    out["member"], out["key"] = (o % p) == 0, key[row]
-    _save(wd / "bucket" / f"{shard}.offsets.npy", np.searchsorted(cluster[o], bounds).astype(np.int64))
-    _save(wd / "bucket" / f"{shard}.npy", out)
+    out["member"], out["key"] = ((o % p) == 0) & members, key[row]
+    _save(prefix.with_name(prefix.name + ".offsets.npy"), np.searchsorted(cluster[o], bounds).astype(np.int64))
+    _save(prefix.with_name(prefix.name + ".npy"), out)
 
 
 def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
@@ -375,10 +382,44 @@ def run_collapse(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     out = out[np.lexsort((out["kind"], out["pos"]))]
     mask = np.zeros(n, np.uint8)
     mask[out["pos"][out["kind"] == COPY]] = 1
-    mask_path, rows_path = _paths(ds, task)
+    mask_path, rows_path = _paths(ds, task)[:2]
     _save(rows_path, out)
+    _write_rep_bucket(cfg, ds, task, out["pos"][out["kind"] == REP])
     _save(mask_path, mask)
     return {"copies": int(mask.sum())}
+
+
+REP_PROBES = 4  # a representative with copies searches REP_PROBES x --probes clusters
+
+
+def _write_rep_bucket(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any], reps: np.ndarray) -> None:
+    """Extra probes for the shard's representatives with copies: the near copies of a heavy group (a re-encoded
+    placeholder) crowd several neighbouring clusters around it, and with --probes clusters a pair between a near
+    copy and the representative can straddle a border. These rows are few (one per group), so they query
+    REP_PROBES times as many clusters (as non-members: the extra entries only look)."""
+    import pyarrow.parquet as pq
+
+    from curate import semdedup as sd
+
+    wd = work_dir(ds)
+    plan = read_json(wd / "plan.json")
+    centroids = np.load(wd / "centroids.npy")
+    p = min(cfg.probes, len(centroids))
+    extra = min(REP_PROBES * cfg.probes, len(centroids))
+    prefix = wd / "collapse" / f"{task['source']}.reps"
+    ids = np.zeros((0, max(extra - p, 1)), np.int32)
+    x = np.zeros((0, plan["dim"]), np.float16)
+    if len(reps) and extra > p:
+        t, emb = read_shard(ds, task["source"], with_sha=False, scorer=cfg.scorer)
+        x = gather(emb, t["emb_row"].to_numpy()[reps])
+        ids = sd.assign(x, centroids, extra, cfg.batch_rows, task_device(plan, cfg))[0][:, p:]
+    else:
+        reps = reps[:0]
+    prio = pq.read_table(wd / "meta" / f"{task['source']}.parquet", columns=["prio"])["prio"].to_numpy()[reps]
+    keys = np.load(wd / "keys" / f"{task['source']}.npy", mmap_mode="r")[reps]
+    uid = (np.int64(task["ordinal"]) << UID_SHIFT) + reps.astype(np.int64)
+    _write_bucket(wd, task["source"], x, ids, uid, prio, np.asarray(keys), plan["group_bounds"], prefix,
+                  members=False)
 
 
 # --- pairs -------------------------------------------------------------------------------------------
@@ -390,14 +431,18 @@ def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
     slices, dtype, width = [], None, 1
     mask32 = (1 << UID_SHIFT) - 1
     for s in shards:  # first pass: which entries survive the collapse (uids only)
-        off = np.load(wd / "bucket" / f"{s}.offsets.npy")
-        if off[g + 1] > off[g]:
-            path = wd / "bucket" / f"{s}.npy"
+        for prefix, masked in ((wd / "bucket" / s, True), (wd / "collapse" / f"{s}.reps", False)):
+            off = np.load(prefix.with_name(prefix.name + ".offsets.npy"))
+            if off[g + 1] <= off[g]:
+                continue
+            path = prefix.with_name(prefix.name + ".npy")
             part = np.load(path, mmap_mode="r")
-            dtype = part.dtype
-            width = max(width, dtype["key"].itemsize)
-            copy = np.load(wd / "collapse" / f"{s}.mask.npy", mmap_mode="r")
-            keep = np.flatnonzero(copy[np.asarray(part["uid"][off[g]:off[g + 1]]) & mask32] == 0) + int(off[g])
+            dtype = part.dtype if dtype is None else dtype
+            width = max(width, part.dtype["key"].itemsize)
+            keep = np.arange(int(off[g]), int(off[g + 1]))
+            if masked:
+                copy = np.load(wd / "collapse" / f"{s}.mask.npy", mmap_mode="r")
+                keep = keep[copy[np.asarray(part["uid"][off[g]:off[g + 1]]) & mask32] == 0]
             if len(keep):
                 slices.append((path, keep))
             del part
