@@ -2,6 +2,7 @@
 
     python bench/dedup.py [--sizes 100k,300k,1M] [--stage-size 1M] [--device cpu|cuda|auto] [--out bench-out/dedup]
     python bench/dedup.py --device cuda --sizes 10M --stage-size ''        # the GPU check (one H100/H200)
+    python bench/dedup.py --sizes '' --stage-size 1M --heavy 100k --stage-workers 2   # heavy-tail mode
 
 Core (one process per size, `curate.semdedup.dedup_arrays`): wall time per phase (train, assign, pairs,
 decide), k, peak RSS, recall of the planted pairs (both ends found as a near pair), planted pairs left with
@@ -12,6 +13,13 @@ Stage (`--stage-size`): a generator process writes a scored dataset dir (score t
 files, 10,000-row shards, as `curate score` writes them), then `curate dedup`'s stage runs in another process:
 wall time per phase (from the task markers), peak RSS of the stage process and of its largest worker, and the
 planted-pair recall read back from the pair tasks' edge files.
+
+Heavy-tail mode (`--heavy H`): bench/heavy_tail.py writes --stage-size rows with one group of H identical rows
+(one sha256, one embedding), a Zipf spread of smaller groups (30% of the rows grouped, 30% of each group's
+members near copies) and Zipf topic popularity; the stage runs on it and on the same size without the heavy
+group: wall time, peak RSS of the driver and of the largest worker, for each. Then a --check-size dataset
+(heavy group a tenth of it) goes through the stage and its decisions are compared, row by row, with a
+brute-force run of the keep rule (bench/heavy_tail.py brute_force).
 
 The data imitate CLIP image embeddings: all vectors lie in a cone around one direction (mean pairwise cosine
 ~0.2), grouped in topics (cosine ~0.56 within a topic); 10% of the rows are copies of another row at cosine
@@ -29,6 +37,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/heavy_tail.py
 
 THRESHOLD = 0.95
 D = 512
@@ -253,45 +263,135 @@ def write_dataset(n: int, seed: int, root: Path, per: int) -> dict[str, object]:
     return {"n": n, "generate_s": round(time.perf_counter() - t0, 2)}
 
 
-def run_stage_once(n: int, seed: int, root: Path, per: int, device: str, workers: int) -> dict[str, object]:
-    """`curate dedup`'s stage on the dataset dir that write_dataset made; timings per phase from the markers."""
+def run_stage_once(n: int, seed: int, root: Path, per: int, device: str, workers: int,
+                   planted: bool = True) -> dict[str, object]:
+    """`curate dedup`'s stage on a dataset dir that write_dataset (or bench/heavy_tail.py) made; timings per
+    phase from the markers; peak RSS of this process (the driver) and of the largest worker."""
     from curate.engines import EngineSpec
     from curate.runner import run_stage
     from curate.stages.dedup import DedupConfig
 
     t0 = time.time()
     summary = run_stage("dedup", DedupConfig(threshold=THRESHOLD, seed=seed, device=device), str(root),
-                        EngineSpec(workers=workers), progress=False)
+                        EngineSpec(workers=workers), redo=True, progress=False)
     wall = time.time() - t0
     done = root / "_done" / "dedup"
     ends = {}
-    for phase, pattern in (("assign", "assign.*.json"), ("pairs", "pairs.*.json"), ("decide", "decide.json"),
-                           ("write", "[0-9]*.json")):
+    for phase, pattern in (("assign", "assign.*.json"), ("collapse", "collapse.*.json"), ("pairs", "pairs.*.json"),
+                           ("resolve", "resolve.*.json"), ("decide", "decide.json"), ("write", "[0-9]*.json")):
         ends[phase] = max(p.stat().st_mtime for p in done.glob(pattern))
     trained = (root / "_work" / "dedup" / "centroids.npy").stat().st_mtime
     steps, prev = {"plan_train": round(trained - t0, 2)}, trained
     for phase, end in ends.items():
         steps[phase] = round(end - prev, 2)
         prev = end
-    # planted-pair recall from the pair tasks' edge files
-    from curate.io.layout import row_of_key, shard_index, shard_of_key
-
-    planted = np.load(root / "planted.npy")
-    found_i, found_j = [], []
-    for f in sorted((root / "_work" / "dedup" / "pairs").glob("*.edges.npy")):
-        e = np.load(f)
-        for col, out in (("a_key", found_i), ("b_key", found_j)):
-            k = e[col].astype(str)
-            out.append(np.array([shard_index(shard_of_key(x)) * per + row_of_key(x) for x in k], np.int64))
-    recall = planted_recall(n, np.concatenate(found_i), np.concatenate(found_j), planted[0], planted[1])
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return {"n": n, "stage_wall_s": round(wall, 2), "steps_s": steps, "peak_rss_gb": round(own, 2),
-            "largest_worker_rss_gb": round(workers_rss, 2), "workers": workers,
-            "planted_recall": round(recall, 5), "counts": summary.counts, "ok": summary.ok}
+    out = {"n": n, "stage_wall_s": round(wall, 2), "steps_s": steps, "peak_rss_gb": round(own, 2),
+           "largest_worker_rss_gb": round(workers_rss, 2), "workers": workers, "counts": summary.counts,
+           "ok": summary.ok}
+    if planted:  # planted-pair recall from the pair tasks' candidate edges
+        from curate.io.layout import row_of_key, shard_index, shard_of_key
+
+        pl = np.load(root / "planted.npy")
+        found_i, found_j = [], []
+        for f in sorted((root / "_work" / "dedup" / "pairs").glob("*.edges.npy")):
+            e = np.load(f)
+            for col, found in (("lo_key", found_i), ("hi_key", found_j)):
+                k = e[col].astype(str)
+                found.append(np.array([shard_index(shard_of_key(x)) * per + row_of_key(x) for x in k], np.int64))
+        out["planted_recall"] = round(planted_recall(n, np.concatenate(found_i), np.concatenate(found_j), pl[0],
+                                                     pl[1]), 5)
+    return out
+
+
+def check_heavy(root: Path, n: int, seed: int) -> dict[str, object]:
+    """The stage's decisions on a heavy-tailed dataset dir against bench/heavy_tail.py's brute-force keep rule:
+    as the stage ran (default k: the pair search probes 2 clusters, so a pair split by a cluster border can be
+    missed), then again with --k 1 (one cluster: the pair search is exhaustive, so every row must agree)."""
+    from heavy_tail import brute_force
+
+    from curate.engines import EngineSpec
+    from curate.runner import run_stage
+    from curate.stages.dedup import DedupConfig
+
+    t0 = time.perf_counter()
+    want = brute_force(root, THRESHOLD)
+    out = {"n": n, "reference_dropped": len(want), "brute_force_s": round(time.perf_counter() - t0, 1),
+           "default_k": _compare(root, want)}
+    t0 = time.perf_counter()
+    summary = run_stage("dedup", DedupConfig(threshold=THRESHOLD, seed=seed, k=1), str(root), EngineSpec(),
+                        redo=True, progress=False)
+    out["one_cluster"] = {**_compare(root, want), "stage_s": round(time.perf_counter() - t0, 1),
+                          "kept_beyond_pairs_per_row": summary.counts.get("kept_beyond_pairs_per_row")}
+    return out
+
+
+def _compare(root: Path, want: dict[str, str]) -> dict[str, int]:
+    """Rows whose decision (dropped, and for which kept row) differs between the stage's tables and `want`."""
+    import pyarrow.parquet as pq
+
+    got = {}
+    for f in sorted((root / "signals" / "dedup").glob("*.parquet")):
+        t = pq.read_table(f, columns=["key", "kept_key", "is_duplicate"])
+        for k, kk, d in zip(t["key"].to_pylist(), t["kept_key"].to_pylist(), t["is_duplicate"].to_pylist(),
+                            strict=True):
+            if d:
+                got[k] = kk
+    return {"stage_dropped": len(got), "rows_differing": sum(1 for k in set(want) | set(got)
+                                                             if want.get(k) != got.get(k))}
+
+
+def run_heavy(a: argparse.Namespace, out: Path) -> None:
+    """Heavy-tail mode: the same size with and without the heavy group through the stage, each generated and
+    run in its own processes; then decisions against the brute-force rule on a `--check-size` dataset."""
+    n, heavy = parse_size(a.stage_size), parse_size(a.heavy)
+    jobs = [("hgen", n, heavy), ("hstage", n, heavy), ("hgen", n, 0), ("hstage", n, 0)]
+    if a.check_size:
+        c = parse_size(a.check_size)
+        jobs += [("hgen", c, c // 10), ("hstage", c, c // 10), ("hcheck", c, c // 10)]
+    rows = []
+    for kind, size, h in jobs:
+        res = _one(a, out, f"{kind}:{size}:{h}")
+        res["kind"], res["heavy"] = kind, h
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+        if kind == "hstage" and not a.keep_data and not (a.check_size and size == parse_size(a.check_size)):
+            import shutil
+
+            shutil.rmtree(out / f"heavy-{size}-{h}", ignore_errors=True)
+    (out / "heavy_results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    st = [r for r in rows if r["kind"] == "hstage"]
+    for r in st:
+        print(f"stage N={r['n']:,} heavy group {r['heavy']:,}: {r['stage_wall_s']:.1f} s, driver peak RSS "
+              f"{r['peak_rss_gb']:.2f} GB, largest worker {r['largest_worker_rss_gb']:.2f} GB, "
+              f"{r['counts'].get('duplicates')} duplicates, {r['counts'].get('resolve_rounds')} resolve rounds")
+    if len(st) >= 2 and st[1]["stage_wall_s"]:
+        print(f"wall time with / without the heavy group: {st[0]['stage_wall_s'] / st[1]['stage_wall_s']:.2f}x")
+    for r in rows:
+        if r["kind"] == "hcheck":
+            d, one = r["default_k"], r["one_cluster"]
+            print(f"brute-force keep rule on {r['n']:,} rows (heavy group {r['heavy']:,}), {r['reference_dropped']} "
+                  f"dropped: the stage with default k differs on {d['rows_differing']} rows ({d['stage_dropped']} "
+                  f"dropped; pairs split by a cluster border), with --k 1 on {one['rows_differing']} rows "
+                  f"({one['stage_dropped']} dropped, {one['stage_s']} s)")
+
+
+def _one(a: argparse.Namespace, out: Path, job: str) -> dict[str, object]:
+    cmd = [sys.executable, __file__, "--one", job, "--seed", str(a.seed), "--out", str(out),
+           "--device", a.device, "--stage-workers", str(a.stage_workers), "--shard-rows", str(a.shard_rows)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"{job} failed")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["process_s"] = round(time.perf_counter() - t0, 1)
+    return res
 
 
 def main() -> None:
+    # long: the options, the one-job-per-process dispatch (--one) and the summary table of the default mode
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100k,300k,1M", help="core sizes ('' to skip)")
     ap.add_argument("--stage-size", default="1M", help="size to run through the stage too ('' to skip)")
@@ -301,10 +401,27 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench-out/dedup")
     ap.add_argument("--keep-data", action="store_true", help="keep the stage's dataset dir")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "core:N", "gen:N" or "stage:N"; one JSON line
+    ap.add_argument("--heavy", help="heavy-tail mode: rows of the one heavy group in the --stage-size dataset "
+                                    "(bench/heavy_tail.py), run against the same size without it")
+    ap.add_argument("--check-size", default="100k", help="heavy-tail mode: size of the dataset whose decisions are "
+                                                         "checked against the brute-force rule ('' to skip)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "core:N", "gen:N", "stage:N", "hgen:N:H"...
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.one and a.one.startswith("h"):
+        from heavy_tail import generate
+
+        kind, n_, h_ = a.one.split(":")
+        n, h, root = int(n_), int(h_), out / f"heavy-{n_}-{h_}"
+        res = (generate(root, n, a.shard_rows, h, seed=a.seed) if kind == "hgen" else
+               run_stage_once(n, a.seed, root, a.shard_rows, a.device, a.stage_workers, planted=False)
+               if kind == "hstage" else check_heavy(root, n, a.seed))
+        print(json.dumps(res), flush=True)
+        return
+    if a.heavy:
+        run_heavy(a, out)
+        return
     if a.one:
         kind, n_ = a.one.split(":")
         n, root = int(n_), out / f"stage-{n_}"

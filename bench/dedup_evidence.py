@@ -2,6 +2,7 @@
 largest group of each candidate rule, on a downloaded and scored dataset and its ground truth.
 
     python bench/dedup_evidence.py demo-out/pool demo-out/web/ground_truth.parquet [--scorer score]
+    python bench/dedup_evidence.py demo-out/pool demo-out/web/ground_truth.parquet --stage   # what dedup wrote
 
 Every rule is decided the way `curate dedup` decides (SemDeDup's rule over the rule's duplicate edges, kept
 first by clip_score, ties to the lowest key), and scored the way the report scores it: a row is a true
@@ -129,15 +130,40 @@ def score(kept: np.ndarray, d: dict[str, np.ndarray]) -> dict[str, float]:
             "pair_P": float(right.sum() / dup.sum()) if dup.any() else float("nan"), "pair_R": pair_r}
 
 
+def stage_kept(dataset: Path, keys: np.ndarray) -> np.ndarray:
+    """The kept row of each row (in `keys` order) as `curate dedup` wrote it in signals/dedup."""
+    import pyarrow.parquet as pq
+
+    from curate.io.layout import DatasetDir
+
+    row = {k: i for i, k in enumerate(keys.tolist())}
+    kept = np.arange(len(keys))
+    for f in DatasetDir.at(dataset).signal_files("dedup"):
+        t = pq.read_table(f, columns=["key", "kept_key"])
+        for k, kk in zip(t["key"].to_pylist(), t["kept_key"].to_pylist(), strict=True):
+            if k in row and kk in row:
+                kept[row[k]] = row[kk]
+    return kept
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dataset", type=Path)
     ap.add_argument("ground_truth", type=Path)
     ap.add_argument("--scorer", default="score")
+    ap.add_argument("--stage", action="store_true", help="score what `curate dedup` wrote (signals/dedup) instead "
+                                                         "of the candidate rules")
     args = ap.parse_args()
     t0 = time.perf_counter()
     d = load(args.dataset, args.ground_truth, args.scorer)
     n = len(d["key"])
+    if args.stage:
+        s = score(stage_kept(args.dataset, d["key"]), d)
+        print(f"curate dedup's signal tables ({n} scored rows, {int(d['is_copy'].sum())} true copies): precision "
+              f"{s['P']:.3f}, recall {s['R']:.3f} per row; {s['pair_P']:.3f} / {s['pair_R']:.3f} per true pair; "
+              f"{s['drops']} drops, largest group {s['largest']}; recall exact/reencode/resize/crop "
+              f"{s['exact']}/{s['reencode']}/{s['resize']}/{s['crop']}")
+        return
     i, j, cos = candidate_pairs(d["emb"], d["phash"], 0.95, 16)
     ph = np.bitwise_count(d["phash"][i] ^ d["phash"][j]).astype(int)
     p256 = np.bitwise_count(d["phash256"][i] ^ d["phash256"][j]).sum(axis=1).astype(int)

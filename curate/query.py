@@ -195,8 +195,13 @@ def parquet_files(path: Path) -> list[Path]:
 class DuckDBQuery:
     """Local SQL: DuckDB reads the parquet files in place; `spill` bounds its memory and gives it a temp folder."""
 
-    def __init__(self, sources: Sources, spill: Path | None = None, memory_limit: str = "600MB"):
+    def __init__(self, sources: Sources, spill: Path | None = None, memory_limit: str | None = None):
         import duckdb
+
+        from curate.machine import sql_memory_limit
+
+        # $CURATE_SQL_MEMORY, else half the machine's memory per core, at most 600 MB
+        memory_limit = memory_limit or sql_memory_limit(cap=600 << 20)
 
         self.con = duckdb.connect()
         if spill is not None:

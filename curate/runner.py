@@ -132,10 +132,21 @@ def run_stage(
                     summary.shards_total += len(tasks)
                     summary.shards_skipped += len(tasks) - len(todo)
                 label = key if phase is None else f"{key} {phase}"
-                bar = Progress(label, total=len(tasks), initial=len(tasks) - len(todo), unit="shard",
-                               enabled=progress)
-                run_tasks(eng, stage_name, config, ds, todo, summary, bar, max_attempts)
-                bar.close()
+                while True:
+                    bar = Progress(label, total=len(tasks), initial=len(tasks) - len(todo), unit="shard",
+                                   enabled=progress)
+                    run_tasks(eng, stage_name, config, ds, todo, summary, bar, max_attempts)
+                    bar.close()
+                    # a repeated phase (dedup's resolve rounds) is planned again until its plan has nothing left
+                    if not (summary.ok and phase in getattr(stage, "repeated_phases", ())):
+                        break
+                    tasks = _plan_phase(stage, cfg, ds, phase)
+                    done = set(ds.done_tasks(key))
+                    todo = [t for t in tasks if task_id(t) not in done]
+                    if not todo:
+                        break
+                    summary.shards_total += len(tasks)
+                    summary.shards_skipped += len(tasks) - len(todo)
             status = "complete" if summary.ok else "incomplete"
         finally:
             summary.seconds = time.time() - t0

@@ -476,3 +476,175 @@ def group_ids(kept: np.ndarray) -> np.ndarray:
     out[heads] = np.arange(len(heads))
     out[dup] = out[kept[dup]]
     return out
+
+
+# --- bounded pair search (the stage) -----------------------------------------------------------------------
+
+
+@dataclass
+class Candidates:
+    """What a bounded pair search found; indices are entry positions. Each (lo, hi) pair has cosine >= threshold
+    and rank[hi] < rank[lo] (hi is kept first); per lo entry and cluster, at most `per_row` pairs: the ones
+    with the lowest rank[hi], which are all SemDeDup's keep rule reads (a row is dropped by its highest-priority
+    kept neighbour)."""
+
+    lo: np.ndarray  # int64
+    hi: np.ndarray  # int64
+    sim: np.ndarray  # float32
+    best_sim: np.ndarray  # float32 per entry, as Hits.best_sim
+    best_m: np.ndarray  # int64 per entry, as Hits.best_m
+    near: np.ndarray  # bool per entry: the entry is in some pair >= threshold in this search (before any bound)
+    more: np.ndarray  # bool per entry: it had more than per_row higher partners (the rest were not returned)
+    unconfirmed: int = 0  # pairs above the threshold that `confirm` rejected (per cluster they were found in)
+
+
+def _lowest_per_row(mask: np.ndarray, key: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of the True cells of `mask`, at most k per row: those with the lowest key[col]. Rows with k or
+    fewer hits (nearly all) take np.nonzero; only crowded rows pay an argpartition."""
+    cnt = mask.sum(axis=1)
+    crowded = cnt > k
+    if not crowded.any():
+        return np.nonzero(mask)
+    light = np.flatnonzero(~crowded)
+    r, c = np.nonzero(mask[light])
+    heavy = np.flatnonzero(crowded)
+    big = np.iinfo(np.int64).max
+    keyed = np.where(mask[heavy], key[None, :], big)
+    idx = np.argpartition(keyed, k - 1, axis=1)[:, :k]
+    rr = np.repeat(heavy, k)
+    cc = idx.reshape(-1)
+    return np.r_[light[r], rr], np.r_[c, cc]
+
+
+def _compact(lo: np.ndarray, hi: np.ndarray, sim: np.ndarray, rank: np.ndarray, k: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unique (lo, hi) pairs, at most k per lo: the lowest rank[hi] (ties cannot happen: ranks are distinct)."""
+    if len(lo) == 0:
+        return lo, hi, sim
+    o = np.lexsort((rank[hi], lo))
+    lo, hi, sim = lo[o], hi[o], sim[o]
+    new = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])]
+    lo, hi, sim = lo[new], hi[new], sim[new]
+    start = np.flatnonzero(np.r_[True, lo[1:] != lo[:-1]])
+    nth = np.arange(len(lo)) - np.repeat(start, np.diff(np.r_[start, len(lo)]))
+    keep = nth < k
+    return lo[keep], hi[keep], sim[keep]
+
+
+def search_candidates(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident: np.ndarray, rank: np.ndarray,
+                      threshold: float, per_row: int, device: str = "cpu", rows: np.ndarray | None = None,
+                      block_cells: int | None = None, confirm: Any = None) -> Candidates:
+    """Like search_clusters (entries grouped by cluster, each querying the members of its cluster), but instead of
+    every pair above the threshold it returns, for each entry, at most `per_row` higher-ranked partners per cluster
+    (`rank`: per entry, lower = kept first, equal for the entries of one row). Both directions of a block are
+    read: a query finds its higher members, and a member finds its higher non-member queries, so a pair found
+    only from its higher end still reaches its lower end. Memory is O(entries * per_row) whatever the number of
+    pairs: a cluster of 10^4 look-alikes yields 10^4 * per_row candidates, not 10^8 pairs. `confirm(a, b)`, given
+    entry arrays, says which pairs above the threshold count (the pHash check), before any bound is applied.
+    Long because both directions of a block, their bounds and the running compaction share one loop over blocks
+    (a block is computed once)."""
+    n = len(cluster)
+    rows = np.arange(n) if rows is None else rows
+    rank = np.asarray(rank, np.int64)
+    bounds = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1], True]) if n else np.zeros(1, np.int64)
+    torch_path = device != "cpu" or _is_torch(vecs)
+    best_sim = np.full(n, -np.inf, np.float32)
+    best_m = np.full(n, -1, np.int64)
+    near = np.zeros(n, bool)
+    partners = np.zeros(n, np.int64)
+    unconfirmed = 0
+    out_lo, out_hi, out_s = [], [], []
+    # the blocks come back to the host for the selection: a GPU gets 4x the CPU block, not the 1 GB one
+    cells = block_cells or (4 * BLOCK_CELLS if torch_path else BLOCK_CELLS)
+    for c in range(len(bounds) - 1):
+        e0, e1 = int(bounds[c]), int(bounds[c + 1])
+        mem = e0 + np.flatnonzero(member[e0:e1])
+        if len(mem) == 0:
+            continue
+        step = max(1, cells // len(mem))
+        blocks = _sim_blocks(vecs, rows, ident, mem, e0, e1, step, device if torch_path else None)
+        acc_lo, acc_hi, acc_s = [], [], []
+        for q, sim in blocks:
+            b = np.argmax(sim, axis=1)
+            best_sim[q] = sim[np.arange(len(q)), b]
+            best_m[q] = mem[b]
+            hit = sim >= threshold
+            if confirm is not None:
+                r, m = np.nonzero(hit & (rank[mem][None, :] != rank[q][:, None]))
+                ok = confirm(q[r], mem[m])
+                hit[r[~ok], m[~ok]] = False
+                # each pair once: from its lower end as a query, or as a member with a non-member higher query
+                lower = (rank[mem][m] < rank[q][r]) | ~member[q][r]
+                unconfirmed += int((~ok & lower).sum())
+            near[q] |= hit.any(axis=1)
+            near[mem] |= hit.any(axis=0)
+            # a query and its higher members
+            down = hit & (rank[mem][None, :] < rank[q][:, None])
+            partners[q] += down.sum(axis=1)
+            r, m = _lowest_per_row(down, rank[mem], per_row)
+            out_lo.append(q[r])
+            out_hi.append(mem[m])
+            out_s.append(sim[r, m])
+            # a member and its higher non-member queries (member queries are found by the line above)
+            up = hit & (rank[q][:, None] < rank[mem][None, :]) & ~member[q][:, None]
+            if up.any():
+                partners[mem] += up.sum(axis=0)
+                m2, r2 = _lowest_per_row(up.T, rank[q], per_row)
+                acc_lo.append(mem[m2])
+                acc_hi.append(q[r2])
+                acc_s.append(sim[r2, m2])
+                if sum(len(a) for a in acc_lo) > 4 * per_row * len(mem):
+                    acc_lo, acc_hi, acc_s = _compact_lists(acc_lo, acc_hi, acc_s, rank, per_row)
+        if acc_lo:
+            lo, hi, s = _compact(np.concatenate(acc_lo), np.concatenate(acc_hi), np.concatenate(acc_s), rank, per_row)
+            out_lo.append(lo)
+            out_hi.append(hi)
+            out_s.append(s)
+    best_m[~np.isfinite(best_sim)] = -1
+    cat = np.concatenate
+    lo = cat(out_lo).astype(np.int64) if out_lo else np.empty(0, np.int64)
+    hi = cat(out_hi).astype(np.int64) if out_hi else np.empty(0, np.int64)
+    s = cat(out_s).astype(np.float32) if out_s else np.empty(0, np.float32)
+    lo, hi, s = _compact(lo, hi, s, rank, per_row)
+    return Candidates(lo, hi, s, best_sim, best_m, near, partners > per_row, unconfirmed)
+
+
+def _compact_lists(lo: list, hi: list, s: list, rank: np.ndarray, k: int) -> tuple[list, list, list]:
+    a, b, c = _compact(np.concatenate(lo), np.concatenate(hi), np.concatenate(s), rank, k)
+    return [a], [b], [c]
+
+
+def _sim_blocks(vecs: Any, rows: np.ndarray, ident: np.ndarray, mem: np.ndarray, e0: int, e1: int, step: int,
+                device: str | None) -> Any:
+    """(query entries, cosine block to the members with a row's own entry at -inf) for the queries e0..e1 in
+    blocks of `step`; float32 numpy blocks, computed with numpy (device None) or torch on `device` (no TF32)."""
+    if device is None:
+        xm = _f32(vecs[rows[mem]])
+        m_order = np.argsort(ident[mem], kind="stable")
+        m_ident = ident[mem][m_order]
+        for s in range(e0, e1, step):
+            q = np.arange(s, min(s + step, e1))
+            sim = _f32(vecs[rows[q]]) @ xm.T
+            pos = np.minimum(np.searchsorted(m_ident, ident[q]), len(mem) - 1)
+            self_hit = np.flatnonzero(m_ident[pos] == ident[q])
+            sim[self_hit, m_order[pos[self_hit]]] = -np.inf
+            yield q, sim
+        return
+    import torch
+
+    dev = vecs.device if _is_torch(vecs) else torch.device(device)
+    x = vecs if _is_torch(vecs) else torch.from_numpy(np.ascontiguousarray(vecs))
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        xm = x[torch.from_numpy(np.ascontiguousarray(rows[mem], np.int64))].to(dev).float()
+        m_ident = torch.from_numpy(np.ascontiguousarray(ident[mem], np.int64)).to(dev)
+        for s in range(e0, e1, step):
+            q = np.arange(s, min(s + step, e1))
+            xq = x[torch.from_numpy(np.ascontiguousarray(rows[q], np.int64))].to(dev).float()
+            sim = xq @ xm.T
+            q_ident = torch.from_numpy(np.ascontiguousarray(ident[q], np.int64)).to(dev)
+            sim.masked_fill_(q_ident[:, None] == m_ident[None, :], -math.inf)
+            yield q, sim.cpu().numpy()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev

@@ -602,3 +602,112 @@ def test_cuda_core_equals_cpu_for_the_same_centroids():
     assert np.array_equal(hc.best_m, hg.best_m) and np.allclose(hc.best_sim, hg.best_sim, atol=1e-5)
     # torch k-means: the same centroids on the GPU as on the CPU
     assert np.allclose(sd.torch_kmeans(x, 16, 0, device="cpu"), sd.torch_kmeans(x, 16, 0, device="cuda"), atol=1e-4)
+
+
+def heavy(n: int = 400, seed: int = 4) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """A placeholder behind 60 keys (one sha256, one embedding), a near copy of it with a better score than any
+    copy, and a crowd of 40 look-alikes of one picture (cosine 0.96..0.995 to it, so most of them have far more
+    partners above 0.95 than --pairs-per-row 4), among random rows."""
+    rng = np.random.default_rng(seed)
+    emb = unit(rng.standard_normal((n, D)))
+    sha = [f"{i:064x}" for i in range(n)]
+    clip = rng.uniform(0.2, 0.3, n)
+    copies = list(range(10, 70))
+    emb[copies] = emb[10]
+    for i in copies:
+        sha[i] = sha[10]
+    emb[300] = near_copy(emb[10], 0.97, rng)
+    clip[300] = 0.35
+    for i in range(100, 140):
+        emb[i] = near_copy(emb[100], rng.uniform(0.96, 0.995), rng)
+    return emb, sha, clip
+
+
+def test_heavy_groups_collapse_and_bounded_pairs_give_the_brute_force_rule(tmp_path):
+    emb, sha, clip = heavy()
+    ds = write_scored(tmp_path / "ds", emb, clip=clip, sha=sha)
+    assert run(ds, "--pairs-per-row", "4", "--tasks", "3") == 0
+    t = dedup_table(ds)
+    assert decisions(t) == reference(emb, clip, sha)
+    rows = {r["key"]: r for r in t.to_pylist()}
+    # the representative (best score among the copies) is dropped by the better near copy: every copy follows it
+    rep = max(range(10, 70), key=lambda i: (clip[i], -i))
+    assert rows[key_of(rep)]["kept_key"] == key_of(300) and rows[key_of(rep)]["dup_evidence"] == "near"
+    for i in range(10, 70):
+        assert rows[key_of(i)]["exact_dup"] and rows[key_of(i)]["kept_key"] == key_of(300)
+    # the copies never reached the pair search, and no row has more than 4 partners in a pair task's output
+    wd = ds.root / "_work" / "dedup"
+    keys = {key_of(i).encode() for i in range(10, 70) if i != rep}
+    for f in sorted((wd / "pairs").glob("*.edges.npy")):
+        e = np.load(f)
+        assert not keys & set(e["lo_key"]) and not keys & set(e["hi_key"])
+        assert len(e) == 0 or np.bincount(np.unique(e["lo_uid"], return_inverse=True)[1]).max() <= 4
+    counts = manifest.load(ds)["stages"]["dedup"]["counts"]
+    assert counts["exact_duplicates"] == 60 and counts["drops_by_evidence"]["exact"] == 0
+    # without the near copy the representative is kept and the other 59 are its exact duplicates
+    clip2 = clip.copy()
+    clip2[300] = 0.0
+    emb2 = emb.copy()
+    emb2[300] = unit(np.random.default_rng(9).standard_normal(D))
+    ds2 = write_scored(tmp_path / "ds2", emb2, clip=clip2, sha=sha)
+    assert run(ds2, "--pairs-per-row", "4") == 0
+    t2 = dedup_table(ds2)
+    assert decisions(t2) == reference(emb2, clip2, sha)
+    rows2 = {r["key"]: r for r in t2.to_pylist()}
+    assert sum(rows2[key_of(i)]["dup_evidence"] == "exact" and rows2[key_of(i)]["kept_key"] == key_of(rep)
+               for i in range(10, 70)) == 59
+
+
+def test_bounded_pair_search_is_the_lowest_ranked_partners_of_every_pair():
+    """search_candidates against every pair search_clusters finds: per row, exactly the `per_row` highest-priority
+    partners above the threshold among all its pairs (both directions of a block), on numpy and torch (CPU)."""
+    import torch
+
+    from curate import semdedup as sd
+
+    emb, _, _ = heavy(350, seed=6)
+    x = np.asarray(emb, np.float32)
+    rng = np.random.default_rng(0)
+    n, p = len(x), 2
+    centroids = x[rng.choice(n, 6, replace=False)]
+    ids, _ = sd.assign(x, centroids, p)
+    cl = ids.reshape(-1)
+    o = np.argsort(cl, kind="stable")
+    row = (o // p).astype(np.int64)
+    member = (o % p) == 0
+    prio_rank = rng.permutation(n)  # distinct ranks per row
+    full = sd.search_clusters(x, cl[o], member, row, 0.95, rows=row, block_cells=4096)
+    a, b = row[full.q], row[full.m]
+    lo, hi = np.where(prio_rank[a] > prio_rank[b], a, b), np.where(prio_rank[a] > prio_rank[b], b, a)
+    want = {}
+    for r in np.unique(lo):
+        partners = sorted(set(hi[lo == r].tolist()), key=lambda h: prio_rank[h])
+        want[int(r)] = partners[:3]
+    for vecs, device in ((x, "cpu"), (torch.from_numpy(x), "cpu")):
+        c = sd.search_candidates(vecs, cl[o], member, row, prio_rank[row], 0.95, 3, device=device, rows=row,
+                                 block_cells=4096)
+        got: dict[int, list[int]] = {}
+        for lo_e, hi_e in zip(row[c.lo].tolist(), row[c.hi].tolist(), strict=True):
+            got.setdefault(lo_e, []).append(hi_e)
+        got = {r: sorted(set(v), key=lambda h: prio_rank[h])[:3] for r, v in got.items()}
+        assert got == want and len(want) > 30
+        assert max(len(v) for v in got.values()) <= 3
+        assert np.array_equal(c.best_m, full.best_m) and np.allclose(c.best_sim, full.best_sim)
+
+
+def test_a_row_beyond_pairs_per_row_is_counted(tmp_path):
+    """x ~ h1 ~ r ~ h2 at 15 degrees apart on a circle (cosine 0.966; 30 degrees is 0.866), keep order x, h1, h2,
+    r: h1 is dropped by x, h2 is kept, and r is dropped by h2, its second partner. With --pairs-per-row 1 only
+    h1 is listed for r: r is kept, and the count of such rows says so."""
+    rng = np.random.default_rng(2)
+    emb = unit(rng.standard_normal((60, D)))
+    angles = np.radians([0, 15, 45, 30])
+    emb[:4] = 0
+    emb[:4, 0], emb[:4, 1] = np.cos(angles), np.sin(angles)
+    ds = write_scored(tmp_path / "ds", emb)
+    assert run(ds, "--keep", "first", "--k", "1") == 0
+    assert decisions(dedup_table(ds)) == reference(emb, np.zeros(len(emb)), None) == {1: 0, 3: 2}
+    assert manifest.load(ds)["stages"]["dedup"]["counts"]["kept_beyond_pairs_per_row"] == 0
+    assert run(ds, "--keep", "first", "--k", "1", "--pairs-per-row", "1", "--redo") == 0
+    assert decisions(dedup_table(ds)) == {1: 0}
+    assert manifest.load(ds)["stages"]["dedup"]["counts"]["kept_beyond_pairs_per_row"] == 1

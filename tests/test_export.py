@@ -380,3 +380,36 @@ def test_a_stage_run_later_on_the_source_refuses_only_the_exports_that_read_it(s
     assert main(balanced) == 2  # it reads balance_rank, whose stage changed
     assert "fingerprint" in capsys.readouterr().err
     assert main(plain) == 0
+
+
+def test_array_indices_started_together_compute_the_selection_once(source, tmp_path, monkeypatch):
+    """Two Slurm array indices entering the plan at once: one runs the selection query, the other waits for it and
+    reads the same folder (the query itself runs unchanged; the wrapper only counts the calls)."""
+    import threading
+    import time
+
+    from curate.io.layout import DatasetDir
+    from curate.stages import export as ex
+
+    calls = []
+    real = ex.select
+
+    def counted(cfg, folder=None):
+        calls.append(folder)
+        time.sleep(0.5)  # keep the first index inside while the second arrives
+        return real(cfg, folder)
+
+    monkeypatch.setattr(ex, "select", counted)
+    ds = DatasetDir.at(tmp_path / "o")
+    out = [None, None]
+
+    def index(i: int) -> None:
+        cfg = ex.ExportConfig(source=str(source), policy=("dedup",), shard_index=i, num_shards=2)
+        out[i] = ex.ensure_selection(cfg, ds)
+
+    threads = [threading.Thread(target=index, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and out[0] == out[1] and out[0][1]["kept"] > 0

@@ -130,9 +130,9 @@ def test_deny_domain_files_and_repeated_keep_cols_are_converted(tmp_path):
                             allow_hosts=("127.0.0.1:5",)), "231d9fe006c39e35"),
     (lambda: ScoreConfig(model="/m.json", pretrained="none", checksum="ab", precision="bf16",
                          save_text_embeddings=True, threads=3), "512566f4880ccc0e"),
-    # + phash_distance; -1 was its default before the pixel check became the default (8 with --phash)
+    # + phash_distance (-1 was its default before the pixel check became the default), + pairs_per_row
     (lambda: DedupConfig(threshold=0.9, k=5, against="/a", phash=True, threshold_auto=True, auto_target=0.9,
-                         device="cpu", phash_distance=-1), "de8a45603779c2d5"),
+                         device="cpu", phash_distance=-1), "40bcdaaf101b423e"),
     (lambda: ExportConfig(source="/s", where=("a",), policy=("dedup",), top_fraction=0.5, by="x",
                           layout="img2dataset", query_engine="spark"), "200ff4fbddaa655f"),
     (lambda: ProbeConfig(subsets=(("a", "/b"),), eval_dir="/e", budgets=(1, 2)), "cc3a69e1b8f13ced"),

@@ -263,8 +263,10 @@ class IndexStage:
             _write_index(wd / f"trained-{m}.faiss", index)
         _save(wd / "queries.npy", queries.astype(np.int64))
         tasks, lo = [], 0
+        names, counts = np.unique(shard_col, return_counts=True)  # one pass, not one pass per shard
+        per_shard = dict(zip(names.tolist(), counts.tolist(), strict=True))
         for shard in ds.done_shards(cfg.scorer):
-            count = int((shard_col == shard).sum())
+            count = int(per_shard.get(shard, 0))
             tasks.append({"shard": shard, "lo": lo, "n": count})
             lo += count
         plan = {"digest": digest, "rows": n, "dim": d, **choice, "modalities": modalities, "tasks": tasks,
@@ -412,9 +414,12 @@ def brute_force(ds: DatasetDir, scorer: str, modality: str, shard_col: np.ndarra
                 q: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
     """Exact top-k similarities (descending) of each query over every indexed vector, streamed by shard."""
     best = np.full((len(q), k), -np.inf, np.float32)
-    for shard in dict.fromkeys(shard_col.tolist()):
+    o = np.argsort(shard_col, kind="stable")  # rows grouped by shard in one sort, not one scan per shard
+    names, starts = np.unique(shard_col[o], return_index=True)
+    bounds = np.r_[starts, len(o)]
+    for i, shard in enumerate(names.tolist()):
         emb = open_embeddings(ds, scorer, shard, modality)
-        rows = np.sort(emb_row[shard_col == shard])
+        rows = np.sort(emb_row[o[bounds[i]:bounds[i + 1]]])
         for start in range(0, len(rows), chunk):
             sims = q @ np.asarray(emb[rows[start:start + chunk]], np.float32).T
             best = -np.sort(-np.concatenate([best, sims], axis=1), axis=1)[:, :k]

@@ -5,11 +5,15 @@ duplicates, SemDeDup's keep rule, and contamination against an evaluation set, a
     assign   one task per score shard: nearest `probes` clusters of each row;      -> meta/{shard}.parquet,
              per-cluster-group buckets (embedding, key, keep priority)               bucket/{shard}.npy + offsets
              (+ with --phash, one task per tar: perceptual hashes)                  phash/{shard}.parquet
-    pairs    one task per group of clusters, reading only its slice of each bucket: near pairs and nearest
-             neighbours                                                          -> pairs/{g}.edges.npy, .nn.npy
-    driver   exact/perceptual duplicates by GROUP BY in DuckDB (Spark SQL on Spark) -> exact_edges.parquet
-    decide   one task: SemDeDup's rule over the duplicate edges (never over rows)  -> decide/{ordinal}.npz
-    write    one task per source shard: its signal table, marker last             -> signals/dedup/{shard}.parquet
+    driver   GROUP BY sha256 (and pHash with --phash) in DuckDB (Spark SQL on Spark) -> exact_edges.parquet
+    collapse one task per shard: a mask of its exact copies, its exact/pHash rows  -> collapse/{shard}.*
+    pairs    one task per group of clusters, reading its slice of each bucket less the exact copies: for each
+             row at most --pairs-per-row higher-priority partners above the threshold, and the nearest
+             neighbour                                                           -> pairs/{g}.edges.npy, .nn.npy
+    resolve  rounds of one task per shard: SemDeDup's rule, a row settled once its partners are  -> resolve/rNNN/
+    decide   one task: the kept rows with duplicates (group heads), sorted by key -> decide/heads.npy
+    write    one task per source shard: its signal table (a copy takes its representative's decision), marker
+             last                                                                -> signals/dedup/{shard}.parquet
 
 The driver holds the training sample, the centroids and per-shard lists; no step holds all embeddings.
 Rows are identified by key for every decision and tie, so shard order and placement change nothing.
@@ -38,10 +42,10 @@ from curate.semdedup import DEVICES, KEEP_POLICIES
 log = logging.getLogger(__name__)
 
 WORK = ("_work", "dedup")
-PLAN_VERSION = 3  # 3: phash tables carry phash256
+PLAN_VERSION = 4  # 4: exact copies collapse before the pair search; pairs bounded per row; decide in rounds
 ROWS_PER_TASK = 65536  # with tasks=0: about this many rows' clusters per pair task
 SAMPLE_PER_CENTROID = 64
-PHASES = ("assign", "pairs", "decide", "write")
+PHASES = ("assign", "collapse", "pairs", "resolve", "decide", "write")
 # 8 of 256 bits: re-encoded and downscaled copies stay within it, distinct look-alike drawings do not
 # (bench/dedup_evidence.py on the demo web; bench/dedup_planted.py on drawings the demo never saw)
 DEFAULT_PHASH_DISTANCE = 8
@@ -81,6 +85,9 @@ class DedupConfig:
                    f"{DEFAULT_PHASH_DISTANCE}; -1: no check, equal 64-bit pHashes group).")
     seed: int = option(0, help="k-means sample and init seed.")
     tasks: int = option(0, help="Pair-search tasks (groups of clusters) for the engine (0 = one per ~65k samples).")
+    pairs_per_row: int = option(32, help="Near pairs kept per sample: its highest-priority partners above the "
+                                         "threshold, all the keep rule reads (decisions are exact while no sample "
+                                         "has more partners than this that are all dropped).")
     batch_rows: int = runtime(65536)
     scorer: str = option("score", help="The score stage whose image embeddings are compared (signals/SCORER/, "
                                        "`curate score --name`).")
@@ -109,6 +116,8 @@ def check_config(cfg: DedupConfig) -> None:
         raise InputError("--probes: must be at least 1")
     if cfg.tasks < 0:
         raise InputError("--tasks: must be 0 (auto) or more")
+    if cfg.pairs_per_row < 1:
+        raise InputError("--pairs-per-row: must be at least 1")
     if cfg.keep not in KEEP_POLICIES:
         raise InputError(f"--keep: '{cfg.keep}' (choose {', '.join(KEEP_POLICIES)})")
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", cfg.scorer):
@@ -237,6 +246,7 @@ def _ledger_sha(ds: DatasetDir, shard: str) -> tuple[Any, Any]:
 class DedupStage:
     name = "dedup"
     config_cls = DedupConfig
+    repeated_phases = ("resolve",)  # planned again after each round until a round leaves nothing undecided
 
     def phases(self, cfg: DedupConfig, ds: DatasetDir) -> tuple[str, ...]:
         return PHASES
@@ -256,20 +266,23 @@ class DedupStage:
                 tasks += [{"task": f"phash.{s}", "kind": "phash", "source": s} for s in plan["shards"]]
         else:
             plan = read_json(work_dir(ds) / "plan.json")
-            if phase in ("pairs", "write"):  # the previous phase's offsets, gathered into one file per phase
-                folder, names, suffix = ((work_dir(ds) / "bucket", plan["shards"], ".offsets.npy") if phase == "pairs"
-                                         else (work_dir(ds) / "pairs", [f"{g:05d}" for g in
-                                                                        range(len(plan["group_bounds"]) - 1)],
-                                               ".nn_offsets.npy"))
-                ph.gather_offsets(folder, names, suffix)
-            if phase == "pairs":
+            if phase == "write":  # the pair tasks' offsets, gathered into one file (one open per write task)
+                groups = [f"{g:05d}" for g in range(len(plan["group_bounds"]) - 1)]
+                ph.gather_offsets(work_dir(ds) / "pairs", groups, ".nn_offsets.npy")
+            if phase == "collapse":
+                tasks = [{"task": f"collapse.{s}", "kind": "collapse", "source": s, "ordinal": o}
+                         for o, s in enumerate(plan["shards"])]
+                pending = not all(ph.task_done(ds, t) for t in tasks)
+                if pending and not (work_dir(ds) / "exact_edges.parquet").exists():
+                    ph.exact_edges(cfg, ds, plan)  # on the driver: a GROUP BY in DuckDB or Spark SQL
+            elif phase == "pairs":
                 b = plan["group_bounds"]
                 tasks = [{"task": f"pairs.{g:05d}", "kind": "pairs", "group": g, "lo": b[g], "hi": b[g + 1]}
                          for g in range(len(b) - 1)]
+            elif phase == "resolve":
+                tasks = ph.resolve_tasks(ds, plan)
             elif phase == "decide":
-                tasks = [{"task": "decide", "kind": "decide"}]
-                if not ds.marker(self.name, "decide").exists() or not ph.task_done(ds, tasks[0]):
-                    ph.exact_edges(cfg, ds, plan)  # on the driver: a GROUP BY in DuckDB or Spark SQL
+                tasks = [{"task": "decide", "kind": "decide", "round": ph.last_round(ds, plan)}]
             else:
                 tasks = [{"shard": s, "kind": "write", "source": s, "ordinal": o}
                          for o, s in enumerate(plan["shards"])]
@@ -298,8 +311,8 @@ class DedupStage:
     def run_shard(self, cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
         from curate.stages import dedup_phases as ph
 
-        run = {"assign": ph.run_assign, "phash": ph.run_phash, "pairs": ph.run_pairs,
-               "decide": ph.run_decide, "write": ph.run_write}[task["kind"]]
+        run = {"assign": ph.run_assign, "phash": ph.run_phash, "collapse": ph.run_collapse, "pairs": ph.run_pairs,
+               "resolve": ph.run_resolve, "decide": ph.run_decide, "write": ph.run_write}[task["kind"]]
         return run(cfg, ds, task)
 
     def finalize(self, cfg: DedupConfig, ds: DatasetDir) -> dict[str, Any]:
@@ -314,7 +327,19 @@ class DedupStage:
                                   "threshold": plan["threshold"]}
         if plan.get("calibration"):
             counts["threshold_calibration"] = plan["calibration"]
-        counts.update(read_json(ds.stats(self.name, "decide")))
+        decide = read_json(ds.stats(self.name, "decide"))
+        per_shard = [read_json(ds.stats(self.name, s)) for s in plan["shards"]]
+        counts["exact_duplicates"] = sum(c.get("exact_duplicates", 0) for c in per_shard)  # rows sharing a sha256
+        counts["near_duplicate_pairs"] = decide["near_duplicate_pairs"]
+        counts["near_pairs_without_phash_match"] = decide["near_pairs_without_phash_match"]
+        counts["near_duplicates"] = sum(c.get("near_duplicates", 0) for c in per_shard)  # rows in a near pair
+        counts["groups"] = decide["groups"]
+        counts["duplicates"] = sum(c.get("duplicates", 0) for c in per_shard)
+        counts["drops_by_evidence"] = {name: sum(c.get("drops_by_evidence", {}).get(name, 0) for c in per_shard)
+                                       for name in ("exact", "phash", "near")}
+        counts["resolve_rounds"] = decide["resolve_rounds"]
+        # rows kept although they had more partners than --pairs-per-row, all listed ones dropped (0: exact rule)
+        counts["kept_beyond_pairs_per_row"] = decide.get("kept_beyond_pairs_per_row", 0)
         if cfg.phash:
             st = [read_json(ds.stats(self.name, f"phash.{s}")) for s in plan["shards"]
                   if ds.stats(self.name, f"phash.{s}").exists()]
@@ -325,8 +350,7 @@ class DedupStage:
             counts["overflag_warning"] = warning
             log.warning("dedup: %s", warning)
         if cfg.against:
-            counts["eval_contaminated"] = sum(read_json(ds.stats(self.name, s)).get("eval_contaminated", 0)
-                                              for s in plan["shards"])
+            counts["eval_contaminated"] = sum(c.get("eval_contaminated", 0) for c in per_shard)
         return counts
 
     def inputs(self, cfg: DedupConfig) -> dict[str, Any]:

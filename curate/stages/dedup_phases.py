@@ -43,14 +43,24 @@ def _paths(ds: DatasetDir, task: dict[str, Any]) -> list[Path]:
     kind = task["kind"]
     if kind == "assign":
         s = task["source"]
-        return [wd / "meta" / f"{s}.parquet", wd / "bucket" / f"{s}.offsets.npy", wd / "bucket" / f"{s}.npy"]
+        return [wd / "meta" / f"{s}.parquet", wd / "bucket" / f"{s}.offsets.npy", wd / "bucket" / f"{s}.npy",
+                wd / "keys" / f"{s}.npy"]
     if kind == "phash":
         return [wd / "phash" / f"{task['source']}.parquet"]
+    if kind == "collapse":
+        s = task["source"]
+        return [wd / "collapse" / f"{s}.mask.npy", wd / "collapse" / f"{s}.npy",
+                wd / "collapse" / f"{s}.reps.offsets.npy", wd / "collapse" / f"{s}.reps.npy"]
     if kind == "pairs":
         g = f"{task['group']:05d}"
-        return [wd / "pairs" / f"{g}.edges.npy", wd / "pairs" / f"{g}.nn_offsets.npy", wd / "pairs" / f"{g}.nn.npy"]
+        return [wd / "pairs" / f"{g}.edges.npy", wd / "pairs" / f"{g}.edge_offsets.npy",
+                wd / "pairs" / f"{g}.nn_offsets.npy", wd / "pairs" / f"{g}.nn.npy"]
+    if kind == "resolve":
+        r, s = f"r{task['round']:03d}", task["source"]
+        own = [wd / "resolve" / r / f"{s}.npy", wd / "resolve" / r / f"{s}.json"]
+        return own + ([wd / "resolve" / f"{s}.edges.npy"] if task["round"] == 0 else [])
     if kind == "decide":
-        return [wd / "decide" / "summary.json"]
+        return [wd / "decide" / "summary.json", wd / "decide" / "heads.npy"]
     return [ds.signals("dedup", task["source"])]
 
 
@@ -141,7 +151,11 @@ def _sample(ds: DatasetDir, shards: list[str], n: int, size: int, seed: int, d: 
         parts.append(gather(emb, t["emb_row"].to_numpy()[sel]))
     h = np.concatenate(hashes)
     o = np.lexsort((np.concatenate(keys), h))
-    return np.concatenate(parts)[o]
+    sample = np.ascontiguousarray(np.concatenate(parts)[o])
+    # one sample row per embedding: exact copies (a placeholder behind 10^5 URLs, byte-equal images embed
+    # equally) would pull centroids onto one point and split its near copies over several clusters
+    _, first = np.unique(sample.view(np.dtype((np.void, sample.dtype.itemsize * d))).ravel(), return_index=True)
+    return sample[np.sort(first)]
 
 
 def _gather_eval(eval_ds: DatasetDir, wd: Path, dim: int | None, scorer: str) -> None:
@@ -199,16 +213,25 @@ def run_assign(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
         cols["eval_contaminated"] = pc.or_(pa.array(esim >= cfg.eval_threshold), same)
         contaminated = int(pc.sum(cols["eval_contaminated"]).as_py() or 0)
     write_table(wd / "meta" / f"{task['source']}.parquet", pa.table(cols))
+    # keys in position order, memory-mapped by later tasks to name a row of this shard from its uid
+    _save(wd / "keys" / f"{task['source']}.npy",
+          np.asarray(t["key"].to_numpy(zero_copy_only=False)).astype("S") if n else np.zeros(0, "S1"))
     _write_bucket(wd, task["source"], x, ids, uid, prio, t["key"], plan["group_bounds"])
     return {"rows": n, "eval_contaminated": contaminated}
 
 
 def _write_bucket(wd: Path, shard: str, x: np.ndarray, ids: np.ndarray, uid: np.ndarray, prio: np.ndarray,
-                  keys: Any, bounds: list[int]) -> None:
+                  keys: Any, bounds: list[int], prefix: Path | None = None, members: bool = True) -> None:
     """One entry per (row, probed cluster), sorted by cluster (rows in key order within it), and the offsets
-    of each cluster group: a pair task memory-maps only entries[offsets[g]:offsets[g + 1]]."""
+    of each cluster group: a pair task memory-maps only entries[offsets[g]:offsets[g + 1]]. A row is stored
+    (member) in its first cluster; with members=False in none (extra probes)."""
     n, p = ids.shape
-    key = np.asarray(keys.to_numpy(zero_copy_only=False)).astype("S") if n else np.zeros(0, "S1")
+    prefix = prefix or wd / "bucket" / shard
+    if isinstance(keys, np.ndarray):
+        key = keys if n else np.zeros(0, "S1")
+    else:
+        key = np.asarray(keys.to_numpy(zero_copy_only=False)).astype("S") if n else np.zeros(0, "S1")
+    p = max(p, 1)
     cluster = ids.reshape(-1)
     o = np.argsort(cluster, kind="stable")  # entry e = row * p + probe; stable keeps key order in a cluster
     row = o // p
@@ -217,9 +240,9 @@ def _write_bucket(wd: Path, shard: str, x: np.ndarray, ids: np.ndarray, uid: np.
     out = np.empty(len(o), dt)
     out["emb"] = x[row]
     out["uid"], out["prio"], out["cluster"] = uid[row], prio[row], cluster[o]
-    out["member"], out["key"] = (o % p) == 0, key[row]
-    _save(wd / "bucket" / f"{shard}.offsets.npy", np.searchsorted(cluster[o], bounds).astype(np.int64))
-    _save(wd / "bucket" / f"{shard}.npy", out)
+    out["member"], out["key"] = ((o % p) == 0) & members, key[row]
+    _save(prefix.with_name(prefix.name + ".offsets.npy"), np.searchsorted(cluster[o], bounds).astype(np.int64))
+    _save(prefix.with_name(prefix.name + ".npy"), out)
 
 
 def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
@@ -257,115 +280,7 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     return {"hashed": len(keys), "phash_failed": sum(failed.values()), "phash_failed_by": failed}
 
 
-# --- pairs -------------------------------------------------------------------------------------------
-
-
-ALL_OFFSETS = "offsets-all.npy"  # every shard's (or group's) offsets, one row each, gathered on the driver
-
-
-def gather_offsets(folder: Path, names: list[str], suffix: str) -> None:
-    """One [len(names), k] array of the offsets files folder/{name}{suffix}, written on the driver between two
-    phases, so a task reads its column from one file instead of opening one file per shard or group (a
-    metadata storm on a shared filesystem: pair tasks x shards opens)."""
-    rows = [np.load(folder / f"{n}{suffix}") for n in names]
-    table = np.stack(rows) if rows else np.zeros((0, 1), np.int64)
-    path = folder / ALL_OFFSETS
-    if path.exists() and np.array_equal(np.load(path), table):
-        return  # a resume: unchanged, left as it is
-    _save(path, table)
-
-
-def _offsets_column(folder: Path, names: list[str], suffix: str, col: int) -> np.ndarray:
-    """[offsets[col], offsets[col + 1]] of every name: from the gathered file, else each name's own file."""
-    path = folder / ALL_OFFSETS
-    if path.exists():
-        return np.asarray(np.load(path, mmap_mode="r")[:, col:col + 2])
-    return np.stack([np.load(folder / f"{n}{suffix}")[col:col + 2] for n in names]) if names else np.zeros((0, 2))
-
-
-def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
-    """Group g's slice of every shard's bucket, copied straight from the memory maps into one array per field
-    (no intermediate copies: this is the largest allocation of a pair task)."""
-    slices, dtype, width = [], None, 1
-    offsets = _offsets_column(wd / "bucket", shards, ".offsets.npy", g)
-    for s, (a, b) in zip(shards, offsets, strict=True):  # sizes and dtypes only (one memory map open at a time)
-        if b > a:
-            path = wd / "bucket" / f"{s}.npy"
-            dtype = np.load(path, mmap_mode="r").dtype
-            width = max(width, dtype["key"].itemsize)
-            slices.append((path, int(a), int(b)))
-    if not slices:
-        return {}
-    total = sum(b - a for _, a, b in slices)
-    fields = ("emb", "uid", "prio", "cluster", "member", "key")
-    out = {f: np.empty((total, *dtype[f].shape), dtype[f].base) for f in fields[:-1]}
-    out["key"] = np.empty(total, f"S{width}")
-    pos = 0
-    for path, a, b in slices:
-        part = np.load(path, mmap_mode="r")[a:b]
-        for f in fields:
-            out[f][pos:pos + b - a] = part[f]
-        pos += b - a
-        del part
-    return out
-
-
-def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
-    """Near pairs and nearest neighbours among the entries of one group of clusters."""
-    from curate import semdedup as sd
-
-    wd = work_dir(ds)
-    plan = read_json(wd / "plan.json")
-    e = _read_group(wd, plan["shards"], task["group"])
-    edges_path, off_path, nn_path = _paths(ds, task)
-    if not e:
-        _save(edges_path, _edges(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32),
-                                 {"uid": np.zeros(0, np.int64), "prio": np.zeros(0), "key": np.zeros(0, "S1")}))
-        _save(off_path, np.zeros(len(plan["shards"]) + 1, np.int64))
-        _save(nn_path, np.zeros(0, [("uid", np.int64), ("sim", np.float32), ("key", "S1")]))
-        return {"entries": 0, "pairs": 0}
-    o = np.lexsort((e["key"], e["cluster"]))  # by cluster, then key: ties go to the lowest key
-    emb = e.pop("emb")  # the big array stays in place; entries reach it through `rows`
-    e = {f: v[o] for f, v in e.items()}
-    hits = sd.search_clusters(emb, e["cluster"], e["member"], e["uid"], plan["threshold"], task_device(plan, cfg),
-                              rows=o)
-    del emb
-    edges = _edges(hits.q, hits.m, hits.sim, e)
-    _save(edges_path, edges)
-    # each row's best neighbour over its probes in this group: highest cosine, then lowest key
-    has = hits.best_m >= 0
-    nn_key = np.where(has, e["key"][np.maximum(hits.best_m, 0)], b"")
-    o = np.lexsort((nn_key, -hits.best_sim, e["uid"]))
-    first = np.r_[True, e["uid"][o][1:] != e["uid"][o][:-1]]
-    sel = o[first]
-    nn = np.empty(len(sel), [("uid", np.int64), ("sim", np.float32), ("key", nn_key.dtype)])
-    nn["uid"], nn["sim"], nn["key"] = e["uid"][sel], hits.best_sim[sel], nn_key[sel]
-    nn = nn[np.argsort(nn["uid"], kind="stable")]
-    ordinals = np.arange(len(plan["shards"]) + 1, dtype=np.int64) << UID_SHIFT
-    _save(off_path, np.searchsorted(nn["uid"], ordinals).astype(np.int64))
-    _save(nn_path, nn)
-    return {"entries": len(o), "pairs": len(edges)}
-
-
-def _edges(q: np.ndarray, m: np.ndarray, sim: np.ndarray, e: dict[str, np.ndarray]) -> np.ndarray:
-    """Unique undirected pairs (a = lower key) with both ends' key, uid and priority; a pair found twice keeps
-    its higher cosine."""
-    swap = e["key"][q] > e["key"][m]
-    a, b = np.where(swap, m, q), np.where(swap, q, m)
-    o = np.lexsort((-sim, e["uid"][b], e["uid"][a]))
-    a, b, sim = a[o], b[o], sim[o]
-    first = np.r_[True, (e["uid"][a][1:] != e["uid"][a][:-1]) | (e["uid"][b][1:] != e["uid"][b][:-1])] \
-        if len(a) else np.zeros(0, bool)
-    a, b, sim = a[first], b[first], sim[first]
-    dt = [("a_key", e["key"].dtype), ("b_key", e["key"].dtype), ("a_uid", np.int64), ("b_uid", np.int64),
-          ("a_prio", np.float64), ("b_prio", np.float64), ("sim", np.float32)]
-    out = np.empty(len(a), dt)
-    out["a_key"], out["b_key"], out["a_uid"], out["b_uid"] = e["key"][a], e["key"][b], e["uid"][a], e["uid"][b]
-    out["a_prio"], out["b_prio"], out["sim"] = e["prio"][a], e["prio"][b], sim
-    return out
-
-
-# --- exact and perceptual duplicates: a GROUP BY on the driver -------------------------------------------
+# --- exact copies collapse, and equal pHashes: a GROUP BY on the driver, then one task per shard ----------
 
 
 def _active_spark() -> Any:
@@ -376,24 +291,45 @@ def _active_spark() -> Any:
     return SparkSession.getActiveSession()
 
 
-def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
-    """Rows with equal sha256 (and, with --phash, equal perceptual hash: 256-bit with --phash-distance, else
-    64-bit), each linked to the first row of its value in keep order: `exact_edges.parquet`. A GROUP BY over the per-shard meta tables in DuckDB, spilling
-    to disk past 1 GB; on Spark (an active session in the driver) the same query in Spark SQL."""
-    wd = work_dir(ds)
-    out = wd / "exact_edges.parquet"
-    sources = ["SELECT key, uid, prio, sha256 AS v, 4 AS kind FROM meta WHERE sha256 IS NOT NULL AND sha256 <> ''"]
+COPY, REP, PHASH_EDGE = 4, 0, 2  # kinds of exact_edges.parquet rows (COPY and PHASH_EDGE are evidence bits too)
+
+
+def exact_sql(cfg: DedupConfig) -> str:
+    """The GROUP BY behind the collapse, one row per (row b, row a) with b_uid sorted:
+    - kind 4 (COPY): b shares its sha256 with a, the first row of that value in keep order (its representative);
+    - kind 0 (REP): b is a representative with copies; a is its first copy (b's nearest neighbour, at cosine 1);
+    - kind 2 (PHASH_EDGE), with --phash: representative b has the perceptual hash of a, the first representative
+      of that hash in keep order (256-bit with --phash-distance, else 64-bit).
+    Copies never reach the pair search; they take their representative's decision when the signals are written."""
+    sha = ("s AS (SELECT key, uid, prio, sha256 AS v FROM meta WHERE sha256 IS NOT NULL AND sha256 <> ''), "
+           "r AS (SELECT *, row_number() OVER (PARTITION BY v ORDER BY prio DESC, key) AS rn, "
+           "count(*) OVER (PARTITION BY v) AS cnt FROM s), g AS (SELECT * FROM r WHERE cnt > 1), "
+           "copies AS (SELECT o.uid AS b_uid, h.uid AS a_uid, h.prio AS a_prio, h.key AS a_key, 4 AS kind "
+           "FROM g o JOIN g h ON o.v = h.v AND h.rn = 1 WHERE o.rn > 1), "
+           "reps AS (SELECT h.uid AS b_uid, o.uid AS a_uid, o.prio AS a_prio, o.key AS a_key, 0 AS kind "
+           "FROM g h JOIN g o ON o.v = h.v AND o.rn = 2 WHERE h.rn = 1)")
+    parts = ["SELECT * FROM copies", "SELECT * FROM reps"]
     if cfg.phash:
         # with --phash-distance the 256-bit hash: equal 64-bit pHashes join blank images and look-alike
         # drawings (two clock faces), equal 256-bit ones far fewer (bench/dedup_evidence.py)
         col = "phash256" if cfg.phash_distance >= 0 else "phash"
-        sources.append(f"SELECT m.key, m.uid, m.prio, p.{col} AS v, 2 AS kind FROM meta m JOIN phash p "
-                       f"ON m.key = p.key WHERE p.{col} IS NOT NULL")
-    sql = (f"WITH m AS ({' UNION ALL '.join(sources)}), "
-           "r AS (SELECT *, row_number() OVER (PARTITION BY kind, v ORDER BY prio DESC, key) AS rn FROM m) "
-           "SELECT h.key AS a_key, o.key AS b_key, h.uid AS a_uid, o.uid AS b_uid, h.prio AS a_prio, "
-           "o.prio AS b_prio, o.kind AS kind FROM r o JOIN r h ON o.kind = h.kind AND o.v = h.v AND h.rn = 1 "
-           "WHERE o.rn > 1")
+        sha += (f", p AS (SELECT m.key, m.uid, m.prio, ph.{col} AS v FROM meta m JOIN phash ph ON m.key = ph.key "
+                f"LEFT JOIN copies c ON m.uid = c.b_uid WHERE ph.{col} IS NOT NULL AND c.b_uid IS NULL), "
+                "pr AS (SELECT *, row_number() OVER (PARTITION BY v ORDER BY prio DESC, key) AS rn FROM p), "
+                "pe AS (SELECT o.uid AS b_uid, h.uid AS a_uid, h.prio AS a_prio, h.key AS a_key, 2 AS kind "
+                "FROM pr o JOIN pr h ON o.v = h.v AND h.rn = 1 WHERE o.rn > 1)")
+        parts.append("SELECT * FROM pe")
+    return f"WITH {sha} SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY b_uid, kind"
+
+
+def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
+    """`exact_edges.parquet` (see exact_sql) from the per-shard meta tables: DuckDB on the driver, spilling to disk past
+    its memory limit; on Spark (an active session in the driver) the same query in Spark SQL."""
+    from curate.machine import cores, sql_memory_limit
+
+    wd = work_dir(ds)
+    out = wd / "exact_edges.parquet"
+    sql = exact_sql(cfg)
     # the planned files by name, never a glob: a killed writer's temporary file may lie beside them
     meta = [str(wd / "meta" / f"{s}.parquet") for s in plan["shards"]]
     phash = [str(wd / "phash" / f"{s}.parquet") for s in plan["shards"]]
@@ -411,7 +347,8 @@ def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
     import duckdb
 
     con = duckdb.connect()
-    con.execute(f"SET memory_limit='1GB'; SET threads=2; SET temp_directory='{wd / 'duckdb-tmp'}'")
+    con.execute(f"SET memory_limit='{sql_memory_limit()}'; SET threads={min(4, cores())}; "
+                f"SET temp_directory='{wd / 'duckdb-tmp'}'; SET preserve_insertion_order=false")
     con.execute(f"CREATE VIEW meta AS SELECT * FROM read_parquet({meta!r})")
     if cfg.phash:
         con.execute(f"CREATE VIEW phash AS SELECT * FROM read_parquet({phash!r})")
@@ -423,35 +360,187 @@ def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
     return out
 
 
-# --- decide --------------------------------------------------------------------------------------------
+def _exact_rows(wd: Path, ordinal: int) -> Any:
+    """The rows of exact_edges.parquet whose b is in shard `ordinal` (b_uid is sorted: row groups are skipped)."""
+    import pyarrow.dataset as pds
+
+    path = wd / "exact_edges.parquet"
+    dset = pds.dataset(sorted(path.glob("*.parquet")) if path.is_dir() else path, format="parquet")
+    f = pds.field("b_uid")
+    return dset.to_table(filter=(f >= (ordinal << UID_SHIFT)) & (f < ((ordinal + 1) << UID_SHIFT)))
 
 
-def _edge_arrays(ds: DatasetDir, plan: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
-    """Every near edge (from the pair tasks) and exact/perceptual edge (from the GROUP BY) as arrays, and how
-    many of them are near edges."""
+def run_collapse(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+    """One shard's part of the GROUP BY: a byte mask of its copies (read by the pair tasks) and its rows of
+    exact_edges.parquet as an array sorted by position (read by resolve and write)."""
+    wd = work_dir(ds)
+    n = len(np.load(wd / "keys" / f"{task['source']}.npy", mmap_mode="r"))
+    t = _exact_rows(wd, task["ordinal"])
+    keys = np.array([k.encode() for k in t["a_key"].to_pylist()], "S") if t.num_rows else np.zeros(0, "S1")
+    out = np.empty(t.num_rows, [("pos", np.int64), ("a_uid", np.int64), ("a_prio", np.float64),
+                                ("a_key", keys.dtype), ("kind", np.int8)])
+    out["pos"] = t["b_uid"].to_numpy() & ((1 << UID_SHIFT) - 1) if t.num_rows else 0
+    if t.num_rows:
+        out["a_uid"], out["a_prio"] = t["a_uid"].to_numpy(), t["a_prio"].to_numpy()
+        out["a_key"], out["kind"] = keys, t["kind"].to_numpy().astype(np.int8)
+    out = out[np.lexsort((out["kind"], out["pos"]))]
+    mask = np.zeros(n, np.uint8)
+    mask[out["pos"][out["kind"] == COPY]] = 1
+    mask_path, rows_path = _paths(ds, task)[:2]
+    _save(rows_path, out)
+    _write_rep_bucket(cfg, ds, task, out["pos"][out["kind"] == REP])
+    _save(mask_path, mask)
+    return {"copies": int(mask.sum())}
+
+
+REP_PROBES = 4  # a representative with copies searches REP_PROBES x --probes clusters
+
+
+def _write_rep_bucket(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any], reps: np.ndarray) -> None:
+    """Extra probes for the shard's representatives with copies: the near copies of a heavy group (a re-encoded
+    placeholder) crowd several neighbouring clusters around it, and with --probes clusters a pair between a near
+    copy and the representative can straddle a border. These rows are few (one per group), so they query
+    REP_PROBES times as many clusters (as non-members: the extra entries only look)."""
     import pyarrow.parquet as pq
 
-    wd = work_dir(ds)
-    fields = ("a_key", "b_key", "a_uid", "b_uid", "a_prio", "b_prio")
-    parts = [np.load(wd / "pairs" / f"{g:05d}.edges.npy") for g in range(len(plan["group_bounds"]) - 1)]
-    ex = pq.read_table(wd / "exact_edges.parquet")
-    cols: dict[str, list[np.ndarray]] = {f: [p[f] for p in parts] for f in fields}
-    for f in fields:
-        v = ex[f].to_numpy(zero_copy_only=False)
-        cols[f].append(np.array([x.encode() for x in v], dtype="S") if f.endswith("key") and len(v)
-                       else (np.zeros(0, "S1") if f.endswith("key") else v))
-    n_near = sum(len(p) for p in parts)
-    out = {}
-    for f in fields:
-        if f.endswith("key"):
-            width = max([a.dtype.itemsize for a in cols[f]] + [1])
-            out[f] = np.concatenate([a.astype(f"S{width}") for a in cols[f]])
-        else:
-            out[f] = np.concatenate(cols[f]).astype(np.float64 if f.endswith("prio") else np.int64)
-    from curate.semdedup import NEAR
+    from curate import semdedup as sd
 
-    out["kind"] = np.concatenate([np.full(n_near, NEAR, np.int8), ex["kind"].to_numpy().astype(np.int8)])
-    return out, n_near
+    wd = work_dir(ds)
+    plan = read_json(wd / "plan.json")
+    centroids = np.load(wd / "centroids.npy")
+    p = min(cfg.probes, len(centroids))
+    extra = min(REP_PROBES * cfg.probes, len(centroids))
+    prefix = wd / "collapse" / f"{task['source']}.reps"
+    ids = np.zeros((0, max(extra - p, 1)), np.int32)
+    x = np.zeros((0, plan["dim"]), np.float16)
+    if len(reps) and extra > p:
+        t, emb = read_shard(ds, task["source"], with_sha=False, scorer=cfg.scorer)
+        x = gather(emb, t["emb_row"].to_numpy()[reps])
+        ids = sd.assign(x, centroids, extra, cfg.batch_rows, task_device(plan, cfg))[0][:, p:]
+    else:
+        reps = reps[:0]
+    prio = pq.read_table(wd / "meta" / f"{task['source']}.parquet", columns=["prio"])["prio"].to_numpy()[reps]
+    keys = np.load(wd / "keys" / f"{task['source']}.npy", mmap_mode="r")[reps]
+    uid = (np.int64(task["ordinal"]) << UID_SHIFT) + reps.astype(np.int64)
+    _write_bucket(wd, task["source"], x, ids, uid, prio, np.asarray(keys), plan["group_bounds"], prefix,
+                  members=False)
+
+
+# --- pairs -------------------------------------------------------------------------------------------
+
+
+def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
+    """Group g's slice of every shard's bucket without the shard's exact copies (they are collapsed to their
+    representative), copied from the memory maps into one array per field."""
+    slices, dtype, width = [], None, 1
+    mask32 = (1 << UID_SHIFT) - 1
+    for s in shards:  # first pass: which entries survive the collapse (uids only)
+        for prefix, masked in ((wd / "bucket" / s, True), (wd / "collapse" / f"{s}.reps", False)):
+            off = np.load(prefix.with_name(prefix.name + ".offsets.npy"))
+            if off[g + 1] <= off[g]:
+                continue
+            path = prefix.with_name(prefix.name + ".npy")
+            part = np.load(path, mmap_mode="r")
+            dtype = part.dtype if dtype is None else dtype
+            width = max(width, part.dtype["key"].itemsize)
+            keep = np.arange(int(off[g]), int(off[g + 1]))
+            if masked:
+                copy = np.load(wd / "collapse" / f"{s}.mask.npy", mmap_mode="r")
+                keep = keep[copy[np.asarray(part["uid"][off[g]:off[g + 1]]) & mask32] == 0]
+            if len(keep):
+                slices.append((path, keep))
+            del part
+    if not slices:
+        return {}
+    total = sum(len(k) for _, k in slices)
+    fields = ("emb", "uid", "prio", "cluster", "member", "key")
+    out = {f: np.empty((total, *dtype[f].shape), dtype[f].base) for f in fields[:-1]}
+    out["key"] = np.empty(total, f"S{width}")
+    pos = 0
+    for path, keep in slices:
+        part = np.load(path, mmap_mode="r")
+        a, b = int(keep[0]), int(keep[-1]) + 1
+        window = part[a:b]
+        for f in fields:
+            out[f][pos:pos + len(keep)] = window[f][keep - a]
+        pos += len(keep)
+        del part, window
+    return out
+
+
+EDGE = [("lo_uid", np.int64), ("hi_uid", np.int64), ("hi_prio", np.float64), ("sim", np.float32), ("more", np.bool_)]
+
+
+def _empty_pairs(paths: list[Path], n_shards: int) -> None:
+    _save(paths[0], np.zeros(0, [*EDGE, ("hi_key", "S1"), ("lo_key", "S1")]))
+    _save(paths[1], np.zeros(n_shards + 1, np.int64))
+    _save(paths[2], np.zeros(n_shards + 1, np.int64))
+    _save(paths[3], np.zeros(0, [("uid", np.int64), ("sim", np.float32), ("near", np.bool_), ("key", "S1")]))
+
+
+def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+    """Candidate pairs (at most --pairs-per-row higher-priority partners per row and cluster) and nearest
+    neighbours among the entries of one group of clusters; edges sorted by the lower row, cut by shard."""
+    from curate import semdedup as sd
+
+    wd = work_dir(ds)
+    plan = read_json(wd / "plan.json")
+    e = _read_group(wd, plan["shards"], task["group"])
+    paths = _paths(ds, task)
+    n_shards = len(plan["shards"])
+    if not e:
+        _empty_pairs(paths, n_shards)
+        return {"entries": 0, "candidates": 0, "unconfirmed": 0}
+    o = np.lexsort((e["key"], e["cluster"]))  # by cluster, then key: ties go to the lowest key
+    emb = e.pop("emb")  # the big array stays in place; entries reach it through `rows`
+    e = {f: v[o] for f, v in e.items()}
+    by_rank = np.lexsort((e["key"], -e["prio"]))  # keep order: priority, then lowest key
+    new = np.r_[True, e["key"][by_rank][1:] != e["key"][by_rank][:-1]]
+    rank = np.empty(len(o), np.int64)
+    rank[by_rank] = np.cumsum(new) - 1  # a row's entries (one per probed cluster here) share a rank
+    confirm = None
+    if cfg.phash_distance >= 0:
+        # the pixels confirm a pair before the bound per row: a row's confirmed partner is never cut by
+        # unconfirmed ones (the demo's tiny model puts dozens of look-alikes above its threshold)
+        hashes, found = _phash_of(wd, plan["shards"], e["key"])
+
+        def confirm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            close = np.bitwise_count(hashes[a] ^ hashes[b]).sum(axis=1) <= cfg.phash_distance
+            return found[a] & found[b] & close
+
+    c = sd.search_candidates(emb, e["cluster"], e["member"], e["uid"], rank, plan["threshold"], cfg.pairs_per_row,
+                             task_device(plan, cfg), rows=o, confirm=confirm)
+    del emb
+    ordinals = np.arange(n_shards + 1, dtype=np.int64) << UID_SHIFT
+    edges = np.empty(len(c.lo), [*EDGE, ("hi_key", e["key"].dtype), ("lo_key", e["key"].dtype)])
+    edges["lo_uid"], edges["hi_uid"], edges["hi_prio"] = e["uid"][c.lo], e["uid"][c.hi], e["prio"][c.hi]
+    edges["sim"], edges["hi_key"], edges["lo_key"] = c.sim, e["key"][c.hi], e["key"][c.lo]
+    edges["more"] = c.more[c.lo]
+    edges = edges[np.argsort(edges["lo_uid"], kind="stable")]
+    _save(paths[1], np.searchsorted(edges["lo_uid"], ordinals).astype(np.int64))
+    _save(paths[0], edges)
+    # each row's best neighbour over its probes in this group: highest cosine, then lowest key
+    has = c.best_m >= 0
+    nn_key = np.where(has, e["key"][np.maximum(c.best_m, 0)], b"")
+    o = np.lexsort((nn_key, -c.best_sim, e["uid"]))
+    first = np.r_[True, e["uid"][o][1:] != e["uid"][o][:-1]]
+    sel = o[first]
+    near = np.zeros(len(sel), bool)
+    np.logical_or.at(near, np.cumsum(first) - 1, c.near[o])
+    nn = np.empty(len(sel), [("uid", np.int64), ("sim", np.float32), ("near", np.bool_), ("key", nn_key.dtype)])
+    nn["uid"], nn["sim"], nn["near"], nn["key"] = e["uid"][sel], c.best_sim[sel], near, nn_key[sel]
+    nn = nn[np.argsort(nn["uid"], kind="stable")]
+    _save(paths[2], np.searchsorted(nn["uid"], ordinals).astype(np.int64))
+    _save(paths[3], nn)
+    return {"entries": len(o), "candidates": len(edges), "unconfirmed": c.unconfirmed}
+
+
+# --- resolve: SemDeDup's rule in rounds, one task per shard and round -------------------------------------
+
+# more: the row had more partners than --pairs-per-row; kept with every listed partner dropped, an unlisted
+# partner might have been kept (counted as kept_beyond_pairs_per_row: 0 means the rule was applied exactly)
+STATUS = [("status", np.int8), ("kept_uid", np.int64), ("evidence", np.int8), ("more", np.bool_)]
+UNDECIDED, KEPT, DROPPED, COPIED = 0, 1, 2, 3  # COPIED: an exact copy, decided by its representative
 
 
 def _phash_of(wd: Path, shards: list[str], keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -477,67 +566,171 @@ def _phash_of(wd: Path, shards: list[str], keys: np.ndarray) -> tuple[np.ndarray
     return np.where(has[:, None], hashes[np.where(has, pos, 0).astype(np.int64)], 0).astype(np.uint64), has
 
 
-def confirm_near(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any], e: dict[str, np.ndarray],
-                 n_near: int) -> tuple[dict[str, np.ndarray], int, int]:
-    """With --phash-distance D: keep a near (embedding) edge only when both images have a pHash and their
-    256-bit pHashes differ in at most D bits (exact and equal-pHash edges always stay). Returns the edges, how
-    many near edges remain and how many the check removed."""
-    if cfg.phash_distance < 0 or n_near == 0:
-        return e, n_near, 0
+def _round_dir(wd: Path, r: int) -> Path:
+    return wd / "resolve" / f"r{r:03d}"
+
+
+def resolve_tasks(ds: DatasetDir, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tasks of the round to run next, or those of the last round when it left nothing undecided (then the
+    runner, finding them done, moves on). A round is complete when every shard's files of it exist."""
     wd = work_dir(ds)
-    ha, fa = _phash_of(wd, plan["shards"], e["a_key"][:n_near])
-    hb, fb = _phash_of(wd, plan["shards"], e["b_key"][:n_near])
-    ok = fa & fb & (np.bitwise_count(ha ^ hb).sum(axis=1) <= cfg.phash_distance)
-    keep = np.r_[ok, np.ones(len(e["kind"]) - n_near, bool)]
-    return {f: v[keep] for f, v in e.items()}, int(ok.sum()), int((~ok).sum())
+    shards = plan["shards"]
+
+    def tasks(r: int) -> list[dict[str, Any]]:
+        return [{"task": f"resolve.{r:03d}.{s}", "kind": "resolve", "round": r, "source": s, "ordinal": o}
+                for o, s in enumerate(shards)]
+
+    r = 0
+    while all(task_done(ds, t) for t in tasks(r)):
+        if sum(read_json(_round_dir(wd, r) / f"{s}.json")["undecided"] for s in shards) == 0:
+            return tasks(r)
+        r += 1
+    return tasks(r)
 
 
-def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
-    """SemDeDup's rule over the rows that have any duplicate edge (never over all rows): rank them by the keep
-    policy (ties: lowest key), keep a row unless it duplicates a kept higher row; per-shard decision files."""
+def last_round(ds: DatasetDir, plan: dict[str, Any]) -> int:
+    return resolve_tasks(ds, plan)[0]["round"] if plan["shards"] else 0
+
+
+def _gather_candidates(cfg: DedupConfig, wd: Path, plan: dict[str, Any], task: dict[str, Any]
+                       ) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+    """Shard `task`'s candidate edges from every pair task (already checked by --phash-distance there) and its
+    pHash edges, at most --pairs-per-row per row (the highest-priority partners): (edges sorted by row then
+    partner priority, near edges among them, positions of the rows that had more partners than were kept)."""
+    from curate import semdedup as sd
+
+    o = task["ordinal"]
+    parts = []
+    for g in range(len(plan["group_bounds"]) - 1):
+        off = np.load(wd / "pairs" / f"{g:05d}.edge_offsets.npy")
+        if off[o + 1] > off[o]:
+            parts.append(np.array(np.load(wd / "pairs" / f"{g:05d}.edges.npy", mmap_mode="r")[off[o]:off[o + 1]]))
+    width = max([p.dtype["hi_key"].itemsize for p in parts] + [1])
+    near = {f: np.concatenate([p[f] for p in parts]) if parts else np.zeros(0, t) for f, t in EDGE}
+    near["hi_key"] = np.concatenate([p["hi_key"].astype(f"S{width}") for p in parts]) if parts else np.zeros(0, "S1")
+    rows = np.load(wd / "collapse" / f"{task['source']}.npy")
+    ph = rows[rows["kind"] == PHASH_EDGE]
+    w = max(width, ph.dtype["a_key"].itemsize)
+    pos = np.r_[near["lo_uid"] & ((1 << UID_SHIFT) - 1), ph["pos"]]
+    more = np.unique(np.r_[(near["lo_uid"] & ((1 << UID_SHIFT) - 1))[near["more"]]])
+    hi_uid, hi_prio = np.r_[near["hi_uid"], ph["a_uid"]], np.r_[near["hi_prio"], ph["a_prio"]]
+    hi_key = np.r_[near["hi_key"].astype(f"S{w}"), ph["a_key"].astype(f"S{w}")]
+    kind = np.r_[np.full(len(near["lo_uid"]), sd.NEAR, np.int8), np.full(len(ph), sd.PHASH, np.int8)]
+    s = np.lexsort((hi_key, -hi_prio, pos))
+    pos, hi_uid, kind = pos[s], hi_uid[s], kind[s]
+    head = np.r_[True, (pos[1:] != pos[:-1]) | (hi_uid[1:] != hi_uid[:-1])] if len(pos) else np.zeros(0, bool)
+    starts = np.flatnonzero(head)
+    kind = np.bitwise_or.reduceat(kind, starts) if len(pos) else kind
+    pos, hi_uid = pos[starts], hi_uid[starts]
+    first = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]]) if len(pos) else np.zeros(0, np.int64)
+    nth = np.arange(len(pos)) - np.repeat(first, np.diff(np.r_[first, len(pos)]))
+    keep = nth < cfg.pairs_per_row
+    more = np.union1d(more, pos[~keep])
+    n_near = int(((kind[keep] & sd.NEAR) > 0).sum())
+    return {"pos": pos[keep], "hi_uid": hi_uid[keep], "kind": kind[keep]}, n_near, more
+
+
+def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+    """One round of SemDeDup's rule for one shard's rows. Round 0 gathers the shard's candidate edges and marks
+    rows without a higher-priority partner kept; round r decides, from the statuses of round r-1, each undecided
+    row: dropped when a partner is kept (the highest-priority kept partner is the one named), kept when every
+    partner is settled and none is kept. The result is the greedy rule's, whatever the placement; the rounds
+    needed are the longest chain of decisions, a few on real data."""
     from curate import semdedup as sd
 
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
-    e, n_near = _edge_arrays(ds, plan)
-    e, n_near, unconfirmed = confirm_near(cfg, ds, plan, e, n_near)
-    m = len(e["kind"])
-    keys, first, inv = np.unique(np.concatenate([e["a_key"], e["b_key"]]), return_index=True,
-                                 return_inverse=True)
-    n = len(keys)  # nodes in key order
-    uid = np.concatenate([e["a_uid"], e["b_uid"]])[first]
-    prio = np.concatenate([e["a_prio"], e["b_prio"]])[first]
-    a, b = inv[:m], inv[m:]
-    by_rank = np.lexsort((np.arange(n), -prio))
-    rank_of = np.empty(n, np.int64)
-    rank_of[by_rank] = np.arange(n)
-    ra, rb = rank_of[a], rank_of[b]
-    kept_by, ev = sd.greedy_keep(n, np.minimum(ra, rb), np.maximum(ra, rb), e["kind"])
-    kept = np.arange(n)
-    dropped = np.flatnonzero(kept_by >= 0)
-    kept[by_rank[dropped]] = by_rank[kept_by[dropped]]
-    evidence = np.zeros(n, np.int8)
-    evidence[by_rank[dropped]] = sd.strongest(ev[dropped])
-    group = sd.group_ids(kept)
-    exact = np.zeros(n, bool)
-    is_exact = (e["kind"] & sd.EXACT) > 0
-    exact[a[is_exact]], exact[b[is_exact]] = True, True
-    near_pairs = np.unique(np.minimum(a[:n_near], b[:n_near]) * n + np.maximum(a[:n_near], b[:n_near]))
+    src, r = task["source"], task["round"]
+    paths = _paths(ds, task)
+    if r == 0:
+        edges, n_near, more = _gather_candidates(cfg, wd, plan, task)
+        n = len(np.load(wd / "keys" / f"{src}.npy", mmap_mode="r"))
+        st = np.zeros(n, STATUS)
+        st["status"], st["kept_uid"] = KEPT, -1
+        st["status"][edges["pos"]] = UNDECIDED
+        copy = np.load(wd / "collapse" / f"{src}.mask.npy")
+        st["status"][copy == 1] = COPIED
+        st["more"][more] = True
+        e = np.empty(len(edges["pos"]), [("pos", np.int64), ("hi_uid", np.int64), ("kind", np.int8)])
+        e["pos"], e["hi_uid"], e["kind"] = edges["pos"], edges["hi_uid"], edges["kind"]
+        _save(paths[2], e)
+        counts = {"near_pairs": n_near, "candidates": len(e)}
+    else:
+        st = np.load(_round_dir(wd, r - 1) / f"{src}.npy")
+        e = np.load(wd / "resolve" / f"{src}.edges.npy")
+        e = e[st["status"][e["pos"]] == UNDECIDED]
+        hs = _status_of(wd, plan["shards"], r - 1, e["hi_uid"])
+        # edges are sorted by row, then partner priority: the first kept partner of a row is its highest
+        kept_edge = np.flatnonzero(hs == KEPT)
+        first = kept_edge[np.r_[True, e["pos"][kept_edge][1:] != e["pos"][kept_edge][:-1]]] if len(kept_edge) \
+            else kept_edge
+        drop = e["pos"][first]
+        pending = np.unique(e["pos"][hs == UNDECIDED])
+        settle = np.setdiff1d(np.unique(e["pos"]), np.r_[drop, pending])
+        st["status"][drop], st["kept_uid"][drop] = DROPPED, e["hi_uid"][first]
+        st["evidence"][drop] = sd.strongest(e["kind"][first])
+        st["status"][settle] = KEPT
+        counts = {}
+    counts["undecided"] = int((st["status"] == UNDECIDED).sum())
+    _save(paths[0], st)
+    write_json(paths[1], counts)
+    return counts
+
+
+def _status_of(wd: Path, shards: list[str], r: int, uid: np.ndarray, field: str = "status") -> np.ndarray:
+    """`field` of round r's status of each uid, read from each owning shard's file through a memory map."""
+    out = np.zeros(len(uid), STATUS[[f for f, _ in STATUS].index(field)][1])
     ordinal = uid >> UID_SHIFT
     for o in np.unique(ordinal):
         sel = np.flatnonzero(ordinal == o)
-        with atomic_path(wd / "decide" / f"{int(o)}.npz") as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, pos=uid[sel] & ((1 << UID_SHIFT) - 1), kept_key=keys[kept[sel]], group=group[sel],
-                     evidence=evidence[sel], exact=exact[sel])
-    counts = {
-        "exact_duplicates": int(exact.sum()),  # rows sharing their sha256 with another row
-        "near_duplicate_pairs": int(len(near_pairs)),
-        "near_pairs_without_phash_match": unconfirmed,  # embedding pairs --phash-distance did not confirm
-        "near_duplicates": int(len(np.unique(np.r_[a[:n_near], b[:n_near]]))),  # rows in a near pair
-        "groups": int(group.max() + 1) if n else 0,
-        "duplicates": int(len(dropped)),
-        "drops_by_evidence": {name: int((evidence == bit).sum()) for bit, name in sd.EVIDENCE.items()},
-    }
+        st = np.load(_round_dir(wd, r) / f"{shards[int(o)]}.npy", mmap_mode="r")
+        out[sel] = st[field][uid[sel] & ((1 << UID_SHIFT) - 1)]
+    return out
+
+
+def _keys_of(wd: Path, shards: list[str], uid: np.ndarray) -> np.ndarray:
+    """The key (bytes) of each uid, read from each owning shard's key array through a memory map."""
+    ordinal = uid >> UID_SHIFT
+    parts, width = {}, 1
+    for o in np.unique(ordinal):
+        k = np.load(wd / "keys" / f"{shards[int(o)]}.npy", mmap_mode="r")
+        sel = np.flatnonzero(ordinal == o)
+        parts[int(o)] = (sel, k[uid[sel] & ((1 << UID_SHIFT) - 1)])
+        width = max(width, k.dtype.itemsize)
+    out = np.zeros(len(uid), f"S{width}")
+    for sel, k in parts.values():
+        out[sel] = k
+    return out
+
+
+# --- decide: the groups ------------------------------------------------------------------------------------
+
+
+def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
+    """The kept rows that have duplicates (the group heads), sorted by key so a group's number is its head's
+    place in key order; read per shard, only the heads are held. And the pair counts of round 0."""
+    wd = work_dir(ds)
+    plan = read_json(wd / "plan.json")
+    r = task["round"]
+    heads, near_pairs, unconfirmed, beyond = [], 0, 0, 0
+    for s in plan["shards"]:
+        st = np.load(_round_dir(wd, r) / f"{s}.npy", mmap_mode="r")
+        kept_by = np.unique(st["kept_uid"][st["status"] == DROPPED])
+        rows = np.load(wd / "collapse" / f"{s}.npy")
+        reps = rows["pos"][rows["kind"] == REP]
+        ordinal = plan["shards"].index(s)
+        kept_reps = reps[st["status"][reps] == KEPT] + (np.int64(ordinal) << UID_SHIFT)
+        heads.append(np.unique(np.r_[kept_by, kept_reps]))
+        beyond += int((st["more"] & (st["status"] == KEPT)).sum())
+        near_pairs += read_json(_round_dir(wd, 0) / f"{s}.json")["near_pairs"]
+    for g in range(len(plan["group_bounds"]) - 1):
+        unconfirmed += read_json(ds.stats("dedup", f"pairs.{g:05d}")).get("unconfirmed", 0)
+    uid = np.unique(np.concatenate(heads)) if heads else np.zeros(0, np.int64)
+    keys = np.sort(_keys_of(wd, plan["shards"], uid))
+    _save(wd / "decide" / "heads.npy", keys)
+    counts = {"near_duplicate_pairs": near_pairs,  # candidate pairs (at most --pairs-per-row per row)
+              "near_pairs_without_phash_match": unconfirmed,  # embedding pairs --phash-distance did not confirm
+              "groups": len(keys), "resolve_rounds": r + 1, "kept_beyond_pairs_per_row": beyond}
     write_json(wd / "decide" / "summary.json", counts)
     return counts
 
@@ -545,8 +738,32 @@ def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
 # --- write ------------------------------------------------------------------------------------------------
 
 
-def _nearest(wd: Path, plan: dict[str, Any], ordinal: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's best neighbour over every group it probed: (cosine (-inf if none), key bytes)."""
+ALL_OFFSETS = "offsets-all.npy"  # every shard's (or group's) offsets, one row each, gathered on the driver
+
+
+def gather_offsets(folder: Path, names: list[str], suffix: str) -> None:
+    """One [len(names), k] array of the offsets files folder/{name}{suffix}, written on the driver between two
+    phases, so a task reads its column from one file instead of opening one file per shard or group (a
+    metadata storm on a shared filesystem: pair tasks x shards opens)."""
+    rows = [np.load(folder / f"{n}{suffix}") for n in names]
+    table = np.stack(rows) if rows else np.zeros((0, 1), np.int64)
+    path = folder / ALL_OFFSETS
+    if path.exists() and np.array_equal(np.load(path), table):
+        return  # a resume: unchanged, left as it is
+    _save(path, table)
+
+
+def _offsets_column(folder: Path, names: list[str], suffix: str, col: int) -> np.ndarray:
+    """[offsets[col], offsets[col + 1]] of every name: from the gathered file, else each name's own file."""
+    path = folder / ALL_OFFSETS
+    if path.exists():
+        return np.asarray(np.load(path, mmap_mode="r")[:, col:col + 2])
+    return np.stack([np.load(folder / f"{n}{suffix}")[col:col + 2] for n in names]) if names else np.zeros((0, 2))
+
+
+def _nearest(wd: Path, plan: dict[str, Any], ordinal: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's best neighbour over every group it probed: (cosine (-inf if none), key bytes, whether the row
+    is in a pair above the threshold)."""
     parts = []
     groups = [f"{g:05d}" for g in range(len(plan["group_bounds"]) - 1)]
     for g, (a, b) in zip(groups, _offsets_column(wd / "pairs", groups, ".nn_offsets.npy", ordinal), strict=True):
@@ -554,16 +771,38 @@ def _nearest(wd: Path, plan: dict[str, Any], ordinal: int, n: int) -> tuple[np.n
             parts.append(np.array(np.load(wd / "pairs" / f"{g}.nn.npy", mmap_mode="r")[a:b]))
     sim = np.full(n, -np.inf, np.float32)
     key = np.zeros(n, "S1")
+    near = np.zeros(n, bool)
     if parts:
         width = max(p.dtype["key"].itemsize for p in parts)
         pos = np.concatenate([p["uid"] for p in parts]) & ((1 << UID_SHIFT) - 1)
         s = np.concatenate([p["sim"] for p in parts])
         k = np.concatenate([p["key"].astype(f"S{width}") for p in parts])
+        near[pos[np.concatenate([p["near"] for p in parts])]] = True
         o = np.lexsort((k, -s, pos))
         first = np.r_[True, pos[o][1:] != pos[o][:-1]]
         key = np.zeros(n, f"S{width}")
         sim[pos[o][first]], key[pos[o][first]] = s[o][first], k[o][first]
-    return sim, key
+    return sim, key, near
+
+
+def _decisions(wd: Path, plan: dict[str, Any], task: dict[str, Any], r: int, rows: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(kept uid (-1 when kept), evidence) of each row of the shard: its own round-r status, or for an exact
+    copy its representative's: a kept representative keeps it (evidence exact), a dropped one hands on its
+    own kept row and evidence."""
+    from curate import semdedup as sd
+
+    st = np.load(_round_dir(wd, r) / f"{task['source']}.npy")
+    kept_uid = np.where(st["status"] == DROPPED, st["kept_uid"], -1)
+    evidence = np.where(st["status"] == DROPPED, st["evidence"], 0).astype(np.int8)
+    copies = rows[rows["kind"] == COPY]
+    rep_status = _status_of(wd, plan["shards"], r, copies["a_uid"])
+    rep_kept = _status_of(wd, plan["shards"], r, copies["a_uid"], "kept_uid")
+    rep_ev = _status_of(wd, plan["shards"], r, copies["a_uid"], "evidence")
+    dropped_rep = rep_status == DROPPED
+    kept_uid[copies["pos"]] = np.where(dropped_rep, rep_kept, copies["a_uid"])
+    evidence[copies["pos"]] = np.where(dropped_rep, rep_ev, sd.EXACT)
+    return kept_uid, evidence
 
 
 def run_write(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
@@ -576,26 +815,39 @@ def run_write(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
 
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
+    r = read_json(wd / "decide" / "summary.json")["resolve_rounds"] - 1
     meta = pq.read_table(wd / "meta" / f"{task['source']}.parquet")
     n = meta.num_rows
-    keys = np.asarray(meta["key"].to_numpy(zero_copy_only=False), dtype=object)
-    nn_sim, nn_key = _nearest(wd, plan, task["ordinal"], n)
-    kept_key, group = keys.copy(), np.full(n, -1, np.int64)
-    evidence, exact = np.zeros(n, np.int8), np.zeros(n, bool)
-    dec = wd / "decide" / f"{task['ordinal']}.npz"
-    if dec.exists():
-        with np.load(dec) as z:
-            pos = z["pos"]
-            kept_key[pos] = np.char.decode(z["kept_key"], "utf-8").astype(object)
-            group[pos], evidence[pos], exact[pos] = z["group"], z["evidence"], z["exact"]
+    own = np.asarray(meta["key"].to_numpy(zero_copy_only=False)).astype("S") if n else np.zeros(0, "S1")
+    nn_sim, nn_key, near = _nearest(wd, plan, task["ordinal"], n)
+    rows = np.load(wd / "collapse" / f"{task['source']}.npy")
+    # a row with an exact copy: the copy is its nearest neighbour (same bytes, same image, cosine 1)
+    same = rows[(rows["kind"] == COPY) | (rows["kind"] == REP)]
+    width = max(nn_key.dtype.itemsize, same.dtype["a_key"].itemsize)
+    nn_key = nn_key.astype(f"S{width}")
+    nn_sim[same["pos"]], nn_key[same["pos"]] = 1.0, same["a_key"]
+    exact = np.zeros(n, bool)
+    exact[same["pos"]] = True
+    kept_uid, evidence = _decisions(wd, plan, task, r, rows)
+    dropped = kept_uid >= 0
+    kept_key = own.copy()
+    if dropped.any():
+        kk = _keys_of(wd, plan["shards"], kept_uid[dropped])
+        kept_key = kept_key.astype(f"S{max(own.dtype.itemsize, kk.dtype.itemsize)}")
+        kept_key[dropped] = kk
+    heads = np.load(wd / "decide" / "heads.npy", mmap_mode="r")
+    at = np.minimum(np.searchsorted(heads, kept_key), max(len(heads) - 1, 0))
+    group = np.where(len(heads) > 0, at, -1).astype(np.int64)
+    if len(heads):
+        group[np.asarray(heads[at]) != kept_key] = -1
     nn_ok = np.isfinite(nn_sim)
     names = np.array([None, *(sd.EVIDENCE[b] for b in (sd.NEAR, sd.PHASH, sd.EXACT))], dtype=object)
     columns = {
         "key": meta["key"],
         "exact_dup": pa.array(exact),
         "dup_group": pa.array(group, pa.int64()),
-        "is_duplicate": pa.array(evidence > 0),
-        "kept_key": pa.array(kept_key, pa.string()),
+        "is_duplicate": pa.array(dropped),
+        "kept_key": pa.array(np.char.decode(kept_key, "utf-8").astype(object), pa.string()),
         "dup_evidence": pa.array(names[np.searchsorted([0, sd.NEAR, sd.PHASH, sd.EXACT], evidence)], pa.string()),
         "cluster": meta["cluster"],
         "nn_similarity": pa.array(nn_sim, pa.float32(), mask=~nn_ok),
@@ -609,4 +861,6 @@ def run_write(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
         columns["eval_contaminated"] = pa.array(np.zeros(n, bool))
         columns["eval_similarity"] = pa.nulls(n, pa.float32())
     write_table(ds.signals("dedup", task["source"]), pa.table(columns))
-    return {"rows": n, "eval_contaminated": int(np.sum(columns["eval_contaminated"].to_numpy(zero_copy_only=False)))}
+    return {"rows": n, "eval_contaminated": int(np.sum(columns["eval_contaminated"].to_numpy(zero_copy_only=False))),
+            "duplicates": int(dropped.sum()), "exact_duplicates": int(exact.sum()), "near_duplicates": int(near.sum()),
+            "drops_by_evidence": {name: int((evidence == bit).sum()) for bit, name in sd.EVIDENCE.items()}}

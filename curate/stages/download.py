@@ -236,7 +236,7 @@ def plan_path(ds: DatasetDir) -> Path:
 def _sql(ds: DatasetDir) -> Any:
     """A DuckDB connection whose memory is capped and which spills to DIR/_work/download/spill.
 
-    The cap ($CURATE_SQL_MEMORY, default 64MB) is what bounds duplicate detection, retry planning
+    The cap ($CURATE_SQL_MEMORY, default 64MB or less on a machine with under 128 MB per core) is what bounds duplicate detection, retry planning
     and the final counts at any input size: past it DuckDB's joins, aggregates and sorts spill to disk.
     """
     import os
@@ -246,7 +246,9 @@ def _sql(ds: DatasetDir) -> Any:
     spill = ds.work("download") / "spill"
     spill.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
-    con.execute(f"SET memory_limit='{os.environ.get('CURATE_SQL_MEMORY', '64MB')}'")
+    from curate.machine import sql_memory_limit
+
+    con.execute(f"SET memory_limit='{sql_memory_limit(cap=64 << 20)}'")
     con.execute(f"SET temp_directory='{spill}'")
     con.execute(f"SET threads={max(1, min(4, os.cpu_count() or 1))}")
     con.execute("SET preserve_insertion_order=false")

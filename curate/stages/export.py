@@ -13,11 +13,13 @@ the source tars and writes their ledger rows (ledger + signals) beside them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -334,22 +336,43 @@ def ensure_selection(cfg: ExportConfig, ds: DatasetDir,
     array index) finds summary.json, its marker, and reuses it; concurrent writers race on one rename."""
     final = _work_dir(ds) / f"sel-{selection_digest(cfg, state)}"
     if not (final / "summary.json").exists():
-        tmp = _work_dir(ds) / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-sel"
-        tmp.mkdir(parents=True)
-        try:
-            sel = select(cfg, tmp)
-            summary = {**sel.summary(), "shards": math.ceil(sel.kept_rows / cfg.samples_per_shard)}
-            write_json(tmp / "summary.json", summary)  # the folder's marker, inside it before the rename
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another process (a Slurm array index) published the same selection first
-                if not (final / "summary.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # the array indices of one export start together: the first computes the selection (a query over
+        # every row), the others wait on the lock and read it
+        with _selection_lock(_work_dir(ds)):
+            if not (final / "summary.json").exists():
+                _write_selection(cfg, ds, final)
     if cfg.write_dropped:
         _publish_dropped(parquet_files(final / "dropped")[0], ds.root / "dropped.parquet")
     return final, read_json(final / "summary.json")
+
+
+@contextlib.contextmanager
+def _selection_lock(folder: Path) -> Iterator[None]:
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "selection.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write_selection(cfg: ExportConfig, ds: DatasetDir, final: Path) -> None:
+    tmp = _work_dir(ds) / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-sel"
+    tmp.mkdir(parents=True)
+    try:
+        sel = select(cfg, tmp)
+        summary = {**sel.summary(), "shards": math.ceil(sel.kept_rows / cfg.samples_per_shard)}
+        write_json(tmp / "summary.json", summary)  # the folder's marker, inside it before the rename
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process published the same selection first (a file system without flock)
+            if not (final / "summary.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 DROPPED_SCHEMA = pa.schema([("key", pa.string()), ("source_shard", pa.string()), ("clause", pa.string())])

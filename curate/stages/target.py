@@ -14,7 +14,6 @@ Export's samples view prefixes the columns (`target_selected`), so the policy is
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from curate.options import absolute, option, parse_k
 log = logging.getLogger(__name__)
 
 NAME = "target"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the sample is drawn by a vectorised key hash (curate.semdedup.key_hash)
 POINTS_PER_CLUSTER = 256  # k-means training rows per cluster (faiss's own default cap)
 
 
@@ -91,9 +90,26 @@ def validate(cfg: TargetConfig, ds: DatasetDir) -> None:
     check_same_model(ds, target)
 
 
-def _unit_draw(seed: int, key: str) -> float:
-    h = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
-    return (int.from_bytes(h, "big") >> 11) / float(1 << 53)
+def _unit_draw(seed: int, keys: np.ndarray) -> np.ndarray:
+    """A uniform draw in [0, 1) per key, from a 64-bit hash of (key, seed): vectorised, no per-row Python."""
+    from curate import semdedup as sd
+
+    return (sd.key_hash(keys, seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _scored_rows(ds: DatasetDir, shard: str) -> tuple[np.ndarray, np.ndarray]:
+    """(keys as bytes, emb_row) of the shard's scored rows with an embedding, from the score table alone."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = ds.signals("score", shard)
+    try:
+        t = pq.read_table(path, columns=["key", "scored", "emb_row"])
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{path}: unreadable score table ({e})") from None
+    t = t.filter(pc.fill_null(pc.and_(t["scored"], pc.greater_equal(t["emb_row"], 0)), False))
+    keys = np.asarray(t["key"].to_numpy(zero_copy_only=False)).astype("S") if t.num_rows else np.zeros(0, "S1")
+    return keys, t["emb_row"].to_numpy().astype(np.int64)
 
 
 def shard_embeddings(ds: DatasetDir, shard: str) -> tuple[list[str], np.ndarray, list[str]]:
@@ -157,19 +173,23 @@ class TargetStage:
         from curate import semdedup as sd
 
         n = 0
-        for s in shards:  # a first pass over keys only, to size the sample
-            n += len(shard_embeddings(ds, s)[0])
+        for s in shards:  # a first pass over the score tables only (no embeddings), to size the sample
+            n += len(_scored_rows(ds, s)[0])
         if n == 0:
             raise InputError(f"{ds.root}: no scored samples with an image embedding")
         k = min(cfg.k, n) if cfg.k else sd.choose_k(n)  # an explicit k is honoured down to one row a cluster
         rate = min(1.0, min(k * POINTS_PER_CLUSTER, cfg.sample) / n)
         keys, parts = [], []
-        for s in shards:
-            sk, emb, _ = shard_embeddings(ds, s)
-            pick = [i for i, key in enumerate(sk) if _unit_draw(cfg.seed, key) < rate]
-            keys += [sk[i] for i in pick]
-            parts.append(np.asarray(emb[pick], np.float32))
-        order = np.argsort(np.asarray(keys, dtype=object), kind="stable")  # key order: shard layout does not matter
+        for s in shards:  # then only the drawn rows' embeddings are read
+            sk, rows = _scored_rows(ds, s)
+            pick = np.flatnonzero(_unit_draw(cfg.seed, sk) < rate)
+            emb = np.load(ds.signals("score", s, ".img_emb.npy"), mmap_mode="r")
+            if len(pick) and (emb.ndim != 2 or rows[pick].max() >= emb.shape[0]):
+                raise InputError(f"{ds.signals('score', s, '.img_emb.npy')}: shape {emb.shape} does not hold the "
+                                 f"emb_row values of {ds.signals('score', s)}")
+            keys.append(sk[pick])
+            parts.append(np.asarray(emb[np.sort(rows[pick])], np.float32)[np.argsort(np.argsort(rows[pick]))])
+        order = np.argsort(np.concatenate(keys), kind="stable")  # key order: shard layout does not matter
         sample = np.concatenate(parts)[order]
         dim = sample.shape[1]
         log.info("target: %d pool rows, k-means with %d clusters on %d sampled rows", n, k, len(sample))
