@@ -4,7 +4,7 @@
     python bench/dedup.py --device cuda --sizes 10M --stage-size ''        # the GPU check (one H100/H200)
     python bench/dedup.py --sizes '' --stage-size 1M --heavy 100k --stage-workers 2   # heavy-tail mode
 
-Core (one process per size, `curate.semdedup.dedup_arrays`): wall time per phase (train, assign, pairs,
+Core (one process per size, `curate.stages.dedup.core.dedup_arrays`): wall time per phase (train, assign, pairs,
 decide), k, peak RSS, recall of the planted pairs (both ends found as a near pair), planted pairs left with
 both ends kept, and for <= 4M rows agreement with an exact brute-force range search for 1000 sampled queries.
 With --device cuda the data are generated on the GPU (torch, float16) and everything runs there.
@@ -171,7 +171,7 @@ def planted_recall(n: int, i: np.ndarray, j: np.ndarray, orig: np.ndarray, copie
 
 
 def run_core(n: int, seed: int, device: str) -> dict[str, object]:
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     device = sd.resolve_device(device)
     t0 = time.perf_counter()

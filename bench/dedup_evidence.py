@@ -95,7 +95,7 @@ def candidate_pairs(emb: np.ndarray, phash: np.ndarray, min_cos: float, max_phas
 
 def decide(n: int, i: np.ndarray, j: np.ndarray, clip: np.ndarray, keys: np.ndarray, keep: str) -> np.ndarray:
     """kept row per row under SemDeDup's rule with the stage's keep priority (best-clip-score or first)."""
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     prio = np.nan_to_num(clip.astype(np.float64), nan=-np.inf) if keep == "best-clip-score" else np.zeros(n)
     by_rank = np.lexsort((keys.astype(str), -prio))

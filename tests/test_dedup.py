@@ -404,7 +404,7 @@ def test_phash_distance_confirms_near_pairs(tmp_path, capsys):
 
 
 def test_greedy_rule_on_a_chain_and_a_star():
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     # ranks 0 ~ 1 ~ 2 ~ 3 (a path): 0 kept, 1 dropped by 0, 2 kept (its only higher neighbour is dropped), 3 by 2
     kept_by, ev = sd.greedy_keep(4, np.array([0, 1, 2]), np.array([1, 2, 3]), np.array([1, 1, 1]))
@@ -435,7 +435,7 @@ def test_torch_path_gives_the_numpy_faiss_decisions():
     """The GPU code path (torch assignment and pair search) run on the CPU: the same arrays as faiss/numpy."""
     import torch
 
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     emb, _ = planted(600, seed=4)
     rng = np.random.default_rng(4)
@@ -583,7 +583,7 @@ def test_cuda_core_equals_cpu_for_the_same_centroids():
     _cuda()
     import torch
 
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     emb, _ = planted(2000, seed=6)
     rng = np.random.default_rng(6)
@@ -663,7 +663,7 @@ def test_bounded_pair_search_is_the_lowest_ranked_partners_of_every_pair():
     partners above the threshold among all its pairs (both directions of a block), on numpy and torch (CPU)."""
     import torch
 
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     emb, _, _ = heavy(350, seed=6)
     x = np.asarray(emb, np.float32)

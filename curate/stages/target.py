@@ -31,7 +31,7 @@ from curate.options import absolute, option, parse_k
 log = logging.getLogger(__name__)
 
 NAME = "target"
-PLAN_VERSION = 2  # 2: the sample is drawn by a vectorised key hash (curate.semdedup.key_hash)
+PLAN_VERSION = 2  # 2: the sample is drawn by a vectorised key hash (curate.stages.dedup.core.key_hash)
 POINTS_PER_CLUSTER = 256  # k-means training rows per cluster (faiss's own default cap)
 
 
@@ -92,7 +92,7 @@ def validate(cfg: TargetConfig, ds: DatasetDir) -> None:
 
 def _unit_draw(seed: int, keys: np.ndarray) -> np.ndarray:
     """A uniform draw in [0, 1) per key, from a 64-bit hash of (key, seed): vectorised, no per-row Python."""
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     return (sd.key_hash(keys, seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
@@ -141,7 +141,7 @@ def _scored_shards(ds: DatasetDir, flag: str) -> list[str]:
 
 def nearest(emb: np.ndarray, centroids: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid (by cosine: rows and centroids are unit vectors) of every row: (ids, cosines)."""
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     if not len(emb):
         return np.zeros(0, np.int32), np.zeros(0, np.float32)
@@ -170,7 +170,7 @@ class TargetStage:
     def _build(self, cfg: TargetConfig, ds: DatasetDir, target: DatasetDir, shards: list[str],
                digest: dict[str, Any]) -> None:
         """Centroids from a seeded sample of the pool, then the clusters nearest to the target's images."""
-        from curate import semdedup as sd
+        from curate.stages.dedup import core as sd
 
         n = 0
         for s in shards:  # a first pass over the score tables only (no embeddings), to size the sample

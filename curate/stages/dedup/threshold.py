@@ -44,8 +44,8 @@ def augment(im: Any) -> list[Any]:
 
 def sample_keys(ds: DatasetDir, shards: list[str], seed: int, scorer: str, size: int = SAMPLES) -> dict[str, list[str]]:
     """Up to `size` scored keys with the lowest hash of (key, seed), by shard: order- and placement-free."""
-    from curate import semdedup as sd
-    from curate.stages.dedup import read_shard
+    from curate.stages.dedup import core as sd
+    from curate.stages.dedup.config import read_shard
 
     best_h = np.zeros(0, np.uint64)
     best_k = np.zeros(0, "S1")

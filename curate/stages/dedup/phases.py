@@ -1,4 +1,4 @@
-"""The task phases of stage "dedup" (see curate/stages/dedup.py for the picture): the driver's plan (sample,
+"""The task phases of stage "dedup" (see curate/stages/dedup/stage.py for the picture): the driver's plan (sample,
 k-means, eval set), the per-shard assignment into cluster-group buckets, the per-group pair search, the
 exact-duplicate GROUP BY, the decision task and the per-shard signal writer.
 
@@ -19,7 +19,7 @@ import numpy as np
 from curate.errors import InputError
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
-from curate.stages.dedup import (
+from curate.stages.dedup.config import (
     SAMPLE_PER_CENTROID,
     DedupConfig,
     gather,
@@ -83,7 +83,7 @@ def task_done(ds: DatasetDir, task: dict[str, Any]) -> bool:
 
 def build_plan(cfg: DedupConfig, ds: DatasetDir, digest: dict[str, Any], device: str) -> dict[str, Any]:
     """Sample, train the centroids, gather the (small) eval set; returns the plan (written by the caller)."""
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     wd = work_dir(ds)
     shards = ds.done_shards(cfg.scorer)
@@ -110,7 +110,7 @@ def build_plan(cfg: DedupConfig, ds: DatasetDir, digest: dict[str, Any], device:
         _gather_eval(DatasetDir.at(cfg.against), wd, d if n else None, cfg.scorer)
     calibration = None
     if cfg.threshold_auto:
-        from curate.stages.dedup_threshold import calibrate
+        from curate.stages.dedup.threshold import calibrate
 
         calibration = calibrate(ds, shards, cfg.seed, cfg.auto_target, device, cfg.scorer)
         log.info("dedup: --threshold auto chose %.4f (%s)", calibration["threshold"], calibration)
@@ -135,7 +135,7 @@ def _count(ds: DatasetDir, shards: list[str], scorer: str) -> tuple[int, int]:
 def _sample(ds: DatasetDir, shards: list[str], n: int, size: int, seed: int, d: int, scorer: str) -> np.ndarray:
     """About `size` rows drawn by a hash of (key, seed), in hash order: the same sample, in the same order,
     whatever the shard placement, and never more than the sample in memory."""
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     if n == 0:
         return np.zeros((0, d), np.float32)
@@ -187,8 +187,8 @@ def run_assign(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from curate import semdedup as sd
     from curate.io.tables import write_table
+    from curate.stages.dedup import core as sd
 
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
@@ -403,7 +403,7 @@ def _write_rep_bucket(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any], re
     REP_PROBES times as many clusters (as non-members: the extra entries only look)."""
     import pyarrow.parquet as pq
 
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
@@ -481,7 +481,7 @@ def _empty_pairs(paths: list[Path], n_shards: int) -> None:
 def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
     """Candidate pairs (at most --pairs-per-row higher-priority partners per row and cluster) and nearest
     neighbours among the entries of one group of clusters; edges sorted by the lower row, cut by shard."""
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
@@ -597,7 +597,7 @@ def _gather_candidates(cfg: DedupConfig, wd: Path, plan: dict[str, Any], task: d
     """Shard `task`'s candidate edges from every pair task (already checked by --phash-distance there) and its
     pHash edges, at most --pairs-per-row per row (the highest-priority partners): (edges sorted by row then
     partner priority, near edges among them, positions of the rows that had more partners than were kept)."""
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     o = task["ordinal"]
     parts = []
@@ -636,7 +636,7 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
     row: dropped when a partner is kept (the highest-priority kept partner is the one named), kept when every
     partner is settled and none is kept. The result is the greedy rule's, whatever the placement; the rounds
     needed are the longest chain of decisions, a few on real data."""
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
@@ -790,7 +790,7 @@ def _decisions(wd: Path, plan: dict[str, Any], task: dict[str, Any], r: int, row
     """(kept uid (-1 when kept), evidence) of each row of the shard: its own round-r status, or for an exact
     copy its representative's: a kept representative keeps it (evidence exact), a dropped one hands on its
     own kept row and evidence."""
-    from curate import semdedup as sd
+    from curate.stages.dedup import core as sd
 
     st = np.load(_round_dir(wd, r) / f"{task['source']}.npy")
     kept_uid = np.where(st["status"] == DROPPED, st["kept_uid"], -1)
@@ -810,8 +810,8 @@ def run_write(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curate import semdedup as sd
     from curate.io.tables import write_table
+    from curate.stages.dedup import core as sd
 
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
