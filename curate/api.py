@@ -136,7 +136,7 @@ class Pipeline:
         return self.run_argv(self.argv(name, *args, **fields))
 
     def run_argv(self, argv: list[str]) -> Any:
-        with _environment(self.env):
+        with environment(self.env):
             summary = execute(argv)
         self.history.append((argv, summary))
         return summary
@@ -165,9 +165,10 @@ def run_stage(name: str, *args: Any, **fields: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _environment(env: dict[str, str]) -> Iterator[None]:
+def environment(env: dict[str, Any]) -> Iterator[None]:
+    """os.environ with `env` set (values as strings) for the duration of the block, restored after."""
     old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    os.environ.update({k: str(v) for k, v in env.items()})
     try:
         yield
     finally:

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from curate.api import Pipeline, resolve, to_argv
+from curate.api import Pipeline, environment, resolve, to_argv
 from curate.errors import CurateError, InputError
 
 _TOP_FIELDS = {"name", "workdir", "env", "defaults", "services", "datasets", "stages", "description"}
@@ -186,20 +186,6 @@ def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] 
     return steps
 
 
-@contextlib.contextmanager
-def _environment(env: dict[str, Any]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: str(v) for k, v in env.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def base_variables(data: dict[str, Any]) -> dict[str, Any]:
     """${workdir}, ${name}, ${env.X}, ${datasets.NAME} (paths: known before anything runs), and a placeholder
     for each declared output of each service (${services.NAME.OUTPUT}) until the services start."""
@@ -269,7 +255,7 @@ def run(path: str | os.PathLike, *, sets: tuple[str, ...] = (), dry_run: bool = 
             raise InputError(f"pipeline {data['name']}: command(s) not available: {', '.join(missing)}")
         for s in steps:  # a missing extra stops the run before its first stage, not halfway through
             require_for(s.stage, f"pipeline {data['name']}: stage {s.label} (curate {s.stage})")
-    with _environment(data.get("env") or {}), _services(data, workdir, variables, dry_run) as service_vars:
+    with environment(data.get("env") or {}), _services(data, workdir, variables, dry_run) as service_vars:
         if not dry_run:
             _make_datasets(data, variables)
         steps = plan(data, redo=redo, variables={**variables, **service_vars})
