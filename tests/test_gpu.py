@@ -188,9 +188,23 @@ def test_the_gpu_extra_installs_no_second_faiss():
 
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
-    faiss_deps = [d for d in meta["dependencies"] + meta["optional-dependencies"].get("gpu", [])
-                  if d.lower().startswith("faiss")]
-    assert faiss_deps == [d for d in meta["dependencies"] if d.lower().startswith("faiss")] and len(faiss_deps) == 1
+    extras = meta["optional-dependencies"]
+
+    def faiss_of(reqs: list[str]) -> set[str]:  # faiss packages, following curate[...] self-references
+        out: set[str] = set()
+        for r in reqs:
+            if r.startswith("curate["):
+                for name in r[len("curate["):r.index("]")].split(","):
+                    out |= faiss_of(extras[name])
+            elif r.lower().startswith("faiss"):
+                out.add(r.split(">")[0].split("=")[0].split("<")[0].strip().lower())
+        return out
+
+    # faiss-gpu goes in *in place of* faiss-cpu (both provide `faiss`): the gpu extra brings no faiss of its
+    # own, the base install none, and every extra that needs faiss names the same one package
+    assert faiss_of(extras["gpu"]) == set() and faiss_of(meta["dependencies"]) == set()
+    assert {name: faiss_of(reqs) for name, reqs in extras.items() if faiss_of(reqs)} == \
+        {"dedup": {"faiss-cpu"}, "search": {"faiss-cpu"}, "all": {"faiss-cpu"}}
 
 
 def test_device_decode_probe_answers_on_the_cpu():
