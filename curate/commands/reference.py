@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     check = "--check" in args
     args = [a for a in args if a != "--check"]
+    if len(args) > 1 or any(a.startswith("-") for a in args):  # never a file named like a flag
+        print("usage: python -m curate.commands.reference [--check] [PATH]", file=sys.stderr)
+        return 2
     path = Path(args[0]) if args else REFERENCE
     text = reference_markdown(cli.commands)
     if check:
