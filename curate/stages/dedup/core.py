@@ -212,17 +212,8 @@ def _search_numpy(vecs: Any, bounds: np.ndarray, member: np.ndarray, ident: np.n
         mem = e0 + np.flatnonzero(member[e0:e1])
         if len(mem) == 0:
             continue
-        xm = _f32(vecs[rows[mem]])
-        m_order = np.argsort(ident[mem], kind="stable")
-        m_ident = ident[mem][m_order]
         step = max(1, block_cells // len(mem))
-        for s in range(e0, e1, step):
-            q = np.arange(s, min(s + step, e1))
-            sim = _f32(vecs[rows[q]]) @ xm.T
-            # a row is not its own neighbour: find each query's row among the members by binary search
-            pos = np.minimum(np.searchsorted(m_ident, ident[q]), len(mem) - 1)
-            self_hit = np.flatnonzero(m_ident[pos] == ident[q])
-            sim[self_hit, m_order[pos[self_hit]]] = -np.inf
+        for q, sim in _sim_blocks(vecs, rows, ident, mem, e0, e1, step, None):  # a row is not its own neighbour
             b = np.argmax(sim, axis=1)
             best_sim[q] = sim[np.arange(len(q)), b]
             best_m[q] = mem[b]
