@@ -345,7 +345,10 @@ class _GuardedHTTPSConnection(HTTPSConnection):
 
 # a host's limit starts here (or at the ceiling when that is lower) and grows by about one per round of
 # successes up to the ceiling (--per-host); a 429 or 503 sets it one below the requests in flight that drew
-# the answer (halves it when only one was), keeps it there for a minute, and pauses the host (Retry-After)
+# the answer (halves it when only one was), keeps it there for a minute, and pauses the host (Retry-After).
+# A 429/503 that comes while the host is already held below such a cap says the host limits the request
+# rate, not the requests at once: its requests are then spaced to RATE_BACKOFF of the rate it answered
+# since its last 429/503 (and 10% slower again at each further one), for a minute.
 HOST_START = 4
 # answers that say the host is overloaded (a 500 is more often one broken URL than a busy host)
 OVERLOAD_STATUS = frozenset({429, 503})
@@ -353,6 +356,9 @@ OVERLOAD_STATUS = frozenset({429, 503})
 HOST_CAP_SECONDS = 60.0
 # the pause after a 429/503 without Retry-After (seconds); a Retry-After longer than this is honoured as given
 HOST_PAUSE = 1.0
+RATE_BACKOFF = 0.9
+RATE_MIN_ANSWERS = 4  # successes since the last 429/503 needed to estimate the rate the host allows
+RATE_MAX_INTERVAL = 5.0  # seconds: the slowest spacing
 
 
 @dataclass
@@ -362,6 +368,11 @@ class _HostState:
     paused_until: float = 0.0
     cap: float = float("inf")  # below the share at the last 429/503, until cap_until
     cap_until: float = 0.0
+    waiting: int = 0  # threads waiting in acquire/move for a slot: served before try_acquire
+    interval: float = 0.0  # seconds between request starts while capped (0: not rate limited)
+    next_start: float = 0.0
+    since: float = 0.0  # the last 429/503 (or the first request), and the successes after it
+    ok_since: int = 0
 
 
 class HostSlot:
@@ -395,37 +406,58 @@ class HostLimiter:
     def _state(self, host: str) -> _HostState:
         st = self._hosts.get(host)
         if st is None:
-            st = self._hosts[host] = _HostState(limit=self.start)
+            st = self._hosts[host] = _HostState(limit=self.start, since=time.monotonic())
         return st
 
+    @staticmethod
+    def _ready_at(st: _HostState, now: float) -> float:
+        """When the host may be asked next (paused by a Retry-After, or its requests spaced)."""
+        if st.interval and now >= st.cap_until:
+            st.interval = 0.0
+        return max(st.paused_until, st.next_start if st.interval else 0.0)
+
     def _free(self, st: _HostState, now: float) -> bool:
-        return now >= st.paused_until and st.active < max(1, int(st.limit))
+        return now >= self._ready_at(st, now) and st.active < max(1, int(st.limit))
+
+    @staticmethod
+    def _take(st: _HostState, now: float) -> None:
+        st.active += 1
+        if st.interval:
+            st.next_start = now + st.interval
 
     def try_acquire(self, host: str) -> HostSlot | None:
         with self._cond:
             st = self._state(host)
-            if not self._free(st, time.monotonic()):
+            # a thread already waiting (a redirect's next hop, a direct caller) goes first: a scheduler
+            # that keeps the host busy with new rows would otherwise starve it until its deadline
+            now = time.monotonic()
+            if st.waiting or not self._free(st, now):
                 return None
-            st.active += 1
+            self._take(st, now)
             return HostSlot(host)
 
     def _wait_free(self, host: str, until: float | None, slot: HostSlot | None = None) -> bool:
         """(holding the lock) wait until `host` has a free slot and take it; False when `until` passed
         first, or when `slot` (being moved) was released meanwhile."""
         st = self._state(host)
-        while True:
-            if slot is not None and not slot.held:
-                return False
-            now = time.monotonic()
-            if self._free(st, now):
-                st.active += 1
-                return True
-            if until is not None and now >= until:
-                return False
-            wake = st.paused_until - now if st.paused_until > now else 1.0
-            if until is not None:
-                wake = min(wake, until - now)
-            self._cond.wait(timeout=max(0.001, wake))
+        st.waiting += 1
+        try:
+            while True:
+                if slot is not None and not slot.held:
+                    return False
+                now = time.monotonic()
+                if self._free(st, now):
+                    self._take(st, now)
+                    return True
+                if until is not None and now >= until:
+                    return False
+                ready = self._ready_at(st, now)
+                wake = ready - now if ready > now else 1.0
+                if until is not None:
+                    wake = min(wake, until - now)
+                self._cond.wait(timeout=max(0.001, wake))
+        finally:
+            st.waiting -= 1
 
     def acquire(self, host: str, until: float | None = None) -> HostSlot | None:
         """Wait for a slot of `host` (until the monotonic time `until`, or for ever); None when it passed."""
@@ -469,6 +501,7 @@ class HostLimiter:
             st = self._state(host)
             cap = st.cap if time.monotonic() < st.cap_until else float(self.ceiling)
             st.limit = min(float(self.ceiling), cap, st.limit + 1.0 / max(1.0, st.limit))
+            st.ok_since += 1
             self._cond.notify_all()
 
     def throttled(self, host: str, retry_after: float | None) -> None:
@@ -478,11 +511,21 @@ class HostLimiter:
             st = self._state(host)
             now = time.monotonic()
             if now >= st.paused_until:  # once per pause: the other answers of a burst say the same thing
-                # the share that drew the answer is too much: stay below it for a while (HOST_CAP_SECONDS),
-                # or the host is asked past its limit again a few answers later
-                st.cap = max(1.0, float(max(st.active, int(st.limit))) - 1.0)
+                if now < st.cap_until and st.active <= st.cap:
+                    # already below the share that drew the last one: the host limits the rate (when it
+                    # answered a few since, so that rate says something)
+                    if st.ok_since >= RATE_MIN_ANSWERS:
+                        rate = st.ok_since / max(now - st.since, 1e-3)
+                        spaced = 1.0 / (RATE_BACKOFF * rate)
+                        spaced = max(spaced, st.interval / RATE_BACKOFF) if st.interval else spaced
+                        st.interval = min(spaced, RATE_MAX_INTERVAL)
+                else:
+                    # the share that drew the answer is too much: stay below it for a while
+                    # (HOST_CAP_SECONDS), or the host is asked past its limit again a few answers later
+                    st.cap = max(1.0, float(max(st.active, int(st.limit))) - 1.0)
+                    st.limit = min(st.cap, max(1.0, st.limit / 2) if st.active <= 1 else st.cap)
                 st.cap_until = now + HOST_CAP_SECONDS
-                st.limit = min(st.cap, max(1.0, st.limit / 2) if st.active <= 1 else st.cap)
+                st.since, st.ok_since = now, 0
             pause = HOST_PAUSE if retry_after is None else retry_after
             st.paused_until = max(st.paused_until, now + pause)
             self.throttles += 1
@@ -491,7 +534,10 @@ class HostLimiter:
         """Seconds until `host` may be asked again (0 when not paused)."""
         with self._cond:
             st = self._hosts.get(host)
-            return max(0.0, st.paused_until - time.monotonic()) if st else 0.0
+            if st is None:
+                return 0.0
+            now = time.monotonic()
+            return max(0.0, self._ready_at(st, now) - now)
 
     def limit(self, host: str) -> int:
         with self._cond:

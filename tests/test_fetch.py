@@ -287,7 +287,7 @@ def test_dns_answers_cached_for_their_ttl_one_lookup_per_name_names_in_parallel(
     assert calls.count("short.test") == 2  # a TTL of 0: asked again
 
 
-def test_a_429_pauses_its_host_for_the_retry_after_and_halves_its_share(server):
+def test_a_429_pauses_its_host_halves_its_share_and_a_second_spaces_its_requests(server):
     arrivals: list[float] = []
 
     def route(h, n):
@@ -304,9 +304,15 @@ def test_a_429_pauses_its_host_for_the_retry_after_and_halves_its_share(server):
     assert first.attempts == 2 and arrivals[1] - arrivals[0] >= 0.95
     assert f.limiter.limit(server.host) == 2  # 4 at the start, halved once
     arrivals.clear()
+    for _ in range(3):  # successes after the 429 (a few answers: a rate the host allowed)
+        f.limiter.succeeded(server.host)
+    time.sleep(1.0)
     t0 = time.monotonic()
-    f.limiter.throttled(server.host, 1.0)  # as another row's 429 would
-    f.limiter.throttled(server.host, 1.0)  # ... and a third in the same burst: halved once, not twice
-    assert f.limiter.limit(server.host) == 1 and f.limiter.paused_for(server.host) > 0.9
+    f.limiter.throttled(server.host, 1.0)  # as another row's 429 would, while the host is held below its cap
+    f.limiter.throttled(server.host, 1.0)  # ... and a third in the same burst: one decision, not two
+    # a 429 below the cap says the host limits the rate: the share stays, the requests are spaced to
+    # 0.9 of the rate it answered since the last 429 (4 successes in ~2 s: about 0.55 s apart)
+    assert f.limiter.limit(server.host) == 3 and f.limiter.paused_for(server.host) > 0.9  # grown back to its cap
     run_threads([functools.partial(f.fetch, server.url(f"/r{i}")) for i in range(1, 3)])
     assert min(arrivals) - t0 >= 0.95  # nobody asked the host during the pause
+    assert max(arrivals) - min(arrivals) >= 0.45  # two slots free, yet the second request waited its turn

@@ -17,7 +17,8 @@ def engine_options(fn: Callable) -> Callable:
     @click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
                   help="Where shard tasks run.")
     @click.option("--workers", type=int, default=1, show_default=True,
-                  help="Local worker processes (1 runs in-process).")
+                  help="Local worker processes (1, or a single task, runs in-process); download: one per CPU "
+                       "unless given.")
     @click.option("--spark-master", default="local[*]", show_default=True,
                   help="Spark master URL for --engine spark (an active SparkSession is reused).")
     @click.option("--redo", is_flag=True, help="Discard this stage's earlier output and recompute.")

@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from curate.commands.common import echo_err, engine_options, finish, resolve_shard_index
 from curate.options import Options, options_from
@@ -140,6 +141,7 @@ def command(input_path: str, out: str, preset: str | None, plan_only: bool, prog
                  "loopback, private and link-local addresses (cloud metadata included)")
     extra = {"inputs": [[os.path.basename(f), size] for f, size in files]}
     ds = DatasetDir.at(out)
+    engine_spec = machine_workers(engine_spec)
     with _Monitor(ds, progress and not plan_only, (cfg.shard_index, cfg.num_shards)):
         summary = run_stage("download", cfg, out, engine_spec, redo=redo, fingerprint_extra=extra,
                             progress=False, plan_only=plan_only, redo_tasks=redo_shards)
@@ -159,3 +161,16 @@ def command(input_path: str, out: str, preset: str | None, plan_only: bool, prog
     if c.get("superseded"):
         lines.append(f"  ({c['superseded']:,} earlier rows superseded by --retry-failed)")
     finish(summary, [ln for ln in lines if ln])
+
+
+def machine_workers(spec: Any) -> Any:
+    """The local engine without an explicit --workers: one worker process per CPU this process may use
+    (the engine runs a single shard in-process whatever the count)."""
+    import dataclasses
+
+    from curate.machine import cores
+
+    explicit = click.get_current_context().get_parameter_source("workers") != ParameterSource.DEFAULT
+    if spec.name != "local" or explicit:
+        return spec
+    return dataclasses.replace(spec, workers=cores())

@@ -40,7 +40,7 @@ class LocalEngine:
         self.workers = max(1, int(workers))
 
     def run(self, payloads: list[Payload], on_result: OnResult) -> list[dict[str, Any]]:
-        if self.workers == 1:
+        if min(self.workers, len(payloads)) <= 1:  # one worker, or one task: in this process
             out = []
             for p in payloads:
                 r = execute_task(*p)

@@ -6,7 +6,7 @@ GROUP BY over the slices (memory capped, spilling to disk) writes DIR/_inputs/du
 the rows whose URL appeared earlier (first occurrence wins, so the choice is the same on every
 engine); plan.json is written last and reused by every later run and every Slurm array task.
 Tasks are just {"shard": ...}. run_shard() fetches a shard's rows with a thread pool and writes the
-tar (successes, in row order) and the ledger (every row) atomically; the engine writes the marker last.
+tar (successes, in row order whatever order they finished in) and the ledger (every row) atomically; the engine writes the marker last.
 
 --retry-failed: rows of completed shards whose error code is transient (TRANSIENT_CODES) and that
 were not retried yet are written as new shards (numbers after the last one), each keeping its
@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import os
 import queue
 import threading
 import time
@@ -46,7 +47,7 @@ from curate.imaging import (
     process_image,
     return_freed_memory_to_os,
 )
-from curate.io.atomic import read_json, write_json
+from curate.io.atomic import read_json, tmp_path_for, write_json
 from curate.io.inputs import FORMATS as INPUT_FORMATS
 from curate.io.inputs import InputSpec, list_files
 from curate.io.layout import (
@@ -518,9 +519,11 @@ class _Result:
 
 
 # the shard writer's last resort: a row with no result this long after its worker took it is written
-# as deadline_exceeded (the fetch itself is bounded by the watchdog; this covers the wait for a
-# per-host slot, the decode budget, and any bug that would otherwise hang the shard)
+# as deadline_exceeded (the fetch itself is bounded by the watchdog; this covers a redirect's wait for
+# a per-host slot, the decode budget, and any bug that would otherwise hang the shard)
 WRITER_GRACE = 60.0
+# seconds between the writer's looks for rows stuck in a worker
+STUCK_CHECK_PERIOD = 1.0
 
 
 def _row_wait_limit(cfg: DownloadConfig) -> float:
@@ -533,18 +536,17 @@ def _row_wait_limit(cfg: DownloadConfig) -> float:
 class _Dispatch:
     """Which row a fetch thread takes next; every method is called holding the shard's lock.
 
-    Rows are scanned in order, within `window` rows of the writer. A row whose host is at its limit (or
-    paused by a Retry-After) is queued under its host, and never holds a thread: the next free thread
-    takes the next row instead, and a queued row is taken (lowest row first, as the writer waits for
-    rows in order) as soon as its host has a slot. A row of a host paused past what a fetch could wait
+    Rows are scanned in order. A row whose host is at its limit (or paused by a Retry-After) is queued
+    under its host, and never holds a thread: the next free thread takes the next row instead, and a
+    queued row is taken (lowest row first) as soon as its host has a slot, so every host is kept at its
+    limit from the start of the shard to its end. A row of a host paused past what a fetch could wait
     out is taken at once and fails fast in the fetcher, without a request.
     """
 
-    def __init__(self, rows: list[dict[str, Any]], fetcher: Fetcher, window: int):
+    def __init__(self, rows: list[dict[str, Any]], fetcher: Fetcher):
         self.rows = rows
         self.fetcher = fetcher
         self.limiter = fetcher.limiter
-        self.window = window
         self.scan = 0
         self.queued: dict[str, collections.deque[int]] = {}
         self.n_queued = 0
@@ -559,14 +561,14 @@ class _Dispatch:
             return None
         return self.fetcher.host_of(row["url"])
 
-    def take(self, written: int) -> tuple[int, HostSlot | None] | None:
+    def take(self) -> tuple[int, HostSlot | None] | None:
         """(row, the host slot taken for it) or None when no row can start now."""
         if self.queued:
             for _, host in sorted((dq[0], h) for h, dq in self.queued.items()):
                 slot = None if self.fetcher.too_long_paused(host) else self.limiter.try_acquire(host)
                 if slot is not None or self.fetcher.too_long_paused(host):
                     return self._unqueue(host), slot
-        while self.scan < len(self.rows) and self.scan - written < self.window:
+        while self.scan < len(self.rows):
             i = self.scan
             self.scan += 1
             host = self._host(i)
@@ -705,38 +707,43 @@ def _finish_row(res: _Result) -> _Result:
     return res
 
 
-# _await_row's answer for a row that has waited `limit` seconds for a decode thread (all of them stuck)
-_STALLED = _Result({})
-
-
-def _await_row(cond: threading.Condition, results: list[_Result | None], taken: list[float], i: int,
-               limit: float) -> _Result | None:
-    """Row i's result; None once it has been in a worker for `limit` seconds; _STALLED once it has
-    waited `limit` seconds for a decode thread (call holding `cond`).
-
-    taken[i] > 0: in a fetch or decode thread since then; < 0: fetched and waiting for a decode thread
-    since -taken[i]; 0: not taken yet, waited for without a bound: every taken row ends or is given up
-    on within `limit`, and its thread replaced, so free workers always reach it. A row waiting for a
-    decode thread is not given up on: the decode threads are replaced instead (the bodies are queued in
-    fetch order, not row order, so the rows ahead of it in the queue may be later rows).
-    """
-    while results[i] is None:
-        t = taken[i]
-        now = time.monotonic()
-        if t > 0 and now - t > limit:
-            return None
-        if t < 0 and now + t > limit:
-            return _STALLED
-        cond.wait(timeout=1.0)
-    return results[i]
-
-
 def _abandoned(row: dict[str, Any], limit: float) -> _Result:
     led: dict[str, Any] = {name: None for name in _LEDGER_NAMES}
     led.update(key=row["key"], row=row["row"], url=row["url"], caption=row["caption"], attempts=0,
                status="deadline_exceeded", error_code="deadline_exceeded", elapsed=round(limit, 4),
                error_message=f"no result {limit:.0f}s after the row was started; the shard went on without it")
     return _Result(led)
+
+
+class _Spill:
+    """The encoded images of a shard in the order they were finished, in a temporary file; the tar is
+    written from it in row order once every row is done, so the tar is the same whatever order the
+    network answered in, and no finished row waits in memory for a slower one before it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "w+b")  # noqa: SIM115 - closed in close(), after the tar is written
+        self.where: dict[int, tuple[int, int, str]] = {}  # row -> (offset, size, extension)
+        self._end = 0
+
+    def put(self, i: int, image: bytes, ext: str) -> None:
+        self._f.write(image)
+        self.where[i] = (self._end, len(image), ext)
+        self._end += len(image)
+
+    def get(self, i: int) -> tuple[bytes, str] | None:
+        if i not in self.where:
+            return None
+        off, size, ext = self.where[i]
+        return os.pread(self._f.fileno(), size, off), ext
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
 
 def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
@@ -747,8 +754,10 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     encode): the pixel work runs in few threads, so their allocator arenas are reused instead of
     growing in every fetch thread, and the GIL is not handed around among many threads mid-decode. A
     row whose host is at its limit is queued under its host (_Dispatch), so a waiting thread is never
-    a blocked one. Long because the workers and the in-order writer share one lock and its state; split
-    apart they would pass the same objects around.
+    a blocked one. Finished rows go to the writer in the order they finish (their images to a spill
+    file, _Spill), so a slow row never holds the rows after it; the tar is written in row order at the
+    end. Long because the workers and the writer share one lock and its state; split apart they would
+    pass the same objects around.
     """
     shard = task["shard"]
     t0 = time.time()
@@ -756,7 +765,6 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     rows = read_slice(ds, shard)
     n = len(rows)
     lock = threading.Lock()
-    cond = threading.Condition(lock)  # the writer waits here for results
     work = threading.Condition(lock)  # idle fetch threads wait here for a row they can start
 
     def slot_freed() -> None:
@@ -769,14 +777,15 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     return_freed_memory_to_os()  # or freed decode buffers stay in per-thread arenas (see imaging)
     PHASES.reset()
     fast_errors0 = Counter(FAST_DECODER_ERRORS)
-    # results are written in row order; the window bounds how far workers run ahead of the writer
-    window = max(256, cfg.threads * 16)
-    results: list[_Result | None] = [None] * n
-    taken: list[float] = [0.0] * n  # when a worker took row i (monotonic)
-    slots: list[HostSlot | None] = [None] * n  # the host slot row i's worker holds
+    finished: queue.SimpleQueue[tuple[int, _Result]] = queue.SimpleQueue()  # to the writer, as rows finish
+    # rows in a worker: > 0 fetching or decoding since then; < 0 fetched and waiting for a decode thread
+    # since -value. A row the writer gave up on is in given_up, and its late result is dropped.
+    working: dict[int, float] = {}
+    given_up: set[int] = set()
+    slots: dict[int, HostSlot] = {}  # the host slot a fetching row's thread holds
     wait_limit = _row_wait_limit(cfg)
-    state = {"written": 0, "stop": False, "workers": 0, "idle": 0, "in_flight": 0, "peak_in_flight": 0}
-    dispatch = _Dispatch(rows, fetcher, window)
+    state = {"stop": False, "workers": 0, "idle": 0, "in_flight": 0, "peak_in_flight": 0}
+    dispatch = _Dispatch(rows, fetcher)
     n_decode = max(1, cfg.decode_threads)
     pace = _Pace(cfg.threads, n_decode)
     # bodies waiting for a decode thread: bounded, so a slow decode holds the fetch threads back
@@ -784,10 +793,11 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     to_decode: queue.Queue[tuple[int, _Result, bytes] | None] = queue.Queue(maxsize=2 * n_decode)
 
     def deliver(i: int, r: _Result) -> None:
-        with cond:
-            if state["written"] <= i:  # not given up on by the writer
-                results[i] = r
-            cond.notify_all()
+        with lock:
+            if i in given_up:
+                return
+            working.pop(i, None)
+        finished.put((i, r))
 
     def next_row() -> tuple[int, HostSlot | None] | None:
         """(holding the lock) the next row this thread fetches; None: the thread ends."""
@@ -796,7 +806,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 state["workers"] -= 1
                 work.notify()  # pass on the wake-up this thread may have taken
                 return None
-            got = dispatch.take(state["written"])
+            got = dispatch.take()
             if got is not None:
                 work.notify()  # another idle thread may find a row too
                 return got
@@ -811,8 +821,9 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 if got is None:
                     return
                 i, slot = got
-                taken[i] = time.monotonic()
-                slots[i] = slot
+                working[i] = time.monotonic()
+                if slot is not None:
+                    slots[i] = slot
                 state["in_flight"] += 1
                 state["peak_in_flight"] = max(state["peak_in_flight"], state["in_flight"])
             if slot is None:
@@ -821,18 +832,20 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 with fetcher.holding(slot):
                     r, body = _fetch_row(rows[i], fetcher)
             with lock:
+                slots.pop(i, None)
                 state["in_flight"] -= 1
                 pace.row_done(r.ledger["error_code"] in TRANSIENT_CODES, state["idle"])
                 grow = max(0, min(pace.target - state["workers"], 64))
                 state["workers"] += grow
+                if body is not None and i in working:
+                    # waiting for a decode thread is not the row's fault: the writer's clock restarts
+                    # when a decode thread takes it
+                    working[i] = -time.monotonic()
             for _ in range(grow):
                 spawn(fetch_worker, f"fetch-{shard}-{len(threads)}", threads)
             if body is None:
                 deliver(i, _finish_row(r))
                 continue
-            # waiting for a decode thread is not the row's fault: the writer's clock restarts when a
-            # decode thread takes it (see _await_row)
-            taken[i] = -time.monotonic()
             while True:  # a put that gives up when the shard is stopped (the decoders may be gone)
                 try:
                     to_decode.put((i, r, body), timeout=0.5)
@@ -849,9 +862,11 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 return
             i, r, body = item
             del item
-            with cond:  # the writer reads and resets a waiting row's clock under cond
-                taken[i] = time.monotonic()
-                pace.decode_idle += taken[i] - w0
+            with lock:
+                now = time.monotonic()
+                if i in working:
+                    working[i] = now
+                pace.decode_idle += now - w0
             deliver(i, _finish_row(_decode_row(r, body, opt, budget)))
             del body, r
 
@@ -859,6 +874,31 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         th = threading.Thread(target=target, daemon=True, name=name)
         pool.append(th)
         th.start()
+
+    def give_up_stuck() -> list[int]:
+        """Rows in a worker for longer than wait_limit, given up on (their threads are replaced and
+        their host slots freed); a decode thread more when a fetched row waited that long for one."""
+        now = time.monotonic()
+        with lock:
+            stuck = [i for i, t in working.items() if t > 0 and now - t > wait_limit]
+            waiting = [i for i, t in working.items() if t < 0 and now + t > wait_limit]
+            for i in waiting:
+                working[i] = -now
+            freed = []
+            for i in stuck:
+                del working[i]
+                given_up.add(i)
+                freed.append(slots.pop(i, None))
+            state["workers"] += len(stuck)
+        for slot in freed:
+            if slot is not None:
+                fetcher.limiter.release(slot)
+        for i in stuck:  # the row may be stuck in a fetch or in a decode: replace one of each
+            spawn(fetch_worker, f"fetch-{shard}-r{i}", threads)
+            spawn(decode_worker, f"decode-{shard}-r{i}", decoders)
+        if waiting:  # every decode thread is stuck: add one, the rows wait on
+            spawn(decode_worker, f"decode-{shard}-s{len(decoders)}", decoders)
+        return stuck
 
     threads: list[threading.Thread] = []
     decoders: list[threading.Thread] = []
@@ -868,64 +908,66 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         spawn(fetch_worker, f"fetch-{shard}-{k}", threads)
     for k in range(n_decode):
         spawn(decode_worker, f"decode-{shard}-{k}", decoders)
-    ledger_rows: list[dict[str, Any]] = []
+    ledger_rows: list[dict[str, Any] | None] = [None] * n
     status: Counter[str] = Counter()
     total_bytes = 0
-    last_progress = time.monotonic()
+    done = 0
+    last_progress = last_check = time.monotonic()
+    spill = _Spill(tmp_path_for(ds.shard_tar(shard)).with_suffix(".spill"))
+
+    def record(i: int, r: _Result) -> None:
+        nonlocal done, total_bytes
+        led = r.ledger
+        led["shard"] = shard
+        for c in cfg.keep_cols:
+            led[c] = rows[i].get(c)
+        if r.image is not None:
+            spill.put(i, r.image, r.ext or "jpg")
+        ledger_rows[i] = led
+        status[led["status"]] += 1
+        total_bytes += led["bytes"] or 0
+        done += 1
+
     try:
+        try:
+            while done < n:
+                try:
+                    record(*finished.get(timeout=STUCK_CHECK_PERIOD))
+                except queue.Empty:
+                    pass
+                now = time.monotonic()
+                if now - last_check >= STUCK_CHECK_PERIOD:
+                    last_check = now
+                    for i in give_up_stuck():
+                        record(i, _abandoned(rows[i], wait_limit))
+                if now - last_progress > 1.0:
+                    last_progress = now
+                    write_json(progress_path(ds, shard), {"done": done, "success": status["success"]})
+        finally:
+            with lock:
+                state["stop"] = True
+                work.notify_all()
+            # every row is done: the threads left are idle (they end now) or stuck in a row given up
+            # on (daemons, left behind); a short bound for all of them together
+            join_until = time.monotonic() + 5.0
+            for th in list(threads):
+                th.join(timeout=max(0.0, join_until - time.monotonic()))
+            for _ in decoders:  # the fetch threads are done putting: one end mark per decode thread
+                with contextlib.suppress(queue.Full):
+                    to_decode.put(None, timeout=max(0.0, join_until - time.monotonic()))
+            for th in decoders:
+                th.join(timeout=max(0.0, join_until - time.monotonic()))
+            fetcher.close()
+        spill.flush()
         with ShardWriter(ds.shard_tar(shard)) as writer:
-            for i in range(n):
-                with cond:
-                    r = _await_row(cond, results, taken, i, wait_limit)
-                    while r is _STALLED:  # every decode thread is stuck: add one, the row waits on
-                        spawn(decode_worker, f"decode-{shard}-s{i}", decoders)
-                        taken[i] = -time.monotonic()
-                        r = _await_row(cond, results, taken, i, wait_limit)
-                    replace_fetch = r is None
-                    if r is None:
-                        # the thread stuck in row i is left behind (a daemon) and replaced, so the
-                        # rows after it still get their full thread count; its host slot is freed
-                        r = _abandoned(rows[i], wait_limit)
-                        state["workers"] += 1
-                    results[i] = None
-                    state["written"] = i + 1
-                    work.notify()  # the window moved on by one row
-                if replace_fetch:
-                    if slots[i] is not None:
-                        fetcher.limiter.release(slots[i])
-                    # the row may be stuck in a fetch or in a decode: replace one of each
-                    spawn(fetch_worker, f"fetch-{shard}-r{i}", threads)
-                    spawn(decode_worker, f"decode-{shard}-r{i}", decoders)
-                slots[i] = None
-                led = r.ledger
-                led["shard"] = shard
-                for c in cfg.keep_cols:
-                    led[c] = rows[i].get(c)
-                if r.image is not None:
+            for i, led in enumerate(ledger_rows):
+                got = spill.get(i)
+                if got is not None and led is not None:
                     meta = {k: v for k, v in led.items() if k not in _NOT_IN_TAR}
                     with PHASES.timed("write"):
-                        writer.write(led["key"], r.image, r.ext or "jpg", led["caption"], meta)
-                ledger_rows.append(led)
-                status[led["status"]] += 1
-                total_bytes += led["bytes"] or 0
-                if time.monotonic() - last_progress > 1.0:
-                    last_progress = time.monotonic()
-                    write_json(progress_path(ds, shard), {"done": i + 1, "success": status["success"]})
+                        writer.write(led["key"], got[0], got[1], led["caption"], meta)
     finally:
-        with cond:
-            state["stop"] = True
-            cond.notify_all()
-            work.notify_all()
-        # one bound for all threads together: a thread stuck past it is a daemon and is left behind
-        join_until = time.monotonic() + cfg.deadline + 5
-        for th in list(threads):
-            th.join(timeout=max(0.0, join_until - time.monotonic()))
-        for _ in decoders:  # the fetch threads are done putting: one end mark per decode thread
-            with contextlib.suppress(queue.Full):
-                to_decode.put(None, timeout=max(0.0, join_until - time.monotonic()))
-        for th in decoders:
-            th.join(timeout=max(0.0, join_until - time.monotonic()))
-        fetcher.close()
+        spill.close()
     fields = list(LEDGER_FIELDS) + [pa.field(c, pa.string()) for c in cfg.keep_cols]
     schema = pa.schema(fields)
     with PHASES.timed("ledger"):
