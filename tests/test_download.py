@@ -519,3 +519,41 @@ def test_sigterm_records_interrupted_in_the_manifest_itself(server, tmp_path):
 
     raw = json.loads((out / "manifest.json").read_text())["stages"]["download"]
     assert raw["status"] == "interrupted"  # written by the run itself, not inferred by a reader
+
+
+def test_a_slow_row_holds_back_no_other_row_and_the_tar_stays_in_row_order(server, tmp_path):
+    """Row 0 takes 8 s to answer; the 300 rows after it (more than the 256 rows a writer in row order
+    would let run ahead) are all fetched meanwhile, and the tar still lists the rows in order."""
+    arrivals: list[float] = []
+    slow_done: list[float] = []
+
+    def slow(h, _n):
+        time.sleep(8.0)
+        h.send(200, jpeg())
+        slow_done.append(time.monotonic())
+
+    def fast(h, _n):
+        arrivals.append(time.monotonic())
+        h.send(200, jpeg())
+
+    server.routes["/slow.jpg"] = slow
+    for i in range(300):
+        server.routes[f"/f{i}.jpg"] = fast
+    urls = [server.url("/slow.jpg")] + [server.url(f"/f{i}.jpg") for i in range(300)]
+    out = tmp_path / "ds"
+    assert download(write_urls(tmp_path / "urls.parquet", urls), out, server, "--threads", "8",
+                    "--per-host", "8", "--image-size", "16", "--workers", "1", "--timeout", "10",
+                    "--deadline", "20") == 0
+    assert len(arrivals) == 300 and slow_done and max(arrivals) < slow_done[0]
+    t = ledger(out)
+    assert t.column("status").to_pylist() == ["success"] * 301
+    names = [n for n in iter_tar_names(out) if n.endswith(".jpg")]
+    assert names == [f"{k}.jpg" for k in t.column("key").to_pylist()]  # row order, not finishing order
+
+
+def iter_tar_names(out: Path) -> list[str]:
+    import tarfile
+
+    (tar,) = (out / "shards").glob("*.tar")
+    with tarfile.open(tar) as tf:
+        return tf.getnames()
