@@ -346,9 +346,10 @@ class _GuardedHTTPSConnection(HTTPSConnection):
 # a host's limit starts here (or at the ceiling when that is lower) and grows by about one per round of
 # successes up to the ceiling (--per-host); a 429 or 503 sets it one below the requests in flight that drew
 # the answer (halves it when only one was), keeps it there for a minute, and pauses the host (Retry-After).
-# A 429/503 that comes while the host is already held below such a cap says the host limits the request
-# rate, not the requests at once: its requests are then spaced to RATE_BACKOFF of the rate it answered
-# since its last 429/503 (and 10% slower again at each further one), for a minute.
+# A 429/503 that comes while the host is already held to one request at a time says the host limits the
+# request rate, not the requests at once: its requests are then spaced to RATE_BACKOFF of the rate it
+# answered since its last 429/503 (and 10% slower again at each further one), for a minute; the rows
+# that a 429 paused retry in turns at that spacing.
 HOST_START = 4
 # answers that say the host is overloaded (a 500 is more often one broken URL than a busy host)
 OVERLOAD_STATUS = frozenset({429, 503})
@@ -511,13 +512,12 @@ class HostLimiter:
             st = self._state(host)
             now = time.monotonic()
             if now >= st.paused_until:  # once per pause: the other answers of a burst say the same thing
-                if now < st.cap_until and st.active <= st.cap:
-                    # already below the share that drew the last one: the host limits the rate (when it
+                if now < st.cap_until and st.active <= 1 and int(st.limit) <= 1:
+                    # one request at a time already drew the last one: the host limits the rate (when it
                     # answered a few since, so that rate says something)
-                    if st.ok_since >= RATE_MIN_ANSWERS:
+                    if st.interval or st.ok_since >= RATE_MIN_ANSWERS:
                         rate = st.ok_since / max(now - st.since, 1e-3)
-                        spaced = 1.0 / (RATE_BACKOFF * rate)
-                        spaced = max(spaced, st.interval / RATE_BACKOFF) if st.interval else spaced
+                        spaced = st.interval / RATE_BACKOFF if st.interval else 1.0 / (RATE_BACKOFF * rate)
                         st.interval = min(spaced, RATE_MAX_INTERVAL)
                 else:
                     # the share that drew the answer is too much: stay below it for a while
@@ -529,6 +529,23 @@ class HostLimiter:
             pause = HOST_PAUSE if retry_after is None else retry_after
             st.paused_until = max(st.paused_until, now + pause)
             self.throttles += 1
+
+    def wait_turn(self, host: str, until: float) -> bool:
+        """For a thread that holds a slot of `host` and asks it again (a retry after a 429/503): wait
+        until the host may be asked (its pause over, its spacing respected) and take that turn; False
+        when `until` passed first."""
+        with self._cond:
+            st = self._state(host)
+            while True:
+                now = time.monotonic()
+                ready = self._ready_at(st, now)
+                if now >= ready:
+                    if st.interval:
+                        st.next_start = now + st.interval
+                    return True
+                if now >= until:
+                    return False
+                self._cond.wait(timeout=max(0.001, min(ready, until) - now))
 
     def paused_for(self, host: str) -> float:
         """Seconds until `host` may be asked again (0 when not paused)."""
@@ -706,6 +723,9 @@ class Fetcher:
                         e.message += f" (Retry-After {e.retry_after:.0f}s is past the deadline)"
                     raise
                 time.sleep(wait)
+                if e.http_status in OVERLOAD_STATUS and held is not None and held.held:
+                    # the other rows this 429 paused retry too: take turns, spaced as the host now wants
+                    self.limiter.wait_turn(held.host, deadline - self.policy.timeout)
 
     def close(self) -> None:
         with self._pool_lock:

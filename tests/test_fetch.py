@@ -12,7 +12,7 @@ import pytest
 from helpers import Concurrency, run_threads
 from loopback import LoopServer, jpeg
 
-from curate.fetch import Fetcher, FetchFailed, FetchPolicy, is_public_address, optout_directive
+from curate.fetch import Fetcher, FetchFailed, FetchPolicy, HostLimiter, is_public_address, optout_directive
 
 
 def fetcher(server: LoopServer, **kw: Any) -> Fetcher:
@@ -287,7 +287,7 @@ def test_dns_answers_cached_for_their_ttl_one_lookup_per_name_names_in_parallel(
     assert calls.count("short.test") == 2  # a TTL of 0: asked again
 
 
-def test_a_429_pauses_its_host_halves_its_share_and_a_second_spaces_its_requests(server):
+def test_a_429_pauses_its_host_for_the_retry_after_and_halves_its_share(server):
     arrivals: list[float] = []
 
     def route(h, n):
@@ -304,15 +304,49 @@ def test_a_429_pauses_its_host_halves_its_share_and_a_second_spaces_its_requests
     assert first.attempts == 2 and arrivals[1] - arrivals[0] >= 0.95
     assert f.limiter.limit(server.host) == 2  # 4 at the start, halved once
     arrivals.clear()
-    for _ in range(3):  # successes after the 429 (a few answers: a rate the host allowed)
-        f.limiter.succeeded(server.host)
-    time.sleep(1.0)
     t0 = time.monotonic()
-    f.limiter.throttled(server.host, 1.0)  # as another row's 429 would, while the host is held below its cap
-    f.limiter.throttled(server.host, 1.0)  # ... and a third in the same burst: one decision, not two
-    # a 429 below the cap says the host limits the rate: the share stays, the requests are spaced to
-    # 0.9 of the rate it answered since the last 429 (4 successes in ~2 s: about 0.55 s apart)
-    assert f.limiter.limit(server.host) == 3 and f.limiter.paused_for(server.host) > 0.9  # grown back to its cap
+    f.limiter.throttled(server.host, 1.0)  # as another row's 429 would
+    f.limiter.throttled(server.host, 1.0)  # ... and a third in the same burst: halved once, not twice
+    assert f.limiter.limit(server.host) == 1 and f.limiter.paused_for(server.host) > 0.9
     run_threads([functools.partial(f.fetch, server.url(f"/r{i}")) for i in range(1, 3)])
     assert min(arrivals) - t0 >= 0.95  # nobody asked the host during the pause
-    assert max(arrivals) - min(arrivals) >= 0.45  # two slots free, yet the second request waited its turn
+
+
+def test_a_host_that_limits_its_rate_gets_its_requests_spaced():
+    """Two 429s take a host from 4 requests at once to 1; a third one, at one request at a time, says the
+    host limits its rate: its requests are spaced to 0.9 of the rate it answered, then 10% slower again."""
+    lim = HostLimiter(8)
+    host = "rate.test"
+    for _ in range(2):  # 4 -> 2 (halved) -> 1; Retry-After 0: each 429 is a pause of its own
+        slot = lim.try_acquire(host)
+        lim.throttled(host, 0.0)
+        lim.release(slot)
+    assert lim.limit(host) == 1 and lim.paused_for(host) == 0
+    first = lim.try_acquire(host)
+    assert first is not None and lim.try_acquire(host) is None  # one at a time, not spaced yet
+    lim.release(first)
+    slot = lim.try_acquire(host)
+    assert slot is not None  # ... so the next one starts at once
+    lim.release(slot)
+    t0 = time.monotonic()
+    for _ in range(5):
+        lim.succeeded(host)
+    time.sleep(0.5)
+    slot = lim.try_acquire(host)
+    lim.throttled(host, 0.0)  # 5 answers in ~0.5 s: spaced 1 / (0.9 * ~10/s), about 0.11 s
+    lim.release(slot)
+    interval = 1 / (0.9 * 5 / (time.monotonic() - t0))
+    slot = lim.try_acquire(host)
+    assert slot is not None
+    lim.release(slot)
+    assert lim.try_acquire(host) is None and 0.5 * interval < lim.paused_for(host) <= interval * 1.01
+    time.sleep(lim.paused_for(host) + 0.01)
+    slot = lim.try_acquire(host)
+    assert slot is not None
+    lim.throttled(host, 0.0)  # a further 429: 10% slower
+    lim.release(slot)
+    time.sleep(lim.paused_for(host) + 0.01)
+    slot = lim.try_acquire(host)
+    assert slot is not None
+    lim.release(slot)
+    assert lim.paused_for(host) > interval * 1.05
