@@ -272,7 +272,7 @@ def run_stage_once(n: int, seed: int, root: Path, per: int, device: str, workers
     from curate.stages.dedup import DedupConfig
 
     t0 = time.time()
-    summary = run_stage("dedup", DedupConfig(threshold=THRESHOLD, seed=seed, device=device), str(root),
+    summary = run_stage("dedup", DedupConfig(threshold=THRESHOLD, seed=seed, device=device, phash=False), str(root),
                         EngineSpec(workers=workers), redo=True, progress=False)
     wall = time.time() - t0
     done = root / "_done" / "dedup"
@@ -320,7 +320,7 @@ def check_heavy(root: Path, n: int, seed: int) -> dict[str, object]:
     out = {"n": n, "reference_dropped": len(want), "brute_force_s": round(time.perf_counter() - t0, 1),
            "default_k": _compare(root, want)}
     t0 = time.perf_counter()
-    summary = run_stage("dedup", DedupConfig(threshold=THRESHOLD, seed=seed, k=1), str(root), EngineSpec(),
+    summary = run_stage("dedup", DedupConfig(threshold=THRESHOLD, seed=seed, k=1, phash=False), str(root), EngineSpec(),
                         redo=True, progress=False)
     out["one_cluster"] = {**_compare(root, want), "stage_s": round(time.perf_counter() - t0, 1),
                           "kept_beyond_pairs_per_row": summary.counts.get("kept_beyond_pairs_per_row")}

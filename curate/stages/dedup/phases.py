@@ -38,6 +38,40 @@ def _save(path: Path, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
+_DESCR: dict[str, np.dtype] = {}  # a .npy header's 'descr' text -> dtype (parsed once per process)
+
+
+def npy(path: Path) -> np.ndarray:
+    """A read-only view of a .npy file written by _save, through one mmap. np.load(mmap_mode="r") costs about
+    0.25 ms a file (literal_eval of the header, np.memmap's set-up); a resolve or pair task opens one file
+    per shard or group, so at 10^3 shards that was most of its time."""
+    import mmap
+    import re
+
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+        if head[:6] != b"\x93NUMPY":
+            raise InputError(f"{path}: not a .npy file")
+        size, start = (int.from_bytes(head[8:10], "little"), 10) if head[6] == 1 else \
+            (int.from_bytes(head[8:12], "little"), 12)
+        fh.seek(start)
+        header = fh.read(size).decode("latin1")
+        m = re.match(r"\{'descr': (.*), 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}", header.strip())
+        if m is None:  # another writer's layout: the slow, general reader
+            return np.load(path, mmap_mode="r")
+        if m.group(1) not in _DESCR:
+            import ast
+
+            _DESCR[m.group(1)] = np.lib.format.descr_to_dtype(ast.literal_eval(m.group(1)))
+        dtype = _DESCR[m.group(1)]
+        shape = tuple(int(v) for v in m.group(2).replace(" ", "").split(",") if v)
+        count = int(np.prod(shape)) if shape else 1
+        if count == 0 or dtype.itemsize == 0:
+            return np.zeros(shape, dtype)
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, dtype, count=count, offset=start + size).reshape(shape)
+
+
 def _paths(ds: DatasetDir, task: dict[str, Any]) -> list[Path]:
     wd = work_dir(ds)
     kind = task["kind"]
@@ -374,7 +408,7 @@ def run_collapse(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     """One shard's part of the GROUP BY: a byte mask of its copies (read by the pair tasks) and its rows of
     exact_edges.parquet as an array sorted by position (read by resolve and write)."""
     wd = work_dir(ds)
-    n = len(np.load(wd / "keys" / f"{task['source']}.npy", mmap_mode="r"))
+    n = len(npy(wd / "keys" / f"{task['source']}.npy"))
     t = _exact_rows(wd, task["ordinal"])
     keys = np.array([k.encode() for k in t["a_key"].to_pylist()], "S") if t.num_rows else np.zeros(0, "S1")
     out = np.empty(t.num_rows, [("pos", np.int64), ("a_uid", np.int64), ("a_prio", np.float64),
@@ -436,16 +470,16 @@ def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
     mask32 = (1 << UID_SHIFT) - 1
     for s in shards:  # first pass: which entries survive the collapse (uids only)
         for prefix, masked in ((wd / "bucket" / s, True), (wd / "collapse" / f"{s}.reps", False)):
-            off = np.load(prefix.with_name(prefix.name + ".offsets.npy"))
+            off = npy(prefix.with_name(prefix.name + ".offsets.npy"))
             if off[g + 1] <= off[g]:
                 continue
             path = prefix.with_name(prefix.name + ".npy")
-            part = np.load(path, mmap_mode="r")
+            part = npy(path)
             dtype = part.dtype if dtype is None else dtype
             width = max(width, part.dtype["key"].itemsize)
             keep = np.arange(int(off[g]), int(off[g + 1]))
             if masked:
-                copy = np.load(wd / "collapse" / f"{s}.mask.npy", mmap_mode="r")
+                copy = npy(wd / "collapse" / f"{s}.mask.npy")
                 keep = keep[copy[np.asarray(part["uid"][off[g]:off[g + 1]]) & mask32] == 0]
             if len(keep):
                 slices.append((path, keep))
@@ -458,7 +492,7 @@ def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
     out["key"] = np.empty(total, f"S{width}")
     pos = 0
     for path, keep in slices:
-        part = np.load(path, mmap_mode="r")
+        part = npy(path)
         a, b = int(keep[0]), int(keep[-1]) + 1
         window = part[a:b]
         for f in fields:
@@ -602,9 +636,9 @@ def _gather_candidates(cfg: DedupConfig, wd: Path, plan: dict[str, Any], task: d
     o = task["ordinal"]
     parts = []
     for g in range(len(plan["group_bounds"]) - 1):
-        off = np.load(wd / "pairs" / f"{g:05d}.edge_offsets.npy")
+        off = npy(wd / "pairs" / f"{g:05d}.edge_offsets.npy")
         if off[o + 1] > off[o]:
-            parts.append(np.array(np.load(wd / "pairs" / f"{g:05d}.edges.npy", mmap_mode="r")[off[o]:off[o + 1]]))
+            parts.append(np.array(npy(wd / "pairs" / f"{g:05d}.edges.npy")[off[o]:off[o + 1]]))
     width = max([p.dtype["hi_key"].itemsize for p in parts] + [1])
     near = {f: np.concatenate([p[f] for p in parts]) if parts else np.zeros(0, t) for f, t in EDGE}
     near["hi_key"] = np.concatenate([p["hi_key"].astype(f"S{width}") for p in parts]) if parts else np.zeros(0, "S1")
@@ -644,7 +678,7 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
     paths = _paths(ds, task)
     if r == 0:
         edges, n_near, more = _gather_candidates(cfg, wd, plan, task)
-        n = len(np.load(wd / "keys" / f"{src}.npy", mmap_mode="r"))
+        n = len(npy(wd / "keys" / f"{src}.npy"))
         st = np.zeros(n, STATUS)
         st["status"], st["kept_uid"] = KEPT, -1
         st["status"][edges["pos"]] = UNDECIDED
@@ -677,25 +711,35 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
     return counts
 
 
-def _status_of(wd: Path, shards: list[str], r: int, uid: np.ndarray, field: str = "status") -> np.ndarray:
-    """`field` of round r's status of each uid, read from each owning shard's file through a memory map."""
-    out = np.zeros(len(uid), STATUS[[f for f, _ in STATUS].index(field)][1])
+def _by_shard(uid: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(shard ordinal, positions in `uid`) of every shard owning some of `uid`: one sort, then slices (not a
+    scan of all uids per shard)."""
     ordinal = uid >> UID_SHIFT
-    for o in np.unique(ordinal):
-        sel = np.flatnonzero(ordinal == o)
-        st = np.load(_round_dir(wd, r) / f"{shards[int(o)]}.npy", mmap_mode="r")
-        out[sel] = st[field][uid[sel] & ((1 << UID_SHIFT) - 1)]
+    if len(ordinal) == 0:
+        return []
+    o = np.argsort(ordinal, kind="stable")
+    starts = np.flatnonzero(np.r_[True, ordinal[o][1:] != ordinal[o][:-1]])
+    ends = np.r_[starts[1:], len(o)]
+    return [(int(ordinal[o[a]]), o[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+def _status_of(wd: Path, shards: list[str], r: int, uid: np.ndarray, field: str | None = "status") -> np.ndarray:
+    """`field` (None: the whole record) of round r's status of each uid, read from each owning shard's file
+    through a memory map."""
+    out = np.zeros(len(uid), STATUS if field is None else STATUS[[f for f, _ in STATUS].index(field)][1])
+    for o, sel in _by_shard(uid):
+        st = npy(_round_dir(wd, r) / f"{shards[o]}.npy")
+        rows = st[uid[sel] & ((1 << UID_SHIFT) - 1)]
+        out[sel] = rows if field is None else rows[field]
     return out
 
 
 def _keys_of(wd: Path, shards: list[str], uid: np.ndarray) -> np.ndarray:
     """The key (bytes) of each uid, read from each owning shard's key array through a memory map."""
-    ordinal = uid >> UID_SHIFT
     parts, width = {}, 1
-    for o in np.unique(ordinal):
-        k = np.load(wd / "keys" / f"{shards[int(o)]}.npy", mmap_mode="r")
-        sel = np.flatnonzero(ordinal == o)
-        parts[int(o)] = (sel, k[uid[sel] & ((1 << UID_SHIFT) - 1)])
+    for o, sel in _by_shard(uid):
+        k = npy(wd / "keys" / f"{shards[o]}.npy")
+        parts[o] = (sel, k[uid[sel] & ((1 << UID_SHIFT) - 1)])
         width = max(width, k.dtype.itemsize)
     out = np.zeros(len(uid), f"S{width}")
     for sel, k in parts.values():
@@ -714,7 +758,7 @@ def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
     r = task["round"]
     heads, near_pairs, unconfirmed, beyond = [], 0, 0, 0
     for s in plan["shards"]:
-        st = np.load(_round_dir(wd, r) / f"{s}.npy", mmap_mode="r")
+        st = npy(_round_dir(wd, r) / f"{s}.npy")
         kept_by = np.unique(st["kept_uid"][st["status"] == DROPPED])
         rows = np.load(wd / "collapse" / f"{s}.npy")
         reps = rows["pos"][rows["kind"] == REP]
@@ -757,7 +801,7 @@ def _offsets_column(folder: Path, names: list[str], suffix: str, col: int) -> np
     """[offsets[col], offsets[col + 1]] of every name: from the gathered file, else each name's own file."""
     path = folder / ALL_OFFSETS
     if path.exists():
-        return np.asarray(np.load(path, mmap_mode="r")[:, col:col + 2])
+        return np.array(npy(path)[:, col:col + 2])
     return np.stack([np.load(folder / f"{n}{suffix}")[col:col + 2] for n in names]) if names else np.zeros((0, 2))
 
 
@@ -768,7 +812,7 @@ def _nearest(wd: Path, plan: dict[str, Any], ordinal: int, n: int) -> tuple[np.n
     groups = [f"{g:05d}" for g in range(len(plan["group_bounds"]) - 1)]
     for g, (a, b) in zip(groups, _offsets_column(wd / "pairs", groups, ".nn_offsets.npy", ordinal), strict=True):
         if b > a:
-            parts.append(np.array(np.load(wd / "pairs" / f"{g}.nn.npy", mmap_mode="r")[a:b]))
+            parts.append(np.array(npy(wd / "pairs" / f"{g}.nn.npy")[a:b]))
     sim = np.full(n, -np.inf, np.float32)
     key = np.zeros(n, "S1")
     near = np.zeros(n, bool)
@@ -796,12 +840,10 @@ def _decisions(wd: Path, plan: dict[str, Any], task: dict[str, Any], r: int, row
     kept_uid = np.where(st["status"] == DROPPED, st["kept_uid"], -1)
     evidence = np.where(st["status"] == DROPPED, st["evidence"], 0).astype(np.int8)
     copies = rows[rows["kind"] == COPY]
-    rep_status = _status_of(wd, plan["shards"], r, copies["a_uid"])
-    rep_kept = _status_of(wd, plan["shards"], r, copies["a_uid"], "kept_uid")
-    rep_ev = _status_of(wd, plan["shards"], r, copies["a_uid"], "evidence")
-    dropped_rep = rep_status == DROPPED
-    kept_uid[copies["pos"]] = np.where(dropped_rep, rep_kept, copies["a_uid"])
-    evidence[copies["pos"]] = np.where(dropped_rep, rep_ev, sd.EXACT)
+    rep = _status_of(wd, plan["shards"], r, copies["a_uid"], None)
+    dropped_rep = rep["status"] == DROPPED
+    kept_uid[copies["pos"]] = np.where(dropped_rep, rep["kept_uid"], copies["a_uid"])
+    evidence[copies["pos"]] = np.where(dropped_rep, rep["evidence"], sd.EXACT)
     return kept_uid, evidence
 
 
