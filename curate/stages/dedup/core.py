@@ -275,6 +275,23 @@ def _hits(q: list, m: list, s: list, best_sim: np.ndarray, best_m: np.ndarray) -
                 best_sim.astype(np.float32), best_m.astype(np.int64))
 
 
+def hub_probes(x: np.ndarray, centroids: np.ndarray, threshold: float, limit: int) -> list[np.ndarray]:
+    """For each row of x, every cluster that can store a row y with cos(x, y) >= threshold, nearest first (at
+    most `limit`). y is stored in its nearest centroid c_y, so angle(y, c_y) <= angle(y, c_x) <= a + t_x, where
+    a = angle(x, y) <= arccos(threshold) and t_x = angle(x, c_x) (c_x: x's nearest centroid); hence
+    angle(x, c_y) <= 2 arccos(threshold) + t_x: the clusters with their centroid inside that cone are all."""
+    sims = _f32(x) @ _f32(centroids).T
+    if sims.shape[1] == 0:
+        return [np.zeros(0, np.int64) for _ in range(len(x))]
+    own = np.arccos(np.clip(sims.max(axis=1), -1.0, 1.0))
+    bound = np.cos(np.minimum(np.pi, 2 * np.arccos(np.clip(threshold, -1.0, 1.0)) + own + 1e-3))
+    out = []
+    for row, b in zip(sims, bound, strict=True):
+        inside = np.flatnonzero(row >= b)
+        out.append(inside[np.argsort(-row[inside], kind="stable")][:limit])
+    return out
+
+
 def max_similarity(emb: Any, reference: np.ndarray, batch: int = ASSIGN_BATCH,
                    device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Every row's highest cosine to any `reference` row and that row's index ((n,) float32, int64)."""

@@ -268,6 +268,7 @@ def _write_bucket(wd: Path, shard: str, x: np.ndarray, ids: np.ndarray, uid: np.
     p = max(p, 1)
     cluster = ids.reshape(-1)
     o = np.argsort(cluster, kind="stable")  # entry e = row * p + probe; stable keeps key order in a cluster
+    o = o[cluster[o] >= 0]  # -1: no entry (a padded probe list)
     row = o // p
     dt = np.dtype([("emb", np.float16, (x.shape[1],)), ("uid", np.int64), ("prio", np.float64),
                    ("cluster", np.int32), ("member", np.bool_), ("key", key.dtype)])
@@ -331,17 +332,18 @@ COPY, REP, PHASH_EDGE = 4, 0, 2  # kinds of exact_edges.parquet rows (COPY and P
 def exact_sql(cfg: DedupConfig) -> str:
     """The GROUP BY behind the collapse, one row per (row b, row a) with b_uid sorted:
     - kind 4 (COPY): b shares its sha256 with a, the first row of that value in keep order (its representative);
-    - kind 0 (REP): b is a representative with copies; a is its first copy (b's nearest neighbour, at cosine 1);
+    - kind 0 (REP): b is a representative with `copies` copies; a is its first copy (b's nearest neighbour, at
+      cosine 1);
     - kind 2 (PHASH_EDGE), with --phash: representative b has the perceptual hash of a, the first representative
       of that hash in keep order (256-bit with --phash-distance, else 64-bit).
     Copies never reach the pair search; they take their representative's decision when the signals are written."""
     sha = ("s AS (SELECT key, uid, prio, sha256 AS v FROM meta WHERE sha256 IS NOT NULL AND sha256 <> ''), "
            "r AS (SELECT *, row_number() OVER (PARTITION BY v ORDER BY prio DESC, key) AS rn, "
            "count(*) OVER (PARTITION BY v) AS cnt FROM s), g AS (SELECT * FROM r WHERE cnt > 1), "
-           "copies AS (SELECT o.uid AS b_uid, h.uid AS a_uid, h.prio AS a_prio, h.key AS a_key, 4 AS kind "
-           "FROM g o JOIN g h ON o.v = h.v AND h.rn = 1 WHERE o.rn > 1), "
-           "reps AS (SELECT h.uid AS b_uid, o.uid AS a_uid, o.prio AS a_prio, o.key AS a_key, 0 AS kind "
-           "FROM g h JOIN g o ON o.v = h.v AND o.rn = 2 WHERE h.rn = 1)")
+           "copies AS (SELECT o.uid AS b_uid, h.uid AS a_uid, h.prio AS a_prio, h.key AS a_key, 4 AS kind, "
+           "CAST(0 AS BIGINT) AS copies FROM g o JOIN g h ON o.v = h.v AND h.rn = 1 WHERE o.rn > 1), "
+           "reps AS (SELECT h.uid AS b_uid, o.uid AS a_uid, o.prio AS a_prio, o.key AS a_key, 0 AS kind, "
+           "CAST(h.cnt - 1 AS BIGINT) AS copies FROM g h JOIN g o ON o.v = h.v AND o.rn = 2 WHERE h.rn = 1)")
     parts = ["SELECT * FROM copies", "SELECT * FROM reps"]
     if cfg.phash:
         # with --phash-distance the 256-bit hash: equal 64-bit pHashes join blank images and look-alike
@@ -350,8 +352,8 @@ def exact_sql(cfg: DedupConfig) -> str:
         sha += (f", p AS (SELECT m.key, m.uid, m.prio, ph.{col} AS v FROM meta m JOIN phash ph ON m.key = ph.key "
                 f"LEFT JOIN copies c ON m.uid = c.b_uid WHERE ph.{col} IS NOT NULL AND c.b_uid IS NULL), "
                 "pr AS (SELECT *, row_number() OVER (PARTITION BY v ORDER BY prio DESC, key) AS rn FROM p), "
-                "pe AS (SELECT o.uid AS b_uid, h.uid AS a_uid, h.prio AS a_prio, h.key AS a_key, 2 AS kind "
-                "FROM pr o JOIN pr h ON o.v = h.v AND h.rn = 1 WHERE o.rn > 1)")
+                "pe AS (SELECT o.uid AS b_uid, h.uid AS a_uid, h.prio AS a_prio, h.key AS a_key, 2 AS kind, "
+                "CAST(0 AS BIGINT) AS copies FROM pr o JOIN pr h ON o.v = h.v AND h.rn = 1 WHERE o.rn > 1)")
         parts.append("SELECT * FROM pe")
     return f"WITH {sha} SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY b_uid, kind"
 
@@ -412,29 +414,36 @@ def run_collapse(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     t = _exact_rows(wd, task["ordinal"])
     keys = np.array([k.encode() for k in t["a_key"].to_pylist()], "S") if t.num_rows else np.zeros(0, "S1")
     out = np.empty(t.num_rows, [("pos", np.int64), ("a_uid", np.int64), ("a_prio", np.float64),
-                                ("a_key", keys.dtype), ("kind", np.int8)])
+                                ("a_key", keys.dtype), ("kind", np.int8), ("copies", np.int64)])
     out["pos"] = t["b_uid"].to_numpy() & ((1 << UID_SHIFT) - 1) if t.num_rows else 0
     if t.num_rows:
         out["a_uid"], out["a_prio"] = t["a_uid"].to_numpy(), t["a_prio"].to_numpy()
         out["a_key"], out["kind"] = keys, t["kind"].to_numpy().astype(np.int8)
+        out["copies"] = t["copies"].to_numpy()
     out = out[np.lexsort((out["kind"], out["pos"]))]
     mask = np.zeros(n, np.uint8)
     mask[out["pos"][out["kind"] == COPY]] = 1
     mask_path, rows_path = _paths(ds, task)[:2]
     _save(rows_path, out)
-    _write_rep_bucket(cfg, ds, task, out["pos"][out["kind"] == REP])
+    rep = out[out["kind"] == REP]
+    _write_rep_bucket(cfg, ds, task, rep["pos"], rep["copies"])
     _save(mask_path, mask)
     return {"copies": int(mask.sum())}
 
 
 REP_PROBES = 4  # a representative with copies searches REP_PROBES x --probes clusters
+# a representative of at least HUB_COPIES byte copies (a placeholder, a logo) searches every cluster that can hold
+# a partner of it, at most HUB_MAX_PROBES (the nearest first): its near copies crowd many clusters around it
+HUB_COPIES, HUB_MAX_PROBES = 100, 256
 
 
-def _write_rep_bucket(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any], reps: np.ndarray) -> None:
+def _write_rep_bucket(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any], reps: np.ndarray,
+                      copies: np.ndarray) -> None:
     """Extra probes for the shard's representatives with copies: the near copies of a heavy group (a re-encoded
     placeholder) crowd several neighbouring clusters around it, and with --probes clusters a pair between a near
     copy and the representative can straddle a border. These rows are few (one per group), so they query
-    REP_PROBES times as many clusters (as non-members: the extra entries only look)."""
+    REP_PROBES times as many clusters, and a hub (HUB_COPIES copies or more) every cluster that can hold a
+    partner (core.hub_probes), as non-members: the extra entries only look."""
     import pyarrow.parquet as pq
 
     from curate.stages.dedup import core as sd
@@ -445,14 +454,23 @@ def _write_rep_bucket(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any], re
     p = min(cfg.probes, len(centroids))
     extra = min(REP_PROBES * cfg.probes, len(centroids))
     prefix = wd / "collapse" / f"{task['source']}.reps"
-    ids = np.zeros((0, max(extra - p, 1)), np.int32)
+    hub = copies >= HUB_COPIES
+    if extra <= p:
+        reps, copies, hub = reps[hub], copies[hub], hub[hub]
+    ids = np.zeros((0, 1), np.int32)
     x = np.zeros((0, plan["dim"]), np.float16)
-    if len(reps) and extra > p:
+    if len(reps):
         t, emb = read_shard(ds, task["source"], with_sha=False, scorer=cfg.scorer)
         x = gather(emb, t["emb_row"].to_numpy()[reps])
-        ids = sd.assign(x, centroids, extra, cfg.batch_rows, task_device(plan, cfg))[0][:, p:]
-    else:
-        reps = reps[:0]
+        nearest = sd.assign(x, centroids, max(extra, p), cfg.batch_rows, task_device(plan, cfg))[0]
+        own, near = nearest[:, :p], nearest[:, p:]  # own: the probes of the row's entries in its shard's bucket
+        wide = [w[~np.isin(w, own[i])] for i, w in zip(np.flatnonzero(hub), sd.hub_probes(
+            x[hub], centroids, plan["threshold"], HUB_MAX_PROBES), strict=True)] if hub.any() else []
+        ids = np.full((len(reps), max([near.shape[1], 1] + [len(w) for w in wide])), -1, np.int32)  # -1: none
+        ids[:, :near.shape[1]] = near
+        for i, w in zip(np.flatnonzero(hub), wide, strict=True):
+            ids[i] = -1
+            ids[i, :len(w)] = w
     prio = pq.read_table(wd / "meta" / f"{task['source']}.parquet", columns=["prio"])["prio"].to_numpy()[reps]
     keys = np.load(wd / "keys" / f"{task['source']}.npy", mmap_mode="r")[reps]
     uid = (np.int64(task["ordinal"]) << UID_SHIFT) + reps.astype(np.int64)
