@@ -383,8 +383,8 @@ def run_heavy(a: argparse.Namespace, out: Path) -> None:
 
 
 def _one(a: argparse.Namespace, out: Path, job: str) -> dict[str, object]:
-    cmd = [sys.executable, __file__, "--one", job, "--seed", str(a.seed), "--out", str(out),
-           "--device", a.device, "--stage-workers", str(a.stage_workers), "--shard-rows", str(a.shard_rows)]
+    cmd = [sys.executable, __file__, "--one", job, "--seed", str(a.seed), "--out", str(out), "--device", a.device,
+           "--stage-workers", str(a.stage_workers), "--shard-rows", str(a.shard_rows), "--gen-jobs", str(a.gen_jobs)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -410,6 +410,7 @@ def main() -> None:
                                     "(bench/heavy_tail.py), run against the same size without it")
     ap.add_argument("--check-size", default="100k", help="heavy-tail mode: size of the dataset whose decisions are "
                                                          "checked against the brute-force rule ('' to skip)")
+    ap.add_argument("--gen-jobs", type=int, default=1, help="heavy-tail mode: processes writing the datasets")
     ap.add_argument("--repeat", type=int, default=1, help="heavy-tail mode: stage runs of each dataset, alternating")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "core:N", "gen:N", "stage:N", "hgen:N:H"...
     a = ap.parse_args()
@@ -420,7 +421,7 @@ def main() -> None:
 
         kind, n_, h_ = a.one.split(":")
         n, h, root = int(n_), int(h_), out / f"heavy-{n_}-{h_}"
-        res = (generate(root, n, a.shard_rows, h, seed=a.seed) if kind == "hgen" else
+        res = (generate(root, n, a.shard_rows, h, seed=a.seed, jobs=a.gen_jobs) if kind == "hgen" else
                run_stage_once(n, a.seed, root, a.shard_rows, a.device, a.stage_workers, planted=False)
                if kind == "hstage" else check_heavy(root, n, a.seed))
         print(json.dumps(res), flush=True)
