@@ -278,7 +278,7 @@ def run_stage_once(n: int, seed: int, root: Path, per: int, device: str, workers
     done = root / "_done" / "dedup"
     ends = {}
     for phase, pattern in (("assign", "assign.*.json"), ("collapse", "collapse.*.json"), ("pairs", "pairs.*.json"),
-                           ("resolve", "resolve.*.json"), ("decide", "decide.json"), ("write", "[0-9]*.json")):
+                           ("resolve", "resolve.*.json"), ("decide", "decide.*.json"), ("write", "[0-9]*.json")):
         ends[phase] = max(p.stat().st_mtime for p in done.glob(pattern))
     trained = (root / "_work" / "dedup" / "centroids.npy").stat().st_mtime
     steps, prev = {"plan_train": round(trained - t0, 2)}, trained

@@ -91,10 +91,10 @@ def _paths(ds: DatasetDir, task: dict[str, Any]) -> list[Path]:
                 wd / "pairs" / f"{g}.nn_offsets.npy", wd / "pairs" / f"{g}.nn.npy"]
     if kind == "resolve":
         r, s = f"r{task['round']:03d}", task["source"]
-        own = [wd / "resolve" / r / f"{s}.npy", wd / "resolve" / r / f"{s}.json"]
+        own = [wd / "resolve" / r / f"{s}.npy", wd / "resolve" / r / f"{s}.json", wd / "resolve" / r / f"{s}.by.npy"]
         return own + ([wd / "resolve" / f"{s}.edges.npy"] if task["round"] == 0 else [])
     if kind == "decide":
-        return [wd / "decide" / "summary.json", wd / "decide" / "heads.npy"]
+        return [wd / "decide" / f"{task['source']}.npy", wd / "decide" / f"{task['source']}.json"]
     return [ds.signals("dedup", task["source"])]
 
 
@@ -705,8 +705,9 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
         st["more"][more] = True
         e = np.empty(len(edges["pos"]), [("pos", np.int64), ("hi_uid", np.int64), ("kind", np.int8)])
         e["pos"], e["hi_uid"], e["kind"] = edges["pos"], edges["hi_uid"], edges["kind"]
-        _save(paths[2], e)
+        _save(paths[3], e)
         counts = {"near_pairs": n_near, "candidates": len(e)}
+        by = np.zeros(0, np.int64)
     else:
         st = np.load(_round_dir(wd, r - 1) / f"{src}.npy")
         e = np.load(wd / "resolve" / f"{src}.edges.npy")
@@ -723,7 +724,11 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
         st["evidence"][drop] = sd.strongest(e["kind"][first])
         st["status"][settle] = KEPT
         counts = {}
+        # the kept rows this round's drops name, sorted by uid (so by owning shard): each shard's decide task
+        # reads its own range of every shard's file to learn which of its rows head a group
+        by = np.unique(e["hi_uid"][first])
     counts["undecided"] = int((st["status"] == UNDECIDED).sum())
+    _save(paths[2], by)
     _save(paths[0], st)
     write_json(paths[1], counts)
     return counts
@@ -769,31 +774,46 @@ def _keys_of(wd: Path, shards: list[str], uid: np.ndarray) -> np.ndarray:
 
 
 def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
-    """The kept rows that have duplicates (the group heads), sorted by key so a group's number is its head's
-    place in key order; read per shard, only the heads are held. And the pair counts of round 0."""
+    """One shard's group heads: its kept rows that some dropped row names (read from its uid range of every
+    shard's per-round `by` files: at most one entry per shard and round for a row, however large its group)
+    and its kept representatives of byte copies, as positions in key order; no task holds every head."""
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
-    r = task["round"]
-    heads, near_pairs, unconfirmed, beyond = [], 0, 0, 0
-    for s in plan["shards"]:
-        st = npy(_round_dir(wd, r) / f"{s}.npy")
-        kept_by = np.unique(st["kept_uid"][st["status"] == DROPPED])
-        rows = np.load(wd / "collapse" / f"{s}.npy")
-        reps = rows["pos"][rows["kind"] == REP]
-        ordinal = plan["shards"].index(s)
-        kept_reps = reps[st["status"][reps] == KEPT] + (np.int64(ordinal) << UID_SHIFT)
-        heads.append(np.unique(np.r_[kept_by, kept_reps]))
-        beyond += int((st["more"] & (st["status"] == KEPT)).sum())
-        near_pairs += read_json(_round_dir(wd, 0) / f"{s}.json")["near_pairs"]
-    for g in range(len(plan["group_bounds"]) - 1):
-        unconfirmed += read_json(ds.stats("dedup", f"pairs.{g:05d}")).get("unconfirmed", 0)
-    uid = np.unique(np.concatenate(heads)) if heads else np.zeros(0, np.int64)
-    keys = np.sort(_keys_of(wd, plan["shards"], uid))
-    _save(wd / "decide" / "heads.npy", keys)
-    counts = {"near_duplicate_pairs": near_pairs,  # candidate pairs (at most --pairs-per-row per row)
+    r, src, ordinal = task["round"], task["source"], task["ordinal"]
+    lo, hi = np.int64(ordinal) << UID_SHIFT, np.int64(ordinal + 1) << UID_SHIFT
+    parts = []
+    for rr in range(1, r + 1):
+        for s in plan["shards"]:
+            by = npy(_round_dir(wd, rr) / f"{s}.by.npy")
+            a, b = np.searchsorted(by, [lo, hi])
+            if b > a:
+                parts.append(np.asarray(by[a:b]) & ((1 << UID_SHIFT) - 1))
+    st = npy(_round_dir(wd, r) / f"{src}.npy")
+    rows = np.load(wd / "collapse" / f"{src}.npy")
+    reps = rows["pos"][rows["kind"] == REP]
+    parts.append(reps[st["status"][reps] == KEPT])
+    heads = np.unique(np.concatenate(parts)).astype(np.int64)
+    paths = _paths(ds, task)
+    _save(paths[0], heads)
+    counts = {"heads": len(heads), "kept_beyond_pairs_per_row": int((st["more"] & (st["status"] == KEPT)).sum()),
+              "near_pairs": read_json(_round_dir(wd, 0) / f"{src}.json")["near_pairs"]}
+    write_json(paths[1], counts)
+    return counts
+
+
+def decide_summary(ds: DatasetDir, plan: dict[str, Any], r: int) -> dict[str, Any]:
+    """On the driver after the decide tasks (O(shards + pair tasks) small files): the stage's counts
+    (decide/summary.json), rewritten only when they change."""
+    wd = work_dir(ds)
+    per = [read_json(wd / "decide" / f"{s}.json") for s in plan["shards"]]
+    unconfirmed = sum(read_json(ds.stats("dedup", f"pairs.{g:05d}")).get("unconfirmed", 0)
+                      for g in range(len(plan["group_bounds"]) - 1))
+    counts = {"near_duplicate_pairs": sum(c["near_pairs"] for c in per),  # candidates (<= --pairs-per-row a row)
               "near_pairs_without_phash_match": unconfirmed,  # embedding pairs --phash-distance did not confirm
-              "groups": len(keys), "resolve_rounds": r + 1, "kept_beyond_pairs_per_row": beyond}
-    write_json(wd / "decide" / "summary.json", counts)
+              "groups": sum(c["heads"] for c in per), "resolve_rounds": r + 1,
+              "kept_beyond_pairs_per_row": sum(c["kept_beyond_pairs_per_row"] for c in per)}
+    if not ((wd / "decide" / "summary.json").exists() and read_json(wd / "decide" / "summary.json") == counts):
+        write_json(wd / "decide" / "summary.json", counts)
     return counts
 
 
@@ -865,6 +885,15 @@ def _decisions(wd: Path, plan: dict[str, Any], task: dict[str, Any], r: int, row
     return kept_uid, evidence
 
 
+def group_id(head_key: np.ndarray) -> np.ndarray:
+    """A group's number: a 63-bit hash of its head's key (the kept row), the same wherever the rows are stored
+    and computed from the head alone, so no task numbers the groups of the whole dataset. Two groups share a
+    number with probability about G^2 / 2^64 (G groups: 5e-5 for 3 x 10^7 groups)."""
+    from curate.stages.dedup import core as sd
+
+    return (sd.key_hash(head_key, 0) >> np.uint64(1)).astype(np.int64)
+
+
 def run_write(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
     """signals/dedup/{shard}.parquet: one row per scored sample of the shard, in key order."""
     import pyarrow as pa
@@ -895,11 +924,9 @@ def run_write(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
         kk = _keys_of(wd, plan["shards"], kept_uid[dropped])
         kept_key = kept_key.astype(f"S{max(own.dtype.itemsize, kk.dtype.itemsize)}")
         kept_key[dropped] = kk
-    heads = np.load(wd / "decide" / "heads.npy", mmap_mode="r")
-    at = np.minimum(np.searchsorted(heads, kept_key), max(len(heads) - 1, 0))
-    group = np.where(len(heads) > 0, at, -1).astype(np.int64)
-    if len(heads):
-        group[np.asarray(heads[at]) != kept_key] = -1
+    head = np.zeros(n, bool)
+    head[npy(wd / "decide" / f"{task['source']}.npy")] = True
+    group = np.where(dropped | head, group_id(kept_key), -1).astype(np.int64)
     nn_ok = np.isfinite(nn_sim)
     names = np.array([None, *(sd.EVIDENCE[b] for b in (sd.NEAR, sd.PHASH, sd.EXACT))], dtype=object)
     columns = {
