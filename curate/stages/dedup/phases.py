@@ -724,9 +724,9 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
         st["evidence"][drop] = sd.strongest(e["kind"][first])
         st["status"][settle] = KEPT
         counts = {}
-        # the kept rows this round's drops name, sorted by uid (so by owning shard): each shard's decide task
-        # reads its own range of every shard's file to learn which of its rows head a group
-        by = np.unique(e["hi_uid"][first])
+        # the kept rows this shard's drops name so far, sorted by uid (so by owning shard): each shard's decide
+        # task reads its own range of every shard's file of the last round to learn which of its rows head a group
+        by = np.union1d(npy(_round_dir(wd, r - 1) / f"{src}.by.npy"), e["hi_uid"][first])
     counts["undecided"] = int((st["status"] == UNDECIDED).sum())
     _save(paths[2], by)
     _save(paths[0], st)
@@ -775,19 +775,18 @@ def _keys_of(wd: Path, shards: list[str], uid: np.ndarray) -> np.ndarray:
 
 def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
     """One shard's group heads: its kept rows that some dropped row names (read from its uid range of every
-    shard's per-round `by` files: at most one entry per shard and round for a row, however large its group)
+    shard's `by` file of the last round: at most one entry per shard for a row, however large its group)
     and its kept representatives of byte copies, as positions in key order; no task holds every head."""
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
     r, src, ordinal = task["round"], task["source"], task["ordinal"]
     lo, hi = np.int64(ordinal) << UID_SHIFT, np.int64(ordinal + 1) << UID_SHIFT
     parts = []
-    for rr in range(1, r + 1):
-        for s in plan["shards"]:
-            by = npy(_round_dir(wd, rr) / f"{s}.by.npy")
-            a, b = np.searchsorted(by, [lo, hi])
-            if b > a:
-                parts.append(np.asarray(by[a:b]) & ((1 << UID_SHIFT) - 1))
+    for s in plan["shards"]:
+        by = npy(_round_dir(wd, r) / f"{s}.by.npy")
+        a, b = np.searchsorted(by, [lo, hi])
+        if b > a:
+            parts.append(np.asarray(by[a:b]) & ((1 << UID_SHIFT) - 1))
     st = npy(_round_dir(wd, r) / f"{src}.npy")
     rows = np.load(wd / "collapse" / f"{src}.npy")
     reps = rows["pos"][rows["kind"] == REP]

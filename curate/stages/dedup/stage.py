@@ -12,7 +12,7 @@ duplicates, SemDeDup's keep rule, and contamination against an evaluation set, a
              neighbour                                                           -> pairs/{g}.edges.npy, .nn.npy
     resolve  rounds of one task per shard: SemDeDup's rule, a row settled once its partners are  -> resolve/rNNN/
     decide   one task per shard: its group heads (kept rows some drop names, read from its uid range of every
-             shard's per-round `by` file); the driver sums their counts  -> decide/{shard}.npy, summary.json
+             shard's last-round `by` file); the driver sums their counts -> decide/{shard}.npy, summary.json
     write    one task per source shard: its signal table (a copy takes its representative's decision), marker
              last                                                                -> signals/dedup/{shard}.parquet
 
