@@ -167,29 +167,64 @@ def _count(ds: DatasetDir, shards: list[str], scorer: str) -> tuple[int, int]:
 
 
 def _sample(ds: DatasetDir, shards: list[str], n: int, size: int, seed: int, d: int, scorer: str) -> np.ndarray:
-    """About `size` rows drawn by a hash of (key, seed), in hash order: the same sample, in the same order,
-    whatever the shard placement, and never more than the sample in memory."""
+    """About `size` rows drawn by a hash of (key, seed), in hash order, one row per distinct embedding, as
+    float32 (what k-means reads): the same sample, in the same order, whatever the shard placement. Two passes
+    over the score tables: the drawn rows' (hash, key) give each its place, then the embeddings are read into
+    one preallocated array; so the driver holds the sample once, not its parts and their concatenations."""
     from curate.stages.dedup import core as sd
 
     if n == 0:
         return np.zeros((0, d), np.float32)
     cut = np.uint64(min(2**64 - 1, int(size / n * 2**64))) if size < n else np.uint64(2**64 - 1)
-    hashes, keys, parts = [], [], []
-    for shard in shards:
+
+    def drawn(shard: str) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
         t, emb = read_shard(ds, shard, with_sha=False, scorer=scorer)
         k = np.asarray(t["key"].to_numpy(zero_copy_only=False)).astype("S")
         h = sd.key_hash(k, seed)
         sel = np.flatnonzero(h <= cut)
-        hashes.append(h[sel])
-        keys.append(k[sel])
-        parts.append(gather(emb, t["emb_row"].to_numpy()[sel]))
-    h = np.concatenate(hashes)
-    o = np.lexsort((np.concatenate(keys), h))
-    sample = np.ascontiguousarray(np.concatenate(parts)[o])
+        return emb, t["emb_row"].to_numpy()[sel], h[sel], k[sel]
+
+    hashes, keys = [], []
+    for shard in shards:
+        _, _, h, k = drawn(shard)
+        hashes.append(h)
+        keys.append(k)
+    place = np.empty(sum(len(h) for h in hashes), np.int64)
+    place[np.lexsort((np.concatenate(keys), np.concatenate(hashes)))] = np.arange(len(place))
+    del hashes, keys
+    sample = np.empty((len(place), d), np.float32)
+    at = 0
+    for shard in shards:
+        emb, rows, _, _ = drawn(shard)
+        sample[place[at:at + len(rows)]] = gather(emb, rows)
+        at += len(rows)
     # one sample row per embedding: exact copies (a placeholder behind 10^5 URLs, byte-equal images embed
     # equally) would pull centroids onto one point and split its near copies over several clusters
-    _, first = np.unique(sample.view(np.dtype((np.void, sample.dtype.itemsize * d))).ravel(), return_index=True)
-    return sample[np.sort(first)]
+    return _distinct_rows(sample)
+
+
+def _distinct_rows(x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """The first row of every distinct value of x, in order, compacted in place (a view of x's buffer): rows
+    sorted by a 64-bit hash of their bytes, equal neighbours compared in full."""
+    from curate.stages.dedup.core import _splitmix
+
+    words = x.view(np.uint32).reshape(len(x), -1)
+    h = np.zeros(len(x), np.uint64)
+    for s in range(0, len(x), chunk):
+        hc = np.zeros(min(chunk, len(x) - s), np.uint64)
+        for j in range(words.shape[1]):
+            hc = _splitmix(hc ^ words[s:s + chunk, j].astype(np.uint64) ^ np.uint64(j << 32))
+        h[s:s + chunk] = hc
+    o = np.argsort(h, kind="stable")  # equal rows: equal hashes, in row order
+    cand = np.flatnonzero(h[o][1:] == h[o][:-1]) + 1
+    same = np.array([x[o[i]].tobytes() == x[o[i - 1]].tobytes() for i in cand.tolist()], bool)
+    dup = np.zeros(len(x), bool)
+    dup[o[cand[same]]] = True
+    keep = np.flatnonzero(~dup)
+    for s in range(0, len(keep), chunk):  # keep[i] >= i: each chunk reads rows at or after those it writes
+        part = keep[s:s + chunk]
+        x[s:s + len(part)] = x[part]
+    return x[:len(keep)]
 
 
 def _gather_eval(eval_ds: DatasetDir, wd: Path, dim: int | None, scorer: str) -> None:
