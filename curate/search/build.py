@@ -34,6 +34,7 @@ from curate.errors import InputError
 from curate.hashing import json_digest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
+from curate.machine import sql_memory_limit
 from curate.options import option
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ QUERY_KINDS = ("image", "text")  # the encoder a query vector came from
 # cosine, read from the score stage's embedding files (memory-mapped, so they stay on disk)
 REFINE_DEPTH = 200
 TEXT_LIKE_COSINE = 0.3
+ROW_STORE_SQL_CAP = 512 << 20  # DuckDB's memory limit for the row store's query, at most (curate.machine)
 PLATEAU_STEPS, PLATEAU_GAIN = 3, 0.002  # tuning stops when 3 more nprobe steps gain under 0.002 recall  # a CLIP caption's cosine to its own image, roughly: the weakly aligned probes' cosine
 
 
@@ -383,7 +385,8 @@ class IndexStage:
         from curate.search.rowstore import is_current, write_row_store
 
         if not is_current(ds, wd):  # missing, or a ledger/signal file changed since: (re)written here
-            write_row_store(ds, wd, plan["rows"])
+            # DuckDB's share of this machine (or $CURATE_SQL_MEMORY), at most 512 MB: it spills past it
+            write_row_store(ds, wd, plan["rows"], memory_limit=sql_memory_limit(cap=ROW_STORE_SQL_CAP))
         write_json(wd / "index.json", meta)  # last: the searcher reads only a complete index
         img = meta["modalities"]["image"]
         return {"rows": plan["rows"], "kind": plan["kind"], "factory": plan["factory"], "nprobe": img["nprobe"],
