@@ -9,7 +9,10 @@ an offsets file, so a reader memory-maps only its own slice (the map side of a s
 
 from __future__ import annotations
 
+import ast
 import logging
+import mmap
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,15 +42,13 @@ def _save(path: Path, array: np.ndarray) -> None:
 
 
 _DESCR: dict[str, np.dtype] = {}  # a .npy header's 'descr' text -> dtype (parsed once per process)
+_NPY_HEADER = re.compile(r"\{'descr': (.*), 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}")
 
 
 def npy(path: Path) -> np.ndarray:
     """A read-only view of a .npy file written by _save, through one mmap. np.load(mmap_mode="r") costs about
     0.25 ms a file (literal_eval of the header, np.memmap's set-up); a resolve or pair task opens one file
     per shard or group, so at 10^3 shards that was most of its time."""
-    import mmap
-    import re
-
     with open(path, "rb") as fh:
         head = fh.read(12)
         if head[:6] != b"\x93NUMPY":
@@ -56,12 +57,10 @@ def npy(path: Path) -> np.ndarray:
             (int.from_bytes(head[8:12], "little"), 12)
         fh.seek(start)
         header = fh.read(size).decode("latin1")
-        m = re.match(r"\{'descr': (.*), 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}", header.strip())
+        m = _NPY_HEADER.match(header.strip())
         if m is None:  # another writer's layout: the slow, general reader
             return np.load(path, mmap_mode="r")
         if m.group(1) not in _DESCR:
-            import ast
-
             _DESCR[m.group(1)] = np.lib.format.descr_to_dtype(ast.literal_eval(m.group(1)))
         dtype = _DESCR[m.group(1)]
         shape = tuple(int(v) for v in m.group(2).replace(" ", "").split(",") if v)
