@@ -713,3 +713,43 @@ def test_a_row_beyond_pairs_per_row_is_counted(tmp_path):
     assert run(ds, "--keep", "first", "--k", "1", "--pairs-per-row", "1", "--redo") == 0
     assert decisions(dedup_table(ds)) == {1: 0}
     assert manifest.load(ds)["stages"]["dedup"]["counts"]["kept_beyond_pairs_per_row"] == 1
+
+
+def test_hub_probes_hold_every_partners_cluster():
+    """A hub searches every cluster that can store a row within the threshold of it (the cone bound), so a
+    crowd of near copies spread over many clusters is found whole; nothing outside the bound is needed."""
+    from curate.stages.dedup import core as sd
+
+    rng = np.random.default_rng(5)
+    centroids = unit(rng.standard_normal((200, D))).astype(np.float32)
+    for _ in range(20):
+        x = unit(rng.standard_normal(D))
+        crowd = np.stack([near_copy(x, c, rng) for c in rng.uniform(0.95, 0.999, 300)]).astype(np.float32)
+        near = crowd[crowd @ x >= 0.95]
+        home = np.argmax(near @ centroids.T, axis=1)  # where each is stored (its nearest centroid)
+        probes = sd.hub_probes(x[None, :].astype(np.float32), centroids, 0.95, 256)[0]
+        assert set(home.tolist()) <= set(probes.tolist())
+        own = np.argmax(centroids @ x)
+        assert probes[0] == own  # nearest first
+    assert sd.hub_probes(x[None, :].astype(np.float32), centroids, 0.95, 3)[0].tolist() == \
+        sd.hub_probes(x[None, :].astype(np.float32), centroids, 0.95, 256)[0][:3].tolist()
+
+
+def test_npy_reader_matches_numpy_and_distinct_rows_keep_the_first(tmp_path):
+    from curate.stages.dedup.phases import _distinct_rows, _save, npy
+
+    arrays = [np.arange(7, dtype=np.int64), np.zeros(0, np.int64), np.zeros((3, 0), np.float32),
+              np.array([b"a", b"bcd"], "S3"), np.ones((4, 5), np.float16),
+              np.array([(1, 2.5, b"k")], [("uid", np.int64), ("prio", np.float64), ("key", "S4")])]
+    for i, a in enumerate(arrays):
+        _save(tmp_path / f"{i}.npy", a)
+        got = npy(tmp_path / f"{i}.npy")
+        assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(np.asarray(got), a)
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.ones((2, 3))))  # another layout: numpy's own reader
+    assert np.array_equal(npy(tmp_path / "f.npy"), np.ones((2, 3)))
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((50, 8)).astype(np.float32)
+    x = base[rng.integers(0, 50, 400)]
+    _, first = np.unique(x.view(np.dtype((np.void, 32))).ravel(), return_index=True)
+    want = x[np.sort(first)].copy()
+    assert np.array_equal(_distinct_rows(x.copy(), chunk=7), want)
