@@ -328,18 +328,34 @@ def check_heavy(root: Path, n: int, seed: int) -> dict[str, object]:
 
 
 def _compare(root: Path, want: dict[str, str]) -> dict[str, int]:
-    """Rows whose decision (dropped, and for which kept row) differs between the stage's tables and `want`."""
+    """Rows whose decision (dropped, and for which kept row) differs between the stage's tables and `want`;
+    of those, how many are in the heavy group (group 0 of bench/heavy_tail.py's truth.npz) and how many the
+    reference drops for a near copy (a row with its own sha256), in the heavy group or not."""
     import pyarrow.parquet as pq
 
-    got = {}
+    from curate.io.layout import row_of_key, shard_index, shard_of_key
+
+    got, shard_rows = {}, 0
     for f in sorted((root / "signals" / "dedup").glob("*.parquet")):
         t = pq.read_table(f, columns=["key", "kept_key", "is_duplicate"])
+        shard_rows = max(shard_rows, t.num_rows)
         for k, kk, d in zip(t["key"].to_pylist(), t["kept_key"].to_pylist(), t["is_duplicate"].to_pylist(),
                             strict=True):
             if d:
                 got[k] = kk
-    return {"stage_dropped": len(got), "rows_differing": sum(1 for k in set(want) | set(got)
-                                                             if want.get(k) != got.get(k))}
+    differ = [k for k in set(want) | set(got) if want.get(k) != got.get(k)]
+    out = {"stage_dropped": len(got), "rows_differing": len(differ)}
+    truth = root / "truth.npz"
+    if truth.exists() and differ:
+        tr = np.load(truth)
+
+        def row(key: str) -> int:
+            return shard_index(shard_of_key(key)) * shard_rows + row_of_key(key)
+
+        heavy = [k for k in differ if tr["group"][row(k)] == 0]
+        out["in_heavy_group"] = len(heavy)
+        out["heavy_kept_by_near_copy"] = sum(1 for k in heavy if want.get(k) and tr["jitter"][row(want[k])] > 0)
+    return out
 
 
 def run_heavy(a: argparse.Namespace, out: Path) -> None:
@@ -376,7 +392,9 @@ def run_heavy(a: argparse.Namespace, out: Path) -> None:
             d, one = r["default_k"], r["one_cluster"]
             print(f"brute-force keep rule on {r['n']:,} rows (heavy group {r['heavy']:,}), {r['reference_dropped']} "
                   f"dropped: the stage with default k differs on {d['rows_differing']} rows ({d['stage_dropped']} "
-                  f"dropped; a pair whose ends share no probed cluster is not found), with --k 1 (exhaustive pair "
+                  f"dropped; {d.get('in_heavy_group', 0)} of them in the heavy group, "
+                  f"{d.get('heavy_kept_by_near_copy', 0)} of those dropped by the reference for a near copy of the "
+                  f"placeholder; a pair whose ends share no probed cluster is not found), with --k 1 (exhaustive pair "
                   f"search) on {one['rows_differing']} rows ({one['stage_dropped']} dropped, {one['stage_s']} s, "
                   f"kept_beyond_pairs_per_row {one['kept_beyond_pairs_per_row']}: rows the bound on pairs per row "
                   f"could have decided otherwise, an upper bound)")
