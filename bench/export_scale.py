@@ -1,13 +1,15 @@
 """Driver memory of `curate export` on a large synthetic scored dataset (not a timed test).
 
-    .venv/bin/python bench/export_scale.py --rows 4000000 [--tars] [--workers 2]
+    .venv/bin/python bench/export_scale.py --rows 4000000 [--tars] [--workers 2] [--array 64]
 
 Writes a synthetic dataset dir (ledger + signals/score + signals/dedup, 10,000 rows per shard, ~5%
 failed rows; with --tars also a tar per shard holding a one-byte member per sample), then runs
 `curate export --policy dedup --where "lang = 'en'" --top-fraction 0.3 --by clip_score` in a child
 process and prints wall time and the peak RSS of the driver process and of its whole process tree.
 Without --tars only the export's plan runs (the SQL selection and the per-output-shard keep lists,
-everything the driver does); with --tars the whole export runs, its tasks in --workers processes.
+everything the driver does); with --tars the whole export runs, its tasks in --workers processes. With
+--array N, Slurm array indices 0 and 1 of N then run after the plan (tars written for the source shards
+they read), each as its own `curate export --shard-index I --num-shards N` process.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ def main() -> None:
     ap.add_argument("--tars", action="store_true", help="also write tars and run the whole export")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--array", type=int, default=0,
+                    help="also run Slurm array indices 0 and 1 of this many (--shard-index/--num-shards), after the plan")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="curate-bench-export-"))
     src, out = work / "src", work / "out"
@@ -119,18 +123,52 @@ def main() -> None:
         make_dataset(src, args.rows, args.per_shard, args.tars)
     print(f"synthetic dataset: {args.rows:,} rows in {-(-args.rows // args.per_shard)} shards, "
           f"{time.time() - t0:.1f}s -> {src}")
+    export = [sys.executable, "-m", "curate.cli", "export", str(src), "--out", str(out), "--policy", "dedup",
+              "--where", "lang = 'en'", "--top-fraction", "0.3", "--by", "clip_score", "--workers", str(args.workers)]
     if args.tars:
-        argv = [sys.executable, "-m", "curate.cli", "export", str(src), "--out", str(out), "--policy", "dedup",
-                "--where", "lang = 'en'", "--top-fraction", "0.3", "--by", "clip_score", "--workers",
-                str(args.workers)]
-        what = f"curate export (plan + tasks, --workers {args.workers})"
+        runs = [(export, f"curate export (plan + tasks, --workers {args.workers})")]
     else:
-        argv = [sys.executable, "-c", PLAN_ONLY, str(src), str(out)]
-        what = "curate export plan (selection + keep lists)"
-    secs, main_rss, tree_rss, rc = measure(argv)
+        runs = [([sys.executable, "-c", PLAN_ONLY, str(src), str(out)], "curate export plan (selection + keep lists)")]
+    for argv, what in runs:
+        report(what, measure(argv), out)
+    if args.array:
+        # Slurm array indices 0 and 1 of --array: each plans (finds the selection written above, as an index
+        # started after the first one does) and writes only its output shards; the tars of the source shards
+        # those read are written first (a tar per shard for every row would be 10 GB at 10M rows)
+        write_tars_for(DatasetDir.at(src), out, args.array, (0, 1))
+        for i in (0, 1):
+            report(f"curate export --shard-index {i} --num-shards {args.array} (--workers {args.workers})",
+                   measure([*export, "--shard-index", str(i), "--num-shards", str(args.array)]), out)
+
+
+def report(what: str, measured: tuple[float, int, int, int], out: Path) -> None:
+    secs, main_rss, tree_rss, rc = measured
     sel = json.loads((out / "_work" / "export" / "selection.json").read_text()) if rc == 0 else {}
     print(f"{what}: {secs:.1f}s, rc {rc}, kept {sel.get('kept')} of {sel.get('input')} in {sel.get('shards')} "
-          f"shard(s); driver peak RSS {main_rss / 2**20:.0f} MiB, process tree peak RSS {tree_rss / 2**20:.0f} MiB")
+          f"shard(s); driver peak RSS {main_rss / 2**20:.0f} MiB, process tree peak RSS {tree_rss / 2**20:.0f} MiB",
+          flush=True)
+
+
+def write_tars_for(src: DatasetDir, out: Path, num_shards: int, indices: tuple[int, ...]) -> None:
+    """Tars (a one-byte image per successful row) of the source shards the output shards of array `indices`
+    read, from the written selection's keep lists."""
+    import pyarrow.parquet as pq
+
+    from curate.stages.export import read_keep_list
+
+    sel = json.loads((out / "_work" / "export" / "selection.json").read_text())
+    folder = out / "_work" / "export" / sel["folder"]
+    need = set()
+    for i in range(sel["shards"]):
+        if i % num_shards in indices:
+            need |= set(read_keep_list(folder, i)["source_shard"].to_pylist())
+    for shard in sorted(need):
+        t = pq.read_table(src.ledger(shard), columns=["key", "status"])
+        with ShardWriter(src.shard_tar(shard)) as w:
+            for k, status in zip(t["key"].to_pylist(), t["status"].to_pylist(), strict=True):
+                if status == "success":
+                    w.write_raw(k, {"jpg": b"\xff"})
+    print(f"tars written for {len(need)} source shard(s)", flush=True)
 
 
 if __name__ == "__main__":

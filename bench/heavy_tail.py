@@ -1,6 +1,6 @@
 """A LAION-shaped synthetic scored dataset: heavy-tailed duplicate groups, written in the layout dedup reads.
 
-    python bench/heavy_tail.py OUT --rows 1M [--heavy 100000] [--dup-share 0.3] [--jitter 0.3] [--seed 0]
+    python bench/heavy_tail.py OUT --rows 1M [--heavy 100000] [--dup-share 0.3] [--jitter 0.3] [--seed 0] [--jobs 2]
 
 Web image data is dominated by heavy tails: a placeholder image behind 10^4-10^5 URLs, thousands of images
 repeated hundreds of times, and about 30% of the rows in duplicate groups. Here:
@@ -95,11 +95,11 @@ def jittered(x: np.ndarray, cos: np.ndarray, g: np.random.Generator) -> np.ndarr
     return cos[:, None] * x + np.sqrt(1 - cos[:, None] ** 2) * z
 
 
-def generate(out: Path, n: int, per: int = 10_000, heavy: int = 100_000, dup_share: float = 0.3,
-             jitter: float = 0.3, seed: int = 0) -> dict[str, object]:
-    """Write the dataset under `out` shard by shard; returns what was planted."""
-    import shutil
+_JOB: tuple | None = None  # (out, n, per, seed, topics, group, jit, group_emb) for _write_shards
 
+
+def _write_shards(starts: list[int]) -> None:
+    """Write the shards starting at `starts` (rows) of the dataset generate() set up in _JOB."""
     import pyarrow as pa
 
     from curate.io.atomic import write_json
@@ -108,17 +108,9 @@ def generate(out: Path, n: int, per: int = 10_000, heavy: int = 100_000, dup_sha
     from curate.io.tables import write_table
     from curate.stages.score import signal_schema
 
-    t0 = time.perf_counter()
-    shutil.rmtree(out, ignore_errors=True)
+    out, n, per, seed, topics, group, jit, group_emb = _JOB
     ds = DatasetDir.at(out)
-    topics = Topics(n, seed)
-    plan = plan_groups(n, heavy, dup_share, jitter, seed)
-    group, jit = plan["group"], plan["jitter"]
-    n_groups = len(plan["sizes"])
-    group_emb = np.empty((n_groups, D), np.float16)
-    for s in range(0, n_groups, 100_000):
-        group_emb[s:s + 100_000] = topics.draw(np.random.default_rng([seed, 2, s]), min(100_000, n_groups - s))
-    for s in range(0, n, per):
+    for s in starts:
         shard = shard_name(s // per)
         m = min(per, n - s)
         g = np.random.default_rng([seed, 3, s // per])
@@ -144,6 +136,36 @@ def generate(out: Path, n: int, per: int = 10_000, heavy: int = 100_000, dup_sha
         np.save(ds.signals("score", shard, ".img_emb.npy"), emb.astype(np.float16))
         write_json(ds.marker("download", shard), {"shard": shard})
         write_json(ds.marker("score", shard), {"shard": shard})
+
+
+def generate(out: Path, n: int, per: int = 10_000, heavy: int = 100_000, dup_share: float = 0.3,
+             jitter: float = 0.3, seed: int = 0, jobs: int = 1) -> dict[str, object]:
+    """Write the dataset under `out` shard by shard; returns what was planted."""
+    import shutil
+
+    from curate.io.layout import DatasetDir
+
+    t0 = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)
+    DatasetDir.at(out)
+    topics = Topics(n, seed)
+    plan = plan_groups(n, heavy, dup_share, jitter, seed)
+    group, jit = plan["group"], plan["jitter"]
+    n_groups = len(plan["sizes"])
+    group_emb = np.empty((n_groups, D), np.float16)
+    for s in range(0, n_groups, 100_000):
+        group_emb[s:s + 100_000] = topics.draw(np.random.default_rng([seed, 2, s]), min(100_000, n_groups - s))
+    global _JOB
+    _JOB = (out, n, per, seed, topics, group, jit, group_emb)
+    starts = list(range(0, n, per))
+    if jobs > 1:  # shards are independent (each from its own seeded generator): forked workers write them
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(jobs) as pool:
+            pool.map(_write_shards, [starts[i::jobs] for i in range(jobs)])
+    else:
+        _write_shards(starts)
+    _JOB = None
     np.savez(out / "truth.npz", group=group, jitter=jit, sizes=plan["sizes"])
     return {"rows": n, "shards": -(-n // per), "heavy": int(heavy), "groups": n_groups,
             "grouped_rows": int((group >= 0).sum()), "largest_small_group": int(plan["sizes"][1:].max(initial=0)),
@@ -219,8 +241,9 @@ def main() -> None:
     ap.add_argument("--dup-share", type=float, default=0.3)
     ap.add_argument("--jitter", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="processes writing shards (the output does not change)")
     a = ap.parse_args()
-    print(generate(a.out, parse_count(a.rows), a.rows_per_shard, a.heavy, a.dup_share, a.jitter, a.seed))
+    print(generate(a.out, parse_count(a.rows), a.rows_per_shard, a.heavy, a.dup_share, a.jitter, a.seed, a.jobs))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python bench/scale.py --stage download --rows 1M,10M [--workers 2] [--out bench-out/scale]
     python bench/scale.py --stage dedup --rows 1M          (needs the dedup stage; builds the dataset first)
     python bench/scale.py --stage export --rows 4M [--policy laion --top-fraction 0.5]
+    python bench/scale.py --stage index --rows 3M [--dataset DIR] -- --memory-budget 512M
 
 download: a synthetic URL list (parquet; 1% of rows repeat an earlier URL) whose every address is in
 10.0.0.0/8, so the address guard refuses each row *before* any connection: the run exercises the
@@ -196,6 +197,14 @@ def _recall(root: Path) -> float | None:
     return round(float(got), 5) if got is not None else None
 
 
+def bench_index(rows: int, work: Path, a: argparse.Namespace) -> dict[str, object]:
+    root = Path(a.dataset) if a.dataset else _dataset(rows, work, tars=False)
+    argv = curate_argv("index", str(root), "--redo", *a.extra)
+    res = run_measured(argv)
+    res.update(rows=rows, command=" ".join(argv[1:]))
+    return res
+
+
 def bench_export(rows: int, work: Path, a: argparse.Namespace) -> dict[str, object]:
     root = _dataset(rows, work, tars=True)
     out = work / f"export-{rows}"
@@ -211,7 +220,8 @@ def bench_export(rows: int, work: Path, a: argparse.Namespace) -> dict[str, obje
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=["download", "dedup", "export"], default="download")
+    ap.add_argument("--stage", choices=["download", "dedup", "index", "export"], default="download")
+    ap.add_argument("--dataset", help="index: a scored dataset dir to index instead of a generated one")
     ap.add_argument("--rows", default="1M", help="comma-separated sizes, e.g. 1M,10M")
     ap.add_argument("--out", default="bench-out/scale")
     ap.add_argument("--workers", type=int, default=2)
@@ -231,7 +241,7 @@ def main() -> None:
         seen = check_no_connect(work)
         print(f"preflight: 2,000 refused rows, {seen['connect']} socket connects, "
               f"{seen['getaddrinfo']} getaddrinfo calls", file=sys.stderr)
-    fn = {"download": bench_download, "dedup": bench_dedup, "export": bench_export}[a.stage]
+    fn = {"download": bench_download, "dedup": bench_dedup, "index": bench_index, "export": bench_export}[a.stage]
     results = []
     for size in a.rows.split(","):
         rows = parse_count(size)

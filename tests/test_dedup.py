@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -196,8 +197,8 @@ def test_chain_keeps_both_ends_and_groups_do_not_grow_by_chaining(tmp_path):
     got = decisions(t)
     assert got[1] == 0 and 2 not in got  # a kept, b dropped as a's duplicate, c kept: no transitive closure
     assert got == reference(emb, np.zeros(len(emb)), None)
-    sizes = np.bincount(np.asarray([g for g in t["dup_group"].to_pylist() if g >= 0]))
-    assert sizes.max() <= 2  # along a chain, a kept sample's group is itself and its next neighbour
+    sizes = Counter(g for g in t["dup_group"].to_pylist() if g >= 0)
+    assert max(sizes.values()) <= 2  # along a chain, a kept sample's group is itself and its next neighbour
     assert len(got) == 1 + 10  # every other sample of the chain of 20 is kept
     # when the middle sample is the best one, it is kept and both ends are its duplicates
     clip = np.full(len(emb), 0.2)
@@ -276,7 +277,7 @@ def test_resume_after_completion_lost_work_files_and_markers(tmp_path):
     wd = ds.root / "_work" / "dedup"
     assert sorted(p.name for p in (wd / "pairs").glob("*.edges.npy")) == [f"0000{i}.edges.npy" for i in range(3)]
     done = {p.stem for p in (ds.root / "_done" / "dedup").glob("*.json")}
-    assert {"decide", "pairs.00000", f"assign.{shard_name(0)}", shard_name(0)} <= done
+    assert {f"decide.{shard_name(0)}", "pairs.00000", f"assign.{shard_name(0)}", shard_name(0)} <= done
     assert ds.done_shards("dedup") == sorted({shard_of_key(key_of(i)) for i in range(len(emb))})
     # rerun after completion: nothing recomputed, same table
     outputs = sorted(p for p in wd.rglob("*") if p.is_file()) + sorted((ds.root / "signals" / "dedup").glob("*"))
@@ -289,6 +290,7 @@ def test_resume_after_completion_lost_work_files_and_markers(tmp_path):
     (wd / "pairs" / "00002.nn.npy").unlink()
     (wd / "bucket" / f"{shard_name(3)}.npy").unlink()
     (wd / "decide" / "summary.json").unlink()
+    (wd / "decide" / f"{shard_name(1)}.npy").unlink()
     (wd / "pairs" / ".tmp-0123456789ab-00001.edges.npy").write_bytes(b"partial")
     shutil.rmtree(ds.root / "signals" / "dedup")
     ds.marker("dedup", shard_name(2)).unlink()
@@ -711,3 +713,43 @@ def test_a_row_beyond_pairs_per_row_is_counted(tmp_path):
     assert run(ds, "--keep", "first", "--k", "1", "--pairs-per-row", "1", "--redo") == 0
     assert decisions(dedup_table(ds)) == {1: 0}
     assert manifest.load(ds)["stages"]["dedup"]["counts"]["kept_beyond_pairs_per_row"] == 1
+
+
+def test_hub_probes_hold_every_partners_cluster():
+    """A hub searches every cluster that can store a row within the threshold of it (the cone bound), so a
+    crowd of near copies spread over many clusters is found whole; nothing outside the bound is needed."""
+    from curate.stages.dedup import core as sd
+
+    rng = np.random.default_rng(5)
+    centroids = unit(rng.standard_normal((200, D))).astype(np.float32)
+    for _ in range(20):
+        x = unit(rng.standard_normal(D))
+        crowd = np.stack([near_copy(x, c, rng) for c in rng.uniform(0.95, 0.999, 300)]).astype(np.float32)
+        near = crowd[crowd @ x >= 0.95]
+        home = np.argmax(near @ centroids.T, axis=1)  # where each is stored (its nearest centroid)
+        probes = sd.hub_probes(x[None, :].astype(np.float32), centroids, 0.95, 256)[0]
+        assert set(home.tolist()) <= set(probes.tolist())
+        own = np.argmax(centroids @ x)
+        assert probes[0] == own  # nearest first
+    assert sd.hub_probes(x[None, :].astype(np.float32), centroids, 0.95, 3)[0].tolist() == \
+        sd.hub_probes(x[None, :].astype(np.float32), centroids, 0.95, 256)[0][:3].tolist()
+
+
+def test_npy_reader_matches_numpy_and_distinct_rows_keep_the_first(tmp_path):
+    from curate.stages.dedup.phases import _distinct_rows, _save, npy
+
+    arrays = [np.arange(7, dtype=np.int64), np.zeros(0, np.int64), np.zeros((3, 0), np.float32),
+              np.array([b"a", b"bcd"], "S3"), np.ones((4, 5), np.float16),
+              np.array([(1, 2.5, b"k")], [("uid", np.int64), ("prio", np.float64), ("key", "S4")])]
+    for i, a in enumerate(arrays):
+        _save(tmp_path / f"{i}.npy", a)
+        got = npy(tmp_path / f"{i}.npy")
+        assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(np.asarray(got), a)
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.ones((2, 3))))  # another layout: numpy's own reader
+    assert np.array_equal(npy(tmp_path / "f.npy"), np.ones((2, 3)))
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((50, 8)).astype(np.float32)
+    x = base[rng.integers(0, 50, 400)]
+    _, first = np.unique(x.view(np.dtype((np.void, 32))).ravel(), return_index=True)
+    want = x[np.sort(first)].copy()
+    assert np.array_equal(_distinct_rows(x.copy(), chunk=7), want)

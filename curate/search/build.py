@@ -34,12 +34,13 @@ from curate.errors import InputError
 from curate.hashing import json_digest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
+from curate.machine import sql_memory_limit
 from curate.options import option
 
 log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: ids.parquet one row group per shard, tasks read theirs
 MODALITIES = {"image": ".img_emb.npy", "text": ".txt_emb.npy"}
 KINDS = ("auto", "flat", "ivf-fp16", "ivf-pq")
 PQ_CODE_SIZES = (64, 48, 32, 24, 16, 12, 8, 4)  # bytes per vector tried, largest (most accurate) first
@@ -49,6 +50,7 @@ QUERY_KINDS = ("image", "text")  # the encoder a query vector came from
 # cosine, read from the score stage's embedding files (memory-mapped, so they stay on disk)
 REFINE_DEPTH = 200
 TEXT_LIKE_COSINE = 0.3
+ROW_STORE_SQL_CAP = 512 << 20  # DuckDB's memory limit for the row store's query, at most (curate.machine)
 PLATEAU_STEPS, PLATEAU_GAIN = 3, 0.002  # tuning stops when 3 more nprobe steps gain under 0.002 recall  # a CLIP caption's cosine to its own image, roughly: the weakly aligned probes' cosine
 
 
@@ -157,29 +159,90 @@ def input_digest(ds: DatasetDir, scorer: str) -> dict[str, Any]:
             "files_sha256": json_digest(files)}
 
 
-def scored_ids(ds: DatasetDir, scorer: str) -> Any:
-    """The id table (key, shard, emb_row), ids = row positions: shards in order, emb_row ascending."""
+def shard_ids(ds: DatasetDir, scorer: str, shard: str) -> Any:
+    """One shard's part of the id table (key, shard, emb_row): its scored rows with an embedding, emb_row
+    ascending. The id table is these parts, shards in order (ids = row positions)."""
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = ds.signals(scorer, shard)
+    try:
+        t = pq.read_table(path, columns=["key", "scored", "emb_row"])
+    except (OSError, pa.ArrowInvalid, KeyError) as e:
+        raise InputError(f"{path}: unreadable score table or missing column ({e})") from None
+    t = t.filter(pc.and_(pc.fill_null(t["scored"], False), pc.greater_equal(t["emb_row"], 0)))
+    t = t.sort_by("emb_row")
+    return pa.table({"key": t["key"].cast(pa.string()), "shard": pa.array([shard] * t.num_rows, pa.string()),
+                     "emb_row": t["emb_row"].cast(pa.int64())})
+
+
+def write_ids(ds: DatasetDir, scorer: str, path: Path) -> list[dict[str, Any]]:
+    """ids.parquet written shard by shard, one row group per non-empty shard (a task reads only its own):
+    returns the tasks [{shard, lo, n, row_group}]. Holds one shard's ids at a time."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     shards = ds.done_shards(scorer)
     if not shards:
         raise InputError(f"{ds.root / 'signals' / scorer}: no scored shards (no _done/{scorer} markers); "
                          f"run `curate score` first")
-    parts = []
-    for shard in shards:
-        path = ds.signals(scorer, shard)
-        try:
-            t = pq.read_table(path, columns=["key", "scored", "emb_row"])
-        except (OSError, pa.ArrowInvalid, KeyError) as e:
-            raise InputError(f"{path}: unreadable score table or missing column ({e})") from None
-        t = t.filter(pc.and_(pc.fill_null(t["scored"], False), pc.greater_equal(t["emb_row"], 0)))
-        t = t.sort_by("emb_row")
-        parts.append(pa.table({"key": t["key"].cast(pa.string()),
-                               "shard": pa.array([shard] * t.num_rows, pa.string()),
-                               "emb_row": t["emb_row"].cast(pa.int64())}))
-    return pa.concat_tables(parts)
+    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("emb_row", pa.int64())])
+    tasks, lo, group = [], 0, 0
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+        for shard in shards:
+            t = shard_ids(ds, scorer, shard)
+            task = {"shard": shard, "lo": lo, "n": t.num_rows, "row_group": -1}
+            if t.num_rows:
+                w.write_table(t, row_group_size=t.num_rows)
+                task["row_group"] = group
+                group += 1
+            tasks.append(task)
+            lo += t.num_rows
+    return tasks
+
+
+def distinct_ids(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """`size` distinct ids of range(n) in random order, in O(size) memory (numpy's choice without
+    replacement permutes all n once size passes n/50)."""
+    if size * 2 >= n:
+        return rng.permutation(n)[:size]
+    got = np.zeros(0, np.int64)
+    while len(got) < size:
+        got = np.unique(np.r_[got, rng.integers(0, n, size=size - len(got) + 64)])
+    return rng.permutation(got)[:size]
+
+
+class IdMap:
+    """Index id -> (shard, emb_row) through the plan's per-shard ranges and ids.parquet's row groups: a
+    lookup reads only the row groups of the shards it touches, never the whole id table."""
+
+    def __init__(self, path: Path, tasks: list[dict[str, Any]]):
+        self.path = path
+        self.tasks = [t for t in tasks if t["n"]]
+        self.lo = np.array([t["lo"] for t in self.tasks], np.int64)
+
+    def emb_rows(self, i: int) -> np.ndarray:
+        import pyarrow.parquet as pq
+
+        t = self.tasks[i]
+        pf = pq.ParquetFile(self.path)
+        return pf.read_row_group(t["row_group"], columns=["emb_row"])["emb_row"].to_numpy()
+
+    def by_shard(self, ids: np.ndarray) -> Any:
+        """(shard, positions into `ids`, emb_row of those ids) for every shard holding some of `ids`."""
+        ids = np.asarray(ids, np.int64)
+        part = np.searchsorted(self.lo, ids, side="right") - 1
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.lo[-1] + self.tasks[-1]["n"]):
+            raise InputError(f"{self.path}: an index id outside the id table")
+        for i in np.unique(part).tolist():
+            sel = np.flatnonzero(part == i)
+            yield self.tasks[i]["shard"], sel, self.emb_rows(i)[ids[sel] - self.lo[i]]
+
+    def shards(self) -> Any:
+        """(shard, emb_row of each of its ids) in id order, one shard at a time."""
+        for i, t in enumerate(self.tasks):
+            yield t["shard"], self.emb_rows(i)
 
 
 def open_embeddings(ds: DatasetDir, scorer: str, shard: str, modality: str) -> np.ndarray:
@@ -193,16 +256,13 @@ def open_embeddings(ds: DatasetDir, scorer: str, shard: str, modality: str) -> n
     return emb
 
 
-def gather(ds: DatasetDir, scorer: str, modality: str, shard_col: np.ndarray, emb_row: np.ndarray,
-           positions: np.ndarray) -> np.ndarray:
+def gather(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, positions: np.ndarray) -> np.ndarray:
     """float32 vectors of the ids at `positions` (any order), read shard by shard from the memory maps."""
     out: np.ndarray | None = None
-    for shard in np.unique(shard_col[positions]):
-        sel = np.flatnonzero(shard_col[positions] == shard)
-        emb = open_embeddings(ds, scorer, str(shard), modality)
+    for shard, sel, rows in idmap.by_shard(positions):
+        emb = open_embeddings(ds, scorer, shard, modality)
         if out is None:
             out = np.zeros((len(positions), emb.shape[1]), np.float32)
-        rows = emb_row[positions[sel]]
         o = np.argsort(rows)
         out[sel[o]] = emb[rows[o]]
     return out if out is not None else np.zeros((0, 0), np.float32)
@@ -232,49 +292,42 @@ class IndexStage:
         return plan["tasks"]
 
     def _build(self, cfg: IndexConfig, ds: DatasetDir, digest: dict[str, Any]) -> dict[str, Any]:
+        """ids.parquet (streamed shard by shard), the trained index on a seeded sample, the held-out queries:
+        O(shards + sample) memory, never the whole id table."""
         import faiss
 
-        from curate.io.tables import write_table
-
         wd = index_dir(ds)
-        ids = scored_ids(ds, cfg.scorer)
-        n = ids.num_rows
+        tasks = write_ids(ds, cfg.scorer, wd / "ids.parquet")
+        n = sum(t["n"] for t in tasks)
         if n == 0:
             raise InputError(f"{ds.root}: no scored samples with embeddings to index")
-        shard_col = np.asarray(ids["shard"].to_numpy(zero_copy_only=False))
-        emb_row = ids["emb_row"].to_numpy()
-        modalities = self._modalities(cfg, ds, ids)
-        d = open_embeddings(ds, cfg.scorer, str(shard_col[0]), "image").shape[1]
+        idmap = IdMap(wd / "ids.parquet", tasks)
+        modalities = self._modalities(cfg, ds)
+        d = open_embeddings(ds, cfg.scorer, idmap.tasks[0]["shard"], "image").shape[1]
         choice = choose_index(n, d, cfg)
-        write_table(wd / "ids.parquet", ids)
-        rng = np.random.default_rng(cfg.seed)
-        order = rng.permutation(n)
         n_queries = min(cfg.queries, max(1, n // 10)) if n > 1 else 1
-        queries = np.sort(order[:n_queries])  # held out of training, so the estimate is not flattered
-        rest = order[n_queries:] if n > n_queries else order
         train_n = (cfg.train_size or 64 * choice["nlist"]) if choice["nlist"] else 0  # Flat needs no training
-        train = np.sort(rest[:min(train_n, len(rest))])
+        # held-out queries, then the training sample: distinct ids drawn without a permutation of all n
+        rng = np.random.default_rng(cfg.seed)
+        if n > n_queries:
+            drawn = distinct_ids(rng, n, n_queries + min(train_n, n - n_queries))
+            queries, train = np.sort(drawn[:n_queries]), np.sort(drawn[n_queries:])
+        else:  # one row: it is the query and, for an IVF index, the whole training set
+            queries, train = np.arange(n), np.arange(n)[:train_n]
         for m in modalities:
             index = faiss.index_factory(d, choice["factory"], faiss.METRIC_INNER_PRODUCT)
             if not index.is_trained:
                 t0 = time.time()
-                index.train(gather(ds, cfg.scorer, m, shard_col, emb_row, train))
+                index.train(gather(ds, cfg.scorer, m, idmap, train))
                 log.info("index: trained %s %s on %d rows in %.1fs", m, choice["factory"], len(train), time.time() - t0)
             _write_index(wd / f"trained-{m}.faiss", index)
         _save(wd / "queries.npy", queries.astype(np.int64))
-        tasks, lo = [], 0
-        names, counts = np.unique(shard_col, return_counts=True)  # one pass, not one pass per shard
-        per_shard = dict(zip(names.tolist(), counts.tolist(), strict=True))
-        for shard in ds.done_shards(cfg.scorer):
-            count = int(per_shard.get(shard, 0))
-            tasks.append({"shard": shard, "lo": lo, "n": count})
-            lo += count
         plan = {"digest": digest, "rows": n, "dim": d, **choice, "modalities": modalities, "tasks": tasks,
                 "train_rows": int(len(train))}
         write_json(wd / "plan.json", plan)  # last: its presence says every file above is complete
         return plan
 
-    def _modalities(self, cfg: IndexConfig, ds: DatasetDir, ids: Any) -> list[str]:
+    def _modalities(self, cfg: IndexConfig, ds: DatasetDir) -> list[str]:
         """image, plus text when every scored shard saved text embeddings row-aligned with the image ones."""
         out = ["image"]
         if cfg.text:
@@ -298,8 +351,12 @@ class IndexStage:
 
         wd = index_dir(ds)
         plan = read_json(wd / "plan.json")
-        emb_row = pq.read_table(wd / "ids.parquet", columns=["emb_row"])["emb_row"].to_numpy()
-        rows = emb_row[task["lo"]:task["lo"] + task["n"]]
+        # this shard's row group of the id table only
+        rows = pq.ParquetFile(wd / "ids.parquet").read_row_group(task["row_group"], columns=["emb_row"])[
+            "emb_row"].to_numpy() if task["n"] else np.zeros(0, np.int64)
+        if len(rows) != task["n"]:
+            raise InputError(f"{wd / 'ids.parquet'}: row group {task['row_group']} holds {len(rows)} ids of "
+                             f"{task['shard']}, the plan says {task['n']}")
         for m in plan["modalities"]:
             index = faiss.read_index(str(wd / f"trained-{m}.faiss"))
             emb = open_embeddings(ds, cfg.scorer, task["shard"], m)
@@ -328,7 +385,8 @@ class IndexStage:
         from curate.search.rowstore import is_current, write_row_store
 
         if not is_current(ds, wd):  # missing, or a ledger/signal file changed since: (re)written here
-            write_row_store(ds, wd, plan["rows"])
+            # DuckDB's share of this machine (or $CURATE_SQL_MEMORY), at most 512 MB: it spills past it
+            write_row_store(ds, wd, plan["rows"], memory_limit=sql_memory_limit(cap=ROW_STORE_SQL_CAP))
         write_json(wd / "index.json", meta)  # last: the searcher reads only a complete index
         img = meta["modalities"]["image"]
         return {"rows": plan["rows"], "kind": plan["kind"], "factory": plan["factory"], "nprobe": img["nprobe"],
@@ -340,21 +398,16 @@ class IndexStage:
     def _tuning_queries(self, cfg: IndexConfig, ds: DatasetDir, plan: dict[str, Any]) -> dict[str, Any]:
         """{kind: (vectors, what they are)} of the held-out rows: image embeddings for image queries; caption
         embeddings for text queries when the scorer saved them, else weakly aligned probes of the images."""
-        import pyarrow.parquet as pq
-
         wd = index_dir(ds)
-        ids = pq.read_table(wd / "ids.parquet", columns=["shard", "emb_row"])
-        shard_col = np.asarray(ids["shard"].to_numpy(zero_copy_only=False))
-        emb_row = ids["emb_row"].to_numpy()
+        idmap = IdMap(wd / "ids.parquet", plan["tasks"])
         queries = np.load(wd / "queries.npy")
-        img = gather(ds, cfg.scorer, "image", shard_col, emb_row, queries)
+        img = gather(ds, cfg.scorer, "image", idmap, queries)
         if "text" in plan["modalities"]:
-            text = (gather(ds, cfg.scorer, "text", shard_col, emb_row, queries), "held-out rows' caption embeddings")
+            text = (gather(ds, cfg.scorer, "text", idmap, queries), "held-out rows' caption embeddings")
         else:
             text = (weak_probes(img, TEXT_LIKE_COSINE, cfg.seed),
                     f"weakly aligned probes (cosine {TEXT_LIKE_COSINE} to held-out image rows)")
-        return {"image": (img, "held-out rows' image embeddings"), "text": text,
-                "ids": (shard_col, emb_row), "n": len(queries)}
+        return {"image": (img, "held-out rows' image embeddings"), "text": text, "ids": idmap, "n": len(queries)}
 
     def _merge_and_tune(self, cfg: IndexConfig, ds: DatasetDir, plan: dict[str, Any], m: str,
                         held: dict[str, Any]) -> dict[str, Any]:
@@ -368,14 +421,14 @@ class IndexStage:
             index.merge_from(part, 0 if plan["kind"] == "flat" else index.ntotal)
         if index.ntotal != plan["rows"]:
             raise InputError(f"{wd}: merged {index.ntotal} vectors for {m}, the id table has {plan['rows']}")
-        shard_col, emb_row = held["ids"]
+        idmap = held["ids"]
         search: dict[str, dict[str, Any]] = {}
         for kind in QUERY_KINDS:
             q, source = held[kind]
-            gt = brute_force(ds, cfg.scorer, m, shard_col, emb_row, q, RECALL_K)
+            gt = brute_force(ds, cfg.scorer, m, idmap, q, RECALL_K)
             nprobe, recall, curve = tune_nprobe(
                 index, plan["nlist"], q, gt, cfg.target_recall,
-                lambda ids, q=q: exact_sims(ds, cfg.scorer, m, shard_col, emb_row, q, ids), plan.get("refine", 0))
+                lambda ids, q=q: exact_sims(ds, cfg.scorer, m, idmap, q, ids), plan.get("refine", 0))
             search[kind] = {"nprobe": nprobe, "recall": recall, "recall_curve": curve, "queries": held["n"],
                             "source": source}
             log.info("index: %s %s, %d vectors, %s queries: nprobe %d, recall@%d %.4f", m, plan["factory"],
@@ -410,16 +463,13 @@ def _save(path: Path, array: np.ndarray) -> None:
 # --- recall against brute force --------------------------------------------------------------------
 
 
-def brute_force(ds: DatasetDir, scorer: str, modality: str, shard_col: np.ndarray, emb_row: np.ndarray,
-                q: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
+def brute_force(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, q: np.ndarray, k: int,
+                chunk: int = 65536) -> np.ndarray:
     """Exact top-k similarities (descending) of each query over every indexed vector, streamed by shard."""
     best = np.full((len(q), k), -np.inf, np.float32)
-    o = np.argsort(shard_col, kind="stable")  # rows grouped by shard in one sort, not one scan per shard
-    names, starts = np.unique(shard_col[o], return_index=True)
-    bounds = np.r_[starts, len(o)]
-    for i, shard in enumerate(names.tolist()):
+    for shard, emb_row in idmap.shards():
         emb = open_embeddings(ds, scorer, shard, modality)
-        rows = np.sort(emb_row[o[bounds[i]:bounds[i + 1]]])
+        rows = np.sort(emb_row)
         for start in range(0, len(rows), chunk):
             sims = q @ np.asarray(emb[rows[start:start + chunk]], np.float32).T
             best = -np.sort(-np.concatenate([best, sims], axis=1), axis=1)[:, :k]
@@ -487,13 +537,13 @@ def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: f
     return int(nprobe), float(rec), curve
 
 
-def exact_sims(ds: DatasetDir, scorer: str, modality: str, shard_col: np.ndarray, emb_row: np.ndarray,
-               q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def exact_sims(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, q: np.ndarray,
+               ids: np.ndarray) -> np.ndarray:
     """Similarities of returned ids recomputed from the stored embeddings (PQ distances are approximate)."""
     out = np.full(ids.shape, -np.inf, np.float32)
     valid = ids >= 0
     if valid.any():
-        vecs = gather(ds, scorer, modality, shard_col, emb_row, ids[valid].astype(np.int64))
+        vecs = gather(ds, scorer, modality, idmap, ids[valid].astype(np.int64))
         out[valid] = np.einsum("ij,ij->i", vecs, np.repeat(q, valid.sum(axis=1), axis=0))
     return out
 

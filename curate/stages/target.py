@@ -179,18 +179,31 @@ class TargetStage:
             raise InputError(f"{ds.root}: no scored samples with an image embedding")
         k = min(cfg.k, n) if cfg.k else sd.choose_k(n)  # an explicit k is honoured down to one row a cluster
         rate = min(1.0, min(k * POINTS_PER_CLUSTER, cfg.sample) / n)
-        keys, parts = [], []
-        for s in shards:  # then only the drawn rows' embeddings are read
+        drawn_keys = []  # a second pass over the key columns: the drawn keys only
+        for s in shards:
+            sk = _scored_rows(ds, s)[0]
+            drawn_keys.append(sk[_unit_draw(cfg.seed, sk) < rate])
+        # each drawn row's place in key order (shard layout does not matter): the sample is filled in place,
+        # one float32 array of the sample's size, never a list of parts and their concatenations
+        place = np.empty(sum(len(x) for x in drawn_keys), np.int64)
+        place[np.argsort(np.concatenate(drawn_keys) if drawn_keys else np.zeros(0, "S1"), kind="stable")] = \
+            np.arange(len(place))
+        sample, at, dim = None, 0, 0
+        for s in shards:  # a last pass: only the drawn rows' embeddings are read
             sk, rows = _scored_rows(ds, s)
             pick = np.flatnonzero(_unit_draw(cfg.seed, sk) < rate)
             emb = np.load(ds.signals("score", s, ".img_emb.npy"), mmap_mode="r")
             if len(pick) and (emb.ndim != 2 or rows[pick].max() >= emb.shape[0]):
                 raise InputError(f"{ds.signals('score', s, '.img_emb.npy')}: shape {emb.shape} does not hold the "
                                  f"emb_row values of {ds.signals('score', s)}")
-            keys.append(sk[pick])
-            parts.append(np.asarray(emb[np.sort(rows[pick])], np.float32)[np.argsort(np.argsort(rows[pick]))])
-        order = np.argsort(np.concatenate(keys), kind="stable")  # key order: shard layout does not matter
-        sample = np.concatenate(parts)[order]
+            if sample is None and emb.ndim == 2:
+                dim = emb.shape[1]
+                sample = np.empty((len(place), dim), np.float32)
+            if len(pick):
+                o = np.argsort(rows[pick], kind="stable")  # read front to back through the memory map
+                sample[place[at + o]] = emb[rows[pick][o]]
+            at += len(pick)
+        sample = sample if sample is not None else np.zeros((0, dim), np.float32)
         dim = sample.shape[1]
         log.info("target: %d pool rows, k-means with %d clusters on %d sampled rows", n, k, len(sample))
         centroids = sd.train_centroids(sample, k, cfg.seed, niter=cfg.niter,

@@ -23,7 +23,7 @@ from curate.stages.dedup.core import DEVICES, KEEP_POLICIES
 log = logging.getLogger(__name__)
 
 WORK = ("_work", "dedup")
-PLAN_VERSION = 4  # 4: exact copies collapse before the pair search; pairs bounded per row; decide in rounds
+PLAN_VERSION = 5  # 5: hubs probe every cluster that can hold a partner; 4: exact copies collapse first, pairs bounded
 ROWS_PER_TASK = 65536  # with tasks=0: about this many rows' clusters per pair task
 SAMPLE_PER_CENTROID = 64
 PHASES = ("assign", "collapse", "pairs", "resolve", "decide", "write")

@@ -275,6 +275,23 @@ def _hits(q: list, m: list, s: list, best_sim: np.ndarray, best_m: np.ndarray) -
                 best_sim.astype(np.float32), best_m.astype(np.int64))
 
 
+def hub_probes(x: np.ndarray, centroids: np.ndarray, threshold: float, limit: int) -> list[np.ndarray]:
+    """For each row of x, every cluster that can store a row y with cos(x, y) >= threshold, nearest first (at
+    most `limit`). y is stored in its nearest centroid c_y, so angle(y, c_y) <= angle(y, c_x) <= a + t_x, where
+    a = angle(x, y) <= arccos(threshold) and t_x = angle(x, c_x) (c_x: x's nearest centroid); hence
+    angle(x, c_y) <= 2 arccos(threshold) + t_x: the clusters with their centroid inside that cone are all."""
+    sims = _f32(x) @ _f32(centroids).T
+    if sims.shape[1] == 0:
+        return [np.zeros(0, np.int64) for _ in range(len(x))]
+    own = np.arccos(np.clip(sims.max(axis=1), -1.0, 1.0))
+    bound = np.cos(np.minimum(np.pi, 2 * np.arccos(np.clip(threshold, -1.0, 1.0)) + own + 1e-3))
+    out = []
+    for row, b in zip(sims, bound, strict=True):
+        inside = np.flatnonzero(row >= b)
+        out.append(inside[np.argsort(-row[inside], kind="stable")][:limit])
+    return out
+
+
 def max_similarity(emb: Any, reference: np.ndarray, batch: int = ASSIGN_BATCH,
                    device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Every row's highest cosine to any `reference` row and that row's index ((n,) float32, int64)."""
@@ -489,22 +506,30 @@ class Candidates:
     unconfirmed: int = 0  # pairs above the threshold that `confirm` rejected (per cluster they were found in)
 
 
-def _lowest_per_row(mask: np.ndarray, key: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _lowest_per_row(mask: np.ndarray, key: np.ndarray, k: int, chunk_cells: int = 1 << 22
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """(row, col) of the True cells of `mask`, at most k per row: those with the lowest key[col]. Rows with k or
-    fewer hits (nearly all) take np.nonzero; only crowded rows pay an argpartition."""
-    cnt = mask.sum(axis=1)
+    fewer hits (nearly all) take np.nonzero; crowded rows (a crowd of look-alikes: thousands of hits each) see
+    their columns in key order and keep the first k hits (a running count), in chunks of rows."""
+    cnt = np.count_nonzero(mask, axis=1)
     crowded = cnt > k
     if not crowded.any():
         return np.nonzero(mask)
     light = np.flatnonzero(~crowded)
     r, c = np.nonzero(mask[light])
+    rows, cols = [light[r]], [c]
     heavy = np.flatnonzero(crowded)
-    big = np.iinfo(np.int64).max
-    keyed = np.where(mask[heavy], key[None, :], big)
-    idx = np.argpartition(keyed, k - 1, axis=1)[:, :k]
-    rr = np.repeat(heavy, k)
-    cc = idx.reshape(-1)
-    return np.r_[light[r], rr], np.r_[c, cc]
+    order = np.argsort(key, kind="stable")
+    step = max(1, chunk_cells // max(1, mask.shape[1]))
+    count_t = np.int16 if mask.shape[1] < np.iinfo(np.int16).max else np.int32
+    for s in range(0, len(heavy), step):
+        h = heavy[s:s + step]
+        hits = mask[h][:, order]  # columns in key order
+        first = hits & (np.cumsum(hits, axis=1, dtype=count_t) <= k)
+        rr, cc = np.nonzero(first)
+        rows.append(h[rr])
+        cols.append(order[cc])
+    return np.concatenate(rows), np.concatenate(cols)
 
 
 def _compact(lo: np.ndarray, hi: np.ndarray, sim: np.ndarray, rank: np.ndarray, k: int

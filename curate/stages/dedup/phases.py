@@ -9,7 +9,10 @@ an offsets file, so a reader memory-maps only its own slice (the map side of a s
 
 from __future__ import annotations
 
+import ast
 import logging
+import mmap
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,36 @@ def _save(path: Path, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
+_DESCR: dict[str, np.dtype] = {}  # a .npy header's 'descr' text -> dtype (parsed once per process)
+_NPY_HEADER = re.compile(r"\{'descr': (.*), 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}")
+
+
+def npy(path: Path) -> np.ndarray:
+    """A read-only view of a .npy file written by _save, through one mmap. np.load(mmap_mode="r") costs about
+    0.25 ms a file (literal_eval of the header, np.memmap's set-up); a resolve or pair task opens one file
+    per shard or group, so at 10^3 shards that was most of its time."""
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+        if head[:6] != b"\x93NUMPY":
+            raise InputError(f"{path}: not a .npy file")
+        size, start = (int.from_bytes(head[8:10], "little"), 10) if head[6] == 1 else \
+            (int.from_bytes(head[8:12], "little"), 12)
+        fh.seek(start)
+        header = fh.read(size).decode("latin1")
+        m = _NPY_HEADER.match(header.strip())
+        if m is None:  # another writer's layout: the slow, general reader
+            return np.load(path, mmap_mode="r")
+        if m.group(1) not in _DESCR:
+            _DESCR[m.group(1)] = np.lib.format.descr_to_dtype(ast.literal_eval(m.group(1)))
+        dtype = _DESCR[m.group(1)]
+        shape = tuple(int(v) for v in m.group(2).replace(" ", "").split(",") if v)
+        count = int(np.prod(shape)) if shape else 1
+        if count == 0 or dtype.itemsize == 0:
+            return np.zeros(shape, dtype)
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, dtype, count=count, offset=start + size).reshape(shape)
+
+
 def _paths(ds: DatasetDir, task: dict[str, Any]) -> list[Path]:
     wd = work_dir(ds)
     kind = task["kind"]
@@ -57,10 +90,10 @@ def _paths(ds: DatasetDir, task: dict[str, Any]) -> list[Path]:
                 wd / "pairs" / f"{g}.nn_offsets.npy", wd / "pairs" / f"{g}.nn.npy"]
     if kind == "resolve":
         r, s = f"r{task['round']:03d}", task["source"]
-        own = [wd / "resolve" / r / f"{s}.npy", wd / "resolve" / r / f"{s}.json"]
+        own = [wd / "resolve" / r / f"{s}.npy", wd / "resolve" / r / f"{s}.json", wd / "resolve" / r / f"{s}.by.npy"]
         return own + ([wd / "resolve" / f"{s}.edges.npy"] if task["round"] == 0 else [])
     if kind == "decide":
-        return [wd / "decide" / "summary.json", wd / "decide" / "heads.npy"]
+        return [wd / "decide" / f"{task['source']}.npy", wd / "decide" / f"{task['source']}.json"]
     return [ds.signals("dedup", task["source"])]
 
 
@@ -133,29 +166,64 @@ def _count(ds: DatasetDir, shards: list[str], scorer: str) -> tuple[int, int]:
 
 
 def _sample(ds: DatasetDir, shards: list[str], n: int, size: int, seed: int, d: int, scorer: str) -> np.ndarray:
-    """About `size` rows drawn by a hash of (key, seed), in hash order: the same sample, in the same order,
-    whatever the shard placement, and never more than the sample in memory."""
+    """About `size` rows drawn by a hash of (key, seed), in hash order, one row per distinct embedding, as
+    float32 (what k-means reads): the same sample, in the same order, whatever the shard placement. Two passes
+    over the score tables: the drawn rows' (hash, key) give each its place, then the embeddings are read into
+    one preallocated array; so the driver holds the sample once, not its parts and their concatenations."""
     from curate.stages.dedup import core as sd
 
     if n == 0:
         return np.zeros((0, d), np.float32)
     cut = np.uint64(min(2**64 - 1, int(size / n * 2**64))) if size < n else np.uint64(2**64 - 1)
-    hashes, keys, parts = [], [], []
-    for shard in shards:
+
+    def drawn(shard: str) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
         t, emb = read_shard(ds, shard, with_sha=False, scorer=scorer)
         k = np.asarray(t["key"].to_numpy(zero_copy_only=False)).astype("S")
         h = sd.key_hash(k, seed)
         sel = np.flatnonzero(h <= cut)
-        hashes.append(h[sel])
-        keys.append(k[sel])
-        parts.append(gather(emb, t["emb_row"].to_numpy()[sel]))
-    h = np.concatenate(hashes)
-    o = np.lexsort((np.concatenate(keys), h))
-    sample = np.ascontiguousarray(np.concatenate(parts)[o])
+        return emb, t["emb_row"].to_numpy()[sel], h[sel], k[sel]
+
+    hashes, keys = [], []
+    for shard in shards:
+        _, _, h, k = drawn(shard)
+        hashes.append(h)
+        keys.append(k)
+    place = np.empty(sum(len(h) for h in hashes), np.int64)
+    place[np.lexsort((np.concatenate(keys), np.concatenate(hashes)))] = np.arange(len(place))
+    del hashes, keys
+    sample = np.empty((len(place), d), np.float32)
+    at = 0
+    for shard in shards:
+        emb, rows, _, _ = drawn(shard)
+        sample[place[at:at + len(rows)]] = gather(emb, rows)
+        at += len(rows)
     # one sample row per embedding: exact copies (a placeholder behind 10^5 URLs, byte-equal images embed
     # equally) would pull centroids onto one point and split its near copies over several clusters
-    _, first = np.unique(sample.view(np.dtype((np.void, sample.dtype.itemsize * d))).ravel(), return_index=True)
-    return sample[np.sort(first)]
+    return _distinct_rows(sample)
+
+
+def _distinct_rows(x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """The first row of every distinct value of x, in order, compacted in place (a view of x's buffer): rows
+    sorted by a 64-bit hash of their bytes, equal neighbours compared in full."""
+    from curate.stages.dedup.core import _splitmix
+
+    words = x.view(np.uint32).reshape(len(x), -1)
+    h = np.zeros(len(x), np.uint64)
+    for s in range(0, len(x), chunk):
+        hc = np.zeros(min(chunk, len(x) - s), np.uint64)
+        for j in range(words.shape[1]):
+            hc = _splitmix(hc ^ words[s:s + chunk, j].astype(np.uint64) ^ np.uint64(j << 32))
+        h[s:s + chunk] = hc
+    o = np.argsort(h, kind="stable")  # equal rows: equal hashes, in row order
+    cand = np.flatnonzero(h[o][1:] == h[o][:-1]) + 1
+    same = np.array([x[o[i]].tobytes() == x[o[i - 1]].tobytes() for i in cand.tolist()], bool)
+    dup = np.zeros(len(x), bool)
+    dup[o[cand[same]]] = True
+    keep = np.flatnonzero(~dup)
+    for s in range(0, len(keep), chunk):  # keep[i] >= i: each chunk reads rows at or after those it writes
+        part = keep[s:s + chunk]
+        x[s:s + len(part)] = x[part]
+    return x[:len(keep)]
 
 
 def _gather_eval(eval_ds: DatasetDir, wd: Path, dim: int | None, scorer: str) -> None:
@@ -234,6 +302,7 @@ def _write_bucket(wd: Path, shard: str, x: np.ndarray, ids: np.ndarray, uid: np.
     p = max(p, 1)
     cluster = ids.reshape(-1)
     o = np.argsort(cluster, kind="stable")  # entry e = row * p + probe; stable keeps key order in a cluster
+    o = o[cluster[o] >= 0]  # -1: no entry (a padded probe list)
     row = o // p
     dt = np.dtype([("emb", np.float16, (x.shape[1],)), ("uid", np.int64), ("prio", np.float64),
                    ("cluster", np.int32), ("member", np.bool_), ("key", key.dtype)])
@@ -297,17 +366,18 @@ COPY, REP, PHASH_EDGE = 4, 0, 2  # kinds of exact_edges.parquet rows (COPY and P
 def exact_sql(cfg: DedupConfig) -> str:
     """The GROUP BY behind the collapse, one row per (row b, row a) with b_uid sorted:
     - kind 4 (COPY): b shares its sha256 with a, the first row of that value in keep order (its representative);
-    - kind 0 (REP): b is a representative with copies; a is its first copy (b's nearest neighbour, at cosine 1);
+    - kind 0 (REP): b is a representative with `copies` copies; a is its first copy (b's nearest neighbour, at
+      cosine 1);
     - kind 2 (PHASH_EDGE), with --phash: representative b has the perceptual hash of a, the first representative
       of that hash in keep order (256-bit with --phash-distance, else 64-bit).
     Copies never reach the pair search; they take their representative's decision when the signals are written."""
     sha = ("s AS (SELECT key, uid, prio, sha256 AS v FROM meta WHERE sha256 IS NOT NULL AND sha256 <> ''), "
            "r AS (SELECT *, row_number() OVER (PARTITION BY v ORDER BY prio DESC, key) AS rn, "
            "count(*) OVER (PARTITION BY v) AS cnt FROM s), g AS (SELECT * FROM r WHERE cnt > 1), "
-           "copies AS (SELECT o.uid AS b_uid, h.uid AS a_uid, h.prio AS a_prio, h.key AS a_key, 4 AS kind "
-           "FROM g o JOIN g h ON o.v = h.v AND h.rn = 1 WHERE o.rn > 1), "
-           "reps AS (SELECT h.uid AS b_uid, o.uid AS a_uid, o.prio AS a_prio, o.key AS a_key, 0 AS kind "
-           "FROM g h JOIN g o ON o.v = h.v AND o.rn = 2 WHERE h.rn = 1)")
+           "copies AS (SELECT o.uid AS b_uid, h.uid AS a_uid, h.prio AS a_prio, h.key AS a_key, 4 AS kind, "
+           "CAST(0 AS BIGINT) AS copies FROM g o JOIN g h ON o.v = h.v AND h.rn = 1 WHERE o.rn > 1), "
+           "reps AS (SELECT h.uid AS b_uid, o.uid AS a_uid, o.prio AS a_prio, o.key AS a_key, 0 AS kind, "
+           "CAST(h.cnt - 1 AS BIGINT) AS copies FROM g h JOIN g o ON o.v = h.v AND o.rn = 2 WHERE h.rn = 1)")
     parts = ["SELECT * FROM copies", "SELECT * FROM reps"]
     if cfg.phash:
         # with --phash-distance the 256-bit hash: equal 64-bit pHashes join blank images and look-alike
@@ -316,8 +386,8 @@ def exact_sql(cfg: DedupConfig) -> str:
         sha += (f", p AS (SELECT m.key, m.uid, m.prio, ph.{col} AS v FROM meta m JOIN phash ph ON m.key = ph.key "
                 f"LEFT JOIN copies c ON m.uid = c.b_uid WHERE ph.{col} IS NOT NULL AND c.b_uid IS NULL), "
                 "pr AS (SELECT *, row_number() OVER (PARTITION BY v ORDER BY prio DESC, key) AS rn FROM p), "
-                "pe AS (SELECT o.uid AS b_uid, h.uid AS a_uid, h.prio AS a_prio, h.key AS a_key, 2 AS kind "
-                "FROM pr o JOIN pr h ON o.v = h.v AND h.rn = 1 WHERE o.rn > 1)")
+                "pe AS (SELECT o.uid AS b_uid, h.uid AS a_uid, h.prio AS a_prio, h.key AS a_key, 2 AS kind, "
+                "CAST(0 AS BIGINT) AS copies FROM pr o JOIN pr h ON o.v = h.v AND h.rn = 1 WHERE o.rn > 1)")
         parts.append("SELECT * FROM pe")
     return f"WITH {sha} SELECT * FROM ({' UNION ALL '.join(parts)}) ORDER BY b_uid, kind"
 
@@ -374,33 +444,40 @@ def run_collapse(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     """One shard's part of the GROUP BY: a byte mask of its copies (read by the pair tasks) and its rows of
     exact_edges.parquet as an array sorted by position (read by resolve and write)."""
     wd = work_dir(ds)
-    n = len(np.load(wd / "keys" / f"{task['source']}.npy", mmap_mode="r"))
+    n = len(npy(wd / "keys" / f"{task['source']}.npy"))
     t = _exact_rows(wd, task["ordinal"])
     keys = np.array([k.encode() for k in t["a_key"].to_pylist()], "S") if t.num_rows else np.zeros(0, "S1")
     out = np.empty(t.num_rows, [("pos", np.int64), ("a_uid", np.int64), ("a_prio", np.float64),
-                                ("a_key", keys.dtype), ("kind", np.int8)])
+                                ("a_key", keys.dtype), ("kind", np.int8), ("copies", np.int64)])
     out["pos"] = t["b_uid"].to_numpy() & ((1 << UID_SHIFT) - 1) if t.num_rows else 0
     if t.num_rows:
         out["a_uid"], out["a_prio"] = t["a_uid"].to_numpy(), t["a_prio"].to_numpy()
         out["a_key"], out["kind"] = keys, t["kind"].to_numpy().astype(np.int8)
+        out["copies"] = t["copies"].to_numpy()
     out = out[np.lexsort((out["kind"], out["pos"]))]
     mask = np.zeros(n, np.uint8)
     mask[out["pos"][out["kind"] == COPY]] = 1
     mask_path, rows_path = _paths(ds, task)[:2]
     _save(rows_path, out)
-    _write_rep_bucket(cfg, ds, task, out["pos"][out["kind"] == REP])
+    rep = out[out["kind"] == REP]
+    _write_rep_bucket(cfg, ds, task, rep["pos"], rep["copies"])
     _save(mask_path, mask)
     return {"copies": int(mask.sum())}
 
 
 REP_PROBES = 4  # a representative with copies searches REP_PROBES x --probes clusters
+# a representative of at least HUB_COPIES byte copies (a placeholder, a logo) searches every cluster that can hold
+# a partner of it, at most HUB_MAX_PROBES (the nearest first): its near copies crowd many clusters around it
+HUB_COPIES, HUB_MAX_PROBES = 100, 256
 
 
-def _write_rep_bucket(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any], reps: np.ndarray) -> None:
+def _write_rep_bucket(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any], reps: np.ndarray,
+                      copies: np.ndarray) -> None:
     """Extra probes for the shard's representatives with copies: the near copies of a heavy group (a re-encoded
     placeholder) crowd several neighbouring clusters around it, and with --probes clusters a pair between a near
     copy and the representative can straddle a border. These rows are few (one per group), so they query
-    REP_PROBES times as many clusters (as non-members: the extra entries only look)."""
+    REP_PROBES times as many clusters, and a hub (HUB_COPIES copies or more) every cluster that can hold a
+    partner (core.hub_probes), as non-members: the extra entries only look."""
     import pyarrow.parquet as pq
 
     from curate.stages.dedup import core as sd
@@ -411,14 +488,23 @@ def _write_rep_bucket(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any], re
     p = min(cfg.probes, len(centroids))
     extra = min(REP_PROBES * cfg.probes, len(centroids))
     prefix = wd / "collapse" / f"{task['source']}.reps"
-    ids = np.zeros((0, max(extra - p, 1)), np.int32)
+    hub = copies >= HUB_COPIES
+    if extra <= p:
+        reps, copies, hub = reps[hub], copies[hub], hub[hub]
+    ids = np.zeros((0, 1), np.int32)
     x = np.zeros((0, plan["dim"]), np.float16)
-    if len(reps) and extra > p:
+    if len(reps):
         t, emb = read_shard(ds, task["source"], with_sha=False, scorer=cfg.scorer)
         x = gather(emb, t["emb_row"].to_numpy()[reps])
-        ids = sd.assign(x, centroids, extra, cfg.batch_rows, task_device(plan, cfg))[0][:, p:]
-    else:
-        reps = reps[:0]
+        nearest = sd.assign(x, centroids, max(extra, p), cfg.batch_rows, task_device(plan, cfg))[0]
+        own, near = nearest[:, :p], nearest[:, p:]  # own: the probes of the row's entries in its shard's bucket
+        wide = [w[~np.isin(w, own[i])] for i, w in zip(np.flatnonzero(hub), sd.hub_probes(
+            x[hub], centroids, plan["threshold"], HUB_MAX_PROBES), strict=True)] if hub.any() else []
+        ids = np.full((len(reps), max([near.shape[1], 1] + [len(w) for w in wide])), -1, np.int32)  # -1: none
+        ids[:, :near.shape[1]] = near
+        for i, w in zip(np.flatnonzero(hub), wide, strict=True):
+            ids[i] = -1
+            ids[i, :len(w)] = w
     prio = pq.read_table(wd / "meta" / f"{task['source']}.parquet", columns=["prio"])["prio"].to_numpy()[reps]
     keys = np.load(wd / "keys" / f"{task['source']}.npy", mmap_mode="r")[reps]
     uid = (np.int64(task["ordinal"]) << UID_SHIFT) + reps.astype(np.int64)
@@ -436,16 +522,16 @@ def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
     mask32 = (1 << UID_SHIFT) - 1
     for s in shards:  # first pass: which entries survive the collapse (uids only)
         for prefix, masked in ((wd / "bucket" / s, True), (wd / "collapse" / f"{s}.reps", False)):
-            off = np.load(prefix.with_name(prefix.name + ".offsets.npy"))
+            off = npy(prefix.with_name(prefix.name + ".offsets.npy"))
             if off[g + 1] <= off[g]:
                 continue
             path = prefix.with_name(prefix.name + ".npy")
-            part = np.load(path, mmap_mode="r")
+            part = npy(path)
             dtype = part.dtype if dtype is None else dtype
             width = max(width, part.dtype["key"].itemsize)
             keep = np.arange(int(off[g]), int(off[g + 1]))
             if masked:
-                copy = np.load(wd / "collapse" / f"{s}.mask.npy", mmap_mode="r")
+                copy = npy(wd / "collapse" / f"{s}.mask.npy")
                 keep = keep[copy[np.asarray(part["uid"][off[g]:off[g + 1]]) & mask32] == 0]
             if len(keep):
                 slices.append((path, keep))
@@ -458,7 +544,7 @@ def _read_group(wd: Path, shards: list[str], g: int) -> dict[str, np.ndarray]:
     out["key"] = np.empty(total, f"S{width}")
     pos = 0
     for path, keep in slices:
-        part = np.load(path, mmap_mode="r")
+        part = npy(path)
         a, b = int(keep[0]), int(keep[-1]) + 1
         window = part[a:b]
         for f in fields:
@@ -602,9 +688,9 @@ def _gather_candidates(cfg: DedupConfig, wd: Path, plan: dict[str, Any], task: d
     o = task["ordinal"]
     parts = []
     for g in range(len(plan["group_bounds"]) - 1):
-        off = np.load(wd / "pairs" / f"{g:05d}.edge_offsets.npy")
+        off = npy(wd / "pairs" / f"{g:05d}.edge_offsets.npy")
         if off[o + 1] > off[o]:
-            parts.append(np.array(np.load(wd / "pairs" / f"{g:05d}.edges.npy", mmap_mode="r")[off[o]:off[o + 1]]))
+            parts.append(np.array(npy(wd / "pairs" / f"{g:05d}.edges.npy")[off[o]:off[o + 1]]))
     width = max([p.dtype["hi_key"].itemsize for p in parts] + [1])
     near = {f: np.concatenate([p[f] for p in parts]) if parts else np.zeros(0, t) for f, t in EDGE}
     near["hi_key"] = np.concatenate([p["hi_key"].astype(f"S{width}") for p in parts]) if parts else np.zeros(0, "S1")
@@ -644,7 +730,7 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
     paths = _paths(ds, task)
     if r == 0:
         edges, n_near, more = _gather_candidates(cfg, wd, plan, task)
-        n = len(np.load(wd / "keys" / f"{src}.npy", mmap_mode="r"))
+        n = len(npy(wd / "keys" / f"{src}.npy"))
         st = np.zeros(n, STATUS)
         st["status"], st["kept_uid"] = KEPT, -1
         st["status"][edges["pos"]] = UNDECIDED
@@ -653,8 +739,9 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
         st["more"][more] = True
         e = np.empty(len(edges["pos"]), [("pos", np.int64), ("hi_uid", np.int64), ("kind", np.int8)])
         e["pos"], e["hi_uid"], e["kind"] = edges["pos"], edges["hi_uid"], edges["kind"]
-        _save(paths[2], e)
+        _save(paths[3], e)
         counts = {"near_pairs": n_near, "candidates": len(e)}
+        by = np.zeros(0, np.int64)
     else:
         st = np.load(_round_dir(wd, r - 1) / f"{src}.npy")
         e = np.load(wd / "resolve" / f"{src}.edges.npy")
@@ -671,31 +758,45 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
         st["evidence"][drop] = sd.strongest(e["kind"][first])
         st["status"][settle] = KEPT
         counts = {}
+        # the kept rows this shard's drops name so far, sorted by uid (so by owning shard): each shard's decide
+        # task reads its own range of every shard's file of the last round to learn which of its rows head a group
+        by = np.union1d(npy(_round_dir(wd, r - 1) / f"{src}.by.npy"), e["hi_uid"][first])
     counts["undecided"] = int((st["status"] == UNDECIDED).sum())
+    _save(paths[2], by)
     _save(paths[0], st)
     write_json(paths[1], counts)
     return counts
 
 
-def _status_of(wd: Path, shards: list[str], r: int, uid: np.ndarray, field: str = "status") -> np.ndarray:
-    """`field` of round r's status of each uid, read from each owning shard's file through a memory map."""
-    out = np.zeros(len(uid), STATUS[[f for f, _ in STATUS].index(field)][1])
+def _by_shard(uid: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(shard ordinal, positions in `uid`) of every shard owning some of `uid`: one sort, then slices (not a
+    scan of all uids per shard)."""
     ordinal = uid >> UID_SHIFT
-    for o in np.unique(ordinal):
-        sel = np.flatnonzero(ordinal == o)
-        st = np.load(_round_dir(wd, r) / f"{shards[int(o)]}.npy", mmap_mode="r")
-        out[sel] = st[field][uid[sel] & ((1 << UID_SHIFT) - 1)]
+    if len(ordinal) == 0:
+        return []
+    o = np.argsort(ordinal, kind="stable")
+    starts = np.flatnonzero(np.r_[True, ordinal[o][1:] != ordinal[o][:-1]])
+    ends = np.r_[starts[1:], len(o)]
+    return [(int(ordinal[o[a]]), o[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+def _status_of(wd: Path, shards: list[str], r: int, uid: np.ndarray, field: str | None = "status") -> np.ndarray:
+    """`field` (None: the whole record) of round r's status of each uid, read from each owning shard's file
+    through a memory map."""
+    out = np.zeros(len(uid), STATUS if field is None else STATUS[[f for f, _ in STATUS].index(field)][1])
+    for o, sel in _by_shard(uid):
+        st = npy(_round_dir(wd, r) / f"{shards[o]}.npy")
+        rows = st[uid[sel] & ((1 << UID_SHIFT) - 1)]
+        out[sel] = rows if field is None else rows[field]
     return out
 
 
 def _keys_of(wd: Path, shards: list[str], uid: np.ndarray) -> np.ndarray:
     """The key (bytes) of each uid, read from each owning shard's key array through a memory map."""
-    ordinal = uid >> UID_SHIFT
     parts, width = {}, 1
-    for o in np.unique(ordinal):
-        k = np.load(wd / "keys" / f"{shards[int(o)]}.npy", mmap_mode="r")
-        sel = np.flatnonzero(ordinal == o)
-        parts[int(o)] = (sel, k[uid[sel] & ((1 << UID_SHIFT) - 1)])
+    for o, sel in _by_shard(uid):
+        k = npy(wd / "keys" / f"{shards[o]}.npy")
+        parts[o] = (sel, k[uid[sel] & ((1 << UID_SHIFT) - 1)])
         width = max(width, k.dtype.itemsize)
     out = np.zeros(len(uid), f"S{width}")
     for sel, k in parts.values():
@@ -707,31 +808,45 @@ def _keys_of(wd: Path, shards: list[str], uid: np.ndarray) -> np.ndarray:
 
 
 def run_decide(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
-    """The kept rows that have duplicates (the group heads), sorted by key so a group's number is its head's
-    place in key order; read per shard, only the heads are held. And the pair counts of round 0."""
+    """One shard's group heads: its kept rows that some dropped row names (read from its uid range of every
+    shard's `by` file of the last round: at most one entry per shard for a row, however large its group)
+    and its kept representatives of byte copies, as positions in key order; no task holds every head."""
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
-    r = task["round"]
-    heads, near_pairs, unconfirmed, beyond = [], 0, 0, 0
+    r, src, ordinal = task["round"], task["source"], task["ordinal"]
+    lo, hi = np.int64(ordinal) << UID_SHIFT, np.int64(ordinal + 1) << UID_SHIFT
+    parts = []
     for s in plan["shards"]:
-        st = np.load(_round_dir(wd, r) / f"{s}.npy", mmap_mode="r")
-        kept_by = np.unique(st["kept_uid"][st["status"] == DROPPED])
-        rows = np.load(wd / "collapse" / f"{s}.npy")
-        reps = rows["pos"][rows["kind"] == REP]
-        ordinal = plan["shards"].index(s)
-        kept_reps = reps[st["status"][reps] == KEPT] + (np.int64(ordinal) << UID_SHIFT)
-        heads.append(np.unique(np.r_[kept_by, kept_reps]))
-        beyond += int((st["more"] & (st["status"] == KEPT)).sum())
-        near_pairs += read_json(_round_dir(wd, 0) / f"{s}.json")["near_pairs"]
-    for g in range(len(plan["group_bounds"]) - 1):
-        unconfirmed += read_json(ds.stats("dedup", f"pairs.{g:05d}")).get("unconfirmed", 0)
-    uid = np.unique(np.concatenate(heads)) if heads else np.zeros(0, np.int64)
-    keys = np.sort(_keys_of(wd, plan["shards"], uid))
-    _save(wd / "decide" / "heads.npy", keys)
-    counts = {"near_duplicate_pairs": near_pairs,  # candidate pairs (at most --pairs-per-row per row)
+        by = npy(_round_dir(wd, r) / f"{s}.by.npy")
+        a, b = np.searchsorted(by, [lo, hi])
+        if b > a:
+            parts.append(np.asarray(by[a:b]) & ((1 << UID_SHIFT) - 1))
+    st = npy(_round_dir(wd, r) / f"{src}.npy")
+    rows = np.load(wd / "collapse" / f"{src}.npy")
+    reps = rows["pos"][rows["kind"] == REP]
+    parts.append(reps[st["status"][reps] == KEPT])
+    heads = np.unique(np.concatenate(parts)).astype(np.int64)
+    paths = _paths(ds, task)
+    _save(paths[0], heads)
+    counts = {"heads": len(heads), "kept_beyond_pairs_per_row": int((st["more"] & (st["status"] == KEPT)).sum()),
+              "near_pairs": read_json(_round_dir(wd, 0) / f"{src}.json")["near_pairs"]}
+    write_json(paths[1], counts)
+    return counts
+
+
+def decide_summary(ds: DatasetDir, plan: dict[str, Any], r: int) -> dict[str, Any]:
+    """On the driver after the decide tasks (O(shards + pair tasks) small files): the stage's counts
+    (decide/summary.json), rewritten only when they change."""
+    wd = work_dir(ds)
+    per = [read_json(wd / "decide" / f"{s}.json") for s in plan["shards"]]
+    unconfirmed = sum(read_json(ds.stats("dedup", f"pairs.{g:05d}")).get("unconfirmed", 0)
+                      for g in range(len(plan["group_bounds"]) - 1))
+    counts = {"near_duplicate_pairs": sum(c["near_pairs"] for c in per),  # candidates (<= --pairs-per-row a row)
               "near_pairs_without_phash_match": unconfirmed,  # embedding pairs --phash-distance did not confirm
-              "groups": len(keys), "resolve_rounds": r + 1, "kept_beyond_pairs_per_row": beyond}
-    write_json(wd / "decide" / "summary.json", counts)
+              "groups": sum(c["heads"] for c in per), "resolve_rounds": r + 1,
+              "kept_beyond_pairs_per_row": sum(c["kept_beyond_pairs_per_row"] for c in per)}
+    if not ((wd / "decide" / "summary.json").exists() and read_json(wd / "decide" / "summary.json") == counts):
+        write_json(wd / "decide" / "summary.json", counts)
     return counts
 
 
@@ -757,7 +872,7 @@ def _offsets_column(folder: Path, names: list[str], suffix: str, col: int) -> np
     """[offsets[col], offsets[col + 1]] of every name: from the gathered file, else each name's own file."""
     path = folder / ALL_OFFSETS
     if path.exists():
-        return np.asarray(np.load(path, mmap_mode="r")[:, col:col + 2])
+        return np.array(npy(path)[:, col:col + 2])
     return np.stack([np.load(folder / f"{n}{suffix}")[col:col + 2] for n in names]) if names else np.zeros((0, 2))
 
 
@@ -768,7 +883,7 @@ def _nearest(wd: Path, plan: dict[str, Any], ordinal: int, n: int) -> tuple[np.n
     groups = [f"{g:05d}" for g in range(len(plan["group_bounds"]) - 1)]
     for g, (a, b) in zip(groups, _offsets_column(wd / "pairs", groups, ".nn_offsets.npy", ordinal), strict=True):
         if b > a:
-            parts.append(np.array(np.load(wd / "pairs" / f"{g}.nn.npy", mmap_mode="r")[a:b]))
+            parts.append(np.array(npy(wd / "pairs" / f"{g}.nn.npy")[a:b]))
     sim = np.full(n, -np.inf, np.float32)
     key = np.zeros(n, "S1")
     near = np.zeros(n, bool)
@@ -796,13 +911,20 @@ def _decisions(wd: Path, plan: dict[str, Any], task: dict[str, Any], r: int, row
     kept_uid = np.where(st["status"] == DROPPED, st["kept_uid"], -1)
     evidence = np.where(st["status"] == DROPPED, st["evidence"], 0).astype(np.int8)
     copies = rows[rows["kind"] == COPY]
-    rep_status = _status_of(wd, plan["shards"], r, copies["a_uid"])
-    rep_kept = _status_of(wd, plan["shards"], r, copies["a_uid"], "kept_uid")
-    rep_ev = _status_of(wd, plan["shards"], r, copies["a_uid"], "evidence")
-    dropped_rep = rep_status == DROPPED
-    kept_uid[copies["pos"]] = np.where(dropped_rep, rep_kept, copies["a_uid"])
-    evidence[copies["pos"]] = np.where(dropped_rep, rep_ev, sd.EXACT)
+    rep = _status_of(wd, plan["shards"], r, copies["a_uid"], None)
+    dropped_rep = rep["status"] == DROPPED
+    kept_uid[copies["pos"]] = np.where(dropped_rep, rep["kept_uid"], copies["a_uid"])
+    evidence[copies["pos"]] = np.where(dropped_rep, rep["evidence"], sd.EXACT)
     return kept_uid, evidence
+
+
+def group_id(head_key: np.ndarray) -> np.ndarray:
+    """A group's number: a 63-bit hash of its head's key (the kept row), the same wherever the rows are stored
+    and computed from the head alone, so no task numbers the groups of the whole dataset. Two groups share a
+    number with probability about G^2 / 2^64 (G groups: 5e-5 for 3 x 10^7 groups)."""
+    from curate.stages.dedup import core as sd
+
+    return (sd.key_hash(head_key, 0) >> np.uint64(1)).astype(np.int64)
 
 
 def run_write(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
@@ -835,11 +957,9 @@ def run_write(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
         kk = _keys_of(wd, plan["shards"], kept_uid[dropped])
         kept_key = kept_key.astype(f"S{max(own.dtype.itemsize, kk.dtype.itemsize)}")
         kept_key[dropped] = kk
-    heads = np.load(wd / "decide" / "heads.npy", mmap_mode="r")
-    at = np.minimum(np.searchsorted(heads, kept_key), max(len(heads) - 1, 0))
-    group = np.where(len(heads) > 0, at, -1).astype(np.int64)
-    if len(heads):
-        group[np.asarray(heads[at]) != kept_key] = -1
+    head = np.zeros(n, bool)
+    head[npy(wd / "decide" / f"{task['source']}.npy")] = True
+    group = np.where(dropped | head, group_id(kept_key), -1).astype(np.int64)
     nn_ok = np.isfinite(nn_sim)
     names = np.array([None, *(sd.EVIDENCE[b] for b in (sd.NEAR, sd.PHASH, sd.EXACT))], dtype=object)
     columns = {

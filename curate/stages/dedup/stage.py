@@ -11,7 +11,8 @@ duplicates, SemDeDup's keep rule, and contamination against an evaluation set, a
              row at most --pairs-per-row higher-priority partners above the threshold, and the nearest
              neighbour                                                           -> pairs/{g}.edges.npy, .nn.npy
     resolve  rounds of one task per shard: SemDeDup's rule, a row settled once its partners are  -> resolve/rNNN/
-    decide   one task: the kept rows with duplicates (group heads), sorted by key -> decide/heads.npy
+    decide   one task per shard: its group heads (kept rows some drop names, read from its uid range of every
+             shard's last-round `by` file); the driver sums their counts -> decide/{shard}.npy, summary.json
     write    one task per source shard: its signal table (a copy takes its representative's decision), marker
              last                                                                -> signals/dedup/{shard}.parquet
 
@@ -67,6 +68,8 @@ class DedupStage:
             if phase == "write":  # the pair tasks' offsets, gathered into one file (one open per write task)
                 groups = [f"{g:05d}" for g in range(len(plan["group_bounds"]) - 1)]
                 ph.gather_offsets(work_dir(ds) / "pairs", groups, ".nn_offsets.npy")
+                # the counts, from the decide tasks' small files
+                ph.decide_summary(ds, plan, ph.last_round(ds, plan))
             if phase == "collapse":
                 tasks = [{"task": f"collapse.{s}", "kind": "collapse", "source": s, "ordinal": o}
                          for o, s in enumerate(plan["shards"])]
@@ -80,7 +83,9 @@ class DedupStage:
             elif phase == "resolve":
                 tasks = ph.resolve_tasks(ds, plan)
             elif phase == "decide":
-                tasks = [{"task": "decide", "kind": "decide", "round": ph.last_round(ds, plan)}]
+                r = ph.last_round(ds, plan)
+                tasks = [{"task": f"decide.{s}", "kind": "decide", "round": r, "source": s, "ordinal": o}
+                         for o, s in enumerate(plan["shards"])]
             else:
                 tasks = [{"shard": s, "kind": "write", "source": s, "ordinal": o}
                          for o, s in enumerate(plan["shards"])]
@@ -119,13 +124,13 @@ class DedupStage:
             return {}
         plan = read_json(wd / "plan.json")
         missing = [s for s in plan["shards"] if not ds.marker(self.name, s).exists()]
-        if missing or not ds.stats(self.name, "decide").exists():
+        if missing or not (wd / "decide" / "summary.json").exists():
             return {"incomplete_tasks": len(missing)}
         counts: dict[str, Any] = {"rows": plan["rows"], "clusters": plan["k"], "device": plan["device"],
                                   "threshold": plan["threshold"]}
         if plan.get("calibration"):
             counts["threshold_calibration"] = plan["calibration"]
-        decide = read_json(ds.stats(self.name, "decide"))
+        decide = read_json(wd / "decide" / "summary.json")
         per_shard = [read_json(ds.stats(self.name, s)) for s in plan["shards"]]
         counts["exact_duplicates"] = sum(c.get("exact_duplicates", 0) for c in per_shard)  # rows sharing a sha256
         counts["near_duplicate_pairs"] = decide["near_duplicate_pairs"]
