@@ -154,6 +154,7 @@ def main() -> None:
     from curate.search.searcher import Searcher
 
     n = parse_count(args.n)
+    load0 = os.getloadavg()[0]
     root = Path(args.out) / "ds"
     if not (args.reuse and (root / "_done" / "score").is_dir()):
         shutil.rmtree(root, ignore_errors=True)
@@ -203,7 +204,8 @@ def main() -> None:
         print(f"IVF-PQ: the index's best {meta['refine']} candidates reranked by exact cosine from the embedding "
               f"files (end-to-end includes it; index-only does not)")
     print(f"\n{args.queries} queries of each kind, k={K}, one query per call, {os.cpu_count()} CPUs "
-          f"(faiss threads {__import__('faiss').omp_get_max_threads()})")
+          f"(faiss threads {__import__('faiss').omp_get_max_threads()}); load average at start {load0:.2f}, "
+          f"at the end {os.getloadavg()[0]:.2f}; {meta['rows'] // max(1, meta['nlist'] or 1):,} vectors a list")
     print(f"{'run':<22} {'query':<10} {'nprobe':>6} {'recall@10':>9}  {'end-to-end p50/p95/p99 ms':>27}  "
           f"{'index only p50/p95/p99 ms':>27}")
     for run in ("all", "where"):
