@@ -144,11 +144,13 @@ def main() -> None:
     ap.add_argument("--nlist", type=int, default=0)
     ap.add_argument("--where", default="lang = 'en'", help="A clause for the filtered run ('' skips it).")
     ap.add_argument("--out", default="bench-out/search")
-    ap.add_argument("--reuse", action="store_true", help="Reuse --out's dataset (and its index when complete).")
+    ap.add_argument("--reuse", action="store_true", help="Reuse --out's dataset (and its index when built with "
+                                                         "the same flags; else the index is rebuilt).")
     ap.add_argument("--keep", action="store_true", help="Keep the dataset dir (1M x 512: ~1.2 GB).")
     ap.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     args = ap.parse_args()
     from curate.engines import EngineSpec
+    from curate.errors import ConfigMismatchError
     from curate.runner import run_stage
     from curate.search.build import IndexConfig, parse_bytes
     from curate.search.searcher import Searcher
@@ -163,7 +165,11 @@ def main() -> None:
         print(f"data: {n:,} x 512 float16 in {n // args.rows_per_shard} shards, {time.time() - t0:.1f}s")
     cfg = IndexConfig(kind=args.kind, memory_budget=parse_bytes(args.memory_budget), nlist=args.nlist)
     t0 = time.time()
-    summary = run_stage("index", cfg, str(root), EngineSpec("local", 1), progress=False)
+    try:
+        summary = run_stage("index", cfg, str(root), EngineSpec("local", 1), progress=False)
+    except ConfigMismatchError:  # --reuse with other index flags (e.g. --memory-budget): the data is kept
+        print("index: the reused dataset's index was built with other flags; rebuilding it")
+        summary = run_stage("index", cfg, str(root), EngineSpec("local", 1), progress=False, redo=True)
     build_s = time.time() - t0
     assert summary.ok, summary.failed
     meta = json.loads((root / "index" / "index.json").read_text())
