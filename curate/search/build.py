@@ -68,7 +68,7 @@ class IndexConfig:
     memory_budget: int = option(4 << 30, cli_type=str, cli_default="4G", convert=_bytes,  # bytes
                                 help="Memory one modality's index may take (e.g. 512M, 4G).")
     exact_below: int = option(100_000, help="Rows under which the index is exact (brute force).")
-    nlist: int = option(0, help="IVF lists (0: a power of two near sqrt(N)).")
+    nlist: int = option(0, help="IVF lists (0: a power of two near 4 sqrt(N), at most 8192).")
     train_size: int = option(0, help="Rows of the seeded training sample (0: 64 per IVF list).")
     target_recall: float = option(0.97, help="recall@10 against brute force the chosen nprobe must reach, for "
                                              "image queries (held-out rows) and for text queries (their captions, "
