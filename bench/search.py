@@ -144,16 +144,19 @@ def main() -> None:
     ap.add_argument("--nlist", type=int, default=0)
     ap.add_argument("--where", default="lang = 'en'", help="A clause for the filtered run ('' skips it).")
     ap.add_argument("--out", default="bench-out/search")
-    ap.add_argument("--reuse", action="store_true", help="Reuse --out's dataset (and its index when complete).")
+    ap.add_argument("--reuse", action="store_true", help="Reuse --out's dataset (and its index when built with "
+                                                         "the same flags; else the index is rebuilt).")
     ap.add_argument("--keep", action="store_true", help="Keep the dataset dir (1M x 512: ~1.2 GB).")
     ap.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     args = ap.parse_args()
     from curate.engines import EngineSpec
+    from curate.errors import ConfigMismatchError
     from curate.runner import run_stage
     from curate.search.build import IndexConfig, parse_bytes
     from curate.search.searcher import Searcher
 
     n = parse_count(args.n)
+    load0 = os.getloadavg()[0]
     root = Path(args.out) / "ds"
     if not (args.reuse and (root / "_done" / "score").is_dir()):
         shutil.rmtree(root, ignore_errors=True)
@@ -162,7 +165,11 @@ def main() -> None:
         print(f"data: {n:,} x 512 float16 in {n // args.rows_per_shard} shards, {time.time() - t0:.1f}s")
     cfg = IndexConfig(kind=args.kind, memory_budget=parse_bytes(args.memory_budget), nlist=args.nlist)
     t0 = time.time()
-    summary = run_stage("index", cfg, str(root), EngineSpec("local", 1), progress=False)
+    try:
+        summary = run_stage("index", cfg, str(root), EngineSpec("local", 1), progress=False)
+    except ConfigMismatchError:  # --reuse with other index flags (e.g. --memory-budget): the data is kept
+        print("index: the reused dataset's index was built with other flags; rebuilding it")
+        summary = run_stage("index", cfg, str(root), EngineSpec("local", 1), progress=False, redo=True)
     build_s = time.time() - t0
     assert summary.ok, summary.failed
     meta = json.loads((root / "index" / "index.json").read_text())
@@ -203,7 +210,8 @@ def main() -> None:
         print(f"IVF-PQ: the index's best {meta['refine']} candidates reranked by exact cosine from the embedding "
               f"files (end-to-end includes it; index-only does not)")
     print(f"\n{args.queries} queries of each kind, k={K}, one query per call, {os.cpu_count()} CPUs "
-          f"(faiss threads {__import__('faiss').omp_get_max_threads()})")
+          f"(faiss threads {__import__('faiss').omp_get_max_threads()}); load average at start {load0:.2f}, "
+          f"at the end {os.getloadavg()[0]:.2f}; {meta['rows'] // max(1, meta['nlist'] or 1):,} vectors a list")
     print(f"{'run':<22} {'query':<10} {'nprobe':>6} {'recall@10':>9}  {'end-to-end p50/p95/p99 ms':>27}  "
           f"{'index only p50/p95/p99 ms':>27}")
     for run in ("all", "where"):

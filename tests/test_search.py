@@ -660,3 +660,17 @@ def test_tuning_stops_at_a_recall_plateau_and_takes_its_cheapest_nprobe():
     best = max(r for _, r in curve)
     assert rec < 1.0 and len(curve) < len(probe_steps(128))  # stopped early
     assert nprobe == next(p for p, r in curve if r >= best - PLATEAU_GAIN) and rec >= best - PLATEAU_GAIN
+
+
+def test_auto_nlist_is_about_four_sqrt_n_with_enough_training_rows_per_list():
+    """Lists finer than sqrt(N) (text queries need fewer vectors scanned for their recall), a power of two,
+    never fewer than ~39 rows a list (k-means' minimum) and capped (training cost)."""
+    from curate.search.build import MAX_AUTO_NLIST, IndexConfig, auto_nlist, choose_index
+
+    assert auto_nlist(1_000_000) == 4096 and auto_nlist(100_000) == 1024
+    for n in (2, 50, 1000, 40_000, 250_000, 3_000_000, 10_000_000, 10 ** 9):
+        nlist = auto_nlist(n)
+        assert nlist & (nlist - 1) == 0 or nlist == n // 39, n  # a power of two unless the row floor binds
+        assert 1 <= nlist <= max(1, n // 39) and nlist <= MAX_AUTO_NLIST
+        assert nlist >= min(MAX_AUTO_NLIST, n // 39, 2 * 2 ** int(np.log2(np.sqrt(n)))), n
+    assert choose_index(10_000_000, 512, IndexConfig())["factory"] == f"IVF{MAX_AUTO_NLIST},PQ64"
