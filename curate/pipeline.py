@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from curate.api import Pipeline, environment, resolve, to_argv
+from curate.cli import all_commands
 from curate.errors import CurateError, InputError
 
 _TOP_FIELDS = {"name", "workdir", "env", "defaults", "services", "datasets", "stages", "description"}
@@ -156,9 +157,7 @@ def _lookup(name: str, variables: dict[str, Any]) -> Any:
 
 
 def _command(stage: str) -> Any:
-    from curate.cli import cli
-
-    return cli.commands.get(stage)
+    return all_commands().get(stage)
 
 
 def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] | None = None) -> list[Step]:

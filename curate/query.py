@@ -252,10 +252,8 @@ class DuckDBQuery:
 class SparkQuery:
     """The same SQL on Spark: rows are written by the executors, never collected to the driver."""
 
-    def __init__(self, sources: Sources, master: str = "local[*]"):
-        from curate.spark_session import get_session
-
-        self.spark = get_session(master)
+    def __init__(self, sources: Sources, spark: Any):
+        self.spark = spark  # the run's SparkSession (the runner lends it: curate.stages.base.RunContext)
         for name, paths in sources.files.items():
             df = self.spark.read.option("mergeSchema", "true").parquet(*[str(p) for p in paths])
             df.createOrReplaceTempView("ledger" if name == "ledger" else _alias(name))
@@ -295,10 +293,10 @@ class SparkQuery:
         pass
 
 
-def open_query(sources: Sources, engine: str = "local", spark_master: str = "local[*]",
-               spill: Path | None = None) -> Any:
-    if engine == "spark":
-        return SparkQuery(sources, spark_master)
+def open_query(sources: Sources, spark: Any = None, spill: Path | None = None) -> Any:
+    """The samples view on Spark SQL when given a SparkSession, else on DuckDB (spilling to `spill`)."""
+    if spark is not None:
+        return SparkQuery(sources, spark)
     return DuckDBQuery(sources, spill)
 
 

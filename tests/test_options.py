@@ -134,7 +134,7 @@ def test_deny_domain_files_and_repeated_keep_cols_are_converted(tmp_path):
     (lambda: DedupConfig(threshold=0.9, k=5, against="/a", phash=True, threshold_auto=True, auto_target=0.9,
                          device="cpu", phash_distance=-1), "40bcdaaf101b423e"),
     (lambda: ExportConfig(source="/s", where=("a",), policy=("dedup",), top_fraction=0.5, by="x",
-                          layout="img2dataset", query_engine="spark"), "200ff4fbddaa655f"),
+                          layout="img2dataset"), "200ff4fbddaa655f"),
     (lambda: ProbeConfig(subsets=(("a", "/b"),), eval_dir="/e", budgets=(1, 2)), "cc3a69e1b8f13ced"),
     # new output fields (jitter, caption_augment, caption_inflect): the probe's own fingerprint leaves them out at
     # their defaults (test_train_probe.py::test_new_train_options_at_their_defaults_keep_old_fingerprints)

@@ -9,7 +9,10 @@ from typing import Any
 import click
 
 from curate.commands.common import echo_err, engine_options, finish, resolve_shard_index
+from curate.io.inputs import PRESETS
+from curate.io.layout import DatasetDir
 from curate.options import Options, options_from
+from curate.runner import run_stage
 
 
 class _Monitor:
@@ -120,11 +123,6 @@ class _Monitor:
 def command(input_path: str, out: str, preset: str | None, plan_only: bool, progress: bool, options: Options,
             engine_spec: Any, redo: bool, redo_shards: tuple[str, ...]) -> None:
     """Download the images of the URL list INPUT into OUT (resumable per shard)."""
-    from curate.io.inputs import PRESETS, check_columns
-    from curate.io.layout import DatasetDir
-    from curate.runner import run_stage
-    from curate.stages.download import check_config
-
     if "://" not in input_path:
         input_path = os.path.abspath(input_path)  # tasks may run in other processes or machines
     # a preset names the input's columns; a flag the user gave wins over it
@@ -133,16 +131,13 @@ def command(input_path: str, out: str, preset: str | None, plan_only: bool, prog
                    if p is not None and f not in options.explicit}
     cfg = options.build(input=input_path, **from_preset,
                         shard_index=resolve_shard_index(options["shard_index"], options["num_shards"]))
-    check_config(cfg)
-    files = check_columns(cfg.input_spec())  # exit 2 naming file and column before anything is written
     if cfg.allow_private:
         echo_err("curate download: WARNING --allow-private: the address guard is off; URLs may reach "
                  "loopback, private and link-local addresses (cloud metadata included)")
-    extra = {"inputs": [[os.path.basename(f), size] for f, size in files]}
     ds = DatasetDir.at(out)
     with _Monitor(ds, progress and not plan_only, (cfg.shard_index, cfg.num_shards)):
-        summary = run_stage("download", cfg, out, engine_spec, redo=redo, fingerprint_extra=extra,
-                            progress=False, plan_only=plan_only, redo_tasks=redo_shards)
+        summary = run_stage("download", cfg, out, engine_spec, redo=redo, progress=False, plan_only=plan_only,
+                            redo_tasks=redo_shards)
     if plan_only:
         from curate.stages.download import load_plan
 

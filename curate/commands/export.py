@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
 
 from curate.commands.common import engine_options, finish
 from curate.options import Options, options_from
+from curate.runner import lend, run_stage
 
 
 @options_from("curate.stages.export:ExportConfig", "export", after="staging")
@@ -22,13 +24,9 @@ def command(directory: str, out: str, staging: str | None, dry_run: bool, option
             redo: bool) -> None:
     """Clauses apply in order: downloaded (status = 'success'), each --policy, each --where, then
     --top-fraction. Predicates run in DuckDB, or in Spark SQL with --engine spark (same text)."""
-    import os
+    from curate.stages.export import format_counts, select
 
-    from curate.runner import run_stage
-    from curate.stages.export import fingerprint_extra, format_counts, select
-
-    cfg = options.build(source=os.path.abspath(directory), query_engine=engine_spec.name,
-                        spark_master=engine_spec.spark_master)
+    cfg = options.build(source=os.path.abspath(directory))
     if cfg.top_fraction == "auto":
         from curate.stages.export import auto_fraction
 
@@ -40,12 +38,13 @@ def command(directory: str, out: str, staging: str | None, dry_run: bool, option
                    f"{'; extrapolated beyond the studied budgets' if a['extrapolated'] else ''}; study {a['study']})",
                    err=True)
     if dry_run:
-        click.echo(format_counts(select(cfg)))
+        with lend(engine_spec):  # the counts run on the engine's SQL back end, as the export's selection would
+            click.echo(format_counts(select(cfg)))
         return
     from curate.io.publish import is_remote, local_path, publish, staging_dir
 
     target = staging_dir(out, staging) if is_remote(out) else local_path(out)
-    summary = run_stage("export", cfg, str(target), engine_spec, redo=redo, fingerprint_extra=fingerprint_extra(cfg))
+    summary = run_stage("export", cfg, str(target), engine_spec, redo=redo)
     if is_remote(out):
         from curate.io.layout import DatasetDir
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from curate.spark_session import SPARK_EXTRA_HINT
+from curate.engines.session import SPARK_EXTRA_HINT
 
 Payload = tuple[str, dict[str, Any], str, dict[str, Any]]  # (stage, config, dataset root, task)
 OnResult = Callable[[dict[str, Any]], None]
@@ -27,7 +27,7 @@ def require_pyspark() -> None:
 @dataclass(frozen=True)
 class EngineSpec:
     name: str = "local"
-    workers: int = 1
+    workers: int | None = None  # None: the runner decides (one, or one per visible GPU for a GPU stage)
     spark_master: str = "local[*]"
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from curate.engines.base import OnResult, Payload
-from curate.spark_session import get_session
+from curate.engines.session import get_session
 
 
 def _run_json(payload_json: str) -> str:

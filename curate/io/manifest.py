@@ -149,8 +149,10 @@ def record_stage(
     status: str = "complete",
     extra: dict[str, Any] | None = None,
     array_slice: tuple[int, int] | None = None,
+    engine: str | None = None,
 ) -> dict[str, Any]:
-    """Record `stage`'s entry: in manifest.json, or in this array task's own fragment."""
+    """Record `stage`'s entry: in manifest.json, or in this array task's own fragment (`engine`: where its
+    tasks and driver-side SQL ran, local or spark)."""
     import shutil
 
     from curate.io.atomic import TMP_PREFIX
@@ -165,6 +167,8 @@ def record_stage(
         "versions": package_versions(),
         "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if engine:
+        entry["engine"] = engine
     if extra:
         entry.update(extra)
     if status == "running":

@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 
 from curate.balancing import DEFAULT_METADATA, entries_digest, load_entries
-from curate.config import output_fields, runtime
+from curate.config import output_fields
 from curate.errors import InputError
 from curate.hashing import json_digest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, task_id
 from curate.options import option
+from curate.stages.base import Stage, context
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ class BalanceConfig:
              "(offline).")
     seed: int = option(0, help="Seed of the per-(pair, entry) draws that decide which pairs an over-full entry "
                                "keeps.")
-    query_engine: str = runtime("local")
-    spark_master: str = runtime("local[*]")
 
 
 def work_dir(ds: DatasetDir) -> Path:
@@ -78,9 +77,12 @@ def _match_path(ds: DatasetDir, shard: str) -> Path:
     return work_dir(ds) / "matches" / f"{shard}.parquet"
 
 
-class BalanceStage:
+class BalanceStage(Stage):
     name = NAME
     config_cls = BalanceConfig
+
+    def fingerprint_inputs(self, cfg: BalanceConfig, ds: DatasetDir) -> dict[str, Any]:
+        return fingerprint_extra(cfg, ds)
 
     def phases(self, cfg: BalanceConfig, ds: DatasetDir) -> tuple[str, ...]:
         return PHASES
@@ -255,10 +257,9 @@ def _run_reduce(cfg: BalanceConfig, match_files: list[Path], out: Path) -> tuple
 
     src = "(SELECT * FROM matches WHERE entry IS NOT NULL)"
     caps = ", ".join(f"SUM(CASE WHEN rank < {t} THEN 1 ELSE 0 END) AS t{t}" for t in REPORT_CAPS)
-    if cfg.query_engine == "spark":
-        from curate.spark_session import get_session
-
-        spark = get_session(cfg.spark_master)
+    ctx = context()  # the reduce runs on Spark SQL with --engine spark (the engine's session), else DuckDB
+    if ctx.sql == "spark":
+        spark = ctx.spark()
         spark.read.parquet(*[str(p) for p in match_files]).createOrReplaceTempView("matches")
         spark.sql(reduce_sql(src)).write.mode("overwrite").partitionBy("shard").parquet(str(out))
         spark.read.parquet(str(out)).createOrReplaceTempView("reduced")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import os
 import queue
 import threading
 import time
@@ -48,7 +49,7 @@ from curate.imaging import (
 )
 from curate.io.atomic import read_json, write_json
 from curate.io.inputs import FORMATS as INPUT_FORMATS
-from curate.io.inputs import InputSpec, list_files
+from curate.io.inputs import InputSpec, check_columns, list_files
 from curate.io.layout import (
     MAX_ROWS_PER_SHARD,
     DatasetDir,
@@ -63,6 +64,7 @@ from curate.io.tables import write_table
 from curate.options import option, unique
 from curate.phases import ENABLED as PROFILE_ENABLED
 from curate.phases import PHASES
+from curate.stages.base import Stage
 
 # ledger fields left out of the sample's json in the tar: timing differs from run to run, and the
 # tar must be byte-identical whatever engine or machine wrote it
@@ -988,10 +990,16 @@ def read_stats(ds: DatasetDir, shard: str) -> dict[str, Any] | None:
     return read_json(p) if p.exists() else None
 
 
-@dataclass(frozen=True)
-class DownloadStage:
-    name: str = "download"
-    config_cls: type = DownloadConfig
+class DownloadStage(Stage):
+    name = "download"
+    config_cls = DownloadConfig
+
+    def validate(self, cfg: DownloadConfig, ds: DatasetDir) -> None:
+        check_config(cfg)
+
+    def fingerprint_inputs(self, cfg: DownloadConfig, ds: DatasetDir) -> dict[str, Any]:
+        """The input files' names and sizes (the columns are checked first: exit 2 naming file and column)."""
+        return {"inputs": [[os.path.basename(f), size] for f, size in check_columns(cfg.input_spec())]}
 
     def plan(self, cfg: DownloadConfig, ds: DatasetDir) -> list[dict[str, Any]]:
         return plan(cfg, ds)

@@ -27,7 +27,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.config import runtime
 from curate.errors import CurateError, InputError, ShardError
 from curate.hashing import json_digest
 from curate.io import manifest
@@ -46,6 +45,7 @@ from curate.query import (
     parquet_files,
     selection_sql,
 )
+from curate.stages.base import Stage, context
 
 NAME = "export"
 DOWNLOADED = Clause("downloaded", where="status = 'success'")
@@ -90,8 +90,6 @@ class ExportConfig:
                               "{shard}.parquet and {shard}_stats.json as img2dataset writes them (readable by its "
                               "tools, and by `curate adopt`).")
     write_dropped: bool = option(False, help="Write OUT/dropped.parquet: every dropped key and its clause.")
-    query_engine: str = runtime("local")  # --engine: DuckDB (local) or Spark SQL
-    spark_master: str = runtime("local[*]")
     shard_index: int = option(0, runtime=True, help="With --num-shards: write only output shards i with i % "
                                                     "num_shards == shard-index (Slurm arrays).")
     num_shards: int = option(1, runtime=True, help="Number of slices (see --shard-index).")
@@ -245,7 +243,8 @@ def select(cfg: ExportConfig, folder: Path | None = None) -> Selection:
     sources = Sources.of(src)
     check_clauses(src, sources, clauses)
     spill = folder / "spill" if folder is not None else None
-    q = open_query(sources, cfg.query_engine, cfg.spark_master, spill=spill)
+    ctx = context()  # DuckDB, or Spark SQL on the engine's session with --engine spark
+    q = open_query(sources, ctx.spark() if ctx.sql == "spark" else None, spill=spill)
     try:
         if folder is None:
             q.define("sel", selection_sql(clauses))
@@ -404,11 +403,11 @@ def _in_slice(cfg: ExportConfig, index: int) -> bool:
     return index % cfg.num_shards == cfg.shard_index
 
 
-class ExportStage:
+class ExportStage(Stage):
     name = NAME
     config_cls = ExportConfig
 
-    def plan(self, cfg: ExportConfig, ds: DatasetDir) -> list[dict[str, Any]]:
+    def validate(self, cfg: ExportConfig, ds: DatasetDir) -> None:
         if cfg.samples_per_shard < 1:
             raise InputError("--samples-per-shard: must be at least 1")
         if not 0 <= cfg.shard_index < cfg.num_shards:
@@ -417,6 +416,11 @@ class ExportStage:
             raise InputError(f"--layout {cfg.layout}: must be one of {', '.join(LAYOUTS)}")
         if source_dir(cfg).root == ds.root:
             raise InputError(f"--out {ds.root}: must differ from the source directory")
+
+    def fingerprint_inputs(self, cfg: ExportConfig, ds: DatasetDir) -> dict[str, Any]:
+        return fingerprint_extra(cfg)
+
+    def plan(self, cfg: ExportConfig, ds: DatasetDir) -> list[dict[str, Any]]:
         state = source_state(cfg)
         _refuse_changed_source(ds, state)
         folder, summary = ensure_selection(cfg, ds, state)

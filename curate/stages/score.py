@@ -13,6 +13,7 @@ several scorers live side by side in one dataset.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
@@ -26,6 +27,9 @@ from curate.errors import InputError, ShardError
 from curate.io.layout import DatasetDir
 from curate.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from curate.options import option
+from curate.stages.base import Resources, Stage, sum_stats
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -415,9 +419,31 @@ def write_npy(path: Any, array: Any) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
-class ScoreStage:
+class ScoreStage(Stage):
     name = "score"
     config_cls = ScoreConfig
+
+    def validate(self, cfg: ScoreConfig, ds: DatasetDir) -> None:
+        """The config, then the model: unknown model, missing file, checksum mismatch or a model that does not
+        load on the device exit 2 before any shard."""
+        from curate.models import check_loadable, resolve_model
+
+        check_config(cfg)
+        check_loadable(resolve_model(cfg.model, cfg.pretrained, cfg.checksum), resolve_device(cfg.device))
+
+    def fingerprint_inputs(self, cfg: ScoreConfig, ds: DatasetDir) -> dict[str, Any]:
+        inputs = model_inputs(cfg)
+        if inputs.get("filter_quality", {}).get("weak"):
+            from curate.train_probe.quality import warning_lines
+
+            for line in warning_lines(inputs["filter_quality"], cfg.pretrained):
+                log.warning("%s", line)
+        return inputs
+
+    def resources(self, cfg: ScoreConfig) -> Resources:
+        """A GPU per task with --device cuda or auto: any one the engine gives it, so the local engine runs one
+        worker per visible GPU. A pinned --device cuda:N is one GPU for every task: one worker unless told."""
+        return Resources(gpus=1 if cfg.device in ("cuda", "auto") else 0)
 
     def output_key(self, cfg: ScoreConfig) -> str:
         """The stage key this config writes under (markers, stats, signals, manifest entry)."""
@@ -457,8 +483,6 @@ class ScoreStage:
         """Every shard's stats added up, one row per input row: a failed row that `download --retry-failed`
         retried in a later shard is counted there, so its old row (superseded_by set, possibly after this
         shard was scored) is taken out of `rows` and `skipped` here and counted as `superseded`."""
-        from curate.stages.base import sum_stats
-
         counts = sum_stats(ds, cfg.name)
         sup = superseded_by_status(ds, ds.done_shards(cfg.name))
         if sup:

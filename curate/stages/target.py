@@ -27,6 +27,8 @@ from curate.errors import InputError
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
 from curate.options import absolute, option, parse_k
+from curate.stages.base import Stage, sum_stats
+from curate.stages.dedup import input_digest
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +151,17 @@ def nearest(emb: np.ndarray, centroids: np.ndarray, batch: int) -> tuple[np.ndar
     return ids[:, 0], sims[:, 0]
 
 
-class TargetStage:
+class TargetStage(Stage):
     name = NAME
     config_cls = TargetConfig
 
-    def plan(self, cfg: TargetConfig, ds: DatasetDir) -> list[dict[str, Any]]:
-        from curate.stages.dedup import input_digest
+    def validate(self, cfg: TargetConfig, ds: DatasetDir) -> None:
+        validate(cfg, ds)
 
+    def fingerprint_inputs(self, cfg: TargetConfig, ds: DatasetDir) -> dict[str, Any]:
+        return {"dataset": input_digest(ds), "target": input_digest(DatasetDir.at(cfg.target))}
+
+    def plan(self, cfg: TargetConfig, ds: DatasetDir) -> list[dict[str, Any]]:
         validate(cfg, ds)
         target = DatasetDir.at(cfg.target)
         shards = _scored_shards(ds, "")
@@ -244,8 +250,6 @@ class TargetStage:
         return {"rows": len(order), "assigned": int(has.sum()), "selected": int(chosen.sum())}
 
     def finalize(self, cfg: TargetConfig, ds: DatasetDir) -> dict[str, Any]:
-        from curate.stages.base import sum_stats
-
         plan_path = work_dir(ds) / "plan.json"
         if not plan_path.exists():
             return {}

@@ -1,6 +1,6 @@
 """The SparkSession curate uses: the Spark engine schedules tasks on it, and the Spark SQL back end of
-queries (export's selection, balance's reduce) runs on it. A leaf module, so stages and queries reach Spark
-SQL without importing the engine."""
+driver-side queries (export's selection, balance's reduce) runs on it. Only the engines and the runner open
+it; a stage gets it from the runner (`curate.stages.base.context().spark()`)."""
 
 from __future__ import annotations
 
