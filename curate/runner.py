@@ -77,12 +77,6 @@ class StageSummary:
         return not self.failed
 
 
-def array_slice_of(cfg: Any) -> tuple[int, int] | None:
-    """(index, count) when this run is one task of a Slurm array (--num-shards > 1), else None."""
-    n = int(getattr(cfg, "num_shards", 1) or 1)
-    return (int(getattr(cfg, "shard_index", 0) or 0), n) if n > 1 else None
-
-
 def run_stage(
     stage_name: str,
     cfg: Any,
@@ -98,8 +92,8 @@ def run_stage(
     """Plan `stage_name` on `root` and run its pending tasks on `engine`; the manifest records the outcome.
 
     Holds the stage's lock on the directory for the whole run (a second run exits 2). An array task
-    (cfg.num_shards > 1) holds it shared with its siblings, writes its own manifest fragment, and may
-    not --redo. `redo_tasks` (download --redo-shard) runs those tasks again whatever their markers say,
+    (engine.num_shards > 1, a stage with `array_slices`) runs tasks[index::num] of the plan, holds the lock
+    shared with its siblings, writes its own manifest fragment, and may not --redo. `redo_tasks` (download --redo-shard) runs those tasks again whatever their markers say,
     keeping every other task's output. A done task whose marker records upstream task runs that have
     changed since (curate.io.lineage) runs again too. Whatever ends the run (an exception, Ctrl-C,
     SIGTERM from Slurm), the manifest is left "interrupted", never "running". (Long because lock,
@@ -109,7 +103,10 @@ def run_stage(
     extras.require_for(stage_name)  # a missing extra: exit 2 naming it, before any lock or file
     stage: Stage = get_stage(stage_name)
     ds = DatasetDir.at(root)
-    part = array_slice_of(cfg)
+    part = engine.array_slice
+    if part is not None and not stage.array_slices:
+        raise InputError(f"--num-shards: stage {stage_name} does not run as a Slurm array (its tasks depend on "
+                         f"each other's outputs); run it in one job, on --engine spark for a cluster")
     if (redo or redo_tasks) and part is not None:
         raise InputError(f"--redo: refused inside an array task (--shard-index {part[0]} of {part[1]}): it would "
                          f"delete its siblings' output. Run the stage once with --redo outside the array "
@@ -134,6 +131,8 @@ def run_stage(
         # planned once the previous one completed, and its tasks take the same engine/task/marker path
         phases = list(stage.phases(cfg, ds))
         tasks = stage.plan_phase(cfg, ds, phases[0])
+        if part is not None:  # an array task runs its slice of the plan
+            tasks = tasks[part[0]::part[1]]
         _forget(ds, key, tasks, redo_tasks)
         todo = _pending(stage, cfg, ds, key, tasks)
         summary = StageSummary(key, str(ds.root), fp, len(tasks), len(tasks) - len(todo))

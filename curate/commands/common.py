@@ -14,7 +14,14 @@ from curate.engines import EngineSpec
 from curate.errors import CurateError, InputError
 
 
-def engine_options(fn: Callable) -> Callable:
+def engine_options(fn: Callable | None = None, *, array: bool = False) -> Callable:
+    """The engine flags of a stage command, folded into one `engine_spec` argument (an EngineSpec); with
+    `array=True` also --shard-index/--num-shards, for a stage whose tasks may be split over a Slurm array."""
+    if fn is None:
+        return functools.partial(engine_options, array=array)
+    if array:
+        fn = _array_options(fn)
+
     @click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
                   help="Where shard tasks run.")
     @click.option("--workers", type=int, default=None,
@@ -27,9 +34,19 @@ def engine_options(fn: Callable) -> Callable:
     def wrapper(*args: Any, engine: str, workers: int | None, spark_master: str, **kw: Any) -> Any:
         if workers is not None and workers < 1:
             raise click.BadParameter("must be at least 1", param_hint="--workers")
-        return fn(*args, engine_spec=EngineSpec(engine, workers, spark_master), **kw)
+        num = kw.pop("num_shards", 1)
+        index = resolve_shard_index(kw.pop("shard_index", None), num)
+        return fn(*args, engine_spec=EngineSpec(engine, workers, spark_master, index, num), **kw)
 
     return wrapper
+
+
+def _array_options(fn: Callable) -> Callable:
+    fn = click.option("--num-shards", type=int, default=1, show_default=True,
+                      help="How many tasks a Slurm array has: this run does every NUM-th planned task.")(fn)
+    return click.option("--shard-index", type=int, default=None,
+                        help="This array task's slice of the planned tasks: tasks[INDEX::NUM] (default: "
+                             "$SLURM_ARRAY_TASK_ID when --num-shards is given, else 0).")(fn)
 
 
 def finish(summary: Any, extra_lines: list[str] | None = None) -> None:

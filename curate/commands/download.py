@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from curate.commands.common import echo_err, engine_options, finish, resolve_shard_index
+from curate.commands.common import echo_err, engine_options, finish
 from curate.io.inputs import PRESETS
 from curate.io.layout import DatasetDir
 from curate.options import Options, options_from
@@ -119,7 +119,7 @@ class _Monitor:
               help="Download this shard again (its 8-digit id), keeping every other shard; repeatable. Later "
                    "stages then recompute exactly the shards that changed.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@engine_options
+@engine_options(array=True)
 def command(input_path: str, out: str, preset: str | None, plan_only: bool, progress: bool, options: Options,
             engine_spec: Any, redo: bool, redo_shards: tuple[str, ...]) -> None:
     """Download the images of the URL list INPUT into OUT (resumable per shard)."""
@@ -129,13 +129,12 @@ def command(input_path: str, out: str, preset: str | None, plan_only: bool, prog
     p = PRESETS.get(preset) if preset else None
     from_preset = {f: getattr(p, f) for f in ("input_format", "url_col", "caption_col", "keep_cols", "header")
                    if p is not None and f not in options.explicit}
-    cfg = options.build(input=input_path, **from_preset,
-                        shard_index=resolve_shard_index(options["shard_index"], options["num_shards"]))
+    cfg = options.build(input=input_path, **from_preset)
     if cfg.allow_private:
         echo_err("curate download: WARNING --allow-private: the address guard is off; URLs may reach "
                  "loopback, private and link-local addresses (cloud metadata included)")
     ds = DatasetDir.at(out)
-    with _Monitor(ds, progress and not plan_only, (cfg.shard_index, cfg.num_shards)):
+    with _Monitor(ds, progress and not plan_only, (engine_spec.shard_index, engine_spec.num_shards)):
         summary = run_stage("download", cfg, out, engine_spec, redo=redo, progress=False, plan_only=plan_only,
                             redo_tasks=redo_shards)
     if plan_only:

@@ -19,7 +19,7 @@ from curate.runner import lend, run_stage
 @click.option("--staging", default=None, type=click.Path(file_okay=False),
               help="Local staging folder for a remote --out (default: ~/.cache/curate/staging/HASH).")
 @click.option("--dry-run", is_flag=True, help="Print how many rows each clause removes, then exit without writing.")
-@engine_options
+@engine_options(array=True)
 def command(directory: str, out: str, staging: str | None, dry_run: bool, options: Options, engine_spec: Any,
             redo: bool) -> None:
     """Clauses apply in order: downloaded (status = 'success'), each --policy, each --where, then

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from curate.commands.common import engine_options, finish, resolve_shard_index
+from curate.commands.common import engine_options, finish
 from curate.options import Options, options_from
 from curate.runner import run_stage
 
@@ -15,7 +15,7 @@ from curate.runner import run_stage
 @options_from("curate.stages.score:ScoreConfig", "score")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@engine_options
+@engine_options(array=True)
 def command(dataset: str, progress: bool, options: Options, engine_spec: Any, redo: bool) -> None:
     """Score the downloaded shards of DATASET (resumable per shard)."""
     # paths are made absolute: tasks may run in other processes or on other machines
@@ -24,8 +24,7 @@ def command(dataset: str, progress: bool, options: Options, engine_spec: Any, re
         model = os.path.abspath(model)
     if os.path.exists(pretrained):
         pretrained = os.path.abspath(pretrained)
-    cfg = options.build(model=model, pretrained=pretrained,
-                        shard_index=resolve_shard_index(options["shard_index"], options["num_shards"]))
+    cfg = options.build(model=model, pretrained=pretrained)
     # the runner checks the config and the model (exit 2 before any shard), and runs one local worker per
     # visible GPU for --device cuda/auto unless --workers says otherwise
     summary = run_stage("score", cfg, dataset, engine_spec, redo=redo, progress=progress)

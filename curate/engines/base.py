@@ -29,11 +29,24 @@ class EngineSpec:
     name: str = "local"
     workers: int | None = None  # None: the runner decides (one, or one per visible GPU for a GPU stage)
     spark_master: str = "local[*]"
+    # a Slurm array: this run is task `shard_index` of `num_shards` and runs the planned tasks [index::num]
+    shard_index: int = 0
+    num_shards: int = 1
 
     def __post_init__(self) -> None:
         # checked when the flags are read, before any output or manifest entry is written
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            from curate.errors import InputError
+
+            raise InputError(f"--shard-index {self.shard_index}: must be within 0..{self.num_shards - 1} "
+                             f"(--num-shards {self.num_shards})")
         if self.name == "spark":
             require_pyspark()
+
+    @property
+    def array_slice(self) -> tuple[int, int] | None:
+        """(index, count) when this run is one task of a Slurm array (num_shards > 1), else None."""
+        return (self.shard_index, self.num_shards) if self.num_shards > 1 else None
 
 
 class Engine(Protocol):

@@ -89,6 +89,9 @@ class Stage:
     config_cls: type = object
     # phases planned again after each round until their plan has nothing left to run (dedup's resolve)
     repeated_phases: tuple[str, ...] = ()
+    # whether a Slurm array may split the plan (--shard-index/--num-shards, the engine spec): each array task
+    # runs tasks[index::num] of the same plan; only for a single-phase stage whose tasks are independent
+    array_slices: bool = False
 
     # ---- before anything is written ----
     def validate(self, cfg: Any, ds: DatasetDir) -> None:

@@ -90,9 +90,6 @@ class ExportConfig:
                               "{shard}.parquet and {shard}_stats.json as img2dataset writes them (readable by its "
                               "tools, and by `curate adopt`).")
     write_dropped: bool = option(False, help="Write OUT/dropped.parquet: every dropped key and its clause.")
-    shard_index: int = option(0, runtime=True, help="With --num-shards: write only output shards i with i % "
-                                                    "num_shards == shard-index (Slurm arrays).")
-    num_shards: int = option(1, runtime=True, help="Number of slices (see --shard-index).")
 
 
 @dataclass
@@ -399,19 +396,14 @@ def _work_dir(ds: DatasetDir) -> Path:
     return ds.root / "_work" / NAME
 
 
-def _in_slice(cfg: ExportConfig, index: int) -> bool:
-    return index % cfg.num_shards == cfg.shard_index
-
-
 class ExportStage(Stage):
     name = NAME
     config_cls = ExportConfig
+    array_slices = True  # an array task writes output shards i with i % num == index of the one selection
 
     def validate(self, cfg: ExportConfig, ds: DatasetDir) -> None:
         if cfg.samples_per_shard < 1:
             raise InputError("--samples-per-shard: must be at least 1")
-        if not 0 <= cfg.shard_index < cfg.num_shards:
-            raise InputError(f"--shard-index {cfg.shard_index}: must be in [0, --num-shards {cfg.num_shards})")
         if cfg.layout not in LAYOUTS:
             raise InputError(f"--layout {cfg.layout}: must be one of {', '.join(LAYOUTS)}")
         if source_dir(cfg).root == ds.root:
@@ -427,9 +419,8 @@ class ExportStage(Stage):
         write_json(_work_dir(ds) / "selection.json", {**summary, "folder": folder.name, "source_state": state})
         tasks = []
         for i in range(summary["shards"]):
-            if _in_slice(cfg, i):
-                n = min(cfg.samples_per_shard, summary["kept"] - i * cfg.samples_per_shard)
-                tasks.append({"shard": shard_name(i), "index": i, "samples": n, "selection": folder.name})
+            n = min(cfg.samples_per_shard, summary["kept"] - i * cfg.samples_per_shard)
+            tasks.append({"shard": shard_name(i), "index": i, "samples": n, "selection": folder.name})
         return tasks
 
     def run_shard(self, cfg: ExportConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:

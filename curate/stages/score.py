@@ -76,10 +76,6 @@ class ScoreConfig:
     threads: int = option(0, runtime=True, help="torch intra-op threads per task process (0 = on CPU, the cores left "
                                                 "after --loader-workers).")
     save_text_embeddings: bool = option(False, help="Also write signals/score/{shard}.txt_emb.npy.")
-    shard_index: int = option(0, runtime=True, cli_default=None,
-                              help="This task's slice: shards[INDEX::NUM] (default: $SLURM_ARRAY_TASK_ID when "
-                                   "--num-shards is given, else 0).")
-    num_shards: int = option(1, runtime=True, help="How many slices there are.")
 
 
 def check_name(name: str) -> None:
@@ -106,8 +102,6 @@ def check_config(cfg: ScoreConfig) -> None:
         raise InputError("--loader-workers: must be -1 (auto), 0 or more")
     if cfg.threads < 0:
         raise InputError("--threads: must be 0 or more")
-    if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
-        raise InputError(f"--shard-index/--num-shards: need 0 <= {cfg.shard_index} < {cfg.num_shards}")
     require_cuda(cfg.device)
 
 
@@ -422,6 +416,7 @@ def write_npy(path: Any, array: Any) -> None:
 class ScoreStage(Stage):
     name = "score"
     config_cls = ScoreConfig
+    array_slices = True  # one task per shard, independent of each other
 
     def validate(self, cfg: ScoreConfig, ds: DatasetDir) -> None:
         """The config, then the model: unknown model, missing file, checksum mismatch or a model that does not
@@ -455,7 +450,7 @@ class ScoreStage(Stage):
         if not shards:
             raise InputError(f"{ds.root}: no downloaded shards (no _done/download markers); "
                              f"run `curate download` first")
-        return [{"shard": s} for s in shards[cfg.shard_index::cfg.num_shards]]
+        return [{"shard": s} for s in shards]
 
     def reads(self, cfg: ScoreConfig, ds: DatasetDir, task: dict[str, Any]) -> list[tuple[str, str]]:
         """The shard's tar and ledger: the run of the stage that wrote them (lineage, see curate.io.lineage)."""
