@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from curate.errors import InputError
 from curate.io.layout import DatasetDir
 from curate.io.ledger import LEDGER_FIELDS
+from curate.machine import sql_memory_limit
 
 SIGNAL_STAGES = ("score", "dedup")  # the unprefixed tables, joined first in this order
 # the columns each signal stage provides (the data contract), to name the stage a predicate needs
@@ -197,8 +198,6 @@ class DuckDBQuery:
 
     def __init__(self, sources: Sources, spill: Path | None = None, memory_limit: str | None = None):
         import duckdb
-
-        from curate.machine import sql_memory_limit
 
         # $CURATE_SQL_MEMORY, else half the machine's memory per core, at most 600 MB
         memory_limit = memory_limit or sql_memory_limit(cap=600 << 20)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from curate.commands.common import echo_err, engine_options, finish
-from curate.io.inputs import PRESETS
+from curate.io.atomic import read_json
 from curate.io.layout import DatasetDir
 from curate.options import Options, options_from
 from curate.runner import run_stage
@@ -52,7 +52,6 @@ class _Monitor:
             self._bar.close()
 
     def _plan(self) -> bool:
-        from curate.io.atomic import read_json
         from curate.stages.download import plan_path
 
         if self._sizes is not None:
@@ -67,7 +66,6 @@ class _Monitor:
         return True
 
     def _poll(self) -> None:
-        from curate.io.atomic import read_json
         from curate.stages.download import progress_path
 
         if not self._plan():
@@ -123,6 +121,8 @@ class _Monitor:
 def command(input_path: str, out: str, preset: str | None, plan_only: bool, progress: bool, options: Options,
             engine_spec: Any, redo: bool, redo_shards: tuple[str, ...]) -> None:
     """Download the images of the URL list INPUT into OUT (resumable per shard)."""
+    from curate.io.inputs import PRESETS  # pyarrow: imported when the command runs, not for --help
+
     if "://" not in input_path:
         input_path = os.path.abspath(input_path)  # tasks may run in other processes or machines
     # a preset names the input's columns; a flag the user gave wins over it

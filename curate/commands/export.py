@@ -8,6 +8,8 @@ from typing import Any
 import click
 
 from curate.commands.common import engine_options, finish
+from curate.io.layout import DatasetDir
+from curate.io.publish import is_remote, local_path, publish, staging_dir
 from curate.options import Options, options_from
 from curate.runner import lend, run_stage
 
@@ -41,13 +43,10 @@ def command(directory: str, out: str, staging: str | None, dry_run: bool, option
         with lend(engine_spec):  # the counts run on the engine's SQL back end, as the export's selection would
             click.echo(format_counts(select(cfg)))
         return
-    from curate.io.publish import is_remote, local_path, publish, staging_dir
 
     target = staging_dir(out, staging) if is_remote(out) else local_path(out)
     summary = run_stage("export", cfg, str(target), engine_spec, redo=redo)
     if is_remote(out):
-        from curate.io.layout import DatasetDir
-
         ds = DatasetDir.at(target)
         if cfg.layout == "img2dataset":
             from curate.stages.img2dataset_layout import publish_img2dataset

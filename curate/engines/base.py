@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from curate.engines.session import SPARK_EXTRA_HINT
+from curate.errors import InputError
 
 Payload = tuple[str, dict[str, Any], str, dict[str, Any]]  # (stage, config, dataset root, task)
 OnResult = Callable[[dict[str, Any]], None]
@@ -18,8 +19,6 @@ def require_pyspark() -> None:
     try:
         import pyspark  # noqa: F401
     except ImportError:
-        from curate.errors import InputError
-
         raise InputError(f"--engine spark needs pyspark, which is not installed: it comes with the spark "
                          f"extra ({SPARK_EXTRA_HINT})") from None
 
@@ -36,8 +35,6 @@ class EngineSpec:
     def __post_init__(self) -> None:
         # checked when the flags are read, before any output or manifest entry is written
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            from curate.errors import InputError
-
             raise InputError(f"--shard-index {self.shard_index}: must be within 0..{self.num_shards - 1} "
                              f"(--num-shards {self.num_shards})")
         if self.name == "spark":

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
+from curate.errors import InputError
+
 SPARK_EXTRA_HINT = "pip install 'curate[spark]'"
 
 
@@ -15,8 +17,6 @@ def get_session(master: str = "local[*]", app_name: str = "curate"):
     try:
         from pyspark.sql import SparkSession
     except ImportError:
-        from curate.errors import InputError
-
         raise InputError(f"Spark needs pyspark, which is not installed: it comes with the spark extra "
                          f"({SPARK_EXTRA_HINT})") from None  # never a silent local run
 

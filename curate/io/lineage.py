@@ -16,7 +16,9 @@ import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from curate.io.layout import DatasetDir
+from curate.errors import InputError
+from curate.io.atomic import read_json
+from curate.io.layout import DatasetDir, task_id
 
 ABSENT = "absent"  # the identity of an upstream task that has no marker
 
@@ -55,9 +57,6 @@ def stale_tasks(reads: Callable[[dict[str, Any]], Iterable[tuple[str, str]]] | N
     (no "reads" field) is checked against the current upstream identities it would have read: it is stale
     only if some upstream is absent now, so existing datasets resume as they did.
     """
-    from curate.io.atomic import read_json
-    from curate.io.layout import task_id
-
     if reads is None:
         return {}
     out: dict[str, list[str]] = {}
@@ -87,8 +86,6 @@ def stage_state(ds: DatasetDir, stage: str) -> dict[str, str]:
 
 def stale_done(ds: DatasetDir, stage: str) -> dict[str, list[str]]:
     """{task: changed upstream names} over every done task of `stage` whose marker records its reads."""
-    from curate.io.atomic import read_json
-
     out: dict[str, list[str]] = {}
     for tid in ds.done_tasks(stage):
         try:
@@ -104,8 +101,6 @@ def stale_done(ds: DatasetDir, stage: str) -> dict[str, list[str]]:
 def require_current(ds: DatasetDir, stage: str, reader: str) -> None:
     """Refuse (exit 2) to let `reader` read `stage`'s output while some of it was computed from upstream
     output that has changed since (e.g. a shard downloaded again and not scored again)."""
-    from curate.errors import InputError
-
     stale = stale_done(ds, stage)
     if stale:
         names = sorted(stale)

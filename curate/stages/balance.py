@@ -23,7 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from curate.balancing import DEFAULT_METADATA, entries_digest, load_entries
+from curate.balancing import (
+    DEFAULT_METADATA,
+    cached_matcher,
+    draw,
+    entries_digest,
+    entry_counts_sql,
+    load_entries,
+    reduce_sql,
+)
 from curate.config import output_fields
 from curate.errors import InputError
 from curate.hashing import json_digest
@@ -165,7 +173,6 @@ def _match(cfg: BalanceConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str
     """Map: the long match table of one shard (a null entry for a pair that matched nothing)."""
     import pyarrow as pa
 
-    from curate.balancing import cached_matcher, draw
     from curate.io.tables import write_table
 
     shard = task["source"]
@@ -253,8 +260,6 @@ def _reduce(cfg: BalanceConfig, ds: DatasetDir, plan: dict[str, Any]) -> None:
 def _run_reduce(cfg: BalanceConfig, match_files: list[Path], out: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """reduce_sql over the match files, written partitioned by shard to `out` (out/shard=X/*.parquet);
     returns the per-entry counts (bounded by the metadata size) and the kept pairs at each REPORT_CAPS t."""
-    from curate.balancing import entry_counts_sql, reduce_sql
-
     src = "(SELECT * FROM matches WHERE entry IS NOT NULL)"
     caps = ", ".join(f"SUM(CASE WHEN rank < {t} THEN 1 ELSE 0 END) AS t{t}" for t in REPORT_CAPS)
     ctx = context()  # the reduce runs on Spark SQL with --engine spark (the engine's session), else DuckDB

@@ -27,13 +27,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.errors import CurateError, InputError, ShardError
-from curate.hashing import json_digest
+from curate.errors import ConfigMismatchError, CurateError, InputError, ShardError
+from curate.hashing import file_sha256, json_digest
 from curate.io import manifest
 from curate.io.atomic import TMP_PREFIX, atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, shard_name
+from curate.io.lineage import require_current, stage_state
 from curate.io.shards import ShardWriter, iter_raw
 from curate.io.tables import write_table
+from curate.io.trainable import sample_uid, with_uid, write_shard_stats, write_sizes
 from curate.options import absolute, option
 from curate.query import (
     SIGNAL_STAGES,
@@ -151,7 +153,6 @@ def resolve_clauses(cfg: ExportConfig) -> list[Clause]:
 def auto_fraction(cfg: ExportConfig) -> dict[str, Any]:
     """--top-fraction auto: the study's recommendation at --budget, with what it rests on (the study's
     results.json path and digest, its sweep column and source, the fit); recorded in the manifest."""
-    from curate.hashing import file_sha256
     from curate.train_probe.study import recommend
 
     if not cfg.study or cfg.budget is None:
@@ -296,8 +297,6 @@ def read_keep_list(folder: Path, index: int) -> pa.Table:
 def source_state(cfg: ExportConfig) -> dict[str, dict[str, str]]:
     """{stage: {shard: identity}} of the source stages the selection reads (curate.io.lineage): which shards
     are done and which run of each. Signal shards computed from a ledger that changed since are refused."""
-    from curate.io.lineage import require_current, stage_state
-
     src = source_dir(cfg)
     clauses = [c.to_dict() for c in resolve_clauses(cfg)]
     out = {}
@@ -444,8 +443,6 @@ class ExportStage(Stage):
 
             write_img2dataset_shard(ds.root, shard, rows, found)
         else:
-            from curate.io.trainable import sample_uid, with_uid, write_shard_stats
-
             uids = {r["key"]: sample_uid(r) for r in rows.select(
                 [c for c in ("key", "url", "caption", "uid") if c in rows.column_names]).to_pylist()}
             with ShardWriter(ds.shard_tar(shard)) as w:
@@ -480,8 +477,6 @@ class ExportStage(Stage):
 
 def write_sizes_table(cfg: ExportConfig, ds: DatasetDir) -> None:
     """sizes.json beside the tars (open_clip's and DataComp's shard table) over every completed shard."""
-    from curate.io.trainable import write_sizes
-
     sizes = {}
     for shard in ds.done_shards(NAME):
         stats = ds.stats(NAME, shard)
@@ -493,8 +488,6 @@ def write_sizes_table(cfg: ExportConfig, ds: DatasetDir) -> None:
 
 def _refuse_changed_source(ds: DatasetDir, state: dict[str, dict[str, str]]) -> None:
     """An export whose shards were cut from another source state refuses to add shards cut from this one."""
-    from curate.errors import ConfigMismatchError
-
     p = _work_dir(ds) / "selection.json"
     if not p.exists() or not ds.done_tasks(NAME):
         return

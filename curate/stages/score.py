@@ -22,10 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from curate.devices import cuda_count, require_cuda, torch_settings, usable_cpus
+from curate import langid
+from curate.devices import cuda_count, current_device, require_cuda, torch_settings, usable_cpus
 from curate.errors import InputError, ShardError
+from curate.io import manifest
+from curate.io.atomic import atomic_path
 from curate.io.layout import DatasetDir
-from curate.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from curate.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, check_loadable, load_model, resolve_model
 from curate.options import option
 from curate.stages.base import Resources, Stage, sum_stats
 
@@ -107,8 +110,6 @@ def check_config(cfg: ScoreConfig) -> None:
 
 def resolve_device(requested: str) -> str:
     """auto -> cuda if visible; plain "cuda" -> this process's GPU (see curate.devices.pick_device)."""
-    from curate.devices import current_device
-
     return current_device(requested)
 
 
@@ -248,7 +249,6 @@ def encode_shard(cfg: ScoreConfig, lm: Any, device: str, tar: str, ledger: list[
     """
     import torch
 
-    from curate import langid
     from curate.stages import score_loader as sl
 
     wanted = frozenset(r["key"] for r in ledger if r.get("status") == "success")
@@ -340,8 +340,6 @@ def score_rows(cfg: ScoreConfig, ds: DatasetDir, shard: str) -> tuple[list[dict[
     import numpy as np
     import torch
 
-    from curate.models import load_model, resolve_model
-
     ledger = read_ledger(ds, shard)
     device = resolve_device(cfg.device)
     lm = load_model(resolve_model(cfg.model, cfg.pretrained, cfg.checksum), device)
@@ -407,8 +405,6 @@ def signal_schema() -> Any:
 def write_npy(path: Any, array: Any) -> None:
     import numpy as np
 
-    from curate.io.atomic import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array, allow_pickle=False)
 
@@ -421,8 +417,6 @@ class ScoreStage(Stage):
     def validate(self, cfg: ScoreConfig, ds: DatasetDir) -> None:
         """The config, then the model: unknown model, missing file, checksum mismatch or a model that does not
         load on the device exit 2 before any shard."""
-        from curate.models import check_loadable, resolve_model
-
         check_config(cfg)
         check_loadable(resolve_model(cfg.model, cfg.pretrained, cfg.checksum), resolve_device(cfg.device))
 
@@ -517,8 +511,6 @@ def superseded_by_status(ds: DatasetDir, shards: list[str]) -> dict[str, int]:
 
 def model_inputs(cfg: ScoreConfig) -> dict[str, Any]:
     """What the manifest records about the models: resolved model spec, checkpoint and langid hashes."""
-    from curate import langid
-    from curate.models import resolve_model
     from curate.train_probe.quality import read_quality
 
     spec = resolve_model(cfg.model, cfg.pretrained, cfg.checksum)
@@ -531,8 +523,6 @@ def model_inputs(cfg: ScoreConfig) -> dict[str, Any]:
 
 def scorers(ds: DatasetDir) -> list[str]:
     """Names of the scorers recorded in the dataset's manifest ("score" first when present)."""
-    from curate.io import manifest
-
     stages = manifest.load(ds).get("stages", {})
     names = [k for k, v in stages.items() if k == DEFAULT_NAME or (v.get("inputs") or {}).get("scorer") == k]
     return sorted(names, key=lambda n: (n != DEFAULT_NAME, n))

@@ -24,6 +24,7 @@ import numpy as np
 
 from curate.config import output_fields, runtime
 from curate.errors import InputError
+from curate.io import manifest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
 from curate.options import absolute, option, parse_k
@@ -71,8 +72,6 @@ def work_dir(ds: DatasetDir) -> Path:
 
 def check_same_model(pool: DatasetDir, target: DatasetDir) -> None:
     """Embeddings of two models are not comparable even when their dimensions agree: refuse the mix."""
-    from curate.io import manifest
-
     def model(ds: DatasetDir) -> tuple[Any, Any] | None:
         cfg = manifest.load(ds)["stages"].get("score", {}).get("config") or {}
         return (cfg.get("model"), cfg.get("pretrained")) if "model" in cfg else None
