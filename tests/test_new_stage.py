@@ -45,6 +45,12 @@ def test_a_registered_stage_plans_runs_and_resumes(wordcount, tmp_path, capsys):
     assert entry["status"] == "complete" and entry["counts"] == {"rows": 8, "short": 4}
     assert entry["engine"] == "local"
 
+    # its signal table joins the samples view at once: export can select on it
+    capsys.readouterr()
+    assert main(["export", str(ds.root), "--out", str(tmp_path / "out"), "--where", "NOT wordcount_short",
+                 "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["kept", "4"]
+
     # the Python API goes through the same runner: everything is done already
     s = curate.run_stage("wordcount", ds.root)
     assert (s.shards_total, s.shards_skipped, s.shards_done) == (3, 3, 0)

@@ -76,11 +76,6 @@ def input_digest(ds: DatasetDir) -> dict[str, Any]:
     return {"shards": len(sizes), "ledger_sha256": json_digest(sizes)}
 
 
-def fingerprint_extra(cfg: BalanceConfig, ds: DatasetDir) -> dict[str, Any]:
-    """The entries themselves (a metadata file can change under the same path) and the input ledgers."""
-    return {"metadata": entries_digest(load_entries(cfg.metadata)), "dataset": input_digest(ds)}
-
-
 def _match_path(ds: DatasetDir, shard: str) -> Path:
     return work_dir(ds) / "matches" / f"{shard}.parquet"
 
@@ -90,7 +85,8 @@ class BalanceStage(Stage):
     config_cls = BalanceConfig
 
     def fingerprint_inputs(self, cfg: BalanceConfig, ds: DatasetDir) -> dict[str, Any]:
-        return fingerprint_extra(cfg, ds)
+        """The entries themselves (a metadata file can change under the same path) and the input ledgers."""
+        return {"metadata": entries_digest(load_entries(cfg.metadata)), "dataset": input_digest(ds)}
 
     def phases(self, cfg: BalanceConfig, ds: DatasetDir) -> tuple[str, ...]:
         return PHASES
