@@ -29,8 +29,9 @@ from curate.stages import get_stage
 
 @dataclass(frozen=True)
 class Resources:
-    """What one task of a stage takes. The local engine runs one worker per visible GPU for a stage that
-    asks for a GPU when --workers is not given; a stage that takes none runs one worker unless told more."""
+    """What one task of a stage takes: `gpus` decides the local engine's workers when --workers is not given
+    (one per visible GPU for a stage whose tasks take one, else one); `cpus`, the cores a task keeps busy
+    with its own threads, is the stage's word to a scheduler (nothing reads it yet)."""
 
     cpus: int = 1
     gpus: int = 0
