@@ -93,8 +93,8 @@ def run_stage(
 
     Holds the stage's lock on the directory for the whole run (a second run exits 2). An array task
     (engine.num_shards > 1, a stage with `array_slices`) runs tasks[index::num] of the plan, holds the lock
-    shared with its siblings, writes its own manifest fragment, and may not --redo. `redo_tasks` (download --redo-shard) runs those tasks again whatever their markers say,
-    keeping every other task's output. A done task whose marker records upstream task runs that have
+    shared with its siblings, writes its own manifest fragment, and may not --redo. `redo_tasks` (download
+    --redo-shard) runs those tasks again whatever their markers say, keeping every other task's output. A done task whose marker records upstream task runs that have
     changed since (curate.io.lineage) runs again too. Whatever ends the run (an exception, Ctrl-C,
     SIGTERM from Slurm), the manifest is left "interrupted", never "running". (Long because lock,
     fingerprint, plan and manifest must stay in this one order inside the lock; the task loop itself is
@@ -227,7 +227,7 @@ def run_tasks(eng: Any, stage_name: str, config: dict[str, Any], ds: DatasetDir,
         results = eng.run(payloads, lambda r: bar.update(1) if r["ok"] else None)
         # an engine that retries inside (Spark with spark.task.maxFailures > 1) used that many attempts:
         # one retry policy, whoever owns it, never the product of two
-        per_run = max(1, int(getattr(eng, "attempts_per_run", 1)))
+        per_run = max(1, int(eng.attempts_per_run))
         for t in todo:
             attempts[task_id(t)] += per_run
         retry = []

@@ -47,6 +47,8 @@ class EngineSpec:
 
 
 class Engine(Protocol):
+    attempts_per_run: int  # attempts a task may have used in one run (an engine that retries inside: >1)
+
     def run(self, payloads: list[Payload], on_result: OnResult) -> list[dict[str, Any]]:
         """Run every payload once through `curate.stages.base.execute_task`.
 

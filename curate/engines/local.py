@@ -35,6 +35,8 @@ def _watch_parent(parent: int) -> None:
 
 
 class LocalEngine:
+    attempts_per_run = 1  # the runner owns retries: one attempt per task per run
+
     def __init__(self, workers: int = 1):
         self.workers = max(1, int(workers))
 
