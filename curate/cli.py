@@ -49,12 +49,30 @@ def stage_commands() -> dict[str, click.Command]:
 
 
 def all_commands() -> dict[str, click.Command]:
-    """Every `curate` command by name, a stage registered after this module was imported included (a command
+    """Every `curate` command by name, a stage registered after the group was first used included (a command
     added to the group by name wins)."""
     return {**stage_commands(), **cli.commands}
 
 
 class CurateGroup(click.Group):
+    """The `curate` group. Its command modules are imported when a command is first looked up, not when this
+    module is: `curate run` (curate.commands.run) drives the pipeline and the Python API, which look commands
+    up here, so importing them with this module would be a circle."""
+
+    @property  # type: ignore[override]
+    def commands(self) -> dict[str, click.Command]:
+        if not self._loaded:
+            self._loaded = True
+            for mod in COMMANDS:
+                self.add_command(_checking_extras(importlib.import_module(mod).command))
+            for cmd in stage_commands().values():
+                self.add_command(cmd)
+        return self._commands
+
+    @commands.setter
+    def commands(self, value: dict[str, click.Command]) -> None:
+        self._commands, self._loaded = value, False
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(all_commands())
 
@@ -94,12 +112,6 @@ def _checking_extras(cmd: click.Command) -> click.Command:
 
     cmd.callback = checked
     return cmd
-
-
-for _mod in COMMANDS:
-    cli.add_command(_checking_extras(importlib.import_module(_mod).command))
-for _cmd in stage_commands().values():
-    cli.add_command(_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
