@@ -49,9 +49,8 @@ def stage_commands() -> dict[str, click.Command]:
 
 
 def all_commands() -> dict[str, click.Command]:
-    """Every `curate` command by name, a stage registered after the group was first used included (a command
-    added to the group by name wins)."""
-    return {**stage_commands(), **cli.commands}
+    """Every `curate` command by name, as the stage registry is now."""
+    return dict(cli.commands)
 
 
 class CurateGroup(click.Group):
@@ -65,13 +64,19 @@ class CurateGroup(click.Group):
             self._loaded = True
             for mod in COMMANDS:
                 self.add_command(_checking_extras(importlib.import_module(mod).command))
-            for cmd in stage_commands().values():
-                self.add_command(cmd)
+        # the registered stages' commands, following the registry (a stage registered or forgotten since);
+        # a command put in under a stage's name by hand stays
+        current = stage_commands()
+        for name in self._from_registry - set(current):
+            self._commands.pop(name, None)
+        for name, cmd in current.items():
+            self._commands.setdefault(name, cmd)
+        self._from_registry = set(current)
         return self._commands
 
     @commands.setter
     def commands(self, value: dict[str, click.Command]) -> None:
-        self._commands, self._loaded = value, False
+        self._commands, self._loaded, self._from_registry = value, False, set()
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(all_commands())
