@@ -20,40 +20,25 @@ subclasses with the CLI's exit code (`InputError` 2, `ShardsFailed` 3 with `.sum
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from collections.abc import Iterator
 from typing import Any
 
+import click
+
+from curate.cli import all_commands
 from curate.errors import InputError
-
-# summaries of the stage commands run under collect() (commands.common.finish adds each one)
-_SUMMARIES: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("curate_api_summaries", default=None)
-
-
-def record_summary(summary: Any) -> None:
-    """Called by every stage command with its summary; kept when the call came through this API."""
-    got = _SUMMARIES.get()
-    if got is not None:
-        got.append(summary)
-
-
-@contextlib.contextmanager
-def collect() -> Iterator[list[Any]]:
-    token = _SUMMARIES.set([])
-    try:
-        yield _SUMMARIES.get()  # type: ignore[misc]
-    finally:
-        _SUMMARIES.reset(token)
+from curate.extras import require_for
+from curate.options import check_step, flag_params, negate_flags
+from curate.runner import collect
 
 
 def command(name: str) -> Any:
     """The click command of `curate NAME` (InputError for an unknown name)."""
-    from curate.cli import cli
-
-    cmd = cli.commands.get(name)
+    commands = all_commands()
+    cmd = commands.get(name)
     if cmd is None:
-        raise InputError(f"no curate command '{name}'; known: {', '.join(sorted(cli.commands))}")
+        raise InputError(f"no curate command '{name}'; known: {', '.join(sorted(commands))}")
     return cmd
 
 
@@ -61,8 +46,6 @@ def resolve(name: str, args: list[Any], fields: dict[str, Any], where: str, *, d
             redo: bool = False) -> list[str]:
     """A step's fields as checked `curate NAME ...` arguments: the one translation the API and pipeline YAML
     share (defaults apply to the flags the command has; `False` of an on/off flag is its `--no-` form)."""
-    from curate.options import check_step, flag_params, negate_flags
-
     cmd = command(name)
     flags = flag_params(cmd)
     merged = {k: _plain(v) for k, v in fields.items()}  # paths as strings, as a YAML would hold them
@@ -87,10 +70,6 @@ def _plain(v: Any) -> Any:
 def execute(argv: list[str]) -> Any:
     """Run `curate ARGV` in this process and return the stage's StageSummary (None for a command without
     one); errors raise (CurateError subclasses carry the CLI's exit code)."""
-    import click
-
-    from curate.extras import require_for
-
     name, rest = argv[0], argv[1:]
     cmd = command(name)
     require_for(name)
@@ -144,18 +123,17 @@ class Pipeline:
     def __getattr__(self, attr: str) -> Any:
         if attr.startswith("_"):
             raise AttributeError(attr)
-        from curate.cli import cli
-
+        commands = all_commands()
         name = attr.replace("_", "-")
-        if name not in cli.commands:
+        if name not in commands:
             raise AttributeError(f"Pipeline has no stage '{attr}'; stages: "
-                                 f"{', '.join(sorted(n.replace('-', '_') for n in cli.commands))}")
+                                 f"{', '.join(sorted(n.replace('-', '_') for n in commands))}")
 
         def call(*args: Any, **fields: Any) -> Any:
             return self.stage(name, *args, **fields)
 
         call.__name__ = attr
-        call.__doc__ = f"`curate {name}`: " + (cli.commands[name].help or "")
+        call.__doc__ = f"`curate {name}`: " + (commands[name].help or "")
         return call
 
 

@@ -11,6 +11,8 @@ import hashlib
 import json
 from typing import Any
 
+from curate.errors import InputError
+
 
 def runtime(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
     """A config field that does not change outputs (excluded from the fingerprint)."""
@@ -42,8 +44,6 @@ def fingerprint(cfg: Any, extra: dict[str, Any] | None = None) -> str:
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build a config dataclass from a mapping; unknown keys are an error naming the key."""
-    from curate.errors import InputError
-
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:

@@ -51,14 +51,6 @@ def pick_device(requested: str, *, cuda_count: int, task_gpus: list[str] | None 
     return "cuda:0"
 
 
-def local_workers(requested_device: str, workers: int, workers_explicit: bool, cuda_count: int) -> int:
-    """Local engine worker processes: one per visible GPU for --device cuda/auto when --workers was not
-    given (each then picks its GPU by pool index); otherwise what the user asked for."""
-    if workers_explicit or requested_device not in ("cuda", "auto") or cuda_count < 2:
-        return workers
-    return cuda_count
-
-
 def cuda_count() -> int:
     """GPUs torch can use in this process (0 without CUDA, or without torch)."""
     try:

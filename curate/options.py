@@ -35,6 +35,8 @@ _KEY = "curate.option"
 _SAME = object()  # "the CLI default is the field's default"
 _SCALARS = (bool, int, float, str)
 _UNSET = getattr(click.core, "UNSET", None)  # click >= 8.2: the default of an option without one
+# a config class, "module:Class" imported on first use, or a function returning the class
+ConfigRef = type | str | Callable[[], type]
 REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "OPTIONS.md"
 
 
@@ -175,14 +177,15 @@ class Options:
         return cls(**{**{k: v for k, v in self.values.items() if k in names}, **overrides})
 
 
-def _resolve(config: type | str) -> type:
+def _resolve(config: ConfigRef) -> type:
     if isinstance(config, type):
         return config
+    if callable(config):  # a function that finds the class (a registered stage's config_cls)
+        return config()
     module, _, name = config.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
-ConfigRef = type | str  # a config class, or "module:Class" imported on first use
 
 
 class ConfigCommand(click.Command):
@@ -416,9 +419,22 @@ def reference_markdown(commands: Mapping[str, click.Command]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+AUTO = "auto"
+
+
+def cosine_or_auto(value: str) -> float | str:
+    """A cosine flag that also takes 'auto' (dedup --threshold): the number, or AUTO."""
+    if str(value).strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not 'auto' or a cosine", param_hint="--threshold") from None
+
+
 def parse_k(value: str) -> int:
     """--k of the k-means stages (dedup, target-filter): 'auto' (0) or a positive integer."""
-    if value == "auto":
+    if value == AUTO:
         return 0
     try:
         k = int(value)

@@ -34,7 +34,10 @@ from typing import Any
 import yaml
 
 from curate.api import Pipeline, environment, resolve, to_argv
+from curate.cli import all_commands
 from curate.errors import CurateError, InputError
+from curate.extras import require_for
+from curate.services import dataset_kind, make_dataset, service_kind, start_service
 
 _TOP_FIELDS = {"name", "workdir", "env", "defaults", "services", "datasets", "stages", "description"}
 _VAR = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
@@ -156,9 +159,7 @@ def _lookup(name: str, variables: dict[str, Any]) -> Any:
 
 
 def _command(stage: str) -> Any:
-    from curate.cli import cli
-
-    return cli.commands.get(stage)
+    return all_commands().get(stage)
 
 
 def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] | None = None) -> list[Step]:
@@ -189,8 +190,6 @@ def plan(data: dict[str, Any], *, redo: bool = False, variables: dict[str, Any] 
 def base_variables(data: dict[str, Any]) -> dict[str, Any]:
     """${workdir}, ${name}, ${env.X}, ${datasets.NAME} (paths: known before anything runs), and a placeholder
     for each declared output of each service (${services.NAME.OUTPUT}) until the services start."""
-    from curate.services import service_kind
-
     workdir = Path(str(data["workdir"])).expanduser()
     out: dict[str, Any] = {"workdir": str(workdir), "name": data["name"]}
     out.update({f"env.{k}": v for k, v in (data.get("env") or {}).items()})
@@ -203,8 +202,6 @@ def base_variables(data: dict[str, Any]) -> dict[str, Any]:
 
 def dataset_paths(data: dict[str, Any], variables: dict[str, Any]) -> dict[str, Path]:
     """Each named dataset's directory: its path (a plain string or `path:`), else ${workdir}/NAME."""
-    from curate.services import dataset_kind
-
     out = {}
     for name, spec in (data.get("datasets") or {}).items():
         if isinstance(spec, dict):
@@ -217,8 +214,6 @@ def dataset_paths(data: dict[str, Any], variables: dict[str, Any]) -> dict[str, 
 @contextlib.contextmanager
 def _services(data: dict[str, Any], workdir: Path, variables: dict[str, Any], dry_run: bool) -> Iterator[dict[str, Any]]:
     """Start every service (each keeps its state under ${workdir}/NAME); yields their outputs as variables."""
-    from curate.services import start_service
-
     if dry_run or not data.get("services"):
         yield {}
         return
@@ -232,8 +227,6 @@ def _services(data: dict[str, Any], workdir: Path, variables: dict[str, Any], dr
 
 def _make_datasets(data: dict[str, Any], variables: dict[str, Any]) -> None:
     """Write every dataset that has a kind (each kind leaves a complete dataset as it is)."""
-    from curate.services import make_dataset
-
     paths = dataset_paths(data, variables)
     for name, spec in (data.get("datasets") or {}).items():
         if isinstance(spec, dict):
@@ -243,8 +236,6 @@ def _make_datasets(data: dict[str, Any], variables: dict[str, Any]) -> None:
 def run(path: str | os.PathLike, *, sets: tuple[str, ...] = (), dry_run: bool = False, redo: bool = False,
         echo: Any = print) -> list[Step]:
     """Run (or with dry_run, print) every stage in order; stops at the first stage that fails."""
-    from curate.extras import require_for
-
     data = load(path, sets)
     workdir = Path(str(data["workdir"])).expanduser()
     variables = base_variables(data)

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from curate.errors import InputError
 from curate.io.layout import DatasetDir
 from curate.io.ledger import LEDGER_FIELDS
+from curate.machine import sql_memory_limit
 
 SIGNAL_STAGES = ("score", "dedup")  # the unprefixed tables, joined first in this order
 # the columns each signal stage provides (the data contract), to name the stage a predicate needs
@@ -198,8 +199,6 @@ class DuckDBQuery:
     def __init__(self, sources: Sources, spill: Path | None = None, memory_limit: str | None = None):
         import duckdb
 
-        from curate.machine import sql_memory_limit
-
         # $CURATE_SQL_MEMORY, else half the machine's memory per core, at most 600 MB
         memory_limit = memory_limit or sql_memory_limit(cap=600 << 20)
 
@@ -252,10 +251,8 @@ class DuckDBQuery:
 class SparkQuery:
     """The same SQL on Spark: rows are written by the executors, never collected to the driver."""
 
-    def __init__(self, sources: Sources, master: str = "local[*]"):
-        from curate.spark_session import get_session
-
-        self.spark = get_session(master)
+    def __init__(self, sources: Sources, spark: Any):
+        self.spark = spark  # the run's SparkSession (the runner lends it: curate.stages.base.RunContext)
         for name, paths in sources.files.items():
             df = self.spark.read.option("mergeSchema", "true").parquet(*[str(p) for p in paths])
             df.createOrReplaceTempView("ledger" if name == "ledger" else _alias(name))
@@ -295,10 +292,10 @@ class SparkQuery:
         pass
 
 
-def open_query(sources: Sources, engine: str = "local", spark_master: str = "local[*]",
-               spill: Path | None = None) -> Any:
-    if engine == "spark":
-        return SparkQuery(sources, spark_master)
+def open_query(sources: Sources, spark: Any = None, spill: Path | None = None) -> Any:
+    """The samples view on Spark SQL when given a SparkSession, else on DuckDB (spilling to `spill`)."""
+    if spark is not None:
+        return SparkQuery(sources, spark)
     return DuckDBQuery(sources, spill)
 
 

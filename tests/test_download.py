@@ -483,7 +483,7 @@ def test_a_task_whose_worker_dies_is_a_failed_result_and_the_others_finish(serve
 def test_spark_reports_a_dead_shard_as_one_failed_result(server, tmp_path, monkeypatch):
     pytest.importorskip("pyspark")
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
-    from curate.spark_session import get_session
+    from curate.engines.session import get_session
 
     inp = write_urls(tmp_path / "urls.parquet", [server.image(f"/e{i}.jpg") for i in range(6)])
     out = tmp_path / "ds"

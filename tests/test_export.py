@@ -404,7 +404,7 @@ def test_array_indices_started_together_compute_the_selection_once(source, tmp_p
     out = [None, None]
 
     def index(i: int) -> None:
-        cfg = ex.ExportConfig(source=str(source), policy=("dedup",), shard_index=i, num_shards=2)
+        cfg = ex.ExportConfig(source=str(source), policy=("dedup",))
         out[i] = ex.ensure_selection(cfg, ds)
 
     threads = [threading.Thread(target=index, args=(i,)) for i in range(2)]

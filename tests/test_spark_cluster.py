@@ -79,7 +79,7 @@ def test_submit_script_runs_a_command_as_a_spark_application(cluster, pipeline_d
     assert _outputs(out) == _outputs(tmp_path / "local")
     import json
 
-    assert json.loads((out / "manifest.json").read_text())["stages"]["export"]["config"]["query_engine"] == "spark"
+    assert json.loads((out / "manifest.json").read_text())["stages"]["export"]["engine"] == "spark"
 
 
 def test_download_on_a_standalone_cluster_equals_local(cluster, tmp_path):

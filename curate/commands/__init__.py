@@ -1,1 +1,2 @@
-"""Click commands, one module per stage; shared option groups live in `common`."""
+"""Click commands: a module per command (a stage's own, or one that is not a stage), the generic stage command
+(`stage`) for a registered stage without one, and the option groups they share (`common`)."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
 
 from curate.commands.common import engine_options, finish
+from curate.errors import CurateError
 from curate.options import Options, options_from
+from curate.runner import run_stage
 
 
 @options_from("curate.stages.adopt:AdoptConfig", "adopt", after="out")
@@ -18,11 +21,6 @@ def command(source: str, out: str, options: Options, engine_spec: Any, redo: boo
     """SRC is img2dataset's output folder ({shard}.tar + {shard}.parquet + {shard}_stats.json, or its files
     and parquet output formats) or a folder of webdataset .tar files. Every source row gets a ledger row;
     score, dedup, export, report and train-probe then work on DIR as on a downloaded one."""
-    import os
-
-    from curate.errors import CurateError
-    from curate.runner import run_stage
-
     cfg = options.build(source=os.path.abspath(source))
     # the source's file fingerprint is recorded (manifest inputs) but not part of the config fingerprint:
     # a shard fixed or added in the source is adopted by a rerun, while done shards stay done

@@ -8,6 +8,7 @@ import click
 
 from curate.commands.common import engine_options, finish
 from curate.options import Options, options_from
+from curate.runner import run_stage
 
 
 @options_from("curate.stages.balance:BalanceConfig", "balance")
@@ -19,13 +20,7 @@ def command(dataset: str, progress: bool, options: Options, engine_spec: Any, re
     MetaCLIP balancing with cap t when `balance_rank < t` (each entry keeps at most t of its pairs, chosen
     at random for the seed; entries with at most t pairs keep them all). Then e.g.
     `curate export DATASET --out OUT --policy metaclip` or `--where "balance_rank < 100"`."""
-    from curate.io.layout import DatasetDir
-    from curate.runner import run_stage
-    from curate.stages.balance import fingerprint_extra
-
-    cfg = options.build(query_engine=engine_spec.name, spark_master=engine_spec.spark_master)
-    extra = fingerprint_extra(cfg, DatasetDir.at(dataset))
-    summary = run_stage("balance", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)
+    summary = run_stage("balance", options.build(), dataset, engine_spec, redo=redo, progress=progress)
     c = summary.counts
     lines = [f"  pairs {c.get('pairs', 0)}, matched {c.get('matched_pairs', 0)}, "
              f"entries matched {c.get('entries_matched', 0)} of {c.get('entries', 0)}"]

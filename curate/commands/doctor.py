@@ -16,13 +16,15 @@ from typing import Any
 
 import click
 
+from curate import __version__, langid
+from curate.devices import cuda_count, gpu_names
 from curate.extras import EXTRAS, missing
+from curate.hashing import file_sha256
+from curate.stages.score import auto_batch_size, auto_loader_workers
 
 
 def _torch() -> dict[str, Any]:
     import torch
-
-    from curate.devices import cuda_count, gpu_names
 
     n = cuda_count()
     cuda = n > 0
@@ -38,7 +40,6 @@ def _torch() -> dict[str, Any]:
 
 
 def _score(torch_info: dict[str, Any]) -> dict[str, Any]:
-    from curate.stages.score import auto_batch_size, auto_loader_workers
     from curate.stages.score_loader import device_decoder_status
 
     cuda = torch_info["cuda_available"]
@@ -82,9 +83,6 @@ def _faiss() -> dict[str, Any]:
 
 
 def _langid() -> dict[str, Any]:
-    from curate import langid
-    from curate.hashing import file_sha256
-
     try:
         path = langid.model_path()
         sha = file_sha256(path)
@@ -124,8 +122,6 @@ def _spark() -> dict[str, Any]:
 
 def collect() -> dict[str, Any]:
     """Every finding as JSON-able data."""
-    from curate import __version__
-
     info: dict[str, Any] = {"curate": __version__, "python": sys.version.split()[0]}
     try:
         info["torch"] = _torch()

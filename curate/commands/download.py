@@ -7,10 +7,12 @@ import threading
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
-from curate.commands.common import echo_err, engine_options, finish, resolve_shard_index
+from curate.commands.common import echo_err, engine_options, finish
+from curate.io.atomic import read_json
+from curate.io.layout import DatasetDir
 from curate.options import Options, options_from
+from curate.runner import run_stage
 
 
 class _Monitor:
@@ -50,7 +52,6 @@ class _Monitor:
             self._bar.close()
 
     def _plan(self) -> bool:
-        from curate.io.atomic import read_json
         from curate.stages.download import plan_path
 
         if self._sizes is not None:
@@ -65,7 +66,6 @@ class _Monitor:
         return True
 
     def _poll(self) -> None:
-        from curate.io.atomic import read_json
         from curate.stages.download import progress_path
 
         if not self._plan():
@@ -117,14 +117,11 @@ class _Monitor:
               help="Download this shard again (its 8-digit id), keeping every other shard; repeatable. Later "
                    "stages then recompute exactly the shards that changed.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@engine_options
+@engine_options(array=True)
 def command(input_path: str, out: str, preset: str | None, plan_only: bool, progress: bool, options: Options,
             engine_spec: Any, redo: bool, redo_shards: tuple[str, ...]) -> None:
     """Download the images of the URL list INPUT into OUT (resumable per shard)."""
-    from curate.io.inputs import PRESETS, check_columns
-    from curate.io.layout import DatasetDir
-    from curate.runner import run_stage
-    from curate.stages.download import check_config
+    from curate.io.inputs import PRESETS  # pyarrow: imported when the command runs, not for --help
 
     if "://" not in input_path:
         input_path = os.path.abspath(input_path)  # tasks may run in other processes or machines
@@ -132,19 +129,14 @@ def command(input_path: str, out: str, preset: str | None, plan_only: bool, prog
     p = PRESETS.get(preset) if preset else None
     from_preset = {f: getattr(p, f) for f in ("input_format", "url_col", "caption_col", "keep_cols", "header")
                    if p is not None and f not in options.explicit}
-    cfg = options.build(input=input_path, **from_preset,
-                        shard_index=resolve_shard_index(options["shard_index"], options["num_shards"]))
-    check_config(cfg)
-    files = check_columns(cfg.input_spec())  # exit 2 naming file and column before anything is written
+    cfg = options.build(input=input_path, **from_preset)
     if cfg.allow_private:
         echo_err("curate download: WARNING --allow-private: the address guard is off; URLs may reach "
                  "loopback, private and link-local addresses (cloud metadata included)")
-    extra = {"inputs": [[os.path.basename(f), size] for f, size in files]}
     ds = DatasetDir.at(out)
-    engine_spec = machine_workers(engine_spec)
-    with _Monitor(ds, progress and not plan_only, (cfg.shard_index, cfg.num_shards)):
-        summary = run_stage("download", cfg, out, engine_spec, redo=redo, fingerprint_extra=extra,
-                            progress=False, plan_only=plan_only, redo_tasks=redo_shards)
+    with _Monitor(ds, progress and not plan_only, (engine_spec.shard_index, engine_spec.num_shards)):
+        summary = run_stage("download", cfg, out, engine_spec, redo=redo, progress=False, plan_only=plan_only,
+                            redo_tasks=redo_shards)
     if plan_only:
         from curate.stages.download import load_plan
 
@@ -161,16 +153,3 @@ def command(input_path: str, out: str, preset: str | None, plan_only: bool, prog
     if c.get("superseded"):
         lines.append(f"  ({c['superseded']:,} earlier rows superseded by --retry-failed)")
     finish(summary, [ln for ln in lines if ln])
-
-
-def machine_workers(spec: Any) -> Any:
-    """The local engine without an explicit --workers: one worker process per CPU this process may use
-    (the engine runs a single shard in-process whatever the count)."""
-    import dataclasses
-
-    from curate.machine import cores
-
-    explicit = click.get_current_context().get_parameter_source("workers") != ParameterSource.DEFAULT
-    if spec.name != "local" or explicit:
-        return spec
-    return dataclasses.replace(spec, workers=cores())

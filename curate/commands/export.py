@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
 
 from curate.commands.common import engine_options, finish
+from curate.io.layout import DatasetDir
+from curate.io.publish import is_remote, local_path, publish, staging_dir
 from curate.options import Options, options_from
+from curate.runner import lend, run_stage
 
 
 @options_from("curate.stages.export:ExportConfig", "export", after="staging")
@@ -17,18 +21,14 @@ from curate.options import Options, options_from
 @click.option("--staging", default=None, type=click.Path(file_okay=False),
               help="Local staging folder for a remote --out (default: ~/.cache/curate/staging/HASH).")
 @click.option("--dry-run", is_flag=True, help="Print how many rows each clause removes, then exit without writing.")
-@engine_options
+@engine_options(array=True)
 def command(directory: str, out: str, staging: str | None, dry_run: bool, options: Options, engine_spec: Any,
             redo: bool) -> None:
     """Clauses apply in order: downloaded (status = 'success'), each --policy, each --where, then
     --top-fraction. Predicates run in DuckDB, or in Spark SQL with --engine spark (same text)."""
-    import os
+    from curate.stages.export import format_counts, select
 
-    from curate.runner import run_stage
-    from curate.stages.export import fingerprint_extra, format_counts, select
-
-    cfg = options.build(source=os.path.abspath(directory), query_engine=engine_spec.name,
-                        spark_master=engine_spec.spark_master)
+    cfg = options.build(source=os.path.abspath(directory))
     if cfg.top_fraction == "auto":
         from curate.stages.export import auto_fraction
 
@@ -40,15 +40,13 @@ def command(directory: str, out: str, staging: str | None, dry_run: bool, option
                    f"{'; extrapolated beyond the studied budgets' if a['extrapolated'] else ''}; study {a['study']})",
                    err=True)
     if dry_run:
-        click.echo(format_counts(select(cfg)))
+        with lend(engine_spec):  # the counts run on the engine's SQL back end, as the export's selection would
+            click.echo(format_counts(select(cfg)))
         return
-    from curate.io.publish import is_remote, local_path, publish, staging_dir
 
     target = staging_dir(out, staging) if is_remote(out) else local_path(out)
-    summary = run_stage("export", cfg, str(target), engine_spec, redo=redo, fingerprint_extra=fingerprint_extra(cfg))
+    summary = run_stage("export", cfg, str(target), engine_spec, redo=redo)
     if is_remote(out):
-        from curate.io.layout import DatasetDir
-
         ds = DatasetDir.at(target)
         if cfg.layout == "img2dataset":
             from curate.stages.img2dataset_layout import publish_img2dataset

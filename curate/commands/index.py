@@ -8,6 +8,7 @@ import click
 
 from curate.commands.common import engine_options, finish
 from curate.options import Options, options_from
+from curate.runner import run_stage
 
 
 @options_from("curate.search.build:IndexConfig", "index")
@@ -16,14 +17,7 @@ from curate.options import Options, options_from
 @engine_options
 def command(dataset: str, progress: bool, options: Options, engine_spec: Any, redo: bool) -> None:
     """Build (or resume) the search index of DATASET from its scored embeddings."""
-    from curate.io.layout import DatasetDir
-    from curate.runner import run_stage
-    from curate.search.build import check_config, input_digest
-
-    cfg = options.build()
-    check_config(cfg)
-    extra = {"dataset": input_digest(DatasetDir.at(dataset), cfg.scorer)}
-    summary = run_stage("index", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)
+    summary = run_stage("index", options.build(), dataset, engine_spec, redo=redo, progress=progress)
     c = summary.counts
     line = (f"  rows {c.get('rows', 0)}, {c.get('factory', '?')} ({c.get('kind', '?')}), image queries: nprobe "
             f"{c.get('nprobe')} recall@10 {c.get('recall_at_10')}; text queries: nprobe {c.get('nprobe_text')} "

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from curate.inspect import format_summary, summarize
+
 
 @click.command("inspect")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
@@ -13,7 +15,5 @@ import click
 def command(directory: str, as_json: bool) -> None:
     """Stages run and their configs, shards done and pending, counts per status and error code,
     and signal distributions (clip_score quantiles, language shares, duplicate share)."""
-    from curate.inspect import format_summary, summarize
-
     summary = summarize(directory)
     click.echo(json.dumps(summary, indent=2, sort_keys=False, default=str) if as_json else format_summary(summary))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from curate.cli import cli
+from curate.cli import all_commands
 from curate.options import REFERENCE, reference_markdown
 
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m curate.commands.reference [--check] [PATH]", file=sys.stderr)
         return 2
     path = Path(args[0]) if args else REFERENCE
-    text = reference_markdown(cli.commands)
+    text = reference_markdown(all_commands())
     if check:
         current = path.read_text(encoding="utf-8") if path.exists() else ""
         if current != text:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from curate.report.ground_truth import curation_accuracy, format_accuracy
+
 
 @click.command("report")
 @click.argument("directory", metavar="DIR", type=click.Path(file_okay=False))
@@ -49,8 +51,6 @@ def one_screen_summary(collected: dict, directory: str, export_dir: str | None,
     for label, n, why in collected.get("funnel", []):
         lines.append(f"  {label:<26} {n:>8,}  {why}")
     if ground_truth:
-        from curate.report.ground_truth import curation_accuracy, format_accuracy
-
         lines += ["", "== " + format_accuracy(curation_accuracy(directory, ground_truth, export_dir))]
     dirs = [probe_dir] if isinstance(probe_dir, str) else list(probe_dir or [])
     for d in dirs:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from curate.pipeline import run
+
 
 @click.command("run")
 @click.argument("pipeline", metavar="PIPELINE.yaml", type=click.Path(dir_okay=False))
@@ -19,8 +21,6 @@ def command(pipeline: str, dry_run: bool, redo: bool, sets: tuple[str, ...], eng
             spark_master: str | None, workers: int | None) -> None:
     """Each stage entry's fields are its CLI flags (batch_size -> --batch-size); every stage resumes
     and refuses to resume over a different config, as when run by hand."""
-    from curate.pipeline import run
-
     extra = [f"defaults.{k}={v}" for k, v in
              (("engine", engine), ("spark_master", spark_master), ("workers", workers)) if v is not None]
     run(pipeline, sets=tuple(extra) + sets, dry_run=dry_run, redo=redo,

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import click
 
+from curate.errors import InputError
+from curate.io.atomic import write_bytes
+from curate.search import render
+from curate.train_probe.templates import load_templates
+
 
 @click.command("search")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
@@ -25,9 +30,6 @@ import click
 def command(dataset: str, queries: tuple[str, ...], images: tuple[str, ...], keys: tuple[str, ...], k: int,
             where: str | None, modality: str, templates: str | None, as_json: bool, html_out: str | None) -> None:
     """Search the index of DATASET; each QUERY is text, encoded with the scorer's own open_clip model."""
-    from curate.errors import InputError
-    from curate.io.atomic import write_bytes
-    from curate.search import render
     from curate.search.searcher import Query, Searcher
 
     qs = [Query("text", q) for q in queries] + [Query("image", p) for p in images] + [Query("key", x) for x in keys]
@@ -37,8 +39,6 @@ def command(dataset: str, queries: tuple[str, ...], images: tuple[str, ...], key
         raise InputError("-k: must be at least 1")
     prompts = ()
     if templates:
-        from curate.train_probe.templates import load_templates
-
         prompts = load_templates(templates)
     s = Searcher(dataset, where=where)
     try:

@@ -8,6 +8,7 @@ import click
 
 from curate.commands.common import engine_options, finish
 from curate.options import Options, options_from
+from curate.runner import run_stage
 
 
 @options_from("curate.stages.target:TargetConfig", "target-filter")
@@ -17,15 +18,7 @@ from curate.options import Options, options_from
 def command(dataset: str, progress: bool, options: Options, engine_spec: Any, redo: bool) -> None:
     """Cluster the image embeddings of DATASET, select the clusters nearest to TARGET's images and write
     signals/target (`target_selected`); then `curate export DATASET --out OUT --policy datacomp-image`."""
-    from curate.io.layout import DatasetDir
-    from curate.runner import run_stage
-    from curate.stages.dedup import input_digest
-    from curate.stages.target import validate
-
-    cfg = options.build()
-    validate(cfg, DatasetDir.at(dataset))
-    extra = {"dataset": input_digest(DatasetDir.at(dataset)), "target": input_digest(DatasetDir.at(cfg.target))}
-    summary = run_stage("target", cfg, dataset, engine_spec, redo=redo, fingerprint_extra=extra, progress=progress)
+    summary = run_stage("target", options.build(), dataset, engine_spec, redo=redo, progress=progress)
     c = summary.counts
     finish(summary, [f"  clusters {c.get('clusters', 0)}, selected {c.get('selected_clusters', 0)} "
                      f"(nearest to {c.get('target_images', 0)} target images); samples selected "

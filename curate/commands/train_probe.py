@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from curate.commands.common import echo_err
 from curate.options import Options, options_from
 
 
@@ -19,7 +20,6 @@ def command(eval_dir: str, out: str, redo: bool, options: Options) -> None:
     and retrieval recall on --eval, with seed spread (resumable: finished runs in --out are kept)."""
     import os
 
-    from curate.commands.common import echo_err
     from curate.train_probe.run import ProbeConfig, run_probe
     from curate.train_probe.train import TrainConfig
 

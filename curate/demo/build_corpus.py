@@ -32,6 +32,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from curate.io.atomic import atomic_path
+from curate.langid import detect
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = Path("/usr/share/openclipart")
@@ -251,8 +254,6 @@ def _encode_job(args: tuple[str, int, int]) -> tuple[bytes, int, int] | None:
 
 
 def build(source: Path, max_side: int, quality: int, workers: int, pool_share: float = 1.0) -> pa.Table:
-    from curate.langid import detect
-
     entries = scan(source)
     title_count = collections.Counter(e.title for e in entries)
     generic = {t for t, n in title_count.items() if n >= GENERIC_TITLE_MIN}
@@ -290,8 +291,6 @@ def write_corpus(table: pa.Table, out: Path) -> dict[str, int]:
     """One parquet file per split; returns bytes written per file."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from curate.io.atomic import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}

@@ -56,6 +56,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from curate.config import from_dict
 from curate.demo.build_corpus import unit_hash
 from curate.errors import InputError
 
@@ -596,8 +597,6 @@ class DemoWeb:
 def pipeline_service(settings: dict[str, Any], state_dir: Path) -> Iterator[dict[str, Any]]:
     """The `demo-web` service kind of pipelines (curate.services): settings are WebConfig fields; the URL
     list and ground truth are written under `state_dir`."""
-    from curate.config import from_dict
-
     with DemoWeb(from_dict(WebConfig, dict(settings)), state_dir) as web:
         yield {"url_list": str(web.url_list), "ground_truth": str(web.ground_truth),
                "allow_hosts": list(web.allow_hosts), "base_url": web.base_url}

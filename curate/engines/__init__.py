@@ -7,18 +7,16 @@
 from __future__ import annotations
 
 from curate.engines.base import Engine, EngineSpec
+from curate.engines.local import LocalEngine
+from curate.engines.spark import SparkEngine
+from curate.errors import InputError
 
 
 def make_engine(spec: EngineSpec) -> Engine:
     if spec.name == "local":
-        from curate.engines.local import LocalEngine
-
-        return LocalEngine(spec.workers)
+        return LocalEngine(spec.workers or 1)
     if spec.name == "spark":
-        from curate.engines.spark import SparkEngine
-
-        return SparkEngine(spec.spark_master, spec.workers)
-    from curate.errors import InputError
+        return SparkEngine(spec.spark_master, spec.workers or 1)
 
     raise InputError(f"--engine: unknown engine '{spec.name}' (choose local or spark)")
 

@@ -17,13 +17,12 @@ from typing import Any
 
 from curate.engines.base import OnResult, Payload
 from curate.io.layout import task_id
+from curate.logs import configure_task_process
 from curate.stages.base import TaskResult, execute_task
 
 
 def _watch_parent(parent: int) -> None:
     """Pool initializer: the driver's log level (-v/-q), and exit as soon as the driver is gone."""
-    from curate.logs import configure_task_process
-
     configure_task_process()
 
     def loop() -> None:
@@ -36,6 +35,8 @@ def _watch_parent(parent: int) -> None:
 
 
 class LocalEngine:
+    attempts_per_run = 1  # the runner owns retries: one attempt per task per run
+
     def __init__(self, workers: int = 1):
         self.workers = max(1, int(workers))
 

@@ -23,14 +23,18 @@ import json
 import os
 from typing import Any
 
+from curate.config import from_dict
+from curate.devices import TASK_GPUS_ENV, spark_task_gpus
 from curate.engines.base import OnResult, Payload
-from curate.spark_session import get_session
+from curate.engines.session import get_session
+from curate.io.atomic import read_json
+from curate.io.layout import DatasetDir, task_id
+from curate.logs import configure_task_process
+from curate.stages import get_stage
+from curate.stages.base import TaskResult, execute_task
 
 
 def _run_json(payload_json: str) -> str:
-    from curate.logs import configure_task_process
-    from curate.stages.base import execute_task
-
     configure_task_process()
     stage, config, root, task = json.loads(payload_json)
     _publish_task_gpus()
@@ -41,8 +45,6 @@ def _publish_task_gpus() -> None:
     """Hand the GPUs Spark assigned this task (spark.task.resource.gpu.amount) to stage code through the
     environment (stages never import pyspark); cleared when the task got none (Python workers are reused)."""
     from pyspark import TaskContext
-
-    from curate.devices import TASK_GPUS_ENV, spark_task_gpus
 
     ctx = TaskContext.get()
     gpus = spark_task_gpus(ctx.resources()) if ctx is not None else []
@@ -142,7 +144,6 @@ def _run_batch(sc: Any, batch: list[Payload]) -> list[dict[str, Any] | None]:
     """One Spark job of one task per payload. Every task's result, when the job succeeds. When it fails
     (a task that failed all its Spark attempts: its process died), the task Spark names is a failed
     result, siblings whose marker shows they finished are read back, and the rest are None (run again)."""
-    from curate.io.layout import task_id
 
     tids = [task_id(p[3]) for p in batch]
     try:
@@ -156,7 +157,6 @@ def _run_batch(sc: Any, batch: list[Payload]) -> list[dict[str, Any] | None]:
 def _after_failed_job(batch: list[Payload], tids: list[str], e: Exception) -> list[dict[str, Any] | None]:
     import re
 
-    from curate.stages.base import TaskResult
 
     text = str(e)
     lines = text.strip().splitlines()
@@ -174,15 +174,9 @@ def _after_failed_job(batch: list[Payload], tids: list[str], e: Exception) -> li
 
 def _finished(payload: Payload, tid: str) -> dict[str, Any] | None:
     """The result of a task that completed in a job that failed afterwards (its marker), else None."""
-    from curate.config import from_dict
-    from curate.io.atomic import read_json
-    from curate.io.layout import DatasetDir
-    from curate.stages import get_stage
-    from curate.stages.base import TaskResult, output_key
-
     stage_name, config, root, _task = payload
     stage = get_stage(stage_name)
-    key = output_key(stage, from_dict(stage.config_cls, config), stage_name)
+    key = stage.output_key(from_dict(stage.config_cls, config))
     try:
         marker = read_json(DatasetDir.at(root).marker(key, tid))
     except (OSError, ValueError):

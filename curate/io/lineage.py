@@ -13,10 +13,12 @@ a per-shard task touches O(1) upstream paths.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from curate.io.layout import DatasetDir
+from curate.errors import InputError
+from curate.io.atomic import read_json
+from curate.io.layout import DatasetDir, task_id
 
 ABSENT = "absent"  # the identity of an upstream task that has no marker
 
@@ -35,12 +37,6 @@ def read_identities(ds: DatasetDir, reads: Iterable[tuple[str, str]]) -> dict[st
     return {f"{stage}/{task}": marker_identity(ds, stage, task) for stage, task in reads}
 
 
-def stage_reads(stage: Any, cfg: Any, ds: DatasetDir, task: dict[str, Any]) -> list[tuple[str, str]]:
-    """What `task` of `stage` reads from other stages' tasks (empty for a stage that declares nothing)."""
-    fn = getattr(stage, "reads", None)
-    return list(fn(cfg, ds, task)) if fn is not None else []
-
-
 def stale_reads(ds: DatasetDir, marker: dict[str, Any]) -> list[str]:
     """The upstream "stage/task" names whose identity changed since the task recorded in `marker` ran."""
     recorded = marker.get("reads") or {}
@@ -52,18 +48,16 @@ def stale_reads(ds: DatasetDir, marker: dict[str, Any]) -> list[str]:
     return out
 
 
-def stale_tasks(stage: Any, cfg: Any, ds: DatasetDir, key: str, tasks: list[dict[str, Any]],
-                done: set[str]) -> dict[str, list[str]]:
+def stale_tasks(reads: Callable[[dict[str, Any]], Iterable[tuple[str, str]]] | None, ds: DatasetDir, key: str,
+                tasks: list[dict[str, Any]], done: set[str]) -> dict[str, list[str]]:
     """{task id: changed upstream names} for the done tasks among `tasks` whose inputs changed since they ran.
 
-    A stage without `reads` has no lineage to check. A marker written before markers recorded their reads
+    `reads(task)` gives the upstream (stage, task) runs a task reads; None (a stage that declares none): no
+    lineage to check. A marker written before markers recorded their reads
     (no "reads" field) is checked against the current upstream identities it would have read: it is stale
     only if some upstream is absent now, so existing datasets resume as they did.
     """
-    from curate.io.atomic import read_json
-    from curate.io.layout import task_id
-
-    if getattr(stage, "reads", None) is None:
+    if reads is None:
         return {}
     out: dict[str, list[str]] = {}
     for t in tasks:
@@ -78,7 +72,7 @@ def stale_tasks(stage: Any, cfg: Any, ds: DatasetDir, key: str, tasks: list[dict
         if "reads" in marker:
             changed = stale_reads(ds, marker)
         else:
-            changed = [f"{s}/{u}" for s, u in stage_reads(stage, cfg, ds, t)
+            changed = [f"{s}/{u}" for s, u in reads(t)
                        if marker_identity(ds, s, u) == ABSENT]
         if changed:
             out[tid] = changed
@@ -92,8 +86,6 @@ def stage_state(ds: DatasetDir, stage: str) -> dict[str, str]:
 
 def stale_done(ds: DatasetDir, stage: str) -> dict[str, list[str]]:
     """{task: changed upstream names} over every done task of `stage` whose marker records its reads."""
-    from curate.io.atomic import read_json
-
     out: dict[str, list[str]] = {}
     for tid in ds.done_tasks(stage):
         try:
@@ -109,8 +101,6 @@ def stale_done(ds: DatasetDir, stage: str) -> dict[str, list[str]]:
 def require_current(ds: DatasetDir, stage: str, reader: str) -> None:
     """Refuse (exit 2) to let `reader` read `stage`'s output while some of it was computed from upstream
     output that has changed since (e.g. a shard downloaded again and not scored again)."""
-    from curate.errors import InputError
-
     stale = stale_done(ds, stage)
     if stale:
         names = sorted(stale)

@@ -17,8 +17,9 @@ from typing import Any
 
 from curate import __version__
 from curate.errors import ConfigMismatchError
-from curate.io.atomic import read_json, write_json
+from curate.io.atomic import TMP_PREFIX, read_json, write_json
 from curate.io.layout import LAYOUT_VERSION, DatasetDir
+from curate.io.lock import manifest_lock, owner_info, process_alive
 
 _VERSIONED = (
     "pyarrow", "numpy", "pillow", "urllib3", "duckdb", "pyspark", "torch", "open_clip_torch",
@@ -46,8 +47,6 @@ def _raw(ds: DatasetDir) -> dict[str, Any]:
 
 def _settle(entry: dict[str, Any]) -> dict[str, Any]:
     """A "running" entry whose owner died on this host is reported as "interrupted"."""
-    from curate.io.lock import process_alive
-
     owner = entry.get("owner") or {}
     if entry.get("status") == "running" and owner.get("pid"):
         if process_alive(owner["pid"], owner.get("host")) is False:
@@ -149,12 +148,11 @@ def record_stage(
     status: str = "complete",
     extra: dict[str, Any] | None = None,
     array_slice: tuple[int, int] | None = None,
+    engine: str | None = None,
 ) -> dict[str, Any]:
-    """Record `stage`'s entry: in manifest.json, or in this array task's own fragment."""
+    """Record `stage`'s entry: in manifest.json, or in this array task's own fragment (`engine`: where its
+    tasks and driver-side SQL ran, local or spark)."""
     import shutil
-
-    from curate.io.atomic import TMP_PREFIX
-    from curate.io.lock import manifest_lock, owner_info
 
     entry = {
         "config": config,
@@ -165,6 +163,8 @@ def record_stage(
         "versions": package_versions(),
         "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if engine:
+        entry["engine"] = engine
     if extra:
         entry.update(extra)
     if status == "running":

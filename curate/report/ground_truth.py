@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.errors import InputError
+from curate.export_info import read_export, resolve_dirs
 from curate.inspect import Tables, open_dataset, sql_str
 
 CAPTION_KINDS = ("misaligned", "boilerplate", "non_english")
@@ -58,8 +59,6 @@ def _read_truth(t: Tables, path: Path) -> None:
 def curation_accuracy(dataset_dir: str | os.PathLike, ground_truth_path: str | os.PathLike,
                       export_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Per-step precision/recall against the demo web's ground truth (see the module doc for definitions)."""
-    from curate.export_info import resolve_dirs
-
     dataset_dir, export_dir = resolve_dirs(dataset_dir, export_dir)
     ds = open_dataset(dataset_dir)
     path = Path(ground_truth_path)
@@ -110,8 +109,6 @@ def _duplicates(t: Tables, steps: dict[str, Any]) -> None:
 
 
 def _captions(t: Tables, steps: dict[str, Any], export_dir: str | os.PathLike) -> None:
-    from curate.export_info import read_export
-
     info = read_export(export_dir)
     if "kept" not in info.register(t.con):
         return

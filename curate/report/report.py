@@ -28,7 +28,9 @@ from curate.export_info import ExportInfo, read_export, resolve_dirs
 from curate.inspect import Tables, failures, open_dataset, parquet_source, sql_str, summarize
 from curate.io.atomic import write_bytes
 from curate.io.ledger import ERROR_CODES
+from curate.io.manifest import load
 from curate.report import svg
+from curate.report.ground_truth import curation_accuracy
 from curate.thumbs import load_thumbnails
 
 log = logging.getLogger(__name__)
@@ -212,8 +214,6 @@ def _overview(ctx: Context) -> str:
 
 def _filter_quality(ctx: Context) -> list[str]:
     """The held-out check of a train-probe filter model that scored this dataset (a loud box when weak)."""
-    from curate.io.manifest import load
-
     fq = load(ctx.ds)["stages"].get("score", {}).get("inputs", {}).get("filter_quality")
     if not fq:
         return []
@@ -551,8 +551,6 @@ def _train_probe(probe: Path) -> str:
 
 
 def _ground_truth(dataset: Path, truth: Path, export_dir: str | os.PathLike | None) -> str:
-    from curate.report.ground_truth import curation_accuracy
-
     acc = curation_accuracy(dataset, truth, export_dir)
     rows = [[name, _pct(m["precision"], 1) if m["precision"] is not None else "–",
              _pct(m["recall"], 1) if m["recall"] is not None else "–", m["tp"], m["fp"], m["fn"], m["support"],

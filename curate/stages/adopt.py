@@ -35,6 +35,7 @@ from curate.io.ledger import LEDGER_FIELDS
 from curate.io.shards import IMAGE_EXTS, ShardWriter, iter_raw
 from curate.io.tables import write_table
 from curate.options import option
+from curate.stages.base import Stage, sum_stats
 
 NAME = "adopt"
 LINK_MODES = ("auto", "hardlink", "copy")
@@ -366,7 +367,7 @@ def _ledger(shard: str, source: str, rows: pa.Table | None, images: dict[str, St
 
 # -------------------------------------------------------------------------------------------- stage
 
-class AdoptStage:
+class AdoptStage(Stage):
     name = NAME
     config_cls = AdoptConfig
 
@@ -389,8 +390,6 @@ class AdoptStage:
         return {"source": str(root), "kind": source_kind(root), "source_fingerprint": source_fingerprint(root)}
 
     def finalize(self, cfg: AdoptConfig, ds: DatasetDir) -> dict[str, Any]:
-        from curate.stages.base import sum_stats
-
         counts = sum_stats(ds, NAME)
         counts["duplicate_keys"] = duplicate_keys(ds)
         return counts

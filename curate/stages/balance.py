@@ -23,13 +23,22 @@ from typing import Any
 
 import numpy as np
 
-from curate.balancing import DEFAULT_METADATA, entries_digest, load_entries
-from curate.config import output_fields, runtime
+from curate.balancing import (
+    DEFAULT_METADATA,
+    cached_matcher,
+    draw,
+    entries_digest,
+    entry_counts_sql,
+    load_entries,
+    reduce_sql,
+)
+from curate.config import output_fields
 from curate.errors import InputError
 from curate.hashing import json_digest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, task_id
 from curate.options import option
+from curate.stages.base import Stage, context
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +64,6 @@ class BalanceConfig:
              "(offline).")
     seed: int = option(0, help="Seed of the per-(pair, entry) draws that decide which pairs an over-full entry "
                                "keeps.")
-    query_engine: str = runtime("local")
-    spark_master: str = runtime("local[*]")
 
 
 def work_dir(ds: DatasetDir) -> Path:
@@ -69,18 +76,17 @@ def input_digest(ds: DatasetDir) -> dict[str, Any]:
     return {"shards": len(sizes), "ledger_sha256": json_digest(sizes)}
 
 
-def fingerprint_extra(cfg: BalanceConfig, ds: DatasetDir) -> dict[str, Any]:
-    """The entries themselves (a metadata file can change under the same path) and the input ledgers."""
-    return {"metadata": entries_digest(load_entries(cfg.metadata)), "dataset": input_digest(ds)}
-
-
 def _match_path(ds: DatasetDir, shard: str) -> Path:
     return work_dir(ds) / "matches" / f"{shard}.parquet"
 
 
-class BalanceStage:
+class BalanceStage(Stage):
     name = NAME
     config_cls = BalanceConfig
+
+    def fingerprint_inputs(self, cfg: BalanceConfig, ds: DatasetDir) -> dict[str, Any]:
+        """The entries themselves (a metadata file can change under the same path) and the input ledgers."""
+        return {"metadata": entries_digest(load_entries(cfg.metadata)), "dataset": input_digest(ds)}
 
     def phases(self, cfg: BalanceConfig, ds: DatasetDir) -> tuple[str, ...]:
         return PHASES
@@ -163,7 +169,6 @@ def _match(cfg: BalanceConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str
     """Map: the long match table of one shard (a null entry for a pair that matched nothing)."""
     import pyarrow as pa
 
-    from curate.balancing import cached_matcher, draw
     from curate.io.tables import write_table
 
     shard = task["source"]
@@ -251,14 +256,11 @@ def _reduce(cfg: BalanceConfig, ds: DatasetDir, plan: dict[str, Any]) -> None:
 def _run_reduce(cfg: BalanceConfig, match_files: list[Path], out: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """reduce_sql over the match files, written partitioned by shard to `out` (out/shard=X/*.parquet);
     returns the per-entry counts (bounded by the metadata size) and the kept pairs at each REPORT_CAPS t."""
-    from curate.balancing import entry_counts_sql, reduce_sql
-
     src = "(SELECT * FROM matches WHERE entry IS NOT NULL)"
     caps = ", ".join(f"SUM(CASE WHEN rank < {t} THEN 1 ELSE 0 END) AS t{t}" for t in REPORT_CAPS)
-    if cfg.query_engine == "spark":
-        from curate.spark_session import get_session
-
-        spark = get_session(cfg.spark_master)
+    ctx = context()  # the reduce runs on Spark SQL with --engine spark (the engine's session), else DuckDB
+    if ctx.sql == "spark":
+        spark = ctx.spark()
         spark.read.parquet(*[str(p) for p in match_files]).createOrReplaceTempView("matches")
         spark.sql(reduce_sql(src)).write.mode("overwrite").partitionBy("shard").parquet(str(out))
         spark.read.parquet(str(out)).createOrReplaceTempView("reduced")

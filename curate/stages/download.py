@@ -49,7 +49,7 @@ from curate.imaging import (
 )
 from curate.io.atomic import read_json, tmp_path_for, write_json
 from curate.io.inputs import FORMATS as INPUT_FORMATS
-from curate.io.inputs import InputSpec, list_files
+from curate.io.inputs import InputSpec, check_columns, list_files
 from curate.io.layout import (
     MAX_ROWS_PER_SHARD,
     DatasetDir,
@@ -64,6 +64,7 @@ from curate.io.tables import write_table
 from curate.options import option, unique
 from curate.phases import ENABLED as PROFILE_ENABLED
 from curate.phases import PHASES
+from curate.stages.base import Resources, Stage, context
 
 # ledger fields left out of the sample's json in the tar: timing differs from run to run, and the
 # tar must be byte-identical whatever engine or machine wrote it
@@ -166,15 +167,11 @@ class FetchFields:
 
 @dataclass(frozen=True)
 class DownloadConfig(FetchFields, ImageFields, InputFields):
-    """`curate download`: the input groups above, then sharding and this run's slice."""
+    """`curate download`: the input groups above, then sharding."""
 
     samples_per_shard: int = option(10_000, help="Rows per shard (the last shard may have fewer).")
     retry_failed: bool = option(False, runtime=True,
                                 help="Re-attempt the transient failures of completed shards as new shards.")
-    shard_index: int = option(0, runtime=True, cli_default=None,
-                              help="This task's slice: shards[INDEX::NUM] (default: $SLURM_ARRAY_TASK_ID with "
-                                   "--num-shards).")
-    num_shards: int = option(1, runtime=True, help="How many slices there are.")
 
 
 def check_config(cfg: DownloadConfig) -> None:
@@ -211,8 +208,6 @@ def check_config(cfg: DownloadConfig) -> None:
     clash = [c for c in cfg.keep_cols if c in _LEDGER_NAMES]
     if clash:
         bad("--keep-col", f"{', '.join(clash)} would overwrite ledger column(s); rename them in the input")
-    if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
-        bad("--shard-index", f"must be within 0..{cfg.num_shards - 1}")
 
 
 # ---- planning (driver) --------------------------------------------------------------------------
@@ -272,15 +267,17 @@ def load_plan(ds: DatasetDir) -> dict[str, Any] | None:
 def plan(cfg: DownloadConfig, ds: DatasetDir) -> list[dict[str, Any]]:
     """The shard tasks; the input is read once, on the first run, and the plan reused after that.
 
-    A Slurm array task (--num-shards > 1) never plans: it needs the plan of a `--plan-only` run.
+    A Slurm array task (--num-shards > 1) never plans: it needs the plan of a `--plan-only` run (the runner
+    gives each array task its slice of these tasks).
     """
-    array = cfg.num_shards > 1
+    part = context().array_slice
+    array = part is not None
     info = load_plan(ds)
     if info is not None and info.get("samples_per_shard") != cfg.samples_per_shard:
         info = None  # cannot happen through the CLI (the fingerprint covers it); be safe
     if info is None:
         if array:
-            raise InputError(f"--shard-index {cfg.shard_index}: {ds.root} has no download plan yet; an array "
+            raise InputError(f"--shard-index {part[0]}: {ds.root} has no download plan yet; an array "
                              f"task never plans (its siblings would race). Run `curate download INPUT --out "
                              f"{ds.root} --plan-only` first (jobs/slurm/download_plan.sbatch).")
         info = _make_plan(cfg, ds)
@@ -293,8 +290,7 @@ def plan(cfg: DownloadConfig, ds: DatasetDir) -> list[dict[str, Any]]:
         mark_superseded(ds, _retry_shards(info))
         info["superseded_marked"] = True
         write_json(ds.plan_file, info)
-    tasks = [{"shard": s} for s in sorted(info["shards"])]
-    return tasks[cfg.shard_index::cfg.num_shards]
+    return [{"shard": s} for s in sorted(info["shards"])]
 
 
 def _make_plan(cfg: DownloadConfig, ds: DatasetDir) -> dict[str, Any]:
@@ -1030,10 +1026,21 @@ def read_stats(ds: DatasetDir, shard: str) -> dict[str, Any] | None:
     return read_json(p) if p.exists() else None
 
 
-@dataclass(frozen=True)
-class DownloadStage:
-    name: str = "download"
-    config_cls: type = DownloadConfig
+class DownloadStage(Stage):
+    name = "download"
+    config_cls = DownloadConfig
+    array_slices = True
+
+    def resources(self, cfg: DownloadConfig) -> Resources:
+        # a task waits on the network most of the time and decodes in 2 threads: one per CPU
+        return Resources(cpus=cfg.decode_threads, per_cpu=True)
+
+    def validate(self, cfg: DownloadConfig, ds: DatasetDir) -> None:
+        check_config(cfg)
+
+    def fingerprint_inputs(self, cfg: DownloadConfig, ds: DatasetDir) -> dict[str, Any]:
+        """The input files' names and sizes (the columns are checked first: exit 2 naming file and column)."""
+        return {"inputs": [[os.path.basename(f), size] for f, size in check_columns(cfg.input_spec())]}
 
     def plan(self, cfg: DownloadConfig, ds: DatasetDir) -> list[dict[str, Any]]:
         return plan(cfg, ds)

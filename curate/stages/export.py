@@ -27,14 +27,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.config import runtime
-from curate.errors import CurateError, InputError, ShardError
-from curate.hashing import json_digest
+from curate.errors import ConfigMismatchError, CurateError, InputError, ShardError
+from curate.hashing import file_sha256, json_digest
 from curate.io import manifest
 from curate.io.atomic import TMP_PREFIX, atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir, shard_name
+from curate.io.lineage import require_current, stage_state
 from curate.io.shards import ShardWriter, iter_raw
 from curate.io.tables import write_table
+from curate.io.trainable import sample_uid, with_uid, write_shard_stats, write_sizes
 from curate.options import absolute, option
 from curate.query import (
     SIGNAL_STAGES,
@@ -46,6 +47,7 @@ from curate.query import (
     parquet_files,
     selection_sql,
 )
+from curate.stages.base import Stage, context
 
 NAME = "export"
 DOWNLOADED = Clause("downloaded", where="status = 'success'")
@@ -90,11 +92,6 @@ class ExportConfig:
                               "{shard}.parquet and {shard}_stats.json as img2dataset writes them (readable by its "
                               "tools, and by `curate adopt`).")
     write_dropped: bool = option(False, help="Write OUT/dropped.parquet: every dropped key and its clause.")
-    query_engine: str = runtime("local")  # --engine: DuckDB (local) or Spark SQL
-    spark_master: str = runtime("local[*]")
-    shard_index: int = option(0, runtime=True, help="With --num-shards: write only output shards i with i % "
-                                                    "num_shards == shard-index (Slurm arrays).")
-    num_shards: int = option(1, runtime=True, help="Number of slices (see --shard-index).")
 
 
 @dataclass
@@ -156,7 +153,6 @@ def resolve_clauses(cfg: ExportConfig) -> list[Clause]:
 def auto_fraction(cfg: ExportConfig) -> dict[str, Any]:
     """--top-fraction auto: the study's recommendation at --budget, with what it rests on (the study's
     results.json path and digest, its sweep column and source, the fit); recorded in the manifest."""
-    from curate.hashing import file_sha256
     from curate.train_probe.study import recommend
 
     if not cfg.study or cfg.budget is None:
@@ -245,7 +241,8 @@ def select(cfg: ExportConfig, folder: Path | None = None) -> Selection:
     sources = Sources.of(src)
     check_clauses(src, sources, clauses)
     spill = folder / "spill" if folder is not None else None
-    q = open_query(sources, cfg.query_engine, cfg.spark_master, spill=spill)
+    ctx = context()  # DuckDB, or Spark SQL on the engine's session with --engine spark
+    q = open_query(sources, ctx.spark() if ctx.sql == "spark" else None, spill=spill)
     try:
         if folder is None:
             q.define("sel", selection_sql(clauses))
@@ -300,8 +297,6 @@ def read_keep_list(folder: Path, index: int) -> pa.Table:
 def source_state(cfg: ExportConfig) -> dict[str, dict[str, str]]:
     """{stage: {shard: identity}} of the source stages the selection reads (curate.io.lineage): which shards
     are done and which run of each. Signal shards computed from a ledger that changed since are refused."""
-    from curate.io.lineage import require_current, stage_state
-
     src = source_dir(cfg)
     clauses = [c.to_dict() for c in resolve_clauses(cfg)]
     out = {}
@@ -400,32 +395,31 @@ def _work_dir(ds: DatasetDir) -> Path:
     return ds.root / "_work" / NAME
 
 
-def _in_slice(cfg: ExportConfig, index: int) -> bool:
-    return index % cfg.num_shards == cfg.shard_index
-
-
-class ExportStage:
+class ExportStage(Stage):
     name = NAME
     config_cls = ExportConfig
+    array_slices = True  # an array task writes output shards i with i % num == index of the one selection
 
-    def plan(self, cfg: ExportConfig, ds: DatasetDir) -> list[dict[str, Any]]:
+    def validate(self, cfg: ExportConfig, ds: DatasetDir) -> None:
         if cfg.samples_per_shard < 1:
             raise InputError("--samples-per-shard: must be at least 1")
-        if not 0 <= cfg.shard_index < cfg.num_shards:
-            raise InputError(f"--shard-index {cfg.shard_index}: must be in [0, --num-shards {cfg.num_shards})")
         if cfg.layout not in LAYOUTS:
             raise InputError(f"--layout {cfg.layout}: must be one of {', '.join(LAYOUTS)}")
         if source_dir(cfg).root == ds.root:
             raise InputError(f"--out {ds.root}: must differ from the source directory")
+
+    def fingerprint_inputs(self, cfg: ExportConfig, ds: DatasetDir) -> dict[str, Any]:
+        return fingerprint_extra(cfg)
+
+    def plan(self, cfg: ExportConfig, ds: DatasetDir) -> list[dict[str, Any]]:
         state = source_state(cfg)
         _refuse_changed_source(ds, state)
         folder, summary = ensure_selection(cfg, ds, state)
         write_json(_work_dir(ds) / "selection.json", {**summary, "folder": folder.name, "source_state": state})
         tasks = []
         for i in range(summary["shards"]):
-            if _in_slice(cfg, i):
-                n = min(cfg.samples_per_shard, summary["kept"] - i * cfg.samples_per_shard)
-                tasks.append({"shard": shard_name(i), "index": i, "samples": n, "selection": folder.name})
+            n = min(cfg.samples_per_shard, summary["kept"] - i * cfg.samples_per_shard)
+            tasks.append({"shard": shard_name(i), "index": i, "samples": n, "selection": folder.name})
         return tasks
 
     def run_shard(self, cfg: ExportConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
@@ -449,8 +443,6 @@ class ExportStage:
 
             write_img2dataset_shard(ds.root, shard, rows, found)
         else:
-            from curate.io.trainable import sample_uid, with_uid, write_shard_stats
-
             uids = {r["key"]: sample_uid(r) for r in rows.select(
                 [c for c in ("key", "url", "caption", "uid") if c in rows.column_names]).to_pylist()}
             with ShardWriter(ds.shard_tar(shard)) as w:
@@ -485,8 +477,6 @@ class ExportStage:
 
 def write_sizes_table(cfg: ExportConfig, ds: DatasetDir) -> None:
     """sizes.json beside the tars (open_clip's and DataComp's shard table) over every completed shard."""
-    from curate.io.trainable import write_sizes
-
     sizes = {}
     for shard in ds.done_shards(NAME):
         stats = ds.stats(NAME, shard)
@@ -498,8 +488,6 @@ def write_sizes_table(cfg: ExportConfig, ds: DatasetDir) -> None:
 
 def _refuse_changed_source(ds: DatasetDir, state: dict[str, dict[str, str]]) -> None:
     """An export whose shards were cut from another source state refuses to add shards cut from this one."""
-    from curate.errors import ConfigMismatchError
-
     p = _work_dir(ds) / "selection.json"
     if not p.exists() or not ds.done_tasks(NAME):
         return

@@ -22,6 +22,7 @@ from curate.io.atomic import write_json
 from curate.io.ledger import LEDGER_FIELDS
 from curate.io.shards import IMAGE_EXTS, ShardWriter
 from curate.io.tables import write_table
+from curate.io.trainable import is_uid, sample_uid
 
 # img2dataset's own columns, in its order, and the curate ledger field each comes from
 COLUMNS: dict[str, tuple[str, pa.DataType]] = {
@@ -57,8 +58,6 @@ def img2dataset_table(rows: pa.Table) -> pa.Table:
 
 def sample_json(row: dict[str, Any]) -> bytes:
     """The {key}.json member: img2dataset's meta fields for one sample, and the uid DataComp's tools match."""
-    from curate.io.trainable import is_uid, sample_uid
-
     meta = {name: row.get(name) for name in COLUMNS}
     if row.get("uid") is not None and not is_uid(row.get("uid")):
         meta["source_uid"] = row["uid"]

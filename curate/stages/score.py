@@ -13,6 +13,7 @@ several scorers live side by side in one dataset.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import time
@@ -21,11 +22,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from curate.devices import cuda_count, require_cuda, torch_settings, usable_cpus
+from curate import langid
+from curate.devices import cuda_count, current_device, require_cuda, torch_settings, usable_cpus
 from curate.errors import InputError, ShardError
+from curate.io import manifest
+from curate.io.atomic import atomic_path
 from curate.io.layout import DatasetDir
-from curate.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from curate.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, check_loadable, load_model, resolve_model
 from curate.options import option
+from curate.stages.base import Resources, Stage, sum_stats
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -72,10 +79,6 @@ class ScoreConfig:
     threads: int = option(0, runtime=True, help="torch intra-op threads per task process (0 = on CPU, the cores left "
                                                 "after --loader-workers).")
     save_text_embeddings: bool = option(False, help="Also write signals/score/{shard}.txt_emb.npy.")
-    shard_index: int = option(0, runtime=True, cli_default=None,
-                              help="This task's slice: shards[INDEX::NUM] (default: $SLURM_ARRAY_TASK_ID when "
-                                   "--num-shards is given, else 0).")
-    num_shards: int = option(1, runtime=True, help="How many slices there are.")
 
 
 def check_name(name: str) -> None:
@@ -102,15 +105,11 @@ def check_config(cfg: ScoreConfig) -> None:
         raise InputError("--loader-workers: must be -1 (auto), 0 or more")
     if cfg.threads < 0:
         raise InputError("--threads: must be 0 or more")
-    if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
-        raise InputError(f"--shard-index/--num-shards: need 0 <= {cfg.shard_index} < {cfg.num_shards}")
     require_cuda(cfg.device)
 
 
 def resolve_device(requested: str) -> str:
     """auto -> cuda if visible; plain "cuda" -> this process's GPU (see curate.devices.pick_device)."""
-    from curate.devices import current_device
-
     return current_device(requested)
 
 
@@ -250,7 +249,6 @@ def encode_shard(cfg: ScoreConfig, lm: Any, device: str, tar: str, ledger: list[
     """
     import torch
 
-    from curate import langid
     from curate.stages import score_loader as sl
 
     wanted = frozenset(r["key"] for r in ledger if r.get("status") == "success")
@@ -342,8 +340,6 @@ def score_rows(cfg: ScoreConfig, ds: DatasetDir, shard: str) -> tuple[list[dict[
     import numpy as np
     import torch
 
-    from curate.models import load_model, resolve_model
-
     ledger = read_ledger(ds, shard)
     device = resolve_device(cfg.device)
     lm = load_model(resolve_model(cfg.model, cfg.pretrained, cfg.checksum), device)
@@ -409,15 +405,34 @@ def signal_schema() -> Any:
 def write_npy(path: Any, array: Any) -> None:
     import numpy as np
 
-    from curate.io.atomic import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array, allow_pickle=False)
 
 
-class ScoreStage:
+class ScoreStage(Stage):
     name = "score"
     config_cls = ScoreConfig
+    array_slices = True  # one task per shard, independent of each other
+
+    def validate(self, cfg: ScoreConfig, ds: DatasetDir) -> None:
+        """The config, then the model: unknown model, missing file, checksum mismatch or a model that does not
+        load on the device exit 2 before any shard."""
+        check_config(cfg)
+        check_loadable(resolve_model(cfg.model, cfg.pretrained, cfg.checksum), resolve_device(cfg.device))
+
+    def fingerprint_inputs(self, cfg: ScoreConfig, ds: DatasetDir) -> dict[str, Any]:
+        inputs = model_inputs(cfg)
+        if inputs.get("filter_quality", {}).get("weak"):
+            from curate.train_probe.quality import warning_lines
+
+            for line in warning_lines(inputs["filter_quality"], cfg.pretrained):
+                log.warning("%s", line)
+        return inputs
+
+    def resources(self, cfg: ScoreConfig) -> Resources:
+        """A GPU per task with --device cuda or auto: any one the engine gives it, so the local engine runs one
+        worker per visible GPU. A pinned --device cuda:N is one GPU for every task: one worker unless told."""
+        return Resources(gpus=1 if cfg.device in ("cuda", "auto") else 0)
 
     def output_key(self, cfg: ScoreConfig) -> str:
         """The stage key this config writes under (markers, stats, signals, manifest entry)."""
@@ -429,7 +444,7 @@ class ScoreStage:
         if not shards:
             raise InputError(f"{ds.root}: no downloaded shards (no _done/download markers); "
                              f"run `curate download` first")
-        return [{"shard": s} for s in shards[cfg.shard_index::cfg.num_shards]]
+        return [{"shard": s} for s in shards]
 
     def reads(self, cfg: ScoreConfig, ds: DatasetDir, task: dict[str, Any]) -> list[tuple[str, str]]:
         """The shard's tar and ledger: the run of the stage that wrote them (lineage, see curate.io.lineage)."""
@@ -457,8 +472,6 @@ class ScoreStage:
         """Every shard's stats added up, one row per input row: a failed row that `download --retry-failed`
         retried in a later shard is counted there, so its old row (superseded_by set, possibly after this
         shard was scored) is taken out of `rows` and `skipped` here and counted as `superseded`."""
-        from curate.stages.base import sum_stats
-
         counts = sum_stats(ds, cfg.name)
         sup = superseded_by_status(ds, ds.done_shards(cfg.name))
         if sup:
@@ -498,8 +511,6 @@ def superseded_by_status(ds: DatasetDir, shards: list[str]) -> dict[str, int]:
 
 def model_inputs(cfg: ScoreConfig) -> dict[str, Any]:
     """What the manifest records about the models: resolved model spec, checkpoint and langid hashes."""
-    from curate import langid
-    from curate.models import resolve_model
     from curate.train_probe.quality import read_quality
 
     spec = resolve_model(cfg.model, cfg.pretrained, cfg.checksum)
@@ -512,8 +523,6 @@ def model_inputs(cfg: ScoreConfig) -> dict[str, Any]:
 
 def scorers(ds: DatasetDir) -> list[str]:
     """Names of the scorers recorded in the dataset's manifest ("score" first when present)."""
-    from curate.io import manifest
-
     stages = manifest.load(ds).get("stages", {})
     names = [k for k, v in stages.items() if k == DEFAULT_NAME or (v.get("inputs") or {}).get("scorer") == k]
     return sorted(names, key=lambda n: (n != DEFAULT_NAME, n))

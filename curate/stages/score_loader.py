@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.utils.data as tud
 
+from curate import langid
+from curate.captions import caption_signals
 from curate.errors import ShardError
 from curate.io.shards import IndexEntry, index_tar  # noqa: F401 - the loader's index (re-exported)
 
@@ -223,9 +225,6 @@ class ShardChunks(tud.IterableDataset):
 
 def caption_rows(caps: list[str | None], rows: range) -> list[tuple[int, Any, Any]]:
     """(ledger row, Language, CaptionSignals) for a slice of the ledger (language ID runs batched)."""
-    from curate import langid
-    from curate.captions import caption_signals
-
     langs = langid.detect_many(caps) if caps else []
     return [(i, lang, caption_signals(c)) for i, lang, c in zip(rows, langs, caps, strict=True)]
 

@@ -24,9 +24,12 @@ import numpy as np
 
 from curate.config import output_fields, runtime
 from curate.errors import InputError
+from curate.io import manifest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
 from curate.options import absolute, option, parse_k
+from curate.stages.base import Stage, sum_stats
+from curate.stages.dedup import input_digest
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +72,6 @@ def work_dir(ds: DatasetDir) -> Path:
 
 def check_same_model(pool: DatasetDir, target: DatasetDir) -> None:
     """Embeddings of two models are not comparable even when their dimensions agree: refuse the mix."""
-    from curate.io import manifest
-
     def model(ds: DatasetDir) -> tuple[Any, Any] | None:
         cfg = manifest.load(ds)["stages"].get("score", {}).get("config") or {}
         return (cfg.get("model"), cfg.get("pretrained")) if "model" in cfg else None
@@ -149,13 +150,17 @@ def nearest(emb: np.ndarray, centroids: np.ndarray, batch: int) -> tuple[np.ndar
     return ids[:, 0], sims[:, 0]
 
 
-class TargetStage:
+class TargetStage(Stage):
     name = NAME
     config_cls = TargetConfig
 
-    def plan(self, cfg: TargetConfig, ds: DatasetDir) -> list[dict[str, Any]]:
-        from curate.stages.dedup import input_digest
+    def validate(self, cfg: TargetConfig, ds: DatasetDir) -> None:
+        validate(cfg, ds)
 
+    def fingerprint_inputs(self, cfg: TargetConfig, ds: DatasetDir) -> dict[str, Any]:
+        return {"dataset": input_digest(ds), "target": input_digest(DatasetDir.at(cfg.target))}
+
+    def plan(self, cfg: TargetConfig, ds: DatasetDir) -> list[dict[str, Any]]:
         validate(cfg, ds)
         target = DatasetDir.at(cfg.target)
         shards = _scored_shards(ds, "")
@@ -257,8 +262,6 @@ class TargetStage:
         return {"rows": len(order), "assigned": int(has.sum()), "selected": int(chosen.sum())}
 
     def finalize(self, cfg: TargetConfig, ds: DatasetDir) -> dict[str, Any]:
-        from curate.stages.base import sum_stats
-
         plan_path = work_dir(ds) / "plan.json"
         if not plan_path.exists():
             return {}

@@ -17,6 +17,7 @@ import numpy as np
 
 from curate.errors import InputError
 from curate.io.layout import DatasetDir
+from curate.io.shards import iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,6 @@ def load_samples(path: str | Path, image_size: int, tokenizer: Any, *, flag: str
     Undecodable images and samples without a label (when `label_column` is set) are skipped and counted.
     """
     import torch
-
-    from curate.io.shards import iter_samples
 
     ds, shards = dataset_shards(path, flag)
     labels_by_key = read_labels(ds, label_column, flag) if label_column else None

@@ -23,8 +23,10 @@ from curate.config import fingerprint, output_fields, to_dict
 from curate.errors import InputError
 from curate.io.atomic import clean_tmp, read_json, write_json
 from curate.io.layout import DatasetDir
-from curate.io.manifest import check_fingerprint, record_stage
+from curate.io.manifest import check_fingerprint, load, record_stage
 from curate.options import absolute, option
+from curate.train_probe.sweep import parse_sweep, read_column, sweep_subsets
+from curate.train_probe.templates import resolve_templates
 from curate.train_probe.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -113,8 +115,6 @@ def dataset_summary(path: str, stages: tuple[str, ...] = ()) -> dict[str, Any]:
     Only the stages that made the shards (download or export) and those in `stages` count: scoring
     the eval dir after a probe used it (the demo does) must not block resuming that probe.
     """
-    from curate.io.manifest import load
-
     ds = DatasetDir.at(path)
     shards = ds.shards()
     man = load(ds)
@@ -133,7 +133,6 @@ def dataset_summary(path: str, stages: tuple[str, ...] = ()) -> dict[str, Any]:
 def check_inputs(cfg: ProbeConfig, train: TrainConfig) -> None:
     """Everything that can be wrong with the arguments, before any decoding or training (exit 2)."""
     from curate.train_probe.data import dataset_shards, read_labels
-    from curate.train_probe.sweep import parse_sweep
     from curate.train_probe.train import check_config, model_config
 
     check_config(train)
@@ -169,8 +168,6 @@ def check_inputs(cfg: ProbeConfig, train: TrainConfig) -> None:
     if cfg.sweep and not cfg.sweep_source:
         raise InputError("--sweep: needs --sweep-source DIR (a scored dataset dir) or a --subset to default to")
     if cfg.sweep:
-        from curate.train_probe.sweep import read_column
-
         spec = parse_sweep(cfg.sweep)
         ds, _ = dataset_shards(cfg.sweep_source, "--sweep-source")
         read_column(ds, spec.column)
@@ -238,8 +235,6 @@ def plan_subsets(cfg: ProbeConfig, loader: _Loader) -> list[dict[str, Any]]:
     subsets: list[dict[str, Any]] = [{"name": n, "kind": "subset", "fraction": None, "path": p, "keys": None,
                                       "seeds": cfg.seeds, "alias": None, "budget": None} for n, p in cfg.subsets]
     if cfg.sweep:
-        from curate.train_probe.sweep import parse_sweep, read_column, sweep_subsets
-
         spec = parse_sweep(cfg.sweep)
         keys, values = read_column(DatasetDir.at(cfg.sweep_source), spec.column)
         available = set(loader.get(cfg.sweep_source, "--sweep-source").keys)
@@ -261,10 +256,8 @@ def plan_subsets(cfg: ProbeConfig, loader: _Loader) -> list[dict[str, Any]]:
 
 def run_probe(cfg: ProbeConfig, train: TrainConfig, out: str | Path, *, redo: bool = False) -> dict[str, Any]:
     """Run (or resume) the experiment and write the outputs; returns the results object."""
-    from curate.io.manifest import load
     from curate.train_probe.evaluate import chance_level
     from curate.train_probe.report import write_outputs
-    from curate.train_probe.templates import resolve_templates
     from curate.train_probe.train import resolve_device
 
     check_inputs(cfg, train)

@@ -18,6 +18,8 @@ from typing import Any
 
 from curate.devices import cuda_count, require_cuda, torch_settings
 from curate.errors import InputError
+from curate.io.atomic import atomic_path, write_json
+from curate.models import resolve_model
 from curate.options import option
 from curate.train_probe.data import Samples, normalize, tokenize
 
@@ -88,8 +90,6 @@ def model_config(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
     import copy
 
     import open_clip
-
-    from curate.models import resolve_model
 
     arch = resolve_model(cfg.model, "none").arch
     conf = copy.deepcopy(open_clip.get_model_config(arch))
@@ -384,8 +384,6 @@ def save_model(model: Any, conf: dict[str, Any], path: str | Path,
     import json
 
     from safetensors.torch import save_file
-
-    from curate.io.atomic import atomic_path, write_json
 
     weights, cfg_path = saved_model_paths(path)
     write_json(cfg_path, conf)

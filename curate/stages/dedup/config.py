@@ -17,7 +17,7 @@ from curate.config import runtime
 from curate.errors import InputError
 from curate.hashing import json_digest
 from curate.io.layout import DatasetDir
-from curate.options import absolute, option, parse_k
+from curate.options import AUTO, absolute, cosine_or_auto, option, parse_k
 from curate.stages.dedup.core import DEVICES, KEEP_POLICIES
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,14 @@ OVERFLAG_EXACT_RATIO = 5.0
 
 @dataclass(frozen=True)
 class DedupConfig:
-    # --threshold (a cosine or 'auto') sets threshold and threshold_auto: the command reads it
-    threshold: float = 0.95  # cosine at or above which two images are near duplicates
+    # a cosine, or 'auto' (DedupConfig(threshold="auto") too): then threshold_auto is set and the threshold
+    # stored stays the default until the calibration decides it
+    threshold: float = option(
+        0.95, cli_type=str, cli_default="0.95", convert=cosine_or_auto, metavar="COSINE|auto",
+        help="Cosine at or above which two images are near duplicates, or 'auto': calibrate it for the scoring "
+             "model on augmented copies (re-encoded, downscaled, cropped) of a sample of the dataset's own images, "
+             "above every random pair of that sample. 0.95 suits CLIP ViT image embeddings; a small or weakly "
+             "trained model needs another value (or 'auto').")
     auto_target: float = option(0.95, help="With --threshold auto: the share of augmented copies the threshold must "
                                            "find.")
     k: int = option(0, cli_type=str, cli_default="auto", convert=parse_k,
@@ -77,6 +83,9 @@ class DedupConfig:
     threshold_auto: bool = False  # calibrate the threshold on augmented copies of the dataset's images
 
     def __post_init__(self) -> None:
+        if self.threshold == AUTO:
+            object.__setattr__(self, "threshold", 0.95)
+            object.__setattr__(self, "threshold_auto", True)
         if self.phash_distance is None:  # the default: the pixel check whenever there are pHashes
             object.__setattr__(self, "phash_distance", DEFAULT_PHASH_DISTANCE if self.phash else -1)
 

@@ -28,12 +28,14 @@ from typing import Any
 from curate.config import output_fields
 from curate.io.atomic import read_json, write_json
 from curate.io.layout import DatasetDir, task_id
+from curate.stages.base import Stage
 from curate.stages.dedup.config import (
     PHASES,
     PLAN_VERSION,
     DedupConfig,
     check_config,
     device_of,
+    input_config,
     input_digest,
     overflag_warning,
     work_dir,
@@ -42,10 +44,19 @@ from curate.stages.dedup.config import (
 log = logging.getLogger(__name__)
 
 
-class DedupStage:
+class DedupStage(Stage):
     name = "dedup"
     config_cls = DedupConfig
     repeated_phases = ("resolve",)  # planned again after each round until a round leaves nothing undecided
+
+    def validate(self, cfg: DedupConfig, ds: DatasetDir) -> None:
+        check_config(cfg)
+
+    def fingerprint_inputs(self, cfg: DedupConfig, ds: DatasetDir) -> dict[str, Any]:
+        extra = {"dataset": input_config(ds, cfg.scorer)}
+        if cfg.against:
+            extra["against"] = input_config(DatasetDir.at(cfg.against), cfg.scorer)
+        return extra
 
     def phases(self, cfg: DedupConfig, ds: DatasetDir) -> tuple[str, ...]:
         return PHASES

@@ -1,11 +1,13 @@
 """The SparkSession curate uses: the Spark engine schedules tasks on it, and the Spark SQL back end of
-queries (export's selection, balance's reduce) runs on it. A leaf module, so stages and queries reach Spark
-SQL without importing the engine."""
+driver-side queries (export's selection, balance's reduce) runs on it. Only the engines and the runner open
+it; a stage gets it from the runner (`curate.stages.base.context().spark()`)."""
 
 from __future__ import annotations
 
 import os
 import sys
+
+from curate.errors import InputError
 
 SPARK_EXTRA_HINT = "pip install 'curate[spark]'"
 
@@ -15,8 +17,6 @@ def get_session(master: str = "local[*]", app_name: str = "curate"):
     try:
         from pyspark.sql import SparkSession
     except ImportError:
-        from curate.errors import InputError
-
         raise InputError(f"Spark needs pyspark, which is not installed: it comes with the spark extra "
                          f"({SPARK_EXTRA_HINT})") from None  # never a silent local run
 
