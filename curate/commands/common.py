@@ -25,7 +25,7 @@ def engine_options(fn: Callable | None = None, *, array: bool = False) -> Callab
     @click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
                   help="Where shard tasks run.")
     @click.option("--workers", type=int, default=None,
-                  help="Local worker processes (1, or a single task, runs in-process). Default: 1, one per CPU "
+                  help="Local worker processes (1 runs in-process). Default: 1, one per CPU "
                        "for download, one per visible GPU for a stage whose tasks take a GPU (score --device "
                        "cuda/auto).")
     @click.option("--spark-master", default="local[*]", show_default=True,

@@ -41,7 +41,7 @@ class LocalEngine:
         self.workers = max(1, int(workers))
 
     def run(self, payloads: list[Payload], on_result: OnResult) -> list[dict[str, Any]]:
-        if min(self.workers, len(payloads)) <= 1:  # one worker, or one task: in this process
+        if self.workers == 1:
             out = []
             for p in payloads:
                 r = execute_task(*p)
