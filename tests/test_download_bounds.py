@@ -22,7 +22,9 @@ from curate.io.tables import read_tables
 
 
 def run(inp: Path, out: Path, *args: str) -> int:
-    return main(["download", str(inp), "--out", str(out), "--no-progress", "--image-size", "32", *args])
+    # in this process (--workers 1), so the steps a test patches are the ones that run
+    return main(["download", str(inp), "--out", str(out), "--no-progress", "--image-size", "32", "--workers", "1",
+                 *args])
 
 
 def ledger(out: Path) -> list[dict]:
