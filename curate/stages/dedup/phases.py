@@ -22,6 +22,7 @@ import numpy as np
 from curate.errors import InputError
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
+from curate.stages.base import context
 from curate.stages.dedup.config import (
     SAMPLE_PER_CENTROID,
     DedupConfig,
@@ -353,11 +354,9 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
 
 
 def _active_spark() -> Any:
-    try:
-        from pyspark.sql import SparkSession
-    except ImportError:
-        return None
-    return SparkSession.getActiveSession()
+    """The run's Spark session when its reduces run on Spark SQL (--engine spark), lent by the runner."""
+    ctx = context()
+    return ctx.spark() if ctx.sql == "spark" else None
 
 
 COPY, REP, PHASH_EDGE = 4, 0, 2  # kinds of exact_edges.parquet rows (COPY and PHASH_EDGE are evidence bits too)
