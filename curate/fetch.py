@@ -421,10 +421,14 @@ class HostLimiter:
         return now >= self._ready_at(st, now) and st.active < max(1, int(st.limit))
 
     @staticmethod
-    def _take(st: _HostState, now: float) -> None:
-        st.active += 1
+    def _start(st: _HostState, now: float) -> None:
+        """A request to the host starts now: the next one waits its spacing (when the host is spaced)."""
         if st.interval:
             st.next_start = now + st.interval
+
+    def _take(self, st: _HostState, now: float) -> None:
+        st.active += 1
+        self._start(st, now)
 
     def try_acquire(self, host: str) -> HostSlot | None:
         with self._cond:
@@ -515,10 +519,11 @@ class HostLimiter:
                 if now < st.cap_until and st.active <= 1 and int(st.limit) <= 1:
                     # one request at a time already drew the last one: the host limits the rate (when it
                     # answered a few since, so that rate says something)
-                    if st.interval or st.ok_since >= RATE_MIN_ANSWERS:
-                        rate = st.ok_since / max(now - st.since, 1e-3)
-                        spaced = st.interval / RATE_BACKOFF if st.interval else 1.0 / (RATE_BACKOFF * rate)
-                        st.interval = min(spaced, RATE_MAX_INTERVAL)
+                    if st.interval:
+                        st.interval = min(st.interval / RATE_BACKOFF, RATE_MAX_INTERVAL)
+                    elif st.ok_since >= RATE_MIN_ANSWERS:  # 1 / (RATE_BACKOFF x the rate it answered)
+                        st.interval = min(max(now - st.since, 1e-3) / (RATE_BACKOFF * st.ok_since),
+                                          RATE_MAX_INTERVAL)
                 else:
                     # the share that drew the answer is too much: stay below it for a while
                     # (HOST_CAP_SECONDS), or the host is asked past its limit again a few answers later
@@ -540,8 +545,7 @@ class HostLimiter:
                 now = time.monotonic()
                 ready = self._ready_at(st, now)
                 if now >= ready:
-                    if st.interval:
-                        st.next_start = now + st.interval
+                    self._start(st, now)
                     return True
                 if now >= until:
                     return False
