@@ -775,9 +775,8 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     fast_errors0 = Counter(FAST_DECODER_ERRORS)
     finished: queue.SimpleQueue[tuple[int, _Result]] = queue.SimpleQueue()  # to the writer, as rows finish
     # rows in a worker: > 0 fetching or decoding since then; < 0 fetched and waiting for a decode thread
-    # since -value. A row the writer gave up on is in given_up, and its late result is dropped.
+    # since -value. A row the writer gave up on leaves it, and its late result is dropped.
     working: dict[int, float] = {}
-    given_up: set[int] = set()
     slots: dict[int, HostSlot] = {}  # the host slot a fetching row's thread holds
     wait_limit = _row_wait_limit(cfg)
     state = {"stop": False, "workers": 0, "idle": 0, "in_flight": 0, "peak_in_flight": 0}
@@ -790,9 +789,8 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
 
     def deliver(i: int, r: _Result) -> None:
         with lock:
-            if i in given_up:
+            if working.pop(i, None) is None:  # given up on by the writer
                 return
-            working.pop(i, None)
         finished.put((i, r))
 
     def next_row() -> tuple[int, HostSlot | None] | None:
@@ -883,7 +881,6 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
             freed = []
             for i in stuck:
                 del working[i]
-                given_up.add(i)
                 freed.append(slots.pop(i, None))
             state["workers"] += len(stuck)
         for slot in freed:
