@@ -36,7 +36,8 @@ def test_hundreds_in_flight_never_past_the_per_host_limit_and_retry_after_honour
     t0 = time.monotonic()
     try:
         rc = main(["download", str(inp), "--out", str(tmp_path / "ds"), "--no-progress", "--image-size", "16",
-                   "--allow-private", "--per-host", str(per_host), "--threads", "800", "--deadline", "20"])
+                   "--allow-private", "--per-host", str(per_host), "--threads", "800", "--deadline", "20",
+                   "--throttled-tail", "1000"])  # every row of a 429'd host waits its turn here
     finally:
         report = web.close()
     took = time.monotonic() - t0
@@ -60,3 +61,31 @@ def test_hundreds_in_flight_never_past_the_per_host_limit_and_retry_after_honour
             assert not early, (k, t, [round(a - t, 3) for a in early])
     limited_rows = [r for r, h in zip(rows, hosts, strict=True) if h in LIMITED]
     assert limited_rows and all(r["attempts"] == 2 for r in limited_rows)
+
+
+def test_rows_behind_a_rate_limited_host_do_not_hold_the_shard_and_retry_failed_fetches_them(tmp_path):
+    """A host that allows 3 requests/s holds 40 of the shard's rows; the others are done in about a
+    second. The rows still queued behind it 5 s later end as host_throttled (every row has its status),
+    and --retry-failed, told to wait for all of them, fetches them."""
+    web = ManyHosts(20, delay=0.05, rated={0: 3.0})
+    hosts = [0 if i % 5 == 0 else 1 + i % 19 for i in range(200)]
+    urls = [web.url(h, f"/{i}.jpg") for i, h in enumerate(hosts)]
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls}), inp)
+    args = ["--out", str(tmp_path / "ds"), "--no-progress", "--image-size", "16", "--allow-private",
+            "--workers", "1"]
+    try:
+        assert main(["download", str(inp), *args]) == 0
+        first = read_tables(DatasetDir.at(tmp_path / "ds").ledger_files()).to_pylist()
+        assert main(["download", str(inp), *args, "--retry-failed", "--throttled-tail", "1000"]) == 0
+    finally:
+        web.close()
+    assert len(first) == 200
+    status = {r["row"]: r["status"] for r in first}
+    assert {status[i] for i, h in enumerate(hosts) if h != 0} == {"success"}
+    limited = [status[i] for i, h in enumerate(hosts) if h == 0]
+    # 40 rows at no more than 3/s would take 13 s or more; the shard went on without the last of them
+    assert 0 < limited.count("host_throttled") < 40 and set(limited) <= {"success", "host_throttled"}
+    after = read_tables(DatasetDir.at(tmp_path / "ds").ledger_files()).to_pylist()
+    final = {r["row"]: r["status"] for r in after if r["superseded_by"] is None}
+    assert len(final) == 200 and set(final.values()) == {"success"}, sorted(set(final.values()))
