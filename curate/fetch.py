@@ -394,12 +394,12 @@ class HostLimiter:
     """Concurrent requests per host name, with a limit that adapts (AIMD) between 1 and `ceiling`.
 
     A scheduler that queues a busy host's work calls `try_acquire` (never waits); a direct caller of
-    `Fetcher.fetch` waits in `acquire`. Every slot is released once; `on_release` is called after each
-    release (outside the limiter's lock) so a scheduler can hand the slot to a queued row.
+    `Fetcher.fetch` waits in `acquire`. Every slot is released once; `on_release(host)` is called after
+    each release (outside the limiter's lock) so a scheduler can hand the slot to a queued row.
     """
 
     def __init__(self, ceiling: int, start: int = HOST_START,
-                 on_release: Callable[[], None] | None = None):
+                 on_release: Callable[[str], None] | None = None):
         self.ceiling = max(1, int(ceiling))
         self.start = float(min(self.ceiling, max(1, start)))
         self.on_release = on_release
@@ -480,12 +480,12 @@ class HostLimiter:
             old = self._state(slot.host)
             old.active = max(0, old.active - 1)
             self._cond.notify_all()
-            slot.host = host
+            freed, slot.host = slot.host, host
             got = self._wait_free(host, until, slot)
             if not got and slot.held:
                 slot.held = False  # nothing is held any more: the slot is spent
         if self.on_release is not None:
-            self.on_release()
+            self.on_release(freed)
         return got
 
     def release(self, slot: HostSlot) -> None:
@@ -497,7 +497,7 @@ class HostLimiter:
             st.active = max(0, st.active - 1)
             self._cond.notify_all()
         if self.on_release is not None:
-            self.on_release()
+            self.on_release(slot.host)
 
     def active(self, host: str) -> int:
         with self._cond:

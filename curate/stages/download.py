@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import heapq
 import logging
 import os
 import queue
@@ -177,7 +178,8 @@ class DownloadConfig(FetchFields, ImageFields, InputFields):
         0.1, runtime=True,
         help="Share of a shard's time (at least 5 s) its rows queued behind a host that answered 429/503 may "
              "add at its end, once every other row was started; the rows still queued then end as "
-             "host_throttled, which --retry-failed fetches later (a large value: wait for all).")
+             "host_throttled, which --retry-failed fetches later, unless they are over a tenth of the shard "
+             "(a large value: wait for all).")
     retry_failed: bool = option(False, runtime=True,
                                 help="Re-attempt the transient failures of completed shards as new shards.")
 
@@ -551,6 +553,10 @@ class _Dispatch:
     queued row is taken (lowest row first) as soon as its host has a slot, so every host is kept at its
     limit from the start of the shard to its end. A row of a host paused past what a fetch could wait
     out is taken at once and fails fast in the fetcher, without a request.
+
+    Only hosts that may have a slot are tried: a host whose slot was released (`freed`), or whose pause
+    or spacing has run out (a timer), and every queued host once per RESCAN_PERIOD; so a take costs what
+    changed, not the number of queued hosts, with thousands of threads and hosts.
     """
 
     def __init__(self, rows: list[dict[str, Any]], fetcher: Fetcher):
@@ -561,6 +567,9 @@ class _Dispatch:
         self.queued: dict[str, collections.deque[int]] = {}
         self.n_queued = 0
         self.max_queued = 0
+        self.ready: set[str] = set()  # queued hosts that may have a slot now
+        self.timers: list[tuple[float, str]] = []  # (monotonic time, host): its pause or spacing ends
+        self.rescan_at = 0.0
 
     def exhausted(self) -> bool:
         return self.scan >= len(self.rows) and not self.n_queued
@@ -571,22 +580,44 @@ class _Dispatch:
             return None
         return self.fetcher.host_of(row["url"])
 
+    def freed(self, host: str) -> None:
+        """A slot of `host` was released."""
+        if host in self.queued:
+            self.ready.add(host)
+
+    def _not_free(self, host: str, now: float) -> None:
+        """`host` has no slot now: it waits for a release, or for its pause or spacing to end."""
+        self.ready.discard(host)
+        wait = self.limiter.paused_for(host)
+        if wait > 0:
+            heapq.heappush(self.timers, (now + wait, host))
+
     def take(self) -> tuple[int, HostSlot | None] | None:
         """(row, the host slot taken for it) or None when no row can start now."""
-        if self.queued:
-            for _, host in sorted((dq[0], h) for h, dq in self.queued.items()):
-                slot = None if self.fetcher.too_long_paused(host) else self.limiter.try_acquire(host)
-                if slot is not None or self.fetcher.too_long_paused(host):
-                    return self._unqueue(host), slot
+        now = time.monotonic()
+        if now >= self.rescan_at:
+            self.ready, self.rescan_at = set(self.queued), now + RESCAN_PERIOD
+        while self.timers and self.timers[0][0] <= now:
+            host = heapq.heappop(self.timers)[1]
+            if host in self.queued:
+                self.ready.add(host)
+        for _, host in sorted((self.queued[h][0], h) for h in self.ready if h in self.queued):
+            paused = self.fetcher.too_long_paused(host)
+            slot = None if paused else self.limiter.try_acquire(host)
+            if slot is not None or paused:
+                return self._unqueue(host), slot
+            self._not_free(host, now)
         while self.scan < len(self.rows):
             i = self.scan
             self.scan += 1
             host = self._host(i)
             if host is None or self.fetcher.too_long_paused(host):
                 return i, None
-            slot = self.limiter.try_acquire(host)
-            if slot is not None:
-                return i, slot
+            if host not in self.queued:  # behind the rows already queued under it, if any
+                slot = self.limiter.try_acquire(host)
+                if slot is not None:
+                    return i, slot
+                self._not_free(host, now)
             self.queued.setdefault(host, collections.deque()).append(i)
             self.n_queued += 1
             self.max_queued = max(self.max_queued, self.n_queued)
@@ -597,26 +628,40 @@ class _Dispatch:
         i = dq.popleft()
         if not dq:
             del self.queued[host]
+            self.ready.discard(host)
         self.n_queued -= 1
         return i
 
-    def drop_throttled(self) -> list[tuple[int, str]]:
-        """Take every row queued behind a host that answered 429/503 lately: (row, host)."""
+    def drop_throttled(self, most: int) -> list[tuple[int, str]]:
+        """Take every row queued behind a host that answered 429/503 lately, (row, host), when they are
+        `most` rows or fewer; else none."""
+        hosts = [h for h in self.queued if self.limiter.throttled_lately(h)]
+        if sum(len(self.queued[h]) for h in hosts) > most:
+            return []
         out = []
-        for host in [h for h in self.queued if self.limiter.throttled_lately(h)]:
+        for host in hosts:
             out += [(i, host) for i in self.queued.pop(host)]
+            self.ready.discard(host)
         self.n_queued -= len(out)
         return out
 
     def wake_in(self) -> float:
-        """How long an idle thread may sleep: a release wakes it, a pause ending does not."""
-        pauses = [self.limiter.paused_for(h) for h in self.queued]
-        return min([p for p in pauses if p > 0] + [1.0]) + 0.001
+        """How long an idle thread may sleep: a release wakes it; a pause or spacing ending, or the next
+        rescan, is this long away."""
+        now = time.monotonic()
+        due = min(self.rescan_at, self.timers[0][0]) if self.timers else self.rescan_at
+        return max(0.0, min(due - now, 1.0)) + 0.001
+
+
+# seconds between tries of every queued host (the net under the release and timer wake-ups)
+RESCAN_PERIOD = 1.0
 
 
 # seconds rows queued behind a throttled host may always add to a shard's end (a Retry-After of a few
 # seconds is waited out)
 THROTTLED_TAIL_MIN = 5.0
+# ... and the share of a shard's rows they may be: past it the shard is mostly theirs and they all wait
+THROTTLED_SHARE = 0.1
 
 
 # the adaptive number of fetch threads of a task: it starts here (or at --threads when lower) ...
@@ -794,8 +839,9 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     lock = threading.Lock()
     work = threading.Condition(lock)  # idle fetch threads wait here for a row they can start
 
-    def slot_freed() -> None:
+    def slot_freed(host: str) -> None:
         with lock:
+            dispatch.freed(host)
             work.notify()
 
     fetcher = Fetcher(cfg.fetch_policy(), limiter=HostLimiter(cfg.per_host, on_release=slot_freed))
@@ -956,12 +1002,16 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
 
     def defer_throttled(now: float) -> None:
         """Rows queued behind a host that answered 429/503, still waiting throttled_tail x the shard's time
-        after every other row was started: host_throttled (the shard does not wait on for them)."""
+        after every other row was started: host_throttled (the shard does not wait on for them), unless
+        they are more than THROTTLED_SHARE of the shard (then there is little else to do: they all wait)."""
         nonlocal tail_end
         with lock:
             if tail_end is None and dispatch.scan >= n:
                 tail_end = now + max(THROTTLED_TAIL_MIN, cfg.throttled_tail * (now - m0))
-            dropped = dispatch.drop_throttled() if tail_end is not None and now >= tail_end else []
+            dropped = []
+            if tail_end is not None and now >= tail_end:
+                dropped = dispatch.drop_throttled(int(THROTTLED_SHARE * n))
+                tail_end = float("inf")  # decided once
         for i, host in dropped:
             record(i, _unfetched(rows[i], "host_throttled", f"{host} answered 429/503 and limits its rate; its "
                                  f"rows still queued when the shard's other rows were done were left for "
