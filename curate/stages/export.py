@@ -37,9 +37,11 @@ from curate.io.shards import ShardWriter, iter_raw
 from curate.io.tables import write_table
 from curate.io.trainable import sample_uid, with_uid, write_shard_stats, write_sizes
 from curate.options import absolute, option
+from curate.policies import load_policy, top_clause
 from curate.query import (
     SIGNAL_STAGES,
     Clause,
+    DuckDBQuery,
     Sources,
     check_clauses,
     column_prefix,
@@ -48,6 +50,7 @@ from curate.query import (
     selection_sql,
 )
 from curate.stages.base import Stage, context
+from curate.stages.img2dataset_layout import discard_img2dataset_files, write_img2dataset_shard
 
 NAME = "export"
 DOWNLOADED = Clause("downloaded", where="status = 'success'")
@@ -127,8 +130,6 @@ class Selection:
 
 def resolve_clauses(cfg: ExportConfig) -> list[Clause]:
     """Every clause in the order it applies: downloaded, each policy, each --where, --top-fraction."""
-    from curate.policies import load_policy, top_clause
-
     clauses = [DOWNLOADED]
     for ref in cfg.policy:
         clauses += load_policy(ref).clauses
@@ -439,8 +440,6 @@ class ExportStage(Stage):
             raise ShardError(f"{src.root}: {len(missing)} selected sample(s) missing from shards/ "
                              f"(first: {missing[0]}); the source tars and ledger disagree")
         if cfg.layout == "img2dataset":
-            from curate.stages.img2dataset_layout import write_img2dataset_shard
-
             write_img2dataset_shard(ds.root, shard, rows, found)
         else:
             uids = {r["key"]: sample_uid(r) for r in rows.select(
@@ -467,8 +466,6 @@ class ExportStage(Stage):
         return {"source": str(source_dir(cfg).root), **fingerprint_extra(cfg)}
 
     def discard_outputs(self, cfg: ExportConfig, ds: DatasetDir) -> None:
-        from curate.stages.img2dataset_layout import discard_img2dataset_files
-
         discard_img2dataset_files(ds.root, ds.done_shards(NAME))  # before the markers that name them go
         for sub in ("shards", "ledger", "_done/export", "stats/export", "_work/export"):
             shutil.rmtree(ds.root / sub, ignore_errors=True)
@@ -504,8 +501,6 @@ def _refuse_changed_source(ds: DatasetDir, state: dict[str, dict[str, str]]) -> 
 
 def _ledger_rows(src: DatasetDir, source_shards: list[str], want: pa.Table, shard: str) -> pa.Table:
     """The kept rows of the joined view (ledger + signals), now living in output shard `shard`."""
-    from curate.query import DuckDBQuery
-
     q = DuckDBQuery(Sources.of(src, source_shards))
     try:
         q.con.register("want", want.select(["key"]))

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from curate.devices import cuda_count
+
 KEEP_POLICIES = ("best-clip-score", "farthest-from-centroid", "first")
 DEVICES = ("auto", "cpu", "cuda")
 # S = Q @ M.T is computed in row blocks of at most this many float32 cells (64 MB; 1 GB on a GPU)
@@ -50,7 +52,6 @@ def resolve_device(device: str) -> str:
         raise ValueError(f"unknown device {device!r}; choose {', '.join(DEVICES)}")
     if device == "cpu":
         return "cpu"
-    from curate.devices import cuda_count
 
     has_gpu = cuda_count() > 0
     if device == "cuda" and not has_gpu:
