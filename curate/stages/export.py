@@ -99,30 +99,11 @@ class ExportConfig:
 
 @dataclass
 class Selection:
-    """Per-clause counts of a selection, and where its keep lists are (when it was written)."""
+    """Per-clause counts of a selection (its keep lists, when written, are in the folder select() was given)."""
 
     counts: list[dict[str, Any]]  # per clause: clause, removed, remaining
     input: int
     kept_rows: int
-    folder: Path | None = None  # the sel-DIGEST folder (None for a dry run)
-    per_shard: int = 1
-    cfg: ExportConfig | None = None
-
-    @property
-    def kept(self) -> pa.Table:
-        """The kept (key, shard) rows in output order. Reads every keep list into memory: for tests and
-        small datasets only (a counts-only selection writes its lists to a temporary folder first);
-        export itself never calls it."""
-        if self.folder is None:
-            import tempfile
-
-            assert self.cfg is not None
-            with tempfile.TemporaryDirectory(prefix="curate-select-") as tmp:
-                return select(self.cfg, Path(tmp)).kept
-        parts = [read_keep_list(self.folder, i) for i in range(math.ceil(self.kept_rows / self.per_shard))]
-        t = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string()),
-                                                            "source_shard": pa.array([], pa.string())})
-        return t.rename_columns(["key", "shard"])
 
     def summary(self) -> dict[str, Any]:
         return {"input": self.input, "clauses": self.counts, "kept": self.kept_rows}
@@ -249,7 +230,7 @@ def select(cfg: ExportConfig, folder: Path | None = None) -> Selection:
             q.define("sel", selection_sql(clauses))
             _check_unique_keys(q, src, "sel")
             total, counts = _counts(q, clauses, "sel")
-            return Selection(counts, total, counts[-1]["remaining"], cfg=cfg)
+            return Selection(counts, total, counts[-1]["remaining"])
         q.write(selection_sql(clauses), folder / "selection")
         q.view("sel", folder / "selection")
         _check_unique_keys(q, src, "sel")
@@ -263,7 +244,7 @@ def select(cfg: ExportConfig, folder: Path | None = None) -> Selection:
     finally:
         q.close()
     shutil.rmtree(folder / "spill", ignore_errors=True)
-    return Selection(counts, total, kept, folder, cfg.samples_per_shard)
+    return Selection(counts, total, kept)
 
 
 def _write_keep_lists(q: Any, folder: Path, per_shard: int) -> int:

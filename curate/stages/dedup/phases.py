@@ -136,7 +136,7 @@ def build_plan(cfg: DedupConfig, ds: DatasetDir, digest: dict[str, Any], device:
         log.info("dedup: %d rows, k-means with %d clusters on %d sampled rows (%s)", n, k, len(sample), device)
         # faiss on the driver's CPU whatever the device: the same centroids, hence the same decisions, on a
         # GPU run as on a CPU run (the GPU does assignment and pair search, the O(rows) work)
-        centroids = sd.train_centroids(sample, k, cfg.seed, device="cpu")
+        centroids = sd.train_centroids(sample, k, cfg.seed)
     else:
         centroids = np.asarray(sample, np.float32).reshape(-1, d)[:1] if len(sample) else np.eye(1, d, dtype=np.float32)
     # (row, probe) entries per cluster, estimated on the sample: pair tasks get about equal shares
