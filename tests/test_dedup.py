@@ -48,6 +48,15 @@ def planted(n: int = 240, seed: int = 0) -> tuple[np.ndarray, list[list[int]]]:
     return emb, groups
 
 
+def with_near_copies(n: int, copies: int, seed: int) -> np.ndarray:
+    """planted(n) with rows n/2 .. n/2 + copies near copies (cosine 0.955..0.99) of rows 0 .. copies, as the
+    float16 embeddings score writes."""
+    emb, _ = planted(n, seed=seed)
+    rng = np.random.default_rng(seed)
+    emb[n // 2:n // 2 + copies] = [near_copy(emb[i], rng.uniform(0.955, 0.99), rng) for i in range(copies)]
+    return np.asarray(emb, np.float16)
+
+
 def save_npy(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, arr)
@@ -440,10 +449,7 @@ def test_torch_path_gives_the_numpy_faiss_decisions():
 
     from curate.stages.dedup import core as sd
 
-    emb, _ = planted(600, seed=4)
-    rng = np.random.default_rng(4)
-    emb[300:360] = [near_copy(emb[i], rng.uniform(0.955, 0.99), rng) for i in range(60)]
-    x = np.asarray(emb, np.float16)
+    x = with_near_copies(600, 60, seed=4)
     c = sd.train_centroids(x, 8, 1)
     ids, sims = sd.assign(x, c, 2)
     ids_t, sims_t = sd.assign(torch.from_numpy(x), c, 2)
@@ -587,15 +593,12 @@ def test_cuda_core_equals_cpu_for_the_same_centroids():
 
     from curate.stages.dedup import core as sd
 
-    emb, _ = planted(2000, seed=6)
-    rng = np.random.default_rng(6)
-    emb[1000:1200] = [near_copy(emb[i], rng.uniform(0.955, 0.99), rng) for i in range(200)]
-    x = np.asarray(emb, np.float16)
+    x = with_near_copies(2000, 200, seed=6)
     c = sd.train_centroids(x, 16, 0)
     ids_c, sims_c = sd.assign(x, c, 2)
     ids_g, sims_g = sd.assign(x, c, 2, device="cuda")
     assert np.array_equal(ids_c, ids_g) and np.allclose(sims_c, sims_g, atol=1e-5)
-    cl, rows, member, rank = entries(ids_c, rng.permutation(len(x)))
+    cl, rows, member, rank = entries(ids_c, np.random.default_rng(6).permutation(len(x)))
     hc = sd.search_candidates(x, cl, member, rows, rank, 0.95, 4, rows=rows)
     hg = sd.search_candidates(torch.from_numpy(x).cuda(), cl, member, rows, rank, 0.95, 4, device="cuda", rows=rows)
     pc_ = sorted(zip(hc.lo.tolist(), hc.hi.tolist(), strict=True))

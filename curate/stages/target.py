@@ -27,7 +27,7 @@ from curate.errors import InputError
 from curate.io import manifest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
-from curate.options import absolute, option, parse_k
+from curate.options import absolute, at_least, option, parse_k
 from curate.stages.base import Stage, sum_stats
 from curate.stages.dedup import core as sd
 from curate.stages.dedup import input_digest
@@ -59,10 +59,8 @@ class TargetConfig:
 def check_config(cfg: TargetConfig) -> None:
     if cfg.k < 0:
         raise InputError("--k: must be 'auto' or a positive number of clusters")
-    if cfg.niter < 1:
-        raise InputError("--niter: must be at least 1")
-    if cfg.sample < 1:
-        raise InputError("--sample: must be at least 1")
+    at_least("--niter", cfg.niter, 1)
+    at_least("--sample", cfg.sample, 1)
     if not Path(cfg.target).is_dir():
         raise InputError(f"--target: {cfg.target} is not a directory")
 

@@ -20,7 +20,7 @@ from curate.hashing import json_digest
 from curate.io import manifest
 from curate.io.layout import DatasetDir
 from curate.io.lineage import marker_identity, require_current
-from curate.options import AUTO, absolute, cosine_or_auto, option, parse_k
+from curate.options import AUTO, absolute, at_least, cosine_or_auto, option, parse_k
 from curate.stages.dedup import core as sd
 from curate.stages.dedup.core import DEVICES, KEEP_POLICIES
 
@@ -105,12 +105,10 @@ def check_config(cfg: DedupConfig) -> None:
         raise InputError("--k: must be 'auto' or a positive number of clusters")
     if not -1 <= cfg.phash_distance <= 256 or (cfg.phash_distance >= 0 and not cfg.phash):
         raise InputError(f"--phash-distance: {cfg.phash_distance} must be -1 (no check) or 0..256 bits with --phash")
-    if cfg.probes < 1:
-        raise InputError("--probes: must be at least 1")
+    at_least("--probes", cfg.probes, 1)
     if cfg.tasks < 0:
         raise InputError("--tasks: must be 0 (auto) or more")
-    if cfg.pairs_per_row < 1:
-        raise InputError("--pairs-per-row: must be at least 1")
+    at_least("--pairs-per-row", cfg.pairs_per_row, 1)
     if cfg.keep not in KEEP_POLICIES:
         raise InputError(f"--keep: '{cfg.keep}' (choose {', '.join(KEEP_POLICIES)})")
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", cfg.scorer):
