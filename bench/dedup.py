@@ -4,9 +4,10 @@
     python bench/dedup.py --device cuda --sizes 10M --stage-size ''        # the GPU check (one H100/H200)
     python bench/dedup.py --sizes '' --stage-size 1M --heavy 100k --stage-workers 2   # heavy-tail mode
 
-Core (one process per size, `curate.stages.dedup.core.dedup_arrays`): wall time per phase (train, assign, pairs,
-decide), k, peak RSS, recall of the planted pairs (both ends found as a near pair), planted pairs left with
-both ends kept, and for <= 4M rows agreement with an exact brute-force range search for 1000 sampled queries.
+Core (one process per size, bench/dedup_arrays.py: the stage's numeric core on arrays in memory): wall time
+per phase (train, assign, pairs, decide), k, peak RSS, recall of the planted pairs (both ends found as a near
+pair), planted pairs left with both ends kept, and for <= 4M rows agreement with an exact brute-force range
+search for 1000 sampled queries.
 With --device cuda the data are generated on the GPU (torch, float16) and everything runs there.
 
 Stage (`--stage-size`): a generator process writes a scored dataset dir (score tables + float16 embedding
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/heavy_tail.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/heavy_tail.py, bench/dedup_arrays.py
 
 THRESHOLD = 0.95
 D = 512
@@ -171,6 +172,8 @@ def planted_recall(n: int, i: np.ndarray, j: np.ndarray, orig: np.ndarray, copie
 
 
 def run_core(n: int, seed: int, device: str) -> dict[str, object]:
+    from dedup_arrays import dedup_arrays
+
     from curate.stages.dedup import core as sd
 
     device = sd.resolve_device(device)
@@ -184,7 +187,7 @@ def run_core(n: int, seed: int, device: str) -> dict[str, object]:
         emb, orig, copies = synth(n, seed)
     gen_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = sd.dedup_arrays(emb, THRESHOLD, seed=seed, keep="farthest-from-centroid", device=device)
+    res = dedup_arrays(emb, THRESHOLD, seed=seed, keep="farthest-from-centroid", device=device)
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     i, j = res.pairs

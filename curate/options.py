@@ -71,6 +71,12 @@ def unique(values: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def at_least(flag: str, value: int, least: int) -> None:
+    """Refuse a number option below `least` (InputError: exit 2), for a config's check before anything runs."""
+    if value < least:
+        raise InputError(f"{flag}: must be at least {least}")
+
+
 def absolute(path: str | None) -> str | None:
     """A path option made absolute (shard tasks may run in other directories or on other machines)."""
     import os

@@ -25,6 +25,20 @@ def crash_env(base: dict[str, str] | None = None, **hooks: str) -> dict[str, str
     return env
 
 
+def kept_keys(cfg) -> list[str]:
+    """The keys export's selection keeps for ExportConfig `cfg`, in output order: select() writes the keep lists
+    to a temporary folder and they are read back whole (small test datasets only; export streams them)."""
+    import math
+    import tempfile
+
+    from curate.stages.export import read_keep_list, select
+
+    with tempfile.TemporaryDirectory(prefix="curate-select-") as tmp:
+        sel = select(cfg, Path(tmp))
+        parts = range(math.ceil(sel.kept_rows / cfg.samples_per_shard))
+        return [k for i in parts for k in read_keep_list(Path(tmp), i)["key"].to_pylist()]
+
+
 def copy_dataset(src: Path, dst: Path) -> Path:
     """A private, writable copy of a (session-scoped, shared) dataset dir."""
     shutil.copytree(src, dst)

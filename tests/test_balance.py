@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from dataset_factory import color_image, make_dataset
+from helpers import kept_keys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,7 @@ from curate.cli import main
 from curate.errors import InputError
 from curate.io import manifest
 from curate.io.layout import DatasetDir, sample_key, shard_name
-from curate.stages.export import ExportConfig, select
+from curate.stages.export import ExportConfig
 
 VOCAB = ["cat", "dog", "red car", "car", "the", "a", "tree", "new york", "york", "sky"]
 
@@ -174,15 +175,14 @@ def test_stage_writes_per_shard_signals_matching_the_brute_force(pool):
 
 def test_export_selects_with_the_balance_columns(pool, tmp_path):
     cfg = ExportConfig(source=str(pool.root), where=("balance_rank < 2",))
-    kept = set(select(cfg).kept["key"].to_pylist())
+    kept = set(kept_keys(cfg))
     sig = signals(pool)
     assert kept == {k for k, r in sig.items() if r["rank"] is not None and r["rank"] < 2}
     # every entry keeps at most 2 pairs of its own choosing, so 8 entries keep at most 16 pairs; the
     # tail entries (tree, sky: 1 pair each) keep theirs
     assert 0 < len(kept) <= 16 and any("tree" in sig[k]["entries"] for k in kept)
     # the built-in policy is t = 20000: everything that matched an entry is kept at this size
-    sel = select(ExportConfig(source=str(pool.root), policy=("metaclip",)))
-    assert set(sel.kept["key"].to_pylist()) == {k for k, r in sig.items() if r["matched"]}
+    assert set(kept_keys(ExportConfig(source=str(pool.root), policy=("metaclip",)))) == {k for k, r in sig.items() if r["matched"]}
     out = tmp_path / "balanced"
     assert main(["export", str(pool.root), "--out", str(out), "--where", "balance_rank < 2"]) == 0
     got = {r["key"] for s in DatasetDir.at(out).shards() for r in pq.read_table(DatasetDir.at(out).ledger(s)).to_pylist()}

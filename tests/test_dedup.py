@@ -48,6 +48,15 @@ def planted(n: int = 240, seed: int = 0) -> tuple[np.ndarray, list[list[int]]]:
     return emb, groups
 
 
+def with_near_copies(n: int, copies: int, seed: int) -> np.ndarray:
+    """planted(n) with rows n/2 .. n/2 + copies near copies (cosine 0.955..0.99) of rows 0 .. copies, as the
+    float16 embeddings score writes."""
+    emb, _ = planted(n, seed=seed)
+    rng = np.random.default_rng(seed)
+    emb[n // 2:n // 2 + copies] = [near_copy(emb[i], rng.uniform(0.955, 0.99), rng) for i in range(copies)]
+    return np.asarray(emb, np.float16)
+
+
 def save_npy(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, arr)
@@ -434,28 +443,25 @@ def test_pair_tasks_are_cut_by_estimated_entries():
 
 
 def test_torch_path_gives_the_numpy_faiss_decisions():
-    """The GPU code path (torch assignment and pair search) run on the CPU: the same arrays as faiss/numpy."""
+    """The GPU code path (torch assignment and bounded pair search) run on the CPU: the same arrays as faiss/numpy,
+    on the float16 embeddings the stage reads."""
     import torch
 
     from curate.stages.dedup import core as sd
 
-    emb, _ = planted(600, seed=4)
-    rng = np.random.default_rng(4)
-    emb[300:360] = [near_copy(emb[i], rng.uniform(0.955, 0.99), rng) for i in range(60)]
-    x = np.asarray(emb, np.float16)
-    clip = np.random.default_rng(0).uniform(0.2, 0.3, len(x))
-    sha = np.array([f"{i % 590}" for i in range(len(x))], dtype=object)  # 10 byte-equal pairs
-    for keep in ("best-clip-score", "farthest-from-centroid", "first"):
-        a = sd.dedup_arrays(x, 0.95, k=8, probes=2, seed=1, sha256=sha, keep=keep, clip_score=clip)
-        b = sd.dedup_arrays(torch.from_numpy(x), 0.95, k=8, probes=2, seed=1, sha256=sha, keep=keep, clip_score=clip)
-        for f in ("kept", "group", "evidence", "exact_dup", "cluster", "nn_nbr"):
-            assert np.array_equal(getattr(a, f), getattr(b, f)), (keep, f)
-        assert np.allclose(a.nn_sim, b.nn_sim, atol=1e-6) and a.n_pairs == b.n_pairs
-        assert (a.kept != np.arange(len(x))).sum() >= 60
-    # torch k-means on the CPU: unit centroids that the data actually use
-    c = sd.torch_kmeans(x.astype(np.float32), 8, 0, device="cpu")
-    assert np.allclose(np.linalg.norm(c, axis=1), 1, atol=1e-5)
-    assert len(np.unique(sd.assign(x, c, 1)[0])) == 8
+    x = with_near_copies(600, 60, seed=4)
+    c = sd.train_centroids(x, 8, 1)
+    ids, sims = sd.assign(x, c, 2)
+    ids_t, sims_t = sd.assign(torch.from_numpy(x), c, 2)
+    assert np.array_equal(ids, ids_t) and np.allclose(sims, sims_t, atol=1e-6)
+    assert len(np.unique(ids[:, 0])) == 8
+    cl, row, member, rank = entries(ids, np.random.default_rng(1).permutation(len(x)))
+    a, b = (sd.search_candidates(v, cl, member, row, rank, 0.95, 2, rows=row, block_cells=8192)
+            for v in (x, torch.from_numpy(x)))
+    pairs = {(int(row[lo]), int(row[hi])) for lo, hi in zip(a.lo, a.hi, strict=True)}
+    assert pairs == {(int(row[lo]), int(row[hi])) for lo, hi in zip(b.lo, b.hi, strict=True)} and len(pairs) >= 60
+    assert np.array_equal(a.best_m, b.best_m) and np.allclose(a.best_sim, b.best_sim, atol=1e-6)
+    assert np.array_equal(a.near, b.near) and np.array_equal(a.more, b.more)
 
 
 def test_scorer_names_the_signal_table_to_read(tmp_path):
@@ -587,23 +593,49 @@ def test_cuda_core_equals_cpu_for_the_same_centroids():
 
     from curate.stages.dedup import core as sd
 
-    emb, _ = planted(2000, seed=6)
-    rng = np.random.default_rng(6)
-    emb[1000:1200] = [near_copy(emb[i], rng.uniform(0.955, 0.99), rng) for i in range(200)]
-    x = np.asarray(emb, np.float16)
+    x = with_near_copies(2000, 200, seed=6)
     c = sd.train_centroids(x, 16, 0)
     ids_c, sims_c = sd.assign(x, c, 2)
     ids_g, sims_g = sd.assign(x, c, 2, device="cuda")
     assert np.array_equal(ids_c, ids_g) and np.allclose(sims_c, sims_g, atol=1e-5)
-    o = np.argsort(ids_c.reshape(-1), kind="stable")
-    rows, member = o // 2, (o % 2) == 0
-    hc = sd.search_clusters(x, ids_c.reshape(-1)[o], member, rows, 0.95, "cpu", rows=rows)
-    hg = sd.search_clusters(torch.from_numpy(x).cuda(), ids_c.reshape(-1)[o], member, rows, 0.95, "cuda", rows=rows)
-    pc_, pg = sorted(zip(hc.q.tolist(), hc.m.tolist(), strict=True)), sorted(zip(hg.q.tolist(), hg.m.tolist(), strict=True))
-    assert pc_ == pg and len(pc_) >= 200
+    cl, rows, member, rank = entries(ids_c, np.random.default_rng(6).permutation(len(x)))
+    hc = sd.search_candidates(x, cl, member, rows, rank, 0.95, 4, rows=rows)
+    hg = sd.search_candidates(torch.from_numpy(x).cuda(), cl, member, rows, rank, 0.95, 4, device="cuda", rows=rows)
+    pc_ = sorted(zip(hc.lo.tolist(), hc.hi.tolist(), strict=True))
+    assert pc_ == sorted(zip(hg.lo.tolist(), hg.hi.tolist(), strict=True)) and len(pc_) >= 200
     assert np.array_equal(hc.best_m, hg.best_m) and np.allclose(hc.best_sim, hg.best_sim, atol=1e-5)
-    # torch k-means: the same centroids on the GPU as on the CPU
-    assert np.allclose(sd.torch_kmeans(x, 16, 0, device="cpu"), sd.torch_kmeans(x, 16, 0, device="cuda"), atol=1e-4)
+
+
+def entries(ids: np.ndarray, row_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The stage's entries from assign()'s (n, probes) cluster ids: (cluster, row, member, rank) per entry, sorted
+    by cluster and then row; a row's first probe is its member entry; rank is its row's `row_rank`."""
+    p = ids.shape[1]
+    o = np.argsort(ids.reshape(-1), kind="stable")
+    row = (o // p).astype(np.int64)
+    return ids.reshape(-1)[o], row, (o % p) == 0, np.asarray(row_rank)[row]
+
+
+def cluster_pairs(x: np.ndarray, cluster: np.ndarray, member: np.ndarray, row: np.ndarray, threshold: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Brute force over entries sorted by cluster: every (query entry, member entry) pair of one cluster and two
+    rows at cosine >= threshold, and each entry's best member of another row (the first at the maximum, -1 if
+    none) with that cosine (-inf if none)."""
+    best_sim, best_m = np.full(len(row), -np.inf, np.float32), np.full(len(row), -1, np.int64)
+    qs, ms = [], []
+    for c in np.unique(cluster):
+        ent = np.flatnonzero(cluster == c)
+        mem = ent[member[ent]]
+        if len(mem) == 0:
+            continue
+        sim = np.asarray(x[row[ent]], np.float32) @ np.asarray(x[row[mem]], np.float32).T
+        sim[row[ent][:, None] == row[mem][None, :]] = -np.inf
+        top = sim.argmax(axis=1)
+        best_sim[ent] = sim[np.arange(len(ent)), top]
+        best_m[ent] = np.where(np.isfinite(best_sim[ent]), mem[top], -1)
+        r, k = np.nonzero(sim >= threshold)
+        qs.append(ent[r])
+        ms.append(mem[k])
+    return np.concatenate(qs), np.concatenate(ms), best_sim, best_m
 
 
 def heavy(n: int = 400, seed: int = 4) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -661,8 +693,9 @@ def test_heavy_groups_collapse_and_bounded_pairs_give_the_brute_force_rule(tmp_p
 
 
 def test_bounded_pair_search_is_the_lowest_ranked_partners_of_every_pair():
-    """search_candidates against every pair search_clusters finds: per row, exactly the `per_row` highest-priority
-    partners above the threshold among all its pairs (both directions of a block), on numpy and torch (CPU)."""
+    """search_candidates against every pair a brute-force search finds: per row, exactly the `per_row`
+    highest-priority partners above the threshold among all its pairs (both directions of a block), on numpy and
+    torch (CPU)."""
     import torch
 
     from curate.stages.dedup import core as sd
@@ -670,31 +703,26 @@ def test_bounded_pair_search_is_the_lowest_ranked_partners_of_every_pair():
     emb, _, _ = heavy(350, seed=6)
     x = np.asarray(emb, np.float32)
     rng = np.random.default_rng(0)
-    n, p = len(x), 2
-    centroids = x[rng.choice(n, 6, replace=False)]
-    ids, _ = sd.assign(x, centroids, p)
-    cl = ids.reshape(-1)
-    o = np.argsort(cl, kind="stable")
-    row = (o // p).astype(np.int64)
-    member = (o % p) == 0
+    n = len(x)
+    ids, _ = sd.assign(x, x[rng.choice(n, 6, replace=False)], 2)
     prio_rank = rng.permutation(n)  # distinct ranks per row
-    full = sd.search_clusters(x, cl[o], member, row, 0.95, rows=row, block_cells=4096)
-    a, b = row[full.q], row[full.m]
+    cl, row, member, rank = entries(ids, prio_rank)
+    q, m, best_sim, best_m = cluster_pairs(x, cl, member, row, 0.95)
+    a, b = row[q], row[m]
     lo, hi = np.where(prio_rank[a] > prio_rank[b], a, b), np.where(prio_rank[a] > prio_rank[b], b, a)
     want = {}
     for r in np.unique(lo):
         partners = sorted(set(hi[lo == r].tolist()), key=lambda h: prio_rank[h])
         want[int(r)] = partners[:3]
     for vecs, device in ((x, "cpu"), (torch.from_numpy(x), "cpu")):
-        c = sd.search_candidates(vecs, cl[o], member, row, prio_rank[row], 0.95, 3, device=device, rows=row,
-                                 block_cells=4096)
+        c = sd.search_candidates(vecs, cl, member, row, rank, 0.95, 3, device=device, rows=row, block_cells=4096)
         got: dict[int, list[int]] = {}
         for lo_e, hi_e in zip(row[c.lo].tolist(), row[c.hi].tolist(), strict=True):
             got.setdefault(lo_e, []).append(hi_e)
         got = {r: sorted(set(v), key=lambda h: prio_rank[h])[:3] for r, v in got.items()}
         assert got == want and len(want) > 30
         assert max(len(v) for v in got.values()) <= 3
-        assert np.array_equal(c.best_m, full.best_m) and np.allclose(c.best_sim, full.best_sim)
+        assert np.array_equal(c.best_m, best_m) and np.allclose(c.best_sim, best_sim)
 
 
 def test_a_row_beyond_pairs_per_row_is_counted(tmp_path):

@@ -10,10 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.errors import InputError
-from curate.io.inputs import PRESETS, InputSpec, check_columns, read_input
+from curate.io.inputs import PRESETS, InputSpec, check_columns, iter_input
 
 URLS = ["http://a.example/1.jpg", "http://b.example/2.jpg", "http://c.example/3.jpg"]
 CAPS = ["one, with comma", 'two "quoted"', "three"]
+
+
+def read_input(spec: InputSpec) -> pa.Table:
+    """The whole URL list as one table (download streams it in batches with iter_input)."""
+    return pa.concat_tables(iter_input(spec))
 
 
 def write(path, fmt: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import copy_dataset
+from helpers import copy_dataset, kept_keys
 from pipeline_data import plant, rows
 
 from curate.errors import InputError
@@ -43,8 +43,7 @@ def laion_source(source, truth, tmp_path_factory):
 
 
 def kept(source, *policy, **kw):
-    sel = select(ExportConfig(source=source, policy=policy, **kw))
-    return sel.kept["key"].to_pylist()
+    return kept_keys(ExportConfig(source=source, policy=policy, **kw))
 
 
 def ok_rows(truth, pred):

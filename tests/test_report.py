@@ -22,11 +22,11 @@ from PIL import Image
 from pipeline_data import N_ROWS, SAME_BYTES, rows, write_ground_truth
 
 from curate.cli import main
+from curate.demo.ground_truth import curation_accuracy
 from curate.errors import InputError, ShardError
 from curate.io.layout import DatasetDir
 from curate.io.shards import iter_raw
 from curate.io.tables import write_table
-from curate.report.ground_truth import curation_accuracy
 from curate.report.report import ReportOptions, build_report
 from curate.thumbs import image_members, load_thumbnails
 

@@ -9,12 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from dataset_factory import color_image, make_dataset
+from helpers import kept_keys
 from pipeline_data import TINY
 
 from curate.cli import main
 from curate.io import manifest
 from curate.io.layout import DatasetDir, sample_key, shard_name
-from curate.stages.export import ExportConfig, select
+from curate.stages.export import ExportConfig
 
 N_POOL = 60
 TARGET_SEEDS = [3, 17, 41]  # the target set holds copies of these pool images
@@ -73,7 +74,7 @@ def test_keeps_exactly_the_samples_of_the_clusters_nearest_to_the_target(data):
     assert 0 < len(want) < len(nearest)
     sig = signals(pool)
     assert {k: r["cluster"] for k, r in sig.items() if r["cluster"] is not None} == nearest
-    kept = select(ExportConfig(source=str(pool.root), policy=("datacomp-image",))).kept["key"].to_pylist()
+    kept = kept_keys(ExportConfig(source=str(pool.root), policy=("datacomp-image",)))
     assert kept == want
     # the target's own images are copies of pool rows: those rows are always kept
     pos = [i + (i >= 5) + (i >= 8) for i in TARGET_SEEDS]  # after the two inserted rows
@@ -93,9 +94,9 @@ def test_rows_without_an_embedding_are_never_selected(data):
 
 def test_composes_with_clip_top30_as_an_intersection(data):
     pool = data["pool"]
-    both = select(ExportConfig(source=str(pool.root), policy=("clip-top30", "datacomp-image"))).kept["key"].to_pylist()
-    top = select(ExportConfig(source=str(pool.root), policy=("clip-top30",))).kept["key"].to_pylist()
-    image = select(ExportConfig(source=str(pool.root), policy=("datacomp-image",))).kept["key"].to_pylist()
+    both = kept_keys(ExportConfig(source=str(pool.root), policy=("clip-top30", "datacomp-image")))
+    top = kept_keys(ExportConfig(source=str(pool.root), policy=("clip-top30",)))
+    image = kept_keys(ExportConfig(source=str(pool.root), policy=("datacomp-image",)))
     assert both == sorted(set(top) & set(image))
 
 
@@ -135,5 +136,5 @@ def test_sample_cap_trains_on_fewer_rows_and_selection_still_matches_brute_force
     plan = json.loads((copy / "_work" / "target" / "plan.json").read_text())
     assert 4 < plan["sampled"] < 45  # about 24 of the 60 rows, drawn by key hash
     nearest, chosen = brute_force(pool, data["target"])
-    kept = select(ExportConfig(source=str(copy), policy=("datacomp-image",))).kept["key"].to_pylist()
+    kept = kept_keys(ExportConfig(source=str(copy), policy=("datacomp-image",)))
     assert kept == sorted(k for k, c in nearest.items() if c in chosen)

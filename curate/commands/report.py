@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from curate.report.ground_truth import curation_accuracy, format_accuracy
+from curate.demo.ground_truth import curation_accuracy, format_accuracy
 
 
 @click.command("report")

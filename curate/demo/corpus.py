@@ -17,8 +17,10 @@ import pyarrow as pa
 from curate.errors import InputError
 from curate.io.atomic import write_json
 from curate.io.layout import DatasetDir, sample_key, shard_name
+from curate.io.ledger import LEDGER_FIELDS
 from curate.io.manifest import check_fingerprint, record_stage
 from curate.io.shards import ShardWriter
+from curate.io.tables import write_table
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 SPLITS = ("pool", "seed", "eval")
@@ -74,9 +76,6 @@ def write_split_dataset(name: str, out_dir: str | os.PathLike,
     Every row is a success; `label` (= category) rides along as a kept column. A dir whose shards are
     all marked done is left as it is (resume); returns the dataset root.
     """
-    from curate.io.ledger import LEDGER_FIELDS
-    from curate.io.tables import write_table
-
     if samples_per_shard < 1:
         raise InputError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     table = load_split(name)

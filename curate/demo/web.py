@@ -58,7 +58,9 @@ import pyarrow as pa
 
 from curate.config import from_dict
 from curate.demo.build_corpus import unit_hash
+from curate.demo.corpus import load_split
 from curate.errors import InputError
+from curate.io.tables import write_table
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +253,6 @@ def plan_rows(cfg: WebConfig, base_url: str) -> list[Row]:
     Long because every draw (order, faults, captions, duplicates, repeated URLs) reads the same seeded
     `draw` and the rows built before it; split up, each part would need the whole state passed along.
     """
-    from curate.demo.corpus import load_split
-
     cfg.check()
     pool = load_split("pool", columns=["image_id", "category", "title", "caption", "lang_hint", "image"]).to_pylist()
     s = cfg.seed
@@ -342,8 +342,6 @@ def plan_rows(cfg: WebConfig, base_url: str) -> list[Row]:
 
 
 def write_lists(rows: list[Row], out_dir: Path) -> tuple[Path, Path]:
-    from curate.io.tables import write_table
-
     url_list, truth = out_dir / "urls.parquet", out_dir / "ground_truth.parquet"
     write_table(url_list, pa.Table.from_pylist(
         [{"URL": r.url, "TEXT": r.text, "SAMPLE_ID": r.sample_id} for r in rows], schema=URL_SCHEMA))

@@ -431,12 +431,3 @@ def check_columns(spec: InputSpec) -> list[tuple[str, int]]:
             except (EOFError, gzip.BadGzipFile, OSError) as e:
                 raise InputError(f"INPUT {path}: cannot read ({e})") from None
     return files
-
-
-def read_input(spec: InputSpec) -> pa.Table:
-    """The whole URL list as one table (small lists and tests; plans stream with iter_input)."""
-    parts = list(iter_input(spec))
-    if not parts:
-        names = ["url", "caption", *spec.keep_cols, "input_error", "input_error_message"]
-        return pa.table({n: pa.array([], pa.string()) for n in names})
-    return pa.concat_tables(parts)

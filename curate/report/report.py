@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from curate.demo.ground_truth import curation_accuracy
 from curate.errors import InputError
 from curate.export_info import ExportInfo, read_export, resolve_dirs
 from curate.inspect import Tables, failures, open_dataset, parquet_source, sql_str, summarize
@@ -30,7 +31,6 @@ from curate.io.atomic import write_bytes
 from curate.io.ledger import ERROR_CODES
 from curate.io.manifest import load
 from curate.report import svg
-from curate.report.ground_truth import curation_accuracy
 from curate.thumbs import load_thumbnails
 
 log = logging.getLogger(__name__)

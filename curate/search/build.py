@@ -32,10 +32,13 @@ import numpy as np
 from curate.config import output_fields, runtime
 from curate.errors import InputError
 from curate.hashing import json_digest
+from curate.io import manifest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
+from curate.io.lineage import marker_identity, require_current
 from curate.machine import sql_memory_limit
 from curate.options import option
+from curate.search.rowstore import is_current, write_row_store
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +155,6 @@ def input_digest(ds: DatasetDir, scorer: str) -> dict[str, Any]:
     """The scorer's fingerprint, each scored shard's file sizes and the identity of each score run (its
     marker, curate.io.lineage): a rescored dataset, or one shard scored again, is another input. Score
     output computed from a download that changed since is refused (run score first)."""
-    from curate.io import manifest
-    from curate.io.lineage import marker_identity, require_current
-
     require_current(ds, scorer, "index")
     entry = manifest.load(ds)["stages"].get(scorer, {})
     files = {}
@@ -389,7 +389,6 @@ class IndexStage:
         held = self._tuning_queries(cfg, ds, plan)
         for m in plan["modalities"]:
             meta["modalities"][m] = self._merge_and_tune(cfg, ds, plan, m, held)
-        from curate.search.rowstore import is_current, write_row_store
 
         if not is_current(ds, wd):  # missing, or a ledger/signal file changed since: (re)written here
             # DuckDB's share of this machine (or $CURATE_SQL_MEMORY), at most 512 MB: it spills past it

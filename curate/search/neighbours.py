@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from curate.io.atomic import read_json
 from curate.io.layout import DatasetDir
 from curate.search.build import index_dir, open_embeddings
 
@@ -27,8 +28,6 @@ def neighbour_map(ds: DatasetDir, keys: list[str], k: int = 4) -> dict[str, list
     """{key: [(neighbour key, cosine), ...]} for the indexed ones of `keys`; {} without an index."""
     import faiss
     import pyarrow.parquet as pq
-
-    from curate.io.atomic import read_json
 
     if not keys or not has_index(ds):
         return {}

@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from curate.errors import InputError
+from curate.errors import InputError, ShardError
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
+from curate.io.shards import IMAGE_EXTS, index_tar
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +150,6 @@ def write_row_store(ds: DatasetDir, wd: Path, rows: int, memory_limit: str = "1G
 
 def tar_images(ds: DatasetDir, shard: str) -> dict[str, tuple[int, int]]:
     """{key: (offset, size)} of each sample's first image member in shards/{shard}.tar ({} without a tar)."""
-    from curate.errors import ShardError
-    from curate.io.shards import IMAGE_EXTS, index_tar
-
     path = ds.shard_tar(shard)
     if not path.exists():
         return {}

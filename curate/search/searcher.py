@@ -21,10 +21,15 @@ from typing import Any
 import numpy as np
 
 from curate.errors import InputError
+from curate.export_info import read_export
+from curate.imaging import ImageRejected, safe_decode_rgb
+from curate.io import manifest
 from curate.io.atomic import read_json
 from curate.io.layout import DatasetDir
+from curate.models import load_model, resolve_model
 from curate.search.build import QUERY_KINDS, index_dir, open_embeddings
 from curate.search.rowstore import HIT_COLUMNS, RowStore, allow_list, is_current, sources_digest
+from curate.thumbs import load_thumbnails, thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +85,6 @@ class Searcher:
         self.columns = set(sources.all_columns())
         self.export = None
         if export_dir is not None:
-            from curate.export_info import read_export
-
             self.export = read_export(export_dir)
             self.export_views = self.export.register(self.db.con)
         self._lock = threading.Lock()  # DuckDB connection and the torch model are used one request at a time
@@ -119,9 +122,6 @@ class Searcher:
     def model(self) -> Any:
         """The scorer's open_clip model (built once), from the score stage's manifest entry."""
         if self._model is None:
-            from curate.io import manifest
-            from curate.models import load_model, resolve_model
-
             entry = manifest.load(self.ds)["stages"].get(self.scorer)
             if not entry:
                 raise InputError(f"{self.ds.manifest}: no '{self.scorer}' stage; cannot encode text or image queries")
@@ -154,8 +154,6 @@ class Searcher:
 
     def image_vector(self, path: str | Path) -> np.ndarray:
         import torch
-
-        from curate.imaging import ImageRejected, safe_decode_rgb
 
         lm = self.model()
         try:
@@ -362,8 +360,6 @@ class Searcher:
     def thumbnails(self, hits: list[dict[str, Any]], size: int = 160) -> dict[str, str]:
         """{key: data URI}: each image read at the offset the row store keeps for it (no tar header scan);
         hits without a stored offset go through the report's reader (a header scan of their shard)."""
-        from curate.thumbs import load_thumbnails, thumbnail
-
         out: dict[str, str] = {}
         rest = hits
         if self.store is not None and hits:

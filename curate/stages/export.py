@@ -37,9 +37,11 @@ from curate.io.shards import ShardWriter, iter_raw
 from curate.io.tables import write_table
 from curate.io.trainable import sample_uid, with_uid, write_shard_stats, write_sizes
 from curate.options import absolute, option
+from curate.policies import load_policy, top_clause
 from curate.query import (
     SIGNAL_STAGES,
     Clause,
+    DuckDBQuery,
     Sources,
     check_clauses,
     column_prefix,
@@ -48,6 +50,7 @@ from curate.query import (
     selection_sql,
 )
 from curate.stages.base import Stage, context
+from curate.stages.img2dataset_layout import discard_img2dataset_files, write_img2dataset_shard
 
 NAME = "export"
 DOWNLOADED = Clause("downloaded", where="status = 'success'")
@@ -96,30 +99,11 @@ class ExportConfig:
 
 @dataclass
 class Selection:
-    """Per-clause counts of a selection, and where its keep lists are (when it was written)."""
+    """Per-clause counts of a selection (its keep lists, when written, are in the folder select() was given)."""
 
     counts: list[dict[str, Any]]  # per clause: clause, removed, remaining
     input: int
     kept_rows: int
-    folder: Path | None = None  # the sel-DIGEST folder (None for a dry run)
-    per_shard: int = 1
-    cfg: ExportConfig | None = None
-
-    @property
-    def kept(self) -> pa.Table:
-        """The kept (key, shard) rows in output order. Reads every keep list into memory: for tests and
-        small datasets only (a counts-only selection writes its lists to a temporary folder first);
-        export itself never calls it."""
-        if self.folder is None:
-            import tempfile
-
-            assert self.cfg is not None
-            with tempfile.TemporaryDirectory(prefix="curate-select-") as tmp:
-                return select(self.cfg, Path(tmp)).kept
-        parts = [read_keep_list(self.folder, i) for i in range(math.ceil(self.kept_rows / self.per_shard))]
-        t = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string()),
-                                                            "source_shard": pa.array([], pa.string())})
-        return t.rename_columns(["key", "shard"])
 
     def summary(self) -> dict[str, Any]:
         return {"input": self.input, "clauses": self.counts, "kept": self.kept_rows}
@@ -127,8 +111,6 @@ class Selection:
 
 def resolve_clauses(cfg: ExportConfig) -> list[Clause]:
     """Every clause in the order it applies: downloaded, each policy, each --where, --top-fraction."""
-    from curate.policies import load_policy, top_clause
-
     clauses = [DOWNLOADED]
     for ref in cfg.policy:
         clauses += load_policy(ref).clauses
@@ -248,7 +230,7 @@ def select(cfg: ExportConfig, folder: Path | None = None) -> Selection:
             q.define("sel", selection_sql(clauses))
             _check_unique_keys(q, src, "sel")
             total, counts = _counts(q, clauses, "sel")
-            return Selection(counts, total, counts[-1]["remaining"], cfg=cfg)
+            return Selection(counts, total, counts[-1]["remaining"])
         q.write(selection_sql(clauses), folder / "selection")
         q.view("sel", folder / "selection")
         _check_unique_keys(q, src, "sel")
@@ -262,7 +244,7 @@ def select(cfg: ExportConfig, folder: Path | None = None) -> Selection:
     finally:
         q.close()
     shutil.rmtree(folder / "spill", ignore_errors=True)
-    return Selection(counts, total, kept, folder, cfg.samples_per_shard)
+    return Selection(counts, total, kept)
 
 
 def _write_keep_lists(q: Any, folder: Path, per_shard: int) -> int:
@@ -439,8 +421,6 @@ class ExportStage(Stage):
             raise ShardError(f"{src.root}: {len(missing)} selected sample(s) missing from shards/ "
                              f"(first: {missing[0]}); the source tars and ledger disagree")
         if cfg.layout == "img2dataset":
-            from curate.stages.img2dataset_layout import write_img2dataset_shard
-
             write_img2dataset_shard(ds.root, shard, rows, found)
         else:
             uids = {r["key"]: sample_uid(r) for r in rows.select(
@@ -467,8 +447,6 @@ class ExportStage(Stage):
         return {"source": str(source_dir(cfg).root), **fingerprint_extra(cfg)}
 
     def discard_outputs(self, cfg: ExportConfig, ds: DatasetDir) -> None:
-        from curate.stages.img2dataset_layout import discard_img2dataset_files
-
         discard_img2dataset_files(ds.root, ds.done_shards(NAME))  # before the markers that name them go
         for sub in ("shards", "ledger", "_done/export", "stats/export", "_work/export"):
             shutil.rmtree(ds.root / sub, ignore_errors=True)
@@ -504,8 +482,6 @@ def _refuse_changed_source(ds: DatasetDir, state: dict[str, dict[str, str]]) -> 
 
 def _ledger_rows(src: DatasetDir, source_shards: list[str], want: pa.Table, shard: str) -> pa.Table:
     """The kept rows of the joined view (ledger + signals), now living in output shard `shard`."""
-    from curate.query import DuckDBQuery
-
     q = DuckDBQuery(Sources.of(src, source_shards))
     try:
         q.con.register("want", want.select(["key"]))

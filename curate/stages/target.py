@@ -27,8 +27,9 @@ from curate.errors import InputError
 from curate.io import manifest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
-from curate.options import absolute, option, parse_k
+from curate.options import absolute, at_least, option, parse_k
 from curate.stages.base import Stage, sum_stats
+from curate.stages.dedup import core as sd
 from curate.stages.dedup import input_digest
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,8 @@ class TargetConfig:
 def check_config(cfg: TargetConfig) -> None:
     if cfg.k < 0:
         raise InputError("--k: must be 'auto' or a positive number of clusters")
-    if cfg.niter < 1:
-        raise InputError("--niter: must be at least 1")
-    if cfg.sample < 1:
-        raise InputError("--sample: must be at least 1")
+    at_least("--niter", cfg.niter, 1)
+    at_least("--sample", cfg.sample, 1)
     if not Path(cfg.target).is_dir():
         raise InputError(f"--target: {cfg.target} is not a directory")
 
@@ -93,8 +92,6 @@ def validate(cfg: TargetConfig, ds: DatasetDir) -> None:
 
 def _unit_draw(seed: int, keys: np.ndarray) -> np.ndarray:
     """A uniform draw in [0, 1) per key, from a 64-bit hash of (key, seed): vectorised, no per-row Python."""
-    from curate.stages.dedup import core as sd
-
     return (sd.key_hash(keys, seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
@@ -142,8 +139,6 @@ def _scored_shards(ds: DatasetDir, flag: str) -> list[str]:
 
 def nearest(emb: np.ndarray, centroids: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid (by cosine: rows and centroids are unit vectors) of every row: (ids, cosines)."""
-    from curate.stages.dedup import core as sd
-
     if not len(emb):
         return np.zeros(0, np.int32), np.zeros(0, np.float32)
     ids, sims = sd.assign(emb, centroids, 1, batch)
@@ -175,8 +170,6 @@ class TargetStage(Stage):
     def _build(self, cfg: TargetConfig, ds: DatasetDir, target: DatasetDir, shards: list[str],
                digest: dict[str, Any]) -> None:
         """Centroids from a seeded sample of the pool, then the clusters nearest to the target's images."""
-        from curate.stages.dedup import core as sd
-
         n = 0
         for s in shards:  # a first pass over the score tables only (no embeddings), to size the sample
             n += len(_scored_rows(ds, s)[0])

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from curate.errors import InputError
+from curate.imaging import ImageRejected, safe_decode_rgb
 from curate.io.layout import DatasetDir
 from curate.io.shards import iter_samples
 
@@ -60,8 +61,6 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
     """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
-
-    from curate.imaging import safe_decode_rgb
 
     # JPEG DCT scaling: a cheaper decode of big photos, still at least twice the model's input size
     im = safe_decode_rgb(data, draft=(2 * image_size, 2 * image_size))
@@ -130,8 +129,6 @@ def load_samples(path: str | Path, image_size: int, tokenizer: Any, *, flag: str
             keys.append(s["key"])
             blobs.append(s["image"])
             captions.append(s["caption"] or "")
-
-    from curate.imaging import ImageRejected
 
     def decode(data: bytes) -> np.ndarray | str:
         """The array, or the error code (format_not_allowed, decompression_bomb, decode_error)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.train_probe.data import Samples
+from curate.train_probe.evaluate import encode_images, encode_texts, retrieval
 
 WEAK_LIFT = 2.0  # held-out R@5 below this multiple of chance: the filter is near chance
 METADATA_KEY = "curate_filter_quality"
@@ -33,8 +34,6 @@ def split_holdout(keys: list[str], share: float) -> tuple[list[int], list[int]]:
 
 def heldout_retrieval(model: Any, held: Samples, device: str) -> dict[str, float]:
     """Retrieval on the held-out pairs: R@1/R@5 both ways, their R@5 mean, chance R@5 and the lift over it."""
-    from curate.train_probe.evaluate import encode_images, encode_texts, retrieval
-
     was_training = model.training
     model.eval()
     try:

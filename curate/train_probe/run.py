@@ -25,9 +25,21 @@ from curate.io.atomic import clean_tmp, read_json, write_json
 from curate.io.layout import DatasetDir
 from curate.io.manifest import check_fingerprint, load, record_stage
 from curate.options import absolute, option
+from curate.train_probe.data import dataset_shards, load_samples, read_labels
+from curate.train_probe.evaluate import chance_level, evaluate_model
+from curate.train_probe.quality import MIN_HELDOUT, heldout_retrieval, quality_record, split_holdout
+from curate.train_probe.report import write_outputs
 from curate.train_probe.sweep import parse_sweep, read_column, sweep_subsets
 from curate.train_probe.templates import resolve_templates
-from curate.train_probe.train import TrainConfig
+from curate.train_probe.train import (
+    TrainConfig,
+    check_config,
+    model_config,
+    resolve_device,
+    save_model,
+    saved_model_paths,
+    train_run,
+)
 
 log = logging.getLogger(__name__)
 STAGE = "train-probe"
@@ -132,9 +144,6 @@ def dataset_summary(path: str, stages: tuple[str, ...] = ()) -> dict[str, Any]:
 
 def check_inputs(cfg: ProbeConfig, train: TrainConfig) -> None:
     """Everything that can be wrong with the arguments, before any decoding or training (exit 2)."""
-    from curate.train_probe.data import dataset_shards, read_labels
-    from curate.train_probe.train import check_config, model_config
-
     check_config(train)
     model_config(train)  # unknown --model: exit 2 now
     if not cfg.subsets and not cfg.sweep:
@@ -209,15 +218,11 @@ class _Loader:
     def __init__(self, train: TrainConfig, workers: int):
         import open_clip
 
-        from curate.train_probe.train import model_config
-
         self.train, self.workers = train, workers
         self.tokenizer = open_clip.get_tokenizer(model_config(train)[0])
         self._cache: dict[tuple[str, str | None], Any] = {}
 
     def get(self, path: str, flag: str, label_column: str | None = None) -> Any:
-        from curate.train_probe.data import load_samples
-
         key = (path, label_column)
         if key not in self._cache:
             log.info("loading %s", path)
@@ -256,10 +261,6 @@ def plan_subsets(cfg: ProbeConfig, loader: _Loader) -> list[dict[str, Any]]:
 
 def run_probe(cfg: ProbeConfig, train: TrainConfig, out: str | Path, *, redo: bool = False) -> dict[str, Any]:
     """Run (or resume) the experiment and write the outputs; returns the results object."""
-    from curate.train_probe.evaluate import chance_level
-    from curate.train_probe.report import write_outputs
-    from curate.train_probe.train import resolve_device
-
     check_inputs(cfg, train)
     if cfg.save_model:
         train = filter_train_config(train)
@@ -317,15 +318,11 @@ class _RunContext:
         return self._eval
 
     def evaluate(self, model: Any, tokenizer: Any) -> dict[str, Any]:
-        from curate.train_probe.evaluate import evaluate_model
-
         return evaluate_model(model, tokenizer, self.eval_set(), self.device, templates=self.templates, items=True)
 
     def run(self, sub: dict[str, Any], seed: int) -> dict[str, Any]:
         """One run's result: read back when already done with this fingerprint, else trained and written."""
         from dataclasses import replace
-
-        from curate.train_probe.train import saved_model_paths
 
         path = run_file(self.out, sub["name"], seed)
         save_here = bool(self.cfg.save_model) and seed == 0
@@ -353,16 +350,11 @@ class _RunContext:
         return result
 
     def _train(self, samples: Any, train: TrainConfig, seed: int, **kw: Any) -> tuple[Any, dict[str, Any]]:
-        from curate.train_probe.train import train_run
-
         return train_run(samples, train, seed, evaluate=self.evaluate, device=self.device, **kw)
 
     def _train_filter(self, samples: Any, train: TrainConfig, seed: int) -> dict[str, Any]:
         """--save-model: hold out part of the trusted pairs, stop early on their retrieval, save the best
         model with the held-out check in its metadata."""
-        from curate.train_probe.quality import MIN_HELDOUT, heldout_retrieval, quality_record, split_holdout
-        from curate.train_probe.train import model_config, save_model
-
         quality = None
         if self.cfg.holdout > 0:
             train_rows, held_rows = split_holdout(samples.keys, self.cfg.holdout)

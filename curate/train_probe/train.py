@@ -22,6 +22,7 @@ from curate.io.atomic import atomic_path, write_json
 from curate.models import resolve_model
 from curate.options import option
 from curate.train_probe.data import Samples, normalize, tokenize
+from curate.train_probe.quality import METADATA_KEY
 
 log = logging.getLogger(__name__)
 
@@ -391,8 +392,6 @@ def save_model(model: Any, conf: dict[str, Any], path: str | Path,
     with atomic_path(weights) as tmp:
         meta = {"format": "pt", "producer": "curate train-probe"}
         if quality is not None:
-            from curate.train_probe.quality import METADATA_KEY
-
             meta[METADATA_KEY] = json.dumps(quality, sort_keys=True)
         save_file(state, str(tmp), metadata=meta)
     return weights, cfg_path

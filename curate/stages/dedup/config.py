@@ -13,11 +13,15 @@ from typing import Any
 import click
 import numpy as np
 
+from curate import extras
 from curate.config import runtime
 from curate.errors import InputError
 from curate.hashing import json_digest
+from curate.io import manifest
 from curate.io.layout import DatasetDir
-from curate.options import AUTO, absolute, cosine_or_auto, option, parse_k
+from curate.io.lineage import marker_identity, require_current
+from curate.options import AUTO, absolute, at_least, cosine_or_auto, option, parse_k
+from curate.stages.dedup import core as sd
 from curate.stages.dedup.core import DEVICES, KEEP_POLICIES
 
 log = logging.getLogger(__name__)
@@ -101,19 +105,15 @@ def check_config(cfg: DedupConfig) -> None:
         raise InputError("--k: must be 'auto' or a positive number of clusters")
     if not -1 <= cfg.phash_distance <= 256 or (cfg.phash_distance >= 0 and not cfg.phash):
         raise InputError(f"--phash-distance: {cfg.phash_distance} must be -1 (no check) or 0..256 bits with --phash")
-    if cfg.probes < 1:
-        raise InputError("--probes: must be at least 1")
+    at_least("--probes", cfg.probes, 1)
     if cfg.tasks < 0:
         raise InputError("--tasks: must be 0 (auto) or more")
-    if cfg.pairs_per_row < 1:
-        raise InputError("--pairs-per-row: must be at least 1")
+    at_least("--pairs-per-row", cfg.pairs_per_row, 1)
     if cfg.keep not in KEEP_POLICIES:
         raise InputError(f"--keep: '{cfg.keep}' (choose {', '.join(KEEP_POLICIES)})")
     if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", cfg.scorer):
         raise InputError(f"--scorer: '{cfg.scorer}' is not a scorer name (lower-case letters, digits, '_', '-')")
     if cfg.threshold_auto:  # calibrates through the scorer's model
-        from curate import extras
-
         extras.require("score", "curate dedup --threshold auto", ("torch", "open_clip", "safetensors"))
     if cfg.device not in DEVICES:
         raise InputError(f"--device: '{cfg.device}' (choose {', '.join(DEVICES)})")
@@ -122,8 +122,6 @@ def check_config(cfg: DedupConfig) -> None:
 
 
 def device_of(cfg: DedupConfig) -> str:
-    from curate.stages.dedup import core as sd
-
     try:
         return sd.resolve_device(cfg.device)
     except ValueError as e:
@@ -146,9 +144,6 @@ def input_digest(ds: DatasetDir, scorer: str = "score") -> dict[str, Any]:
     change any shard's duplicates: the plan, and every task after it, runs again. Score output computed
     from a download that has changed since is refused (run score first).
     """
-    from curate.io import manifest
-    from curate.io.lineage import marker_identity, require_current
-
     require_current(ds, scorer, "dedup")
     score = manifest.load(ds)["stages"].get(scorer, {})
     files = {}
@@ -163,8 +158,6 @@ def input_config(ds: DatasetDir, scorer: str = "score") -> dict[str, Any]:
     """The part of dedup's input that is configuration (its fingerprint): the score stage's fingerprint. Which
     shards are scored, and which run of each, is in the plan's digest (input_digest): a shard scored again
     re-plans dedup, a score run with another config is refused."""
-    from curate.io import manifest
-
     return {"score_fingerprint": manifest.load(ds)["stages"].get(scorer, {}).get("fingerprint")}
 
 

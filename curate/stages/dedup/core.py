@@ -1,6 +1,7 @@
 """The numeric core of dedup: spherical k-means, multi-probe cluster assignment, per-cluster pair search and
-SemDeDup's keep rule. Pure functions over arrays; each has a numpy/faiss path (CPU) and a torch path (matrix
-products on the GPU, or on the CPU in tests) that give the same decisions.
+SemDeDup's keep rule. Pure functions over arrays. k-means is faiss's, on the CPU; assignment and pair search each
+have a numpy/faiss path (CPU) and a torch path (matrix products on the GPU, or on the CPU in tests) that give the
+same decisions.
 
 Pair search is exact *within* the clusters a point probes: a point is stored in its nearest cluster and
 queries its `probes` nearest clusters, so a pair split by a cluster border is still found when either point
@@ -19,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from curate.devices import cuda_count
+
 KEEP_POLICIES = ("best-clip-score", "farthest-from-centroid", "first")
 DEVICES = ("auto", "cpu", "cuda")
-# S = Q @ M.T is computed in row blocks of at most this many float32 cells (64 MB; 1 GB on a GPU)
+# S = Q @ M.T is computed in row blocks of at most this many float32 cells (64 MB; 4x that through torch)
 BLOCK_CELLS = 16 * 1024 * 1024
-GPU_BLOCK_CELLS = 256 * 1024 * 1024
 ASSIGN_BATCH = 65536
 # evidence of a drop, strongest first when one pair has several
 EXACT, PHASH, NEAR = 4, 2, 1
@@ -50,7 +52,6 @@ def resolve_device(device: str) -> str:
         raise ValueError(f"unknown device {device!r}; choose {', '.join(DEVICES)}")
     if device == "cpu":
         return "cpu"
-    from curate.devices import cuda_count
 
     has_gpu = cuda_count() > 0
     if device == "cuda" and not has_gpu:
@@ -86,45 +87,24 @@ def key_hash(keys: Any, seed: int) -> np.ndarray:
     return _splitmix(h ^ _splitmix(np.full(len(b), seed, np.uint64)))
 
 
-def train_centroids(sample: Any, k: int, seed: int, niter: int = 10, device: str = "cpu",
+def train_centroids(sample: Any, k: int, seed: int, niter: int = 10,
                     points_per_centroid: int | None = None) -> np.ndarray:
-    """Spherical k-means centroids (k, d) float32 trained on the rows of `sample` (already drawn and put in a
-    shard-order-independent order by the caller): faiss on the CPU, `torch_kmeans` on a GPU. With
-    `points_per_centroid`, a larger sample is first cut to k * points_per_centroid rows by `seed`."""
+    """Spherical k-means centroids (k, d) float32 trained by faiss on the CPU on the rows of `sample` (already
+    drawn and put in a shard-order-independent order by the caller), on every device: a GPU run sees the
+    centroids a CPU run sees. With `points_per_centroid`, a larger sample is first cut to k *
+    points_per_centroid rows by `seed`."""
+    import faiss
+
     n = sample.shape[0]
     if points_per_centroid and n > k * points_per_centroid:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=k * points_per_centroid, replace=False))
         sample = sample[rows]
-    if device != "cpu":
-        return torch_kmeans(sample, k, seed, niter, device)
-    import faiss
-
     x = _f32(sample)
     n, d = x.shape
     km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True, verbose=False,
                       max_points_per_centroid=n // k + 1, min_points_per_centroid=1)
     km.train(x)
     return _f32(km.centroids)
-
-
-def torch_kmeans(sample: Any, k: int, seed: int, niter: int = 10, device: str = "cuda") -> np.ndarray:
-    """Spherical k-means (Lloyd) as torch matrix products: seeded init from the sample, an empty cluster keeps
-    its previous centroid. Used for --device cuda, where faiss's GPU build is not available."""
-    import torch
-
-    # to the device in the sample's own dtype (float16 from the stage), then float32 there: no host copy
-    x = sample if isinstance(sample, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(sample))
-    x = x.to(device=device).float()
-    n = x.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    c = x[torch.randperm(n, generator=g)[:k].to(device)].clone()
-    for _ in range(niter):
-        a = _torch_top(x, c, 1)[0][:, 0]
-        sums = torch.zeros_like(c).index_add_(0, a, x)
-        counts = torch.bincount(a, minlength=k)
-        norm = sums.norm(dim=1, keepdim=True)
-        c = torch.where((counts > 0)[:, None], sums / norm.clamp_min(1e-12), c)
-    return c.cpu().numpy().astype(np.float32)
 
 
 def _torch_top(x: Any, c: Any, p: int, batch: int = ASSIGN_BATCH) -> tuple[Any, Any]:
@@ -170,109 +150,7 @@ def _is_torch(a: Any) -> bool:
     return type(a).__module__.startswith("torch")
 
 
-# --- pair search -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Hits:
-    """What a pair search over entries found; indices are entry positions."""
-
-    q: np.ndarray  # int64 querying entry of each pair (cosine >= threshold)
-    m: np.ndarray  # int64 member entry of each pair
-    sim: np.ndarray  # float32
-    best_sim: np.ndarray  # float32 per entry: best cosine to another row's member entry (-inf if none)
-    best_m: np.ndarray  # int64 per entry: that member entry (-1 if none)
-
-
-def search_clusters(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident: np.ndarray, threshold: float,
-                    device: str = "cpu", rows: np.ndarray | None = None, block_cells: int | None = None) -> Hits:
-    """Near pairs and nearest neighbours among entries grouped by cluster.
-
-    Entries are sorted by `cluster` (then in the order ties should go: the lowest-key member wins an equal
-    cosine); entry e's vector is vecs[rows[e]] (vecs[e] without `rows`); `member[e]` says the entry is stored in
-    its cluster (its nearest); `ident[e]` names the row, and a row is never its own neighbour. Every entry
-    queries the members of its cluster. device 'cpu' uses numpy, anything else torch on that device.
-    """
-    n = len(cluster)
-    rows = np.arange(n) if rows is None else rows
-    bounds = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1], True]) if n else np.zeros(1, np.int64)
-    if device == "cpu" and not _is_torch(vecs):
-        return _search_numpy(vecs, bounds, member, ident, rows, threshold, block_cells or BLOCK_CELLS)
-    return _search_torch(vecs, bounds, member, ident, rows, threshold, device, block_cells or GPU_BLOCK_CELLS)
-
-
-def _search_numpy(vecs: Any, bounds: np.ndarray, member: np.ndarray, ident: np.ndarray, rows: np.ndarray,
-                  threshold: float, block_cells: int) -> Hits:
-    n = len(member)
-    best_sim = np.full(n, -np.inf, np.float32)
-    best_m = np.full(n, -1, np.int64)
-    out_q, out_m, out_s = [], [], []
-    for c in range(len(bounds) - 1):
-        e0, e1 = bounds[c], bounds[c + 1]
-        mem = e0 + np.flatnonzero(member[e0:e1])
-        if len(mem) == 0:
-            continue
-        step = max(1, block_cells // len(mem))
-        for q, sim in _sim_blocks(vecs, rows, ident, mem, e0, e1, step, None):  # a row is not its own neighbour
-            b = np.argmax(sim, axis=1)
-            best_sim[q] = sim[np.arange(len(q)), b]
-            best_m[q] = mem[b]
-            r, m = np.nonzero(sim >= threshold)
-            out_q.append(q[r])
-            out_m.append(mem[m])
-            out_s.append(sim[r, m])
-    best_m[~np.isfinite(best_sim)] = -1
-    return _hits(out_q, out_m, out_s, best_sim, best_m)
-
-
-def _search_torch(vecs: Any, bounds: np.ndarray, member: np.ndarray, ident: np.ndarray, rows: np.ndarray,
-                  threshold: float, device: str, block_cells: int) -> Hits:
-    """The same loop as _search_numpy with the products on `device`; float32 throughout (no TF32), so
-    the cosines, and the decisions, match the CPU path."""
-    import torch
-
-    dev = vecs.device if _is_torch(vecs) else torch.device(device)
-    x = vecs if _is_torch(vecs) else torch.from_numpy(np.ascontiguousarray(vecs)).to(dev)
-    t_rows = torch.from_numpy(np.ascontiguousarray(rows, np.int64)).to(dev)
-    t_ident = torch.from_numpy(np.ascontiguousarray(ident, np.int64)).to(dev)
-    t_member = torch.from_numpy(np.ascontiguousarray(member, bool)).to(dev)
-    n = len(member)
-    best_sim = torch.full((n,), -math.inf, device=dev)
-    best_m = torch.full((n,), -1, dtype=torch.long, device=dev)
-    out_q, out_m, out_s = [], [], []
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        for c in range(len(bounds) - 1):
-            e0, e1 = int(bounds[c]), int(bounds[c + 1])
-            mem = e0 + torch.nonzero(t_member[e0:e1])[:, 0]
-            if len(mem) == 0:
-                continue
-            xm = x[t_rows[mem]].float()
-            step = max(1, block_cells // len(mem))
-            for s in range(e0, e1, step):
-                q = torch.arange(s, min(s + step, e1), device=dev)
-                sim = x[t_rows[q]].float() @ xm.T
-                sim.masked_fill_(t_ident[q][:, None] == t_ident[mem][None, :], -math.inf)
-                v, b = sim.max(dim=1)  # first maximum, like numpy's argmax
-                best_sim[q], best_m[q] = v, mem[b]
-                r, m = torch.nonzero(sim >= threshold, as_tuple=True)
-                out_q.append(q[r])
-                out_m.append(mem[m])
-                out_s.append(sim[r, m])
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-    best_m[~torch.isfinite(best_sim)] = -1
-    cpu = [[t.cpu().numpy() for t in ts] for ts in (out_q, out_m, out_s)]
-    return _hits(*cpu, best_sim.cpu().numpy(), best_m.cpu().numpy())
-
-
-def _hits(q: list, m: list, s: list, best_sim: np.ndarray, best_m: np.ndarray) -> Hits:
-    cat = np.concatenate
-    return Hits(cat(q).astype(np.int64) if q else np.empty(0, np.int64),
-                cat(m).astype(np.int64) if m else np.empty(0, np.int64),
-                cat(s).astype(np.float32) if s else np.empty(0, np.float32),
-                best_sim.astype(np.float32), best_m.astype(np.int64))
+# --- probes and the nearest reference ------------------------------------------------------------------
 
 
 def hub_probes(x: np.ndarray, centroids: np.ndarray, threshold: float, limit: int) -> list[np.ndarray]:
@@ -365,128 +243,7 @@ def strongest(evidence: np.ndarray) -> np.ndarray:
     return np.where(ev & EXACT, EXACT, np.where(ev & PHASH, PHASH, np.where(ev & NEAR, NEAR, 0))).astype(np.int8)
 
 
-def equal_value_pairs(values: np.ndarray, rank: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (first row, other row) linking every row to the first row (lowest `rank`, default lowest row)
-    with the same value; None/"" ignored."""
-    values = np.asarray(values, dtype=object)
-    valid = np.array([v is not None and v == v and v != "" for v in values], bool)
-    rows = np.flatnonzero(valid)
-    if len(rows) == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    _, inverse = np.unique(values[rows].astype(str), return_inverse=True)
-    r_rank = rows if rank is None else np.asarray(rank)[rows]
-    o = np.lexsort((r_rank, inverse))
-    inv, r = inverse[o], rows[o]
-    head = np.r_[True, inv[1:] != inv[:-1]]
-    first = r[np.maximum.accumulate(np.where(head, np.arange(len(r)), 0))]
-    keep = ~head
-    return first[keep].astype(np.int64), r[keep].astype(np.int64)
-
-
-# --- the whole algorithm in one process ----------------------------------------------------------------
-
-
-@dataclass
-class DedupResult:
-    kept: np.ndarray  # int64 row of the kept sample each row duplicates (the row itself when kept)
-    group: np.ndarray  # int64 group id (numbered by kept row) of duplicates and of kept rows with duplicates, else -1
-    evidence: np.ndarray  # int8 strongest evidence of each drop (EXACT/PHASH/NEAR), 0 for kept rows
-    exact_dup: np.ndarray
-    cluster: np.ndarray
-    nn_sim: np.ndarray
-    nn_nbr: np.ndarray
-    n_pairs: int
-    seconds: dict[str, float]
-    pairs: tuple[np.ndarray, np.ndarray]  # unique near pairs (i < j)
-
-
-def dedup_arrays(emb: Any, threshold: float, *, k: int | None = None, probes: int = 2, seed: int = 0,
-                 sha256: np.ndarray | None = None, keep: str = "first", clip_score: np.ndarray | None = None,
-                 device: str = "cpu", sample_per_centroid: int = 64) -> DedupResult:
-    """The whole algorithm on rows in key order in one process (the benchmark and library use); the stage
-    runs the same functions as map/reduce tasks over files. `emb` may be a torch tensor on the GPU.
-    Long because it is the stage's four phases (assign, pairs, decide, write) in one readable sequence, with a
-    timer around each for the benchmark."""
-    import time
-
-    t = [time.perf_counter()]
-    secs: dict[str, float] = {}
-
-    def lap(name: str) -> None:
-        t.append(time.perf_counter())
-        secs[name] = round(t[-1] - t[-2], 3)
-
-    n = emb.shape[0]
-    k = choose_k(n, k)
-    rng = np.random.default_rng(seed)
-    size = min(n, k * sample_per_centroid)
-    sample_rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
-    if _is_torch(emb):
-        import torch
-
-        sample = emb[torch.from_numpy(sample_rows).to(emb.device)]
-    else:
-        sample = emb[sample_rows]
-    centroids = train_centroids(sample, k, seed, device=device)
-    lap("train")
-    ids, sims = assign(emb, centroids, probes, device=device)
-    lap("assign")
-    p = ids.shape[1]
-    # entries (row, probe) sorted by cluster, rows ascending within a cluster (= key order)
-    entry_cluster = ids.reshape(-1)
-    o = np.argsort(entry_cluster, kind="stable")
-    entry_row = (o // p).astype(np.int64)
-    member = (o % p) == 0
-    hits = search_clusters(emb, entry_cluster[o], member, entry_row, threshold, device, rows=entry_row)
-    lap("pairs")
-    a, b = entry_row[hits.q], entry_row[hits.m]
-    # each row has exactly p entries: back to (row, probe) order, then the best per row (ties: lowest neighbour)
-    flat_sim = np.empty(n * p, np.float32)
-    flat_nbr = np.empty(n * p, np.int64)
-    flat_sim[o] = hits.best_sim
-    flat_nbr[o] = np.where(hits.best_m >= 0, entry_row[np.maximum(hits.best_m, 0)], -1)
-    flat_sim, flat_nbr = flat_sim.reshape(n, p), flat_nbr.reshape(n, p)
-    nn_sim = flat_sim.max(axis=1)
-    nn_nbr = np.where(flat_sim == nn_sim[:, None], flat_nbr, np.iinfo(np.int64).max).min(axis=1)
-    nn_nbr[~np.isfinite(nn_sim)] = -1
-    prio = priority(keep, clip_score, sims[:, 0], n)
-    rank_of = np.empty(n, np.int64)
-    by_rank = np.argsort(-prio, kind="stable")  # ties: lowest row (= key) first
-    rank_of[by_rank] = np.arange(n)
-    i, j, kinds = [np.minimum(a, b)], [np.maximum(a, b)], [np.full(len(a), NEAR, np.int8)]
-    codes = np.unique(np.minimum(a, b) * n + np.maximum(a, b))
-    exact = np.zeros(n, bool)
-    if sha256 is not None:
-        ei, ej = equal_value_pairs(sha256, rank_of)
-        exact[ei], exact[ej] = True, True
-        i.append(ei)
-        j.append(ej)
-        kinds.append(np.full(len(ei), EXACT, np.int8))
-    ri, rj = rank_of[np.concatenate(i)], rank_of[np.concatenate(j)]
-    kept_by, evidence = greedy_keep(n, np.minimum(ri, rj), np.maximum(ri, rj), np.concatenate(kinds))
-    kept = np.arange(n)
-    dropped_ranks = np.flatnonzero(kept_by >= 0)
-    kept[by_rank[dropped_ranks]] = by_rank[kept_by[dropped_ranks]]
-    ev = np.zeros(n, np.int8)
-    ev[by_rank[dropped_ranks]] = strongest(evidence[dropped_ranks])
-    lap("decide")
-    return DedupResult(kept, group_ids(kept), ev, exact, ids[:, 0].copy(), nn_sim, nn_nbr, len(codes), secs,
-                       (codes // n, codes % n))
-
-
-def group_ids(kept: np.ndarray) -> np.ndarray:
-    """Group id per row from the kept row of each row: the kept rows that have duplicates numbered in row
-    (= key) order; -1 for rows outside any group."""
-    n = len(kept)
-    dup = kept != np.arange(n)
-    heads = np.unique(kept[dup])
-    out = np.full(n, -1, np.int64)
-    out[heads] = np.arange(len(heads))
-    out[dup] = out[kept[dup]]
-    return out
-
-
-# --- bounded pair search (the stage) -----------------------------------------------------------------------
+# --- pair search: the highest-priority partners of each entry, bounded ---------------------------------------
 
 
 @dataclass
@@ -499,8 +256,8 @@ class Candidates:
     lo: np.ndarray  # int64
     hi: np.ndarray  # int64
     sim: np.ndarray  # float32
-    best_sim: np.ndarray  # float32 per entry, as Hits.best_sim
-    best_m: np.ndarray  # int64 per entry, as Hits.best_m
+    best_sim: np.ndarray  # float32 per entry: best cosine to another row's member entry (-inf if none)
+    best_m: np.ndarray  # int64 per entry: that member entry (-1 if none)
     near: np.ndarray  # bool per entry: the entry is in some pair >= threshold in this search (before any bound)
     more: np.ndarray  # bool per entry: it had more than per_row higher partners (the rest were not returned)
     unconfirmed: int = 0  # pairs above the threshold that `confirm` rejected (per cluster they were found in)
@@ -550,8 +307,8 @@ def _compact(lo: np.ndarray, hi: np.ndarray, sim: np.ndarray, rank: np.ndarray, 
 def search_candidates(vecs: Any, cluster: np.ndarray, member: np.ndarray, ident: np.ndarray, rank: np.ndarray,
                       threshold: float, per_row: int, device: str = "cpu", rows: np.ndarray | None = None,
                       block_cells: int | None = None, confirm: Any = None) -> Candidates:
-    """Like search_clusters (entries grouped by cluster, each querying the members of its cluster), but instead of
-    every pair above the threshold it returns, for each entry, at most `per_row` higher-ranked partners per cluster
+    """Pairs among entries grouped by cluster, each entry querying the members of its cluster; instead of every
+    pair above the threshold it returns, for each entry, at most `per_row` higher-ranked partners per cluster
     (`rank`: per entry, lower = kept first, equal for the entries of one row). Both directions of a block are
     read: a query finds its higher members, and a member finds its higher non-member queries, so a pair found
     only from its higher end still reaches its lower end. Memory is O(entries * per_row) whatever the number of

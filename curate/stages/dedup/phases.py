@@ -19,10 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from curate.devices import cuda_count
 from curate.errors import InputError
+from curate.imaging import safe_open
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
+from curate.io.shards import iter_samples
+from curate.machine import cores, sql_memory_limit
 from curate.stages.base import context
+from curate.stages.dedup import core as sd
 from curate.stages.dedup.config import (
     SAMPLE_PER_CENTROID,
     DedupConfig,
@@ -31,6 +36,8 @@ from curate.stages.dedup.config import (
     read_shard,
     work_dir,
 )
+from curate.stages.dedup.core import _splitmix
+from curate.stages.dedup.threshold import calibrate
 
 log = logging.getLogger(__name__)
 PHASH_FINE_SIZE = 16  # phash256: imagehash.phash(hash_size=16), 256 bits
@@ -103,7 +110,6 @@ def task_device(plan: dict[str, Any], cfg: DedupConfig) -> str:
     the plan's GPU runs on the CPU, with the same decisions."""
     if plan["device"] == "cpu" or cfg.device == "cpu":
         return "cpu"
-    from curate.devices import cuda_count
 
     return plan["device"] if cuda_count() else "cpu"
 
@@ -117,8 +123,6 @@ def task_done(ds: DatasetDir, task: dict[str, Any]) -> bool:
 
 def build_plan(cfg: DedupConfig, ds: DatasetDir, digest: dict[str, Any], device: str) -> dict[str, Any]:
     """Sample, train the centroids, gather the (small) eval set; returns the plan (written by the caller)."""
-    from curate.stages.dedup import core as sd
-
     wd = work_dir(ds)
     shards = ds.done_shards(cfg.scorer)
     if not shards:
@@ -132,7 +136,7 @@ def build_plan(cfg: DedupConfig, ds: DatasetDir, digest: dict[str, Any], device:
         log.info("dedup: %d rows, k-means with %d clusters on %d sampled rows (%s)", n, k, len(sample), device)
         # faiss on the driver's CPU whatever the device: the same centroids, hence the same decisions, on a
         # GPU run as on a CPU run (the GPU does assignment and pair search, the O(rows) work)
-        centroids = sd.train_centroids(sample, k, cfg.seed, device="cpu")
+        centroids = sd.train_centroids(sample, k, cfg.seed)
     else:
         centroids = np.asarray(sample, np.float32).reshape(-1, d)[:1] if len(sample) else np.eye(1, d, dtype=np.float32)
     # (row, probe) entries per cluster, estimated on the sample: pair tasks get about equal shares
@@ -144,8 +148,6 @@ def build_plan(cfg: DedupConfig, ds: DatasetDir, digest: dict[str, Any], device:
         _gather_eval(DatasetDir.at(cfg.against), wd, d if n else None, cfg.scorer)
     calibration = None
     if cfg.threshold_auto:
-        from curate.stages.dedup.threshold import calibrate
-
         calibration = calibrate(ds, shards, cfg.seed, cfg.auto_target, device, cfg.scorer)
         log.info("dedup: --threshold auto chose %.4f (%s)", calibration["threshold"], calibration)
     return {"digest": digest, "rows": n, "dim": d, "k": k, "device": device, "shards": shards,
@@ -171,8 +173,6 @@ def _sample(ds: DatasetDir, shards: list[str], n: int, size: int, seed: int, d: 
     float32 (what k-means reads): the same sample, in the same order, whatever the shard placement. Two passes
     over the score tables: the drawn rows' (hash, key) give each its place, then the embeddings are read into
     one preallocated array; so the driver holds the sample once, not its parts and their concatenations."""
-    from curate.stages.dedup import core as sd
-
     if n == 0:
         return np.zeros((0, d), np.float32)
     cut = np.uint64(min(2**64 - 1, int(size / n * 2**64))) if size < n else np.uint64(2**64 - 1)
@@ -206,8 +206,6 @@ def _sample(ds: DatasetDir, shards: list[str], n: int, size: int, seed: int, d: 
 def _distinct_rows(x: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """The first row of every distinct value of x, in order, compacted in place (a view of x's buffer): rows
     sorted by a 64-bit hash of their bytes, equal neighbours compared in full."""
-    from curate.stages.dedup.core import _splitmix
-
     words = x.view(np.uint32).reshape(len(x), -1)
     h = np.zeros(len(x), np.uint64)
     for s in range(0, len(x), chunk):
@@ -257,7 +255,6 @@ def run_assign(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[s
     import pyarrow.parquet as pq
 
     from curate.io.tables import write_table
-    from curate.stages.dedup import core as sd
 
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
@@ -319,8 +316,6 @@ def run_phash(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     import imagehash
     import pyarrow as pa
 
-    from curate.imaging import safe_open
-    from curate.io.shards import iter_samples
     from curate.io.tables import write_table
 
     t, _ = read_shard(ds, task["source"], with_sha=False, scorer=cfg.scorer)
@@ -394,8 +389,6 @@ def exact_sql(cfg: DedupConfig) -> str:
 def exact_edges(cfg: DedupConfig, ds: DatasetDir, plan: dict[str, Any]) -> Path:
     """`exact_edges.parquet` (see exact_sql) from the per-shard meta tables: DuckDB on the driver, spilling to disk past
     its memory limit; on Spark (an active session in the driver) the same query in Spark SQL."""
-    from curate.machine import cores, sql_memory_limit
-
     wd = work_dir(ds)
     out = wd / "exact_edges.parquet"
     sql = exact_sql(cfg)
@@ -478,8 +471,6 @@ def _write_rep_bucket(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any], re
     REP_PROBES times as many clusters, and a hub (HUB_COPIES copies or more) every cluster that can hold a
     partner (core.hub_probes), as non-members: the extra entries only look."""
     import pyarrow.parquet as pq
-
-    from curate.stages.dedup import core as sd
 
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
@@ -566,8 +557,6 @@ def _empty_pairs(paths: list[Path], n_shards: int) -> None:
 def run_pairs(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
     """Candidate pairs (at most --pairs-per-row higher-priority partners per row and cluster) and nearest
     neighbours among the entries of one group of clusters; edges sorted by the lower row, cut by shard."""
-    from curate.stages.dedup import core as sd
-
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
     e = _read_group(wd, plan["shards"], task["group"])
@@ -682,8 +671,6 @@ def _gather_candidates(cfg: DedupConfig, wd: Path, plan: dict[str, Any], task: d
     """Shard `task`'s candidate edges from every pair task (already checked by --phash-distance there) and its
     pHash edges, at most --pairs-per-row per row (the highest-priority partners): (edges sorted by row then
     partner priority, near edges among them, positions of the rows that had more partners than were kept)."""
-    from curate.stages.dedup import core as sd
-
     o = task["ordinal"]
     parts = []
     for g in range(len(plan["group_bounds"]) - 1):
@@ -721,8 +708,6 @@ def run_resolve(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[
     row: dropped when a partner is kept (the highest-priority kept partner is the one named), kept when every
     partner is settled and none is kept. The result is the greedy rule's, whatever the placement; the rounds
     needed are the longest chain of decisions, a few on real data."""
-    from curate.stages.dedup import core as sd
-
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")
     src, r = task["source"], task["round"]
@@ -904,8 +889,6 @@ def _decisions(wd: Path, plan: dict[str, Any], task: dict[str, Any], r: int, row
     """(kept uid (-1 when kept), evidence) of each row of the shard: its own round-r status, or for an exact
     copy its representative's: a kept representative keeps it (evidence exact), a dropped one hands on its
     own kept row and evidence."""
-    from curate.stages.dedup import core as sd
-
     st = np.load(_round_dir(wd, r) / f"{task['source']}.npy")
     kept_uid = np.where(st["status"] == DROPPED, st["kept_uid"], -1)
     evidence = np.where(st["status"] == DROPPED, st["evidence"], 0).astype(np.int8)
@@ -921,8 +904,6 @@ def group_id(head_key: np.ndarray) -> np.ndarray:
     """A group's number: a 63-bit hash of its head's key (the kept row), the same wherever the rows are stored
     and computed from the head alone, so no task numbers the groups of the whole dataset. Two groups share a
     number with probability about G^2 / 2^64 (G groups: 5e-5 for 3 x 10^7 groups)."""
-    from curate.stages.dedup import core as sd
-
     return (sd.key_hash(head_key, 0) >> np.uint64(1)).astype(np.int64)
 
 
@@ -932,7 +913,6 @@ def run_write(cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[st
     import pyarrow.parquet as pq
 
     from curate.io.tables import write_table
-    from curate.stages.dedup import core as sd
 
     wd = work_dir(ds)
     plan = read_json(wd / "plan.json")

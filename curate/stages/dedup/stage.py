@@ -29,6 +29,7 @@ from curate.config import output_fields
 from curate.io.atomic import read_json, write_json
 from curate.io.layout import DatasetDir, task_id
 from curate.stages.base import Stage
+from curate.stages.dedup import phases as ph
 from curate.stages.dedup.config import (
     PHASES,
     PLAN_VERSION,
@@ -65,8 +66,6 @@ class DedupStage(Stage):
         return self.plan_phase(cfg, ds, "assign")
 
     def plan_phase(self, cfg: DedupConfig, ds: DatasetDir, phase: str) -> list[dict[str, Any]]:
-        from curate.stages.dedup import phases as ph
-
         check_config(cfg)
         if phase == "assign":
             plan = self._plan(cfg, ds)
@@ -107,8 +106,6 @@ class DedupStage(Stage):
         return tasks
 
     def _plan(self, cfg: DedupConfig, ds: DatasetDir) -> dict[str, Any]:
-        from curate.stages.dedup import phases as ph
-
         wd = work_dir(ds)
         digest = {"inputs": input_digest(ds, cfg.scorer), "config": output_fields(cfg), "version": PLAN_VERSION}
         if cfg.against:
@@ -123,8 +120,6 @@ class DedupStage(Stage):
         return plan
 
     def run_shard(self, cfg: DedupConfig, ds: DatasetDir, task: dict[str, Any]) -> dict[str, Any]:
-        from curate.stages.dedup import phases as ph
-
         run = {"assign": ph.run_assign, "phash": ph.run_phash, "collapse": ph.run_collapse, "pairs": ph.run_pairs,
                "resolve": ph.run_resolve, "decide": ph.run_decide, "write": ph.run_write}[task["kind"]]
         return run(cfg, ds, task)

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from curate.errors import InputError
+from curate.imaging import safe_decode_rgb, safe_open
+from curate.io import manifest
 from curate.io.layout import DatasetDir
+from curate.io.shards import iter_samples
+from curate.models import load_model, resolve_model
+from curate.stages.dedup import core as sd
+from curate.stages.dedup.config import read_shard
 
 log = logging.getLogger(__name__)
 SAMPLES = 256
@@ -29,8 +35,6 @@ AUGMENTATIONS = ("jpeg-q40", "downscale-0.5", "crop-0.9")
 def augment(im: Any) -> list[Any]:
     """The near copies a web crawl produces from one image: re-encoded, downscaled, slightly cropped."""
     from PIL import Image
-
-    from curate.imaging import safe_decode_rgb
 
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=40)
@@ -44,9 +48,6 @@ def augment(im: Any) -> list[Any]:
 
 def sample_keys(ds: DatasetDir, shards: list[str], seed: int, scorer: str, size: int = SAMPLES) -> dict[str, list[str]]:
     """Up to `size` scored keys with the lowest hash of (key, seed), by shard: order- and placement-free."""
-    from curate.stages.dedup import core as sd
-    from curate.stages.dedup.config import read_shard
-
     best_h = np.zeros(0, np.uint64)
     best_k = np.zeros(0, "S1")
     best_s = np.zeros(0, np.int64)
@@ -69,9 +70,6 @@ def _images(ds: DatasetDir, keys: dict[str, list[str]]) -> list[tuple[Any, bytes
     """(image, sha256 of its bytes) of each sampled key, in key order."""
     import hashlib
 
-    from curate.imaging import safe_open
-    from curate.io.shards import iter_samples
-
     out = []
     for shard in sorted(keys):
         wanted = set(keys[shard])
@@ -89,9 +87,6 @@ def calibrate(ds: DatasetDir, shards: list[str], seed: int, target: float, devic
               scorer: str = "score") -> dict[str, Any]:
     """The threshold and the evidence for it (see the module docstring)."""
     import torch
-
-    from curate.io import manifest
-    from curate.models import load_model, resolve_model
 
     score = manifest.load(ds)["stages"].get(scorer, {}).get("config") or {}
     if "model" not in score:
