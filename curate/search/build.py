@@ -40,7 +40,7 @@ from curate.options import option
 log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
-PLAN_VERSION = 2  # 2: ids.parquet one row group per shard, tasks read theirs
+PLAN_VERSION = 3  # 2: ids.parquet one row group per shard, tasks read theirs; 3: parts hold codes
 MODALITIES = {"image": ".img_emb.npy", "text": ".txt_emb.npy"}
 KINDS = ("auto", "flat", "ivf-fp16", "ivf-pq")
 PQ_CODE_SIZES = (64, 48, 32, 24, 16, 12, 8, 4)  # bytes per vector tried, largest (most accurate) first
@@ -55,6 +55,13 @@ TEXT_LIKE_COSINE = 0.3  # a CLIP caption's cosine to its own image, roughly: the
 ROW_STORE_SQL_CAP = 512 << 20  # DuckDB's memory limit for the row store's query, at most (curate.machine)
 PLATEAU_STEPS, PLATEAU_GAIN = 3, 0.002  # tuning stops when 3 more nprobe steps gain under 0.002 recall
 NLIST_PER_SQRT_N, MAX_AUTO_NLIST = 4, 8192  # auto IVF lists: 4 sqrt(N), capped so k-means (64 points a list) stays affordable
+# From this many lists the coarse centroids are trained in two levels (k-means into ~sqrt(nlist) groups, then
+# each group into its share of the lists): one k-means over nlist centroids costs O(sample x nlist) a pass,
+# 8,192 lists on 524,288 rows about 25 s a pass on 2 cores; two levels cost O(sample x 2 sqrt(nlist)).
+TWO_LEVEL_FROM = 2048
+KMEANS_NITER = 20
+REFINE_PASSES = 2  # Lloyd passes over the whole sample after the two levels (each one assignment to nlist)
+ENCODER_TRAIN_ROWS = 65536  # what faiss's PQ training samples anyway (256 points for each of 256 centroids)
 
 
 def _bytes(text: str) -> int:
@@ -263,16 +270,96 @@ def open_embeddings(ds: DatasetDir, scorer: str, shard: str, modality: str) -> n
     return emb
 
 
-def gather(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, positions: np.ndarray) -> np.ndarray:
-    """float32 vectors of the ids at `positions` (any order), read shard by shard from the memory maps."""
+def gather(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, positions: np.ndarray,
+           dtype: Any = np.float32) -> np.ndarray:
+    """Vectors of the ids at `positions` (any order), read shard by shard from the memory maps."""
     out: np.ndarray | None = None
     for shard, sel, rows in idmap.by_shard(positions):
         emb = open_embeddings(ds, scorer, shard, modality)
         if out is None:
-            out = np.zeros((len(positions), emb.shape[1]), np.float32)
+            out = np.zeros((len(positions), emb.shape[1]), dtype)
         o = np.argsort(rows)
         out[sel[o]] = emb[rows[o]]
-    return out if out is not None else np.zeros((0, 0), np.float32)
+    return out if out is not None else np.zeros((0, 0), dtype)
+
+
+def train_index(index: Any, sample: np.ndarray, nlist: int, seed: int) -> str:
+    """Train `index` on `sample` (float16 rows, kept so: the float32 copies are one group or one slice at a
+    time); returns how the coarse centroids were trained. Under TWO_LEVEL_FROM lists faiss trains it all;
+    from there the coarse centroids come from two_level_kmeans and faiss trains only the encoder (PQ codes
+    on residuals, on at most ENCODER_TRAIN_ROWS rows). PQ's polysemous training (a code-ordering for
+    Hamming-distance filtering, which this index never uses) is switched off: about a minute for 10k rows."""
+    import faiss
+
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False
+    if nlist < TWO_LEVEL_FROM:
+        index.train(np.asarray(sample, np.float32))
+        return "k-means"
+    ivf.quantizer.add(two_level_kmeans(sample, nlist, seed))
+    rows = np.random.default_rng(seed).permutation(len(sample))[:ENCODER_TRAIN_ROWS]
+    encoder_rows = np.asarray(sample[np.sort(rows)], np.float32)
+    del sample  # the caller passes the sample in: freed here, before faiss computes the residuals
+    index.train(encoder_rows)  # the quantizer is complete: the encoder only
+    return "two-level k-means"
+
+
+def two_level_kmeans(x: np.ndarray, nlist: int, seed: int, chunk: int = 65536) -> np.ndarray:
+    """`nlist` unit centroids of the rows of x (spherical k-means, as faiss's IVF trains for inner product),
+    in two levels: k-means into round(sqrt(nlist)) groups on a subsample, every row assigned to its group,
+    then each group split into a share of nlist proportional to its size (so every list gets about as many
+    training rows). Holds float32 copies of one group or one chunk at a time."""
+    import faiss
+
+    d = x.shape[1]
+    nc1 = max(1, round(math.sqrt(nlist)))
+    rng = np.random.default_rng(seed)
+    sub = np.sort(rng.permutation(len(x))[:256 * nc1])
+    top = faiss.Kmeans(d, nc1, niter=KMEANS_NITER, spherical=True, seed=seed, max_points_per_centroid=256)
+    top.train(np.asarray(x[sub], np.float32))
+    group = np.concatenate([top.index.search(np.asarray(x[s:s + chunk], np.float32), 1)[1][:, 0]
+                            for s in range(0, len(x), chunk)])
+    sizes = np.bincount(group, minlength=nc1)
+    share = np.diff(np.r_[0, np.cumsum(sizes) * nlist // len(x)])  # sums to nlist; each at most its group's size
+    order = np.argsort(group, kind="stable")
+    out, start = [], 0
+    for g in range(nc1):
+        rows = np.sort(order[start:start + sizes[g]])
+        start += sizes[g]
+        if share[g] == 0:
+            continue
+        xg = np.asarray(x[rows], np.float32)
+        if share[g] == 1:
+            c = xg.mean(axis=0, keepdims=True)
+            out.append(c / max(float(np.linalg.norm(c)), 1e-12))
+            continue
+        km = faiss.Kmeans(d, int(share[g]), niter=KMEANS_NITER, spherical=True, seed=seed + g,
+                          max_points_per_centroid=256)
+        km.train(xg)
+        out.append(km.centroids)
+    centroids = np.ascontiguousarray(np.concatenate(out), np.float32)
+    for _ in range(REFINE_PASSES):  # the groups were split apart: a few passes over all lists mend the borders
+        centroids = lloyd_pass(x, centroids, chunk)
+    return centroids
+
+
+def lloyd_pass(x: np.ndarray, centroids: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """One spherical k-means pass: each row to its nearest centroid, each centroid to its rows' normalised
+    mean (one with no rows stays). x is read in float32 chunks."""
+    import faiss
+
+    flat = faiss.IndexFlatIP(centroids.shape[1])
+    flat.add(centroids)
+    sums = np.zeros(centroids.shape, np.float64)
+    for s in range(0, len(x), chunk):
+        xc = np.asarray(x[s:s + chunk], np.float32)
+        a = flat.search(xc, 1)[1][:, 0]
+        order = np.argsort(a, kind="stable")
+        lists, starts = np.unique(a[order], return_index=True)
+        sums[lists] += np.add.reduceat(xc[order], starts, axis=0)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return np.ascontiguousarray(np.where(norms > 0, sums / np.maximum(norms, 1e-12), centroids), np.float32)
 
 
 # --- the stage -------------------------------------------------------------------------------------
@@ -321,16 +408,20 @@ class IndexStage:
             queries, train = np.sort(drawn[:n_queries]), np.sort(drawn[n_queries:])
         else:  # one row: it is the query and, for an IVF index, the whole training set
             queries, train = np.arange(n), np.arange(n)[:train_n]
+        coarse = ""
         for m in modalities:
             index = faiss.index_factory(d, choice["factory"], faiss.METRIC_INNER_PRODUCT)
             if not index.is_trained:
                 t0 = time.time()
-                index.train(gather(ds, cfg.scorer, m, idmap, train))
-                log.info("index: trained %s %s on %d rows in %.1fs", m, choice["factory"], len(train), time.time() - t0)
+                # the sample stays float16 (as stored): 524,288 x 512 is 0.5 GB, not 1 GB
+                coarse = train_index(index, gather(ds, cfg.scorer, m, idmap, train, np.float16), choice["nlist"],
+                                     cfg.seed)
+                log.info("index: trained %s %s on %d rows (%s) in %.1fs", m, choice["factory"], len(train), coarse,
+                         time.time() - t0)
             _write_index(wd / f"trained-{m}.faiss", index)
         _save(wd / "queries.npy", queries.astype(np.int64))
         plan = {"digest": digest, "rows": n, "dim": d, **choice, "modalities": modalities, "tasks": tasks,
-                "train_rows": int(len(train))}
+                "train_rows": int(len(train)), "coarse_training": coarse}
         write_json(wd / "plan.json", plan)  # last: its presence says every file above is complete
         return plan
 
@@ -364,15 +455,19 @@ class IndexStage:
         if len(rows) != task["n"]:
             raise InputError(f"{wd / 'ids.parquet'}: row group {task['row_group']} holds {len(rows)} ids of "
                              f"{task['shard']}, the plan says {task['n']}")
+        (wd / "index.json").unlink(missing_ok=True)  # the merged index no longer holds every part as it is
         for m in plan["modalities"]:
             index = faiss.read_index(str(wd / f"trained-{m}.faiss"))
             emb = open_embeddings(ds, cfg.scorer, task["shard"], m)
             if len(rows) and int(rows.max()) >= emb.shape[0]:
                 raise InputError(f"{ds.signals(cfg.scorer, task['shard'], MODALITIES[m])}: {emb.shape[0]} rows, "
                                  f"the score table names emb_row {int(rows.max())}")
-            for start in range(0, len(rows), cfg.batch_rows):
-                index.add(np.ascontiguousarray(emb[rows[start:start + cfg.batch_rows]], dtype=np.float32))
-            _write_index(part_path(ds, task["shard"], m), index)
+            # the part is the shard's codes as the index stores them (IVF: list number + code), not a copy of
+            # the trained index: 66 bytes a row for IVF-PQ64, where the coarse centroids alone are 16 MB
+            codes = [index.sa_encode(np.ascontiguousarray(emb[rows[start:start + cfg.batch_rows]], np.float32))
+                     for start in range(0, len(rows), cfg.batch_rows)]
+            _save(part_path(ds, task["shard"], m),
+                  np.concatenate(codes) if codes else np.zeros((0, index.sa_code_size()), np.uint8))
         return {"rows": int(len(rows))}
 
     def finalize(self, cfg: IndexConfig, ds: DatasetDir) -> dict[str, Any]:
@@ -382,15 +477,22 @@ class IndexStage:
         plan = read_json(wd / "plan.json")
         if any(not part_path(ds, t["shard"], m).exists() for t in plan["tasks"] for m in plan["modalities"]):
             return {"incomplete_tasks": sum(not ds.marker(self.name, t["shard"]).exists() for t in plan["tasks"])}
-        meta = {"format": "curate-index/1", "scorer": cfg.scorer, "rows": plan["rows"], "dim": plan["dim"],
-                "kind": plan["kind"], "factory": plan["factory"], "nlist": plan["nlist"], "metric": "inner_product",
-                "refine": plan.get("refine", 0), "train_rows": plan["train_rows"], "score_fingerprint": plan["digest"]["inputs"]["fingerprint"],
-                "modalities": {}}
-        held = self._tuning_queries(cfg, ds, plan)
-        for m in plan["modalities"]:
-            meta["modalities"][m] = self._merge_and_tune(cfg, ds, plan, m, held)
         from curate.search.rowstore import is_current, write_row_store
 
+        plan_id = json_digest(plan["digest"])
+        old = read_json(wd / "index.json") if (wd / "index.json").exists() else {}
+        if old.get("plan") == plan_id:  # merged and tuned from these parts already (a task unlinks it)
+            meta = old
+        else:
+            meta = {"format": "curate-index/1", "scorer": cfg.scorer, "rows": plan["rows"], "dim": plan["dim"],
+                    "kind": plan["kind"], "factory": plan["factory"], "nlist": plan["nlist"],
+                    "metric": "inner_product", "refine": plan.get("refine", 0), "train_rows": plan["train_rows"],
+                    "coarse_training": plan.get("coarse_training", ""), "plan": plan_id,
+                    "score_fingerprint": plan["digest"]["inputs"]["fingerprint"], "modalities": {}}
+            (wd / "index.json").unlink(missing_ok=True)
+            held = self._tuning_queries(cfg, ds, plan)
+            for m in plan["modalities"]:
+                meta["modalities"][m] = self._merge_and_tune(cfg, ds, plan, m, held)
         if not is_current(ds, wd):  # missing, or a ledger/signal file changed since: (re)written here
             # DuckDB's share of this machine (or $CURATE_SQL_MEMORY), at most 512 MB: it spills past it
             write_row_store(ds, wd, plan["rows"], memory_limit=sql_memory_limit(cap=ROW_STORE_SQL_CAP))
@@ -422,10 +524,13 @@ class IndexStage:
 
         wd = index_dir(ds)
         index = faiss.read_index(str(wd / f"trained-{m}.faiss"))
-        for t in plan["tasks"]:
-            part = faiss.read_index(str(part_path(ds, t["shard"], m)))
-            # parts hold ids 0..n-1 of their shard; IVF shifts them by the shard's first id, Flat appends
-            index.merge_from(part, 0 if plan["kind"] == "flat" else index.ntotal)
+        for t in plan["tasks"]:  # streamed: one shard's codes at a time, ids in plan order
+            codes = np.load(part_path(ds, t["shard"], m))
+            if len(codes) != t["n"] or (len(codes) and codes.shape[1] != index.sa_code_size()):
+                raise InputError(f"{part_path(ds, t['shard'], m)}: {codes.shape} codes, the plan says {t['n']} rows "
+                                 f"of {index.sa_code_size()} bytes; run `curate index {ds.root} --redo`")
+            if len(codes):
+                index.add_sa_codes(codes, np.arange(index.ntotal, index.ntotal + len(codes), dtype=np.int64))
         if index.ntotal != plan["rows"]:
             raise InputError(f"{wd}: merged {index.ntotal} vectors for {m}, the id table has {plan['rows']}")
         idmap = held["ids"]
@@ -452,7 +557,7 @@ class IndexStage:
 
 
 def part_path(ds: DatasetDir, shard: str, modality: str) -> Path:
-    return index_dir(ds) / "parts" / f"{shard}.{modality}.faiss"
+    return index_dir(ds) / "parts" / f"{shard}.{modality}.codes.npy"
 
 
 def _write_index(path: Path, index: Any) -> None:
