@@ -3,8 +3,9 @@
 The index kind is chosen by size, the way autofaiss does: an exact inner-product Flat index under
 `exact_below` rows; above it an IVF index whose lists hold float16 vectors (exact distances inside the
 probed lists) when they fit the memory budget, else IVF with product quantization sized to the budget.
-plan() (driver) writes the id -> key table and trains the index on a seeded sample; each task adds one
-scored shard's vectors to a copy of the trained index; finalize() merges the parts in id order, picks the
+plan() (driver) writes the id -> key table and trains the index on a seeded sample; each task encodes one
+scored shard's vectors with the trained index (its part: the codes the index stores); finalize() adds the
+parts' codes in id order, one part at a time, picks the
 smallest nprobe that reaches `target_recall` against brute force for each kind of query a user sends (below),
 writes the id-ordered row store (curate/search/rowstore.py) and writes index.json last.
 
@@ -481,7 +482,8 @@ class IndexStage:
 
         plan_id = json_digest(plan["digest"])
         old = read_json(wd / "index.json") if (wd / "index.json").exists() else {}
-        if old.get("plan") == plan_id:  # merged and tuned from these parts already (a task unlinks it)
+        if old.get("plan") == plan_id and all((wd / v["file"]).exists() for v in old["modalities"].values()):
+            # merged and tuned from these very parts already (a task that runs unlinks index.json)
             meta = old
         else:
             meta = {"format": "curate-index/1", "scorer": cfg.scorer, "rows": plan["rows"], "dim": plan["dim"],

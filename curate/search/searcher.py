@@ -12,6 +12,7 @@ So a query's cost does not grow with the number of shards: no SQL runs per query
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,12 +24,12 @@ import numpy as np
 from curate.errors import InputError
 from curate.io.atomic import read_json
 from curate.io.layout import DatasetDir
-from curate.search.build import QUERY_KINDS, index_dir, open_embeddings
+from curate.search.build import MODALITIES, QUERY_KINDS, index_dir, open_embeddings
 from curate.search.rowstore import HIT_COLUMNS, RowStore, allow_list, is_current, sources_digest
 
 log = logging.getLogger(__name__)
 
-MAX_OPEN_SHARDS = 64  # memory-mapped embedding files kept open for IVF-PQ reranking
+MAX_OPEN_SHARDS = 1024  # embedding files kept open for IVF-PQ reranking (at most a quarter of the fd limit)
 MAX_CANDIDATES = 1 << 16  # widening stops here: a --where that keeps almost nothing is reported, not scanned
 BOTH = "both"  # --modality both: image and caption hits fused by reciprocal rank
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): score = sum over lists of 1 / (RRF_K + rank)
@@ -62,7 +63,9 @@ class Searcher:
         ids = pq.read_table(wd / "ids.parquet")
         self.keys = np.asarray(ids["key"].to_numpy(zero_copy_only=False), dtype=object)
         shards = ids["shard"].combine_chunks().dictionary_encode()  # one str object per shard, not per row
-        self.shards = np.asarray(shards.dictionary.to_pylist(), dtype=object)[shards.indices.to_numpy()]
+        self._shard_names = shards.dictionary.to_pylist()
+        self._shard_codes = shards.indices.to_numpy()
+        self.shards = np.asarray(self._shard_names, dtype=object)[self._shard_codes]
         self.emb_rows = ids["emb_row"].to_numpy()
         self._key_to_id: dict[str, int] | None = None
         self.indexes: dict[str, Any] = {}
@@ -70,8 +73,9 @@ class Searcher:
             self.indexes[m] = faiss.read_index(str(wd / info["file"]))
         self.nlist = int(self.meta["nlist"])
         self.refine = int(self.meta.get("refine", 0))  # IVF-PQ: candidates reranked by exact cosine
-        self._maps: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self._lock_maps = threading.Lock()
+        self._files: OrderedDict[tuple[str, str], tuple[int, int, int, np.dtype]] = OrderedDict()
+        self._lock_files = threading.Lock()
+        self._max_open = _open_file_budget()
         self.where = where
         sources = Sources.of(self.ds)
         if where:
@@ -241,23 +245,41 @@ class Searcher:
         return [(int(got[j]), float(exact[j])) for j in order]
 
     def vectors_of(self, modality: str, ids: np.ndarray) -> np.ndarray:
-        """float32 stored vectors of `ids`, read from the score stage's memory-mapped embedding files (the
-        last MAX_OPEN_SHARDS kept open)."""
+        """float32 stored vectors of `ids`, read from the score stage's embedding files one row at a time by
+        positional reads, shard by shard (the last MAX_OPEN_SHARDS files kept open): the 500 rerank candidates
+        of a query over 1,000 shards cost 500 small reads, and no memory map keeps touched pages resident."""
+        ids = np.asarray(ids, np.int64)
         out = np.empty((len(ids), int(self.meta["dim"])), np.float32)
-        shards = self.shards[ids]
-        for shard in dict.fromkeys(shards.tolist()):
-            sel = np.flatnonzero(shards == shard)
-            with self._lock_maps:
-                emb = self._maps.pop((modality, shard), None)
-                if emb is None:
-                    emb = open_embeddings(self.ds, self.scorer, shard, modality)
-                self._maps[(modality, shard)] = emb
-                while len(self._maps) > MAX_OPEN_SHARDS:
-                    self._maps.popitem(last=False)
-            rows = self.emb_rows[ids[sel]]
-            o = np.argsort(rows)
-            out[sel[o]] = emb[rows[o]]
+        codes = self._shard_codes[ids]
+        order = np.argsort(codes, kind="stable")
+        groups, starts = np.unique(codes[order], return_index=True)
+        for code, sel in zip(groups.tolist(), np.split(order, starts[1:]), strict=True):
+            shard = self._shard_names[code]
+            with self._lock_files:  # an evicted file is closed: reads happen under the lock
+                fd, offset, width, dtype = self._file(modality, shard)
+                for j in sel.tolist():
+                    row = int(self.emb_rows[ids[j]])
+                    buf = os.pread(fd, width, offset + row * width)
+                    if len(buf) != width:
+                        raise InputError(f"{self.ds.signals(self.scorer, shard, MODALITIES[modality])}: row {row} "
+                                         f"is past the end of the file (rerun `curate index {self.ds.root}`)")
+                    out[j] = np.frombuffer(buf, dtype)
         return out
+
+    def _file(self, modality: str, shard: str) -> tuple[int, int, int, np.dtype]:
+        """(fd, data offset, bytes a row, dtype) of a shard's embedding file, opened once and kept (LRU)."""
+        got = self._files.pop((modality, shard), None)
+        if got is None:
+            emb = open_embeddings(self.ds, self.scorer, shard, modality)  # header checked, then unmapped
+            if not emb.flags.c_contiguous:
+                raise InputError(f"{emb.filename}: not a row-major (C order) array")
+            got = (os.open(emb.filename, os.O_RDONLY), int(emb.offset), emb.shape[1] * emb.dtype.itemsize,
+                   emb.dtype)
+            del emb
+        self._files[(modality, shard)] = got
+        while len(self._files) > self._max_open:
+            os.close(self._files.popitem(last=False)[1][0])
+        return got
 
     def query(self, q: Query, k: int = 10, modality: str = "image",
               templates: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -390,6 +412,17 @@ class Searcher:
         if self.store is not None:
             self.store.close()
         self.db.close()
+        with self._lock_files:
+            while self._files:
+                os.close(self._files.popitem()[1][0])
+
+
+def _open_file_budget() -> int:
+    """How many embedding files a searcher keeps open: MAX_OPEN_SHARDS, at most a quarter of the fd limit."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(8, min(MAX_OPEN_SHARDS, soft // 4 if soft > 0 else MAX_OPEN_SHARDS))
 
 
 def query_kind(q: Query, modality: str) -> str:
