@@ -656,10 +656,11 @@ def test_tuning_stops_at_a_recall_plateau_and_takes_its_cheapest_nprobe():
     def true_sims(ids):
         return np.where(ids >= 0, np.einsum("qkd,qd->qk", x[np.maximum(ids, 0)], q), -np.inf)
 
-    nprobe, rec, curve = tune_nprobe(index, 128, q, gt, 1.0, true_sims)
+    nprobe, rec, curve, depth = tune_nprobe(index, 128, q, gt, 1.0, true_sims)
     best = max(r for _, r in curve)
     assert rec < 1.0 and len(curve) < len(probe_steps(128))  # stopped early
     assert nprobe == next(p for p, r in curve if r >= best - PLATEAU_GAIN) and rec >= best - PLATEAU_GAIN
+    assert depth == 0  # no rerank asked
 
 
 def test_auto_nlist_is_about_four_sqrt_n_with_enough_training_rows_per_list():
@@ -710,3 +711,29 @@ def test_two_level_coarse_training_is_close_to_full_kmeans_and_parts_are_codes(m
     merged.nprobe = added.nprobe = 16
     assert merged.ntotal == added.ntotal and np.array_equal(merged.search(x32[:50], 10)[1],
                                                             added.search(x32[:50], 10)[1])
+
+
+def test_tuning_picks_a_rerank_depth_when_codes_cannot_order_the_top():
+    """IVF-PQ: with coarse codes the top k by code is not the exact top k; tuning measures each rerank depth at
+    each nprobe and keeps the cheapest pair that reaches the target, which here needs the deeper rerank."""
+    import faiss
+
+    from curate.search.build import tune_nprobe
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = faiss.index_factory(32, "IVF16,PQ4", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    q = x[:80] + 0.2 * rng.standard_normal((80, 32)).astype(np.float32)
+    gt = -np.sort(-(q @ x.T), axis=1)[:, :10]
+
+    def true_sims(ids):
+        return np.where(ids >= 0, np.einsum("qkd,qd->qk", x[np.maximum(ids, 0)], q), -np.inf)
+
+    nprobe, rec, curve, depth = tune_nprobe(index, 16, q, gt, 0.9, true_sims, (10, 300), 6000 / 16)
+    assert depth == 300 and rec >= 0.9 and curve[-1][1] >= 0.9
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    shallow = -np.sort(-true_sims(index.search(q, 10)[1]), axis=1)
+    assert float(np.mean(shallow >= gt[:, -1:] - 1e-4)) < 0.8  # the codes alone miss the exact top 10

@@ -52,6 +52,11 @@ QUERY_KINDS = ("image", "text")  # the encoder a query vector came from
 # the depth: their top 10 sit among many near-ties that 64-byte codes cannot order (200k x 512, IVF1024,PQ64,
 # text-like probes: recall@10 plateaus at 0.965 with 200 candidates, 0.995 with 500)
 REFINE_DEPTH = 500
+# ...and the depth grows with N (more near-ties): tuning tries these and keeps the cheapest (nprobe, depth) pair
+# that reaches the target, a reranked row counted as ROW_COST scanned codes (a positional read, ~17 us, against
+# ~60 ns a PQ64 code on 2 cores)
+REFINE_DEPTHS = (500, 1000, 2000, 4000)
+ROW_COST = 300
 TEXT_LIKE_COSINE = 0.3  # a CLIP caption's cosine to its own image, roughly: the weakly aligned probes' cosine
 ROW_STORE_SQL_CAP = 512 << 20  # DuckDB's memory limit for the row store's query, at most (curate.machine)
 PLATEAU_STEPS, PLATEAU_GAIN = 3, 0.002  # tuning stops when 3 more nprobe steps gain under 0.002 recall
@@ -540,13 +545,14 @@ class IndexStage:
         for kind in QUERY_KINDS:
             q, source = held[kind]
             gt = brute_force(ds, cfg.scorer, m, idmap, q, RECALL_K)
-            nprobe, recall, curve = tune_nprobe(
+            nprobe, recall, curve, depth = tune_nprobe(
                 index, plan["nlist"], q, gt, cfg.target_recall,
-                lambda ids, q=q: exact_sims(ds, cfg.scorer, m, idmap, q, ids), plan.get("refine", 0))
+                lambda ids, q=q: exact_sims(ds, cfg.scorer, m, idmap, q, ids),
+                REFINE_DEPTHS if plan.get("refine") else (), plan["rows"] / max(1, plan["nlist"]))
             search[kind] = {"nprobe": nprobe, "recall": recall, "recall_curve": curve, "queries": held["n"],
-                            "source": source}
-            log.info("index: %s %s, %d vectors, %s queries: nprobe %d, recall@%d %.4f", m, plan["factory"],
-                     index.ntotal, kind, nprobe, RECALL_K, recall)
+                            "source": source, "refine": depth}
+            log.info("index: %s %s, %d vectors, %s queries: nprobe %d, rerank %d, recall@%d %.4f", m, plan["factory"],
+                     index.ntotal, kind, nprobe, depth, RECALL_K, recall)
         path = wd / f"{m}.faiss"
         _write_index(path, index)
         own = search["text" if m == "text" else "image"]  # queries of the index's own modality
@@ -617,38 +623,41 @@ def weak_probes(x: np.ndarray, cosine: float, seed: int = 0) -> np.ndarray:
 
 
 def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: float,
-                true_sims: Callable[[np.ndarray], np.ndarray], refine: int = 0) -> tuple[int, float, list[list[float]]]:
-    """The smallest nprobe of probe_steps() whose recall@k reaches `target` (exact indexes: 0, measured once).
-    With `refine`, each search takes that many candidates and keeps the k of highest exact cosine, as the
-    searcher does for IVF-PQ. A compressed index may never reach the target (its codes, not the lists
-    probed, limit recall): once PLATEAU_STEPS more steps gain less than PLATEAU_GAIN the search stops, and
-    the smallest nprobe within PLATEAU_GAIN of the best recall is chosen, not the most expensive one."""
+                true_sims: Callable[[np.ndarray], np.ndarray], depths: Any = (),
+                list_size: float = 1.0) -> tuple[int, float, list[list[float]], int]:
+    """(nprobe, recall, curve, rerank depth): the cheapest setting whose recall@k reaches `target`, nprobe over
+    probe_steps() (exact indexes: 0, measured once). With rerank `depths` (IVF-PQ), each search takes that many
+    candidates and keeps the k of highest exact cosine, as the searcher does; every depth is measured at every
+    nprobe and the pair of least cost (nprobe x list_size codes scanned + ROW_COST a reranked row) is kept.
+    The curve holds each nprobe's best recall over the depths. A compressed index may never reach the target
+    (its codes, not the lists probed, limit recall): once PLATEAU_STEPS more steps gain less than PLATEAU_GAIN
+    the search stops, and the cheapest setting within PLATEAU_GAIN of the best recall is chosen."""
     import faiss
 
     k = gt.shape[1]
     ivf = faiss.extract_index_ivf(index) if nlist else None
+    depths = sorted(depths) or [0]
     curve: list[list[float]] = []
-    probes = [0] if ivf is None else probe_steps(nlist)
-    for p in probes:
+    seen: list[tuple[float, int, int, float]] = []  # (cost, nprobe, depth, recall)
+    for p in [0] if ivf is None else probe_steps(nlist):
         if ivf is not None:
             ivf.nprobe = p
-        _, ids = index.search(q, max(k, refine))
+        _, ids = index.search(q, max(k, depths[-1]))
         sims = true_sims(ids)
-        if refine:
-            sims = -np.sort(-sims, axis=1)[:, :k]
-        rec = recall_at_k(sims, gt)
-        curve.append([p, round(rec, 5)])
-        if rec >= target:
+        for d in depths:
+            rec = recall_at_k(-np.sort(-sims[:, :d], axis=1)[:, :k] if d else sims, gt)
+            seen.append((p * list_size + ROW_COST * d, p, d, round(rec, 5)))
+        curve.append([p, max(r for _, s, _, r in seen if s == p)])
+        if curve[-1][1] >= target:
             break
-        if len(curve) > PLATEAU_STEPS and rec - curve[-1 - PLATEAU_STEPS][1] < PLATEAU_GAIN:
+        if len(curve) > PLATEAU_STEPS and curve[-1][1] - curve[-1 - PLATEAU_STEPS][1] < PLATEAU_GAIN:
             break
-    nprobe, rec = curve[-1]
-    if rec < target:
-        best = max(r for _, r in curve)
-        nprobe, rec = next((p, r) for p, r in curve if r >= best - PLATEAU_GAIN)
+    best = max(r for *_, r in seen)
+    floor = target if best >= target else best - PLATEAU_GAIN
+    _, nprobe, depth, rec = min(x for x in seen if x[3] >= floor)
     if ivf is not None:
         ivf.nprobe = int(nprobe)
-    return int(nprobe), float(rec), curve
+    return int(nprobe), float(rec), curve, int(depth)
 
 
 def exact_sims(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, q: np.ndarray,

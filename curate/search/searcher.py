@@ -113,6 +113,12 @@ class Searcher:
             self._allow_bits = np.packbits(self.allowed, bitorder="little")
             self._selector = faiss.IDSelectorBitmap(len(self.keys), faiss.swig_ptr(self._allow_bits))
 
+    def refine_depth(self, modality: str, kind: str) -> int:
+        """IVF-PQ: how many of the index's candidates are reranked by exact cosine for a `kind` query vector
+        (tuned with nprobe; 0: none)."""
+        info = self.meta["modalities"][modality]
+        return int(info.get("search", {}).get(kind, {}).get("refine", self.refine)) if self.refine else 0
+
     def nprobe(self, modality: str, kind: str) -> int:
         """The tuned nprobe of `modality`'s index for a query vector from the `kind` encoder (0: exact index)."""
         info = self.meta["modalities"][modality]
@@ -227,18 +233,18 @@ class Searcher:
         if n <= 0:
             return []
         q = np.ascontiguousarray(vec.reshape(1, -1), np.float32)
-        nprobe = self.nprobe(modality, kind)
+        nprobe, refine = self.nprobe(modality, kind), self.refine_depth(modality, kind)
         while True:
             if self.nlist:
                 params = faiss.SearchParametersIVF(nprobe=max(1, nprobe), sel=sel)
             else:
                 params = faiss.SearchParameters(sel=sel) if sel is not None else None
-            sims, ids = index.search(q, max(n, self.refine), params=params)
+            sims, ids = index.search(q, max(n, refine), params=params)
             got = ids[0][ids[0] >= 0]
             if len(got) >= n or not self.nlist or nprobe >= self.nlist:
                 break
             nprobe = min(self.nlist, max(1, nprobe) * 4)
-        if not self.refine:
+        if not refine:
             return [(int(i), float(x)) for i, x in zip(ids[0], sims[0], strict=True) if i >= 0][:n]
         exact = self.vectors_of(modality, got) @ q[0]
         order = np.argsort(-exact, kind="stable")[:n]
