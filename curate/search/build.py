@@ -237,17 +237,25 @@ class IdMap:
     """Index id -> (shard, emb_row) through the plan's per-shard ranges and ids.parquet's row groups: a
     lookup reads only the row groups of the shards it touches, never the whole id table."""
 
-    def __init__(self, path: Path, tasks: list[dict[str, Any]]):
+    def __init__(self, path: Path, tasks: list[dict[str, Any]], cache: bool = False):
         self.path = path
         self.tasks = [t for t in tasks if t["n"]]
         self.lo = np.array([t["lo"] for t in self.tasks], np.int64)
+        # tuning reads the same shards' rows again and again: their emb_row column kept, 4 bytes an id
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def emb_rows(self, i: int) -> np.ndarray:
         import pyarrow.parquet as pq
 
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
         t = self.tasks[i]
         pf = pq.ParquetFile(self.path)
-        return pf.read_row_group(t["row_group"], columns=["emb_row"])["emb_row"].to_numpy()
+        rows = pf.read_row_group(t["row_group"], columns=["emb_row"])["emb_row"].to_numpy()
+        if self._cache is not None:
+            rows = rows.astype(np.int32) if rows.size and rows.max() < 2 ** 31 else rows
+            self._cache[i] = rows
+        return rows
 
     def by_shard(self, ids: np.ndarray) -> Any:
         """(shard, positions into `ids`, emb_row of those ids) for every shard holding some of `ids`."""
@@ -515,7 +523,7 @@ class IndexStage:
         """{kind: (vectors, what they are)} of the held-out rows: image embeddings for image queries; caption
         embeddings for text queries when the scorer saved them, else weakly aligned probes of the images."""
         wd = index_dir(ds)
-        idmap = IdMap(wd / "ids.parquet", plan["tasks"])
+        idmap = IdMap(wd / "ids.parquet", plan["tasks"], cache=True)
         queries = np.load(wd / "queries.npy")
         img = gather(ds, cfg.scorer, "image", idmap, queries)
         if "text" in plan["modalities"]:
@@ -661,13 +669,17 @@ def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: f
 
 
 def exact_sims(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, q: np.ndarray,
-               ids: np.ndarray) -> np.ndarray:
-    """Similarities of returned ids recomputed from the stored embeddings (PQ distances are approximate)."""
+               ids: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Similarities of returned ids recomputed from the stored embeddings (PQ distances are approximate), about
+    `chunk` candidates at a time (256 queries x 4,000 candidates as float32 would be 2 GB)."""
     out = np.full(ids.shape, -np.inf, np.float32)
-    valid = ids >= 0
-    if valid.any():
-        vecs = gather(ds, scorer, modality, idmap, ids[valid].astype(np.int64))
-        out[valid] = np.einsum("ij,ij->i", vecs, np.repeat(q, valid.sum(axis=1), axis=0))
+    step = max(1, chunk // max(1, ids.shape[1]))
+    for s in range(0, len(ids), step):
+        part, valid = ids[s:s + step], ids[s:s + step] >= 0
+        if valid.any():
+            vecs = gather(ds, scorer, modality, idmap, part[valid].astype(np.int64))
+            sims = np.einsum("ij,ij->i", vecs, np.repeat(q[s:s + step], valid.sum(axis=1), axis=0))
+            out[s:s + step][valid] = sims
     return out
 
 
