@@ -6,7 +6,8 @@ probed lists) when they fit the memory budget, else IVF with product quantizatio
 plan() (driver) writes the id -> key table and trains the index on a seeded sample; each task encodes one
 scored shard's vectors with the trained index (its part: the codes the index stores); finalize() adds the
 parts' codes in id order, one part at a time, picks the
-smallest nprobe that reaches `target_recall` against brute force for each kind of query a user sends (below),
+cheapest nprobe (and, for IVF-PQ, rerank depth) that reaches `target_recall` against brute force for each
+kind of query a user sends (below),
 writes the id-ordered row store (curate/search/rowstore.py) and writes index.json last.
 
 Query kinds: an *image* query (an image file, or a sample's own vector: `--key`) sits inside the indexed
