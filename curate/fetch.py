@@ -344,12 +344,14 @@ class _GuardedHTTPSConnection(HTTPSConnection):
 # ---- per-host limits ----------------------------------------------------------------------------
 
 # a host's limit starts here (or at the ceiling when that is lower) and grows by about one per round of
-# successes up to the ceiling (--per-host); a 429 or 503 sets it one below the requests in flight that drew
-# the answer (halves it when only one was), keeps it there for a minute, and pauses the host (Retry-After).
-# A 429/503 that comes while the host is already held to one request at a time says the host limits the
-# request rate, not the requests at once: its requests are then spaced to RATE_BACKOFF of the rate it
-# answered since its last 429/503 (and 10% slower again at each further one), for a minute; the rows
-# that a 429 paused retry in turns at that spacing.
+# successes up to the ceiling (--per-host). A 429 or 503 pauses the host (Retry-After) and says one of two
+# things. Drawn by more than RATE_FLOOR requests at once, it says the host limits the requests at once: the
+# limit goes one below the requests in flight that drew it, for a minute. Drawn by RATE_FLOOR or fewer, it
+# says the host limits the request rate (a CDN's token bucket), and fewer requests at once would only make
+# each wait its own latency: the requests are spaced instead, to RATE_BACKOFF of the rate the host answered
+# since its last pause ended (10% slower again at each further one), for a minute, RATE_FLOOR at once.
+# Too few answers since the last pause to tell a rate: the limit halves. Rows that a 429 paused retry in
+# turns at that spacing.
 HOST_START = 4
 # answers that say the host is overloaded (a 500 is more often one broken URL than a busy host)
 OVERLOAD_STATUS = frozenset({429, 503})
@@ -358,6 +360,7 @@ HOST_CAP_SECONDS = 60.0
 # the pause after a 429/503 without Retry-After (seconds); a Retry-After longer than this is honoured as given
 HOST_PAUSE = 1.0
 RATE_BACKOFF = 0.9
+RATE_FLOOR = 2  # requests at once at or below which a 429/503 is read as a rate limit
 RATE_MIN_ANSWERS = 4  # successes since the last 429/503 needed to estimate the rate the host allows
 RATE_MAX_INTERVAL = 5.0  # seconds: the slowest spacing
 
@@ -391,12 +394,12 @@ class HostLimiter:
     """Concurrent requests per host name, with a limit that adapts (AIMD) between 1 and `ceiling`.
 
     A scheduler that queues a busy host's work calls `try_acquire` (never waits); a direct caller of
-    `Fetcher.fetch` waits in `acquire`. Every slot is released once; `on_release` is called after each
-    release (outside the limiter's lock) so a scheduler can hand the slot to a queued row.
+    `Fetcher.fetch` waits in `acquire`. Every slot is released once; `on_release(host)` is called after
+    each release (outside the limiter's lock) so a scheduler can hand the slot to a queued row.
     """
 
     def __init__(self, ceiling: int, start: int = HOST_START,
-                 on_release: Callable[[], None] | None = None):
+                 on_release: Callable[[str], None] | None = None):
         self.ceiling = max(1, int(ceiling))
         self.start = float(min(self.ceiling, max(1, start)))
         self.on_release = on_release
@@ -477,12 +480,12 @@ class HostLimiter:
             old = self._state(slot.host)
             old.active = max(0, old.active - 1)
             self._cond.notify_all()
-            slot.host = host
+            freed, slot.host = slot.host, host
             got = self._wait_free(host, until, slot)
             if not got and slot.held:
                 slot.held = False  # nothing is held any more: the slot is spent
         if self.on_release is not None:
-            self.on_release()
+            self.on_release(freed)
         return got
 
     def release(self, slot: HostSlot) -> None:
@@ -494,7 +497,7 @@ class HostLimiter:
             st.active = max(0, st.active - 1)
             self._cond.notify_all()
         if self.on_release is not None:
-            self.on_release()
+            self.on_release(slot.host)
 
     def active(self, host: str) -> int:
         with self._cond:
@@ -510,28 +513,26 @@ class HostLimiter:
             self._cond.notify_all()
 
     def throttled(self, host: str, retry_after: float | None) -> None:
-        """A 429/503 from `host`: one request fewer than drew it (at most half when one drew it), for
-        HOST_CAP_SECONDS; pause it for Retry-After (or HOST_PAUSE)."""
+        """A 429/503 from `host`: fewer requests at once, or its requests spaced (see RATE_FLOOR), for
+        HOST_CAP_SECONDS; and a pause for Retry-After (or HOST_PAUSE)."""
         with self._cond:
             st = self._state(host)
             now = time.monotonic()
+            pause = HOST_PAUSE if retry_after is None else retry_after
             if now >= st.paused_until:  # once per pause: the other answers of a burst say the same thing
-                if now < st.cap_until and st.active <= 1 and int(st.limit) <= 1:
-                    # one request at a time already drew the last one: the host limits the rate (when it
-                    # answered a few since, so that rate says something)
-                    if st.interval:
-                        st.interval = min(st.interval / RATE_BACKOFF, RATE_MAX_INTERVAL)
-                    elif st.ok_since >= RATE_MIN_ANSWERS:  # 1 / (RATE_BACKOFF x the rate it answered)
-                        st.interval = min(max(now - st.since, 1e-3) / (RATE_BACKOFF * st.ok_since),
-                                          RATE_MAX_INTERVAL)
-                else:
+                if st.active > RATE_FLOOR:
                     # the share that drew the answer is too much: stay below it for a while
                     # (HOST_CAP_SECONDS), or the host is asked past its limit again a few answers later
-                    st.cap = max(1.0, float(max(st.active, int(st.limit))) - 1.0)
-                    st.limit = min(st.cap, max(1.0, st.limit / 2) if st.active <= 1 else st.cap)
+                    st.cap = st.limit = float(st.active - 1)
+                elif st.interval:
+                    st.interval = min(st.interval / RATE_BACKOFF, RATE_MAX_INTERVAL)
+                elif st.ok_since >= RATE_MIN_ANSWERS:  # 1 / (RATE_BACKOFF x the rate it answered)
+                    st.interval = min(max(now - st.since, 1e-3) / (RATE_BACKOFF * st.ok_since), RATE_MAX_INTERVAL)
+                    st.cap = st.limit = float(min(self.ceiling, RATE_FLOOR))
+                else:  # too few answers to tell a rate: half the share, as for a busy host
+                    st.cap = st.limit = max(1.0, st.limit / 2)
                 st.cap_until = now + HOST_CAP_SECONDS
-                st.since, st.ok_since = now, 0
-            pause = HOST_PAUSE if retry_after is None else retry_after
+                st.since, st.ok_since = now + pause, 0  # the rate is measured while the host may be asked
             st.paused_until = max(st.paused_until, now + pause)
             self.throttles += 1
 
@@ -559,6 +560,12 @@ class HostLimiter:
                 return 0.0
             now = time.monotonic()
             return max(0.0, self._ready_at(st, now) - now)
+
+    def throttled_lately(self, host: str) -> bool:
+        """True while `host` is held below its share after a 429/503 (HOST_CAP_SECONDS)."""
+        with self._cond:
+            st = self._hosts.get(host)
+            return st is not None and time.monotonic() < st.cap_until
 
     def limit(self, host: str) -> int:
         with self._cond:

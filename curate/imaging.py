@@ -233,7 +233,9 @@ def return_freed_memory_to_os() -> None:
     faults and 1.2 ms of system time per image on #15's web mix, 20% of the pixel work). Now the pixel
     work runs in few decode threads (download.run_shard), and the limits are: buffers of 16 MB and more
     (Pillow's blocks, any large decode) are mapped and unmapped at once; smaller ones are reused from
-    at most 4 arenas, each trimmed once it holds more than 64 MB free at its top; Pillow's blocks are
+    at most 4 arenas, each trimmed once it holds more than 32 MB free at its top (on the web mix, `bench/
+    download.py --web --n 3000`: 64 MB kept 820 MB over the tree, 32 MB 750 MB at the same CPU per image,
+    8 MB 676 MB at 12% more CPU per image, the faults of regrowing the heaps); Pillow's blocks are
     raised to 32 MB so that every block of a big image is past the threshold (116 faults per image on
     the web mix; `bench/download.py --hostile` 570 MB instead of 690-900 MB with 16 MB blocks).
     The mallopt calls are a no-op where the C library has no mallopt.
@@ -245,7 +247,7 @@ def return_freed_memory_to_os() -> None:
     with contextlib.suppress(OSError, AttributeError):  # not glibc: no mallopt, nothing to do
         libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc among them
         libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD (a fixed value also turns the dynamic raising off)
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
         libc.mallopt(-8, 4)         # M_ARENA_MAX
     # Pillow allocates big images in blocks of up to this size: at 32 MB every block of a decode of 16 MB
     # and more is itself past the mmap threshold, so it goes back to the OS when freed

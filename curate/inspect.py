@@ -28,7 +28,7 @@ HOST_SQL = ("coalesce(nullif(lower(regexp_extract(url, "
 # where the code covers several causes (429 from other 5xx, a refused connection from a reset one, a
 # 4xx by its status)
 CAUSES = ("timeout", "dns", "refused", "connection", "http 404", "http 410", "http 403", "http 4xx other",
-          "429 rate limited", "http 5xx", "redirects", "decode", "too large or small", "opted out",
+          "429 rate limited", "throttled, for --retry-failed", "http 5xx", "redirects", "decode", "too large or small", "opted out",
           "blocked", "input", "internal")
 CAUSE_SQL = """CASE
   WHEN error_code IN ('timeout', 'deadline_exceeded') THEN 'timeout'
@@ -38,6 +38,7 @@ CAUSE_SQL = """CASE
   WHEN error_code = 'http_4xx' AND http_status IN (403, 404, 410) THEN 'http ' || http_status
   WHEN error_code = 'http_4xx' THEN 'http 4xx other'
   WHEN error_code = 'http_5xx' AND (http_status = 429 OR error_message LIKE '%Retry-After%') THEN '429 rate limited'
+  WHEN error_code = 'host_throttled' THEN 'throttled, for --retry-failed'
   WHEN error_code = 'http_5xx' THEN 'http 5xx'
   WHEN error_code = 'too_many_redirects' THEN 'redirects'
   WHEN error_code IN ('decode_error', 'format_not_allowed', 'decompression_bomb') THEN 'decode'

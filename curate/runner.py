@@ -112,13 +112,13 @@ def run_stage(
         raise InputError(f"--redo: refused inside an array task (--shard-index {part[0]} of {part[1]}): it would "
                          f"delete its siblings' output. Run the stage once with --redo outside the array "
                          f"(download: --redo --plan-only), then the array.")
-    ctx = RunContext(engine.name, part, _session(engine))
+    res = stage.resources(cfg)
+    engine = with_workers(engine, res, cuda_count() if res.gpus else 0)
+    ctx = RunContext(engine.name, part, _session(engine), engine.workers or 1)
     with using(ctx):
         # before any lock or file: a bad config or input exits 2 here, and the fingerprint covers the inputs
         stage.validate(cfg, ds)
         fp = fingerprint(cfg, stage.fingerprint_inputs(cfg, ds))
-    res = stage.resources(cfg)
-    engine = with_workers(engine, res, cuda_count() if res.gpus else 0)
     ds.root.mkdir(parents=True, exist_ok=True)
     key = stage.output_key(cfg)  # usually stage_name; `score --name NAME` keys by NAME
     with using(ctx), stage_lock(ds, key, part) as exclusive, _sigterm_as_exit():

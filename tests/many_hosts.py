@@ -6,6 +6,8 @@ requests being answered and the connections open, and keeps the most of each see
 also keeps the most requests in flight over all addresses. Hosts in `limited` answer 429 with
 `Retry-After: retry_after` to the first request of every path, and record when they sent each 429
 and when every request arrived, so a test can check that nobody came back before the Retry-After.
+Hosts in `rated` allow that many requests per second (a token bucket with a second's burst) and answer
+429 with `Retry-After: 1` past it, as a CDN's rate limit does.
 
     web = ManyHosts(200, delay=1.0, limited={0: 2})
     urls = web.url(host, path)
@@ -53,7 +55,7 @@ def _bind(addrs: list[str]) -> tuple[list[socket.socket], int]:
     raise RuntimeError("no port free on every address")
 
 
-def _serve(n: int, delay: float, limited: dict[int, int], conn: Any) -> None:
+def _serve(n: int, delay: float, limited: dict[int, int], rated: dict[int, float], conn: Any) -> None:
     addrs = addresses(n)
     index = {a: k for k, a in enumerate(addrs)}
     body = _jpeg()
@@ -67,6 +69,14 @@ def _serve(n: int, delay: float, limited: dict[int, int], conn: Any) -> None:
     throttled: dict[int, list[float]] = {k: [] for k in limited}  # when each 429 was sent
     arrivals: dict[int, list[float]] = {k: [] for k in limited}
     seen: set[tuple[int, bytes]] = set()
+    buckets = {k: [rate, time.monotonic()] for k, rate in rated.items()}
+
+    def take_token(k: int) -> bool:
+        tokens, last = buckets[k]
+        now = time.monotonic()
+        tokens = min(rated[k], tokens + (now - last) * rated[k])
+        buckets[k] = [tokens - 1 if tokens >= 1 else tokens, now]
+        return tokens >= 1
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         k = index[w.get_extra_info("sockname")[0]]
@@ -82,6 +92,10 @@ def _serve(n: int, delay: float, limited: dict[int, int], conn: Any) -> None:
                 max_active[k] = max(max_active[k], active[k])
                 rep["max_in_flight"] = max(rep["max_in_flight"], rep["in_flight"])
                 try:
+                    if k in buckets and not take_token(k):
+                        w.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n")
+                        await w.drain()
+                        continue
                     if k in limited:
                         arrivals[k].append(time.monotonic())
                         if (k, path) not in seen:
@@ -118,11 +132,12 @@ def _serve(n: int, delay: float, limited: dict[int, int], conn: Any) -> None:
 
 
 class ManyHosts:
-    def __init__(self, n: int, delay: float, limited: dict[int, int] | None = None):
+    def __init__(self, n: int, delay: float, limited: dict[int, int] | None = None,
+                 rated: dict[int, float] | None = None):
         self.n = n
         self.addrs = addresses(n)
         self._conn, child = mp.get_context("fork").Pipe()
-        self._proc = mp.get_context("fork").Process(target=_serve, args=(n, delay, limited or {}, child),
+        self._proc = mp.get_context("fork").Process(target=_serve, args=(n, delay, limited or {}, rated or {}, child),
                                                     daemon=True)
         self._proc.start()
         self.port = self._conn.recv()

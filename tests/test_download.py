@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import struct
@@ -557,3 +558,20 @@ def iter_tar_names(out: Path) -> list[str]:
     (tar,) = (out / "shards").glob("*.tar")
     with tarfile.open(tar) as tf:
         return tf.getnames()
+
+
+def test_a_small_input_gets_a_shard_per_worker_and_a_big_one_full_shards(tmp_path):
+    """1,200 rows, under one shard of 10,000: two workers get a shard of 600 each (one shard would leave
+    a process idle); one worker gets one shard; with 500-row shards, already more than the workers, the
+    shards stay full (500, 500, 200). Every row once, in input order."""
+    inp = write_urls(tmp_path / "urls.parquet", [f"not a url {i}" for i in range(1200)])
+
+    def sizes(out: Path, *args: str) -> list[int]:
+        assert main(["download", str(inp), "--out", str(out), "--url-col", "URL", "--no-progress", *args]) == 0
+        led = ledger(out).sort_by("row").to_pylist()
+        assert [r["row"] for r in led] == list(range(1200)) and {r["status"] for r in led} == {"invalid_url"}
+        return [n for _, n in sorted(json.loads(DatasetDir.at(out).plan_file.read_text())["shards"].items())]
+
+    assert sizes(tmp_path / "w2", "--workers", "2") == [600, 600]
+    assert sizes(tmp_path / "w1", "--workers", "1") == [1200]
+    assert sizes(tmp_path / "full", "--workers", "2", "--samples-per-shard", "500") == [500, 500, 200]

@@ -350,3 +350,42 @@ def test_a_host_that_limits_its_rate_gets_its_requests_spaced():
     assert slot is not None
     lim.release(slot)
     assert lim.paused_for(host) > interval * 1.05
+
+
+def test_a_429_drawn_by_many_at_once_cuts_the_share_and_one_drawn_by_few_spaces_them():
+    """More than RATE_FLOOR requests at once drew it: one fewer at once, not spaced. RATE_FLOOR at once
+    drew it, after enough answers: the host limits its rate; RATE_FLOOR at once stay, spaced."""
+    lim = HostLimiter(8, start=8)
+    host = "cdn.test"
+    slots = [lim.try_acquire(host) for _ in range(5)]
+    assert all(slots)
+    lim.throttled(host, 0.0)  # 5 at once drew it
+    for s in slots:
+        lim.release(s)
+    assert lim.limit(host) == 4 and lim.paused_for(host) == 0  # no spacing: 4 start at once
+    four = [lim.try_acquire(host) for _ in range(5)]
+    assert all(four[:4]) and four[4] is None
+    for s in four[:4]:
+        lim.release(s)
+    for _ in range(2):  # 4 -> 3 -> 2 (each drawn by more than RATE_FLOOR at once)
+        held = [lim.try_acquire(host) for _ in range(lim.limit(host))]
+        lim.throttled(host, 0.0)
+        for s in held:
+            lim.release(s)
+    assert lim.limit(host) == 2 and lim.paused_for(host) == 0
+    t0 = time.monotonic()
+    for _ in range(8):
+        lim.succeeded(host)
+    time.sleep(0.4)
+    held = [lim.try_acquire(host) for _ in range(2)]
+    lim.throttled(host, 0.0)  # 2 at once drew it: a rate limit, ~8 answers in 0.4 s
+    for s in held:
+        lim.release(s)
+    interval = (time.monotonic() - t0) / (0.9 * 8)
+    assert lim.limit(host) == 2  # not cut to one at a time
+    first = lim.try_acquire(host)
+    assert first is not None and lim.try_acquire(host) is None  # the second waits its spacing ...
+    assert 0.5 * interval < lim.paused_for(host) <= interval * 1.01
+    time.sleep(lim.paused_for(host) + 0.005)
+    second = lim.try_acquire(host)  # ... and then runs beside the first
+    assert second is not None and lim.active(host) == 2

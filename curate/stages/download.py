@@ -20,6 +20,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import heapq
+import logging
 import os
 import queue
 import threading
@@ -35,7 +37,7 @@ import pyarrow.parquet as pq
 
 from curate.config import runtime
 from curate.errors import InputError
-from curate.fetch import Fetcher, FetchFailed, FetchPolicy, HostLimiter, HostSlot
+from curate.fetch import Fetcher, FetchFailed, FetchPolicy, HostLimiter, HostSlot, parse_endpoint
 from curate.imaging import (
     DECODE_BUDGET_BYTES,
     ENCODE_FORMATS,
@@ -47,9 +49,9 @@ from curate.imaging import (
     process_image,
     return_freed_memory_to_os,
 )
-from curate.io.atomic import read_json, tmp_path_for, write_json
+from curate.io.atomic import atomic_path, read_json, tmp_path_for, write_json
 from curate.io.inputs import FORMATS as INPUT_FORMATS
-from curate.io.inputs import InputSpec, check_columns, list_files
+from curate.io.inputs import InputSpec, check_columns, iter_input, list_files
 from curate.io.layout import (
     MAX_ROWS_PER_SHARD,
     DatasetDir,
@@ -61,6 +63,7 @@ from curate.io.layout import (
 from curate.io.ledger import LEDGER_FIELDS, TRANSIENT_CODES, check_code
 from curate.io.shards import ShardWriter
 from curate.io.tables import write_table
+from curate.machine import sql_memory_limit
 from curate.options import option, unique
 from curate.phases import ENABLED as PROFILE_ENABLED
 from curate.phases import PHASES
@@ -129,13 +132,13 @@ class ImageFields:
 class FetchFields:
     """How a URL is fetched: limits, the address guard, opt-outs, timing and politeness."""
 
-    max_bytes: int = option(32 * 1024 * 1024, help="Body size cap (decoded bytes): too_large.")
-    max_redirects: int = option(5, help="Redirects followed (each hop passes the address guard).")
+    max_bytes: int = option(FetchPolicy.max_bytes, help="Body size cap (decoded bytes): too_large.")
+    max_redirects: int = option(FetchPolicy.max_redirects, help="Redirects followed (each hop passes the address guard).")
     # how the work is done, not what it produces: a resume may change these
-    timeout: float = option(10.0, runtime=True, help="Connect and read timeout (s).")
-    deadline: float = option(30.0, runtime=True,
+    timeout: float = option(FetchPolicy.timeout, runtime=True, help="Connect and read timeout (s).")
+    deadline: float = option(FetchPolicy.deadline, runtime=True,
                              help="Whole-sample time limit (s): all attempts, redirects and body bytes.")
-    retries: int = option(2, runtime=True, help="Extra attempts for transient failures (connect, timeout, 429, 5xx).")
+    retries: int = option(FetchPolicy.retries, runtime=True, help="Extra attempts for transient failures (connect, timeout, 429, 5xx).")
     threads: int = option(256, runtime=True,
                           help="Most fetch threads (requests in flight) per shard task; the task starts with 16 "
                                "and adds more while the decode side waits for bodies.")
@@ -143,9 +146,10 @@ class FetchFields:
     # task keep two cores busy with one task per core. A plain field, not a flag yet (#15): the options
     # owner decides whether it becomes one.
     decode_threads: int = runtime(2)
-    per_host: int = option(16, runtime=True,
+    per_host: int = option(FetchPolicy.per_host, runtime=True,
                            help="Most concurrent requests per host, per task: a host starts at 4 and gets more "
-                                "while it answers; a 429/503 halves its share and pauses it (Retry-After).")
+                                "while it answers; a 429/503 pauses it (Retry-After) and lowers its share, or "
+                                "spaces its requests when it limits its rate.")
     # the demo web gets a new port every run; the endpoints let through are not part of the output
     allow_hosts: tuple[str, ...] = option((), flag="allow-host", runtime=True,
                                           help="HOST[:PORT] let through the address guard (repeatable).")
@@ -170,14 +174,18 @@ class DownloadConfig(FetchFields, ImageFields, InputFields):
     """`curate download`: the input groups above, then sharding."""
 
     samples_per_shard: int = option(10_000, help="Rows per shard (the last shard may have fewer).")
+    throttled_tail: float = option(
+        0.1, runtime=True,
+        help="Share of a shard's time (at least 5 s) its rows queued behind a host that answered 429/503 may "
+             "add at its end, once every other row was started; the rows still queued then end as "
+             "host_throttled, which --retry-failed fetches later, unless they are over a tenth of the shard "
+             "(a large value: wait for all).")
     retry_failed: bool = option(False, runtime=True,
                                 help="Re-attempt the transient failures of completed shards as new shards.")
 
 
 def check_config(cfg: DownloadConfig) -> None:
     """Bad values stop before anything is written, naming the flag."""
-    from curate.fetch import parse_endpoint
-
     def bad(flag: str, why: str) -> None:
         raise InputError(f"{flag}: {why}")
 
@@ -198,6 +206,8 @@ def check_config(cfg: DownloadConfig) -> None:
     for flag, v in (("--timeout", cfg.timeout), ("--deadline", cfg.deadline)):
         if v <= 0:
             bad(flag, "must be positive")
+    if cfg.throttled_tail < 0:
+        bad("--throttled-tail", "must not be negative")
     if cfg.retries < 0 or cfg.max_redirects < 0 or cfg.min_image_size < 0 or cfg.max_aspect_ratio < 0:
         bad("--retries/--max-redirects/--min-image-size/--max-aspect-ratio", "must not be negative")
     for spec in cfg.allow_hosts:
@@ -235,15 +245,11 @@ def _sql(ds: DatasetDir) -> Any:
     The cap ($CURATE_SQL_MEMORY, default 64MB or less on a machine with under 128 MB per core) is what bounds duplicate detection, retry planning
     and the final counts at any input size: past it DuckDB's joins, aggregates and sorts spill to disk.
     """
-    import os
-
     import duckdb
 
     spill = ds.work("download") / "spill"
     spill.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
-    from curate.machine import sql_memory_limit
-
     con.execute(f"SET memory_limit='{sql_memory_limit(cap=64 << 20)}'")
     con.execute(f"SET temp_directory='{spill}'")
     con.execute(f"SET threads={max(1, min(4, os.cpu_count() or 1))}")
@@ -295,8 +301,6 @@ def plan(cfg: DownloadConfig, ds: DatasetDir) -> list[dict[str, Any]]:
 
 def _make_plan(cfg: DownloadConfig, ds: DatasetDir) -> dict[str, Any]:
     """Stream the input into per-shard slices, then find repeated URLs with DuckDB; plan.json last."""
-    import logging
-
     log = logging.getLogger(__name__)
     sps = cfg.samples_per_shard
     done = set(ds.done_shards("download"))
@@ -305,10 +309,13 @@ def _make_plan(cfg: DownloadConfig, ds: DatasetDir) -> dict[str, Any]:
     pending: list[pa.Table] = []
     held = rows = 0
     t0 = time.time()
+    # an input too small to give every worker process a shard of its own is cut into more, smaller
+    # shards (see _small_input_shards): rows are held back until the input is known to be bigger
+    workers = max(1, min(context().workers, MAX_SPLIT))
     for batch in _input_batches(cfg):
         pending.append(batch)
         held += batch.num_rows
-        while held >= sps:
+        while held >= sps and (rows or held >= workers * sps):
             t = pa.concat_tables(pending)
             _write_slice(cfg, ds, len(sizes), rows, t.slice(0, sps), done, sizes)
             rows += sps
@@ -316,7 +323,10 @@ def _make_plan(cfg: DownloadConfig, ds: DatasetDir) -> dict[str, Any]:
         if len(sizes) % 100 == 1 and rows:
             log.info("plan: %d rows read in %.0fs", rows, time.time() - t0)
     if held:
-        _write_slice(cfg, ds, len(sizes), rows, pa.concat_tables(pending), done, sizes)
+        t = pa.concat_tables(pending)
+        size = -(-held // (1 if rows else _small_input_shards(held, sps, workers)))
+        for first in range(0, held, size):
+            _write_slice(cfg, ds, len(sizes), rows + first, t.slice(first, size), done, sizes)
         rows += held
     n_dup = _find_duplicates(ds, sizes) if rows else 0
     info = {"version": PLAN_VERSION, "rows": rows, "base_shards": len(sizes), "samples_per_shard": sps,
@@ -325,9 +335,19 @@ def _make_plan(cfg: DownloadConfig, ds: DatasetDir) -> dict[str, Any]:
     return info
 
 
-def _input_batches(cfg: DownloadConfig) -> Any:
-    from curate.io.inputs import iter_input
+# a small input is cut into at most this many shards, of at least MIN_SPLIT_ROWS rows each
+MAX_SPLIT = 32
+MIN_SPLIT_ROWS = 500
 
+
+def _small_input_shards(rows: int, sps: int, workers: int) -> int:
+    """Shards for a whole input of `rows` (fewer than `workers` x `sps`): one per worker process, so
+    every process has work from the start (a single shard would leave all but one idle), unless that
+    makes shards smaller than MIN_SPLIT_ROWS; never fewer than `sps` rows a shard needs."""
+    return max(-(-rows // sps), min(workers, rows // MIN_SPLIT_ROWS), 1)
+
+
+def _input_batches(cfg: DownloadConfig) -> Any:
     return iter_input(cfg.input_spec(), batch_rows=min(_BATCH_ROWS, cfg.samples_per_shard))
 
 
@@ -361,8 +381,6 @@ def _find_duplicates(ds: DatasetDir, sizes: dict[str, int]) -> int:
 
     A GROUP BY over the slices in DuckDB, spilling past its memory cap: bounded memory at any size.
     """
-    from curate.io.atomic import atomic_path
-
     slices = [slice_path(ds, s) for s in sorted(sizes)]
     con = _sql(ds)
     try:
@@ -405,8 +423,6 @@ def _plan_retries(cfg: DownloadConfig, ds: DatasetDir, info: dict[str, Any]) -> 
     DuckDB picks them from the done ledgers (never all loaded at once) into a spill file sorted by key,
     which is then cut into slices of --samples-per-shard rows.
     """
-    from curate.io.atomic import atomic_path
-
     done = ds.done_shards("download")
     ledgers = [ds.ledger(s) for s in done if ds.ledger(s).exists()]
     if not ledgers:
@@ -537,6 +553,10 @@ class _Dispatch:
     queued row is taken (lowest row first) as soon as its host has a slot, so every host is kept at its
     limit from the start of the shard to its end. A row of a host paused past what a fetch could wait
     out is taken at once and fails fast in the fetcher, without a request.
+
+    Only hosts that may have a slot are tried: a host whose slot was released (`freed`), or whose pause
+    or spacing has run out (a timer), and every queued host once per RESCAN_PERIOD; so a take costs what
+    changed, not the number of queued hosts, with thousands of threads and hosts.
     """
 
     def __init__(self, rows: list[dict[str, Any]], fetcher: Fetcher):
@@ -547,6 +567,9 @@ class _Dispatch:
         self.queued: dict[str, collections.deque[int]] = {}
         self.n_queued = 0
         self.max_queued = 0
+        self.ready: set[str] = set()  # queued hosts that may have a slot now
+        self.timers: list[tuple[float, str]] = []  # (monotonic time, host): its pause or spacing ends
+        self.rescan_at = 0.0
 
     def exhausted(self) -> bool:
         return self.scan >= len(self.rows) and not self.n_queued
@@ -557,22 +580,44 @@ class _Dispatch:
             return None
         return self.fetcher.host_of(row["url"])
 
+    def freed(self, host: str) -> None:
+        """A slot of `host` was released."""
+        if host in self.queued:
+            self.ready.add(host)
+
+    def _not_free(self, host: str, now: float) -> None:
+        """`host` has no slot now: it waits for a release, or for its pause or spacing to end."""
+        self.ready.discard(host)
+        wait = self.limiter.paused_for(host)
+        if wait > 0:
+            heapq.heappush(self.timers, (now + wait, host))
+
     def take(self) -> tuple[int, HostSlot | None] | None:
         """(row, the host slot taken for it) or None when no row can start now."""
-        if self.queued:
-            for _, host in sorted((dq[0], h) for h, dq in self.queued.items()):
-                slot = None if self.fetcher.too_long_paused(host) else self.limiter.try_acquire(host)
-                if slot is not None or self.fetcher.too_long_paused(host):
-                    return self._unqueue(host), slot
+        now = time.monotonic()
+        if now >= self.rescan_at:
+            self.ready, self.rescan_at = set(self.queued), now + RESCAN_PERIOD
+        while self.timers and self.timers[0][0] <= now:
+            host = heapq.heappop(self.timers)[1]
+            if host in self.queued:
+                self.ready.add(host)
+        for _, host in sorted((self.queued[h][0], h) for h in self.ready if h in self.queued):
+            paused = self.fetcher.too_long_paused(host)
+            slot = None if paused else self.limiter.try_acquire(host)
+            if slot is not None or paused:
+                return self._unqueue(host), slot
+            self._not_free(host, now)
         while self.scan < len(self.rows):
             i = self.scan
             self.scan += 1
             host = self._host(i)
             if host is None or self.fetcher.too_long_paused(host):
                 return i, None
-            slot = self.limiter.try_acquire(host)
-            if slot is not None:
-                return i, slot
+            if host not in self.queued:  # behind the rows already queued under it, if any
+                slot = self.limiter.try_acquire(host)
+                if slot is not None:
+                    return i, slot
+                self._not_free(host, now)
             self.queued.setdefault(host, collections.deque()).append(i)
             self.n_queued += 1
             self.max_queued = max(self.max_queued, self.n_queued)
@@ -583,13 +628,40 @@ class _Dispatch:
         i = dq.popleft()
         if not dq:
             del self.queued[host]
+            self.ready.discard(host)
         self.n_queued -= 1
         return i
 
+    def drop_throttled(self, most: int) -> list[tuple[int, str]]:
+        """Take every row queued behind a host that answered 429/503 lately, (row, host), when they are
+        `most` rows or fewer; else none."""
+        hosts = [h for h in self.queued if self.limiter.throttled_lately(h)]
+        if sum(len(self.queued[h]) for h in hosts) > most:
+            return []
+        out = []
+        for host in hosts:
+            out += [(i, host) for i in self.queued.pop(host)]
+            self.ready.discard(host)
+        self.n_queued -= len(out)
+        return out
+
     def wake_in(self) -> float:
-        """How long an idle thread may sleep: a release wakes it, a pause ending does not."""
-        pauses = [self.limiter.paused_for(h) for h in self.queued]
-        return min([p for p in pauses if p > 0] + [1.0]) + 0.001
+        """How long an idle thread may sleep: a release wakes it; a pause or spacing ending, or the next
+        rescan, is this long away."""
+        now = time.monotonic()
+        due = min(self.rescan_at, self.timers[0][0]) if self.timers else self.rescan_at
+        return max(0.0, min(due - now, 1.0)) + 0.001
+
+
+# seconds between tries of every queued host (the net under the release and timer wake-ups)
+RESCAN_PERIOD = 1.0
+
+
+# seconds rows queued behind a throttled host may always add to a shard's end (a Retry-After of a few
+# seconds is waited out)
+THROTTLED_TAIL_MIN = 5.0
+# ... and the share of a shard's rows they may be: past it the shard is mostly theirs and they all wait
+THROTTLED_SHARE = 0.1
 
 
 # the adaptive number of fetch threads of a task: it starts here (or at --threads when lower) ...
@@ -703,12 +775,16 @@ def _finish_row(res: _Result) -> _Result:
     return res
 
 
+def _unfetched(row: dict[str, Any], code: str, message: str, elapsed: float) -> _Result:
+    """The result of a row the shard ended without a fetch result for."""
+    res = _new_result(row)
+    res.ledger.update(status=code, error_code=code, elapsed=round(elapsed, 4), error_message=message)
+    return res
+
+
 def _abandoned(row: dict[str, Any], limit: float) -> _Result:
-    led: dict[str, Any] = {name: None for name in _LEDGER_NAMES}
-    led.update(key=row["key"], row=row["row"], url=row["url"], caption=row["caption"], attempts=0,
-               status="deadline_exceeded", error_code="deadline_exceeded", elapsed=round(limit, 4),
-               error_message=f"no result {limit:.0f}s after the row was started; the shard went on without it")
-    return _Result(led)
+    return _unfetched(row, "deadline_exceeded",
+                      f"no result {limit:.0f}s after the row was started; the shard went on without it", limit)
 
 
 class _Spill:
@@ -763,8 +839,9 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     lock = threading.Lock()
     work = threading.Condition(lock)  # idle fetch threads wait here for a row they can start
 
-    def slot_freed() -> None:
+    def slot_freed(host: str) -> None:
         with lock:
+            dispatch.freed(host)
             work.notify()
 
     fetcher = Fetcher(cfg.fetch_policy(), limiter=HostLimiter(cfg.per_host, on_release=slot_freed))
@@ -905,7 +982,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     status: Counter[str] = Counter()
     total_bytes = 0
     done = 0
-    last_progress = last_check = time.monotonic()
+    last_progress = last_check = m0 = time.monotonic()
     spill = _Spill(tmp_path_for(ds.shard_tar(shard)).with_suffix(".spill"))
 
     def record(i: int, r: _Result) -> None:
@@ -921,6 +998,25 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         total_bytes += led["bytes"] or 0
         done += 1
 
+    tail_end: float | None = None  # when rows still queued behind a throttled host stop waiting
+
+    def defer_throttled(now: float) -> None:
+        """Rows queued behind a host that answered 429/503, still waiting throttled_tail x the shard's time
+        after every other row was started: host_throttled (the shard does not wait on for them), unless
+        they are more than THROTTLED_SHARE of the shard (then there is little else to do: they all wait)."""
+        nonlocal tail_end
+        with lock:
+            if tail_end is None and dispatch.scan >= n:
+                tail_end = now + max(THROTTLED_TAIL_MIN, cfg.throttled_tail * (now - m0))
+            dropped = []
+            if tail_end is not None and now >= tail_end:
+                dropped = dispatch.drop_throttled(int(THROTTLED_SHARE * n))
+                tail_end = float("inf")  # decided once
+        for i, host in dropped:
+            record(i, _unfetched(rows[i], "host_throttled", f"{host} answered 429/503 and limits its rate; its "
+                                 f"rows still queued when the shard's other rows were done were left for "
+                                 f"--retry-failed", 0.0))
+
     try:
         try:
             while done < n:
@@ -933,6 +1029,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                     last_check = now
                     for i in give_up_stuck():
                         record(i, _abandoned(rows[i], wait_limit))
+                    defer_throttled(now)
                 if now - last_progress > 1.0:
                     last_progress = now
                     write_json(progress_path(ds, shard), {"done": done, "success": status["success"]})
