@@ -3,8 +3,9 @@
     python bench/search.py [--n 1M] [--queries 300] [--rows-per-shard 10000] [--kind auto] [--reuse]
 
 Writes a synthetic scored dataset in the real layout (bench/synth_scored.py: ledger, score table, float16
-512-d CLIP-like embeddings in topics, shard by shard), builds the index with the stage itself (`curate index`'s
-run_stage: training, one task per shard, merge, nprobe tuned per query kind, row store), then opens
+512-d CLIP-like embeddings in topics, shard by shard), builds the index with `curate index` in a child process
+(training, one task per shard, merge, nprobe tuned per query kind, row store; its peak RSS is reported apart
+from this process's, and that of its task workers with --workers 2 or more), then opens
 `curate.search.searcher.Searcher` as `curate search` and `curate serve` do, and measures three query kinds:
 
     near-row   an indexed row plus noise (cosine ~0.97): an image or key query     -> the image setting
@@ -26,6 +27,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +40,27 @@ from synth_scored import generate, parse_count  # noqa: E402 - the project's syn
 
 K = 10
 KINDS = {"near-row": "image", "text-like": "text", "random": "text"}  # query -> the encoder it stands for
+# `curate index ARGS` in this child process, which then writes its own and its task workers' peak RSS (MB)
+BUILD = ("import json, resource, sys; from curate.cli import main; rc = main(sys.argv[2:]); "
+         "mb = lambda who: round(resource.getrusage(who).ru_maxrss / 1024); "
+         "open(sys.argv[1], 'w').write(json.dumps({'rc': rc, 'driver': mb(resource.RUSAGE_SELF), "
+         "'workers': mb(resource.RUSAGE_CHILDREN)})); sys.exit(rc)")
+
+
+def build(root: Path, args: argparse.Namespace) -> dict[str, object]:
+    """`curate index` on root in a child process (resumed when its plan matches; --redo when the reused
+    dataset's index was built with other flags): {rc, driver, workers} peak RSS in MB."""
+    out = root.parent / "build-rss.json"
+    cmd = [sys.executable, "-c", BUILD, str(out), "index", str(root), "--kind", args.kind, "--memory-budget",
+           args.memory_budget, "--nlist", str(args.nlist), "--workers", str(args.workers), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc == 2 and args.reuse:  # another config than the reused index's: rebuilt, the data is kept
+        print("index: the reused dataset's index was built with other flags; rebuilding it")
+        rc = subprocess.run([*cmd, "--redo"], env=env).returncode
+    assert rc == 0, f"curate index exited {rc}"
+    return json.loads(out.read_text())
 
 
 def queries_of(s: object, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -101,7 +124,7 @@ def measure(s: object, qs: dict[str, np.ndarray], gt: dict[str, np.ndarray],
             render.as_json([(f"q{i}", hits)], K, "image", s.where)  # type: ignore[attr-defined]
             e2e.append((time.perf_counter() - t) * 1e3)
             t = time.perf_counter()
-            index.search(q[i:i + 1], K, params=params)
+            index.search(q[i:i + 1], max(K, s.refine_depth("image", kind)), params=params)  # type: ignore[attr-defined]
             idx.append((time.perf_counter() - t) * 1e3)
             # the hits' true cosines, recomputed from the stored vectors (untimed; same ids as the hits)
             found = s.ann(q[i], K, "image", kind, filtered=filtered)  # type: ignore[attr-defined]
@@ -111,8 +134,9 @@ def measure(s: object, qs: dict[str, np.ndarray], gt: dict[str, np.ndarray],
             row[:len(ids)] = s.vectors_of("image", ids) @ q[i]  # type: ignore[attr-defined]
             sims.append(row)
         recall = float(np.mean(np.stack(sims) >= gt[name][:, -1:] - 1e-4))
-        out[name] = {"nprobe": nprobe, "recall": round(recall, 4), "e2e_ms": pct(e2e), "index_ms": pct(idx),
-                     "e2e_p95": float(np.percentile(e2e, 95))}
+        depth = s.refine_depth("image", kind)  # type: ignore[attr-defined]
+        out[name] = {"nprobe": nprobe, "rerank": depth, "recall": round(recall, 4), "e2e_ms": pct(e2e),
+                     "index_ms": pct(idx), "e2e_p95": float(np.percentile(e2e, 95))}
     return out
 
 
@@ -142,6 +166,7 @@ def main() -> None:
     ap.add_argument("--memory-budget", default="4G")
     ap.add_argument("--kind", default="auto")
     ap.add_argument("--nlist", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1, help="curate index --workers (1: tasks run in the driver).")
     ap.add_argument("--where", default="lang = 'en'", help="A clause for the filtered run ('' skips it).")
     ap.add_argument("--out", default="bench-out/search")
     ap.add_argument("--reuse", action="store_true", help="Reuse --out's dataset (and its index when built with "
@@ -149,35 +174,31 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="Keep the dataset dir (1M x 512: ~1.2 GB).")
     ap.add_argument("--json", default=None, help="Also write the figures to this JSON file.")
     args = ap.parse_args()
-    from curate.engines import EngineSpec
-    from curate.errors import ConfigMismatchError
-    from curate.runner import run_stage
-    from curate.search.build import IndexConfig, parse_bytes
+    from curate.io import manifest
+    from curate.io.layout import DatasetDir
     from curate.search.searcher import Searcher
 
     n = parse_count(args.n)
     load0 = os.getloadavg()[0]
     root = Path(args.out) / "ds"
-    if not (args.reuse and (root / "_done" / "score").is_dir()):
+    # the generator records the score stage in the manifest last: a dataset without it was cut short
+    if not (args.reuse and (root / "manifest.json").exists()
+            and "score" in manifest.load(DatasetDir.at(root))["stages"]):
         shutil.rmtree(root, ignore_errors=True)
+        for old in Path(args.out).glob("gt-*.npy"):  # ground truth of the dataset replaced here
+            old.unlink()
         t0 = time.time()
         generate(root, n, args.rows_per_shard)
         print(f"data: {n:,} x 512 float16 in {n // args.rows_per_shard} shards, {time.time() - t0:.1f}s")
-    cfg = IndexConfig(kind=args.kind, memory_budget=parse_bytes(args.memory_budget), nlist=args.nlist)
     t0 = time.time()
-    try:
-        summary = run_stage("index", cfg, str(root), EngineSpec("local", 1), progress=False)
-    except ConfigMismatchError:  # --reuse with other index flags (e.g. --memory-budget): the data is kept
-        print("index: the reused dataset's index was built with other flags; rebuilding it")
-        summary = run_stage("index", cfg, str(root), EngineSpec("local", 1), progress=False, redo=True)
+    rss = build(root, args)
     build_s = time.time() - t0
-    assert summary.ok, summary.failed
     meta = json.loads((root / "index" / "index.json").read_text())
     info = meta["modalities"]["image"]
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"index: {meta['factory']} ({meta['kind']}), {meta['rows']:,} rows, build {build_s:.1f}s "
-          f"(train + {summary.shards_total} shard tasks + merge + tuning + row store; "
-          f"{summary.shards_skipped} tasks reused), task peak RSS {child_rss:.0f} MB")
+    print(f"index: {meta['factory']} ({meta['kind']}, coarse centroids by {meta.get('coarse_training') or '-'}), "
+          f"{meta['rows']:,} rows, `curate index` {build_s:.1f}s (what was not reused of: training, shard tasks, "
+          f"merge, tuning, row store); peak RSS: driver {rss['driver']} MB"
+          + (f", task workers {rss['workers']} MB" if args.workers > 1 else " (the tasks ran in it)"))
     for kind, t in info["search"].items():
         print(f"  tuned for {kind} queries on {t['queries']} {t['source']}: nprobe {t['nprobe']}, "
               f"recall@10 {t['recall']}; curve {t['recall_curve']}")
@@ -189,10 +210,15 @@ def main() -> None:
     open_s = time.time() - t0
     qs = queries_of(s, args.queries, seed=12345)
     t0 = time.time()
-    gs = exact_kth(s, np.concatenate(list(qs.values())), K)
+    cached = Path(args.out) / f"gt-{n}-{args.queries}.npy"  # the queries are seeded: kept for --reuse
+    if args.reuse and cached.exists():
+        gs = np.load(cached)
+    else:
+        gs = exact_kth(s, np.concatenate(list(qs.values())), K)
+        np.save(cached, gs)
     gt = dict(zip(qs, np.split(gs, len(qs)), strict=True))
     print(f"searcher opened in {open_s:.1f}s; brute force for {3 * args.queries} queries {time.time() - t0:.1f}s")
-    results = {"n": n, "factory": meta["factory"], "build_s": round(build_s, 1), "task_peak_rss_mb": round(child_rss),
+    results = {"n": n, "factory": meta["factory"], "build_s": round(build_s, 1), "build_peak_rss_mb": rss,
                "all": measure(s, qs, gt, filtered=False), "rows": row_lookup(s, args.queries)}
     s.close()
     if args.where:
@@ -207,12 +233,12 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["search_peak_rss_mb"] = round(rss)
     if meta.get("refine"):
-        print(f"IVF-PQ: the index's best {meta['refine']} candidates reranked by exact cosine from the embedding "
-              f"files (end-to-end includes it; index-only does not)")
+        print("IVF-PQ: the index's best `rerank` candidates (tuned per query kind) reranked by exact cosine from the "
+              "embedding files (end-to-end includes it; index-only does not)")
     print(f"\n{args.queries} queries of each kind, k={K}, one query per call, {os.cpu_count()} CPUs "
           f"(faiss threads {__import__('faiss').omp_get_max_threads()}); load average at start {load0:.2f}, "
           f"at the end {os.getloadavg()[0]:.2f}; {meta['rows'] // max(1, meta['nlist'] or 1):,} vectors a list")
-    print(f"{'run':<22} {'query':<10} {'nprobe':>6} {'recall@10':>9}  {'end-to-end p50/p95/p99 ms':>27}  "
+    print(f"{'run':<22} {'query':<10} {'nprobe':>6} {'rerank':>6} {'recall@10':>9}  {'end-to-end p50/p95/p99 ms':>27}  "
           f"{'index only p50/p95/p99 ms':>27}")
     for run in ("all", "where"):
         if run not in results:
@@ -220,7 +246,8 @@ def main() -> None:
         label = "no filter" if run == "all" else f"--where {results['where']['clause']}"[:22]
         for name in qs:
             r = results[run][name]
-            print(f"{label:<22} {name:<10} {r['nprobe']:>6} {r['recall']:>9.4f}  {r['e2e_ms']:>27}  {r['index_ms']:>27}")
+            print(f"{label:<22} {name:<10} {r['nprobe']:>6} {r['rerank']:>6} {r['recall']:>9.4f}  {r['e2e_ms']:>27}  "
+                  f"{r['index_ms']:>27}")
     r = results["rows"]
     print(f"hit rows for 10 ids, p50/p95/p99 ms: row store {r['store_ms']}; samples-view query over "
           f"{len(set(s.shards.tolist()))} shards (the stale-store fallback) {r['samples_view_ms']}")

@@ -175,7 +175,7 @@ def test_ivf_index_resumes_a_lost_part(dataset, tmp_path, capsys):
     meta = json.loads((ds.root / "index" / "index.json").read_text())
     assert meta["factory"] == "IVF4,SQfp16" and 1 <= meta["modalities"]["image"]["nprobe"] <= 4
     assert meta["modalities"]["image"]["recall"] >= 0.97
-    (ds.root / "index" / "parts" / f"{shard_name(1)}.image.faiss").unlink()  # a lost part: only its shard is redone
+    (ds.root / "index" / "parts" / f"{shard_name(1)}.image.codes.npy").unlink()  # a lost part: only its shard is redone
     capsys.readouterr()
     # the redone task runs in a spawned worker process: tasks carry only JSON, never the index object
     assert main(["index", str(ds.root), "--kind", "ivf-fp16", "--nlist", "4", "--workers", "2", "--no-progress"]) == 0
@@ -656,10 +656,11 @@ def test_tuning_stops_at_a_recall_plateau_and_takes_its_cheapest_nprobe():
     def true_sims(ids):
         return np.where(ids >= 0, np.einsum("qkd,qd->qk", x[np.maximum(ids, 0)], q), -np.inf)
 
-    nprobe, rec, curve = tune_nprobe(index, 128, q, gt, 1.0, true_sims)
+    nprobe, rec, curve, depth = tune_nprobe(index, 128, q, gt, 1.0, true_sims)
     best = max(r for _, r in curve)
     assert rec < 1.0 and len(curve) < len(probe_steps(128))  # stopped early
     assert nprobe == next(p for p, r in curve if r >= best - PLATEAU_GAIN) and rec >= best - PLATEAU_GAIN
+    assert depth == 0  # no rerank asked
 
 
 def test_auto_nlist_is_about_four_sqrt_n_with_enough_training_rows_per_list():
@@ -674,3 +675,65 @@ def test_auto_nlist_is_about_four_sqrt_n_with_enough_training_rows_per_list():
         assert 1 <= nlist <= max(1, n // 39) and nlist <= MAX_AUTO_NLIST
         assert nlist >= min(MAX_AUTO_NLIST, n // 39, 2 * 2 ** int(np.log2(np.sqrt(n)))), n
     assert choose_index(10_000_000, 512, IndexConfig())["factory"] == f"IVF{MAX_AUTO_NLIST},PQ64"
+
+
+def test_two_level_coarse_training_is_close_to_full_kmeans_and_parts_are_codes(monkeypatch):
+    """From TWO_LEVEL_FROM lists the coarse centroids come from two-level k-means (cheap at 8,192 lists): they
+    fit the data almost as well as one k-means over all lists, the PQ encoder is trained without polysemous
+    ordering, and an index merged from per-shard codes (the parts) answers as one built by faiss's add."""
+    import faiss
+
+    from curate.search import build
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((150, 32))
+    x = centres[rng.integers(150, size=12_000)] + 0.5 * rng.standard_normal((12_000, 32))
+    x16 = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    x32 = x16.astype(np.float32)
+    monkeypatch.setattr(build, "TWO_LEVEL_FROM", 64)
+    index = faiss.index_factory(32, "IVF128,PQ8", faiss.METRIC_INNER_PRODUCT)
+    assert build.train_index(index, x16, 128, seed=0) == "two-level k-means"
+    assert not index.do_polysemous_training and faiss.extract_index_ivf(index).quantizer.ntotal == 128
+    full = faiss.Kmeans(32, 128, niter=20, spherical=True, seed=0)
+    full.train(x32)
+
+    def fit(c):  # mean cosine of each row to its nearest centroid
+        flat = faiss.IndexFlatIP(32)
+        flat.add(np.ascontiguousarray(c, np.float32))
+        return float(flat.search(x32, 1)[0].mean())
+
+    two = faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 128)
+    assert np.allclose(np.linalg.norm(two, axis=1), 1, atol=1e-4) and fit(two) >= fit(full.centroids) - 0.02
+    merged, added = faiss.clone_index(index), faiss.clone_index(index)
+    for part in np.array_split(np.arange(len(x32)), 3):  # what each shard task writes, merged in id order
+        merged.add_sa_codes(index.sa_encode(x32[part]), part.astype(np.int64))
+    added.add(x32)
+    merged.nprobe = added.nprobe = 16
+    assert merged.ntotal == added.ntotal and np.array_equal(merged.search(x32[:50], 10)[1],
+                                                            added.search(x32[:50], 10)[1])
+
+
+def test_tuning_picks_a_rerank_depth_when_codes_cannot_order_the_top():
+    """IVF-PQ: with coarse codes the top k by code is not the exact top k; tuning measures each rerank depth at
+    each nprobe and keeps the cheapest pair that reaches the target, which here needs the deeper rerank."""
+    import faiss
+
+    from curate.search.build import tune_nprobe
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = faiss.index_factory(32, "IVF16,PQ4", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    q = x[:80] + 0.2 * rng.standard_normal((80, 32)).astype(np.float32)
+    gt = -np.sort(-(q @ x.T), axis=1)[:, :10]
+
+    def true_sims(ids):
+        return np.where(ids >= 0, np.einsum("qkd,qd->qk", x[np.maximum(ids, 0)], q), -np.inf)
+
+    nprobe, rec, curve, depth = tune_nprobe(index, 16, q, gt, 0.9, true_sims, (10, 300), 6000 / 16)
+    assert depth == 300 and rec >= 0.9 and curve[-1][1] >= 0.9
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    shallow = -np.sort(-true_sims(index.search(q, 10)[1]), axis=1)
+    assert float(np.mean(shallow >= gt[:, -1:] - 1e-4)) < 0.8  # the codes alone miss the exact top 10

@@ -3,9 +3,11 @@
 The index kind is chosen by size, the way autofaiss does: an exact inner-product Flat index under
 `exact_below` rows; above it an IVF index whose lists hold float16 vectors (exact distances inside the
 probed lists) when they fit the memory budget, else IVF with product quantization sized to the budget.
-plan() (driver) writes the id -> key table and trains the index on a seeded sample; each task adds one
-scored shard's vectors to a copy of the trained index; finalize() merges the parts in id order, picks the
-smallest nprobe that reaches `target_recall` against brute force for each kind of query a user sends (below),
+plan() (driver) writes the id -> key table and trains the index on a seeded sample; each task encodes one
+scored shard's vectors with the trained index (its part: the codes the index stores); finalize() adds the
+parts' codes in id order, one part at a time, picks the
+cheapest nprobe (and, for IVF-PQ, rerank depth) that reaches `target_recall` against brute force for each
+kind of query a user sends (below),
 writes the id-ordered row store (curate/search/rowstore.py) and writes index.json last.
 
 Query kinds: an *image* query (an image file, or a sample's own vector: `--key`) sits inside the indexed
@@ -43,7 +45,7 @@ from curate.search.rowstore import is_current, write_row_store
 log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
-PLAN_VERSION = 2  # 2: ids.parquet one row group per shard, tasks read theirs
+PLAN_VERSION = 3  # 2: ids.parquet one row group per shard, tasks read theirs; 3: parts hold codes
 MODALITIES = {"image": ".img_emb.npy", "text": ".txt_emb.npy"}
 KINDS = ("auto", "flat", "ivf-fp16", "ivf-pq")
 PQ_CODE_SIZES = (64, 48, 32, 24, 16, 12, 8, 4)  # bytes per vector tried, largest (most accurate) first
@@ -54,10 +56,22 @@ QUERY_KINDS = ("image", "text")  # the encoder a query vector came from
 # the depth: their top 10 sit among many near-ties that 64-byte codes cannot order (200k x 512, IVF1024,PQ64,
 # text-like probes: recall@10 plateaus at 0.965 with 200 candidates, 0.995 with 500)
 REFINE_DEPTH = 500
+# ...and the depth grows with N (more near-ties): tuning tries these and keeps the cheapest (nprobe, depth) pair
+# that reaches the target, a reranked row counted as ROW_COST scanned codes (a positional read, ~17 us, against
+# ~60 ns a PQ64 code on 2 cores)
+REFINE_DEPTHS = (500, 1000, 2000, 4000)
+ROW_COST = 300
 TEXT_LIKE_COSINE = 0.3  # a CLIP caption's cosine to its own image, roughly: the weakly aligned probes' cosine
 ROW_STORE_SQL_CAP = 512 << 20  # DuckDB's memory limit for the row store's query, at most (curate.machine)
 PLATEAU_STEPS, PLATEAU_GAIN = 3, 0.002  # tuning stops when 3 more nprobe steps gain under 0.002 recall
 NLIST_PER_SQRT_N, MAX_AUTO_NLIST = 4, 8192  # auto IVF lists: 4 sqrt(N), capped so k-means (64 points a list) stays affordable
+# From this many lists the coarse centroids are trained in two levels (k-means into ~sqrt(nlist) groups, then
+# each group into its share of the lists): one k-means over nlist centroids costs O(sample x nlist) a pass,
+# 8,192 lists on 524,288 rows about 25 s a pass on 2 cores; two levels cost O(sample x 2 sqrt(nlist)).
+TWO_LEVEL_FROM = 2048
+KMEANS_NITER = 20
+REFINE_PASSES = 2  # Lloyd passes over the whole sample after the two levels (each one assignment to nlist)
+ENCODER_TRAIN_ROWS = 65536  # what faiss's PQ training samples anyway (256 points for each of 256 centroids)
 
 
 def _bytes(text: str) -> int:
@@ -224,17 +238,25 @@ class IdMap:
     """Index id -> (shard, emb_row) through the plan's per-shard ranges and ids.parquet's row groups: a
     lookup reads only the row groups of the shards it touches, never the whole id table."""
 
-    def __init__(self, path: Path, tasks: list[dict[str, Any]]):
+    def __init__(self, path: Path, tasks: list[dict[str, Any]], cache: bool = False):
         self.path = path
         self.tasks = [t for t in tasks if t["n"]]
         self.lo = np.array([t["lo"] for t in self.tasks], np.int64)
+        # tuning reads the same shards' rows again and again: their emb_row column kept, 4 bytes an id
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def emb_rows(self, i: int) -> np.ndarray:
         import pyarrow.parquet as pq
 
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
         t = self.tasks[i]
         pf = pq.ParquetFile(self.path)
-        return pf.read_row_group(t["row_group"], columns=["emb_row"])["emb_row"].to_numpy()
+        rows = pf.read_row_group(t["row_group"], columns=["emb_row"])["emb_row"].to_numpy()
+        if self._cache is not None:
+            rows = rows.astype(np.int32) if rows.size and rows.max() < 2 ** 31 else rows
+            self._cache[i] = rows
+        return rows
 
     def by_shard(self, ids: np.ndarray) -> Any:
         """(shard, positions into `ids`, emb_row of those ids) for every shard holding some of `ids`."""
@@ -263,16 +285,96 @@ def open_embeddings(ds: DatasetDir, scorer: str, shard: str, modality: str) -> n
     return emb
 
 
-def gather(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, positions: np.ndarray) -> np.ndarray:
-    """float32 vectors of the ids at `positions` (any order), read shard by shard from the memory maps."""
+def gather(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, positions: np.ndarray,
+           dtype: Any = np.float32) -> np.ndarray:
+    """Vectors of the ids at `positions` (any order), read shard by shard from the memory maps."""
     out: np.ndarray | None = None
     for shard, sel, rows in idmap.by_shard(positions):
         emb = open_embeddings(ds, scorer, shard, modality)
         if out is None:
-            out = np.zeros((len(positions), emb.shape[1]), np.float32)
+            out = np.zeros((len(positions), emb.shape[1]), dtype)
         o = np.argsort(rows)
         out[sel[o]] = emb[rows[o]]
-    return out if out is not None else np.zeros((0, 0), np.float32)
+    return out if out is not None else np.zeros((0, 0), dtype)
+
+
+def train_index(index: Any, sample: np.ndarray, nlist: int, seed: int) -> str:
+    """Train `index` on `sample` (float16 rows, kept so: the float32 copies are one group or one slice at a
+    time); returns how the coarse centroids were trained. Under TWO_LEVEL_FROM lists faiss trains it all;
+    from there the coarse centroids come from two_level_kmeans and faiss trains only the encoder (PQ codes
+    on residuals, on at most ENCODER_TRAIN_ROWS rows). PQ's polysemous training (a code-ordering for
+    Hamming-distance filtering, which this index never uses) is switched off: about a minute for 10k rows."""
+    import faiss
+
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False
+    if nlist < TWO_LEVEL_FROM:
+        index.train(np.asarray(sample, np.float32))
+        return "k-means"
+    ivf.quantizer.add(two_level_kmeans(sample, nlist, seed))
+    rows = np.random.default_rng(seed).permutation(len(sample))[:ENCODER_TRAIN_ROWS]
+    encoder_rows = np.asarray(sample[np.sort(rows)], np.float32)
+    del sample  # the caller passes the sample in: freed here, before faiss computes the residuals
+    index.train(encoder_rows)  # the quantizer is complete: the encoder only
+    return "two-level k-means"
+
+
+def two_level_kmeans(x: np.ndarray, nlist: int, seed: int, chunk: int = 65536) -> np.ndarray:
+    """`nlist` unit centroids of the rows of x (spherical k-means, as faiss's IVF trains for inner product),
+    in two levels: k-means into round(sqrt(nlist)) groups on a subsample, every row assigned to its group,
+    then each group split into a share of nlist proportional to its size (so every list gets about as many
+    training rows). Holds float32 copies of one group or one chunk at a time."""
+    import faiss
+
+    d = x.shape[1]
+    nc1 = max(1, round(math.sqrt(nlist)))
+    rng = np.random.default_rng(seed)
+    sub = np.sort(rng.permutation(len(x))[:256 * nc1])
+    top = faiss.Kmeans(d, nc1, niter=KMEANS_NITER, spherical=True, seed=seed, max_points_per_centroid=256)
+    top.train(np.asarray(x[sub], np.float32))
+    group = np.concatenate([top.index.search(np.asarray(x[s:s + chunk], np.float32), 1)[1][:, 0]
+                            for s in range(0, len(x), chunk)])
+    sizes = np.bincount(group, minlength=nc1)
+    share = np.diff(np.r_[0, np.cumsum(sizes) * nlist // len(x)])  # sums to nlist; each at most its group's size
+    order = np.argsort(group, kind="stable")
+    out, start = [], 0
+    for g in range(nc1):
+        rows = np.sort(order[start:start + sizes[g]])
+        start += sizes[g]
+        if share[g] == 0:
+            continue
+        xg = np.asarray(x[rows], np.float32)
+        if share[g] == 1:
+            c = xg.mean(axis=0, keepdims=True)
+            out.append(c / max(float(np.linalg.norm(c)), 1e-12))
+            continue
+        km = faiss.Kmeans(d, int(share[g]), niter=KMEANS_NITER, spherical=True, seed=seed + g,
+                          max_points_per_centroid=256)
+        km.train(xg)
+        out.append(km.centroids)
+    centroids = np.ascontiguousarray(np.concatenate(out), np.float32)
+    for _ in range(REFINE_PASSES):  # the groups were split apart: a few passes over all lists mend the borders
+        centroids = lloyd_pass(x, centroids, chunk)
+    return centroids
+
+
+def lloyd_pass(x: np.ndarray, centroids: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """One spherical k-means pass: each row to its nearest centroid, each centroid to its rows' normalised
+    mean (one with no rows stays). x is read in float32 chunks."""
+    import faiss
+
+    flat = faiss.IndexFlatIP(centroids.shape[1])
+    flat.add(centroids)
+    sums = np.zeros(centroids.shape, np.float64)
+    for s in range(0, len(x), chunk):
+        xc = np.asarray(x[s:s + chunk], np.float32)
+        a = flat.search(xc, 1)[1][:, 0]
+        order = np.argsort(a, kind="stable")
+        lists, starts = np.unique(a[order], return_index=True)
+        sums[lists] += np.add.reduceat(xc[order], starts, axis=0)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return np.ascontiguousarray(np.where(norms > 0, sums / np.maximum(norms, 1e-12), centroids), np.float32)
 
 
 # --- the stage -------------------------------------------------------------------------------------
@@ -321,16 +423,20 @@ class IndexStage:
             queries, train = np.sort(drawn[:n_queries]), np.sort(drawn[n_queries:])
         else:  # one row: it is the query and, for an IVF index, the whole training set
             queries, train = np.arange(n), np.arange(n)[:train_n]
+        coarse = ""
         for m in modalities:
             index = faiss.index_factory(d, choice["factory"], faiss.METRIC_INNER_PRODUCT)
             if not index.is_trained:
                 t0 = time.time()
-                index.train(gather(ds, cfg.scorer, m, idmap, train))
-                log.info("index: trained %s %s on %d rows in %.1fs", m, choice["factory"], len(train), time.time() - t0)
+                # the sample stays float16 (as stored): 524,288 x 512 is 0.5 GB, not 1 GB
+                coarse = train_index(index, gather(ds, cfg.scorer, m, idmap, train, np.float16), choice["nlist"],
+                                     cfg.seed)
+                log.info("index: trained %s %s on %d rows (%s) in %.1fs", m, choice["factory"], len(train), coarse,
+                         time.time() - t0)
             _write_index(wd / f"trained-{m}.faiss", index)
         _save(wd / "queries.npy", queries.astype(np.int64))
         plan = {"digest": digest, "rows": n, "dim": d, **choice, "modalities": modalities, "tasks": tasks,
-                "train_rows": int(len(train))}
+                "train_rows": int(len(train)), "coarse_training": coarse}
         write_json(wd / "plan.json", plan)  # last: its presence says every file above is complete
         return plan
 
@@ -364,15 +470,19 @@ class IndexStage:
         if len(rows) != task["n"]:
             raise InputError(f"{wd / 'ids.parquet'}: row group {task['row_group']} holds {len(rows)} ids of "
                              f"{task['shard']}, the plan says {task['n']}")
+        (wd / "index.json").unlink(missing_ok=True)  # the merged index no longer holds every part as it is
         for m in plan["modalities"]:
             index = faiss.read_index(str(wd / f"trained-{m}.faiss"))
             emb = open_embeddings(ds, cfg.scorer, task["shard"], m)
             if len(rows) and int(rows.max()) >= emb.shape[0]:
                 raise InputError(f"{ds.signals(cfg.scorer, task['shard'], MODALITIES[m])}: {emb.shape[0]} rows, "
                                  f"the score table names emb_row {int(rows.max())}")
-            for start in range(0, len(rows), cfg.batch_rows):
-                index.add(np.ascontiguousarray(emb[rows[start:start + cfg.batch_rows]], dtype=np.float32))
-            _write_index(part_path(ds, task["shard"], m), index)
+            # the part is the shard's codes as the index stores them (IVF: list number + code), not a copy of
+            # the trained index: 66 bytes a row for IVF-PQ64, where the coarse centroids alone are 16 MB
+            codes = [index.sa_encode(np.ascontiguousarray(emb[rows[start:start + cfg.batch_rows]], np.float32))
+                     for start in range(0, len(rows), cfg.batch_rows)]
+            _save(part_path(ds, task["shard"], m),
+                  np.concatenate(codes) if codes else np.zeros((0, index.sa_code_size()), np.uint8))
         return {"rows": int(len(rows))}
 
     def finalize(self, cfg: IndexConfig, ds: DatasetDir) -> dict[str, Any]:
@@ -382,14 +492,22 @@ class IndexStage:
         plan = read_json(wd / "plan.json")
         if any(not part_path(ds, t["shard"], m).exists() for t in plan["tasks"] for m in plan["modalities"]):
             return {"incomplete_tasks": sum(not ds.marker(self.name, t["shard"]).exists() for t in plan["tasks"])}
-        meta = {"format": "curate-index/1", "scorer": cfg.scorer, "rows": plan["rows"], "dim": plan["dim"],
-                "kind": plan["kind"], "factory": plan["factory"], "nlist": plan["nlist"], "metric": "inner_product",
-                "refine": plan.get("refine", 0), "train_rows": plan["train_rows"], "score_fingerprint": plan["digest"]["inputs"]["fingerprint"],
-                "modalities": {}}
-        held = self._tuning_queries(cfg, ds, plan)
-        for m in plan["modalities"]:
-            meta["modalities"][m] = self._merge_and_tune(cfg, ds, plan, m, held)
 
+        plan_id = json_digest(plan["digest"])
+        old = read_json(wd / "index.json") if (wd / "index.json").exists() else {}
+        if old.get("plan") == plan_id and all((wd / v["file"]).exists() for v in old["modalities"].values()):
+            # merged and tuned from these very parts already (a task that runs unlinks index.json)
+            meta = old
+        else:
+            meta = {"format": "curate-index/1", "scorer": cfg.scorer, "rows": plan["rows"], "dim": plan["dim"],
+                    "kind": plan["kind"], "factory": plan["factory"], "nlist": plan["nlist"],
+                    "metric": "inner_product", "refine": plan.get("refine", 0), "train_rows": plan["train_rows"],
+                    "coarse_training": plan.get("coarse_training", ""), "plan": plan_id,
+                    "score_fingerprint": plan["digest"]["inputs"]["fingerprint"], "modalities": {}}
+            (wd / "index.json").unlink(missing_ok=True)
+            held = self._tuning_queries(cfg, ds, plan)
+            for m in plan["modalities"]:
+                meta["modalities"][m] = self._merge_and_tune(cfg, ds, plan, m, held)
         if not is_current(ds, wd):  # missing, or a ledger/signal file changed since: (re)written here
             # DuckDB's share of this machine (or $CURATE_SQL_MEMORY), at most 512 MB: it spills past it
             write_row_store(ds, wd, plan["rows"], memory_limit=sql_memory_limit(cap=ROW_STORE_SQL_CAP))
@@ -405,7 +523,7 @@ class IndexStage:
         """{kind: (vectors, what they are)} of the held-out rows: image embeddings for image queries; caption
         embeddings for text queries when the scorer saved them, else weakly aligned probes of the images."""
         wd = index_dir(ds)
-        idmap = IdMap(wd / "ids.parquet", plan["tasks"])
+        idmap = IdMap(wd / "ids.parquet", plan["tasks"], cache=True)
         queries = np.load(wd / "queries.npy")
         img = gather(ds, cfg.scorer, "image", idmap, queries)
         if "text" in plan["modalities"]:
@@ -421,10 +539,13 @@ class IndexStage:
 
         wd = index_dir(ds)
         index = faiss.read_index(str(wd / f"trained-{m}.faiss"))
-        for t in plan["tasks"]:
-            part = faiss.read_index(str(part_path(ds, t["shard"], m)))
-            # parts hold ids 0..n-1 of their shard; IVF shifts them by the shard's first id, Flat appends
-            index.merge_from(part, 0 if plan["kind"] == "flat" else index.ntotal)
+        for t in plan["tasks"]:  # streamed: one shard's codes at a time, ids in plan order
+            codes = np.load(part_path(ds, t["shard"], m))
+            if len(codes) != t["n"] or (len(codes) and codes.shape[1] != index.sa_code_size()):
+                raise InputError(f"{part_path(ds, t['shard'], m)}: {codes.shape} codes, the plan says {t['n']} rows "
+                                 f"of {index.sa_code_size()} bytes; run `curate index {ds.root} --redo`")
+            if len(codes):
+                index.add_sa_codes(codes, np.arange(index.ntotal, index.ntotal + len(codes), dtype=np.int64))
         if index.ntotal != plan["rows"]:
             raise InputError(f"{wd}: merged {index.ntotal} vectors for {m}, the id table has {plan['rows']}")
         idmap = held["ids"]
@@ -432,13 +553,14 @@ class IndexStage:
         for kind in QUERY_KINDS:
             q, source = held[kind]
             gt = brute_force(ds, cfg.scorer, m, idmap, q, RECALL_K)
-            nprobe, recall, curve = tune_nprobe(
+            nprobe, recall, curve, depth = tune_nprobe(
                 index, plan["nlist"], q, gt, cfg.target_recall,
-                lambda ids, q=q: exact_sims(ds, cfg.scorer, m, idmap, q, ids), plan.get("refine", 0))
+                lambda ids, q=q: exact_sims(ds, cfg.scorer, m, idmap, q, ids),
+                REFINE_DEPTHS if plan.get("refine") else (), plan["rows"] / max(1, plan["nlist"]))
             search[kind] = {"nprobe": nprobe, "recall": recall, "recall_curve": curve, "queries": held["n"],
-                            "source": source}
-            log.info("index: %s %s, %d vectors, %s queries: nprobe %d, recall@%d %.4f", m, plan["factory"],
-                     index.ntotal, kind, nprobe, RECALL_K, recall)
+                            "source": source, "refine": depth}
+            log.info("index: %s %s, %d vectors, %s queries: nprobe %d, rerank %d, recall@%d %.4f", m, plan["factory"],
+                     index.ntotal, kind, nprobe, depth, RECALL_K, recall)
         path = wd / f"{m}.faiss"
         _write_index(path, index)
         own = search["text" if m == "text" else "image"]  # queries of the index's own modality
@@ -451,7 +573,7 @@ class IndexStage:
 
 
 def part_path(ds: DatasetDir, shard: str, modality: str) -> Path:
-    return index_dir(ds) / "parts" / f"{shard}.{modality}.faiss"
+    return index_dir(ds) / "parts" / f"{shard}.{modality}.codes.npy"
 
 
 def _write_index(path: Path, index: Any) -> None:
@@ -509,48 +631,55 @@ def weak_probes(x: np.ndarray, cosine: float, seed: int = 0) -> np.ndarray:
 
 
 def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: float,
-                true_sims: Callable[[np.ndarray], np.ndarray], refine: int = 0) -> tuple[int, float, list[list[float]]]:
-    """The smallest nprobe of probe_steps() whose recall@k reaches `target` (exact indexes: 0, measured once).
-    With `refine`, each search takes that many candidates and keeps the k of highest exact cosine, as the
-    searcher does for IVF-PQ. A compressed index may never reach the target (its codes, not the lists
-    probed, limit recall): once PLATEAU_STEPS more steps gain less than PLATEAU_GAIN the search stops, and
-    the smallest nprobe within PLATEAU_GAIN of the best recall is chosen, not the most expensive one."""
+                true_sims: Callable[[np.ndarray], np.ndarray], depths: Any = (),
+                list_size: float = 1.0) -> tuple[int, float, list[list[float]], int]:
+    """(nprobe, recall, curve, rerank depth): the cheapest setting whose recall@k reaches `target`, nprobe over
+    probe_steps() (exact indexes: 0, measured once). With rerank `depths` (IVF-PQ), each search takes that many
+    candidates and keeps the k of highest exact cosine, as the searcher does; every depth is measured at every
+    nprobe and the pair of least cost (nprobe x list_size codes scanned + ROW_COST a reranked row) is kept.
+    The curve holds each nprobe's best recall over the depths. A compressed index may never reach the target
+    (its codes, not the lists probed, limit recall): once PLATEAU_STEPS more steps gain less than PLATEAU_GAIN
+    the search stops, and the cheapest setting within PLATEAU_GAIN of the best recall is chosen."""
     import faiss
 
     k = gt.shape[1]
     ivf = faiss.extract_index_ivf(index) if nlist else None
+    depths = sorted(depths) or [0]
     curve: list[list[float]] = []
-    probes = [0] if ivf is None else probe_steps(nlist)
-    for p in probes:
+    seen: list[tuple[float, int, int, float]] = []  # (cost, nprobe, depth, recall)
+    for p in [0] if ivf is None else probe_steps(nlist):
         if ivf is not None:
             ivf.nprobe = p
-        _, ids = index.search(q, max(k, refine))
+        _, ids = index.search(q, max(k, depths[-1]))
         sims = true_sims(ids)
-        if refine:
-            sims = -np.sort(-sims, axis=1)[:, :k]
-        rec = recall_at_k(sims, gt)
-        curve.append([p, round(rec, 5)])
-        if rec >= target:
+        for d in depths:
+            rec = recall_at_k(-np.sort(-sims[:, :d], axis=1)[:, :k] if d else sims, gt)
+            seen.append((p * list_size + ROW_COST * d, p, d, round(rec, 5)))
+        curve.append([p, max(r for _, s, _, r in seen if s == p)])
+        if curve[-1][1] >= target:
             break
-        if len(curve) > PLATEAU_STEPS and rec - curve[-1 - PLATEAU_STEPS][1] < PLATEAU_GAIN:
+        if len(curve) > PLATEAU_STEPS and curve[-1][1] - curve[-1 - PLATEAU_STEPS][1] < PLATEAU_GAIN:
             break
-    nprobe, rec = curve[-1]
-    if rec < target:
-        best = max(r for _, r in curve)
-        nprobe, rec = next((p, r) for p, r in curve if r >= best - PLATEAU_GAIN)
+    best = max(r for *_, r in seen)
+    floor = target if best >= target else best - PLATEAU_GAIN
+    _, nprobe, depth, rec = min(x for x in seen if x[3] >= floor)
     if ivf is not None:
         ivf.nprobe = int(nprobe)
-    return int(nprobe), float(rec), curve
+    return int(nprobe), float(rec), curve, int(depth)
 
 
 def exact_sims(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, q: np.ndarray,
-               ids: np.ndarray) -> np.ndarray:
-    """Similarities of returned ids recomputed from the stored embeddings (PQ distances are approximate)."""
+               ids: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Similarities of returned ids recomputed from the stored embeddings (PQ distances are approximate), about
+    `chunk` candidates at a time (256 queries x 4,000 candidates as float32 would be 2 GB)."""
     out = np.full(ids.shape, -np.inf, np.float32)
-    valid = ids >= 0
-    if valid.any():
-        vecs = gather(ds, scorer, modality, idmap, ids[valid].astype(np.int64))
-        out[valid] = np.einsum("ij,ij->i", vecs, np.repeat(q, valid.sum(axis=1), axis=0))
+    step = max(1, chunk // max(1, ids.shape[1]))
+    for s in range(0, len(ids), step):
+        part, valid = ids[s:s + step], ids[s:s + step] >= 0
+        if valid.any():
+            vecs = gather(ds, scorer, modality, idmap, part[valid].astype(np.int64))
+            sims = np.einsum("ij,ij->i", vecs, np.repeat(q[s:s + step], valid.sum(axis=1), axis=0))
+            out[s:s + step][valid] = sims
     return out
 
 

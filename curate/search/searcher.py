@@ -12,6 +12,7 @@ So a query's cost does not grow with the number of shards: no SQL runs per query
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,13 +28,13 @@ from curate.io import manifest
 from curate.io.atomic import read_json
 from curate.io.layout import DatasetDir
 from curate.models import load_model, resolve_model
-from curate.search.build import QUERY_KINDS, index_dir, open_embeddings
+from curate.search.build import MODALITIES, QUERY_KINDS, index_dir, open_embeddings
 from curate.search.rowstore import HIT_COLUMNS, RowStore, allow_list, is_current, sources_digest
 from curate.thumbs import load_thumbnails, thumbnail
 
 log = logging.getLogger(__name__)
 
-MAX_OPEN_SHARDS = 64  # memory-mapped embedding files kept open for IVF-PQ reranking
+MAX_OPEN_SHARDS = 1024  # embedding files kept open for IVF-PQ reranking (at most a quarter of the fd limit)
 MAX_CANDIDATES = 1 << 16  # widening stops here: a --where that keeps almost nothing is reported, not scanned
 BOTH = "both"  # --modality both: image and caption hits fused by reciprocal rank
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): score = sum over lists of 1 / (RRF_K + rank)
@@ -67,7 +68,9 @@ class Searcher:
         ids = pq.read_table(wd / "ids.parquet")
         self.keys = np.asarray(ids["key"].to_numpy(zero_copy_only=False), dtype=object)
         shards = ids["shard"].combine_chunks().dictionary_encode()  # one str object per shard, not per row
-        self.shards = np.asarray(shards.dictionary.to_pylist(), dtype=object)[shards.indices.to_numpy()]
+        self._shard_names = shards.dictionary.to_pylist()
+        self._shard_codes = shards.indices.to_numpy()
+        self.shards = np.asarray(self._shard_names, dtype=object)[self._shard_codes]
         self.emb_rows = ids["emb_row"].to_numpy()
         self._key_to_id: dict[str, int] | None = None
         self.indexes: dict[str, Any] = {}
@@ -75,8 +78,9 @@ class Searcher:
             self.indexes[m] = faiss.read_index(str(wd / info["file"]))
         self.nlist = int(self.meta["nlist"])
         self.refine = int(self.meta.get("refine", 0))  # IVF-PQ: candidates reranked by exact cosine
-        self._maps: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self._lock_maps = threading.Lock()
+        self._files: OrderedDict[tuple[str, str], tuple[int, int, int, np.dtype]] = OrderedDict()
+        self._lock_files = threading.Lock()
+        self._max_open = _open_file_budget()
         self.where = where
         sources = Sources.of(self.ds)
         if where:
@@ -111,6 +115,12 @@ class Searcher:
             # faiss reads these bits while scanning; the packed array must outlive the selector
             self._allow_bits = np.packbits(self.allowed, bitorder="little")
             self._selector = faiss.IDSelectorBitmap(len(self.keys), faiss.swig_ptr(self._allow_bits))
+
+    def refine_depth(self, modality: str, kind: str) -> int:
+        """IVF-PQ: how many of the index's candidates are reranked by exact cosine for a `kind` query vector
+        (tuned with nprobe; 0: none)."""
+        info = self.meta["modalities"][modality]
+        return int(info.get("search", {}).get(kind, {}).get("refine", self.refine)) if self.refine else 0
 
     def nprobe(self, modality: str, kind: str) -> int:
         """The tuned nprobe of `modality`'s index for a query vector from the `kind` encoder (0: exact index)."""
@@ -221,41 +231,59 @@ class Searcher:
         if n <= 0:
             return []
         q = np.ascontiguousarray(vec.reshape(1, -1), np.float32)
-        nprobe = self.nprobe(modality, kind)
+        nprobe, refine = self.nprobe(modality, kind), self.refine_depth(modality, kind)
         while True:
             if self.nlist:
                 params = faiss.SearchParametersIVF(nprobe=max(1, nprobe), sel=sel)
             else:
                 params = faiss.SearchParameters(sel=sel) if sel is not None else None
-            sims, ids = index.search(q, max(n, self.refine), params=params)
+            sims, ids = index.search(q, max(n, refine), params=params)
             got = ids[0][ids[0] >= 0]
             if len(got) >= n or not self.nlist or nprobe >= self.nlist:
                 break
             nprobe = min(self.nlist, max(1, nprobe) * 4)
-        if not self.refine:
+        if not refine:
             return [(int(i), float(x)) for i, x in zip(ids[0], sims[0], strict=True) if i >= 0][:n]
         exact = self.vectors_of(modality, got) @ q[0]
         order = np.argsort(-exact, kind="stable")[:n]
         return [(int(got[j]), float(exact[j])) for j in order]
 
     def vectors_of(self, modality: str, ids: np.ndarray) -> np.ndarray:
-        """float32 stored vectors of `ids`, read from the score stage's memory-mapped embedding files (the
-        last MAX_OPEN_SHARDS kept open)."""
+        """float32 stored vectors of `ids`, read from the score stage's embedding files one row at a time by
+        positional reads, shard by shard (the last MAX_OPEN_SHARDS files kept open): the 500 rerank candidates
+        of a query over 1,000 shards cost 500 small reads, and no memory map keeps touched pages resident."""
+        ids = np.asarray(ids, np.int64)
         out = np.empty((len(ids), int(self.meta["dim"])), np.float32)
-        shards = self.shards[ids]
-        for shard in dict.fromkeys(shards.tolist()):
-            sel = np.flatnonzero(shards == shard)
-            with self._lock_maps:
-                emb = self._maps.pop((modality, shard), None)
-                if emb is None:
-                    emb = open_embeddings(self.ds, self.scorer, shard, modality)
-                self._maps[(modality, shard)] = emb
-                while len(self._maps) > MAX_OPEN_SHARDS:
-                    self._maps.popitem(last=False)
-            rows = self.emb_rows[ids[sel]]
-            o = np.argsort(rows)
-            out[sel[o]] = emb[rows[o]]
+        codes = self._shard_codes[ids]
+        order = np.argsort(codes, kind="stable")
+        groups, starts = np.unique(codes[order], return_index=True)
+        for code, sel in zip(groups.tolist(), np.split(order, starts[1:]), strict=True):
+            shard = self._shard_names[code]
+            with self._lock_files:  # an evicted file is closed: reads happen under the lock
+                fd, offset, width, dtype = self._file(modality, shard)
+                for j in sel.tolist():
+                    row = int(self.emb_rows[ids[j]])
+                    buf = os.pread(fd, width, offset + row * width)
+                    if len(buf) != width:
+                        raise InputError(f"{self.ds.signals(self.scorer, shard, MODALITIES[modality])}: row {row} "
+                                         f"is past the end of the file (rerun `curate index {self.ds.root}`)")
+                    out[j] = np.frombuffer(buf, dtype)
         return out
+
+    def _file(self, modality: str, shard: str) -> tuple[int, int, int, np.dtype]:
+        """(fd, data offset, bytes a row, dtype) of a shard's embedding file, opened once and kept (LRU)."""
+        got = self._files.pop((modality, shard), None)
+        if got is None:
+            emb = open_embeddings(self.ds, self.scorer, shard, modality)  # header checked, then unmapped
+            if not emb.flags.c_contiguous:
+                raise InputError(f"{emb.filename}: not a row-major (C order) array")
+            got = (os.open(emb.filename, os.O_RDONLY), int(emb.offset), emb.shape[1] * emb.dtype.itemsize,
+                   emb.dtype)
+            del emb
+        self._files[(modality, shard)] = got
+        while len(self._files) > self._max_open:
+            os.close(self._files.popitem(last=False)[1][0])
+        return got
 
     def query(self, q: Query, k: int = 10, modality: str = "image",
               templates: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -386,6 +414,17 @@ class Searcher:
         if self.store is not None:
             self.store.close()
         self.db.close()
+        with self._lock_files:
+            while self._files:
+                os.close(self._files.popitem()[1][0])
+
+
+def _open_file_budget() -> int:
+    """How many embedding files a searcher keeps open: MAX_OPEN_SHARDS, at most a quarter of the fd limit."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(8, min(MAX_OPEN_SHARDS, soft // 4 if soft > 0 else MAX_OPEN_SHARDS))
 
 
 def query_kind(q: Query, modality: str) -> str:
