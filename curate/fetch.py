@@ -561,11 +561,11 @@ class HostLimiter:
             now = time.monotonic()
             return max(0.0, self._ready_at(st, now) - now)
 
-    def throttled_lately(self, host: str) -> bool:
-        """True while `host` is held below its share after a 429/503 (HOST_CAP_SECONDS)."""
+    def rate_limited(self, host: str) -> bool:
+        """True while `host`'s requests are spaced because it limits its request rate (see RATE_FLOOR)."""
         with self._cond:
             st = self._hosts.get(host)
-            return st is not None and time.monotonic() < st.cap_until
+            return st is not None and bool(st.interval) and time.monotonic() < st.cap_until
 
     def limit(self, host: str) -> int:
         with self._cond:

@@ -72,11 +72,12 @@ def test_hundreds_in_flight_never_past_the_per_host_limit_and_retry_after_honour
 
 
 def test_rows_behind_a_rate_limited_host_do_not_hold_the_shard_and_retry_failed_fetches_them(tmp_path):
-    """A host that allows 2 requests/s holds 20 of the shard's 400 rows; the others are done in about a
-    second. The rows still queued behind it 5 s later (fewer than a tenth of the shard) end as
-    host_throttled (every row has its status), and --retry-failed, made to wait for all, fetches them."""
-    web = ManyHosts(20, delay=0.05, rated={0: 2.0})
-    hosts = [0 if i % 20 == 0 else 1 + i % 19 for i in range(400)]
+    """A host that allows 6 requests/s (its requests get spaced) holds 60 of the shard's 1,200 rows; the
+    others are done in a few seconds. The rows still queued behind it 5 s later (fewer than a tenth of the
+    shard) end as host_throttled (every row has its status), and --retry-failed, made to wait for all,
+    fetches them."""
+    web = ManyHosts(20, delay=0.05, rated={0: 6.0})
+    hosts = [0 if i % 20 == 0 else 1 + i % 19 for i in range(1200)]
     urls = [web.url(h, f"/{i}.jpg") for i, h in enumerate(hosts)]
     inp = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"url": urls}), inp)
@@ -88,21 +89,21 @@ def test_rows_behind_a_rate_limited_host_do_not_hold_the_shard_and_retry_failed_
         assert main(["download", str(inp), *args, "--retry-failed", "--throttled-tail", "1000"]) == 0
     finally:
         web.close()
-    assert len(first) == 400
+    assert len(first) == 1200
     status = {r["row"]: r["status"] for r in first}
     assert {status[i] for i, h in enumerate(hosts) if h != 0} == {"success"}
     limited = [status[i] for i, h in enumerate(hosts) if h == 0]
-    # 20 rows at no more than 2/s would take 10 s or more; the shard went on without the last of them
-    assert 0 < limited.count("host_throttled") < 20 and set(limited) <= {"success", "host_throttled"}
+    # 60 rows at no more than 6/s would take 10 s or more; the shard went on without the last of them
+    assert 0 < limited.count("host_throttled") < 60 and set(limited) <= {"success", "host_throttled"}
     after = read_tables(DatasetDir.at(tmp_path / "ds").ledger_files()).to_pylist()
     final = {r["row"]: r["status"] for r in after if r["superseded_by"] is None}
-    assert len(final) == 400 and set(final.values()) == {"success"}, sorted(set(final.values()))
+    assert len(final) == 1200 and set(final.values()) == {"success"}, sorted(set(final.values()))
 
 
 def test_a_shard_that_is_mostly_a_rate_limited_hosts_rows_waits_for_them(tmp_path):
-    """The same host's rows as half of a shard: there is little else to do, so none is left behind."""
-    web = ManyHosts(4, delay=0.05, rated={0: 2.0})  # 20 rows: 10 s, past the 5 s tail
-    hosts = [0 if i % 2 == 0 else 1 + i % 3 for i in range(40)]
+    """The same host's rows as three quarters of a shard: there is little else to do, so none is left."""
+    web = ManyHosts(4, delay=0.05, rated={0: 6.0})  # 60 rows: 10 s, past the 5 s tail
+    hosts = [1 + i % 3 if i % 4 == 0 else 0 for i in range(80)]
     inp = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"url": [web.url(h, f"/{i}.jpg") for i, h in enumerate(hosts)]}), inp)
     try:
@@ -111,4 +112,4 @@ def test_a_shard_that_is_mostly_a_rate_limited_hosts_rows_waits_for_them(tmp_pat
     finally:
         web.close()
     rows = read_tables(DatasetDir.at(tmp_path / "ds").ledger_files()).to_pylist()
-    assert len(rows) == 40 and {r["status"] for r in rows} == {"success"}
+    assert len(rows) == 80 and {r["status"] for r in rows} == {"success"}

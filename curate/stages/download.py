@@ -176,10 +176,10 @@ class DownloadConfig(FetchFields, ImageFields, InputFields):
     samples_per_shard: int = option(10_000, help="Rows per shard (the last shard may have fewer).")
     throttled_tail: float = option(
         0.1, runtime=True,
-        help="Share of a shard's time (at least 5 s) its rows queued behind a host that answered 429/503 may "
-             "add at its end, once every other row was started; the rows still queued then end as "
-             "host_throttled, which --retry-failed fetches later, unless they are over a tenth of the shard "
-             "(a large value: wait for all).")
+        help="Share of a shard's time (at least 5 s) its rows queued behind a host that limits its request "
+             "rate (429/503) may add at its end, once every other row was started; the rows still queued then "
+             "end as host_throttled, which --retry-failed fetches later, unless they are over a tenth of the "
+             "shard (a large value: wait for all).")
     retry_failed: bool = option(False, runtime=True,
                                 help="Re-attempt the transient failures of completed shards as new shards.")
 
@@ -633,9 +633,9 @@ class _Dispatch:
         return i
 
     def drop_throttled(self, most: int) -> list[tuple[int, str]]:
-        """Take every row queued behind a host that answered 429/503 lately, (row, host), when they are
-        `most` rows or fewer; else none."""
-        hosts = [h for h in self.queued if self.limiter.throttled_lately(h)]
+        """Take every row queued behind a host that limits its request rate (its requests are spaced),
+        (row, host), when they are `most` rows or fewer; else none."""
+        hosts = [h for h in self.queued if self.limiter.rate_limited(h)]
         if sum(len(self.queued[h]) for h in hosts) > most:
             return []
         out = []
@@ -1001,7 +1001,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     tail_end: float | None = None  # when rows still queued behind a throttled host stop waiting
 
     def defer_throttled(now: float) -> None:
-        """Rows queued behind a host that answered 429/503, still waiting throttled_tail x the shard's time
+        """Rows queued behind a host that limits its request rate, still waiting throttled_tail x the shard's time
         after every other row was started: host_throttled (the shard does not wait on for them), unless
         they are more than THROTTLED_SHARE of the shard (then there is little else to do: they all wait)."""
         nonlocal tail_end
