@@ -377,6 +377,7 @@ class _HostState:
     next_start: float = 0.0
     since: float = 0.0  # the last 429/503 (or the first request), and the successes after it
     ok_since: int = 0
+    said_429: bool = False  # a 429 (not only 503s) came since the cap began
 
 
 class HostSlot:
@@ -512,12 +513,15 @@ class HostLimiter:
             st.ok_since += 1
             self._cond.notify_all()
 
-    def throttled(self, host: str, retry_after: float | None) -> None:
-        """A 429/503 from `host`: fewer requests at once, or its requests spaced (see RATE_FLOOR), for
-        HOST_CAP_SECONDS; and a pause for Retry-After (or HOST_PAUSE)."""
+    def throttled(self, host: str, retry_after: float | None, too_many: bool = True) -> None:
+        """A 429 (`too_many`) or 503 from `host`: fewer requests at once, or its requests spaced (see
+        RATE_FLOOR), for HOST_CAP_SECONDS; and a pause for Retry-After (or HOST_PAUSE)."""
         with self._cond:
             st = self._state(host)
             now = time.monotonic()
+            if now >= st.cap_until:
+                st.said_429 = False
+            st.said_429 = st.said_429 or too_many
             pause = HOST_PAUSE if retry_after is None else retry_after
             if now >= st.paused_until:  # once per pause: the other answers of a burst say the same thing
                 if st.active > RATE_FLOOR:
@@ -562,10 +566,11 @@ class HostLimiter:
             return max(0.0, self._ready_at(st, now) - now)
 
     def rate_limited(self, host: str) -> bool:
-        """True while `host`'s requests are spaced because it limits its request rate (see RATE_FLOOR)."""
+        """True while `host`'s requests are spaced because it limits its request rate (see RATE_FLOOR) and
+        it said so with a 429 (a 503 is more often a server in trouble for a moment)."""
         with self._cond:
             st = self._hosts.get(host)
-            return st is not None and bool(st.interval) and time.monotonic() < st.cap_until
+            return st is not None and bool(st.interval) and st.said_429 and time.monotonic() < st.cap_until
 
     def limit(self, host: str) -> int:
         with self._cond:
@@ -721,7 +726,8 @@ class Fetcher:
                 e.attempts = attempt
                 held = getattr(_local, "slot", None)
                 if e.http_status in OVERLOAD_STATUS and held is not None:
-                    self.limiter.throttled(held.host, e.retry_after)  # the host that answered (see _move_slot)
+                    # the host that answered (see _move_slot)
+                    self.limiter.throttled(held.host, e.retry_after, too_many=e.http_status == 429)
                 if e.code not in RETRYABLE or attempt > self.policy.retries:
                     raise
                 wait = e.retry_after

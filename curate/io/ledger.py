@@ -20,7 +20,7 @@ ERROR_CODES: dict[str, str] = {
     "deadline_exceeded": "the per-sample deadline passed (a slow or dripping server)",
     "http_4xx": "a 4xx answer (other than 429 after retries)",
     "http_5xx": "a 5xx answer after retries, or 429 after retries",
-    "host_throttled": "not asked: its host limits its request rate (429/503) and the shard's other rows were done",
+    "host_throttled": "not asked: its host limits its request rate (429) and the shard's other rows were done",
     "too_many_redirects": "more than --max-redirects hops, or a redirect loop",
     "too_large": "Content-Length or the body exceeds --max-bytes",
     "empty_body": "the answer had no bytes",

@@ -177,7 +177,7 @@ class DownloadConfig(FetchFields, ImageFields, InputFields):
     throttled_tail: float = option(
         0.1, runtime=True,
         help="Share of a shard's time (at least 5 s) its rows queued behind a host that limits its request "
-             "rate (429/503) may add at its end, once every other row was started; the rows still queued then "
+             "rate (429) may add at its end, once every other row was started; the rows still queued then "
              "end as host_throttled, which --retry-failed fetches later, unless they are over a tenth of the "
              "shard (a large value: wait for all).")
     retry_failed: bool = option(False, runtime=True,
@@ -1013,7 +1013,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 dropped = dispatch.drop_throttled(int(THROTTLED_SHARE * n))
                 tail_end = float("inf")  # decided once
         for i, host in dropped:
-            record(i, _unfetched(rows[i], "host_throttled", f"{host} answered 429/503 and limits its rate; its "
+            record(i, _unfetched(rows[i], "host_throttled", f"{host} answered 429 and limits its rate; its "
                                  f"rows still queued when the shard's other rows were done were left for "
                                  f"--retry-failed", 0.0))
 
