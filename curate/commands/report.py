@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import click
+import functools
+from pathlib import Path
 
-from curate.demo.ground_truth import curation_accuracy, format_accuracy
+import click
 
 
 @click.command("report")
@@ -31,11 +32,13 @@ def command(directory: str, out: str, export_dir: str | None, probe_dirs: tuple[
     source dataset plus itself."""
     import os
 
+    from curate.demo.ground_truth import accuracy_section
     from curate.report.report import ReportOptions, build_report
 
     collected: dict = {}
+    section = None if ground_truth is None else functools.partial(accuracy_section, Path(ground_truth))
     path = build_report(directory, out, export_dir=export_dir, probe_dir=list(probe_dirs) or None,
-                        ground_truth=ground_truth, options=ReportOptions(grid_size=grid_size, seed=seed),
+                        ground_truth=section, options=ReportOptions(grid_size=grid_size, seed=seed),
                         collect=collected)
     if summary:
         click.echo(one_screen_summary(collected, directory, export_dir, probe_dirs, ground_truth))
@@ -51,6 +54,8 @@ def one_screen_summary(collected: dict, directory: str, export_dir: str | None,
     for label, n, why in collected.get("funnel", []):
         lines.append(f"  {label:<26} {n:>8,}  {why}")
     if ground_truth:
+        from curate.demo.ground_truth import curation_accuracy, format_accuracy
+
         lines += ["", "== " + format_accuracy(curation_accuracy(directory, ground_truth, export_dir))]
     dirs = [probe_dir] if isinstance(probe_dir, str) else list(probe_dir or [])
     for d in dirs:

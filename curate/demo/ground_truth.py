@@ -21,6 +21,7 @@ from typing import Any
 from curate.errors import InputError
 from curate.export_info import read_export, resolve_dirs
 from curate.inspect import Tables, open_dataset, sql_str
+from curate.report.report import _pct, _table
 
 CAPTION_KINDS = ("misaligned", "boilerplate", "non_english")
 TRUTH_COLUMNS = ("SAMPLE_ID", "expected_error_code", "dup_of", "caption_kind")
@@ -138,3 +139,27 @@ def format_accuracy(acc: dict[str, Any]) -> str:
     for name, m in acc["steps"].items():
         lines.append(f"  {name:<18} {pct(m['precision']):>9} {pct(m['recall']):>7} {m['support']:>8}")
     return "\n".join(lines)
+
+
+def accuracy_section(truth: Path, dataset: Path, export_dir: str | os.PathLike | None) -> str:
+    """The report's "Curation accuracy vs ground truth" section (HTML) for the demo web's ground truth."""
+    if not Path(truth).is_file():
+        raise InputError(f"--ground-truth: {truth} does not exist")
+    acc = curation_accuracy(dataset, truth, export_dir)
+    rows = [[name, _pct(m["precision"], 1) if m["precision"] is not None else "–",
+             _pct(m["recall"], 1) if m["recall"] is not None else "–", m["tp"], m["fp"], m["fn"], m["support"],
+             m["population"]] for name, m in acc["steps"].items()]
+    out = [f"<p>{acc['matched']:,} of {acc['truth_rows']:,} ground-truth rows matched the ledger on SAMPLE_ID.</p>",
+           _table(["step", "precision", "recall", "TP", "FP", "FN", "support", "population"], rows,
+                  {1, 2, 3, 4, 5, 6, 7})]
+    by_kind = acc["steps"].get("duplicate_groups", {}).get("recall_by_kind")
+    if by_kind:
+        out.append("<h3>duplicate recall by kind of copy</h3>"
+                   + _table(list(by_kind), [[_pct(v, 1) for v in by_kind.values()]], set(range(len(by_kind)))))
+    if export_dir is None:
+        out.append('<p class="note">No --export-dir given: caption steps need the export to know what was dropped.</p>')
+    out.append('<p class="note">faults: ledger status ≠ success vs expected_error_code; duplicates: is_duplicate '
+               'vs dup_of (original downloaded too); duplicate_groups: in any dup group vs original-or-copy; '
+               'caption kinds: not exported vs caption_kind, over scored samples not flagged by dedup, each kind '
+               'against clean captions only.</p>')
+    return "\n".join(out)

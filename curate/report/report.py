@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
 from importlib import resources
@@ -23,7 +24,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from curate.demo.ground_truth import curation_accuracy
 from curate.errors import InputError
 from curate.export_info import ExportInfo, read_export, resolve_dirs
 from curate.inspect import Tables, failures, open_dataset, parquet_source, sql_str, summarize
@@ -66,13 +66,16 @@ class Context:
 
 
 ProbeDirs = str | os.PathLike | list[str | os.PathLike] | tuple[str | os.PathLike, ...] | None
+GroundTruth = Callable[[Path, "str | os.PathLike | None"], str] | None
 
 
 def build_report(dataset_dir: str | os.PathLike, out: str | os.PathLike, *,
                  export_dir: str | os.PathLike | None = None, probe_dir: ProbeDirs = None,
-                 ground_truth: str | os.PathLike | None = None,
+                 ground_truth: GroundTruth = None,
                  options: ReportOptions = ReportOptions(), collect: dict[str, Any] | None = None) -> Path:
-    """Write the report to `out` (atomically) and return its path; `collect` receives the funnel steps."""
+    """Write the report to `out` (atomically) and return its path; `collect` receives the funnel steps.
+    `ground_truth` renders the accuracy section from (dataset root, export dir) (the demo web's, see
+    curate.demo.ground_truth.accuracy_section)."""
     html = render_report(dataset_dir, export_dir=export_dir, probe_dir=probe_dir, ground_truth=ground_truth,
                          options=options, collect=collect)
     out = Path(out)
@@ -81,7 +84,7 @@ def build_report(dataset_dir: str | os.PathLike, out: str | os.PathLike, *,
 
 
 def render_report(dataset_dir: str | os.PathLike, *, export_dir: str | os.PathLike | None = None,
-                  probe_dir: ProbeDirs = None, ground_truth: str | os.PathLike | None = None,
+                  probe_dir: ProbeDirs = None, ground_truth: GroundTruth = None,
                   options: ReportOptions = ReportOptions(), collect: dict[str, Any] | None = None) -> str:
     """The report's HTML; `probe_dir` is one train-probe output folder or several (one section each)."""
     dataset_dir, export_dir = resolve_dirs(dataset_dir, export_dir)
@@ -90,8 +93,6 @@ def render_report(dataset_dir: str | os.PathLike, *, export_dir: str | os.PathLi
     for p in probe_dirs:
         if not p.is_dir():
             raise InputError(f"--probe-dir: {p} is not a directory")
-    if ground_truth is not None and not Path(ground_truth).is_file():
-        raise InputError(f"--ground-truth: {ground_truth} does not exist")
     export = read_export(export_dir) if export_dir is not None else None
     t = Tables(ds)
     try:
@@ -115,7 +116,7 @@ def render_report(dataset_dir: str | os.PathLike, *, export_dir: str | os.PathLi
                              f"Train-probe: {p.name}" if len(probe_dirs) > 1 else "Train-probe", _train_probe(p)))
         if ground_truth is not None:
             sections.append(("ground-truth", "Curation accuracy vs ground truth",
-                             _ground_truth(ds.root, Path(ground_truth), export_dir)))
+                             ground_truth(ds.root, export_dir)))
     finally:
         t.close()
     body = "\n".join(f'<section id="{sid}"><h2>{escape(title)}</h2>\n{html}\n</section>'
@@ -550,22 +551,3 @@ def _train_probe(probe: Path) -> str:
     return f'<div class="probe">{"".join(out)}</div>'
 
 
-def _ground_truth(dataset: Path, truth: Path, export_dir: str | os.PathLike | None) -> str:
-    acc = curation_accuracy(dataset, truth, export_dir)
-    rows = [[name, _pct(m["precision"], 1) if m["precision"] is not None else "–",
-             _pct(m["recall"], 1) if m["recall"] is not None else "–", m["tp"], m["fp"], m["fn"], m["support"],
-             m["population"]] for name, m in acc["steps"].items()]
-    out = [f"<p>{acc['matched']:,} of {acc['truth_rows']:,} ground-truth rows matched the ledger on SAMPLE_ID.</p>",
-           _table(["step", "precision", "recall", "TP", "FP", "FN", "support", "population"], rows,
-                  {1, 2, 3, 4, 5, 6, 7})]
-    by_kind = acc["steps"].get("duplicate_groups", {}).get("recall_by_kind")
-    if by_kind:
-        out.append("<h3>duplicate recall by kind of copy</h3>"
-                   + _table(list(by_kind), [[_pct(v, 1) for v in by_kind.values()]], set(range(len(by_kind)))))
-    if export_dir is None:
-        out.append('<p class="note">No --export-dir given: caption steps need the export to know what was dropped.</p>')
-    out.append('<p class="note">faults: ledger status ≠ success vs expected_error_code; duplicates: is_duplicate '
-               'vs dup_of (original downloaded too); duplicate_groups: in any dup group vs original-or-copy; '
-               'caption kinds: not exported vs caption_kind, over scored samples not flagged by dedup, each kind '
-               'against clean captions only.</p>')
-    return "\n".join(out)
