@@ -375,7 +375,7 @@ class _HostState:
     waiting: int = 0  # threads waiting in acquire/move for a slot: served before try_acquire
     interval: float = 0.0  # seconds between request starts while capped (0: not rate limited)
     next_start: float = 0.0
-    since: float = 0.0  # the last 429/503 (or the first request), and the successes after it
+    since: float = 0.0  # the end of the last 429/503's pause (or the first request), and the successes after it
     ok_since: int = 0
     said_429: bool = False  # a 429 (not only 503s) came since the cap began
 
@@ -519,9 +519,7 @@ class HostLimiter:
         with self._cond:
             st = self._state(host)
             now = time.monotonic()
-            if now >= st.cap_until:
-                st.said_429 = False
-            st.said_429 = st.said_429 or too_many
+            st.said_429 = too_many or (st.said_429 and now < st.cap_until)
             pause = HOST_PAUSE if retry_after is None else retry_after
             if now >= st.paused_until:  # once per pause: the other answers of a burst say the same thing
                 if st.active > RATE_FLOOR:

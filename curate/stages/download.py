@@ -650,7 +650,7 @@ class _Dispatch:
         rescan, is this long away."""
         now = time.monotonic()
         due = min(self.rescan_at, self.timers[0][0]) if self.timers else self.rescan_at
-        return max(0.0, min(due - now, 1.0)) + 0.001
+        return max(0.0, due - now) + 0.001  # the rescan is at most RESCAN_PERIOD away
 
 
 # seconds between tries of every queued host (the net under the release and timer wake-ups)
