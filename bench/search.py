@@ -52,7 +52,8 @@ def build(root: Path, args: argparse.Namespace) -> dict[str, object]:
     dataset's index was built with other flags): {rc, driver, workers} peak RSS in MB."""
     out = root.parent / "build-rss.json"
     cmd = [sys.executable, "-c", BUILD, str(out), "index", str(root), "--kind", args.kind, "--memory-budget",
-           args.memory_budget, "--nlist", str(args.nlist), "--workers", str(args.workers), "--no-progress"]
+           args.memory_budget, "--nlist", str(args.nlist), "--workers", str(args.workers), "--no-progress",
+           "--target-recall", str(args.target_recall)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                          os.environ.get("PYTHONPATH", "")])}
     rc = subprocess.run(cmd, env=env).returncode
@@ -83,10 +84,12 @@ def queries_of(s: object, n: int, seed: int) -> dict[str, np.ndarray]:
 def exact_kth(s: object, q: np.ndarray, k: int, mask: np.ndarray | None = None) -> np.ndarray:
     """Exact top-k cosines (descending) of each query over every indexed vector (those in `mask`), one
     shard file at a time, read whole (not memory-mapped) so this process never holds more than a shard."""
-    shards, rows = s.shards, s.emb_rows  # type: ignore[attr-defined]
+    codes, names, rows = s._shard_codes, s._shard_names, s.emb_rows  # type: ignore[attr-defined]
+    order = np.argsort(codes, kind="stable")  # ids grouped by shard once, not a pass over every id a shard
+    groups, starts = np.unique(codes[order], return_index=True)
     best = np.full((len(q), k), -np.inf, np.float32)
-    for shard in dict.fromkeys(shards.tolist()):
-        sel = np.flatnonzero(shards == shard)
+    for code, sel in zip(groups.tolist(), np.split(order, starts[1:]), strict=True):
+        shard = names[code]
         if mask is not None:
             sel = sel[mask[sel]]
         emb = np.load(s.ds.signals(s.scorer, shard, ".img_emb.npy"))  # type: ignore[attr-defined]
@@ -166,6 +169,8 @@ def main() -> None:
     ap.add_argument("--memory-budget", default="4G")
     ap.add_argument("--kind", default="auto")
     ap.add_argument("--nlist", type=int, default=0)
+    ap.add_argument("--target-recall", type=float, default=0.97, help="curate index --target-recall (what tuning "
+                                                                          "aims for, per query kind).")
     ap.add_argument("--workers", type=int, default=1, help="curate index --workers (1: tasks run in the driver).")
     ap.add_argument("--where", default="lang = 'en'", help="A clause for the filtered run ('' skips it).")
     ap.add_argument("--out", default="bench-out/search")

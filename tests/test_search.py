@@ -705,10 +705,14 @@ def test_two_level_coarse_training_is_close_to_full_kmeans_and_parts_are_codes(m
     two = faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 128)
     assert np.allclose(np.linalg.norm(two, axis=1), 1, atol=1e-4) and fit(two) >= fit(full.centroids) - 0.02
     merged, added = faiss.clone_index(index), faiss.clone_index(index)
-    for part in np.array_split(np.arange(len(x32)), 3):  # what each shard task writes, merged in id order
-        merged.add_sa_codes(index.sa_encode(x32[part]), part.astype(np.int64))
+    parts = [(part, index.sa_encode(x32[part])) for part in np.array_split(np.arange(len(x32)), 3)]
+    build.reserve_lists(merged, (codes for _, codes in parts))  # room made, every list still empty
+    assert merged.ntotal == 0 and all(merged.invlists.list_size(no) == 0 for no in range(128))
+    for part, codes in parts:  # what each shard task writes, merged in id order
+        merged.add_sa_codes(codes, part.astype(np.int64))
     added.add(x32)
     merged.nprobe = added.nprobe = 16
+    assert [merged.invlists.list_size(no) for no in range(128)] == [added.invlists.list_size(no) for no in range(128)]
     assert merged.ntotal == added.ntotal and np.array_equal(merged.search(x32[:50], 10)[1],
                                                             added.search(x32[:50], 10)[1])
 

@@ -253,21 +253,23 @@ class Searcher:
         positional reads, shard by shard (the last MAX_OPEN_SHARDS files kept open): the 500 rerank candidates
         of a query over 1,000 shards cost 500 small reads, and no memory map keeps touched pages resident."""
         ids = np.asarray(ids, np.int64)
-        out = np.empty((len(ids), int(self.meta["dim"])), np.float32)
+        dim = int(self.meta["dim"])
+        out = np.empty((len(ids), dim), np.float32)
         codes = self._shard_codes[ids]
         order = np.argsort(codes, kind="stable")
         groups, starts = np.unique(codes[order], return_index=True)
+        rows = self.emb_rows[ids]
+        pread = os.pread
         for code, sel in zip(groups.tolist(), np.split(order, starts[1:]), strict=True):
             shard = self._shard_names[code]
             with self._lock_files:  # an evicted file is closed: reads happen under the lock
                 fd, offset, width, dtype = self._file(modality, shard)
-                for j in sel.tolist():
-                    row = int(self.emb_rows[ids[j]])
-                    buf = os.pread(fd, width, offset + row * width)
-                    if len(buf) != width:
-                        raise InputError(f"{self.ds.signals(self.scorer, shard, MODALITIES[modality])}: row {row} "
-                                         f"is past the end of the file (rerun `curate index {self.ds.root}`)")
-                    out[j] = np.frombuffer(buf, dtype)
+                # one read a row, joined: a bytes object a row and one copy, no array a row
+                data = b"".join([pread(fd, width, offset + r * width) for r in rows[sel].tolist()])
+            if len(data) != len(sel) * width:
+                raise InputError(f"{self.ds.signals(self.scorer, shard, MODALITIES[modality])}: a row past the "
+                                 f"end of the file (rerun `curate index {self.ds.root}`)")
+            out[sel] = np.frombuffer(data, dtype).reshape(len(sel), dim)
         return out
 
     def _file(self, modality: str, shard: str) -> tuple[int, int, int, np.dtype]:
