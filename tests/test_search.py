@@ -604,6 +604,7 @@ def test_ivf_pq_hits_are_reranked_by_exact_cosine(tmp_path):
     so hit scores are the exact cosines and text-like queries reach the tuned recall against brute force."""
     import importlib.util
 
+    from curate.search import build
     from curate.search.build import weak_probes
     from curate.search.searcher import Searcher
 
@@ -621,6 +622,15 @@ def test_ivf_pq_hits_are_reranked_by_exact_cosine(tmp_path):
     emb = np.concatenate([np.load(ds.signals("score", s, ".img_emb.npy")) for s in ds.done_shards("score")])
     emb = emb.astype(np.float32)
     q = weak_probes(emb[[5, 1500, 2999]], 0.3, seed=3)
+    # tuning's exact cosines of candidate ids (a row per query, -1 where the index had fewer), read a
+    # shard at a time in chunks smaller than one shard's candidates
+    plan = json.loads((ds.root / "index" / "plan.json").read_text())
+    idmap = build.IdMap(ds.root / "index" / "ids.parquet", plan["tasks"])
+    cand = np.random.default_rng(4).integers(0, 3000, size=(3, 700))
+    cand[1, 650:] = -1
+    sims = build.exact_sims(ds, "score", "image", idmap, q, cand, chunk=256)
+    want = np.where(cand >= 0, np.einsum("qd,qkd->qk", q, emb[np.maximum(cand, 0)]), -np.inf)
+    assert np.allclose(sims, want, atol=1e-5)
     s = Searcher(ds.root)
     try:
         found = 0.0
@@ -692,7 +702,7 @@ def test_two_level_coarse_training_is_close_to_full_kmeans_and_parts_are_codes(m
     x32 = x16.astype(np.float32)
     monkeypatch.setattr(build, "TWO_LEVEL_FROM", 64)
     index = faiss.index_factory(32, "IVF128,PQ8", faiss.METRIC_INNER_PRODUCT)
-    assert build.train_index(index, x16, 128, seed=0) == "two-level k-means"
+    assert build.train_index(index, lambda: x16, 128, seed=0) == "two-level k-means"
     assert not index.do_polysemous_training and faiss.extract_index_ivf(index).quantizer.ntotal == 128
     full = faiss.Kmeans(32, 128, niter=20, spherical=True, seed=0)
     full.train(x32)

@@ -266,8 +266,9 @@ class IdMap:
         part = np.searchsorted(self.lo, ids, side="right") - 1
         if len(ids) and (ids.min() < 0 or ids.max() >= self.lo[-1] + self.tasks[-1]["n"]):
             raise InputError(f"{self.path}: an index id outside the id table")
-        for i in np.unique(part).tolist():
-            sel = np.flatnonzero(part == i)
+        order = np.argsort(part, kind="stable")  # grouped once: not a pass over every id for each shard
+        groups, starts = np.unique(part[order], return_index=True)
+        for i, sel in zip(groups.tolist(), np.split(order, starts[1:]), strict=True):
             yield self.tasks[i]["shard"], sel, self.emb_rows(i)[ids[sel] - self.lo[i]]
 
     def shards(self) -> Any:
@@ -300,9 +301,11 @@ def gather(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, positions: 
     return out if out is not None else np.zeros((0, 0), dtype)
 
 
-def train_index(index: Any, sample: np.ndarray, nlist: int, seed: int) -> str:
-    """Train `index` on `sample` (float16 rows, kept so: the float32 copies are one group or one slice at a
-    time); returns how the coarse centroids were trained. Under TWO_LEVEL_FROM lists faiss trains it all;
+def train_index(index: Any, draw: Callable[[], np.ndarray], nlist: int, seed: int) -> str:
+    """Train `index` on the sample `draw()` returns (float16 rows, kept so: the float32 copies are one group or
+    one slice at a time); returns how the coarse centroids were trained. The sample is drawn here so that this
+    function holds its only reference and frees it before the encoder's training (10M rows: 537 MB of
+    sample, then 134 MB of encoder rows and their residuals). Under TWO_LEVEL_FROM lists faiss trains it all;
     from there the coarse centroids come from two_level_kmeans and faiss trains only the encoder (PQ codes
     on residuals, on at most ENCODER_TRAIN_ROWS rows). PQ's polysemous training (a code-ordering for
     Hamming-distance filtering, which this index never uses) is switched off: about a minute for 10k rows."""
@@ -311,13 +314,14 @@ def train_index(index: Any, sample: np.ndarray, nlist: int, seed: int) -> str:
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     if hasattr(ivf, "do_polysemous_training"):
         ivf.do_polysemous_training = False
+    sample = draw()
     if nlist < TWO_LEVEL_FROM:
         index.train(np.asarray(sample, np.float32))
         return "k-means"
     ivf.quantizer.add(two_level_kmeans(sample, nlist, seed))
     rows = np.random.default_rng(seed).permutation(len(sample))[:ENCODER_TRAIN_ROWS]
     encoder_rows = np.asarray(sample[np.sort(rows)], np.float32)
-    del sample  # the caller passes the sample in: freed here, before faiss computes the residuals
+    del sample  # the only reference: freed before faiss computes the residuals
     index.train(encoder_rows)  # the quantizer is complete: the encoder only
     return "two-level k-means"
 
@@ -431,8 +435,8 @@ class IndexStage:
             if not index.is_trained:
                 t0 = time.time()
                 # the sample stays float16 (as stored): 524,288 x 512 is 0.5 GB, not 1 GB
-                coarse = train_index(index, gather(ds, cfg.scorer, m, idmap, train, np.float16), choice["nlist"],
-                                     cfg.seed)
+                coarse = train_index(index, lambda m=m: gather(ds, cfg.scorer, m, idmap, train, np.float16),
+                                     choice["nlist"], cfg.seed)
                 log.info("index: trained %s %s on %d rows (%s) in %.1fs", m, choice["factory"], len(train), coarse,
                          time.time() - t0)
             _write_index(wd / f"trained-{m}.faiss", index)
@@ -697,16 +701,20 @@ def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: f
 
 def exact_sims(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, q: np.ndarray,
                ids: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
-    """Similarities of returned ids recomputed from the stored embeddings (PQ distances are approximate), about
-    `chunk` candidates at a time (256 queries x 4,000 candidates as float32 would be 2 GB; 16,384 are 32 MB)."""
+    """Similarities of returned ids (a row of ids per query) recomputed from the stored embeddings (PQ
+    distances are approximate): every query's candidates of a shard read with one opening of its file,
+    `chunk` rows at a time (256 queries x 4,000 candidates as float32 would be 2 GB; 16,384 rows are 32 MB)."""
     out = np.full(ids.shape, -np.inf, np.float32)
-    step = max(1, chunk // max(1, ids.shape[1]))
-    for s in range(0, len(ids), step):
-        part, valid = ids[s:s + step], ids[s:s + step] >= 0
-        if valid.any():
-            vecs = gather(ds, scorer, modality, idmap, part[valid].astype(np.int64))
-            sims = np.einsum("ij,ij->i", vecs, np.repeat(q[s:s + step], valid.sum(axis=1), axis=0))
-            out[s:s + step][valid] = sims
+    flat, sims = ids.reshape(-1), out.reshape(-1)  # views
+    valid = np.flatnonzero(flat >= 0)
+    query_of = valid // max(1, ids.shape[1])
+    for shard, sel, rows in idmap.by_shard(flat[valid].astype(np.int64)):
+        emb = open_embeddings(ds, scorer, shard, modality)
+        o = np.argsort(rows, kind="stable")
+        for s in range(0, len(o), chunk):
+            part = sel[o[s:s + chunk]]
+            vecs = np.asarray(emb[rows[o[s:s + chunk]]], np.float32)
+            sims[valid[part]] = np.einsum("ij,ij->i", vecs, q[query_of[part]])
     return out
 
 
