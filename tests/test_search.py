@@ -642,6 +642,16 @@ def test_ivf_pq_hits_are_reranked_by_exact_cosine(tmp_path):
             found += float(np.mean(got >= np.sort(exact)[-10] - 1e-4))
         assert found / len(q) >= meta["modalities"]["image"]["search"]["text"]["recall"] - 0.1
         assert all(h["caption"].startswith("a photo number") for h in hits)
+        ids = np.random.default_rng(5).integers(0, 3000, 500)
+        s._max_open = 2  # read in batches of two files, each batch's files kept open through its reads
+        assert np.array_equal(s.vectors_of("image", ids), emb[ids])
+    finally:
+        s.close()
+    path = ds.signals("score", ds.done_shards("score")[1], ".img_emb.npy")
+    np.save(path, np.load(path).astype(np.float32))  # one shard's rows twice as wide: read apart
+    s = Searcher(ds.root)
+    try:
+        assert np.array_equal(s.vectors_of("image", ids), emb[ids])
     finally:
         s.close()
 
