@@ -3,6 +3,8 @@ memory_limit is a number per connection; a constant written for one machine is w
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 
 
@@ -34,3 +36,12 @@ def sql_memory_limit(share: float = 0.5, cap: int = 1 << 30, env: str = "CURATE_
         return os.environ[env]
     mb = max(64, min(cap, int(memory_bytes() * share / cores())) >> 20)
     return f"{mb}MB"
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim), after a phase that freed a big
+    structure made of many allocations: freed blocks below a live one otherwise stay in the process, and
+    the next phase's libraries (DuckDB, Arrow) allocate from their own heaps, not from these. A no-op
+    where the C library has no malloc_trim."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)

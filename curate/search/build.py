@@ -38,7 +38,7 @@ from curate.io import manifest
 from curate.io.atomic import atomic_path, read_json, write_json
 from curate.io.layout import DatasetDir
 from curate.io.lineage import marker_identity, require_current
-from curate.machine import sql_memory_limit
+from curate.machine import release_free_heap, sql_memory_limit
 from curate.options import option
 from curate.search.rowstore import is_current, write_row_store
 
@@ -71,8 +71,8 @@ NLIST_PER_SQRT_N, MAX_AUTO_NLIST = 4, 8192  # auto IVF lists: 4 sqrt(N), capped 
 TWO_LEVEL_FROM = 2048
 KMEANS_NITER = 20
 REFINE_PASSES = 2  # Lloyd passes over the whole sample after the two levels (each one assignment to nlist)
-# rows converted to float32 at once while training, tuning and computing ground truth: 16,384 x 512 is 32 MB
-CHUNK_ROWS = 16384
+# rows converted to float32 at once while training, tuning and computing ground truth: 8,192 x 512 is 16 MB
+CHUNK_ROWS = 8192
 ENCODER_TRAIN_ROWS = 65536  # what faiss's PQ training samples anyway (256 points for each of 256 centroids)
 
 
@@ -244,20 +244,24 @@ class IdMap:
         self.path = path
         self.tasks = [t for t in tasks if t["n"]]
         self.lo = np.array([t["lo"] for t in self.tasks], np.int64)
-        # tuning reads the same shards' rows again and again: their emb_row column kept, 4 bytes an id
-        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+        # tuning reads the same shards' rows again and again: their emb_row column kept (4 bytes an id, or only its
+        # length when it is 0, 1, 2, ... as the score stage writes it)
+        self._cache: dict[int, np.ndarray | int] | None = {} if cache else None
 
     def emb_rows(self, i: int) -> np.ndarray:
         import pyarrow.parquet as pq
 
         if self._cache is not None and i in self._cache:
-            return self._cache[i]
+            got = self._cache[i]
+            return np.arange(got) if isinstance(got, int) else got
         t = self.tasks[i]
         pf = pq.ParquetFile(self.path)
         rows = pf.read_row_group(t["row_group"], columns=["emb_row"])["emb_row"].to_numpy()
         if self._cache is not None:
-            rows = rows.astype(np.int32) if rows.size and rows.max() < 2 ** 31 else rows
-            self._cache[i] = rows
+            if np.array_equal(rows, np.arange(len(rows))):  # the usual case: kept as a length, not 4 bytes an id
+                self._cache[i] = len(rows)
+            else:
+                self._cache[i] = rows.astype(np.int32) if rows.size and rows.max() < 2 ** 31 else rows
         return rows
 
     def by_shard(self, ids: np.ndarray) -> Any:
@@ -440,6 +444,8 @@ class IndexStage:
                 log.info("index: trained %s %s on %d rows (%s) in %.1fs", m, choice["factory"], len(train), coarse,
                          time.time() - t0)
             _write_index(wd / f"trained-{m}.faiss", index)
+            del index
+            release_free_heap()  # the sample's float32 copies and the training's buffers
         _save(wd / "queries.npy", queries.astype(np.int64))
         plan = {"digest": digest, "rows": n, "dim": d, **choice, "modalities": modalities, "tasks": tasks,
                 "train_rows": int(len(train)), "coarse_training": coarse}
@@ -514,6 +520,7 @@ class IndexStage:
             held = self._tuning_queries(cfg, ds, plan)
             for m in plan["modalities"]:
                 meta["modalities"][m] = self._merge_and_tune(cfg, ds, plan, m, held)
+                release_free_heap()  # the merged index (8,192 lists, each its own allocations), freed on return
         if not is_current(ds, wd):  # missing, or a ledger/signal file changed since: (re)written here
             # DuckDB's share of this machine (or $CURATE_SQL_MEMORY), at most 512 MB: it spills past it
             write_row_store(ds, wd, plan["rows"], memory_limit=sql_memory_limit(cap=ROW_STORE_SQL_CAP))
@@ -703,7 +710,7 @@ def exact_sims(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, q: np.n
                ids: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
     """Similarities of returned ids (a row of ids per query) recomputed from the stored embeddings (PQ
     distances are approximate): every query's candidates of a shard read with one opening of its file,
-    `chunk` rows at a time (256 queries x 4,000 candidates as float32 would be 2 GB; 16,384 rows are 32 MB)."""
+    `chunk` rows at a time (256 queries x 4,000 candidates as float32 would be 2 GB; 8,192 rows are 16 MB)."""
     out = np.full(ids.shape, -np.inf, np.float32)
     flat, sims = ids.reshape(-1), out.reshape(-1)  # views
     valid = np.flatnonzero(flat >= 0)

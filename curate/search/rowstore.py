@@ -105,8 +105,12 @@ def write_row_store(ds: DatasetDir, wd: Path, rows: int, memory_limit: str = "1G
         sql = (f"SELECT i.key{sel} FROM {_ids_sql(wd)} i LEFT JOIN samples s ON s.key = i.key "
                f"ORDER BY i.file_row_number")
         reader = db.con.sql(sql).to_arrow_reader(ROW_BATCH)
-    shard_col = pq.read_table(wd / "ids.parquet", columns=["shard"])["shard"].combine_chunks().dictionary_encode()
-    shard_names, shard_codes = shard_col.dictionary.to_pylist(), shard_col.indices.to_numpy()
+    # a row group of the id table holds one shard's ids: each id's shard from the row groups' bounds, not a
+    # column of 10M shard names in memory
+    ids_file = pq.ParquetFile(wd / "ids.parquet")
+    groups = range(ids_file.num_row_groups)
+    bounds = np.cumsum([0] + [ids_file.metadata.row_group(g).num_rows for g in groups])
+    shard_names = [ids_file.read_row_group(g, columns=["shard"])["shard"][0].as_py() for g in groups]
     tars: dict[str, dict[str, tuple[int, int]]] = {}
     written = 0
     try:
@@ -117,8 +121,8 @@ def write_row_store(ds: DatasetDir, wd: Path, rows: int, memory_limit: str = "1G
 
             def emit(batch: Any) -> None:
                 nonlocal writer, written
-                batch = with_image_offsets(ds, batch, shard_names, shard_codes[written:written + batch.num_rows],
-                                           tars)
+                codes = np.searchsorted(bounds, np.arange(written, written + batch.num_rows), side="right") - 1
+                batch = with_image_offsets(ds, batch, shard_names, codes, tars)
                 if writer is None:
                     writer = pa.ipc.new_file(str(tmp), batch.schema)
                 writer.write_batch(batch)
