@@ -707,21 +707,24 @@ def tune_nprobe(index: Any, nlist: int, q: np.ndarray, gt: np.ndarray, target: f
 
 
 def exact_sims(ds: DatasetDir, scorer: str, modality: str, idmap: IdMap, q: np.ndarray,
-               ids: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
+               ids: np.ndarray, chunk: int = CHUNK_ROWS, queries: int = 64) -> np.ndarray:
     """Similarities of returned ids (a row of ids per query) recomputed from the stored embeddings (PQ
-    distances are approximate): every query's candidates of a shard read with one opening of its file,
-    `chunk` rows at a time (256 queries x 4,000 candidates as float32 would be 2 GB; 8,192 rows are 16 MB)."""
+    distances are approximate), for `queries` queries at a time: their candidates of a shard read with one
+    opening of its file, `chunk` rows at a time (256 queries x 4,000 candidates as float32 would be 2 GB;
+    8,192 rows are 16 MB, and 64 queries' positions and sims about 10 MB)."""
     out = np.full(ids.shape, -np.inf, np.float32)
-    flat, sims = ids.reshape(-1), out.reshape(-1)  # views
-    valid = np.flatnonzero(flat >= 0)
-    query_of = valid // max(1, ids.shape[1])
-    for shard, sel, rows in idmap.by_shard(flat[valid].astype(np.int64)):
-        emb = open_embeddings(ds, scorer, shard, modality)
-        o = np.argsort(rows, kind="stable")
-        for s in range(0, len(o), chunk):
-            part = sel[o[s:s + chunk]]
-            vecs = np.asarray(emb[rows[o[s:s + chunk]]], np.float32)
-            sims[valid[part]] = np.einsum("ij,ij->i", vecs, q[query_of[part]])
+    for start in range(0, len(ids), queries):
+        part_ids = ids[start:start + queries]
+        flat, sims = part_ids.reshape(-1), out[start:start + queries].reshape(-1)  # sims: a view into out
+        valid = np.flatnonzero(flat >= 0)
+        query_of = start + valid // max(1, ids.shape[1])
+        for shard, sel, rows in idmap.by_shard(flat[valid].astype(np.int64)):
+            emb = open_embeddings(ds, scorer, shard, modality)
+            o = np.argsort(rows, kind="stable")
+            for s in range(0, len(o), chunk):
+                part = sel[o[s:s + chunk]]
+                vecs = np.asarray(emb[rows[o[s:s + chunk]]], np.float32)
+                sims[valid[part]] = np.einsum("ij,ij->i", vecs, q[query_of[part]])
     return out
 
 
