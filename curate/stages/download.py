@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import heapq
 import logging
+import math
 import os
 import queue
 import threading
@@ -645,12 +646,11 @@ class _Dispatch:
         self.n_queued -= len(out)
         return out
 
-    def wake_in(self) -> float:
-        """How long the idle thread that keeps the timers may sleep (the other idle threads wait for a
-        notify): a release wakes it; a pause or spacing ending, or the next rescan, is this long away."""
-        now = time.monotonic()
-        due = min(self.rescan_at, self.timers[0][0]) if self.timers else self.rescan_at
-        return max(0.0, due - now) + 0.001  # the rescan is at most RESCAN_PERIOD away
+    def due(self) -> float:
+        """When a host's pause or spacing ends next, or the next rescan (monotonic time, at most
+        RESCAN_PERIOD away): the idle thread that keeps the timers sleeps until then, unless a release
+        wakes it first."""
+        return min(self.rescan_at, self.timers[0][0]) if self.timers else self.rescan_at
 
 
 # seconds between tries of every queued host (the net under the release and timer wake-ups)
@@ -860,9 +860,9 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     working: dict[int, float] = {}
     slots: dict[int, HostSlot] = {}  # the host slot a fetching row's thread holds
     wait_limit = _row_wait_limit(cfg)
-    # "timer": an idle thread is waiting with a timeout for the next pause, spacing or rescan (one at most;
-    # the others wait for a notify, so a second's rescan wakes one thread, not every idle one)
-    state = {"stop": False, "workers": 0, "idle": 0, "timer": False, "in_flight": 0, "peak_in_flight": 0}
+    # "timer_due": when the idle thread that waits for the timers (a pause or spacing ending, the rescan)
+    # wakes; the other idle threads wait for a notify, so a second's rescan wakes one thread, not all
+    state = {"stop": False, "workers": 0, "idle": 0, "timer_due": math.inf, "in_flight": 0, "peak_in_flight": 0}
     dispatch = _Dispatch(rows, fetcher)
     n_decode = max(1, cfg.decode_threads)
     pace = _Pace(cfg.threads, n_decode)
@@ -888,12 +888,14 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 work.notify()  # another idle thread may find a row too
                 return got
             state["idle"] += 1
-            if state["timer"]:
-                work.wait()  # a release, a take that may leave rows, an exit or the timer thread wakes it
+            due = dispatch.due()
+            if due < state["timer_due"]:  # no idle thread wakes that early: this one does
+                state["timer_due"] = due
+                work.wait(timeout=max(0.0, due - time.monotonic()) + 0.001)
+                if state["timer_due"] == due:
+                    state["timer_due"] = math.inf
             else:
-                state["timer"] = True
-                work.wait(timeout=dispatch.wake_in())
-                state["timer"] = False
+                work.wait()  # a release, a take that may leave rows, an exit or the timer thread wakes it
             state["idle"] -= 1
 
     def fetch_worker() -> None:
