@@ -378,6 +378,9 @@ class _HostState:
     since: float = 0.0  # the end of the last 429/503's pause (or the first request), and the successes after it
     ok_since: int = 0
     said_429: bool = False  # a 429 (not only 503s) came since the cap began
+    # threads waiting for this host (a slot or a turn) wait here, on the limiter's lock: a release
+    # wakes the host's own waiters, not every waiting thread of the task (made on the first wait)
+    cond: threading.Condition | None = field(default=None, repr=False)
 
 
 class HostSlot:
@@ -405,7 +408,7 @@ class HostLimiter:
         self.start = float(min(self.ceiling, max(1, start)))
         self.on_release = on_release
         self._hosts: dict[str, _HostState] = {}
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self.throttles = 0  # 429/503 answers seen (pauses and halvings), for the task's stats
 
     def _state(self, host: str) -> _HostState:
@@ -413,6 +416,18 @@ class HostLimiter:
         if st is None:
             st = self._hosts[host] = _HostState(limit=self.start, since=time.monotonic())
         return st
+
+    def _wait(self, st: _HostState, timeout: float) -> None:
+        """(holding the lock) wait for a change of this host, at most `timeout` seconds."""
+        if st.cond is None:
+            st.cond = threading.Condition(self._lock)
+        st.cond.wait(timeout=timeout)
+
+    @staticmethod
+    def _wake(st: _HostState) -> None:
+        """(holding the lock) a slot of this host was freed or its limit grew: its waiters look again."""
+        if st.cond is not None:
+            st.cond.notify_all()
 
     @staticmethod
     def _ready_at(st: _HostState, now: float) -> float:
@@ -435,7 +450,7 @@ class HostLimiter:
         self._start(st, now)
 
     def try_acquire(self, host: str) -> HostSlot | None:
-        with self._cond:
+        with self._lock:
             st = self._state(host)
             # a thread already waiting (a redirect's next hop, a direct caller) goes first: a scheduler
             # that keeps the host busy with new rows would otherwise starve it until its deadline
@@ -464,23 +479,23 @@ class HostLimiter:
                 wake = ready - now if ready > now else 1.0
                 if until is not None:
                     wake = min(wake, until - now)
-                self._cond.wait(timeout=max(0.001, wake))
+                self._wait(st, max(0.001, wake))
         finally:
             st.waiting -= 1
 
     def acquire(self, host: str, until: float | None = None) -> HostSlot | None:
         """Wait for a slot of `host` (until the monotonic time `until`, or for ever); None when it passed."""
-        with self._cond:
+        with self._lock:
             return HostSlot(host) if self._wait_free(host, until) else None
 
     def move(self, slot: HostSlot, host: str, until: float | None) -> bool:
         """Give up `slot`'s host and wait for one of `host` in the same slot (a redirect to another host)."""
         if not slot.held or slot.host == host:
             return slot.held
-        with self._cond:
+        with self._lock:
             old = self._state(slot.host)
             old.active = max(0, old.active - 1)
-            self._cond.notify_all()
+            self._wake(old)
             freed, slot.host = slot.host, host
             got = self._wait_free(host, until, slot)
             if not got and slot.held:
@@ -490,33 +505,33 @@ class HostLimiter:
         return got
 
     def release(self, slot: HostSlot) -> None:
-        with self._cond:
+        with self._lock:
             if not slot.held:
                 return
             slot.held = False
             st = self._state(slot.host)
             st.active = max(0, st.active - 1)
-            self._cond.notify_all()
+            self._wake(st)
         if self.on_release is not None:
             self.on_release(slot.host)
 
     def active(self, host: str) -> int:
-        with self._cond:
+        with self._lock:
             st = self._hosts.get(host)
             return st.active if st else 0
 
     def succeeded(self, host: str) -> None:
-        with self._cond:
+        with self._lock:
             st = self._state(host)
             cap = st.cap if time.monotonic() < st.cap_until else float(self.ceiling)
             st.limit = min(float(self.ceiling), cap, st.limit + 1.0 / max(1.0, st.limit))
             st.ok_since += 1
-            self._cond.notify_all()
+            self._wake(st)
 
     def throttled(self, host: str, retry_after: float | None, too_many: bool = True) -> None:
         """A 429 (`too_many`) or 503 from `host`: fewer requests at once, or its requests spaced (see
         RATE_FLOOR), for HOST_CAP_SECONDS; and a pause for Retry-After (or HOST_PAUSE)."""
-        with self._cond:
+        with self._lock:
             st = self._state(host)
             now = time.monotonic()
             st.said_429 = too_many or (st.said_429 and now < st.cap_until)
@@ -542,7 +557,7 @@ class HostLimiter:
         """For a thread that holds a slot of `host` and asks it again (a retry after a 429/503): wait
         until the host may be asked (its pause over, its spacing respected) and take that turn; False
         when `until` passed first."""
-        with self._cond:
+        with self._lock:
             st = self._state(host)
             while True:
                 now = time.monotonic()
@@ -552,11 +567,11 @@ class HostLimiter:
                     return True
                 if now >= until:
                     return False
-                self._cond.wait(timeout=max(0.001, min(ready, until) - now))
+                self._wait(st, max(0.001, min(ready, until) - now))
 
     def paused_for(self, host: str) -> float:
         """Seconds until `host` may be asked again (0 when not paused)."""
-        with self._cond:
+        with self._lock:
             st = self._hosts.get(host)
             if st is None:
                 return 0.0
@@ -566,12 +581,12 @@ class HostLimiter:
     def rate_limited(self, host: str) -> bool:
         """True while `host`'s requests are spaced because it limits its request rate (see RATE_FLOOR) and
         it said so with a 429 (a 503 is more often a server in trouble for a moment)."""
-        with self._cond:
+        with self._lock:
             st = self._hosts.get(host)
             return st is not None and bool(st.interval) and st.said_429 and time.monotonic() < st.cap_until
 
     def limit(self, host: str) -> int:
-        with self._cond:
+        with self._lock:
             return max(1, int(self._state(host).limit))
 
 

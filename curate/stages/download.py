@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import heapq
 import logging
+import math
 import os
 import queue
 import threading
@@ -645,12 +646,11 @@ class _Dispatch:
         self.n_queued -= len(out)
         return out
 
-    def wake_in(self) -> float:
-        """How long an idle thread may sleep: a release wakes it; a pause or spacing ending, or the next
-        rescan, is this long away."""
-        now = time.monotonic()
-        due = min(self.rescan_at, self.timers[0][0]) if self.timers else self.rescan_at
-        return max(0.0, due - now) + 0.001  # the rescan is at most RESCAN_PERIOD away
+    def due(self) -> float:
+        """When a host's pause or spacing ends next, or the next rescan (monotonic time, at most
+        RESCAN_PERIOD away): the idle thread that keeps the timers sleeps until then, unless a release
+        wakes it first."""
+        return min(self.rescan_at, self.timers[0][0]) if self.timers else self.rescan_at
 
 
 # seconds between tries of every queued host (the net under the release and timer wake-ups)
@@ -674,7 +674,10 @@ class _Pace:
 
     Every PACE_PERIOD: more threads (a quarter more) while the decode threads sat idle part of the time
     and every fetch thread was busy; a quarter fewer when the share of transient failures (timeouts,
-    refused connections, 5xx) jumped. Called holding the shard's lock.
+    refused connections, 5xx) jumped. Decisions are taken as rows finish, so with slow answers a period
+    lasts longer (threads started together finish together, one decision per answer time): it then
+    grows a quarter for each PACE_PERIOD it lasted, at most doubling, or reaching thousands of threads
+    would take about 23 answer times. Called holding the shard's lock.
     """
 
     def __init__(self, ceiling: int, n_decode: int):
@@ -699,7 +702,8 @@ class _Pace:
         if self.prev_error_rate is not None and rate > 0.1 and rate > self.prev_error_rate + 0.1:
             self.target = max(min(self.ceiling, PACE_START), self.target * 3 // 4)
         elif idle_share > 0.1 and idle_threads == 0:
-            self.target = min(self.ceiling, self.target + max(2, self.target // 4))
+            steps = min(4, int(period / PACE_PERIOD))
+            self.target = min(self.ceiling, self.target + max(2, self.target // 4) * steps)
         self.peak = max(self.peak, self.target)
         self.prev_error_rate = rate
         self.t0, self.rows, self.errors, self.decode_idle = now, 0, 0, 0.0
@@ -856,7 +860,9 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     working: dict[int, float] = {}
     slots: dict[int, HostSlot] = {}  # the host slot a fetching row's thread holds
     wait_limit = _row_wait_limit(cfg)
-    state = {"stop": False, "workers": 0, "idle": 0, "in_flight": 0, "peak_in_flight": 0}
+    # "timer_due": when the idle thread that waits for the timers (a pause or spacing ending, the rescan)
+    # wakes; the other idle threads wait for a notify, so a second's rescan wakes one thread, not all
+    state = {"stop": False, "workers": 0, "idle": 0, "timer_due": math.inf, "in_flight": 0, "peak_in_flight": 0}
     dispatch = _Dispatch(rows, fetcher)
     n_decode = max(1, cfg.decode_threads)
     pace = _Pace(cfg.threads, n_decode)
@@ -882,7 +888,14 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 work.notify()  # another idle thread may find a row too
                 return got
             state["idle"] += 1
-            work.wait(timeout=dispatch.wake_in())
+            due = dispatch.due()
+            if due < state["timer_due"]:  # no idle thread wakes that early: this one does
+                state["timer_due"] = due
+                work.wait(timeout=max(0.0, due - time.monotonic()) + 0.001)
+                if state["timer_due"] == due:
+                    state["timer_due"] = math.inf
+            else:
+                work.wait()  # a release, a take that may leave rows, an exit or the timer thread wakes it
             state["idle"] -= 1
 
     def fetch_worker() -> None:
