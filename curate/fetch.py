@@ -579,11 +579,14 @@ class HostLimiter:
             return max(0.0, self._ready_at(st, now) - now)
 
     def rate_limited(self, host: str) -> bool:
-        """True while `host`'s requests are spaced because it limits its request rate (see RATE_FLOOR) and
-        it said so with a 429 (a 503 is more often a server in trouble for a moment)."""
+        """True while `host` holds us back hard after it said so with a 429 (a 503 is more often a server in
+        trouble for a moment): its requests spaced because it limits its request rate, or at most
+        RATE_FLOOR of them at once (a 429 that came before enough answers to tell a rate halves the share
+        instead: a host cut to one request at a time drains its queue as slowly)."""
         with self._lock:
             st = self._hosts.get(host)
-            return st is not None and bool(st.interval) and st.said_429 and time.monotonic() < st.cap_until
+            return (st is not None and st.said_429 and time.monotonic() < st.cap_until
+                    and (bool(st.interval) or st.cap <= RATE_FLOOR))
 
     def limit(self, host: str) -> int:
         with self._lock:

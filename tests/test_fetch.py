@@ -322,6 +322,9 @@ def test_a_host_that_limits_its_rate_gets_its_requests_spaced():
         lim.throttled(host, 0.0)
         lim.release(slot)
     assert lim.limit(host) == 1 and lim.paused_for(host) == 0
+    assert lim.rate_limited(host)  # one at a time after 429s: its queued rows may be left for a retry
+    lim.throttled("busy.test", 0.0, too_many=False)  # a 503 only: not held against the host
+    assert lim.limit("busy.test") == 2 and not lim.rate_limited("busy.test")  # halved from 4
     first = lim.try_acquire(host)
     assert first is not None and lim.try_acquire(host) is None  # one at a time, not spaced yet
     lim.release(first)
