@@ -84,11 +84,11 @@ def queries_of(s: object, n: int, seed: int) -> dict[str, np.ndarray]:
 def exact_kth(s: object, q: np.ndarray, k: int, mask: np.ndarray | None = None) -> np.ndarray:
     """Exact top-k cosines (descending) of each query over every indexed vector (those in `mask`), one
     shard file at a time, read whole (not memory-mapped) so this process never holds more than a shard."""
-    codes, names, rows = s._shard_codes, s._shard_names, s.emb_rows  # type: ignore[attr-defined]
-    order = np.argsort(codes, kind="stable")  # ids grouped by shard once, not a pass over every id a shard
-    groups, starts = np.unique(codes[order], return_index=True)
+    from curate.search.build import grouped
+
+    names, rows = s.shard_names, s.emb_rows  # type: ignore[attr-defined]
     best = np.full((len(q), k), -np.inf, np.float32)
-    for code, sel in zip(groups.tolist(), np.split(order, starts[1:]), strict=True):
+    for code, sel in grouped(s.shard_codes):  # type: ignore[attr-defined]
         shard = names[code]
         if mask is not None:
             sel = sel[mask[sel]]
@@ -255,7 +255,7 @@ def main() -> None:
                   f"{r['index_ms']:>27}")
     r = results["rows"]
     print(f"hit rows for 10 ids, p50/p95/p99 ms: row store {r['store_ms']}; samples-view query over "
-          f"{len(set(s.shards.tolist()))} shards (the stale-store fallback) {r['samples_view_ms']}")
+          f"{len(s.shard_names)} shards (the stale-store fallback) {r['samples_view_ms']}")
     print(f"peak RSS of this process (searcher + one shard at a time for brute force): {rss:.0f} MB")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -270,15 +270,21 @@ class IdMap:
         part = np.searchsorted(self.lo, ids, side="right") - 1
         if len(ids) and (ids.min() < 0 or ids.max() >= self.lo[-1] + self.tasks[-1]["n"]):
             raise InputError(f"{self.path}: an index id outside the id table")
-        order = np.argsort(part, kind="stable")  # grouped once: not a pass over every id for each shard
-        groups, starts = np.unique(part[order], return_index=True)
-        for i, sel in zip(groups.tolist(), np.split(order, starts[1:]), strict=True):
+        for i, sel in grouped(part):
             yield self.tasks[i]["shard"], sel, self.emb_rows(i)[ids[sel] - self.lo[i]]
 
     def shards(self) -> Any:
         """(shard, emb_row of each of its ids) in id order, one shard at a time."""
         for i, t in enumerate(self.tasks):
             yield t["shard"], self.emb_rows(i)
+
+
+def grouped(codes: np.ndarray) -> Any:
+    """(code, positions of it in `codes`, ascending) for each distinct code, ascending: one sort, not a pass
+    over every position for each code."""
+    order = np.argsort(codes, kind="stable")
+    groups, starts = np.unique(codes[order], return_index=True)
+    return zip(groups.tolist(), np.split(order, starts[1:]), strict=True)
 
 
 def open_embeddings(ds: DatasetDir, scorer: str, shard: str, modality: str) -> np.ndarray:

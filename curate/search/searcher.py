@@ -72,9 +72,8 @@ class Searcher:
         ids = pq.read_table(wd / "ids.parquet")
         self.keys = np.asarray(ids["key"].to_numpy(zero_copy_only=False), dtype=object)
         shards = ids["shard"].combine_chunks().dictionary_encode()  # one str object per shard, not per row
-        self._shard_names = shards.dictionary.to_pylist()
-        self._shard_codes = shards.indices.to_numpy()
-        self.shards = np.asarray(self._shard_names, dtype=object)[self._shard_codes]
+        self.shard_names = shards.dictionary.to_pylist()
+        self.shard_codes = shards.indices.to_numpy()  # an id's shard: shard_names[shard_codes[id]]
         self.emb_rows = ids["emb_row"].to_numpy()
         self._key_to_id: dict[str, int] | None = None
         self.indexes: dict[str, Any] = {}
@@ -120,6 +119,9 @@ class Searcher:
             # faiss reads these bits while scanning; the packed array must outlive the selector
             self._allow_bits = np.packbits(self.allowed, bitorder="little")
             self._selector = faiss.IDSelectorBitmap(len(self.keys), faiss.swig_ptr(self._allow_bits))
+
+    def shard_of(self, i: int) -> str:
+        return str(self.shard_names[self.shard_codes[i]])
 
     def refine_depth(self, modality: str, kind: str) -> int:
         """IVF-PQ: how many of the index's candidates are reranked by exact cosine for a `kind` query vector
@@ -192,7 +194,7 @@ class Searcher:
 
     def key_vector(self, key: str, modality: str = "image") -> np.ndarray:
         i = self.id_of(key)
-        emb = open_embeddings(self.ds, self.scorer, str(self.shards[i]), modality)
+        emb = open_embeddings(self.ds, self.scorer, self.shard_of(i), modality)
         return np.asarray(emb[int(self.emb_rows[i])], np.float32)
 
     def vector(self, q: Query, modality: str = "image", templates: tuple[str, ...] = ()) -> np.ndarray:
@@ -217,7 +219,7 @@ class Searcher:
         found = self.ann(vec, want, modality, kind, filtered=True)
         hits = [(i, s) for i, s in found if self.keys[i] != exclude][:k]
         rows = self.rows_by_id([i for i, _ in hits])
-        return [{"rank": rank, "key": str(self.keys[i]), "shard": str(self.shards[i]), "score": round(s, 6), **row}
+        return [{"rank": rank, "key": str(self.keys[i]), "shard": self.shard_of(i), "score": round(s, 6), **row}
                 for rank, ((i, s), row) in enumerate(zip(hits, rows, strict=True), 1)]
 
     def ann(self, vec: np.ndarray, n: int, modality: str, kind: str = "image",
@@ -260,7 +262,7 @@ class Searcher:
         ids = np.asarray(ids, np.int64)
         dim = int(self.meta["dim"])
         out = np.empty((len(ids), dim), np.float32)
-        codes = self._shard_codes[ids]
+        codes = self.shard_codes[ids]
         order = np.argsort(codes, kind="stable")
         groups, starts = np.unique(codes[order], return_index=True)
         ends = np.r_[starts[1:], len(ids)].astype(np.int64)
@@ -268,7 +270,7 @@ class Searcher:
         with self._lock_files:  # an evicted file is closed: reads happen under the lock
             for lo in range(0, len(groups), self._max_open):  # a batch's files all stay open through its reads
                 hi = min(len(groups), lo + self._max_open)
-                files = [self._file(modality, self._shard_names[c]) for c in groups[lo:hi].tolist()]
+                files = [self._file(modality, self.shard_names[c]) for c in groups[lo:hi].tolist()]
                 a, b = int(starts[lo]), int(ends[hi - 1])
                 if len({(f[2], f[3]) for f in files}) == 1:  # one row width and dtype: the batch read as one
                     out[order[a:b]] = self._read_rows(files, ends[lo:hi] - starts[lo:hi], rows[a:b], dim)
@@ -360,7 +362,7 @@ class Searcher:
             n_cand *= 4
         hits = hits[:k]
         rows = self.rows_by_id(hits)
-        return [{"rank": rank, "key": str(self.keys[i]), "shard": str(self.shards[i]), "score": round(fused[i], 6),
+        return [{"rank": rank, "key": str(self.keys[i]), "shard": self.shard_of(i), "score": round(fused[i], 6),
                  "scores": {m: cos[i].get(m) for m in vecs}, **row}
                 for rank, (i, row) in enumerate(zip(hits, rows, strict=True), 1)]
 

@@ -634,8 +634,8 @@ class _Dispatch:
         return i
 
     def drop_throttled(self, most: int) -> list[tuple[int, str]]:
-        """Take every row queued behind a host that limits its request rate (its requests are spaced),
-        (row, host), when they are `most` rows or fewer; else none."""
+        """Take every row queued behind a host that holds us back after a 429 (HostLimiter.rate_limited: its
+        requests spaced, or at most two at once), (row, host), when they are `most` rows or fewer; else none."""
         hosts = [h for h in self.queued if self.limiter.rate_limited(h)]
         if sum(len(self.queued[h]) for h in hosts) > most:
             return []
