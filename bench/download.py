@@ -426,7 +426,7 @@ def latency_web(args: argparse.Namespace) -> None:
                             status[k[:40]] = status.get(k[:40], 0) + v
                 flight = lw.read_samples(samples, w0, w1)
                 results[name] = {"ok": ok, "secs": secs, "rss": rss, "rc": rc, "cpu": cpu, "flight": flight,
-                                 "status": status}
+                                 "status": status, "kinds": lw.read_kinds(samples, w0, w1)}
                 if tool == "curate" and status.get("host_throttled"):
                     # the rows left to a later pass, fetched now: what completeness costs
                     r0 = time.time()
@@ -467,6 +467,11 @@ def latency_web(args: argparse.Namespace) -> None:
             continue
         cuts = [[a for t, a, _ in fl if k * r["secs"] / 10 <= t < (k + 1) * r["secs"] / 10] for k in range(10)]
         print(f"  {name:<32} " + " ".join(f"{statistics.mean(c) if c else 0:5.0f}" for c in cuts))
+        for col, what in ((1, "of which bodies trickling"), (2, "of which to rate-limiting hosts")):
+            kinds = r["kinds"]
+            cuts = [[k[col] for k in kinds if j * r["secs"] / 10 <= k[0] < (j + 1) * r["secs"] / 10] for j in range(10)]
+            if any(kinds) and any(k[col] for k in kinds):
+                print(f"    {what:<30} " + " ".join(f"{statistics.mean(c) if c else 0:5.1f}" for c in cuts))
     c = results["curate (defaults)"]
     if "retry" in c:
         n_left, n_got, secs, rc2 = c["retry"]

@@ -9,7 +9,8 @@ answer 429 with Retry-After past their rate or past a few requests at once. `--i
 trickle and no rate limits (the same images, the same statuses).
 
 The server samples, every SAMPLE_PERIOD seconds, the requests it is answering and the connections open,
-into a text file (time, in flight, open connections) that the benchmark reads per run.
+into a text file (time, in flight, open connections, of those in flight: bodies trickling, requests to a
+rate-limiting host) that the benchmark reads per run.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def serve(images: list[bytes], plans: list[UrlPlan], shape: WebShape, instant: b
     mu = math.log(shape.ttfb_median)
     limited = {r - 1 for r in shape.limited_ranks if r - 1 < shape.hosts}
     buckets = {k: [shape.limited_rate, time.monotonic()] for k in limited}
-    stats = {"in_flight": 0, "conns": 0}
+    stats = {"in_flight": 0, "conns": 0, "slow": 0, "limited": 0}
     busy = [0] * shape.hosts  # requests in progress per host (this one included)
     heads = {b: (b"HTTP/1.1 200 OK\r\nServer: latency-web\r\nContent-Type: image/jpeg\r\nContent-Length: "
                  + str(len(img)).encode() + b"\r\n\r\n") for b, img in enumerate(images)}
@@ -158,10 +159,14 @@ def serve(images: list[bytes], plans: list[UrlPlan], shape: WebShape, instant: b
             return
         pieces = 20
         step = -(-len(body) // pieces)
-        for k in range(0, len(body), step):
-            w.write(body[k:k + step])
-            await w.drain()
-            await asyncio.sleep(p.slow / pieces)
+        stats["slow"] += 1
+        try:
+            for k in range(0, len(body), step):
+                w.write(body[k:k + step])
+                await w.drain()
+                await asyncio.sleep(p.slow / pieces)
+        finally:
+            stats["slow"] -= 1
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         stats["conns"] += 1
@@ -170,13 +175,16 @@ def serve(images: list[bytes], plans: list[UrlPlan], shape: WebShape, instant: b
             while True:
                 head = await r.readuntil(b"\r\n\r\n")
                 line = head.split(b"\r\n", 1)[0].split(b" ")
+                lim = host in limited
                 stats["in_flight"] += 1
+                stats["limited"] += lim
                 busy[host] += 1
                 try:
                     await answer(w, host, line[1] if len(line) > 1 else b"/")
                     await w.drain()
                 finally:
                     stats["in_flight"] -= 1
+                    stats["limited"] -= lim
                     busy[host] -= 1
                 if b"connection: close" in head.lower():
                     break
@@ -189,7 +197,7 @@ def serve(images: list[bytes], plans: list[UrlPlan], shape: WebShape, instant: b
     async def sample() -> None:
         with open(samples_path, "a", buffering=1) as f:
             while True:
-                f.write(f"{time.time():.3f} {stats['in_flight']} {stats['conns']}\n")
+                f.write(f"{time.time():.3f} {stats['in_flight']} {stats['conns']} {stats['slow']} {stats['limited']}\n")
                 await asyncio.sleep(SAMPLE_PERIOD)
 
     async def main() -> None:
@@ -208,9 +216,23 @@ def read_samples(path: str, t0: float, t1: float) -> list[tuple[float, int, int]
     try:
         with open(path) as f:
             for line in f:
-                t, a, c = line.split()
+                t, a, c = line.split()[:3]
                 if t0 <= float(t) <= t1:
                     out.append((float(t) - t0, int(a), int(c)))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def read_kinds(path: str, t0: float, t1: float) -> list[tuple[float, int, int]]:
+    """(seconds since t0, bodies trickling, requests to a rate-limiting host) sampled within [t0, t1]."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                t, _, _, slow, lim = line.split()
+                if t0 <= float(t) <= t1:
+                    out.append((float(t) - t0, int(slow), int(lim)))
     except (OSError, ValueError):
         pass
     return out

@@ -363,6 +363,11 @@ RATE_BACKOFF = 0.9
 RATE_FLOOR = 2  # requests at once at or below which a 429/503 is read as a rate limit
 RATE_MIN_ANSWERS = 4  # successes since the last 429/503 needed to estimate the rate the host allows
 RATE_MAX_INTERVAL = 5.0  # seconds: the slowest spacing
+# a host that did not answer this many requests in a row (refused, unreachable, connect or first-byte
+# timeout, reset before any answer) is down: its rows fail at once, without a request, for HOST_DOWN_SECONDS;
+# then it is asked again (one more request without an answer makes it down again)
+HOST_DOWN_AFTER = 8
+HOST_DOWN_SECONDS = 60.0
 
 
 @dataclass
@@ -378,6 +383,9 @@ class _HostState:
     since: float = 0.0  # the end of the last 429/503's pause (or the first request), and the successes after it
     ok_since: int = 0
     said_429: bool = False  # a 429 (not only 503s) came since the cap began
+    no_answer: int = 0  # requests in a row that got no answer (see HOST_DOWN_AFTER)
+    down_until: float = 0.0
+    down_why: tuple[str, str] = ("", "")  # the last of those failures: (error code, message)
     # threads waiting for this host (a slot or a turn) wait here, on the limiter's lock: a release
     # wakes the host's own waiters, not every waiting thread of the task (made on the first wait)
     cond: threading.Condition | None = field(default=None, repr=False)
@@ -553,6 +561,33 @@ class HostLimiter:
             st.paused_until = max(st.paused_until, now + pause)
             self.throttles += 1
 
+    def answered(self, host: str) -> None:
+        """`host` answered a request (any HTTP status): it is up."""
+        st = self._hosts.get(host)
+        if st is None or not st.no_answer:  # the common case, without the lock
+            return
+        with self._lock:
+            st.no_answer, st.down_until = 0, 0.0
+
+    def not_answered(self, host: str, code: str, message: str) -> bool:
+        """A request to `host` got no answer (error `code`, `message`); True when the host is now down
+        (HOST_DOWN_AFTER)."""
+        with self._lock:
+            st = self._state(host)
+            st.no_answer += 1
+            if st.no_answer >= HOST_DOWN_AFTER:
+                st.down_until = time.monotonic() + HOST_DOWN_SECONDS
+                st.down_why = (code, message)
+            return st.down_until > time.monotonic()
+
+    def down(self, host: str) -> tuple[str, str] | None:
+        """(error code, why) while `host` is down (see HOST_DOWN_AFTER); None when it may be asked."""
+        st = self._hosts.get(host)
+        if st is None or not st.down_until or time.monotonic() >= st.down_until:
+            return None
+        code, last = st.down_why
+        return code, f"{st.no_answer} requests to {host} in a row got no answer (last: {last})"
+
     def wait_turn(self, host: str, until: float) -> bool:
         """For a thread that holds a slot of `host` and asks it again (a retry after a 429/503): wait
         until the host may be asked (its pause over, its spacing respected) and take that turn; False
@@ -684,7 +719,7 @@ class Fetcher:
         Raises FetchFailed (with .attempts) on any failure.
         """
         target = self._parse(url)  # invalid_url / blocked_scheme before any waiting
-        self._check_pause(target)
+        self._check_skip(target)
         slot = getattr(_local, "slot", None)
         own = slot is None
         if own:
@@ -703,10 +738,22 @@ class Fetcher:
         pause = self.limiter.paused_for(host)
         return pause > 0 and pause + min(self.policy.timeout, self.policy.deadline) > self.policy.deadline
 
-    def _check_pause(self, t: _Target) -> None:
-        if self.too_long_paused(t.host):
-            raise FetchFailed("http_5xx", f"{t.host} asked for a pause of {self.limiter.paused_for(t.host):.0f}s "
+    def skips(self, host: str) -> bool:
+        """True when a fetch from `host` would fail at once, without a request: the host asked for a pause
+        past the deadline, or it is down (HOST_DOWN_AFTER requests in a row got no answer)."""
+        return self.limiter.down(host) is not None or self.too_long_paused(host)
+
+    def _check_skip(self, t: _Target) -> None:
+        down = self.limiter.down(t.host)
+        if down is not None:
+            err = FetchFailed(down[0], f"not asked: the host is down for now; {down[1]}", final_url=t.url)
+        elif self.too_long_paused(t.host):
+            err = FetchFailed("http_5xx", f"{t.host} asked for a pause of {self.limiter.paused_for(t.host):.0f}s "
                               f"(Retry-After), past the deadline: not asked again in it", final_url=t.url)
+        else:
+            return
+        err.attempts = 0  # no request was made
+        raise err
 
     def _move_slot(self, host: str, deadline: float, url: str) -> None:
         """Hold a slot of `host` instead of the one held now (a redirect or a retry changed hosts)."""
@@ -744,6 +791,10 @@ class Fetcher:
                 if e.http_status in OVERLOAD_STATUS and held is not None:
                     # the host that answered (see _move_slot)
                     self.limiter.throttled(held.host, e.retry_after, too_many=e.http_status == 429)
+                if getattr(e, "_no_answer", False) and held is not None and held.held:
+                    # the host that did not answer (see _move_slot); once it is down, no retry
+                    if self.limiter.not_answered(held.host, e.code, e.message):
+                        raise
                 if e.code not in RETRYABLE or attempt > self.policy.retries:
                     raise
                 wait = e.retry_after
@@ -756,6 +807,8 @@ class Fetcher:
                         e.message += f" (Retry-After {e.retry_after:.0f}s is past the deadline)"
                     raise
                 time.sleep(wait)
+                if held is not None and self.limiter.down(held.host) is not None:
+                    raise  # other rows found it down meanwhile
                 if e.http_status in OVERLOAD_STATUS and held is not None and held.held:
                     # the other rows this 429 paused retry too: take turns, spaced as the host now wants
                     self.limiter.wait_turn(held.host, deadline - self.policy.timeout)
@@ -968,6 +1021,16 @@ class Fetcher:
             "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5",
             "Accept-Encoding": "gzip, deflate",
         }
+        try:
+            resp = self._request_raw(t, headers, timeout, cut)
+        except FetchFailed as e:
+            if e.code in ("connect_error", "timeout"):  # nothing came back from the host: no status line
+                e._no_answer = True  # type: ignore[attr-defined]
+            raise
+        self.limiter.answered(t.host)
+        return resp
+
+    def _request_raw(self, t: _Target, headers: dict[str, str], timeout: urllib3.Timeout, cut: bool) -> Any:
         try:
             with PHASES.timed("headers"):  # includes "connect" when a new connection is made
                 return self._pool(t).urlopen(

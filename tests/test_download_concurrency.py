@@ -124,3 +124,83 @@ def test_a_shard_that_is_mostly_a_rate_limited_hosts_rows_waits_for_them(tmp_pat
         web.close()
     rows = read_tables(DatasetDir.at(tmp_path / "ds").ledger_files()).to_pylist()
     assert len(rows) == 80 and {r["status"] for r in rows} == {"success"}
+
+
+class _Resetter:
+    """A host that takes every connection and resets it before any answer (a dead backend behind a live
+    address), on one loopback address; counts the connections it took."""
+
+    def __init__(self, addr: str):
+        import socket
+        import struct
+        import threading
+
+        self.accepted = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((addr, 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        linger = struct.pack("ii", 1, 0)  # close = RST
+
+        def loop() -> None:
+            while True:
+                try:
+                    c, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.accepted += 1
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                c.close()
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_host_that_never_answers_is_asked_a_few_times_not_once_per_row_and_attempt(tmp_path):
+    """300 rows of a host that resets every connection, with 2 retries each, beside a live host: once
+    HOST_DOWN_AFTER requests in a row got no answer, its other rows end at once as connect_error without a
+    request (a crawl of a dead domain behind 10^4 URLs would otherwise take hours), every row has its one
+    ledger entry, and the live host's rows are untouched."""
+    from curate.fetch import HOST_DOWN_AFTER
+
+    dead = _Resetter("127.3.9.1")
+    web = ManyHosts(2, delay=0.0)
+    urls = [f"http://127.3.9.1:{dead.port}/{i}.jpg" if i % 7 else web.url(1, f"/{i}.jpg") for i in range(350)]
+    inp = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls}), inp)
+    try:
+        assert main(["download", str(inp), "--out", str(tmp_path / "ds"), "--no-progress", "--image-size", "16",
+                     "--allow-private", "--workers", "1", "--retries", "2"]) == 0
+    finally:
+        web.close()
+        dead.close()
+    rows = read_tables(DatasetDir.at(tmp_path / "ds").ledger_files()).to_pylist()
+    assert len(rows) == 350
+    on_dead = [r for r in rows if "127.3.9.1" in r["url"]]
+    assert {r["status"] for r in rows if r not in on_dead} == {"success"}
+    assert {r["status"] for r in on_dead} == {"connect_error"}
+    skipped = [r for r in on_dead if r["error_message"].startswith("not asked: the host is down")]
+    assert len(skipped) > 250 and all(r["attempts"] in (0, None) for r in skipped), len(skipped)
+    # 300 rows x 3 attempts would be 900 connections; the requests already out when it went down, the
+    # rows that were backing off for a retry, and nothing else
+    assert HOST_DOWN_AFTER <= dead.accepted <= 3 * HOST_DOWN_AFTER, dead.accepted
+
+
+def test_a_host_is_down_after_requests_in_a_row_without_an_answer_and_up_on_an_answer():
+    from curate.fetch import HOST_DOWN_AFTER, HostLimiter
+
+    lim = HostLimiter(16)
+    for _ in range(HOST_DOWN_AFTER - 1):
+        assert not lim.not_answered("a", "timeout", "connect timeout")
+    lim.answered("a")  # an answer in between: the count starts again
+    for _ in range(HOST_DOWN_AFTER - 1):
+        assert not lim.not_answered("a", "timeout", "connect timeout")
+    assert lim.down("a") is None
+    assert lim.not_answered("a", "timeout", "connect timeout")
+    code, why = lim.down("a")
+    assert code == "timeout" and f"{HOST_DOWN_AFTER} requests to a in a row" in why
+    assert lim.down("b") is None
+    lim.answered("a")
+    assert lim.down("a") is None

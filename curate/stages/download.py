@@ -553,7 +553,7 @@ class _Dispatch:
     under its host, and never holds a thread: the next free thread takes the next row instead, and a
     queued row is taken (lowest row first) as soon as its host has a slot, so every host is kept at its
     limit from the start of the shard to its end. A row of a host paused past what a fetch could wait
-    out is taken at once and fails fast in the fetcher, without a request.
+    out, or down (Fetcher.skips), is taken at once and fails fast in the fetcher, without a request.
 
     Only hosts that may have a slot are tried: a host whose slot was released (`freed`), or whose pause
     or spacing has run out (a timer), and every queued host once per RESCAN_PERIOD; so a take costs what
@@ -603,7 +603,7 @@ class _Dispatch:
             if host in self.queued:
                 self.ready.add(host)
         for _, host in sorted((self.queued[h][0], h) for h in self.ready if h in self.queued):
-            paused = self.fetcher.too_long_paused(host)
+            paused = self.fetcher.skips(host)
             slot = None if paused else self.limiter.try_acquire(host)
             if slot is not None or paused:
                 return self._unqueue(host), slot
@@ -612,7 +612,7 @@ class _Dispatch:
             i = self.scan
             self.scan += 1
             host = self._host(i)
-            if host is None or self.fetcher.too_long_paused(host):
+            if host is None or self.fetcher.skips(host):
                 return i, None
             if host not in self.queued:  # behind the rows already queued under it, if any
                 slot = self.limiter.try_acquire(host)
@@ -862,7 +862,8 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     wait_limit = _row_wait_limit(cfg)
     # "timer_due": when the idle thread that waits for the timers (a pause or spacing ending, the rescan)
     # wakes; the other idle threads wait for a notify, so a second's rescan wakes one thread, not all
-    state = {"stop": False, "workers": 0, "idle": 0, "timer_due": math.inf, "in_flight": 0, "peak_in_flight": 0}
+    state = {"stop": False, "workers": 0, "idle": 0, "timer_due": math.inf, "in_flight": 0, "peak_in_flight": 0,
+             "last_start": math.nan}
     dispatch = _Dispatch(rows, fetcher)
     n_decode = max(1, cfg.decode_threads)
     pace = _Pace(cfg.threads, n_decode)
@@ -905,7 +906,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                 if got is None:
                     return
                 i, slot = got
-                working[i] = time.monotonic()
+                working[i] = state["last_start"] = time.monotonic()
                 if slot is not None:
                     slots[i] = slot
                 state["in_flight"] += 1
@@ -996,6 +997,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     total_bytes = 0
     done = 0
     last_progress = last_check = m0 = time.monotonic()
+    m0_wall = time.time()
     spill = _Spill(tmp_path_for(ds.shard_tar(shard)).with_suffix(".spill"))
 
     def record(i: int, r: _Result) -> None:
@@ -1082,9 +1084,12 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         "rows": n, "success": status["success"], "failed": n - status["success"],
         "status": dict(sorted(status.items())), "bytes": total_bytes, "seconds": round(seconds, 3),
         # how the fetch side ran: the most requests in flight at once, fetch threads at most, rows that
-        # were queued behind a busy host at most, 429/503 answers that paused a host
+        # were queued behind a busy host at most, 429/503 answers that paused a host, when (seconds into the
+        # task) the last row was started: what follows is the shard's tail
         "fetch": {"peak_in_flight": state["peak_in_flight"], "peak_threads": pace.peak,
-                  "peak_queued": dispatch.max_queued, "throttled": fetcher.limiter.throttles},
+                  "peak_queued": dispatch.max_queued, "throttled": fetcher.limiter.throttles,
+                  "last_row_started_s": (None if math.isnan(state["last_start"]) else
+                                         round(state["last_start"] - m0 + (m0_wall - t0), 3))},
     }
     fast_errors = Counter(FAST_DECODER_ERRORS) - fast_errors0
     if fast_errors:  # rows the fast PNG/WebP decoder failed on, decoded (or rejected) by Pillow instead
