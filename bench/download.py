@@ -402,6 +402,7 @@ def latency_web(args: argparse.Namespace) -> None:
                             str(dest), "--caption-col", "caption", "--no-progress"]
                     for a in addresses:
                         argv += ["--allow-host", f"{a}:{port}"]
+                    argv += args.curate_arg
                     env = None
                 else:
                     argv = _i2d_latency_command(args, url_list, dest, tool)
@@ -751,6 +752,9 @@ def main() -> None:
     ap.add_argument("--server", choices=("asyncio", "threading"), default="asyncio",
                     help="with --web: the loopback server (asyncio: prebuilt responses in one loop; threading: "
                          "http.server, the server of the earlier figures)")
+    ap.add_argument("--curate-arg", action="append", default=[],
+                    help="with --latency-web: one more argument for curate's runs (repeatable), e.g. "
+                         "--curate-arg=--samples-per-shard=5000")
     ap.add_argument("--latency-web", action="store_true",
                     help="bench/latency_web.py's real-web simulator: curate and img2dataset at their defaults, "
                          "img2dataset matched, curate on the same plan served instantly")

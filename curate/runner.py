@@ -278,6 +278,8 @@ def with_workers(spec: EngineSpec, resources: Resources, visible_gpus: int) -> E
     """The engine spec with its worker count decided: what --workers said, else one local worker per visible
     GPU for a stage whose tasks take a GPU (each takes the GPU of its pool index, curate.devices.pick_device),
     one per CPU for a stage whose tasks mostly wait (download), else one."""
+    if resources.overlap_tails and spec.name == "local":
+        spec = dataclasses.replace(spec, overlap_tails=True)
     if spec.workers is not None:
         return spec
     gpus = visible_gpus if resources.gpus and spec.name == "local" else 0

@@ -14,7 +14,7 @@ from curate.errors import InputError
 
 def make_engine(spec: EngineSpec) -> Engine:
     if spec.name == "local":
-        return LocalEngine(spec.workers or 1)
+        return LocalEngine(spec.workers or 1, overlap_tails=spec.overlap_tails)
     if spec.name == "spark":
         return SparkEngine(spec.spark_master, spec.workers or 1)
 

@@ -31,6 +31,9 @@ class EngineSpec:
     # a Slurm array: this run is task `shard_index` of `num_shards` and runs the planned tasks [index::num]
     shard_index: int = 0
     num_shards: int = 1
+    # local: twice the workers' processes and `workers` places (curate.stages.base.leave_place); set by the
+    # runner for a stage whose tasks end in a long wait
+    overlap_tails: bool = False
 
     def __post_init__(self) -> None:
         # checked when the flags are read, before any output or manifest entry is written

@@ -3,6 +3,11 @@
 Workers die with their driver: each watches its parent's pid and exits within a second of the
 driver's death (SIGKILL included), so no orphan keeps writing shards. At most two tasks per worker
 are queued at a time, so the payloads in flight do not grow with the number of shards.
+
+For a stage whose tasks end in a long wait (`overlap_tails`: download's last slow answers), the pool has
+twice the workers' processes and a semaphore of `workers` places: a task holds a place while it works and
+gives it up when only its wait is left (`curate.stages.base.task_place`), so the next task starts beside
+the tail instead of after it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from typing import Any
 from curate.engines.base import OnResult, Payload
 from curate.io.layout import task_id
 from curate.logs import configure_task_process
-from curate.stages.base import TaskResult, execute_task
+from curate.stages.base import TaskResult, execute_task, set_places
 
 
-def _watch_parent(parent: int) -> None:
-    """Pool initializer: the driver's log level (-v/-q), and exit as soon as the driver is gone."""
+def _watch_parent(parent: int, places: Any = None) -> None:
+    """Pool initializer: the driver's log level (-v/-q), the pool's places (overlap_tails), and exit as
+    soon as the driver is gone."""
     configure_task_process()
+    set_places(places)
 
     def loop() -> None:
         while True:
@@ -37,8 +44,9 @@ def _watch_parent(parent: int) -> None:
 class LocalEngine:
     attempts_per_run = 1  # the runner owns retries: one attempt per task per run
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, overlap_tails: bool = False):
         self.workers = max(1, int(workers))
+        self.overlap_tails = overlap_tails
 
     def run(self, payloads: list[Payload], on_result: OnResult) -> list[dict[str, Any]]:
         if self.workers == 1:
@@ -75,9 +83,10 @@ class LocalEngine:
     def _one_pool(self, ctx: Any, payloads: list[Payload], pending: list[int], results: dict[int, dict[str, Any]],
                   on_result: OnResult, workers: int) -> tuple[bool, list[int]]:
         """Run `pending` on one pool fed a bounded window; returns (the pool broke, the tasks then in flight)."""
-        workers = min(workers, len(pending))
+        places = ctx.Semaphore(workers) if self.overlap_tails and workers > 1 else None
+        workers = min(workers * (2 if places is not None else 1), len(pending))
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_watch_parent,
-                                 initargs=(os.getpid(),)) as pool:
+                                 initargs=(os.getpid(), places)) as pool:
             queue = iter(pending)
             futs: dict[Future, int] = {}
 

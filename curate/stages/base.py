@@ -37,6 +37,51 @@ class Resources:
     cpus: int = 1
     gpus: int = 0
     per_cpu: bool = False  # one local worker per CPU when --workers is not given (tasks that mostly wait)
+    # a task's end mostly waits (download: the last slow answers): the local engine runs twice its workers'
+    # processes, and a task holds one of `workers` places only until it calls leave_place()
+    overlap_tails: bool = False
+
+
+# the local engine's places (a semaphore of `workers`), in a worker process of a stage with overlap_tails
+_PLACES: Any = None
+_LEAVE: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("curate_leave", default=None)
+
+
+def set_places(places: Any) -> None:
+    """Called in each worker process by the local engine (None elsewhere: every task has a place)."""
+    global _PLACES
+    _PLACES = places
+
+
+@contextlib.contextmanager
+def _task_place() -> Iterator[None]:
+    """Hold one of the engine's places while the task runs (until it calls leave_place()); without places
+    (one worker, Spark, Slurm, a stage without overlap_tails) it does nothing."""
+    places = _PLACES
+    held = places is not None
+    if held:
+        places.acquire()
+
+    def leave() -> None:
+        nonlocal held
+        if held:
+            held = False
+            places.release()
+
+    token = _LEAVE.set(leave)
+    try:
+        yield
+    finally:
+        _LEAVE.reset(token)
+        leave()
+
+
+def leave_place() -> None:
+    """For a stage's run_shard, in the task's own thread: what is left of this task only waits, so the
+    engine may start the next task beside it (idempotent)."""
+    leave = _LEAVE.get()
+    if leave is not None:
+        leave()
 
 
 @dataclass(frozen=True)
@@ -188,7 +233,8 @@ def execute_task(stage_name: str, config: dict[str, Any], root: str, task: dict[
         # the identities of the upstream task runs this task reads, taken before it reads them: an upstream
         # rerun while this task runs leaves this marker stale, never falsely current
         reads = read_identities(ds, stage.reads(cfg, ds, task))
-        stats = stage.run_shard(cfg, ds, task)
+        with _task_place():
+            stats = stage.run_shard(cfg, ds, task)
         stats = dict(stats or {})
         write_json(ds.stats(key, tid), stats)
         # "run" makes each completion's marker (and so its identity) unique, even with equal stats

@@ -68,7 +68,7 @@ from curate.machine import sql_memory_limit
 from curate.options import option, unique
 from curate.phases import ENABLED as PROFILE_ENABLED
 from curate.phases import PHASES
-from curate.stages.base import Resources, Stage, context
+from curate.stages.base import Resources, Stage, context, leave_place
 
 # ledger fields left out of the sample's json in the tar: timing differs from run to run, and the
 # tar must be byte-identical whatever engine or machine wrote it
@@ -183,6 +183,11 @@ class DownloadConfig(FetchFields, ImageFields, InputFields):
              "shard (a large value: wait for all).")
     retry_failed: bool = option(False, runtime=True,
                                 help="Re-attempt the transient failures of completed shards as new shards.")
+    one_task_per_worker: bool = option(
+        False, runtime=True,
+        help="Run each worker's shards strictly one after another, in --workers processes: less memory, "
+             "but a shard's last slow answers idle its worker (by default the next shard starts beside "
+             "them, in a pool of twice --workers processes).")
 
 
 def check_config(cfg: DownloadConfig) -> None:
@@ -1039,6 +1044,8 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                     record(*finished.get(timeout=STUCK_CHECK_PERIOD))
                 except queue.Empty:
                     pass
+                if dispatch.scan >= n and dispatch.n_queued <= state["in_flight"]:
+                    leave_place()  # every row started, or few left behind their hosts: the rest waits
                 now = time.monotonic()
                 if now - last_check >= STUCK_CHECK_PERIOD:
                     last_check = now
@@ -1145,7 +1152,7 @@ class DownloadStage(Stage):
 
     def resources(self, cfg: DownloadConfig) -> Resources:
         # a task waits on the network most of the time and decodes in 2 threads: one per CPU
-        return Resources(cpus=cfg.decode_threads, per_cpu=True)
+        return Resources(cpus=cfg.decode_threads, per_cpu=True, overlap_tails=not cfg.one_task_per_worker)
 
     def validate(self, cfg: DownloadConfig, ds: DatasetDir) -> None:
         check_config(cfg)
