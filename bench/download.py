@@ -440,13 +440,15 @@ def latency_web(args: argparse.Namespace) -> None:
                 print(f"{name}: {ok} ok in {secs:.1f} s = {ok / secs:.1f} images/s, peak RSS {rss / 2**20:.0f} MB, "
                       f"CPU {cpu:.0f} s, in flight mean {statistics.mean(inflight) if inflight else 0:.0f}, rc={rc}")
                 print(f"  statuses: {dict(sorted(status.items(), key=lambda kv: -kv[1])[:8])}")
+                for tar in [*dest.glob("*.tar"), *dest.glob("shards/*.tar")]:  # the figures are taken: disk back
+                    tar.unlink()
         finally:
             server.terminate()
             server.join(5)
 
     latency_runs = [("curate (defaults)", "curate")]
     if args.img2dataset_python:
-        latency_runs += [("img2dataset (defaults)", "defaults"), ("img2dataset (matched)", "matched")]
+        latency_runs += [(f"img2dataset ({kind})", kind) for kind in args.img2dataset_runs.split(",")]
     one_web(False, latency_runs)
     one_web(True, [("curate (defaults, instant web)", "curate")])
 
@@ -752,6 +754,8 @@ def main() -> None:
     ap.add_argument("--server", choices=("asyncio", "threading"), default="asyncio",
                     help="with --web: the loopback server (asyncio: prebuilt responses in one loop; threading: "
                          "http.server, the server of the earlier figures)")
+    ap.add_argument("--img2dataset-runs", default="defaults,matched",
+                    help="with --latency-web: img2dataset's runs, 'defaults', 'matched' or both")
     ap.add_argument("--curate-arg", action="append", default=[],
                     help="with --latency-web: one more argument for curate's runs (repeatable), e.g. "
                          "--curate-arg=--samples-per-shard=5000")
