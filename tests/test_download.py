@@ -578,19 +578,19 @@ def test_a_small_input_gets_a_shard_per_worker_and_a_big_one_full_shards(tmp_pat
 
 
 def test_a_shards_slow_tail_overlaps_the_next_shards_work(server, tmp_path):
-    """Two workers, four shards of three rows; the last row of shards 0 and 1 takes 4 s to answer. Once a
-    shard has started every row and only waits, it gives its place up: shards 2 and 3 start while those
-    slow answers are still on their way (before, they waited for them), and not before a first shard
-    started all its rows (at most two shards work at once)."""
+    """Two workers, four shards of three rows, the last row of each taking 4 s to answer. Once a shard has
+    started every row and only waits, it gives its place up: the third shard starts while the first slow
+    answers are still on their way (one at a time, it would wait for them), and not before a first shard
+    has started all its rows (two places: at most two shards work at once)."""
     arrived: dict[int, float] = {}
     ends: list[float] = []
     lock = threading.Lock()
 
-    def route(i: int, slow: bool):
+    def route(i: int):
         def answer(h, n):
             with lock:
                 arrived.setdefault(i, time.monotonic())
-            if slow:
+            if i % 3 == 2:
                 time.sleep(4.0)
                 with lock:
                     ends.append(time.monotonic())
@@ -599,15 +599,13 @@ def test_a_shards_slow_tail_overlaps_the_next_shards_work(server, tmp_path):
 
     urls = []
     for i in range(12):
-        server.routes[f"/o{i}.jpg"] = route(i, i in (2, 5))
+        server.routes[f"/o{i}.jpg"] = route(i)
         urls.append(server.url(f"/o{i}.jpg"))
-    inp = tmp_path / "urls.parquet"
-    pq.write_table(pa.table({"URL": urls, "TEXT": [f"t{i}" for i in range(12)], "SAMPLE_ID": [str(i) for i in range(12)]}),
-                   inp)
+    inp = write_urls(tmp_path / "urls.parquet", urls)
     assert download(inp, tmp_path / "ds", server, "--samples-per-shard", "3", "--workers", "2",
                     "--deadline", "10", "--timeout", "8") == 0
     assert ledger(tmp_path / "ds").column("status").to_pylist() == ["success"] * 12
-    assert len(ends) == 2
-    later = min(arrived[i] for i in range(6, 12))
-    assert later < min(ends), (later, ends)  # beside the slow tails, not after them
-    assert later > min(arrived[2], arrived[5])  # not before a first shard had started all its rows
+    assert len(ends) == 4
+    starts = sorted(min(arrived[i] for i in range(k, k + 3)) for k in range(0, 12, 3))
+    assert starts[2] < min(ends), (starts, ends)  # beside the first slow tails, not after them
+    assert starts[2] > min(arrived[i] for i in (2, 5, 8, 11))  # not before a first shard had started all its rows

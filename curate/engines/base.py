@@ -31,7 +31,7 @@ class EngineSpec:
     # a Slurm array: this run is task `shard_index` of `num_shards` and runs the planned tasks [index::num]
     shard_index: int = 0
     num_shards: int = 1
-    # local: twice the workers' processes and `workers` places (curate.stages.base.leave_place); set by the
+    # local: a quarter more processes than workers, `workers` places (curate.stages.base.leave_place); set by the
     # runner for a stage whose tasks end in a long wait
     overlap_tails: bool = False
 

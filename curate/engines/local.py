@@ -5,9 +5,9 @@ driver's death (SIGKILL included), so no orphan keeps writing shards. At most tw
 are queued at a time, so the payloads in flight do not grow with the number of shards.
 
 For a stage whose tasks end in a long wait (`overlap_tails`: download's last slow answers), the pool has
-twice the workers' processes and a semaphore of `workers` places: a task holds a place while it works and
-gives it up when only its wait is left (`curate.stages.base.task_place`), so the next task starts beside
-the tail instead of after it.
+a quarter more processes than workers (at least one) and a semaphore of `workers` places: a task holds a
+place while it works and gives it up when only its wait is left (`curate.stages.base.leave_place`), so
+the next task starts beside the tail instead of after it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ def _watch_parent(parent: int, places: Any = None) -> None:
             time.sleep(0.5)
 
     threading.Thread(target=loop, daemon=True, name="curate-watch-parent").start()
+
+
+# overlap_tails: one more process per this many places (a download shard's tail is about a tenth of it)
+TAIL_SHARE = 4
 
 
 class LocalEngine:
@@ -84,7 +88,9 @@ class LocalEngine:
                   on_result: OnResult, workers: int) -> tuple[bool, list[int]]:
         """Run `pending` on one pool fed a bounded window; returns (the pool broke, the tasks then in flight)."""
         places = ctx.Semaphore(workers) if self.overlap_tails and workers > 1 else None
-        workers = min(workers * (2 if places is not None else 1), len(pending))
+        if places is not None:  # room for a quarter of the places' tasks to be in their tails at once
+            workers += -(-workers // TAIL_SHARE)
+        workers = min(workers, len(pending))
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_watch_parent,
                                  initargs=(os.getpid(), places)) as pool:
             queue = iter(pending)

@@ -37,8 +37,8 @@ class Resources:
     cpus: int = 1
     gpus: int = 0
     per_cpu: bool = False  # one local worker per CPU when --workers is not given (tasks that mostly wait)
-    # a task's end mostly waits (download: the last slow answers): the local engine runs twice its workers'
-    # processes, and a task holds one of `workers` places only until it calls leave_place()
+    # a task's end mostly waits (download: the last slow answers): the local engine runs a quarter more
+    # processes than workers, and a task holds one of `workers` places only until it calls leave_place()
     overlap_tails: bool = False
 
 

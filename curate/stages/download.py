@@ -64,7 +64,7 @@ from curate.io.layout import (
 from curate.io.ledger import LEDGER_FIELDS, TRANSIENT_CODES, check_code
 from curate.io.shards import ShardWriter
 from curate.io.tables import write_table
-from curate.machine import sql_memory_limit
+from curate.machine import release_free_heap, sql_memory_limit
 from curate.options import option, unique
 from curate.phases import ENABLED as PROFILE_ENABLED
 from curate.phases import PHASES
@@ -187,7 +187,7 @@ class DownloadConfig(FetchFields, ImageFields, InputFields):
         False, runtime=True,
         help="Run each worker's shards strictly one after another, in --workers processes: less memory, "
              "but a shard's last slow answers idle its worker (by default the next shard starts beside "
-             "them, in a pool of twice --workers processes).")
+             "them, in a pool of a quarter more processes than --workers, at least one more).")
 
 
 def check_config(cfg: DownloadConfig) -> None:
@@ -1019,6 +1019,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         done += 1
 
     tail_end: float | None = None  # when rows still queued behind a throttled host stop waiting
+    left = False  # gave the worker's place up (see leave_place)
 
     def defer_throttled(now: float) -> None:
         """Rows queued behind a host that limits its request rate, still waiting throttled_tail x the shard's time
@@ -1044,8 +1045,12 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                     record(*finished.get(timeout=STUCK_CHECK_PERIOD))
                 except queue.Empty:
                     pass
-                if dispatch.scan >= n and dispatch.n_queued <= state["in_flight"]:
-                    leave_place()  # every row started, or few left behind their hosts: the rest waits
+                if not left and dispatch.scan >= n and dispatch.n_queued <= state["in_flight"]:
+                    # every row started, or few left behind their hosts: the rest waits, beside the next task;
+                    # the heap pages this task's decodes freed go back first
+                    left = True
+                    release_free_heap()
+                    leave_place()
                 now = time.monotonic()
                 if now - last_check >= STUCK_CHECK_PERIOD:
                     last_check = now
@@ -1087,6 +1092,8 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         write_table(ds.ledger(shard), table)
     seconds = time.time() - t0
     write_json(progress_path(ds, shard), {"done": n, "success": status["success"]})
+    del table
+    release_free_heap()  # what this task freed, back before the next task of this process
     stats: dict[str, Any] = {
         "rows": n, "success": status["success"], "failed": n - status["success"],
         "status": dict(sorted(status.items())), "bytes": total_bytes, "seconds": round(seconds, 3),
