@@ -76,6 +76,11 @@ def _task_place() -> Iterator[None]:
         leave()
 
 
+def holds_place() -> bool:
+    """True in a task that holds one of the engine's places (see leave_place)."""
+    return _PLACES is not None and _LEAVE.get() is not None
+
+
 def leave_place() -> None:
     """For a stage's run_shard, in the task's own thread: what is left of this task only waits, so the
     engine may start the next task beside it (idempotent)."""

@@ -68,7 +68,7 @@ from curate.machine import release_free_heap, sql_memory_limit
 from curate.options import option, unique
 from curate.phases import ENABLED as PROFILE_ENABLED
 from curate.phases import PHASES
-from curate.stages.base import Resources, Stage, context, leave_place
+from curate.stages.base import Resources, Stage, context, holds_place, leave_place
 
 # ledger fields left out of the sample's json in the tar: timing differs from run to run, and the
 # tar must be byte-identical whatever engine or machine wrote it
@@ -1045,7 +1045,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                     record(*finished.get(timeout=STUCK_CHECK_PERIOD))
                 except queue.Empty:
                     pass
-                if not left and dispatch.scan >= n and dispatch.n_queued <= state["in_flight"]:
+                if not left and dispatch.scan >= n and dispatch.n_queued <= state["in_flight"] and holds_place():
                     # every row started, or few left behind their hosts: the rest waits, beside the next task;
                     # the heap pages this task's decodes freed go back first
                     left = True
