@@ -468,13 +468,10 @@ def latency_web(args: argparse.Namespace) -> None:
         fl = r["flight"]
         if not fl:
             continue
-        cuts = [[a for t, a, _ in fl if k * r["secs"] / 10 <= t < (k + 1) * r["secs"] / 10] for k in range(10)]
-        print(f"  {name:<32} " + " ".join(f"{statistics.mean(c) if c else 0:5.0f}" for c in cuts))
+        print(f"  {name:<32} " + " ".join(f"{m:5.0f}" for m in _tenths(fl, 1, r["secs"])))
         for col, what in ((1, "of which bodies trickling"), (2, "of which to rate-limiting hosts")):
-            kinds = r["kinds"]
-            cuts = [[k[col] for k in kinds if j * r["secs"] / 10 <= k[0] < (j + 1) * r["secs"] / 10] for j in range(10)]
-            if any(kinds) and any(k[col] for k in kinds):
-                print(f"    {what:<30} " + " ".join(f"{statistics.mean(c) if c else 0:5.1f}" for c in cuts))
+            if any(k[col] for k in r["kinds"]):
+                print(f"    {what:<30} " + " ".join(f"{m:5.1f}" for m in _tenths(r["kinds"], col, r["secs"])))
     c = results["curate (defaults)"]
     if "retry" in c:
         n_left, n_got, secs, rc2 = c["retry"]
@@ -489,6 +486,12 @@ def latency_web(args: argparse.Namespace) -> None:
             print(f"curate (defaults) / {name}: images/s x{rate / (i['ok'] / i['secs']):.2f}, "
                   f"peak RSS x{c['rss'] / max(i['rss'], 1):.2f}"
                   + ("  (acceptance: >= 3x, lower peak RSS)" if "defaults" in name else ""))
+
+
+def _tenths(samples: list[tuple], col: int, secs: float) -> list[float]:
+    """The mean of column `col` of (seconds, ...) samples over each tenth of a run of `secs` seconds."""
+    cuts = [[x[col] for x in samples if k * secs / 10 <= x[0] < (k + 1) * secs / 10] for k in range(10)]
+    return [statistics.mean(c) if c else 0.0 for c in cuts]
 
 
 def _i2d_latency_command(args: argparse.Namespace, url_list: Path, dest: Path, kind: str) -> list[str]:

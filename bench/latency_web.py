@@ -210,29 +210,25 @@ def serve(images: list[bytes], plans: list[UrlPlan], shape: WebShape, instant: b
     asyncio.run(main())
 
 
-def read_samples(path: str, t0: float, t1: float) -> list[tuple[float, int, int]]:
-    """(seconds since t0, requests in flight, open connections) sampled by the server within [t0, t1]."""
+def _samples(path: str, t0: float, t1: float) -> list[tuple[float, list[int]]]:
+    """(seconds since t0, the counts of the line) for each sample within [t0, t1]."""
     out = []
     try:
         with open(path) as f:
             for line in f:
-                t, a, c = line.split()[:3]
+                t, *counts = line.split()
                 if t0 <= float(t) <= t1:
-                    out.append((float(t) - t0, int(a), int(c)))
+                    out.append((float(t) - t0, [int(c) for c in counts]))
     except (OSError, ValueError):
         pass
     return out
+
+
+def read_samples(path: str, t0: float, t1: float) -> list[tuple[float, int, int]]:
+    """(seconds since t0, requests in flight, open connections) sampled by the server within [t0, t1]."""
+    return [(t, c[0], c[1]) for t, c in _samples(path, t0, t1)]
 
 
 def read_kinds(path: str, t0: float, t1: float) -> list[tuple[float, int, int]]:
     """(seconds since t0, bodies trickling, requests to a rate-limiting host) sampled within [t0, t1]."""
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                t, _, _, slow, lim = line.split()
-                if t0 <= float(t) <= t1:
-                    out.append((float(t) - t0, int(slow), int(lim)))
-    except (OSError, ValueError):
-        pass
-    return out
+    return [(t, c[2], c[3]) for t, c in _samples(path, t0, t1)]

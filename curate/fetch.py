@@ -385,7 +385,7 @@ class _HostState:
     said_429: bool = False  # a 429 (not only 503s) came since the cap began
     no_answer: int = 0  # requests in a row that got no answer (see HOST_DOWN_AFTER)
     down_until: float = 0.0
-    down_why: tuple[str, str] = ("", "")  # the last of those failures: (error code, message)
+    down_why: tuple[str, str] = ("", "")  # (error code, why), set when it went down
     # threads waiting for this host (a slot or a turn) wait here, on the limiter's lock: a release
     # wakes the host's own waiters, not every waiting thread of the task (made on the first wait)
     cond: threading.Condition | None = field(default=None, repr=False)
@@ -577,7 +577,7 @@ class HostLimiter:
             st.no_answer += 1
             if st.no_answer >= HOST_DOWN_AFTER:
                 st.down_until = time.monotonic() + HOST_DOWN_SECONDS
-                st.down_why = (code, message)
+                st.down_why = (code, f"{st.no_answer} requests to {host} in a row got no answer (last: {message})")
             return st.down_until > time.monotonic()
 
     def down(self, host: str) -> tuple[str, str] | None:
@@ -585,8 +585,7 @@ class HostLimiter:
         st = self._hosts.get(host)
         if st is None or not st.down_until or time.monotonic() >= st.down_until:
             return None
-        code, last = st.down_why
-        return code, f"{st.no_answer} requests to {host} in a row got no answer (last: {last})"
+        return st.down_why
 
     def wait_turn(self, host: str, until: float) -> bool:
         """For a thread that holds a slot of `host` and asks it again (a retry after a 429/503): wait

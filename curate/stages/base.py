@@ -44,7 +44,6 @@ class Resources:
 
 # the local engine's places (a semaphore of `workers`), in a worker process of a stage with overlap_tails
 _PLACES: Any = None
-_LEAVE: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("curate_leave", default=None)
 
 
 def set_places(places: Any) -> None:
@@ -53,40 +52,49 @@ def set_places(places: Any) -> None:
     _PLACES = places
 
 
+class _Place:
+    """The place a running task holds; `leave` gives it back, once."""
+
+    def __init__(self, places: Any):
+        self.places = places
+        self.held = True
+        places.acquire()
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self.places.release()
+
+
+_PLACE: contextvars.ContextVar[_Place | None] = contextvars.ContextVar("curate_place", default=None)
+
+
 @contextlib.contextmanager
 def _task_place() -> Iterator[None]:
     """Hold one of the engine's places while the task runs (until it calls leave_place()); without places
     (one worker, Spark, Slurm, a stage without overlap_tails) it does nothing."""
-    places = _PLACES
-    held = places is not None
-    if held:
-        places.acquire()
-
-    def leave() -> None:
-        nonlocal held
-        if held:
-            held = False
-            places.release()
-
-    token = _LEAVE.set(leave)
+    place = _Place(_PLACES) if _PLACES is not None else None
+    token = _PLACE.set(place)
     try:
         yield
     finally:
-        _LEAVE.reset(token)
-        leave()
+        _PLACE.reset(token)
+        if place is not None:
+            place.leave()
 
 
 def holds_place() -> bool:
-    """True in a task that holds one of the engine's places (see leave_place)."""
-    return _PLACES is not None and _LEAVE.get() is not None
+    """True in a task that still holds one of the engine's places (see leave_place)."""
+    place = _PLACE.get()
+    return place is not None and place.held
 
 
 def leave_place() -> None:
     """For a stage's run_shard, in the task's own thread: what is left of this task only waits, so the
     engine may start the next task beside it (idempotent)."""
-    leave = _LEAVE.get()
-    if leave is not None:
-        leave()
+    place = _PLACE.get()
+    if place is not None:
+        place.leave()
 
 
 @dataclass(frozen=True)

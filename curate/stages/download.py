@@ -841,7 +841,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     pass the same objects around.
     """
     shard = task["shard"]
-    t0 = time.time()
+    t0, t0_mono = time.time(), time.monotonic()
     cpu0 = time.process_time()
     rows = read_slice(ds, shard)
     n = len(rows)
@@ -1002,7 +1002,6 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
     total_bytes = 0
     done = 0
     last_progress = last_check = m0 = time.monotonic()
-    m0_wall = time.time()
     spill = _Spill(tmp_path_for(ds.shard_tar(shard)).with_suffix(".spill"))
 
     def record(i: int, r: _Result) -> None:
@@ -1019,7 +1018,6 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         done += 1
 
     tail_end: float | None = None  # when rows still queued behind a throttled host stop waiting
-    left = False  # gave the worker's place up (see leave_place)
 
     def defer_throttled(now: float) -> None:
         """Rows queued behind a host that limits its request rate, still waiting throttled_tail x the shard's time
@@ -1045,10 +1043,9 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
                     record(*finished.get(timeout=STUCK_CHECK_PERIOD))
                 except queue.Empty:
                     pass
-                if not left and dispatch.scan >= n and dispatch.n_queued <= state["in_flight"] and holds_place():
+                if holds_place() and dispatch.scan >= n and dispatch.n_queued <= state["in_flight"]:
                     # every row started, or few left behind their hosts: the rest waits, beside the next task;
                     # the heap pages this task's decodes freed go back first
-                    left = True
                     release_free_heap()
                     leave_place()
                 now = time.monotonic()
@@ -1103,7 +1100,7 @@ def run_shard(cfg: DownloadConfig, ds: DatasetDir, task: dict[str, Any]) -> dict
         "fetch": {"peak_in_flight": state["peak_in_flight"], "peak_threads": pace.peak,
                   "peak_queued": dispatch.max_queued, "throttled": fetcher.limiter.throttles,
                   "last_row_started_s": (None if math.isnan(state["last_start"]) else
-                                         round(state["last_start"] - m0 + (m0_wall - t0), 3))},
+                                         round(state["last_start"] - t0_mono, 3))},
     }
     fast_errors = Counter(FAST_DECODER_ERRORS) - fast_errors0
     if fast_errors:  # rows the fast PNG/WebP decoder failed on, decoded (or rejected) by Pillow instead
